@@ -1,0 +1,59 @@
+"""Per-conversation decoding state: mlx-lm's KV caches plus where each sequence continues in M-RoPE space.
+
+M-RoPE positions run ahead of the token count after an image (an image of 24x24 merged tokens
+advances the position by 24, not 576), so the next position of each sequence is kept here,
+beside the KV caches it belongs to, and never on the model: one loaded model can serve many
+conversations.
+"""
+
+import numpy as np
+from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache, RotatingKVCache
+
+
+class PromptCache(list):
+    """One KV cache per decoder layer (a plain list to mlx-lm), plus `next_position` [B]."""
+
+    def __init__(self, layers):
+        super().__init__(layers)
+        self.next_position = None
+
+    @property
+    def empty(self) -> bool:
+        return self[0].empty()
+
+    @property
+    def offset(self) -> int:
+        """Tokens stored (padding included) -- the KV length the next token attends over."""
+        c = self[0]
+        return int(c._idx) if isinstance(c, (BatchKVCache, BatchRotatingKVCache)) else int(c.offset)
+
+    def pad_left(self, left_padding):
+        """Turn the (still empty) per-layer caches into mlx-lm's batch caches for a left-padded batch."""
+        pads = [int(p) for p in left_padding]
+        for i, c in enumerate(self):
+            if not c.empty():
+                raise ValueError("a padded batch must be the first input of a cache")
+            if isinstance(c, RotatingKVCache):
+                self[i] = BatchRotatingKVCache(c.max_size, pads)
+            elif isinstance(c, KVCache):
+                self[i] = BatchKVCache(pads)
+            else:
+                raise ValueError(f"{type(c).__name__} does not support padded batches")
+
+
+def make_prompt_cache(num_layers: int, max_kv_size=None, keep: int = 0) -> PromptCache:
+    if max_kv_size is not None:
+        return PromptCache([RotatingKVCache(max_size=max_kv_size, keep=keep) for _ in range(num_layers)])
+    return PromptCache([KVCache() for _ in range(num_layers)])
+
+
+def left_padding(attention_mask, length: int) -> np.ndarray:
+    """Pad count per row of a left-padded mask [B, L]; anything else is refused."""
+    mask = np.asarray(attention_mask).astype(bool)
+    if mask.ndim != 2 or mask.shape[1] != length:
+        raise ValueError(f"attention_mask must have shape [batch, {length}], got {list(mask.shape)}")
+    pads = length - mask.sum(axis=1)
+    cols = np.arange(length)[None]
+    if not np.array_equal(mask, cols >= pads[:, None]):
+        raise ValueError("attention_mask must be left padding (zeros first, then ones)")
+    return pads.astype(np.int64)

@@ -1,0 +1,132 @@
+"""Typed configs read from a checkpoint's `config.json`.
+
+GLM-V checkpoints spell the rope settings two ways: transformers 5 writes
+`rope_parameters = {rope_theta, partial_rotary_factor, mrope_section}`, the published
+checkpoints write `rope_theta`, `partial_rotary_factor` and `rope_scaling.mrope_section`.
+Both are read here, so nothing downstream cares which one a checkpoint uses.
+"""
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .errors import Glm4vError
+
+SUPPORTED_MODEL_TYPES = ("glm4v",)
+
+
+def _known_fields(cls, params: dict) -> dict:
+    names = inspect.signature(cls).parameters
+    return {k: v for k, v in params.items() if k in names}
+
+
+@dataclass
+class VisionConfig:
+    depth: int = 24
+    hidden_size: int = 1536
+    num_heads: int = 12
+    intermediate_size: int = 13696
+    out_hidden_size: int = 4096
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    in_channels: int = 3
+    image_size: int = 336
+    rms_norm_eps: float = 1e-5
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    rope_theta: float = 10000.0
+
+    @classmethod
+    def from_dict(cls, params: dict) -> "VisionConfig":
+        params = dict(params)
+        rope = params.get("rope_parameters") or {}
+        params.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+        return cls(**_known_fields(cls, params))
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 151552
+    hidden_size: int = 4096
+    intermediate_size: int = 13696
+    num_hidden_layers: int = 40
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 2
+    head_dim: Optional[int] = None
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 32768
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 0.5
+    mrope_section: list = field(default_factory=lambda: [8, 12, 12])
+    attention_bias: bool = True
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        half = self.rotary_dim // 2
+        if sum(self.mrope_section) != half:
+            raise Glm4vError(
+                f"mrope_section {self.mrope_section} must sum to half the rotary dimension ({half}); "
+                "check partial_rotary_factor in config.json."
+            )
+
+    @classmethod
+    def from_dict(cls, params: dict) -> "TextConfig":
+        params = dict(params)
+        rope = dict(params.get("rope_scaling") or {})
+        rope.update(params.get("rope_parameters") or {})
+        for key in ("rope_theta", "partial_rotary_factor", "mrope_section"):
+            if key in rope:
+                params.setdefault(key, rope[key])
+        return cls(**_known_fields(cls, params))
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+
+@dataclass
+class ModelConfig:
+    text_config: TextConfig
+    vision_config: VisionConfig
+    model_type: str = "glm4v"
+    image_token_id: int = 151343
+    video_token_id: int = 151344
+    image_start_token_id: int = 151339
+    image_end_token_id: int = 151340
+    video_start_token_id: int = 151341
+    video_end_token_id: int = 151342
+    eos_token_id: list = field(default_factory=list)
+    pad_token_id: Optional[int] = None
+    tie_word_embeddings: bool = False
+    quantization: Optional[dict] = None
+
+    @classmethod
+    def from_dict(cls, params: dict) -> "ModelConfig":
+        model_type = params.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise Glm4vError(
+                f"model_type {model_type!r} is not supported; expected one of {', '.join(SUPPORTED_MODEL_TYPES)}."
+            )
+        text = dict(params.get("text_config") or {})
+        merged: dict[str, Any] = dict(params)
+        # Token ids and eos live at the top level in transformers 5 and inside text_config in
+        # some published files: take the top level first, then fall back.
+        for key in ("image_token_id", "video_token_id", "image_start_token_id", "image_end_token_id",
+                    "video_start_token_id", "video_end_token_id", "eos_token_id", "pad_token_id"):
+            if merged.get(key) is None and text.get(key) is not None:
+                merged[key] = text[key]
+        eos = merged.get("eos_token_id")
+        merged["eos_token_id"] = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        if "tie_word_embeddings" not in params and "tie_word_embeddings" in text:
+            merged["tie_word_embeddings"] = text["tie_word_embeddings"]
+        merged["text_config"] = TextConfig.from_dict(text)
+        merged["vision_config"] = VisionConfig.from_dict(params.get("vision_config") or {})
+        return cls(**_known_fields(cls, merged))

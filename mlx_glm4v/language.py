@@ -1,0 +1,118 @@
+"""The GLM-4.1V text decoder: sandwich-normed layers with multimodal RoPE.
+
+Mirrors transformers' `Glm4vTextModel`. Only the first `rotary_dim` features of each head
+turn, in interleaved pairs (2i, 2i+1). Frequency i follows the temporal, height or width
+position according to `mrope_section`; for text all three positions are equal, which is
+plain RoPE and runs through `mx.fast.rope`.
+"""
+
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.activations import swiglu
+from mlx_lm.models.base import scaled_dot_product_attention
+
+from .config import TextConfig
+
+
+def text_rope(config: TextConfig, offset):
+    """Rotation for consecutive positions `offset + column` (offset: int or one per sequence)."""
+    return partial(
+        mx.fast.rope, dims=config.rotary_dim, traditional=True, base=config.rope_theta, scale=1.0, offset=offset
+    )
+
+
+def mrope_tables(config: TextConfig, positions: np.ndarray, dtype=mx.float32):
+    """cos/sin [B, 1, L, rotary_dim/2] for 3-D positions [3, B, L]."""
+    dim = config.rotary_dim
+    inv = (1.0 / config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)).astype(np.float32)
+    freqs = positions.astype(np.float32)[..., None] * inv  # [3, B, L, dim/2]
+    axis_of = np.repeat(np.arange(len(config.mrope_section)) % 3, config.mrope_section)
+    freqs = np.moveaxis(freqs[axis_of, :, :, np.arange(dim // 2)], 0, -1)  # each frequency from its axis
+    freqs = mx.array(freqs[:, None])
+    return mx.cos(freqs).astype(dtype), mx.sin(freqs).astype(dtype)
+
+
+def apply_mrope(x: mx.array, cos: mx.array, sin: mx.array, rotary_dim: int) -> mx.array:
+    *lead, dim = x.shape
+    pairs = x[..., :rotary_dim].reshape(*lead, rotary_dim // 2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    turned = mx.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1).reshape(*lead, rotary_dim)
+    if rotary_dim == dim:
+        return turned
+    return mx.concatenate([turned, x[..., rotary_dim:]], axis=-1)
+
+
+def multimodal_rope(config: TextConfig, positions: np.ndarray, dtype):
+    cos, sin = mrope_tables(config, positions, dtype)
+    return partial(apply_mrope, cos=cos, sin=sin, rotary_dim=config.rotary_dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        dim, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
+
+    def __call__(self, x: mx.array, rope, mask=None, cache=None) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q, k = rope(q), rope(k)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(swiglu(gate, up))
+
+
+class DecoderLayer(nn.Module):
+    """GLM-4's sandwich: each sub-layer's output is normed again before the residual add."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=eps)
+        self.post_self_attn_layernorm = nn.RMSNorm(config.hidden_size, eps=eps)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=eps)
+        self.post_mlp_layernorm = nn.RMSNorm(config.hidden_size, eps=eps)
+
+    def __call__(self, x: mx.array, rope, mask=None, cache=None) -> mx.array:
+        x = x + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), rope, mask, cache))
+        return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
+
+
+class TextModel(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [DecoderLayer(config) for _ in range(config.num_hidden_layers)]
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def __call__(self, h: mx.array, rope, mask=None, cache=None) -> mx.array:
+        for layer, c in zip(self.layers, cache or [None] * len(self.layers)):
+            h = layer(h, rope, mask, c)
+        return self.norm(h)

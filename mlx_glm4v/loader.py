@@ -1,0 +1,158 @@
+"""Find a checkpoint (local directory or hub repo), read its weights and build model + processor.
+
+Reads the published transformers layout (`model.visual.*`, `model.language_model.*`,
+`lm_head.*`, convolutions channels-first), this project's own output, and mlx-vlm's
+conversions (`vision_tower.*`, `language_model.model.*`, `language_model.lm_head.*`).
+"""
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ModelConfig
+from .errors import Glm4vError
+from .model import Model
+
+# The files a run needs; weights in other formats (.bin, .pth) are never fetched.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*"]
+
+_PREFIXES = (  # checkpoint prefix -> our module path, first match wins
+    ("model.visual.", "visual."),
+    ("model.language_model.", "language_model."),
+    ("vision_tower.", "visual."),
+    ("language_model.model.", "language_model."),
+    ("language_model.lm_head.", "lm_head."),
+)
+
+
+def resolve(path_or_repo: str, revision: Optional[str] = None) -> Path:
+    """A local checkpoint directory, downloading it from the hub if `path_or_repo` is a repo id."""
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise Glm4vError(f"{path} is a file; give the checkpoint's directory.")
+        if not (path / "config.json").exists():
+            raise Glm4vError(f"{path} has no config.json, so it is not a model checkpoint.")
+        return path
+    if path_or_repo.count("/") != 1 or path_or_repo.startswith((".", "/", "~")):
+        raise Glm4vError(f"{path_or_repo} is neither an existing directory nor a hub repo id (owner/name).")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(path_or_repo, revision=revision, allow_patterns=HUB_PATTERNS))
+    except RepositoryNotFoundError:
+        raise Glm4vError(f"{path_or_repo} was not found on the Hugging Face hub.") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise Glm4vError(f"{path_or_repo} could not be downloaded ({type(e).__name__}); check the network.") from None
+
+
+def read_config(path: Path) -> dict:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise Glm4vError(f"{path / 'config.json'} could not be read: {e}.") from None
+    generation = path / "generation_config.json"
+    if generation.exists() and "eos_token_id" not in config:
+        eos = json.loads(generation.read_text()).get("eos_token_id")
+        if eos is not None:
+            config["eos_token_id"] = eos
+    return config
+
+
+def read_weights(path: Path) -> dict:
+    files = sorted(path.glob("*.safetensors"))
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (path / s).exists()]
+        if missing:
+            raise Glm4vError(f"{path} lacks the weight shard {missing[0]} named in its index.")
+        files = [path / s for s in shards]
+    if not files:
+        raise Glm4vError(f"{path} has no .safetensors weights.")
+    weights = {}
+    for f in files:
+        try:
+            weights.update(mx.load(str(f)))
+        except Exception as e:
+            raise Glm4vError(f"{f} could not be read as safetensors: {e}.") from None
+    return weights
+
+
+def rename(key: str) -> str:
+    for old, new in _PREFIXES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def sanitize(model: nn.Module, weights: dict) -> dict:
+    """Our names and layouts: rename prefixes, drop rotary buffers, move conv channels last."""
+    expected = dict(tree_flatten(model.parameters()))
+    out = {}
+    for key, value in weights.items():
+        if "rotary_emb.inv_freq" in key:
+            continue
+        key = rename(key)
+        want = expected.get(key)
+        if want is not None and value.ndim in (4, 5) and value.shape != want.shape:
+            value = value.transpose(0, *range(2, value.ndim), 1)  # channels-first -> channels-last
+        out[key] = value
+    return out
+
+
+def check_weights(model: nn.Module, weights: dict, path: Path):
+    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    if missing:
+        raise Glm4vError(f"{path} is missing {len(missing)} tensor(s), first {missing[0]!r}.")
+    if extra:
+        raise Glm4vError(f"{path} has {len(extra)} tensor(s) this model does not use, first {extra[0]!r}.")
+    for key, shape in expected.items():
+        if tuple(weights[key].shape) != tuple(shape):
+            raise Glm4vError(
+                f"{path}: tensor {key!r} has shape {list(weights[key].shape)}, expected {list(shape)}."
+            )
+
+
+def quantize_like(model: nn.Module, quantization: dict, weights: dict):
+    """Turn the layers the checkpoint stores quantized (mlx-lm's config convention) into quantized layers."""
+    defaults = {k: quantization[k] for k in ("group_size", "bits", "mode") if k in quantization}
+
+    def predicate(path, module):
+        if path in quantization:
+            return quantization[path]
+        return hasattr(module, "to_quantized") and f"{path}.scales" in weights
+
+    nn.quantize(model, **defaults, class_predicate=predicate)
+
+
+def load_model(path, dtype: Optional[mx.Dtype] = None) -> Model:
+    path = Path(path)
+    config = ModelConfig.from_dict(read_config(path))
+    model = Model(config)
+    weights = read_weights(path)
+    weights = sanitize(model, weights)
+    if config.quantization:
+        quantize_like(model, config.quantization, weights)
+    check_weights(model, weights, path)
+    if dtype is not None:
+        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    model.load_weights(list(weights.items()), strict=True)
+    model.eval()
+    mx.eval(model.parameters())
+    return model
+
+
+def load(path_or_repo: str, dtype: Optional[mx.Dtype] = None, revision: Optional[str] = None):
+    """(model, processor) from a local checkpoint directory or a hub repo id."""
+    from .processor import Processor
+
+    path = resolve(path_or_repo, revision)
+    return load_model(path, dtype), Processor.from_pretrained(path)

@@ -1,0 +1,166 @@
+"""GLM-4.1V: the vision tower and the text decoder glued by token embeddings and 3-D positions.
+
+Mirrors transformers' `Glm4vForConditionalGeneration`. Vision features replace the image
+tokens in the embeddings; an image token inside a begin/end-of-video span takes video
+features instead, so a prompt may carry images and videos together.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.base import create_attention_mask, create_causal_mask
+
+from .cache import PromptCache, left_padding, make_prompt_cache
+from .config import ModelConfig
+from .language import TextModel, multimodal_rope, text_rope
+from .rope_index import IMAGE, VIDEO, frame_grids, rope_index, token_types
+from .vision import VisionModel
+
+
+@dataclass
+class Embedded:
+    """A prompt ready for the decoder: embeddings, their 3-D positions and where each row continues."""
+
+    embeds: mx.array  # [B, L, hidden]
+    positions: np.ndarray  # [3, B, L]
+    next_position: np.ndarray  # [B]
+
+
+def _host(x):
+    return None if x is None else np.asarray(x)
+
+
+class Model(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.visual = VisionModel(config.vision_config)
+        self.language_model = TextModel(config.text_config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+
+    @property
+    def layers(self):
+        return self.language_model.layers
+
+    def make_cache(self, max_kv_size: Optional[int] = None, keep: int = 0) -> PromptCache:
+        return make_prompt_cache(len(self.layers), max_kv_size, keep)
+
+    def encode_media(self, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None):
+        """Image features and video features (each [tokens, hidden] or None), in one pass of the tower."""
+        pixels, grids = [], []
+        if pixel_values is not None:
+            pixels.append(mx.array(pixel_values))
+            grids.append(np.asarray(image_grid_thw).reshape(-1, 3))
+        if pixel_values_videos is not None:
+            pixels.append(mx.array(pixel_values_videos))
+            grids.append(frame_grids(video_grid_thw))
+        if not pixels:
+            return None, None
+        features = self.visual(mx.concatenate(pixels) if len(pixels) > 1 else pixels[0], np.concatenate(grids))
+        merge = self.config.vision_config.spatial_merge_size**2
+        n_image = int(np.prod(grids[0], axis=1).sum()) // merge if pixel_values is not None else 0
+        image = features[:n_image] if pixel_values is not None else None
+        video = features[n_image:] if pixel_values_videos is not None else None
+        return image, video
+
+    def embed(
+        self,
+        input_ids,
+        pixel_values=None,
+        image_grid_thw=None,
+        pixel_values_videos=None,
+        video_grid_thw=None,
+        attention_mask=None,
+        start=None,
+    ) -> Embedded:
+        """Token embeddings with vision features scattered in, and their 3-D positions from `start`."""
+        cfg = self.config
+        ids = np.asarray(input_ids)
+        h = self.language_model.embed_tokens(mx.array(ids))
+        types = token_types(ids, cfg.image_token_id, cfg.video_start_token_id, cfg.video_end_token_id)
+        image, video = self.encode_media(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        slots, features = [], []
+        for kind, feats, name in ((IMAGE, image, "image"), (VIDEO, video, "video")):
+            where = np.flatnonzero(types.reshape(-1) == kind)
+            n = 0 if feats is None else feats.shape[0]
+            if len(where) != n:
+                raise ValueError(f"the prompt has {len(where)} {name} tokens but the {name}s give {n} features")
+            if n:
+                slots.append(where)
+                features.append(feats)
+        if slots:
+            B, L, D = h.shape
+            h = h.reshape(B * L, D)
+            h[mx.array(np.concatenate(slots))] = mx.concatenate(features).astype(h.dtype)
+            h = h.reshape(B, L, D)
+        positions, next_position = rope_index(
+            ids, types, _host(image_grid_thw), _host(video_grid_thw), _host(attention_mask),
+            cfg.vision_config.spatial_merge_size, start,
+        )
+        return Embedded(h, positions, next_position)
+
+    def decode(self, embeds: mx.array, positions=None, offsets=None, cache=None, left_pad=None) -> mx.array:
+        """Run the decoder over embeddings; returns hidden states after the final norm.
+
+        Rotary positions come either as explicit 3-D `positions` [3, B, L] or, for text, as
+        per-row `offsets` (column j of row b sits at offsets[b] + j).
+        """
+        cfg = self.config.text_config
+        if positions is not None:
+            rope = multimodal_rope(cfg, positions, embeds.dtype)
+        else:
+            offsets = np.asarray(offsets).reshape(-1)
+            rope = text_rope(cfg, int(offsets[0]) if offsets.size == 1 else mx.array(offsets))
+        if cache is not None:
+            mask = create_attention_mask(embeds, cache[0])
+        elif left_pad is not None and left_pad.any():
+            mask = create_causal_mask(embeds.shape[1], 0, left_padding=mx.array(left_pad))
+        else:
+            mask = "causal" if embeds.shape[1] > 1 else None
+        return self.language_model(embeds, rope, mask, cache)
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        if self.config.tie_word_embeddings:
+            return self.language_model.embed_tokens.as_linear(hidden)
+        return self.lm_head(hidden)
+
+    def __call__(
+        self,
+        input_ids,
+        pixel_values=None,
+        image_grid_thw=None,
+        pixel_values_videos=None,
+        video_grid_thw=None,
+        attention_mask=None,
+        cache: Optional[PromptCache] = None,
+    ) -> mx.array:
+        """Logits [B, L, vocab]. With a cache, later calls take only the new tokens.
+
+        `attention_mask` describes the given tokens only and must be left padding; padding is
+        allowed on the first call into a cache. Calls without pixels treat all tokens as text
+        and touch no host copy of `input_ids`, so decoding stays asynchronous.
+        """
+        B, L = input_ids.shape
+        fresh = cache is None or cache.empty
+        start = np.zeros(B, np.int64) if fresh else cache.next_position
+        pads = np.zeros(B, np.int64) if attention_mask is None else left_padding(attention_mask, L)
+        if pads.any() and not fresh:
+            raise ValueError("padding is only allowed on the first call into a cache")
+        if pixel_values is None and pixel_values_videos is None:
+            embeds = self.language_model.embed_tokens(mx.array(input_ids))
+            positions, offsets = None, start - pads
+            next_position = start + L - pads
+        else:
+            prompt = self.embed(
+                input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, attention_mask, start
+            )
+            embeds, positions, offsets, next_position = prompt.embeds, prompt.positions, None, prompt.next_position
+        if cache is not None:
+            if pads.any():
+                cache.pad_left(pads)
+            cache.next_position = next_position
+        return self.logits(self.decode(embeds, positions, offsets, cache, pads))

@@ -1,0 +1,224 @@
+"""The GLM-4.1V vision tower: pixel patches -> merged image tokens in the text model's width.
+
+Mirrors transformers' `Glm4vVisionModel`. Every image or video frame is one attention segment:
+patches attend to the patches of their own frame only, so frames of equal size are batched
+through one `scaled_dot_product_attention` call instead of a dense block-diagonal mask.
+"""
+
+from functools import lru_cache
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.activations import swiglu
+
+from .config import VisionConfig
+
+CUBIC_A = -0.75  # torch's bicubic kernel constant, used by grid_sample
+
+
+@lru_cache(maxsize=64)
+def cubic_resample_matrix(out_size: int, in_size: int) -> np.ndarray:
+    """[out, in] weights of torch's bicubic `grid_sample` (align_corners=False, border padding).
+
+    Taps outside the table are clamped to its edge; their weights add up on the edge row.
+    Bicubic sampling is separable, so an (H, W) resample is one matrix per axis.
+    """
+    src = (np.arange(out_size) + 0.5) * in_size / out_size - 0.5
+    base = np.floor(src)
+    t = src - base
+    a = CUBIC_A
+    weights = [
+        ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
+        ((a + 2) * t - (a + 3)) * t * t + 1,
+        ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1,
+        ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a,
+    ]
+    matrix = np.zeros((out_size, in_size), np.float64)
+    rows = np.arange(out_size)
+    for k, w in enumerate(weights):
+        cols = np.clip(base + k - 1, 0, in_size - 1).astype(np.int64)
+        np.add.at(matrix, (rows, cols), w)
+    return matrix.astype(np.float32)
+
+
+def block_major(x: mx.array, h: int, w: int, merge: int) -> mx.array:
+    """[h, w, ...] row-major patches -> the processor's order: merge blocks row-major, then inside."""
+    rest = x.shape[2:]
+    x = x.reshape(h // merge, merge, w // merge, merge, *rest)
+    return x.swapaxes(1, 2).reshape(h * w, *rest)
+
+
+class PatchEmbed(nn.Module):
+    """Conv3d with kernel == stride over [C, T, P, P] patches, computed as one matrix product."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        k = (config.temporal_patch_size, config.patch_size, config.patch_size)
+        self.proj = nn.Conv3d(config.in_channels, config.hidden_size, kernel_size=k, stride=k, bias=True)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        w = self.proj.weight  # MLX layout [O, T, P, P, C]; rows of x are ordered [C, T, P, P]
+        w = w.transpose(0, 4, 1, 2, 3).reshape(w.shape[0], -1)
+        return mx.addmm(self.proj.bias, x.astype(w.dtype), w.T)
+
+
+class VisionEmbeddings(nn.Module):
+    """Learned position table, resampled bicubically to each frame's patch grid."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.side = config.image_size // config.patch_size
+        self.merge = config.spatial_merge_size
+        self.position_embedding = nn.Embedding(self.side**2, config.hidden_size)
+
+    def __call__(self, x: mx.array, frames) -> mx.array:
+        table = self.position_embedding.weight
+        dim = table.shape[-1]
+        grid = table.astype(mx.float32).reshape(self.side, self.side * dim)
+        resampled = {}
+        parts = []
+        for h, w in frames:
+            if (h, w) not in resampled:
+                rows = mx.array(cubic_resample_matrix(h, self.side)) @ grid
+                cols = mx.array(cubic_resample_matrix(w, self.side))
+                pos = cols @ rows.reshape(h, self.side, dim)  # [h, w, dim]
+                resampled[h, w] = block_major(pos, h, w, self.merge).astype(table.dtype)
+            parts.append(resampled[h, w])
+        return x + mx.concatenate(parts, axis=0)
+
+
+def rotary_tables(frames, head_dim: int, theta: float, merge: int):
+    """cos/sin [N, 1, head_dim] of the 2-D rotary: the first half of the frequencies turn with the row, the second with the column."""
+    inv = 1.0 / theta ** (np.arange(0, head_dim // 2, 2, dtype=np.float32) / (head_dim // 2))
+    pos = []
+    for h, w in frames:
+        hh, ww = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        hw = np.stack([hh, ww], -1)
+        pos.append(hw.reshape(h // merge, merge, w // merge, merge, 2).swapaxes(1, 2).reshape(-1, 2))
+    pos = np.concatenate(pos).astype(np.float32)
+    freqs = (pos[:, :, None] * inv[None, None]).reshape(len(pos), -1)  # [N, head_dim/2]: h then w
+    emb = mx.array(np.concatenate([freqs, freqs], axis=-1)[:, None])
+    return mx.cos(emb), mx.sin(emb)
+
+
+def rotate_half(x: mx.array) -> mx.array:
+    x1, x2 = mx.split(x, 2, axis=-1)
+    return mx.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    dtype = x.dtype
+    x = x.astype(mx.float32)
+    return (x * cos + rotate_half(x) * sin).astype(dtype)
+
+
+def equal_length_runs(lengths):
+    """Group consecutive segments of the same length: [(length, count), ...]."""
+    runs = []
+    for n in lengths:
+        if runs and runs[-1][0] == n:
+            runs[-1][1] += 1
+        else:
+            runs.append([n, 1])
+    return runs
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.scale = config.head_dim**-0.5
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def __call__(self, x: mx.array, rope, segments) -> mx.array:
+        n = x.shape[0]
+        q, k, v = mx.split(self.qkv(x).reshape(n, 3, self.num_heads, -1), 3, axis=1)
+        cos, sin = rope
+        q = apply_rotary(q.squeeze(1), cos, sin)
+        k = apply_rotary(k.squeeze(1), cos, sin)
+        v = v.squeeze(1)
+        out, start = [], 0
+        for length, count in segments:
+            end = start + length * count
+
+            def heads_first(t):
+                return t[start:end].reshape(count, length, self.num_heads, -1).transpose(0, 2, 1, 3)
+
+            o = mx.fast.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), scale=self.scale)
+            out.append(o.transpose(0, 2, 1, 3).reshape(end - start, -1))
+            start = end
+        return self.proj(mx.concatenate(out, axis=0) if len(out) > 1 else out[0])
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm2 = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.attn = VisionAttention(config)
+        # The block MLP is out_hidden_size wide; intermediate_size belongs to the merger.
+        self.mlp = VisionMLP(config.hidden_size, config.out_hidden_size)
+
+    def __call__(self, x: mx.array, rope, segments) -> mx.array:
+        x = x + self.attn(self.norm1(x), rope, segments)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.post_projection_norm = nn.LayerNorm(dim, eps=1e-5)
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = nn.gelu(self.post_projection_norm(self.proj(x)))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class VisionModel(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.config = config
+        self.patch_embed = PatchEmbed(config)
+        self.post_conv_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.embeddings = VisionEmbeddings(config)
+        self.blocks = [VisionBlock(config) for _ in range(config.depth)]
+        self.post_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        m = config.spatial_merge_size
+        self.downsample = nn.Conv2d(config.hidden_size, config.out_hidden_size, kernel_size=m, stride=m, bias=True)
+        self.merger = PatchMerger(config.out_hidden_size, config.intermediate_size)
+
+    def __call__(self, pixel_values, grid_thw) -> mx.array:
+        """Patches [N, C*T*P*P] of frames with grids (t, h, w) -> merged tokens [N/4, out_hidden_size].
+
+        Each row's t frames are separate segments (transformers' `get_video_features` passes
+        videos frame by frame; images have t = 1).
+        """
+        cfg = self.config
+        frames = [(int(h), int(w)) for t, h, w in np.asarray(grid_thw).reshape(-1, 3) for _ in range(int(t))]
+        x = self.post_conv_layernorm(self.patch_embed(mx.array(pixel_values)))
+        x = self.embeddings(x, frames)
+        rope = rotary_tables(frames, cfg.head_dim, cfg.rope_theta, cfg.spatial_merge_size)
+        segments = equal_length_runs([h * w for h, w in frames])
+        for block in self.blocks:
+            x = block(x, rope, segments)
+        x = self.post_layernorm(x)
+        w = self.downsample.weight  # [O, m, m, C]: four consecutive patches form one merge block
+        x = mx.addmm(self.downsample.bias, x.reshape(-1, w[0].size), w.reshape(w.shape[0], -1).T)
+        return self.merger(x)

@@ -1,0 +1,245 @@
+"""The MLX model against transformers' Glm4vForConditionalGeneration, in float32.
+
+Inputs come from transformers' own processor so that these tests isolate the model. Each case
+checks the logits on every real (unpadded) position and 8 greedy tokens decoded with the cache.
+"""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mlx_glm4v.errors import Glm4vError
+from mlx_glm4v.loader import load_model
+from mlx_glm4v.rope_index import rope_index, token_types
+
+TOL = 1e-4
+NEW_TOKENS = 8
+WORST = {}  # case -> max |logit difference|, printed at the end of the run
+TOKENS = {}
+
+
+@pytest.fixture(scope="module")
+def setup(glm4v_checkpoint):
+    path, ref, processor = glm4v_checkpoint
+    return load_model(path), ref, processor
+
+
+def picture(h, w, seed=0):
+    rng = np.random.RandomState(seed)
+    return Image.fromarray((rng.rand(h, w, 3) * 255).astype(np.uint8))
+
+
+def clip(frames, h, w, seed=0):
+    rng = np.random.RandomState(seed)
+    return (rng.rand(frames, h, w, 3) * 255).astype(np.uint8)
+
+
+def user(*items):
+    content = [{"type": kind} if kind in ("image", "video") else {"type": "text", "text": kind} for kind in items]
+    return [{"role": "user", "content": content}]
+
+
+def prepare(processor, conversations, **kwargs):
+    texts = [processor.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+    return dict(processor(text=texts, padding=True, return_tensors="np", **kwargs))
+
+
+def our_inputs(inputs):
+    return {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
+
+
+def our_greedy(model, inputs, n=NEW_TOKENS):
+    cache = model.make_cache()
+    logits = model(**our_inputs(inputs), cache=cache)
+    tokens = [np.array(logits[:, -1].argmax(-1))]
+    for _ in range(n - 1):
+        logits = model(tokens[-1][:, None], cache=cache)
+        tokens.append(np.array(logits[:, -1].argmax(-1)))
+    return np.stack(tokens, axis=1)
+
+
+def ref_greedy(ref, inputs, n=NEW_TOKENS):
+    with torch.no_grad():
+        out = ref.generate(
+            **{k: torch.tensor(v) for k, v in inputs.items()},
+            max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+        )
+    return out[:, inputs["input_ids"].shape[1]:].numpy()
+
+
+def check(name, model, ref, inputs, ref_logits=None, ref_tokens=None):
+    if ref_logits is None:
+        with torch.no_grad():
+            ref_logits = ref(**{k: torch.tensor(v) for k, v in inputs.items()}).logits.numpy()
+    logits = np.array(model(**our_inputs(inputs)))
+    real = inputs["attention_mask"].astype(bool)
+    worst = float(np.abs(logits - ref_logits)[real].max())
+    WORST[name] = worst
+    assert worst <= TOL, f"{name}: max |logit difference| {worst:.2e}"
+    tokens = our_greedy(model, inputs)
+    TOKENS[name] = tokens.tolist()
+    if ref_tokens is None:
+        ref_tokens = ref_greedy(ref, inputs)
+    np.testing.assert_array_equal(tokens, ref_tokens, err_msg=f"{name}: greedy tokens differ")
+
+
+def test_text(setup):
+    model, ref, processor = setup
+    check("text", model, ref, prepare(processor, [[{"role": "user", "content": "Hello! How are you today?"}]]))
+
+
+def test_one_image(setup):
+    model, ref, processor = setup
+    inputs = prepare(processor, [user("image", "Describe this image.")], images=[picture(200, 300)])
+    check("one image", model, ref, inputs)
+
+
+def test_two_images_of_different_sizes(setup):
+    model, ref, processor = setup
+    inputs = prepare(processor, [user("image", "and", "image", "compare them")],
+                     images=[picture(120, 90, 1), picture(250, 400, 2)])
+    assert len(inputs["image_grid_thw"]) == 2 and not np.array_equal(*inputs["image_grid_thw"])
+    check("two images", model, ref, inputs)
+
+
+@pytest.mark.parametrize("shape", [(1400, 40), (30, 900)], ids=["tall", "wide"])
+def test_extreme_aspect_ratio(setup, shape):
+    model, ref, processor = setup
+    inputs = prepare(processor, [user("image", "What is this?")], images=[picture(*shape, 3)])
+    check(f"{'tall' if shape[0] > shape[1] else 'wide'} image", model, ref, inputs)
+
+
+def test_video_presampled_frames(setup):
+    model, ref, processor = setup
+    inputs = prepare(processor, [user("video", "What happens?")], videos=[clip(4, 84, 112)],
+                     do_sample_frames=False, video_metadata=[{"fps": 2.0, "total_num_frames": 4, "frames_indices": [0, 1, 2, 3]}])
+    check("video, pre-sampled frames", model, ref, inputs)
+
+
+def test_video_sampled_from_longer_clip(setup):
+    model, ref, processor = setup
+    frames = clip(45, 70, 70, 5)  # 4.5 s at 10 fps: the reference samples 2 fps -> 9, padded to 10 frames
+    inputs = prepare(processor, [user("video", "Count the frames.")], videos=[frames],
+                     video_metadata=[{"fps": 10.0, "total_num_frames": 45, "duration": 4.5}])
+    assert inputs["video_grid_thw"][0][0] == 5
+    check("video, sampled from a clip", model, ref, inputs)
+
+
+def test_left_padded_batch(setup):
+    model, ref, processor = setup
+    conversations = [user("image", "Describe this image."),
+                     user("A cat sits on a red sofa next to a window; the sun is shining.", "image", "Why?")]
+    inputs = prepare(processor, conversations, images=[picture(56, 56, 7), picture(180, 120, 8)])
+    assert (inputs["attention_mask"] == 0).any()
+    check("left-padded batch", model, ref, inputs)
+
+
+def test_image_and_video_in_one_prompt(setup):
+    """transformers refuses this prompt; its reference is built from its own parts, scattering by token type."""
+    model, ref, processor = setup
+    texts = [processor.apply_chat_template(user("image", "video", "What do they share?"), add_generation_prompt=True)]
+    inputs = dict(processor(text=texts, images=[picture(100, 140, 9)], videos=[clip(4, 56, 84, 10)],
+                            do_sample_frames=False, video_metadata=[{"fps": 1.0, "total_num_frames": 4, "frames_indices": [0, 1, 2, 3]}],
+                            return_tensors="np"))
+    ref_logits, ref_tokens = reference_by_parts(ref, inputs)
+    check("image and video", model, ref, inputs, ref_logits, ref_tokens)
+
+
+def reference_by_parts(ref, inputs, n=NEW_TOKENS):
+    """Greedy decoding with transformers' vision features, rope index and text model, no generate()."""
+    from transformers import DynamicCache
+
+    t = {k: torch.tensor(v) for k, v in inputs.items()}
+    inner = ref.model
+    with torch.no_grad():
+        embeds = inner.get_input_embeddings()(t["input_ids"])
+        image = torch.cat(inner.get_image_features(t["pixel_values"], t["image_grid_thw"]).pooler_output)
+        video = torch.cat(inner.get_video_features(t["pixel_values_videos"], t["video_grid_thw"]).pooler_output)
+        types = t["mm_token_type_ids"][0]
+        embeds[0, types == 1] = image
+        embeds[0, types == 2] = video
+        positions, deltas = inner.get_rope_index(
+            t["input_ids"], t["mm_token_type_ids"], t["image_grid_thw"], t["video_grid_thw"]
+        )
+        cache = DynamicCache(config=ref.config.text_config)
+        hidden = inner.language_model(inputs_embeds=embeds, position_ids=positions, cache=cache).last_hidden_state
+        logits = ref.lm_head(hidden)
+        first = logits.numpy()
+        next_pos = int(positions.max()) + 1
+        tokens = []
+        for i in range(n):
+            token = logits[:, -1].argmax(-1)
+            tokens.append(int(token))
+            pos = torch.full((3, 1, 1), next_pos + i)
+            hidden = inner.language_model(
+                inputs_embeds=inner.get_input_embeddings()(token[:, None]), position_ids=pos, cache=cache
+            ).last_hidden_state
+            logits = ref.lm_head(hidden)
+    return first, np.array([tokens])
+
+
+def test_rope_index_matches_reference_example():
+    """The worked example of the spec: 3 text tokens, an image of 4x6 patches, then text."""
+    ids = np.array([[5, 5, 5, 9, 1, 1, 1, 1, 1, 1, 8, 5]])
+    types = token_types(ids, image_token_id=1, video_start_id=100, video_end_id=101)
+    pos, nxt = rope_index(ids, types, image_grid_thw=[[1, 4, 6]])
+    assert pos[:, 0, :4].tolist() == [[0, 1, 2, 3]] * 3
+    assert pos[0, 0, 4:10].tolist() == [4] * 6
+    assert pos[1, 0, 4:10].tolist() == [4, 4, 4, 5, 5, 5]
+    assert pos[2, 0, 4:10].tolist() == [4, 5, 6, 4, 5, 6]
+    assert pos[:, 0, 10].tolist() == [7, 7, 7] and nxt.tolist() == [9]
+
+
+def test_two_conversations_share_one_model(setup):
+    """Decoding state lives in the cache: interleaving two conversations changes neither."""
+    model, ref, processor = setup
+    a = prepare(processor, [user("image", "Describe this image.")], images=[picture(84, 84, 11)])
+    b = prepare(processor, [[{"role": "user", "content": "The quick brown fox jumps over the lazy dog."}]])
+    alone = [our_greedy(model, a), our_greedy(model, b)]
+    caches = [model.make_cache(), model.make_cache()]
+    tokens = [[np.array(model(**our_inputs(x), cache=c)[:, -1].argmax(-1))] for x, c in zip((a, b), caches)]
+    for _ in range(NEW_TOKENS - 1):
+        for seq, c in zip(tokens, caches):
+            seq.append(np.array(model(seq[-1][:, None], cache=c)[:, -1].argmax(-1)))
+    np.testing.assert_array_equal(np.stack(tokens[0], 1), alone[0])
+    np.testing.assert_array_equal(np.stack(tokens[1], 1), alone[1])
+
+
+def test_load_errors(tmp_path, glm4v_checkpoint):
+    import json
+    import shutil
+
+    from mlx_glm4v.loader import resolve
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Glm4vError, match="no config.json"):
+        resolve(str(tmp_path / "empty"))
+    with pytest.raises(Glm4vError, match="neither an existing directory nor a hub repo id"):
+        resolve(str(tmp_path / "nowhere" / "at" / "all"))
+    src = glm4v_checkpoint[0]
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "model_type": "llava"}))
+    with pytest.raises(Glm4vError, match="model_type 'llava' is not supported"):
+        load_model(bad)
+    (bad / "config.json").write_text(json.dumps(config))
+    shard = sorted(bad.glob("*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(Glm4vError, match="lacks the weight shard"):
+        load_model(bad)
+    (bad / "model.safetensors.index.json").unlink()
+    with pytest.raises(Glm4vError, match="is missing .* tensor"):
+        load_model(bad)
+    config["text_config"]["intermediate_size"] += 2
+    (bad / "config.json").write_text(json.dumps(config))
+    shutil.copy(src / shard.name, shard)
+    with pytest.raises(Glm4vError, match="has shape"):
+        load_model(bad)
+
+
+def test_zzz_report():
+    """Prints the worst logit difference per case (run with -s to see it)."""
+    for name, worst in WORST.items():
+        print(f"{name:32s} max |logit diff| {worst:.2e}  tokens {TOKENS.get(name)}")
