@@ -1,8 +1,8 @@
 """Find a checkpoint (local directory or hub repo), read its weights and build model + processor.
 
-Reads the published transformers layout (`model.visual.*`, `model.language_model.*`,
-`lm_head.*`, convolutions channels-first), this project's own output, and mlx-vlm's
-conversions (`vision_tower.*`, `language_model.model.*`, `language_model.lm_head.*`).
+Which names and layouts are understood is the model's business (`Model.sanitize`); this
+module finds files, reads safetensors, applies the stored quantization and checks that every
+tensor is there with its shape.
 """
 
 import json
@@ -20,13 +20,6 @@ from .model import Model
 # The files a run needs; weights in other formats (.bin, .pth) are never fetched.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*"]
 
-_PREFIXES = (  # checkpoint prefix -> our module path, first match wins
-    ("model.visual.", "visual."),
-    ("model.language_model.", "language_model."),
-    ("vision_tower.", "visual."),
-    ("language_model.model.", "language_model."),
-    ("language_model.lm_head.", "lm_head."),
-)
 
 
 def resolve(path_or_repo: str, revision: Optional[str] = None) -> Path:
@@ -84,28 +77,6 @@ def read_weights(path: Path) -> dict:
     return weights
 
 
-def rename(key: str) -> str:
-    for old, new in _PREFIXES:
-        if key.startswith(old):
-            return new + key[len(old):]
-    return key
-
-
-def sanitize(model: nn.Module, weights: dict) -> dict:
-    """Our names and layouts: rename prefixes, drop rotary buffers, move conv channels last."""
-    expected = dict(tree_flatten(model.parameters()))
-    out = {}
-    for key, value in weights.items():
-        if "rotary_emb.inv_freq" in key:
-            continue
-        key = rename(key)
-        want = expected.get(key)
-        if want is not None and value.ndim in (4, 5) and value.shape != want.shape:
-            value = value.transpose(0, *range(2, value.ndim), 1)  # channels-first -> channels-last
-        out[key] = value
-    return out
-
-
 def check_weights(model: nn.Module, weights: dict, path: Path):
     expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
     missing = sorted(set(expected) - set(weights))
@@ -138,7 +109,7 @@ def load_model(path, dtype: Optional[mx.Dtype] = None) -> Model:
     config = ModelConfig.from_dict(read_config(path))
     model = Model(config)
     weights = read_weights(path)
-    weights = sanitize(model, weights)
+    weights = model.sanitize(weights)
     if config.quantization:
         quantize_like(model, config.quantization, weights)
     check_weights(model, weights, path)

@@ -11,6 +11,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask, create_causal_mask
 
 from .cache import PromptCache, left_padding, make_prompt_cache
@@ -29,6 +30,16 @@ class Embedded:
     next_position: np.ndarray  # [B]
 
 
+# checkpoint prefix -> our module path: transformers' published layout, then mlx-vlm's.
+WEIGHT_PREFIXES = (
+    ("model.visual.", "visual."),
+    ("model.language_model.", "language_model."),
+    ("vision_tower.", "visual."),
+    ("language_model.model.", "language_model."),
+    ("language_model.lm_head.", "lm_head."),
+)
+
+
 def _host(x):
     return None if x is None else np.asarray(x)
 
@@ -41,6 +52,24 @@ class Model(nn.Module):
         self.language_model = TextModel(config.text_config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+
+    def sanitize(self, weights: dict) -> dict:
+        """Checkpoint tensors under our names and layouts: known prefixes renamed, rotary
+        buffers dropped, convolutions moved channels-last unless they already are."""
+        expected = dict(tree_flatten(self.parameters()))
+        out = {}
+        for key, value in weights.items():
+            if "rotary_emb.inv_freq" in key:
+                continue
+            for old, new in WEIGHT_PREFIXES:
+                if key.startswith(old):
+                    key = new + key[len(old):]
+                    break
+            want = expected.get(key)
+            if want is not None and value.ndim in (4, 5) and value.shape != want.shape:
+                value = value.transpose(0, *range(2, value.ndim), 1)
+            out[key] = value
+        return out
 
     @property
     def layers(self):
