@@ -27,6 +27,12 @@ class PromptCache(list):
         c = self[0]
         return int(c._idx) if isinstance(c, (BatchKVCache, BatchRotatingKVCache)) else int(c.offset)
 
+    def record(self, prompt):
+        """Note a prompt about to be run: its padding (first call only) and where its rows continue."""
+        if prompt.left_pad.any():
+            self.pad_left(prompt.left_pad)
+        self.next_position = prompt.next_position
+
     def pad_left(self, left_padding):
         """Turn the (still empty) per-layer caches into mlx-lm's batch caches for a left-padded batch."""
         pads = [int(p) for p in left_padding]

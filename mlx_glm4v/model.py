@@ -22,12 +22,18 @@ from .vision import VisionModel
 
 
 @dataclass
-class Embedded:
-    """A prompt ready for the decoder: embeddings, their 3-D positions and where each row continues."""
+class Prompt:
+    """Tokens ready for the decoder: embeddings and where each column sits in M-RoPE space."""
 
     embeds: mx.array  # [B, L, hidden]
-    positions: np.ndarray  # [3, B, L]
-    next_position: np.ndarray  # [B]
+    positions: Optional[np.ndarray]  # [3, B, L] when vision tokens are present, else None
+    offsets: np.ndarray  # [B]: without vision, column j of row b sits at offsets[b] + j
+    next_position: np.ndarray  # [B]: where each row continues after this prompt
+    left_pad: np.ndarray  # [B]
+
+    @property
+    def length(self) -> int:
+        return self.embeds.shape[1]
 
 
 # checkpoint prefix -> our module path: transformers' published layout, then mlx-vlm's.
@@ -96,22 +102,9 @@ class Model(nn.Module):
         video = features[n_image:] if pixel_values_videos is not None else None
         return image, video
 
-    def embed(
-        self,
-        input_ids,
-        pixel_values=None,
-        image_grid_thw=None,
-        pixel_values_videos=None,
-        video_grid_thw=None,
-        attention_mask=None,
-        start=None,
-    ) -> Embedded:
-        """Token embeddings with vision features scattered in, and their 3-D positions from `start`."""
-        cfg = self.config
-        ids = np.asarray(input_ids)
+    def embed(self, ids: np.ndarray, types: np.ndarray, image, video) -> mx.array:
+        """Token embeddings with image and video features scattered over their tokens, by type."""
         h = self.language_model.embed_tokens(mx.array(ids))
-        types = token_types(ids, cfg.image_token_id, cfg.video_start_token_id, cfg.video_end_token_id)
-        image, video = self.encode_media(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         slots, features = [], []
         for kind, feats, name in ((IMAGE, image, "image"), (VIDEO, video, "video")):
             where = np.flatnonzero(types.reshape(-1) == kind)
@@ -121,35 +114,68 @@ class Model(nn.Module):
             if n:
                 slots.append(where)
                 features.append(feats)
-        if slots:
-            B, L, D = h.shape
-            h = h.reshape(B * L, D)
-            h[mx.array(np.concatenate(slots))] = mx.concatenate(features).astype(h.dtype)
-            h = h.reshape(B, L, D)
+        if not slots:
+            return h
+        B, L, D = h.shape
+        h = h.reshape(B * L, D)
+        h[mx.array(np.concatenate(slots))] = mx.concatenate(features).astype(h.dtype)
+        return h.reshape(B, L, D)
+
+    def prepare(
+        self,
+        input_ids,
+        pixel_values=None,
+        image_grid_thw=None,
+        pixel_values_videos=None,
+        video_grid_thw=None,
+        attention_mask=None,
+        cache: Optional[PromptCache] = None,
+    ) -> Prompt:
+        """Embeddings and positions for new tokens, continuing the sequences held in `cache`.
+
+        `attention_mask` describes the given tokens only and must be left padding, allowed on
+        the first call into a cache. Without pixels every token is text and no host copy of
+        `input_ids` is made, so decoding stays asynchronous.
+        """
+        B, L = input_ids.shape
+        fresh = cache is None or cache.empty
+        start = np.zeros(B, np.int64) if fresh else cache.next_position
+        pads = np.zeros(B, np.int64) if attention_mask is None else left_padding(attention_mask, L)
+        if pads.any() and not fresh:
+            raise ValueError("padding is only allowed on the first call into a cache")
+        if pixel_values is None and pixel_values_videos is None:
+            embeds = self.language_model.embed_tokens(mx.array(input_ids))
+            return Prompt(embeds, None, start - pads, start + L - pads, pads)
+        cfg = self.config
+        ids = np.asarray(input_ids)
+        types = token_types(ids, cfg.image_token_id, cfg.video_start_token_id, cfg.video_end_token_id)
+        image, video = self.encode_media(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         positions, next_position = rope_index(
             ids, types, _host(image_grid_thw), _host(video_grid_thw), _host(attention_mask),
             cfg.vision_config.spatial_merge_size, start,
         )
-        return Embedded(h, positions, next_position)
+        return Prompt(self.embed(ids, types, image, video), positions, None, next_position, pads)
 
-    def decode(self, embeds: mx.array, positions=None, offsets=None, cache=None, left_pad=None) -> mx.array:
-        """Run the decoder over embeddings; returns hidden states after the final norm.
+    def forward(self, prompt: Prompt, cache: Optional[PromptCache] = None, start: int = 0, end=None) -> mx.array:
+        """Hidden states (after the final norm) of the prompt's columns [start, end).
 
-        Rotary positions come either as explicit 3-D `positions` [3, B, L] or, for text, as
-        per-row `offsets` (column j of row b sits at offsets[b] + j).
+        Chunks must be run in order; the caller records the prompt in the cache first
+        (`cache.record(prompt)`), as `__call__` does.
         """
+        end = prompt.length if end is None else end
         cfg = self.config.text_config
-        if positions is not None:
-            rope = multimodal_rope(cfg, positions, embeds.dtype)
+        embeds = prompt.embeds[:, start:end]
+        if prompt.positions is not None:
+            rope = multimodal_rope(cfg, prompt.positions[:, :, start:end], embeds.dtype)
         else:
-            offsets = np.asarray(offsets).reshape(-1)
+            offsets = prompt.offsets + start
             rope = text_rope(cfg, int(offsets[0]) if offsets.size == 1 else mx.array(offsets))
         if cache is not None:
             mask = create_attention_mask(embeds, cache[0])
-        elif left_pad is not None and left_pad.any():
-            mask = create_causal_mask(embeds.shape[1], 0, left_padding=mx.array(left_pad))
+        elif prompt.left_pad.any():
+            mask = create_causal_mask(end - start, start, left_padding=mx.array(prompt.left_pad))
         else:
-            mask = "causal" if embeds.shape[1] > 1 else None
+            mask = "causal" if end - start > 1 else None
         return self.language_model(embeds, rope, mask, cache)
 
     def logits(self, hidden: mx.array) -> mx.array:
@@ -167,29 +193,10 @@ class Model(nn.Module):
         attention_mask=None,
         cache: Optional[PromptCache] = None,
     ) -> mx.array:
-        """Logits [B, L, vocab]. With a cache, later calls take only the new tokens.
-
-        `attention_mask` describes the given tokens only and must be left padding; padding is
-        allowed on the first call into a cache. Calls without pixels treat all tokens as text
-        and touch no host copy of `input_ids`, so decoding stays asynchronous.
-        """
-        B, L = input_ids.shape
-        fresh = cache is None or cache.empty
-        start = np.zeros(B, np.int64) if fresh else cache.next_position
-        pads = np.zeros(B, np.int64) if attention_mask is None else left_padding(attention_mask, L)
-        if pads.any() and not fresh:
-            raise ValueError("padding is only allowed on the first call into a cache")
-        if pixel_values is None and pixel_values_videos is None:
-            embeds = self.language_model.embed_tokens(mx.array(input_ids))
-            positions, offsets = None, start - pads
-            next_position = start + L - pads
-        else:
-            prompt = self.embed(
-                input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, attention_mask, start
-            )
-            embeds, positions, offsets, next_position = prompt.embeds, prompt.positions, None, prompt.next_position
+        """Logits [B, L, vocab]. With a cache, later calls take only the new tokens (see `prepare`)."""
+        prompt = self.prepare(
+            input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, attention_mask, cache
+        )
         if cache is not None:
-            if pads.any():
-                cache.pad_left(pads)
-            cache.next_position = next_position
-        return self.logits(self.decode(embeds, positions, offsets, cache, pads))
+            cache.record(prompt)
+        return self.logits(self.forward(prompt, cache))
