@@ -1,0 +1,156 @@
+"""Pixels for the vision tower: reading images, `smart_resize`, bicubic resize, normalize, patchify.
+
+Mirrors transformers' `Glm4vImageProcessor` (the torchvision backend it picks by default) with PIL and
+numpy. PIL's bicubic filter is the one torchvision's antialiased bicubic was ported from, so the two
+differ by at most one grey level on a few pixels.
+"""
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import Glm4vError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class PixelSettings:
+    """One processor's settings, read from the checkpoint (image or video section)."""
+
+    min_pixels: int
+    max_pixels: int
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple = CLIP_MEAN
+    image_std: tuple = CLIP_STD
+    rescale_factor: float = 1 / 255
+    fps: float = 2  # videos only: frames sampled per second
+    max_duration: float = 300  # videos only: longer clips get a fixed number of frames
+
+    @classmethod
+    def from_dict(cls, d: dict, default_max_pixels: int) -> "PixelSettings":
+        size = d.get("size") or {}
+        keys = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std",
+                "rescale_factor", "fps", "max_duration")
+        return cls(
+            min_pixels=size.get("shortest_edge", 112 * 112),
+            max_pixels=size.get("longest_edge", default_max_pixels),
+            **{k: d[k] for k in keys if d.get(k) is not None},
+        )
+
+
+def existing_file(source, kind: str) -> Path:
+    """The local file behind `source`; URLs are refused because nothing is downloaded here."""
+    text = str(source)
+    if text.startswith(("http://", "https://")):
+        raise Glm4vError(f"{text}: only local {kind} files are read; download it and pass the path.")
+    path = Path(text.removeprefix("file://")).expanduser()
+    if not path.is_file():
+        raise Glm4vError(f"{path}: no such {kind} file.")
+    return path
+
+
+def load_image(image) -> np.ndarray:
+    """(H, W, 3) uint8 RGB, read the way the reference reads each kind of input.
+
+    Files: EXIF orientation applied, alpha dropped (transformers' `load_image` and torchvision's
+    `decode_image` agree on this). PIL images and arrays: transparency composited onto white.
+    """
+    if isinstance(image, (str, Path)):
+        path = existing_file(image, "image")
+        try:
+            with Image.open(path) as im:
+                return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise Glm4vError(f"{path} is not a readable image ({e}).") from None
+    if isinstance(image, Image.Image):
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            return np.asarray(Image.alpha_composite(white, image.convert("RGBA")).convert("RGB"))
+        return np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        return _array_to_rgb(image)
+    raise Glm4vError(f"an image must be a file path, a PIL image or a numpy array, not {type(image).__name__}.")
+
+
+def _array_to_rgb(a: np.ndarray) -> np.ndarray:
+    """Channels first or last (first wins when ambiguous, as in the reference), 1, 3 or 4 channels."""
+    if a.dtype != np.uint8:
+        raise Glm4vError(f"an image array must be uint8 (0-255), not {a.dtype}.")
+    if a.ndim == 2:
+        a = a[..., None]
+    elif a.ndim == 3 and a.shape[0] in (1, 3, 4):
+        a = np.moveaxis(a, 0, -1)
+    if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
+        raise Glm4vError(f"an image array must be (H, W), or (H, W, C) or (C, H, W) with 1, 3 or 4 channels, "
+                         f"not {a.shape}.")
+    if a.shape[-1] == 1:
+        return np.repeat(a, 3, axis=-1)
+    if a.shape[-1] == 4:
+        # torchvision's arithmetic: float blend onto white, then scaled by 255.999 and truncated
+        x = a.astype(np.float32) * np.float32(1 / 255)
+        rgb = x[..., :3] * x[..., 3:] + (np.float32(1) - x[..., 3:])
+        return (rgb * np.float32(255.999)).astype(np.uint8)
+    return a
+
+
+def smart_resize(num_frames: int, height: int, width: int, s: PixelSettings, max_pixels: int, name: str):
+    """The reference's target (height, width): multiples of patch*merge, t*h*w within the budget."""
+    factor = s.patch_size * s.merge_size
+    if height < factor or width < factor:
+        scale = max(factor / height, factor / width)
+        height, width = int(height * scale), int(width * scale)
+    ratio = max(height, width) / min(height, width)
+    if ratio > 200:
+        raise Glm4vError(f"{name}: the aspect ratio {ratio:.0f}:1 is beyond the 200:1 the model accepts.")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    t_bar = round(num_frames / s.temporal_patch_size) * s.temporal_patch_size
+    if t_bar * h_bar * w_bar > max_pixels:
+        beta = math.sqrt(num_frames * height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif t_bar * h_bar * w_bar < s.min_pixels:
+        beta = math.sqrt(s.min_pixels / (num_frames * height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def resize(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bicubic (PIL, a = -0.5, antialiased when shrinking) on each (H, W, 3) uint8 frame."""
+    if frames.shape[1:3] == (height, width):
+        return frames
+    return np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.BICUBIC)) for f in frames])
+
+
+def patchify(frames: np.ndarray, s: PixelSettings):
+    """(T, H, W, 3) uint8, T a multiple of temporal_patch_size -> (rows, C*tp*p*p) float32 and (t, h, w).
+
+    Rows run over (t, h/merge, w/merge, merge, merge) so that each merge x merge block is contiguous;
+    features are ordered (C, tp, p, p) like the patch-embedding convolution's weight.
+    """
+    scale = np.float32(1 / s.rescale_factor)
+    mean = np.asarray(s.image_mean, np.float32) * scale
+    std = np.asarray(s.image_std, np.float32) * scale
+    x = (frames.astype(np.float32) - mean) / std
+    T, H, W, C = x.shape
+    p, m, tp = s.patch_size, s.merge_size, s.temporal_patch_size
+    gt, gh, gw = T // tp, H // p, W // p
+    x = x.reshape(gt, tp, gh // m, m, p, gw // m, m, p, C).transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
+    return x.reshape(gt * gh * gw, C * tp * p * p), (gt, gh, gw)
+
+
+def image_patches(image, s: PixelSettings, max_pixels: int | None = None, name: str = "image"):
+    """pixel_values rows and grid (1, h, w) for one image, its frame repeated over temporal_patch_size."""
+    rgb = load_image(image)
+    budget = s.max_pixels if max_pixels is None else min(s.max_pixels, max_pixels * s.temporal_patch_size)
+    h, w = smart_resize(s.temporal_patch_size, *rgb.shape[:2], s, budget, name)
+    frame = resize(rgb[None], h, w)
+    return patchify(np.repeat(frame, s.temporal_patch_size, axis=0), s)

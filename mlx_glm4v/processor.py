@@ -1,0 +1,293 @@
+"""Chat messages and media in; the token ids and pixel patches of transformers' `Glm4vProcessor` out.
+
+No torch, transformers or mlx: the chat template renders with jinja2, text goes through the
+`tokenizers` library on the checkpoint's tokenizer.json, pixels through PIL and numpy.
+
+    processor = Processor.from_pretrained("path/to/GLM-4.1V-9B-Thinking")
+    messages = [{"role": "user", "content": [{"type": "image", "image": "cat.jpg"},
+                                             {"type": "text", "text": "What is this?"}]}]
+    prompt = processor.apply_chat_template(messages)
+    images, videos = processor.media_from_messages(messages)
+    inputs = processor(text=prompt, images=images, videos=videos)
+"""
+
+import json
+import re
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .errors import Glm4vError
+from .image import PixelSettings, image_patches, patchify, resize, smart_resize
+from .video import load_video
+
+IMAGE, VIDEO = "<|image|>", "<|video|>"
+BEGIN_IMAGE, END_IMAGE = "<|begin_of_image|>", "<|end_of_image|>"
+BEGIN_VIDEO, END_VIDEO = "<|begin_of_video|>", "<|end_of_video|>"
+_PLACEHOLDER = re.compile(re.escape(IMAGE) + "|" + re.escape(VIDEO))
+
+
+def _read_json(path: Path):
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise Glm4vError(f"{path} is not valid JSON ({e}).") from None
+
+
+def _token(config: dict, key: str):
+    """A named special token from tokenizer_config.json, stored as a string or an AddedToken dict."""
+    value = config.get(key)
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class Tokenizer:
+    """The checkpoint's tokenizer.json, encoding exactly as transformers' fast tokenizer does.
+
+    With a tokenizer.json, transformers drops add_bos_token/add_eos_token from the config and keeps
+    the file's post-processor, so the file alone decides which special tokens `encode` adds.
+    """
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer as Backend
+
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            raise Glm4vError(f"{file} is missing; mlx-glm4v reads the fast tokenizer file.")
+        self.backend = Backend.from_file(str(file))
+        # transformers' call pads and truncates only when asked, whatever tokenizer.json says
+        self.backend.no_padding()
+        self.backend.no_truncation()
+        config = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            config.update(_read_json(path / name) or {})
+        names = ("bos_token", "eos_token", "unk_token", "pad_token")
+        self.special_tokens = {k: t for k in names if (t := _token(config, k))}
+        pad = self.special_tokens.get("pad_token") or self.special_tokens.get("eos_token")
+        self.pad_token_id = self.convert_tokens_to_ids(pad) or 0
+
+    def encode(self, text: str) -> list[int]:
+        """Ids with the special tokens the post-processor adds, as `tokenizer(text)` does by default."""
+        return self.backend.encode(text).ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def convert_tokens_to_ids(self, token: str | None) -> int | None:
+        return self.backend.token_to_id(token) if token is not None else None
+
+
+@lru_cache
+def _compile(template: str):
+    """Jinja as transformers sets it up for chat templates: sandboxed, trimmed, its tojson."""
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    def raise_exception(message):
+        from jinja2.exceptions import TemplateError
+
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
+def _load_template(path: Path) -> str:
+    """The chat template, looked up where transformers looks, legacy places first as it does."""
+    legacy = (_read_json(path / "processor_config.json") or {}).get("chat_template")
+    legacy = legacy or (_read_json(path / "chat_template.json") or {}).get("chat_template")
+    if legacy:
+        return legacy
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text(encoding="utf-8")
+    template = (_read_json(path / "tokenizer_config.json") or {}).get("chat_template")
+    if isinstance(template, list):  # named templates
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if not template:
+        raise Glm4vError(f"{path} has no chat template (looked in chat_template.jinja, chat_template.json "
+                         "and tokenizer_config.json).")
+    return template
+
+
+def _normalize(messages) -> list[dict]:
+    """What transformers does before rendering: drop None values, OpenAI `image_url` items become
+    `image` items, and reasoning is offered under every name templates read."""
+    out = []
+    for message in messages:
+        message = {k: v for k, v in message.items() if v is not None}
+        if isinstance(message.get("content"), list):
+            message["content"] = [_from_openai(item) for item in message["content"]]
+        names = ("reasoning_content", "thinking", "reasoning")
+        reasoning = next((message[k] for k in names if k in message), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
+    return out
+
+
+def _from_openai(item):
+    """{"type": "image_url", "image_url": {"url": u}} -> {"type": "image", "url": u}."""
+    if not (isinstance(item, dict) and item.get("type") == "image_url" and "image_url" in item):
+        return item
+    url = item["image_url"]
+    return {"type": "image", "url": url.get("url", "") if isinstance(url, dict) else url}
+
+
+def _media_kind(item) -> str | None:
+    """'image', 'video' or None, deciding as the published template does (a video key wins)."""
+    if not isinstance(item, dict):
+        return None
+    if item.get("type") in ("image", "video"):
+        return item["type"]
+    return "video" if "video" in item else "image" if "image" in item else None
+
+
+def _flat(items) -> list:
+    """None, one item, a flat list or per-prompt lists -> one flat list."""
+    if items is None:
+        return []
+    if not isinstance(items, (list, tuple)):
+        return [items]
+    return [x for item in items for x in (item if isinstance(item, (list, tuple)) else [item])]
+
+
+def _label(source, index: int, kind: str) -> str:
+    return str(source) if isinstance(source, (str, Path)) else f"{kind} {index + 1}"
+
+
+class Processor:
+    """Glm4vProcessor without torch: chat template, tokenizer, image and video pixels."""
+
+    def __init__(self, tokenizer: Tokenizer, chat_template: str, image_settings: PixelSettings,
+                 video_settings: PixelSettings):
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.image_settings = image_settings
+        self.video_settings = video_settings
+        ids = tokenizer.convert_tokens_to_ids
+        self.image_token_id, self.video_token_id = ids(IMAGE), ids(VIDEO)
+        self.video_start_id, self.video_end_id = ids(BEGIN_VIDEO), ids(END_VIDEO)
+
+    @classmethod
+    def from_pretrained(cls, path) -> "Processor":
+        """Read a local checkpoint directory: processor_config.json (transformers 5) or the published
+        preprocessor_config.json + video_preprocessor_config.json, the tokenizer and the chat template."""
+        path = Path(path)
+        if not path.is_dir():
+            raise Glm4vError(f"{path}: no such checkpoint directory.")
+        combined = _read_json(path / "processor_config.json") or {}
+        image = combined.get("image_processor") or _read_json(path / "preprocessor_config.json") or {}
+        video = (combined.get("video_processor") or _read_json(path / "video_preprocessor_config.json")
+                 or _read_json(path / "preprocessor_config.json") or {})
+        return cls(
+            Tokenizer(path),
+            _load_template(path),
+            PixelSettings.from_dict(image, default_max_pixels=28 * 28 * 15000),
+            PixelSettings.from_dict(video, default_max_pixels=28 * 28 * 2 * 30000),
+        )
+
+    def convert_tokens_to_ids(self, token: str) -> int | None:
+        return self.tokenizer.convert_tokens_to_ids(token)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:
+        """The prompt string, rendered from the checkpoint's own template; kwargs reach the template."""
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return _compile(self.chat_template).render(
+                messages=_normalize(messages),
+                tools=kwargs.pop("tools", None),
+                documents=kwargs.pop("documents", None),
+                add_generation_prompt=add_generation_prompt,
+                **{**self.tokenizer.special_tokens, **kwargs},
+            )
+        except TemplateError as e:
+            raise Glm4vError(f"the chat template rejected the messages: {e}") from None
+
+    def media_from_messages(self, messages) -> tuple[list, list]:
+        """(images, videos) in the order the template places them. An item carries its source under
+        `image`/`video`, `url` or `path`: a local path, or for images a PIL image or array, for videos
+        a `Video`. URLs are refused when read, since nothing is downloaded."""
+        media = {"image": [], "video": []}
+        for message in _normalize(messages):
+            content = message.get("content")
+            for item in content if isinstance(content, list) else []:
+                if kind := _media_kind(item):
+                    source = next((item[k] for k in (kind, "url", "path") if item.get(k) is not None), None)
+                    if source is not None:
+                        media[kind].append(source)
+        return media["image"], media["video"]
+
+    def __call__(self, text, images=None, videos=None, padding: bool = True, *, fps: float | None = None,
+                 max_frames: int | None = None, max_pixels: int | None = None) -> dict:
+        """Token ids and pixels for one prompt or a batch, as `Glm4vProcessor(text, images, videos)`.
+
+        `images`/`videos` are flat lists in prompt order across the batch. The caps, off by default so
+        that the output equals the reference: `fps` frames sampled per second of video (the
+        checkpoint says 2), `max_frames` per video, `max_pixels` for the resized area (h*w) of each
+        image and video frame.
+        """
+        texts = [text] if isinstance(text, str) else list(text)
+        images, videos = _flat(images), _flat(videos)
+        for token, given, kind in ((IMAGE, images, "image"), (VIDEO, videos, "video")):
+            places = sum(t.count(token) for t in texts)
+            if places != len(given):
+                raise Glm4vError(f"the prompt has {places} {kind} place(s) ({token}) "
+                                 f"but {len(given)} {kind}(s) were given.")
+
+        out, expansions = {}, {IMAGE: [], VIDEO: []}
+        if images:
+            s, merge = self.image_settings, self.image_settings.merge_size ** 2
+            done = [image_patches(x, s, max_pixels, _label(x, i, "image")) for i, x in enumerate(images)]
+            out["pixel_values"] = np.concatenate([rows for rows, _ in done])
+            out["image_grid_thw"] = np.array([grid for _, grid in done], np.int32)
+            expansions[IMAGE] = [IMAGE * (t * h * w // merge) for t, h, w in out["image_grid_thw"]]
+        if videos:
+            caps = fps, max_frames, max_pixels
+            done = [self._video(x, _label(x, i, "video"), *caps) for i, x in enumerate(videos)]
+            out["pixel_values_videos"] = np.concatenate([rows for rows, _, _ in done])
+            out["video_grid_thw"] = np.array([grid for _, grid, _ in done], np.int32)
+            expansions[VIDEO] = [prompt for _, _, prompt in done]
+
+        pending = {token: iter(expansion) for token, expansion in expansions.items()}
+        texts = [_PLACEHOLDER.sub(lambda m: next(pending[m.group()]), t) for t in texts]
+        ids = [self.tokenizer.encode(t) for t in texts]
+        return {**self._batch(ids, padding), **out}
+
+    def _video(self, video, name: str, fps, max_frames, max_pixels):
+        """Rows, grid and the prompt text for one video: per frame pair, an image group and its second."""
+        s = self.video_settings
+        frames, timestamps = load_video(video, s, fps, max_frames)
+        budget = s.max_pixels if max_pixels is None else min(s.max_pixels, max_pixels * len(frames))
+        h, w = smart_resize(len(frames), *frames.shape[1:3], s, budget, name)
+        rows, (t, gh, gw) = patchify(resize(frames, h, w), s)  # sampling left an even frame count
+        per_frame = IMAGE * (gh * gw // s.merge_size ** 2)
+        stamps = timestamps[::2][:t]  # one per frame pair, the reference's "mrope" stride
+        text = "".join(f"{BEGIN_IMAGE}{per_frame}{END_IMAGE}{int(ts)}" for ts in stamps)
+        return rows, (t, gh, gw), text
+
+    def _batch(self, ids: list[list[int]], padding: bool) -> dict:
+        """Left-padded input_ids, attention_mask and mm_token_type_ids (0 text, 1 image, 2 video frame)."""
+        longest = max(map(len, ids))
+        if not padding and any(len(x) != longest for x in ids):
+            raise Glm4vError("the prompts tokenize to different lengths; pass padding=True to batch them.")
+        input_ids = np.full((len(ids), longest), self.tokenizer.pad_token_id, np.int32)
+        mask = np.zeros_like(input_ids)
+        for row, x in enumerate(ids):
+            input_ids[row, longest - len(x):] = x
+            mask[row, longest - len(x):] = 1
+        # frames use the image token too; inside <|begin_of_video|>..<|end_of_video|> they count as video
+        starts, ends = (np.cumsum(input_ids == i, axis=1) for i in (self.video_start_id, self.video_end_id))
+        image = input_ids == self.image_token_id
+        types = np.where(image, np.where(starts > ends, 2, 1), 0).astype(np.int32)
+        return {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": types}

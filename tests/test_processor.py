@@ -1,0 +1,504 @@
+"""The torch-free processor against transformers' Glm4vProcessor on tiny checkpoints.
+
+Template strings, input_ids, masks and grids must be identical; pixels within a mean |diff| of 5e-3
+(measured: about 1e-4, from PIL's and torchvision's bicubic rounding a few pixels apart). Run with
+-s to see the per-case pixel figures.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+import tiny
+from mlx_glm4v.errors import Glm4vError
+from mlx_glm4v.processor import Processor
+from mlx_glm4v.video import Video
+
+PIXEL_TOLERANCE = 5e-3
+MEASURED = {}  # (case, key) -> {reference backend: (mean, max) |pixel diff|}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pixel_report():
+    yield
+    print("\nmean / max |pixel diff| per case, against transformers' torchvision (default) and PIL backends:")
+    for (case, key), figures in MEASURED.items():
+        cells = [f"{backend} {m:.1e} / {x:.1e}" for backend, (m, x) in figures.items()]
+        print(f"  {case + ' ' + key:48s} " + " | ".join(cells))
+
+
+def record(case, key, backend, got, want):
+    diff = np.abs(got - want)
+    MEASURED.setdefault((case, key), {})[backend] = (float(diff.mean()), float(diff.max()))
+    return float(diff.mean())
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """{layout: (path, reference processor loaded back from that path)} for both config layouts."""
+    from transformers import AutoProcessor
+
+    out = {}
+    for layout in ("v5", "hub"):
+        path = tmp_path_factory.mktemp(f"processor-{layout}")
+        processor = tiny.build_processor(tiny.build_tokenizer(path))
+        processor.save_pretrained(path)
+        if layout == "hub":
+            tiny._rewrite_as_hub_layout(path, processor)
+        out[layout] = (path, AutoProcessor.from_pretrained(path))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ours(checkpoints):
+    return Processor.from_pretrained(checkpoints["v5"][0])
+
+
+@pytest.fixture(scope="module")
+def ref(checkpoints):
+    return checkpoints["v5"][1]
+
+
+@pytest.fixture(scope="module")
+def ref_pil(ref):
+    """The same reference with transformers' PIL image backend, for the second set of figures."""
+    from transformers import Glm4vImageProcessorPil, Glm4vProcessor
+
+    image = Glm4vImageProcessorPil(size=dict(ref.image_processor.size))
+    return Glm4vProcessor(image, ref.tokenizer, ref.video_processor, chat_template=ref.chat_template)
+
+
+def smooth(h, w, channels=3, seed=0):
+    """A photo-like uint8 image: smooth gradients plus a little noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    planes = [(np.sin(x / (7 + 3 * k) + k) * np.cos(y / (11 + k) + 2 * k) * 0.5 + 0.5) * 230 for k in range(channels)]
+    return np.clip(np.stack(planes, -1) + rng.normal(0, 12, (h, w, channels)), 0, 255).astype(np.uint8)
+
+
+def png16(path, a):
+    """Write a 16-bit PNG (gray (H, W) or RGB (H, W, 3)) by hand: PIL can't write RGB 16-bit."""
+    import struct
+    import zlib
+
+    a = np.asarray(a, ">u2")
+    color = 2 if a.ndim == 3 else 0
+    raw = b"".join(b"\0" + row.tobytes() for row in a)
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", a.shape[1], a.shape[0], 16, color, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("media")
+    rgba = smooth(60, 90, 4)
+    rgba[..., 3] = np.linspace(0, 255, 90).astype(np.uint8)
+    Image.fromarray(rgba, "RGBA").save(d / "rgba.png")
+    Image.fromarray(smooth(70, 50)).quantize(32).save(d / "palette.png", transparency=3)
+    Image.fromarray(smooth(64, 96, 1)[..., 0], "L").save(d / "gray.jpg", quality=95)
+    Image.fromarray(smooth(40, 40, 2), "LA").save(d / "la.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: shown rotated 90 degrees clockwise
+    Image.fromarray(smooth(90, 160)).save(d / "rotated.jpg", exif=exif, quality=95)
+    Image.fromarray(smooth(10, 10)).save(d / "tiny.png")
+    Image.fromarray(smooth(2000, 3000)).save(d / "large.jpg", quality=90)
+    Image.fromarray(smooth(336, 336)).save(d / "square.png")
+    Image.fromarray(smooth(300, 500, seed=1)).save(d / "wide.jpg", quality=95)
+    png16(d / "gray16.png", smooth(50, 70, 1)[..., 0].astype(np.uint16) * 200)
+    png16(d / "rgb16.png", smooth(50, 70).astype(np.uint16) * 257)
+    Image.fromarray(smooth(1, 250)).save(d / "strip.png")
+    (d / "garbage.jpg").write_bytes(b"this is not a JPEG at all" * 40)
+    return d
+
+
+def write_video(path, codec, fps, n, pix_fmt="yuv420p", noise=False, **options):
+    """n 64x48 frames, a moving gradient (or noise: every frame the same size in the file), with PyAV."""
+    with av.open(str(path), "w", options=options) as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, pix_fmt
+        for i in range(n):
+            rng = np.random.default_rng(i)
+            frame = rng.integers(0, 256, (48, 64, 3), np.uint8) if noise else np.roll(smooth(48, 64, seed=i), 3 * i, 1)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def reference_video(path):
+    """All frames plus metadata as transformers' PyAV reader takes them, so that the reference samples."""
+    from transformers.video_utils import VideoMetadata, read_video_pyav
+
+    with av.open(str(path)) as container:
+        counted = container.streams.video[0].frames
+        fps = float(container.streams.video[0].average_rate)
+    if not counted:  # mkv/webm carry no frame count, which transformers' PyAV reader can't sample from
+        with av.open(str(path)) as container:
+            frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+        return frames, VideoMetadata(total_num_frames=len(frames), fps=fps, duration=len(frames) / fps)
+    frames, metadata = read_video_pyav(str(path), lambda metadata, **_: np.arange(metadata.total_num_frames))
+    metadata.frames_indices = None
+    return frames, metadata
+
+
+def user(*items, text="Describe it."):
+    return {"role": "user", "content": [*items, {"type": "text", "text": text}]}
+
+
+def compare(case, ours, ref, messages, images=(), videos=(), ref_videos=None, ref_pil=None, **kwargs):
+    """Render, process with both and check; returns our output."""
+    prompt = ours.apply_chat_template(messages)
+    assert prompt == ref.apply_chat_template(messages, add_generation_prompt=True)
+    got = ours(text=prompt, images=list(images) or None, videos=list(videos) or None, **kwargs)
+    extra = {}
+    if ref_videos is not None:
+        extra = {"videos": [v for v, _ in ref_videos], "video_metadata": [m for _, m in ref_videos]}
+    backends = {"torchvision": ref, "pil": ref_pil} if ref_pil is not None else {"torchvision": ref}
+    for backend, reference in backends.items():
+        want = reference(text=[prompt], images=list(images) or None, return_tensors="np", **extra, **kwargs)
+        assert set(got) == set(want)
+        for key in want:
+            if key.startswith("pixel_values"):
+                assert got[key].shape == want[key].shape and got[key].dtype == np.float32
+                mean = record(case, key, backend, got[key], want[key])
+                # the default backend is the reference; the PIL backend's figures are only reported,
+                # since the two backends disagree on files with a transparent palette colour
+                assert backend != "torchvision" or mean <= PIXEL_TOLERANCE, (case, key, mean)
+            else:
+                np.testing.assert_array_equal(got[key], want[key], err_msg=f"{case}: {key}")
+    return got
+
+
+# ---------------------------------------------------------------- template and tokenizer
+
+
+@pytest.mark.parametrize("layout", ["v5", "hub"])
+def test_both_layouts_match(checkpoints, media, videos, layout):
+    path, reference = checkpoints[layout]
+    ours = Processor.from_pretrained(path)
+    assert ours.image_settings.max_pixels == reference.image_processor.size["longest_edge"]
+    assert ours.video_settings.max_pixels == reference.video_processor.size["longest_edge"]
+    clip = videos["clip7fps.mp4"]
+    messages = [user({"type": "image", "image": str(media / "wide.jpg")}, {"type": "video", "video": str(clip)})]
+    images, found = ours.media_from_messages(messages)
+    compare(f"image + video ({layout} layout)", ours, reference, messages, images=images, videos=found,
+            ref_videos=[reference_video(clip)])
+
+
+def test_multi_turn_with_system_and_several_images(ours, ref, ref_pil, media):
+    files = [str(media / f) for f in ("wide.jpg", "square.png", "tiny.png")]
+    messages = [
+        {"role": "system", "content": "You are a careful assistant."},
+        user({"type": "image", "image": files[0]}, {"type": "image", "path": files[1]}, text="Compare them."),
+        {"role": "assistant", "content": "<think>Two pictures.</think><answer>They differ.</answer>"},
+        {"role": "assistant", "metadata": "tool", "content": "ok", "reasoning_content": None},
+        user({"type": "image", "url": files[2]}, text="And this one?"),
+        {"role": "user", "content": "Plain text turn."},
+    ]
+    images, videos = ours.media_from_messages(messages)
+    assert images == files and videos == []
+    compare("three images, multi-turn", ours, ref, messages, images=images, ref_pil=ref_pil)
+
+
+def test_batch_is_left_padded(ours, ref, media):
+    prompts = [
+        ours.apply_chat_template([user({"type": "image"}, text="Short.")]),
+        ours.apply_chat_template([user({"type": "image"}, {"type": "image"}, text="A much longer question here.")]),
+    ]
+    images = [str(media / "square.png"), str(media / "wide.jpg"), str(media / "tiny.png")]
+    got = ours(text=prompts, images=images)
+    want = ref(text=prompts, images=images, padding=True, return_tensors="np")
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw"):
+        np.testing.assert_array_equal(got[key], want[key])
+    assert got["attention_mask"][0, 0] == 0 and got["attention_mask"][:, -1].all()
+    assert record("batch of 2", "pixel_values", "torchvision", got["pixel_values"], want["pixel_values"]) <= PIXEL_TOLERANCE
+    with pytest.raises(Glm4vError, match="padding=True"):
+        ours(text=prompts, images=images, padding=False)
+
+
+def test_tokenizer_matches_transformers(ours, ref):
+    texts = [
+        "".join(tiny.SPECIAL_TOKENS),
+        " ".join(tiny.SPECIAL_TOKENS) + " trailing",
+        "Ünïcödé, emoji 🙂 and 中文 字符<|image|><|image|>12 seconds\n\n  spaces",
+        "[gMASK]<sop><|user|>\nHi<|assistant|>\n<think></think>",
+    ]
+    for text in texts:
+        ids = ours.tokenizer.encode(text)
+        assert ids == ref.tokenizer(text)["input_ids"]
+        for skip in (False, True):
+            assert ours.tokenizer.decode(ids, skip_special_tokens=skip) == ref.tokenizer.decode(ids, skip_special_tokens=skip)
+    assert ours.convert_tokens_to_ids("<|image|>") == ref.image_token_id
+
+
+def test_tokenizer_post_processor_decides_special_tokens(checkpoints, tmp_path):
+    """tokenizer(text) adds what tokenizer.json's post-processor adds; add_bos_token in the config is
+    dropped by transformers when a tokenizer.json exists."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "prefix"
+    shutil.copytree(checkpoints["v5"][0], path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": "<sop>", "add_bos_token": True}))
+    file = json.loads((path / "tokenizer.json").read_text())
+    gmask = next(t["id"] for t in file["added_tokens"] if t["content"] == "[gMASK]")
+    file["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "[gMASK]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"[gMASK]": {"id": "[gMASK]", "ids": [gmask], "tokens": ["[gMASK]"]}},
+    }
+    (path / "tokenizer.json").write_text(json.dumps(file))
+    text = "<|user|>\nHello"
+    want = AutoTokenizer.from_pretrained(path)(text)["input_ids"]
+    assert want[0] == gmask and want[1] != gmask
+    assert Processor.from_pretrained(path).tokenizer.encode(text) == want
+
+
+@pytest.mark.parametrize("source", ["chat_template.json", "tokenizer_config.json"])
+def test_template_from_other_files(checkpoints, tmp_path, source):
+    path = tmp_path / "template"
+    shutil.copytree(checkpoints["v5"][0], path)
+    template = (path / "chat_template.jinja").read_text()
+    (path / "chat_template.jinja").unlink()
+    file = path / source
+    data = json.loads(file.read_text()) if file.exists() else {}
+    file.write_text(json.dumps({**data, "chat_template": template}))
+    messages = [{"role": "system", "content": "S"}, user({"type": "video"}, text="Q")]
+    assert Processor.from_pretrained(path).apply_chat_template(messages) == checkpoints["v5"][1].apply_chat_template(
+        messages, add_generation_prompt=True)
+
+
+def test_media_from_messages_order_and_keys(ours):
+    pil = Image.new("RGB", (30, 30))
+    clip = Video(np.zeros((4, 28, 28, 3), np.uint8), fps=2)
+    messages = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": [
+            {"type": "image", "image": "a.jpg"}, {"type": "video", "video": "v.mp4"},
+            {"type": "image_url", "image_url": {"url": "b.png"}}, {"image": pil}, {"type": "video", "path": clip},
+            {"type": "text", "text": "hi"},
+        ]},
+    ]
+    assert ours.media_from_messages(messages) == (["a.jpg", "b.png", pil], ["v.mp4", clip])
+
+
+# ---------------------------------------------------------------- images
+
+
+IMAGE_CASES = {
+    "RGBA png (path)": lambda d: str(d / "rgba.png"),
+    "palette+transparency (path)": lambda d: str(d / "palette.png"),
+    "grayscale jpg (path)": lambda d: str(d / "gray.jpg"),
+    "gray+alpha png (path)": lambda d: str(d / "la.png"),
+    "EXIF-rotated jpg (path)": lambda d: str(d / "rotated.jpg"),
+    "tiny 10px (path)": lambda d: str(d / "tiny.png"),
+    "large 3000x2000 (path)": lambda d: str(d / "large.jpg"),
+    "RGBA (PIL image)": lambda d: Image.open(d / "rgba.png"),
+    "palette (PIL image)": lambda d: Image.open(d / "palette.png"),
+    "RGBA (array, HWC)": lambda d: np.asarray(Image.open(d / "rgba.png")),
+    "gray (array, HW1)": lambda d: np.asarray(Image.open(d / "gray.jpg"))[..., None],
+    "RGB (array, CHW)": lambda d: np.moveaxis(np.asarray(Image.open(d / "wide.jpg")), -1, 0).copy(),
+}
+
+
+@pytest.mark.parametrize("case", IMAGE_CASES)
+def test_image_matches_reference(ours, ref, ref_pil, media, case):
+    image = IMAGE_CASES[case](media)
+    compare(case, ours, ref, [user({"type": "image"})], images=[image], ref_pil=ref_pil)
+
+
+def test_exif_orientation_is_applied(ours, media):
+    grid = ours(text="<|image|>", images=[str(media / "rotated.jpg")])["image_grid_thw"][0]
+    assert grid[1] > grid[2]  # stored 160 wide, 90 high: upright it is tall
+
+
+@pytest.mark.parametrize("name", ["gray16.png", "rgb16.png"])
+def test_16_bit_png_follows_load_image(ours, ref_pil, media, name):
+    """16-bit files read as transformers' load_image reads them (the PIL backend); the default
+    torchvision backend hands raw 0-65535 values to a /255 rescale, so it is no reference here."""
+    got = ours(text="<|image|>", images=[str(media / name)])
+    want = ref_pil(text=["<|image|>"], images=[str(media / name)], return_tensors="np")
+    np.testing.assert_array_equal(got["image_grid_thw"], want["image_grid_thw"])
+    assert record(f"16-bit {name} (path)", "pixel_values", "pil", got["pixel_values"], want["pixel_values"]) <= PIXEL_TOLERANCE
+
+
+def test_patch_rows_are_the_resized_image(ours):
+    """Row order and the (C, T, p, p) feature order, checked without the reference."""
+    rgb = np.arange(112 * 168 * 3, dtype=np.uint32).reshape(112, 168, 3) % 251  # needs no resize
+    out = ours(text="<|image|>", images=[rgb.astype(np.uint8)])
+    s = ours.image_settings
+    rows = out["pixel_values"].reshape(-1, 3, 2, 14, 14)
+    assert np.array_equal(rows[:, :, 0], rows[:, :, 1])  # the frame repeated over temporal_patch_size
+    pixel = rows[1, :, 0, 0, 0] * np.asarray(s.image_std) * 255 + np.asarray(s.image_mean) * 255
+    np.testing.assert_allclose(pixel, rgb[0, 14], atol=1e-3)  # row 1: second patch of the first 2x2 block
+
+
+# ---------------------------------------------------------------- videos
+
+
+VIDEO_FILES = {  # name: (codec, fps, frames, pixel format)
+    "clip7fps.mp4": ("libx264", 7, 13, "yuv420p"),
+    "clip30fps.mp4": ("libx264", 30, 45, "yuv420p"),
+    "one-frame.mov": ("mpeg4", 24, 1, "yuv420p"),
+    "clip25fps.mkv": ("libvpx-vp9", 25, 61, "yuv420p"),
+    "clip10fps.webm": ("libvpx", 10, 5, "yuv420p"),
+    "clip10fps.gif": ("gif", 10, 9, "rgb8"),
+}
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    d = tmp_path_factory.mktemp("videos")
+    return {name: write_video(d / name, *spec) for name, spec in VIDEO_FILES.items()}
+
+
+@pytest.mark.parametrize("name", VIDEO_FILES)
+def test_video_file_matches_reference(ours, ref, videos, name):
+    path = videos[name]
+    messages = [user({"type": "video", "video": str(path)}, text="What happens?")]
+    _, found = ours.media_from_messages(messages)
+    got = compare(name, ours, ref, messages, videos=found, ref_videos=[reference_video(path)])
+    assert got["mm_token_type_ids"].max() == 2
+
+
+def test_video_and_images_in_one_prompt(ours, ref, media, videos):
+    path = videos["clip30fps.mp4"]
+    messages = [user({"type": "image", "image": str(media / "wide.jpg")}, {"type": "video", "video": str(path)},
+                     {"type": "image", "image": str(media / "tiny.png")})]
+    images, found = ours.media_from_messages(messages)
+    got = compare("2 images + mp4", ours, ref, messages, images=images, videos=found, ref_videos=[reference_video(path)])
+    assert set(np.unique(got["mm_token_type_ids"])) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("frames,fps,duration", [(900, 2.0, 450.0), (500, 1.25, 400.0), (37, 3.0, None)])
+def test_decoded_frames_with_metadata(ours, ref, frames, fps, duration):
+    """Frames handed over with their fps, including clips past the 300 s cap simulated by metadata."""
+    from transformers.video_utils import VideoMetadata
+
+    clip = np.stack([smooth(12, 16, seed=i % 7) for i in range(frames)])
+    metadata = VideoMetadata(total_num_frames=frames, fps=fps, duration=duration)
+    compare(f"{frames} frames @{fps} fps, {duration} s", ours, ref, [user({"type": "video"})],
+            videos=[Video(clip, fps, duration)], ref_videos=[(clip, metadata)])
+
+
+def test_truncated_file_is_sampled_over_the_frames_it_holds(ours, ref, tmp_path):
+    """A header promising more frames than decode: sampled as if the header had told the truth."""
+    from transformers.video_utils import VideoMetadata
+
+    whole = write_video(tmp_path / "whole.mp4", "mpeg4", 10, 40, noise=True, movflags="faststart")  # header first
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with av.open(str(cut)) as container:
+        frames = []
+        try:
+            frames.extend(f.to_ndarray(format="rgb24") for f in container.decode(video=0))
+        except av.error.InvalidDataError:
+            pass
+    assert 2 < len(frames) < 40
+    metadata = VideoMetadata(total_num_frames=len(frames), fps=10.0, duration=len(frames) / 10)
+    compare("truncated mp4", ours, ref, [user({"type": "video"})], videos=[str(cut)],
+            ref_videos=[(np.stack(frames), metadata)])
+
+
+def test_video_fps_cap_matches_reference_fps(ours, ref, videos):
+    path = videos["clip30fps.mp4"]
+    got = compare("mp4 at fps=1", ours, ref, [user({"type": "video"})], videos=[str(path)],
+                  ref_videos=[reference_video(path)], fps=1)
+    assert got["video_grid_thw"][0, 0] == 1
+
+
+def test_frame_and_pixel_caps(ours, videos, media):
+    path = str(videos["clip25fps.mkv"])
+    full = ours(text="<|video|>", videos=[path])["video_grid_thw"][0]
+    capped = ours(text="<|video|>", videos=[path], max_frames=2, max_pixels=28 * 28)["video_grid_thw"][0]
+    assert full[0] == 2 and capped[0] == 1 and capped[1] * capped[2] == 4
+    grid = ours(text="<|image|>", images=[str(media / "large.jpg")], max_pixels=28 * 28 * 16)["image_grid_thw"][0]
+    assert grid[1] * grid[2] <= 4 * 16
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def one_sentence(error: Glm4vError, *names):
+    message = str(error.value)
+    assert "\n" not in message and message.endswith("."), message
+    assert error.value.__suppress_context__ or error.value.__context__ is None  # no traceback from deep inside
+    for name in names:
+        assert str(name) in message, message
+
+
+def test_bad_images(ours, media, tmp_path):
+    cases = [
+        (str(tmp_path / "missing.jpg"), "missing.jpg"),
+        (str(media / "garbage.jpg"), "garbage.jpg"),
+        (str(media / "strip.png"), "strip.png"),
+        ("https://example.com/cat.jpg", "https://example.com/cat.jpg"),
+        (np.zeros((8, 8, 3), np.float32), "float32"),
+    ]
+    for image, name in cases:
+        with pytest.raises(Glm4vError) as error:
+            ours(text="<|image|>", images=[image])
+        one_sentence(error, name)
+
+
+def test_bad_videos(ours, media, tmp_path):
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(b"\x00\x01 definitely not a video" * 100)
+    no_stream = tmp_path / "silence.wav"
+    with wave.open(str(no_stream), "wb") as audio:
+        audio.setnchannels(1), audio.setsampwidth(2), audio.setframerate(8000), audio.writeframes(bytes(1600))
+    zeroed = write_video(tmp_path / "zeroed.mp4", "libx264", 10, 5)
+    data = bytearray(zeroed.read_bytes())
+    at = data.find(b"mdat")
+    size = int.from_bytes(data[at - 4:at], "big")
+    data[at + 4:at - 4 + size] = bytes(size - 8)  # every frame's payload zeroed: the header survives
+    zeroed.write_bytes(data)
+    for video, name in [(tmp_path / "missing.mp4", "missing.mp4"), (garbage, garbage), (no_stream, no_stream),
+                        (zeroed, zeroed), (Video(np.zeros((0, 4, 4, 3), np.uint8), 2), "no frame")]:
+        with pytest.raises(Glm4vError) as error:
+            ours(text="<|video|>", videos=[video])
+        one_sentence(error, name)
+    with pytest.raises(Glm4vError, match="max_frames=1"):
+        ours(text="<|video|>", videos=[Video(np.zeros((4, 28, 28, 3), np.uint8), 2)], max_frames=1)
+
+
+def test_wrong_number_of_media(ours, media):
+    image = str(media / "tiny.png")
+    for text, images, videos in [("<|image|><|image|>", [image], None), ("<|image|>", [image, image], None),
+                                 ("no places", [image], None), ("<|video|>", None, None), ("x", None, ["v.mp4"])]:
+        with pytest.raises(Glm4vError) as error:
+            ours(text=text, images=images, videos=videos)
+        one_sentence(error, "place")
+
+
+# ---------------------------------------------------------------- lean import
+
+
+def test_processor_never_imports_torch(checkpoints, media, videos):
+    script = f"""
+import sys
+import mlx_glm4v
+from mlx_glm4v.processor import Processor
+p = Processor.from_pretrained({str(checkpoints['v5'][0])!r})
+prompt = p.apply_chat_template([{{"role": "user", "content": [{{"type": "image"}}, {{"type": "video"}}]}}])
+p(text=prompt, images=[{str(media / 'wide.jpg')!r}], videos=[{str(videos['clip7fps.mp4'])!r}])
+heavy = [m for m in ("torch", "transformers", "mlx_lm", "mlx", "torchvision") if m in sys.modules]
+assert not heavy, heavy
+"""
+    root = Path(__file__).parent.parent
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
