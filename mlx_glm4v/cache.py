@@ -7,6 +7,7 @@ conversations.
 """
 
 import numpy as np
+from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache, RotatingKVCache
 
 
@@ -26,6 +27,34 @@ class PromptCache(list):
         """Tokens stored (padding included) -- the KV length the next token attends over."""
         c = self[0]
         return int(c._idx) if isinstance(c, (BatchKVCache, BatchRotatingKVCache)) else int(c.offset)
+
+    def make_mask(self, embeds):
+        """The attention mask for `embeds` about to enter the cache.
+
+        mlx-lm masks a chunk entering a full rotating cache as a sliding window over cache
+        slots, which hides the kept prefix (system prompt, images) from all but the first
+        queries. Every key a rotating cache still holds is meant to be seen, so a chunk
+        gets a plain causal mask over all of them.
+        """
+        if embeds.shape[1] > 1 and isinstance(self[0], RotatingKVCache):
+            return "causal"
+        return create_attention_mask(embeds, self[0])
+
+    @property
+    def can_trim(self) -> bool:
+        return all(c.is_trimmable() for c in self)
+
+    def trim(self, n: int):
+        """Forget the last n tokens (text tokens: one position each)."""
+        for c in self:
+            c.trim(n)
+        self.next_position = self.next_position - n
+
+    def protect(self, n: int):
+        """Let a rotating cache keep its first n tokens from now on, if it has not dropped any yet."""
+        for c in self:
+            if isinstance(c, RotatingKVCache) and c.offset < c.max_size and n < c.max_size:
+                c.keep = max(c.keep, n)
 
     def record(self, prompt):
         """Note a prompt about to be run: its padding (first call only) and where its rows continue."""

@@ -5,12 +5,17 @@ the traceback instead.
 """
 
 import functools
+import json
+import os
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from .errors import Glm4vError
+
+DEFAULT_MODEL = "zai-org/GLM-4.1V-9B-Thinking"
 
 app = typer.Typer(
     add_completion=False,
@@ -20,6 +25,22 @@ app = typer.Typer(
 )
 
 VERBOSE = typer.Option(False, "--verbose", "-v", help="Show full tracebacks on errors.")
+MODEL = typer.Option(None, "--model", "-m", help=f"Hub repo id or local directory [default: $MLX_GLM4V_MODEL or {DEFAULT_MODEL}].")
+IMAGES = typer.Option(None, "--image", help="An image file; repeat for several.")
+VIDEOS = typer.Option(None, "--video", help="A video file; repeat for several.")
+SYSTEM = typer.Option(None, "--system", help="A system prompt.")
+MAX_TOKENS = typer.Option(None, "--max-tokens", help="Most tokens to generate per reply [default: 256 generate, 2048 chat].")
+TEMP = typer.Option(0.0, "--temp", help="Sampling temperature; 0 is greedy.")
+TOP_P = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold; 1 disables it.")
+TOP_K = typer.Option(0, "--top-k", help="Sample among the k most likely tokens; 0 disables it.")
+MIN_P = typer.Option(0.0, "--min-p", help="Drop tokens below min-p times the top probability.")
+REPETITION_PENALTY = typer.Option(None, "--repetition-penalty", help="Penalty for repeating recent tokens, e.g. 1.1.")
+SEED = typer.Option(None, "--seed", help="Random seed for sampling.")
+MAX_KV_SIZE = typer.Option(None, "--max-kv-size", help="Rotate the KV cache at this many tokens, keeping the system prompt and media.")
+KV_BITS = typer.Option(None, "--kv-bits", help="Quantize the KV cache to this many bits (2-8).")
+PREFILL_STEP = typer.Option(2048, "--prefill-step-size", help="Prompt tokens per prefill chunk.")
+IGNORE_EOS = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence tokens.")
+NO_THINKING = typer.Option(False, "--no-thinking", help="Ask models with a thinking switch (GLM-4.5V/4.6V) not to think.")
 
 
 def friendly_errors(command):
@@ -46,12 +67,12 @@ def convert(
     hf_path: str = typer.Option(..., "--hf-path", help="Hub repo id or local directory of the source checkpoint."),
     mlx_path: str = typer.Option("mlx_model", "--mlx-path", help="Where to write the MLX checkpoint."),
     quantize: bool = typer.Option(False, "-q", "--quantize", help="Quantize the weights."),
-    q_bits: int = typer.Option(4, "--q-bits", help="Bits per weight: 2, 3, 4, 5, 6 or 8."),
-    q_group_size: int = typer.Option(64, "--q-group-size", help="Group size: 32, 64 or 128."),
-    q_mode: str = typer.Option("affine", "--q-mode", help="affine, mxfp4, nvfp4 or mxfp8."),
-    quant_recipe: Optional[str] = typer.Option(None, "--quant-recipe", help="Mixed-precision recipe, e.g. mixed_3_6 or mixed_4_8."),
-    quantize_vision: bool = typer.Option(False, "--quantize-vision", help="Quantize the vision tower too."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16, float16 or float32 (default: the checkpoint's)."),
+    q_bits: Optional[int] = typer.Option(None, "--q-bits", help="Bits per weight: 2, 3, 4, 5, 6 or 8 (affine; default 4)."),
+    q_group_size: Optional[int] = typer.Option(None, "--q-group-size", help="Group size: 32, 64 or 128 (affine; default 64)."),
+    q_mode: str = typer.Option("affine", "--q-mode", help="affine, or mxfp4, nvfp4, mxfp8 (these fix bits and group size)."),
+    quant_recipe: Optional[str] = typer.Option(None, "--quant-recipe", help="mixed_LOW_HIGH, e.g. mixed_3_6 or mixed_4_8: LOW bits, HIGH for embeddings, lm_head and sensitive layers (implies -q)."),
+    quantize_vision: bool = typer.Option(False, "--quantize-vision", help="Quantize the vision tower's linear layers too (default: kept in floats)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16, float16 or float32 for what is not quantized (default: the checkpoint's)."),
     dequantize: bool = typer.Option(False, "--dequantize", help="Turn a quantized checkpoint back into floats."),
     upload_repo: Optional[str] = typer.Option(None, "--upload-repo", help="Hub repo to upload the result to."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --mlx-path."),
@@ -65,6 +86,219 @@ def convert(
         quant_recipe=quant_recipe, quantize_vision=quantize_vision, dtype=dtype, dequantize=dequantize,
         upload_repo=upload_repo, force=force,
     )
+
+
+def resolve_model_name(model: Optional[str]) -> str:
+    return model or os.environ.get("MLX_GLM4V_MODEL") or DEFAULT_MODEL
+
+
+def existing_files(paths, kind: str) -> list:
+    for p in paths or []:
+        if not Path(p).is_file():
+            raise Glm4vError(f"{p}: no such {kind} file.")
+    return list(paths or [])
+
+
+def generation_options(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, max_kv_size, kv_bits,
+                       prefill_step_size, ignore_eos, no_thinking) -> dict:
+    """Keyword arguments shared by generate and ChatSession, checked for values a user can get wrong."""
+    if kv_bits is not None and kv_bits not in (2, 3, 4, 5, 6, 8):
+        raise Glm4vError(f"--kv-bits {kv_bits} is not supported; choose 2, 3, 4, 5, 6 or 8.")
+    if max_kv_size is not None and max_kv_size < 1:
+        raise Glm4vError(f"--max-kv-size {max_kv_size} must be a positive number of tokens.")
+    return dict(
+        max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+        repetition_penalty=repetition_penalty, max_kv_size=max_kv_size, kv_bits=kv_bits,
+        prefill_step_size=prefill_step_size, ignore_eos=ignore_eos,
+        template_kwargs={"enable_thinking": False} if no_thinking else None,
+    )
+
+
+def load_for_cli(model: Optional[str]):
+    from .loader import load
+
+    return load(resolve_model_name(model))
+
+
+@app.command()
+@friendly_errors
+def generate(
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The user message."),
+    image: Optional[List[str]] = IMAGES,
+    video: Optional[List[str]] = VIDEOS,
+    system: Optional[str] = SYSTEM,
+    model: Optional[str] = MODEL,
+    max_tokens: Optional[int] = MAX_TOKENS,
+    temp: float = TEMP,
+    top_p: float = TOP_P,
+    top_k: int = TOP_K,
+    min_p: float = MIN_P,
+    repetition_penalty: Optional[float] = REPETITION_PENALTY,
+    seed: Optional[int] = SEED,
+    max_kv_size: Optional[int] = MAX_KV_SIZE,
+    kv_bits: Optional[int] = KV_BITS,
+    prefill_step_size: int = PREFILL_STEP,
+    ignore_eos: bool = IGNORE_EOS,
+    no_thinking: bool = NO_THINKING,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the text and statistics."),
+    verbose: bool = VERBOSE,
+):
+    """Answer one prompt about images and videos, streaming the reply."""
+    from .generate import stats_line, stream_generate
+
+    images, videos = existing_files(image, "image"), existing_files(video, "video")
+    options = generation_options(256 if max_tokens is None else max_tokens, temp, top_p, top_k, min_p,
+                                 repetition_penalty, max_kv_size, kv_bits, prefill_step_size, ignore_eos, no_thinking)
+    loaded_model, processor = load_for_cli(model)
+    text, response = "", None
+    for response in stream_generate(loaded_model, processor, prompt, images, videos, system=system, seed=seed, **options):
+        text += response.text
+        if not as_json:
+            sys.stdout.write(response.text)
+            sys.stdout.flush()
+    if as_json:
+        print(json.dumps({
+            "text": text,
+            "prompt_tokens": response.prompt_tokens,
+            "generation_tokens": response.generation_tokens,
+            "prompt_tps": response.prompt_tps,
+            "generation_tps": response.generation_tps,
+            "peak_memory_gb": response.peak_memory,
+            "finish_reason": response.finish_reason,
+        }))
+    else:
+        print()
+        print(stats_line(response), file=sys.stderr)
+
+
+class ReplyDisplay:
+    """Shows a streamed reply: thinking dimmed (or hidden), answer and box markers removed.
+
+    Markers may arrive split over pieces, so text that could be the start of one is held back.
+    """
+
+    MARKERS = ("<think>", "</think>", "<answer>", "</answer>", "<|begin_of_box|>", "<|end_of_box|>")
+
+    def __init__(self, hide_thinking: bool = False, color: bool = True):
+        self.hide_thinking, self.color = hide_thinking, color
+        self.thinking, self.pending = False, ""
+
+    def feed(self, text: str) -> str:
+        self.pending += text
+        out = []
+        while self.pending:
+            at = self.pending.find("<")
+            if at < 0:
+                out.append(self._show(self.pending))
+                self.pending = ""
+                break
+            out.append(self._show(self.pending[:at]))
+            self.pending = self.pending[at:]
+            marker = next((m for m in self.MARKERS if self.pending.startswith(m)), None)
+            if marker:
+                self.pending = self.pending[len(marker):]
+                if marker in ("<think>", "</think>"):
+                    self.thinking = marker == "<think>"
+                    if self.thinking and not self.hide_thinking and self.color:
+                        out.append("\033[2m")
+                    elif not self.thinking and self.color:
+                        out.append("\033[0m")
+            elif any(m.startswith(self.pending) for m in self.MARKERS):
+                break  # maybe a marker: wait for more text
+            else:
+                out.append(self._show("<"))
+                self.pending = self.pending[1:]
+        return "".join(out)
+
+    def finish(self) -> str:
+        text, self.pending = self._show(self.pending), ""
+        if self.thinking and self.color:
+            text += "\033[0m"
+        self.thinking = False
+        return text
+
+    def _show(self, text: str) -> str:
+        return "" if self.thinking and self.hide_thinking else text
+
+
+@app.command()
+@friendly_errors
+def chat(
+    image: Optional[List[str]] = IMAGES,
+    video: Optional[List[str]] = VIDEOS,
+    system: Optional[str] = SYSTEM,
+    model: Optional[str] = MODEL,
+    max_tokens: Optional[int] = MAX_TOKENS,
+    temp: float = TEMP,
+    top_p: float = TOP_P,
+    top_k: int = TOP_K,
+    min_p: float = MIN_P,
+    repetition_penalty: Optional[float] = REPETITION_PENALTY,
+    seed: Optional[int] = SEED,
+    max_kv_size: Optional[int] = MAX_KV_SIZE,
+    kv_bits: Optional[int] = KV_BITS,
+    prefill_step_size: int = PREFILL_STEP,
+    ignore_eos: bool = IGNORE_EOS,
+    no_thinking: bool = NO_THINKING,
+    hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not show the model's thinking."),
+    verbose: bool = VERBOSE,
+):
+    """Chat about images and videos in the terminal. /image PATH, /video PATH, /reset, /exit."""
+    import mlx.core as mx
+
+    from .chat import ChatSession
+
+    images, videos = existing_files(image, "image"), existing_files(video, "video")
+    options = generation_options(2048 if max_tokens is None else max_tokens, temp, top_p, top_k, min_p,
+                                 repetition_penalty, max_kv_size, kv_bits, prefill_step_size, ignore_eos, no_thinking)
+    if seed is not None:
+        mx.random.seed(seed)
+    loaded_model, processor = load_for_cli(model)
+    session = ChatSession(loaded_model, processor, system, **options)
+    color = sys.stdout.isatty()
+    typer.echo("Type a message; /image PATH and /video PATH attach media to the next one; /reset, /exit.", err=True)
+    while True:
+        try:
+            line = input(">> ")
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print()
+            continue
+        command, _, argument = line.strip().partition(" ")
+        if command in ("/exit", "/quit"):
+            return
+        if command == "/reset":
+            session.reset()
+            images, videos = [], []
+            typer.echo("(conversation cleared)", err=True)
+            continue
+        if command in ("/image", "/video"):
+            try:
+                (images if command == "/image" else videos).extend(existing_files([argument.strip()], command[1:]))
+            except Glm4vError as e:
+                typer.echo(f"error: {e}", err=True)
+            continue
+        if not line.strip() and not images and not videos:
+            continue
+        display = ReplyDisplay(hide_thinking, color)
+        reply = session.ask(line, images, videos)
+        try:
+            for response in reply:
+                sys.stdout.write(display.feed(response.text))
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            reply.close()
+            sys.stdout.write(display.finish() + "\n(stopped)")
+        except Glm4vError as e:
+            session.messages.pop()
+            typer.echo(f"error: {e}", err=True)
+            continue
+        finally:
+            images, videos = [], []
+        sys.stdout.write(display.finish() + "\n")
+        sys.stdout.flush()
 
 
 def main():

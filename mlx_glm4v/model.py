@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
-from mlx_lm.models.base import create_attention_mask, create_causal_mask
+from mlx_lm.models.base import create_causal_mask
 
 from .cache import PromptCache, left_padding, make_prompt_cache
 from .config import ModelConfig
@@ -171,7 +171,7 @@ class Model(nn.Module):
             offsets = prompt.offsets + start
             rope = text_rope(cfg, int(offsets[0]) if offsets.size == 1 else mx.array(offsets))
         if cache is not None:
-            mask = create_attention_mask(embeds, cache[0])
+            mask = cache.make_mask(embeds)
         elif prompt.left_pad.any():
             mask = create_causal_mask(end - start, start, left_padding=mx.array(prompt.left_pad))
         else:

@@ -1,0 +1,318 @@
+"""Generation: prefill a prompt in chunks, then sample token by token and stream text.
+
+The decode loop follows mlx-lm's `generate_step`: the next step is queued with
+`mx.async_eval` before the current token is handed out, so the device never waits for the
+host. Sampling, logits processors, KV-cache quantization and the wired-memory limit are
+mlx-lm's own.
+"""
+
+import time
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Union
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.generate import generation_stream, maybe_quantize_kv_cache, wired_limit
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from tokenizers.decoders import DecodeStream
+
+from .cache import PromptCache
+from .errors import Glm4vError
+from .model import Model, Prompt
+from .processor import Processor
+
+
+@dataclass
+class GenerationResponse:
+    """One step of `stream_generate`: the new text and the running statistics."""
+
+    text: str
+    token: Optional[int]
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB, MLX's peak since the process started
+    finish_reason: Optional[str] = None  # "stop", "length" or None while generating
+
+
+def user_message(text: str = "", images: Sequence = (), videos: Sequence = ()) -> dict:
+    """A user turn with its images and videos first, in the order given, then the text."""
+    content = [{"type": "image", "image": i} for i in images] + [{"type": "video", "video": v} for v in videos]
+    if text:
+        content.append({"type": "text", "text": text})
+    return {"role": "user", "content": content}
+
+
+def build_messages(prompt, images=(), videos=(), system: Optional[str] = None) -> list:
+    """Chat messages from a plain prompt (media go into its user turn) or messages as given."""
+    if isinstance(prompt, str):
+        messages = [{"role": "system", "content": system}] if system else []
+        return messages + [user_message(prompt, images or (), videos or ())]
+    if images or videos or system:
+        raise Glm4vError("with chat messages, put images, videos and the system prompt into the messages.")
+    return list(prompt)
+
+
+def prefill(model: Model, prompt: Prompt, cache: PromptCache, step_size: int = 2048) -> mx.array:
+    """Run a prompt into the cache in chunks of `step_size` tokens; logits [B, vocab] of its last token.
+
+    Chunks bound the memory of long prompts (a minute of video is thousands of tokens): the
+    cache is evaluated and MLX's buffer cache released between them.
+    """
+    cache.record(prompt)
+    length = prompt.length
+    for start in range(0, length, step_size):
+        end = min(start + step_size, length)
+        hidden = model.forward(prompt, cache, start, end)
+        if end < length:
+            mx.eval([c.state for c in cache])
+            mx.clear_cache()
+    return model.logits(hidden[:, -1, :])
+
+
+def generate_step(
+    model: Model,
+    inputs: dict,
+    cache: PromptCache,
+    *,
+    sampler=None,
+    logits_processors=None,
+    max_tokens: int = 256,
+    prefill_step_size: int = 2048,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
+) -> Iterator[tuple]:
+    """Yield (token id, log-probabilities) for a prompt given as processor outputs (batch of one)."""
+    sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
+    tokens = mx.array(inputs["input_ids"]).reshape(-1)
+
+    def sample(logits):
+        if logits_processors:
+            for processor in logits_processors:
+                logits = processor(tokens, logits)
+        maybe_quantize_kv_cache(cache, quantized_kv_start, kv_group_size, kv_bits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return sampler(logprobs), logprobs.squeeze(0)
+
+    def step(y):
+        nonlocal tokens
+        if logits_processors:
+            tokens = mx.concatenate([tokens, y])
+        return sample(model(y[None], cache=cache)[:, -1, :])
+
+    with mx.stream(generation_stream):
+        prompt = model.prepare(**{k: v for k, v in inputs.items() if k != "mm_token_type_ids"}, cache=cache)
+        y, logprobs = sample(prefill(model, prompt, cache, prefill_step_size))
+        mx.async_eval(y, logprobs)
+        n = 0
+        while n < max_tokens:
+            if n + 1 < max_tokens:
+                next_y, next_logprobs = step(y)
+                mx.async_eval(next_y, next_logprobs)
+            yield y.item(), logprobs
+            if n % 256 == 0:
+                mx.clear_cache()
+            if n + 1 < max_tokens:
+                y, logprobs = next_y, next_logprobs
+            n += 1
+
+
+class StopStrings:
+    """Holds back text that may be the start of a stop string, and cuts at the first one found."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple:
+        """(text safe to show, whether a stop string was reached)."""
+        self.pending += text
+        hits = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
+        if hits:
+            cut = min(hits)[0]
+            out, self.pending = self.pending[:cut], ""
+            return out, True
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(out):]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def stop_token_ids(model: Model, ignore_eos: bool = False) -> set:
+    return set() if ignore_eos else set(model.config.eos_token_id)
+
+
+def sampling(temp=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=None, repetition_context_size=20):
+    """mlx-lm's sampler and logits processors from the usual options, validated."""
+    if temp < 0:
+        raise Glm4vError(f"temperature {temp} is negative; use 0 for greedy decoding.")
+    if not 0 < top_p <= 1:
+        raise Glm4vError(f"top-p {top_p} must be in (0, 1].")
+    if top_k < 0 or not 0 <= min_p <= 1:
+        raise Glm4vError(f"top-k {top_k} must be >= 0 and min-p {min_p} in [0, 1].")
+    if repetition_penalty is not None and repetition_penalty <= 0:
+        raise Glm4vError(f"repetition penalty {repetition_penalty} must be positive.")
+    sampler = make_sampler(temp=temp, top_p=top_p if top_p < 1 else 0.0, min_p=min_p, top_k=top_k)
+    return sampler, make_logits_processors(
+        repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size
+    )
+
+
+def new_cache(model: Model, processor: Processor, input_ids, max_kv_size=None, kv_bits=None) -> PromptCache:
+    """A cache for one conversation; a rotating one keeps the system prompt and the media of `input_ids`."""
+    if max_kv_size is None:
+        return model.make_cache()
+    if kv_bits is not None:
+        raise Glm4vError("--kv-bits cannot be combined with --max-kv-size (mlx-lm has no quantized rotating cache).")
+    keep = kept_prefix(model, processor, input_ids)
+    if keep >= max_kv_size:
+        raise Glm4vError(
+            f"--max-kv-size {max_kv_size} is too small: the system prompt and media alone take {keep} tokens."
+        )
+    return model.make_cache(max_kv_size=max_kv_size, keep=keep)
+
+
+def media_end(model: Model, input_ids) -> int:
+    """The index just past the last image or video in `input_ids` (0 without media)."""
+    ids = np.asarray(input_ids).reshape(-1)
+    cfg = model.config
+    ends = np.flatnonzero((ids == cfg.image_end_token_id) | (ids == cfg.video_end_token_id))
+    return int(ends[-1]) + 1 if ends.size else 0
+
+
+def kept_prefix(model: Model, processor: Processor, input_ids) -> int:
+    """Tokens a rotating cache must never drop: the system prompt, and everything up to the last image or video."""
+    ids = np.asarray(input_ids).reshape(-1)
+    users = np.flatnonzero(ids == processor.convert_tokens_to_ids("<|user|>"))
+    return max(media_end(model, ids), int(users[0]) if users.size else 0)
+
+
+def stream_generate(
+    model: Model,
+    processor: Processor,
+    prompt: Union[str, List[dict]],
+    images: Sequence = (),
+    videos: Sequence = (),
+    *,
+    system: Optional[str] = None,
+    max_tokens: int = 256,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: Optional[float] = None,
+    repetition_context_size: int = 20,
+    seed: Optional[int] = None,
+    stop: Sequence[str] = (),
+    ignore_eos: bool = False,
+    max_kv_size: Optional[int] = None,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
+    prefill_step_size: int = 2048,
+    cache: Optional[PromptCache] = None,
+    template_kwargs: Optional[dict] = None,
+    media_kwargs: Optional[dict] = None,
+) -> Iterator[GenerationResponse]:
+    """Stream a reply to a prompt (text with `images`/`videos`, or chat messages) piece by piece.
+
+    Text comes out whole characters at a time; the stop token and stop strings are not part of it.
+    """
+    if max_tokens < 1:
+        raise Glm4vError(f"max-tokens {max_tokens} must be at least 1.")
+    if prefill_step_size < 1:
+        raise Glm4vError(f"prefill step size {prefill_step_size} must be at least 1.")
+    messages = build_messages(prompt, images, videos, system)
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, **(template_kwargs or {}))
+    media_images, media_videos = processor.media_from_messages(messages)
+    inputs = processor(text, images=media_images, videos=media_videos, **(media_kwargs or {}))
+    sampler, processors = sampling(temp, top_p, top_k, min_p, repetition_penalty, repetition_context_size)
+    if seed is not None:
+        mx.random.seed(seed)
+    if cache is None:
+        cache = new_cache(model, processor, inputs["input_ids"], max_kv_size, kv_bits)
+    yield from stream_tokens(
+        model, processor, inputs, cache, stop_ids=stop_token_ids(model, ignore_eos), stop=stop,
+        sampler=sampler, logits_processors=processors, max_tokens=max_tokens, prefill_step_size=prefill_step_size,
+        kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start,
+    )
+
+
+def stream_tokens(model, processor, inputs: dict, cache, *, stop_ids=(), stop=(), **step_options):
+    """Text and statistics for processor outputs run into `cache`: the common core of generate and chat."""
+    n_prompt = int(inputs["input_ids"].shape[-1])
+    decoder = StreamingText(processor.tokenizer.backend)
+    stops = StopStrings(stop)
+    start = time.perf_counter()
+    prompt_tps = generation_tps = 0.0
+    with wired_limit(model, [generation_stream]):
+        for n, (token, _) in enumerate(generate_step(model, inputs, cache, **step_options), start=1):
+            now = time.perf_counter()
+            if n == 1:
+                prompt_tps = n_prompt / (now - start)
+                start = now
+            else:
+                generation_tps = (n - 1) / (now - start)
+            stats = dict(prompt_tokens=n_prompt, prompt_tps=prompt_tps, generation_tokens=n,
+                         generation_tps=generation_tps, peak_memory=mx.get_peak_memory() / 1e9)
+            if token in stop_ids:
+                piece, _ = stops.feed(decoder.finish())
+                yield GenerationResponse(piece + stops.flush(), token, **stats, finish_reason="stop")
+                return
+            piece, stopped = stops.feed(decoder.add(token))
+            if stopped:
+                yield GenerationResponse(piece, token, **stats, finish_reason="stop")
+                return
+            yield GenerationResponse(piece, token, **stats)
+    piece, _ = stops.feed(decoder.finish())
+    yield GenerationResponse(piece + stops.flush(), None, **stats, finish_reason="length")
+
+
+class StreamingText:
+    """Incremental detokenization that never splits a character; in the end equal to `decode(tokens)`."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.stream = DecodeStream(skip_special_tokens=False)
+        self.tokens, self.text = [], ""
+
+    def add(self, token: int) -> str:
+        self.tokens.append(token)
+        piece = self.stream.step(self.tokenizer, token) or ""
+        self.text += piece
+        return piece
+
+    def finish(self) -> str:
+        """What the stream still holds back (an unfinished character decodes as the tokenizer decodes it)."""
+        full = self.tokenizer.decode(self.tokens, skip_special_tokens=False)
+        rest = full[len(self.text):] if full.startswith(self.text) else ""
+        self.text += rest
+        return rest
+
+
+def generate(model: Model, processor: Processor, prompt, images=(), videos=(), verbose: bool = False, **kwargs) -> str:
+    """The whole reply as a string; `verbose` streams it to stdout with a statistics line."""
+    text = ""
+    response = None
+    for response in stream_generate(model, processor, prompt, images, videos, **kwargs):
+        text += response.text
+        if verbose:
+            print(response.text, end="", flush=True)
+    if verbose and response is not None:
+        print()
+        print(stats_line(response))
+    return text
+
+
+def stats_line(r: GenerationResponse) -> str:
+    return (
+        f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec | "
+        f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec | "
+        f"Peak memory: {r.peak_memory:.3f} GB"
+    )

@@ -1,0 +1,237 @@
+"""Generation, chat sessions, the rotating cache and the command line, against transformers.
+
+Images and video frames here have sides that are multiples of 28, so that no resize happens:
+our PIL path and the reference's torchvision path then give identical pixels, and greedy
+tokens can be compared over many steps without a near-tie flipping on a pixel rounding.
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from mlx_glm4v.chat import ChatSession, drop_thinking
+from mlx_glm4v.cli import ReplyDisplay
+from mlx_glm4v.generate import StopStrings, generate, generate_step, new_cache, stream_generate
+from mlx_glm4v.loader import load
+from mlx_glm4v.video import Video
+from test_model import clip, picture
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def setup(glm4v_checkpoint, tmp_path_factory):
+    path, ref, hf_processor = glm4v_checkpoint
+    model, processor = load(path)
+    media = tmp_path_factory.mktemp("media")
+    image = media / "photo.png"
+    picture(196, 280, 21).save(image)
+    return dict(path=path, ref=ref, hf=hf_processor, model=model, processor=processor, image=image)
+
+
+def ref_generate(s, messages, steps=STEPS, **media):
+    """transformers' greedy generate, decoded without its stop token."""
+    hf = s["hf"]
+    text = hf.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = hf(text=[text], return_tensors="pt", **media)
+    with torch.no_grad():
+        out = s["ref"].generate(**inputs, max_new_tokens=steps, do_sample=False)
+    tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
+    eos = set(s["model"].config.eos_token_id)
+    if tokens and tokens[-1] in eos:
+        tokens = tokens[:-1]
+    return tokens, s["processor"].tokenizer.decode(tokens)
+
+
+def test_greedy_text_equals_transformers(setup):
+    prompt = "Hello! How are you today?"
+    tokens, text = ref_generate(setup, [{"role": "user", "content": prompt}])
+    ours = [r for r in stream_generate(setup["model"], setup["processor"], prompt, max_tokens=STEPS)]
+    assert [r.token for r in ours if r.token is not None and r.finish_reason != "stop"] == tokens
+    assert "".join(r.text for r in ours) == text
+
+
+def test_greedy_image_equals_transformers(setup):
+    from PIL import Image
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
+    tokens, text = ref_generate(setup, messages, images=[Image.open(setup["image"])])
+    ours = generate(setup["model"], setup["processor"], "Describe this image.", images=[str(setup["image"])],
+                    max_tokens=STEPS)
+    assert ours == text
+
+
+def test_greedy_video_equals_transformers(setup):
+    frames = clip(5, 56, 84, 22)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
+    tokens, text = ref_generate(setup, messages, videos=[frames],
+                                video_metadata=[{"fps": 2.0, "total_num_frames": 5}])
+    ours = generate(setup["model"], setup["processor"], "What happens?", videos=[Video(frames, fps=2.0)],
+                    max_tokens=STEPS)
+    assert ours == text
+
+
+def greedy_from_scratch(s, messages, steps):
+    """Tokens of a fresh generation over a whole conversation (the oracle for chat turns)."""
+    return [r.token for r in stream_generate(s["model"], s["processor"], messages, max_tokens=steps)
+            if r.token is not None]
+
+
+def test_second_turn_reuses_the_cache(setup, monkeypatch):
+    model, processor = setup["model"], setup["processor"]
+    session = ChatSession(model, processor, system="You are terse.", max_tokens=6)
+    list(session.ask("Describe this image.", images=[str(setup["image"])]))
+    first_prompt = len(session.history_ids)
+
+    encoded = []
+    monkeypatch.setattr(model, "encode_media", lambda *a, **k: encoded.append(1) or (None, None))
+    history = session.messages + [{"role": "user", "content": [{"type": "text", "text": "Why is that?"}]}]
+    second = [r.token for r in session.ask("Why is that?") if r.token is not None]
+    monkeypatch.undo()
+
+    assert not encoded, "the image was encoded again"
+    assert 0 < session.tokens_processed < first_prompt
+    assert second == greedy_from_scratch(setup, history, 6)
+
+
+def test_later_turn_with_a_new_image(setup):
+    model, processor = setup["model"], setup["processor"]
+    session = ChatSession(model, processor, max_tokens=5)
+    list(session.ask("Hello! How are you today?"))
+    other = setup["image"].with_name("other.png")
+    picture(112, 168, 23).save(other)
+    history = session.messages + [{"role": "user", "content": [
+        {"type": "image", "image": str(other)}, {"type": "text", "text": "And this?"}]}]
+    tokens = [r.token for r in session.ask("And this?", images=[str(other)]) if r.token is not None]
+    assert tokens == greedy_from_scratch(setup, history, 5)
+
+
+def test_thinking_is_dropped_from_the_history():
+    assert drop_thinking("<think>let me see</think><answer>A cat.</answer>") == "<answer>A cat.</answer>"
+    assert drop_thinking("<think>unfinished") == ""
+
+
+def test_rotating_cache_matches_a_windowed_reference(setup):
+    """Past its limit the cache sees the kept prefix (system prompt, image) and the latest tokens.
+
+    The oracle is transformers over the whole sequence with a mask that shows each decoded
+    token exactly that: the kept prefix and the last `max_kv_size - keep` tokens.
+    """
+    model, processor, ref = setup["model"], setup["processor"], setup["ref"]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
+    inputs = processor(processor.apply_chat_template(messages), images=[str(setup["image"])])
+    n = inputs["input_ids"].shape[1]
+    size, steps = n + 6, 24
+    cache = new_cache(model, processor, inputs["input_ids"], max_kv_size=size)
+    keep = cache[0].keep
+    image_end = inputs["input_ids"][0].tolist().index(model.config.image_end_token_id)
+    assert keep == image_end + 1  # through the image; the question after it may rotate out
+    produced = list(generate_step(model, inputs, cache, max_tokens=steps))
+    kept = np.array(cache[0].keys[..., :keep, :])
+    assert cache[0].offset == n + steps - 1 > size  # it rotated; the last token was never fed
+    assert cache.next_position[0] == model.prepare(inputs["input_ids"], inputs["pixel_values"],
+                                                   inputs["image_grid_thw"]).next_position[0] + steps - 1
+
+    ids = np.concatenate([inputs["input_ids"][0], [t for t, _ in produced[:-1]]])[None]
+    t = {k: torch.tensor(v) for k, v in inputs.items()}
+    full = torch.tensor(ids)
+    types = torch.cat([t["mm_token_type_ids"], torch.zeros(1, steps - 1, dtype=torch.int32)], 1)
+    positions, _ = ref.model.get_rope_index(full, types, t["image_grid_thw"])
+    rows, cols = np.arange(ids.shape[1])[:, None], np.arange(ids.shape[1])[None]
+    visible = (cols <= rows) & ((rows < n) | (cols < keep) | (cols > rows - (size - keep)))
+    with torch.no_grad():
+        logits = ref(input_ids=full, pixel_values=t["pixel_values"], image_grid_thw=t["image_grid_thw"],
+                     position_ids=positions, attention_mask=torch.tensor(visible)[None, None]).logits[0]
+    expected = torch.log_softmax(logits[n - 1:], -1).numpy()
+    ours = np.stack([np.array(lp) for _, lp in produced])
+    assert np.abs(ours - expected).max() <= 1e-4
+    assert [tok for tok, _ in produced] == expected.argmax(-1).tolist()
+    np.testing.assert_array_equal(np.array(cache[0].keys[..., :keep, :]), kept)
+
+
+def test_stop_strings_hold_back_and_cut():
+    stops = StopStrings(["END"])
+    assert stops.feed("abc E") == ("abc ", False)
+    assert stops.feed("N") == ("", False)
+    assert stops.feed("Dxyz") == ("", True)
+    stops = StopStrings(["END"])
+    assert stops.feed("E") == ("", False)
+    assert stops.feed("go") == ("Ego", False)
+
+
+def test_reply_display_dims_thinking_and_drops_markers():
+    d = ReplyDisplay(hide_thinking=True, color=False)
+    shown = "".join(d.feed(p) for p in ["<thi", "nk>secret</think><ans", "wer>A <|begin_of_box|>box<|end_of_box|>", "</answer>"])
+    assert shown + d.finish() == "A box"
+    d = ReplyDisplay(hide_thinking=False, color=True)
+    assert d.feed("<think>hm</think>ok") == "\033[2mhm\033[0mok"
+
+
+def cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "mlx_glm4v.cli", *args], capture_output=True, text=True, **kwargs)
+
+
+def test_generate_json(setup):
+    out = cli("generate", "--model", str(setup["path"]), "--image", str(setup["image"]),
+              "--prompt", "Describe this image.", "--max-tokens", "7", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert set(result) >= {"text", "prompt_tokens", "generation_tokens", "prompt_tps", "generation_tps", "peak_memory_gb"}
+    expected = generate(setup["model"], setup["processor"], "Describe this image.", images=[str(setup["image"])],
+                        max_tokens=7)
+    assert result["text"] == expected
+    inputs = setup["processor"](setup["processor"].apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]),
+        images=[str(setup["image"])])
+    assert result["prompt_tokens"] == inputs["input_ids"].shape[1]
+    assert 1 <= result["generation_tokens"] <= 7
+    assert result["prompt_tps"] > 0 and result["peak_memory_gb"] > 0
+    assert result["generation_tps"] > 0 or result["generation_tokens"] == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--image", "/no/such/photo.jpg"], "no such image file"),
+    (["--video", "/no/such/clip.mp4"], "no such video file"),
+    (["--temp", "-1"], "temperature -1.0 is negative"),
+    (["--kv-bits", "7"], "--kv-bits 7 is not supported"),
+    (["--max-tokens", "0"], "max-tokens 0 must be at least 1"),
+    (["--max-kv-size", "4", "--kv-bits", "4"], "cannot be combined"),
+])
+def test_generate_user_errors(setup, args, message):
+    out = cli("generate", "--model", str(setup["path"]), "--prompt", "hi", *args)
+    assert out.returncode != 0
+    assert message in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+def test_unknown_model_is_one_line(tmp_path):
+    out = cli("generate", "--model", str(tmp_path / "missing"), "--prompt", "hi")
+    assert out.returncode == 1 and "neither an existing directory nor a hub repo id" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    verbose = cli("generate", "--model", str(tmp_path / "missing"), "--prompt", "hi", "--verbose")
+    assert verbose.returncode != 0 and "Traceback" in verbose.stderr
+
+
+def test_chat_in_a_terminal(setup):
+    import pexpect
+
+    child = pexpect.spawn(sys.executable, ["-m", "mlx_glm4v.cli", "chat", "--model", str(setup["path"]),
+                                           "--image", str(setup["image"]), "--max-tokens", "4"],
+                          encoding="utf-8", timeout=120)
+    child.expect(">> ")
+    child.sendline("Describe this image.")
+    child.expect(">> ")
+    first = child.before
+    child.sendline("/image " + str(setup["image"]))
+    child.expect(">> ")
+    child.sendline("And again?")
+    child.expect(">> ")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert first.strip()  # a reply was printed
