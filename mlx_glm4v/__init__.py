@@ -2,15 +2,22 @@
 
     from mlx_glm4v import load, generate
     model, processor = load("zai-org/GLM-4.1V-9B-Thinking")
+    print(generate(model, processor, "Describe this image.", images=["cat.jpg"]))
 
-Attributes are imported on first use, so that `import mlx_glm4v` (and the processor alone)
-stays light: mlx-lm pulls in transformers, which costs most of a second to import.
+Names are imported on first use, so that `import mlx_glm4v` (and the processor alone) stays
+light: mlx-lm pulls in transformers, which costs most of a second to import.
 """
 
 import importlib
+import sys
+import types
 
 _EXPORTS = {
     "load": "loader",
+    "generate": "generate",
+    "stream_generate": "generate",
+    "ChatSession": "chat",
+    "convert": "convert",
     "Model": "model",
     "ModelConfig": "config",
     "Processor": "processor",
@@ -24,3 +31,16 @@ def __getattr__(name):
     if name in _EXPORTS:
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """`generate` and `convert` name both a function and its module. Importing a submodule binds
+    its name on the package, which would hide the function; keep those names for the functions."""
+
+    def __setattr__(self, name, value):
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -41,6 +41,10 @@ class PromptCache(list):
         return create_attention_mask(embeds, self[0])
 
     @property
+    def rotating(self) -> bool:
+        return isinstance(self[0], (RotatingKVCache, BatchRotatingKVCache))
+
+    @property
     def can_trim(self) -> bool:
         return all(c.is_trimmable() for c in self)
 

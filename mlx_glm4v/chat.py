@@ -67,6 +67,7 @@ class ChatSession:
         kv_group_size: int = 64,
         quantized_kv_start: int = 0,
         prefill_step_size: int = 2048,
+        prompt_lookup: int = 0,
         template_kwargs: Optional[dict] = None,
         media_kwargs: Optional[dict] = None,
     ):
@@ -75,7 +76,8 @@ class ChatSession:
         self.stop, self.stop_ids = stop, stop_token_ids(model, ignore_eos)
         self.max_kv_size, self.kv_bits = max_kv_size, kv_bits
         self.step_options = dict(max_tokens=max_tokens, prefill_step_size=prefill_step_size, kv_bits=kv_bits,
-                                 kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start)
+                                 kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start,
+                                 prompt_lookup=prompt_lookup)
         self.template_kwargs = template_kwargs or {}
         self.media_kwargs = media_kwargs or {}
         self.reset()

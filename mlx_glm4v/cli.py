@@ -40,6 +40,7 @@ MAX_KV_SIZE = typer.Option(None, "--max-kv-size", help="Rotate the KV cache at t
 KV_BITS = typer.Option(None, "--kv-bits", help="Quantize the KV cache to this many bits (2-8).")
 PREFILL_STEP = typer.Option(2048, "--prefill-step-size", help="Prompt tokens per prefill chunk.")
 IGNORE_EOS = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence tokens.")
+PROMPT_LOOKUP = typer.Option(0, "--prompt-lookup", help="Draft this many tokens from n-grams of the conversation and verify them in one pass (pays when the reply copies the input, as in OCR).")
 NO_THINKING = typer.Option(False, "--no-thinking", help="Ask models with a thinking switch (GLM-4.5V/4.6V) not to think.")
 
 
@@ -79,8 +80,11 @@ def convert(
     verbose: bool = VERBOSE,
 ):
     """Convert a GLM-V checkpoint to MLX, optionally quantized."""
+    import warnings
+
     from .convert import convert as run_convert
 
+    warnings.showwarning = lambda message, *_: typer.echo(f"warning: {message}", err=True)
     run_convert(
         hf_path, mlx_path, quantize=quantize, q_bits=q_bits, q_group_size=q_group_size, q_mode=q_mode,
         quant_recipe=quant_recipe, quantize_vision=quantize_vision, dtype=dtype, dequantize=dequantize,
@@ -100,16 +104,18 @@ def existing_files(paths, kind: str) -> list:
 
 
 def generation_options(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, max_kv_size, kv_bits,
-                       prefill_step_size, ignore_eos, no_thinking) -> dict:
+                       prefill_step_size, ignore_eos, no_thinking, prompt_lookup) -> dict:
     """Keyword arguments shared by generate and ChatSession, checked for values a user can get wrong."""
     if kv_bits is not None and kv_bits not in (2, 3, 4, 5, 6, 8):
         raise Glm4vError(f"--kv-bits {kv_bits} is not supported; choose 2, 3, 4, 5, 6 or 8.")
     if max_kv_size is not None and max_kv_size < 1:
         raise Glm4vError(f"--max-kv-size {max_kv_size} must be a positive number of tokens.")
+    if prompt_lookup < 0:
+        raise Glm4vError(f"--prompt-lookup {prompt_lookup} must be 0 (off) or a number of draft tokens.")
     return dict(
         max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
         repetition_penalty=repetition_penalty, max_kv_size=max_kv_size, kv_bits=kv_bits,
-        prefill_step_size=prefill_step_size, ignore_eos=ignore_eos,
+        prefill_step_size=prefill_step_size, ignore_eos=ignore_eos, prompt_lookup=prompt_lookup,
         template_kwargs={"enable_thinking": False} if no_thinking else None,
     )
 
@@ -139,6 +145,7 @@ def generate(
     kv_bits: Optional[int] = KV_BITS,
     prefill_step_size: int = PREFILL_STEP,
     ignore_eos: bool = IGNORE_EOS,
+    prompt_lookup: int = PROMPT_LOOKUP,
     no_thinking: bool = NO_THINKING,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the text and statistics."),
     verbose: bool = VERBOSE,
@@ -148,7 +155,8 @@ def generate(
 
     images, videos = existing_files(image, "image"), existing_files(video, "video")
     options = generation_options(256 if max_tokens is None else max_tokens, temp, top_p, top_k, min_p,
-                                 repetition_penalty, max_kv_size, kv_bits, prefill_step_size, ignore_eos, no_thinking)
+                                 repetition_penalty, max_kv_size, kv_bits, prefill_step_size, ignore_eos, no_thinking,
+                                 prompt_lookup)
     loaded_model, processor = load_for_cli(model)
     text, response = "", None
     for response in stream_generate(loaded_model, processor, prompt, images, videos, system=system, seed=seed, **options):
@@ -239,6 +247,7 @@ def chat(
     kv_bits: Optional[int] = KV_BITS,
     prefill_step_size: int = PREFILL_STEP,
     ignore_eos: bool = IGNORE_EOS,
+    prompt_lookup: int = PROMPT_LOOKUP,
     no_thinking: bool = NO_THINKING,
     hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not show the model's thinking."),
     verbose: bool = VERBOSE,
@@ -250,7 +259,8 @@ def chat(
 
     images, videos = existing_files(image, "image"), existing_files(video, "video")
     options = generation_options(2048 if max_tokens is None else max_tokens, temp, top_p, top_k, min_p,
-                                 repetition_penalty, max_kv_size, kv_bits, prefill_step_size, ignore_eos, no_thinking)
+                                 repetition_penalty, max_kv_size, kv_bits, prefill_step_size, ignore_eos, no_thinking,
+                                 prompt_lookup)
     if seed is not None:
         mx.random.seed(seed)
     loaded_model, processor = load_for_cli(model)

@@ -83,40 +83,91 @@ def generate_step(
     kv_bits: Optional[int] = None,
     kv_group_size: int = 64,
     quantized_kv_start: int = 0,
+    prompt_lookup: int = 0,
 ) -> Iterator[tuple]:
-    """Yield (token id, log-probabilities) for a prompt given as processor outputs (batch of one)."""
-    sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
-    tokens = mx.array(inputs["input_ids"]).reshape(-1)
+    """Yield (token id, log-probabilities) for a prompt given as processor outputs (batch of one).
 
-    def sample(logits):
-        if logits_processors:
-            for processor in logits_processors:
-                logits = processor(tokens, logits)
+    With `prompt_lookup` > 0, drafts of that many tokens copied from earlier in the
+    conversation are checked in one forward pass (see `lookup_decode`).
+    """
+    sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
+
+    def sample(logits, history):
+        for processor in logits_processors or ():
+            logits = processor(history, logits)
         maybe_quantize_kv_cache(cache, quantized_kv_start, kv_group_size, kv_bits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return sampler(logprobs), logprobs.squeeze(0)
 
-    def step(y):
-        nonlocal tokens
-        if logits_processors:
-            tokens = mx.concatenate([tokens, y])
-        return sample(model(y[None], cache=cache)[:, -1, :])
-
     with mx.stream(generation_stream):
+        prompt_ids = mx.array(inputs["input_ids"]).reshape(-1)
         prompt = model.prepare(**{k: v for k, v in inputs.items() if k != "mm_token_type_ids"}, cache=cache)
-        y, logprobs = sample(prefill(model, prompt, cache, prefill_step_size))
-        mx.async_eval(y, logprobs)
-        n = 0
-        while n < max_tokens:
-            if n + 1 < max_tokens:
-                next_y, next_logprobs = step(y)
-                mx.async_eval(next_y, next_logprobs)
-            yield y.item(), logprobs
-            if n % 256 == 0:
-                mx.clear_cache()
-            if n + 1 < max_tokens:
-                y, logprobs = next_y, next_logprobs
-            n += 1
+        first = sample(prefill(model, prompt, cache, prefill_step_size), prompt_ids)
+        if prompt_lookup > 0:
+            yield from lookup_decode(model, cache, first, sample, prompt_ids, max_tokens, prompt_lookup)
+        else:
+            yield from pipelined_decode(model, cache, first, sample, prompt_ids, max_tokens, bool(logits_processors))
+
+
+def pipelined_decode(model, cache, first, sample, history, max_tokens: int, keep_history: bool):
+    """mlx-lm's loop: queue step n+1 before handing out token n, so the device never waits."""
+    y, logprobs = first
+    mx.async_eval(y, logprobs)
+    for n in range(max_tokens):
+        if n + 1 < max_tokens:
+            if keep_history:
+                history = mx.concatenate([history, y])
+            next_y, next_logprobs = sample(model(y[None], cache=cache)[:, -1, :], history)
+            mx.async_eval(next_y, next_logprobs)
+        yield y.item(), logprobs
+        if n % 256 == 0:
+            mx.clear_cache()
+        if n + 1 < max_tokens:
+            y, logprobs = next_y, next_logprobs
+
+
+def find_draft(history: np.ndarray, n_draft: int, max_ngram: int = 3) -> list:
+    """Tokens that followed the latest earlier occurrence of the history's last n-gram (longest n first)."""
+    for n in range(min(max_ngram, len(history) - 1), 0, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(history[:-1], n)
+        hits = np.flatnonzero((windows == history[-n:]).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n
+            return history[start:start + n_draft].tolist()
+    return []
+
+
+def lookup_decode(model, cache, first, sample, history, max_tokens: int, n_draft: int):
+    """Prompt-lookup decoding: a draft copied from the prompt or the reply is verified in one pass.
+
+    The model scores the pending token and the draft together; each position is sampled as
+    plain decoding would sample it, drafts are kept while they agree, and the first
+    disagreement (or the token after a fully accepted draft) comes from the model itself.
+    So the output is exactly what plain decoding gives, in fewer, wider forward passes.
+    """
+    if cache.rotating:
+        raise Glm4vError("prompt lookup drops rejected drafts from the cache, which a rotating cache cannot: drop --max-kv-size.")
+    y, logprobs = first
+    ids = np.asarray(history).tolist()
+    emitted = 0
+    while True:
+        token = y.item()
+        yield token, logprobs
+        ids.append(token)
+        emitted += 1
+        if emitted == max_tokens:
+            return
+        draft = find_draft(np.array(ids), min(n_draft, max_tokens - emitted - 1))
+        logits = model(mx.array([[token] + draft]), cache=cache)[0]
+        for i in range(len(draft) + 1):
+            y, logprobs = sample(logits[i: i + 1], mx.array(ids + draft[:i]))
+            if i == len(draft) or y.item() != draft[i]:
+                break
+            yield draft[i], logprobs
+            ids.append(draft[i])
+            emitted += 1
+        if len(draft) > i:
+            cache.trim(len(draft) - i)
 
 
 class StopStrings:
@@ -216,6 +267,7 @@ def stream_generate(
     kv_group_size: int = 64,
     quantized_kv_start: int = 0,
     prefill_step_size: int = 2048,
+    prompt_lookup: int = 0,
     cache: Optional[PromptCache] = None,
     template_kwargs: Optional[dict] = None,
     media_kwargs: Optional[dict] = None,
@@ -241,6 +293,7 @@ def stream_generate(
         model, processor, inputs, cache, stop_ids=stop_token_ids(model, ignore_eos), stop=stop,
         sampler=sampler, logits_processors=processors, max_tokens=max_tokens, prefill_step_size=prefill_step_size,
         kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start,
+        prompt_lookup=prompt_lookup,
     )
 
 

@@ -153,6 +153,21 @@ def test_rotating_cache_matches_a_windowed_reference(setup):
     np.testing.assert_array_equal(np.array(cache[0].keys[..., :keep, :]), kept)
 
 
+@pytest.mark.parametrize("media", ["text", "image"])
+def test_prompt_lookup_keeps_greedy_output(setup, media, monkeypatch):
+    model, processor = setup["model"], setup["processor"]
+    prompt = "Hello! How are you today? Hello! How are you today?"
+    kwargs = {"images": [str(setup["image"])]} if media == "image" else {}
+    plain = [r.token for r in stream_generate(model, processor, prompt, max_tokens=40, ignore_eos=True, **kwargs)]
+    passes = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: passes.append(1) or forward(*a, **k))
+    looked_up = [r.token for r in stream_generate(model, processor, prompt, max_tokens=40, ignore_eos=True,
+                                                  prompt_lookup=4, **kwargs)]
+    assert looked_up == plain
+    assert len(passes) < 40  # some drafts were accepted: fewer forward passes than tokens
+
+
 def test_stop_strings_hold_back_and_cut():
     stops = StopStrings(["END"])
     assert stops.feed("abc E") == ("abc ", False)
