@@ -4,6 +4,10 @@ GLM-V checkpoints spell the rope settings two ways: transformers 5 writes
 `rope_parameters = {rope_theta, partial_rotary_factor, mrope_section}`, the published
 checkpoints write `rope_theta`, `partial_rotary_factor` and `rope_scaling.mrope_section`.
 Both are read here, so nothing downstream cares which one a checkpoint uses.
+
+Three model types share the vision tower: `glm4v` (GLM-4.1V, GLM-4.6V-Flash) with a dense
+text model, `glm4v_moe` (GLM-4.5V, GLM-4.6V) with a mixture-of-experts one, and `glm46v`,
+whose text config names its own kind, as transformers' `Glm46VConfig` resolves it.
 """
 
 import inspect
@@ -12,7 +16,14 @@ from typing import Any, Optional
 
 from .errors import Glm4vError
 
-SUPPORTED_MODEL_TYPES = ("glm4v",)
+SUPPORTED_MODEL_TYPES = ("glm4v", "glm4v_moe", "glm46v")
+
+# Token ids each type's transformers config assumes when a checkpoint leaves them out.
+TOKEN_DEFAULTS = {
+    "glm4v": {},
+    "glm4v_moe": {"image_token_id": 151363, "video_token_id": 151364},
+    "glm46v": {"video_start_token_id": 151361, "video_end_token_id": 151362},
+}
 
 
 def _known_fields(cls, params: dict) -> dict:
@@ -64,6 +75,8 @@ class TextConfig:
     partial_rotary_factor: float = 0.5
     mrope_section: list = field(default_factory=lambda: [8, 12, 12])
     attention_bias: bool = True
+    # GLM-4.1V turns pairs (2i, 2i+1); GLM-4.5V turns (i, i + rotary_dim/2), GPT-NeoX style.
+    rope_interleaved: bool = True
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -90,6 +103,47 @@ class TextConfig:
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
+
+
+@dataclass
+class MoeTextConfig(TextConfig):
+    """GLM-4.5V's text model (transformers' `Glm4vMoeTextConfig`, whose defaults these are)."""
+
+    vocab_size: int = 151424
+    intermediate_size: int = 10944
+    num_hidden_layers: int = 46
+    num_attention_heads: int = 96
+    num_key_value_heads: int = 8
+    max_position_embeddings: int = 65536
+    rope_interleaved: bool = False
+    moe_intermediate_size: int = 1408
+    num_experts_per_tok: int = 8
+    n_routed_experts: int = 128
+    n_shared_experts: int = 1
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    first_k_dense_replace: int = 1
+    norm_topk_prob: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.n_routed_experts % self.n_group:
+            raise Glm4vError(f"n_routed_experts {self.n_routed_experts} must split evenly into n_group {self.n_group}.")
+
+
+# text_config.model_type -> our config class
+TEXT_CONFIGS = {"glm4v_text": TextConfig, "glm4v_moe_text": MoeTextConfig}
+
+
+def text_config_class(model_type: str, text: dict):
+    """`glm4v` and `glm4v_moe` fix their text kind; `glm46v` reads it from the text config."""
+    kind = {"glm4v": "glm4v_text", "glm4v_moe": "glm4v_moe_text"}.get(model_type)
+    if kind is None:
+        kind = text.get("model_type", "glm4v_text")
+    if kind not in TEXT_CONFIGS:
+        raise Glm4vError(f"text_config.model_type {kind!r} is not supported; expected one of {', '.join(TEXT_CONFIGS)}.")
+    return TEXT_CONFIGS[kind]
 
 
 @dataclass
@@ -123,10 +177,13 @@ class ModelConfig:
                     "video_start_token_id", "video_end_token_id", "eos_token_id", "pad_token_id"):
             if merged.get(key) is None and text.get(key) is not None:
                 merged[key] = text[key]
+        for key, value in TOKEN_DEFAULTS[model_type].items():
+            if merged.get(key) is None:
+                merged[key] = value
         eos = merged.get("eos_token_id")
         merged["eos_token_id"] = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         if "tie_word_embeddings" not in params and "tie_word_embeddings" in text:
             merged["tie_word_embeddings"] = text["tie_word_embeddings"]
-        merged["text_config"] = TextConfig.from_dict(text)
+        merged["text_config"] = text_config_class(model_type, text).from_dict(text)
         merged["vision_config"] = VisionConfig.from_dict(params.get("vision_config") or {})
         return cls(**_known_fields(cls, merged))

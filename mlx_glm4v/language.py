@@ -1,12 +1,14 @@
 """The GLM-4.1V text decoder: sandwich-normed layers with multimodal RoPE.
 
 Mirrors transformers' `Glm4vTextModel`. Only the first `rotary_dim` features of each head
-turn, in interleaved pairs (2i, 2i+1). Frequency i follows the temporal, height or width
-position according to `mrope_section`; for text all three positions are equal, which is
-plain RoPE and runs through `mx.fast.rope`.
+turn, in interleaved pairs (2i, 2i+1); GLM-4.5V's text model (moe.py) shares the attention
+and turns half-split pairs (i, i + rotary_dim/2) instead (`config.rope_interleaved`).
+Frequency i follows the temporal, height or width position according to `mrope_section`;
+for text all three positions are equal, which is plain RoPE and runs through `mx.fast.rope`.
 """
 
 from functools import partial
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,7 +22,12 @@ from .config import TextConfig
 def text_rope(config: TextConfig, offset):
     """Rotation for consecutive positions `offset + column` (offset: int or one per sequence)."""
     return partial(
-        mx.fast.rope, dims=config.rotary_dim, traditional=True, base=config.rope_theta, scale=1.0, offset=offset
+        mx.fast.rope,
+        dims=config.rotary_dim,
+        traditional=config.rope_interleaved,
+        base=config.rope_theta,
+        scale=1.0,
+        offset=offset,
     )
 
 
@@ -35,11 +42,20 @@ def mrope_tables(config: TextConfig, positions: np.ndarray, dtype=mx.float32):
     return mx.cos(freqs).astype(dtype), mx.sin(freqs).astype(dtype)
 
 
-def apply_mrope(x: mx.array, cos: mx.array, sin: mx.array, rotary_dim: int) -> mx.array:
+def apply_mrope(x: mx.array, cos: mx.array, sin: mx.array, rotary_dim: int, interleaved: bool) -> mx.array:
+    """Turn pairs (2i, 2i+1) if `interleaved`, else pairs (i, i + rotary_dim/2), by the angles of cos/sin."""
     *lead, dim = x.shape
-    pairs = x[..., :rotary_dim].reshape(*lead, rotary_dim // 2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    turned = mx.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1).reshape(*lead, rotary_dim)
+    half = rotary_dim // 2
+    if interleaved:
+        pairs = x[..., :rotary_dim].reshape(*lead, half, 2)
+        x0, x1 = pairs[..., 0], pairs[..., 1]
+    else:
+        x0, x1 = x[..., :half], x[..., half:rotary_dim]
+    turned = (x0 * cos - x1 * sin, x1 * cos + x0 * sin)
+    if interleaved:
+        turned = mx.stack(turned, axis=-1).reshape(*lead, rotary_dim)
+    else:
+        turned = mx.concatenate(turned, axis=-1)
     if rotary_dim == dim:
         return turned
     return mx.concatenate([turned, x[..., rotary_dim:]], axis=-1)
@@ -47,7 +63,7 @@ def apply_mrope(x: mx.array, cos: mx.array, sin: mx.array, rotary_dim: int) -> m
 
 def multimodal_rope(config: TextConfig, positions: np.ndarray, dtype):
     cos, sin = mrope_tables(config, positions, dtype)
-    return partial(apply_mrope, cos=cos, sin=sin, rotary_dim=config.rotary_dim)
+    return partial(apply_mrope, cos=cos, sin=sin, rotary_dim=config.rotary_dim, interleaved=config.rope_interleaved)
 
 
 class Attention(nn.Module):
@@ -105,11 +121,13 @@ class DecoderLayer(nn.Module):
 
 
 class TextModel(nn.Module):
-    def __init__(self, config: TextConfig):
+    """Embeddings, decoder layers, final norm; `layers` lets GLM-4.5V's model bring its own."""
+
+    def __init__(self, config: TextConfig, layers: Optional[list] = None):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = [DecoderLayer(config) for _ in range(config.num_hidden_layers)]
+        self.layers = layers if layers is not None else [DecoderLayer(config) for _ in range(config.num_hidden_layers)]
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def __call__(self, h: mx.array, rope, mask=None, cache=None) -> mx.array:

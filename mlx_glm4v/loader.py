@@ -12,10 +12,11 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_lm.utils import infer_quant_config
 
 from .config import ModelConfig
 from .errors import Glm4vError
-from .model import Model
+from .model import Model, checkpoint_name
 
 # The files a run needs; weights in other formats (.bin, .pth) are never fetched.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*"]
@@ -57,7 +58,8 @@ def read_config(path: Path) -> dict:
     return config
 
 
-def read_weights(path: Path) -> dict:
+def weight_files(path: Path) -> list[Path]:
+    """The checkpoint's safetensors shards: those its index names, or every one in the directory."""
     files = sorted(path.glob("*.safetensors"))
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -68,50 +70,96 @@ def read_weights(path: Path) -> dict:
         files = [path / s for s in shards]
     if not files:
         raise Glm4vError(f"{path} has no .safetensors weights.")
+    return files
+
+
+def read_shard(file: Path) -> dict:
+    """One safetensors file as lazy arrays: the data is read when an array is evaluated."""
+    try:
+        return mx.load(str(file))
+    except Exception as e:
+        raise Glm4vError(f"{file} could not be read as safetensors: {e}.") from None
+
+
+def read_weights(path: Path) -> dict:
     weights = {}
-    for f in files:
-        try:
-            weights.update(mx.load(str(f)))
-        except Exception as e:
-            raise Glm4vError(f"{f} could not be read as safetensors: {e}.") from None
+    for f in weight_files(path):
+        weights.update(read_shard(f))
     return weights
 
 
-def check_weights(model: nn.Module, weights: dict, path: Path):
-    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
-    missing = sorted(set(expected) - set(weights))
-    extra = sorted(set(weights) - set(expected))
+def check_shapes(expected: dict, found: dict, path: Path):
+    """Every expected tensor found with its shape, nothing more: both map names to shapes."""
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
     if missing:
         raise Glm4vError(f"{path} is missing {len(missing)} tensor(s), first {missing[0]!r}.")
     if extra:
         raise Glm4vError(f"{path} has {len(extra)} tensor(s) this model does not use, first {extra[0]!r}.")
     for key, shape in expected.items():
-        if tuple(weights[key].shape) != tuple(shape):
-            raise Glm4vError(
-                f"{path}: tensor {key!r} has shape {list(weights[key].shape)}, expected {list(shape)}."
-            )
+        if tuple(found[key]) != tuple(shape):
+            raise Glm4vError(f"{path}: tensor {key!r} has shape {list(found[key])}, expected {list(shape)}.")
+
+
+def check_weights(model: nn.Module, weights: dict, path: Path):
+    check_shapes({k: v.shape for k, v in tree_flatten(model.parameters())}, {k: v.shape for k, v in weights.items()}, path)
+
+
+def stored_quantization(config: dict, path: Path) -> Optional[dict]:
+    """The checkpoint's MLX quantization settings (mlx-lm's `quantization` entry), or None for floats.
+
+    Other tools' formats (`quantization_config` with a `quant_method`: fp8, AWQ, GPTQ) are refused.
+    """
+    if config.get("quantization"):
+        return config["quantization"]
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if method:
+        raise Glm4vError(f"{path} is quantized with {method!r}, which mlx-glm4v cannot read; use its float checkpoint.")
+    return None
+
+
+QUANT_KEYS = ("group_size", "bits", "mode")
+
+
+def layer_quantization(quantization: dict) -> dict:
+    """Per-layer entries of a `quantization` config under our module paths (mlx-vlm names them its way)."""
+    return {checkpoint_name(k + ".")[:-1]: v for k, v in quantization.items() if isinstance(v, (dict, bool))}
 
 
 def quantize_like(model: nn.Module, quantization: dict, weights: dict):
-    """Turn the layers the checkpoint stores quantized (mlx-lm's config convention) into quantized layers."""
-    defaults = {k: quantization[k] for k in ("group_size", "bits", "mode") if k in quantization}
+    """Turn the layers the checkpoint stores quantized into quantized layers.
+
+    A layer is quantized when its `.scales` are stored; its settings are its per-layer entry
+    over the global ones (mlx-lm's convention; mlx-vlm leaves out `mode`), or, without an
+    entry, read off the stored shapes as mlx-lm does.
+    """
+    defaults = {k: quantization[k] for k in QUANT_KEYS if k in quantization}
+    layers = layer_quantization(quantization)
 
     def predicate(path, module):
-        if path in quantization:
-            return quantization[path]
-        return hasattr(module, "to_quantized") and f"{path}.scales" in weights
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        entry = layers.get(path)
+        if isinstance(entry, dict):
+            return {**defaults, **{k: v for k, v in entry.items() if k in QUANT_KEYS}}
+        try:
+            return infer_quant_config(path, module, weights)
+        except ValueError as e:
+            raise Glm4vError(f"the quantized layer {path!r} has settings mlx-glm4v cannot tell: {e}") from None
 
     nn.quantize(model, **defaults, class_predicate=predicate)
 
 
 def load_model(path, dtype: Optional[mx.Dtype] = None) -> Model:
     path = Path(path)
-    config = ModelConfig.from_dict(read_config(path))
+    raw = read_config(path)
+    config = ModelConfig.from_dict(raw)
     model = Model(config)
     weights = read_weights(path)
     weights = model.sanitize(weights)
-    if config.quantization:
-        quantize_like(model, config.quantization, weights)
+    quantization = stored_quantization(raw, path)
+    if quantization or any(k.endswith(".scales") for k in weights):
+        quantize_like(model, quantization or {}, weights)
     check_weights(model, weights, path)
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}

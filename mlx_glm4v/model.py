@@ -1,6 +1,8 @@
-"""GLM-4.1V: the vision tower and the text decoder glued by token embeddings and 3-D positions.
+"""GLM-V: the vision tower and the text decoder glued by token embeddings and 3-D positions.
 
-Mirrors transformers' `Glm4vForConditionalGeneration`. Vision features replace the image
+Mirrors transformers' `Glm4vForConditionalGeneration`; `Glm4vMoeForConditionalGeneration` and
+`Glm46VForConditionalGeneration` differ only in the text decoder, which the config picks
+(language.py for GLM-4.1V's, moe.py for GLM-4.5V's experts). Vision features replace the image
 tokens in the embeddings; an image token inside a begin/end-of-video span takes video
 features instead, so a prompt may carry images and videos together.
 """
@@ -15,8 +17,9 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_causal_mask
 
 from .cache import PromptCache, left_padding, make_prompt_cache
-from .config import ModelConfig
+from .config import ModelConfig, MoeTextConfig
 from .language import TextModel, multimodal_rope, text_rope
+from .moe import MoeTextModel, stack_experts
 from .rope_index import IMAGE, VIDEO, frame_grids, rope_index, token_types
 from .vision import VisionModel
 
@@ -46,6 +49,14 @@ WEIGHT_PREFIXES = (
 )
 
 
+def checkpoint_name(key: str) -> str:
+    """A checkpoint's tensor name (or module path followed by ".") under our module paths."""
+    for old, new in WEIGHT_PREFIXES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
 def _host(x):
     return None if x is None else np.asarray(x)
 
@@ -55,26 +66,30 @@ class Model(nn.Module):
         super().__init__()
         self.config = config
         self.visual = VisionModel(config.vision_config)
-        self.language_model = TextModel(config.text_config)
+        moe = isinstance(config.text_config, MoeTextConfig)
+        self.language_model = (MoeTextModel if moe else TextModel)(config.text_config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
 
     def sanitize(self, weights: dict) -> dict:
         """Checkpoint tensors under our names and layouts: known prefixes renamed, rotary
-        buffers dropped, convolutions moved channels-last unless they already are."""
+        buffers dropped, convolutions moved channels-last unless they already are; for a
+        mixture-of-experts text model, experts stacked for SwitchGLU."""
         expected = dict(tree_flatten(self.parameters()))
         out = {}
         for key, value in weights.items():
             if "rotary_emb.inv_freq" in key:
                 continue
-            for old, new in WEIGHT_PREFIXES:
-                if key.startswith(old):
-                    key = new + key[len(old):]
-                    break
+            key = checkpoint_name(key)
             want = expected.get(key)
             if want is not None and value.ndim in (4, 5) and value.shape != want.shape:
                 value = value.transpose(0, *range(2, value.ndim), 1)
             out[key] = value
+        text = self.config.text_config
+        if isinstance(text, MoeTextConfig):
+            # transformers skips the multi-token-prediction layer GLM-4.5 checkpoints may append
+            mtp = f"language_model.layers.{text.num_hidden_layers}."
+            out = stack_experts({k: v for k, v in out.items() if not k.startswith(mtp)}, text.n_routed_experts)
         return out
 
     @property

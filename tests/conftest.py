@@ -17,3 +17,19 @@ def glm4v_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("glm4v-tiny")
     model, processor = tiny.build_checkpoint(path, max_shard_size="400KB")
     return path, model, processor
+
+
+@pytest.fixture(scope="session")
+def glm4v_moe_checkpoint(tmp_path_factory):
+    """A tiny GLM-4.5V (`glm4v_moe`) checkpoint, experts stored one by one, sharded with an index."""
+    path = tmp_path_factory.mktemp("glm4v-moe-tiny")
+    model, processor = tiny.build_checkpoint(path, max_shard_size="400KB", family="glm4v_moe")
+    return path, model, processor
+
+
+@pytest.fixture(scope="session")
+def glm46v_checkpoint(tmp_path_factory):
+    """A tiny `glm46v` checkpoint with the experts' text model, experts fused as transformers 5 saves them."""
+    path = tmp_path_factory.mktemp("glm46v-tiny")
+    model, processor = tiny.build_checkpoint(path, family="glm46v")
+    return path, model, processor

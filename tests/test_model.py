@@ -1,27 +1,33 @@
-"""The MLX model against transformers' Glm4vForConditionalGeneration, in float32.
+"""The MLX model against transformers, in float32, for each family of tiny checkpoint.
 
-Inputs come from transformers' own processor so that these tests isolate the model. Each case
-checks the logits on every real (unpadded) position and 8 greedy tokens decoded with the cache.
+The cases run once per family (tiny.FAMILIES): Glm4vForConditionalGeneration,
+Glm4vMoeForConditionalGeneration and Glm46VForConditionalGeneration (with the experts' text
+model). Inputs come from transformers' own processor so that these tests isolate the model.
+Each case checks the logits on every real (unpadded) position and 8 greedy tokens decoded
+with the cache.
 """
+
+import json
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import tiny
 from mlx_glm4v.errors import Glm4vError
 from mlx_glm4v.loader import load_model
 from mlx_glm4v.rope_index import rope_index, token_types
 
 TOL = 1e-4
 NEW_TOKENS = 8
-WORST = {}  # case -> max |logit difference|, printed at the end of the run
+WORST = {}  # "family: case" -> max |logit difference|, printed at the end of the run
 TOKENS = {}
 
 
-@pytest.fixture(scope="module")
-def setup(glm4v_checkpoint):
-    path, ref, processor = glm4v_checkpoint
+@pytest.fixture(scope="module", params=tiny.FAMILIES)
+def setup(request):
+    path, ref, processor = request.getfixturevalue(f"{request.param}_checkpoint")
     return load_model(path), ref, processor
 
 
@@ -72,6 +78,7 @@ def check(name, model, ref, inputs, ref_logits=None, ref_tokens=None):
     if ref_logits is None:
         with torch.no_grad():
             ref_logits = ref(**{k: torch.tensor(v) for k, v in inputs.items()}).logits.numpy()
+    name = f"{ref.config.model_type}: {name}"
     logits = np.array(model(**our_inputs(inputs)))
     real = inputs["attention_mask"].astype(bool)
     worst = float(np.abs(logits - ref_logits)[real].max())
@@ -239,7 +246,35 @@ def test_load_errors(tmp_path, glm4v_checkpoint):
         load_model(bad)
 
 
+def test_expert_checkpoint_checks(tmp_path, glm4v_moe_checkpoint):
+    """A multi-token-prediction layer after the last one is skipped, as transformers does; a
+    missing expert tensor is named."""
+    import shutil
+
+    import mlx.core as mx
+
+    from mlx_glm4v.loader import read_weights
+
+    src = glm4v_moe_checkpoint[0]
+    weights = read_weights(src)
+    layers = json.loads((src / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    for case in ("mtp", "missing"):
+        path = tmp_path / case
+        shutil.copytree(src, path, ignore=shutil.ignore_patterns("*.safetensors*"))
+        changed = dict(weights)
+        if case == "mtp":
+            changed[f"model.language_model.layers.{layers}.eh_proj.weight"] = mx.zeros((4, 4))
+        else:
+            del changed["model.language_model.layers.1.mlp.experts.3.up_proj.weight"]
+        mx.save_safetensors(str(path / "model.safetensors"), changed)
+        if case == "mtp":
+            load_model(path)
+        else:
+            with pytest.raises(Glm4vError, match=r"layers.1.mlp.switch_mlp.up_proj.weight: .* 7 of the 8 experts"):
+                load_model(path)
+
+
 def test_zzz_report():
     """Prints the worst logit difference per case (run with -s to see it)."""
     for name, worst in WORST.items():
-        print(f"{name:32s} max |logit diff| {worst:.2e}  tokens {TOKENS.get(name)}")
+        print(f"{name:42s} max |logit diff| {worst:.2e}  tokens {TOKENS.get(name)}")

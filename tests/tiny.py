@@ -1,9 +1,11 @@
 """Tiny random GLM-V checkpoints, built with transformers itself, for parity tests.
 
+Three families: `glm4v` (GLM-4.1V), `glm4v_moe` (GLM-4.5V: experts behind the same vision
+tower) and `glm46v` (here with the mixture-of-experts text model and group-limited routing).
 Nothing here is downloaded: the tokenizer is trained on the spot with `tokenizers` and
-carries GLM's special tokens; the chat template renders the same strings as the published
-GLM-4.1V template; the weights are transformers' random init, perturbed so that no norm is
-exactly one and no bias exactly zero.
+carries GLM's special tokens in the family's order; the chat templates render the same
+strings as the published ones; the weights are transformers' random init, perturbed so that
+no norm is exactly one and no bias (the router's correction bias included) exactly zero.
 """
 
 import json
@@ -44,6 +46,142 @@ CHAT_TEMPLATE = """[gMASK]<sop>
 {% if add_generation_prompt %}<|assistant|>
 {% endif %}"""
 
+# The GLM-4.5V / GLM-4.6V chat template, re-typed. Not checked verbatim against the hub file: it is
+# the GLM-V template published with GLM-OCR (same user-turn media markers, `/nothink` and
+# `<think></think>` thinking switch) with GLM-4.5's plain tool-response branch; the closest
+# faithful version found in public sources.
+CHAT_TEMPLATE_45V = r"""[gMASK]<sop>
+{%- if tools -%}
+<|system|>
+# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{% for tool in tools %}
+{{ tool | tojson(ensure_ascii=False) }}
+{% endfor %}
+</tools>
+
+For each function call, output the function name and arguments within the following XML format:
+<tool_call>{function-name}
+<arg_key>{arg-key-1}</arg_key>
+<arg_value>{arg-value-1}</arg_value>
+<arg_key>{arg-key-2}</arg_key>
+<arg_value>{arg-value-2}</arg_value>
+...
+</tool_call>{%- endif -%}
+{%- macro visible_text(content) -%}
+    {%- if content is string -%}
+        {{- content }}
+    {%- elif content is iterable and content is not mapping -%}
+        {%- for item in content -%}
+            {%- if item is mapping and item.type == 'text' -%}
+                {{- item.text }}
+            {%- elif item is mapping and (item.type == 'image' or 'image' in item) -%}
+                <|begin_of_image|><|image|><|end_of_image|>
+            {%- elif item is mapping and (item.type == 'video' or 'video' in item) -%}
+                <|begin_of_video|><|video|><|end_of_video|>
+            {%- elif item is string -%}
+                {{- item }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{- content }}
+    {%- endif -%}
+{%- endmacro -%}
+{%- set ns = namespace(last_user_index=-1) %}
+{%- for m in messages %}
+    {%- if m.role == 'user' %}
+        {% set ns.last_user_index = loop.index0 -%}
+    {%- endif %}
+{%- endfor %}
+{% for m in messages %}
+{%- if m.role == 'user' -%}<|user|>
+{% if m.content is string %}
+{{ m.content }}
+{%- else %}
+{%- for item in m.content %}
+{% if item.type == 'video' or 'video' in item %}
+<|begin_of_video|><|video|><|end_of_video|>{% elif item.type == 'image' or 'image' in item %}
+<|begin_of_image|><|image|><|end_of_image|>{% elif item.type == 'text' %}
+{{ item.text }}
+{%- endif %}
+{%- endfor %}
+{%- endif %}
+{{- '/nothink' if (enable_thinking is defined and not enable_thinking and not visible_text(m.content).endswith("/nothink")) else '' -}}
+{%- elif m.role == 'assistant' -%}
+<|assistant|>
+{%- set reasoning_content = '' %}
+{%- set content = visible_text(m.content) %}
+{%- if m.reasoning_content is string %}
+    {%- set reasoning_content = m.reasoning_content %}
+{%- else %}
+    {%- if '</think>' in content %}
+        {%- set reasoning_content = content.split('</think>')[0].rstrip('
+').split('<think>')[-1].lstrip('
+') %}
+        {%- set content = content.split('</think>')[-1].lstrip('
+') %}
+    {%- endif %}
+{%- endif %}
+{%- if loop.index0 > ns.last_user_index and reasoning_content -%}
+{{ '
+<think>' + reasoning_content.strip() +  '</think>'}}
+{%- else -%}
+{{ '
+<think></think>' }}
+{%- endif -%}
+{%- if content.strip() -%}
+{{ '
+' + content.strip() }}
+{%- endif -%}
+{% if m.tool_calls %}
+{% for tc in m.tool_calls %}
+{%- if tc.function %}
+    {%- set tc = tc.function %}
+{%- endif %}
+{{ '
+<tool_call>' + tc.name }}
+{% set _args = tc.arguments %}
+{% for k, v in _args.items() %}
+<arg_key>{{ k }}</arg_key>
+<arg_value>{{ v | tojson(ensure_ascii=False) if v is not string else v }}</arg_value>
+{% endfor %}
+</tool_call>{% endfor %}
+{% endif %}
+{%- elif m.role == 'tool' -%}
+{%- if m.content is string -%}
+{%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+    {{- '<|observation|>' }}
+{%- endif %}
+{{- '
+<tool_response>
+' }}
+{{- m.content }}
+{{- '
+</tool_response>' }}
+{%- else -%}
+<|observation|>{% for tr in m.content %}
+
+<tool_response>
+{{ tr.output if tr.output is defined else tr }}
+</tool_response>{% endfor -%}
+{% endif -%}
+{%- elif m.role == 'system' -%}
+<|system|>
+{{ visible_text(m.content) }}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+<|assistant|>
+{{'<think></think>
+' if (enable_thinking is defined and not enable_thinking) else ''}}
+{%- endif -%}"""
+
+FAMILIES = ("glm4v", "glm4v_moe", "glm46v")
+
 # GLM-4's special tokens in their published order (151329 onwards in the real vocabulary).
 SPECIAL_TOKENS = [
     "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>",
@@ -56,6 +194,11 @@ SPECIAL_TOKENS = [
     "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>", "/nothink",
     "<|begin_of_box|>", "<|end_of_box|>", "<answer>", "</answer>",
 ]
+# GLM-4.5V's order [3P]: audio markers where GLM-4.1V has <|image|> and <|video|>, which come last
+# (151363 and 151364 in the real vocabulary), and no answer tags.
+SPECIAL_TOKENS_45V = [
+    t for t in SPECIAL_TOKENS if t not in ("<|image|>", "<|video|>", "<answer>", "</answer>")
+] + ["<|image|>", "<|video|>"]
 
 # Text weights five times wider than transformers' default (0.02): the logits of a random model
 # then spread enough that greedy decoding follows the context instead of repeating one token.
@@ -63,6 +206,8 @@ SPECIAL_TOKENS = [
 # different summation orders in torch and MLX) grows past 1e-4 in the logits.
 TEXT_INIT_RANGE = 0.1
 VISION_INIT_RANGE = 0.02
+# The routers' correction bias: about the spread of the sigmoid scores between experts.
+ROUTER_BIAS_SCALE = 0.1
 
 _CORPUS = [
     "Describe this image in detail. What is shown in the picture?",
@@ -75,7 +220,7 @@ _CORPUS = [
 ]
 
 
-def build_tokenizer(path: Path, vocab_size: int = 320):
+def build_tokenizer(path: Path, vocab_size: int = 320, special_tokens=SPECIAL_TOKENS):
     """Train a small byte-level BPE carrying GLM's special tokens; returns the fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -89,7 +234,7 @@ def build_tokenizer(path: Path, vocab_size: int = 320):
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
-    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.add_special_tokens(special_tokens)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|endoftext|>",
@@ -125,6 +270,30 @@ def text_config(vocab_size: int, pad_id: int, eos_ids: list, **overrides) -> dic
     return cfg
 
 
+def moe_text_config(vocab_size: int, pad_id: int, eos_ids: list, **overrides) -> dict:
+    """GLM-4.5V's shape in small: one dense layer, then 8 experts with top-2 routing and a shared
+    expert; head_dim apart from hidden/heads, as the real 128 against 4096/96. Experts half as
+    wide as hidden: narrower, their output is small beside attention's, and greedy decoding
+    after a long image prefix repeats one token."""
+    cfg = text_config(
+        vocab_size, pad_id, eos_ids,
+        num_hidden_layers=3,
+        head_dim=48,
+        first_k_dense_replace=1,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        n_shared_experts=1,
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.0,
+    )
+    cfg["rope_parameters"] = {**cfg["rope_parameters"], "mrope_section": [4, 4, 4]}  # half of 48 * 0.5
+    cfg.update(overrides)
+    return cfg
+
+
 def vision_config(out_hidden_size: int = 128, **overrides) -> dict:
     cfg = dict(
         depth=2,
@@ -145,7 +314,11 @@ def vision_config(out_hidden_size: int = 128, **overrides) -> dict:
 
 
 def perturb_(model, seed: int = 0, scale: float = 0.1):
-    """Move every norm weight off 1 and every bias off 0, so a port that drops one is caught."""
+    """Move every norm weight off 1 and every bias off 0, so a port that drops one is caught.
+
+    The routers' correction bias (a buffer) moves too, by as much as the sigmoid scores differ
+    between experts, so that it changes which experts win.
+    """
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -153,6 +326,9 @@ def perturb_(model, seed: int = 0, scale: float = 0.1):
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn(p.shape, generator=gen) * scale)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.add_(torch.randn(b.shape, generator=gen) * ROUTER_BIAS_SCALE)
 
 
 def token_ids(tokenizer) -> dict:
@@ -172,7 +348,7 @@ def eos_ids(tokenizer) -> list:
     return [ids("<|endoftext|>"), ids("<|user|>"), ids("<|observation|>")]
 
 
-def build_processor(tokenizer, image_kwargs=None, video_kwargs=None):
+def build_processor(tokenizer, image_kwargs=None, video_kwargs=None, chat_template=CHAT_TEMPLATE):
     from transformers import Glm4vImageProcessor, Glm4vProcessor, Glm4vVideoProcessor
 
     image_kwargs = {"size": {"shortest_edge": 12544, "longest_edge": 9633792}, **(image_kwargs or {})}
@@ -181,39 +357,58 @@ def build_processor(tokenizer, image_kwargs=None, video_kwargs=None):
         image_processor=Glm4vImageProcessor(**image_kwargs),
         tokenizer=tokenizer,
         video_processor=Glm4vVideoProcessor(**video_kwargs),
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
     )
 
 
-def build_checkpoint(path, seed: int = 0, max_shard_size: str | None = None, processor_layout: str = "v5"):
-    """Write a tiny GLM-4.1V checkpoint (weights, configs, tokenizer, processor) to `path`.
+def model_class_and_config(family: str, tokenizer):
+    """transformers' model class and config of a tiny checkpoint of `family` (see FAMILIES)."""
+    import transformers as tf
+
+    vocab, pad, eos = len(tokenizer), tokenizer.convert_tokens_to_ids("<|endoftext|>"), eos_ids(tokenizer)
+    ids = token_ids(tokenizer)
+    if family == "glm4v":
+        config = tf.Glm4vConfig(text_config=text_config(vocab, pad, eos), vision_config=vision_config(), **ids)
+        return tf.Glm4vForConditionalGeneration, config
+    if family == "glm4v_moe":
+        config = tf.Glm4vMoeConfig(text_config=moe_text_config(vocab, pad, eos), vision_config=vision_config(), **ids)
+        return tf.Glm4vMoeForConditionalGeneration, config
+    # glm46v takes its text model's kind from text_config.model_type; here the experts, routed
+    # within the best 2 of 4 groups, scaled, with two shared experts.
+    text = moe_text_config(
+        vocab, pad, eos, model_type="glm4v_moe_text",
+        n_group=4, topk_group=2, routed_scaling_factor=2.5, n_shared_experts=2,
+    )
+    return tf.Glm46VForConditionalGeneration, tf.Glm46VConfig(text_config=text, vision_config=vision_config(), **ids)
+
+
+def build_checkpoint(
+    path, seed: int = 0, max_shard_size: str | None = None, processor_layout: str = "v5", family: str = "glm4v"
+):
+    """Write a tiny checkpoint of `family` (weights, configs, tokenizer, processor) to `path`.
 
     processor_layout "v5" is what transformers 5 saves (processor_config.json); "hub" writes the
     published pair preprocessor_config.json + video_preprocessor_config.json.
+    transformers 5 saves glm4v_moe experts one by one (the published layout) and glm46v's fused.
     Returns (torch model in float32 eval mode, transformers processor).
     """
     import torch
-    from transformers import Glm4vConfig, Glm4vForConditionalGeneration, GenerationConfig
+    from transformers import GenerationConfig
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(path)
-    vocab = len(tokenizer)
-    pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    eos = eos_ids(tokenizer)
-    config = Glm4vConfig(
-        text_config=text_config(vocab, pad, eos),
-        vision_config=vision_config(),
-        **token_ids(tokenizer),
-    )
+    glm41v = family == "glm4v"
+    tokenizer = build_tokenizer(path, special_tokens=SPECIAL_TOKENS if glm41v else SPECIAL_TOKENS_45V)
+    pad, eos = tokenizer.convert_tokens_to_ids("<|endoftext|>"), eos_ids(tokenizer)
+    model_class, config = model_class_and_config(family, tokenizer)
     torch.manual_seed(seed)
-    model = Glm4vForConditionalGeneration(config).eval()
+    model = model_class(config).eval()
     perturb_(model, seed)
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad, do_sample=False)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
 
-    processor = build_processor(tokenizer)
+    processor = build_processor(tokenizer, chat_template=CHAT_TEMPLATE if glm41v else CHAT_TEMPLATE_45V)
     processor.save_pretrained(path)
     if processor_layout == "hub":
         _rewrite_as_hub_layout(path, processor)

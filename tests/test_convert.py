@@ -1,0 +1,354 @@
+"""Conversion and quantization (issue #5), from a tiny float32 checkpoint transformers wrote.
+
+Each conversion is loaded and run on an image prompt. Its logits must equal, bit for bit, those
+of the source model cast and quantized the same way in memory (so writing and reading lose
+nothing), and come close to the float32 transformers reference: a minimum cosine similarity
+over positions, since bfloat16 and quantized weights cannot be exact.
+
+The checkpoint here uses transformers' default init range for the text weights (0.02), not the
+wider one of the shared fixture: that one is so ill-conditioned that transformers itself, run in
+bfloat16, only reaches a cosine similarity of 0.9996 to its float32 logits.
+
+Checkpoints laid out as mlx-vlm writes them are built here by renaming keys and moving
+convolutions channels-last, as mlx-vlm's own `sanitize` does.
+"""
+
+import importlib
+import json
+import shutil
+from dataclasses import replace
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import tiny
+from mlx_glm4v.cli import app
+from mlx_glm4v.errors import Glm4vError
+from mlx_glm4v.loader import load, load_model
+from test_model import our_inputs, picture, prepare, user
+
+conversion = importlib.import_module("mlx_glm4v.convert")  # the module: the package's `convert` is the function
+
+# case -> (convert options, minimum cosine similarity of the logits at any position)
+CASES = {
+    "bfloat16": (dict(dtype="bfloat16"), 0.9999),
+    "8-bit": (dict(quantize=True, q_bits=8, dtype="bfloat16"), 0.999),
+    "mixed_4_8": (dict(quant_recipe="mixed_4_8", q_group_size=32, dtype="bfloat16"), 0.90),
+    "4-bit": (dict(quantize=True, q_bits=4, q_group_size=32, dtype="bfloat16"), 0.90),
+    "4-bit, vision too": (dict(quantize=True, q_group_size=32, quantize_vision=True, dtype="bfloat16"), 0.90),
+}
+
+# case -> {layer: bits, or None where it must stay in floats}
+LAYERS = {
+    "8-bit": {  # group 64 does not divide 96: the text down_proj and the merger's stay in floats
+        "language_model.embed_tokens": 8, "lm_head": 8,
+        "language_model.layers.0.self_attn.q_proj": 8, "language_model.layers.0.mlp.gate_up_proj": 8,
+        "language_model.layers.0.mlp.down_proj": None, "visual.merger.down_proj": None,
+        "visual.blocks.0.attn.qkv": None, "visual.merger.gate_proj": None,
+    },
+    "mixed_4_8": {  # 2 layers: layer 1 is in the last eighth, so its v_proj and down_proj get 8 bits
+        "language_model.embed_tokens": 8, "lm_head": 8,
+        "language_model.layers.0.self_attn.v_proj": 4, "language_model.layers.1.self_attn.v_proj": 8,
+        "language_model.layers.0.mlp.down_proj": 4, "language_model.layers.1.mlp.down_proj": 8,
+        "language_model.layers.1.mlp.gate_up_proj": 4, "visual.blocks.0.attn.qkv": None,
+    },
+    "4-bit": {
+        "language_model.layers.0.mlp.down_proj": 4, "language_model.layers.1.self_attn.o_proj": 4,
+        "visual.blocks.0.attn.qkv": None, "visual.merger.proj": None,
+    },
+    "4-bit, vision too": {
+        "visual.blocks.0.attn.qkv": 4, "visual.blocks.1.mlp.down_proj": 4, "visual.merger.down_proj": 4,
+        "visual.merger.proj": 4, "language_model.layers.0.mlp.down_proj": 4,
+    },
+}
+
+
+def run(model, inputs) -> np.ndarray:
+    return np.array(model(**our_inputs(inputs)).astype(mx.float32))
+
+
+def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.reshape(-1, a.shape[-1]).astype(np.float64), b.reshape(-1, b.shape[-1]).astype(np.float64)
+    return float(((a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))).min())
+
+
+def all_tensors(path) -> dict:
+    out = {}
+    for f in path.glob("*.safetensors"):
+        out.update(mx.load(str(f)))
+    return out
+
+
+def disk_size(path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def bits_of(model, path):
+    module = dict(model.named_modules())[path]
+    return module.bits if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)) else None
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny GLM-4.1V checkpoint as conftest's, but with text weights at transformers' default init range."""
+    path = tmp_path_factory.mktemp("glm4v-tiny-default-init")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tiny, "TEXT_INIT_RANGE", 0.02)
+        model, processor = tiny.build_checkpoint(path, max_shard_size="400KB")
+    return path, model, processor
+
+
+@pytest.fixture(scope="module")
+def source(checkpoint):
+    """(checkpoint path, image-prompt inputs, float32 reference logits)."""
+    path, ref, processor = checkpoint
+    inputs = prepare(processor, [user("image", "Describe this image.")], images=[picture(200, 300)])
+    with torch.no_grad():
+        logits = ref(**{k: torch.tensor(v) for k, v in inputs.items()}).logits.numpy()
+    return path, inputs, logits
+
+
+@pytest.fixture(scope="module")
+def converted(source, tmp_path_factory):
+    """case -> output directory, every case of CASES converted once (the 8-bit one through the CLI)."""
+    src = source[0]
+    root = tmp_path_factory.mktemp("converted")
+    outs = {}
+    for i, (name, (options, _)) in enumerate(CASES.items()):
+        outs[name] = root / f"case{i}"
+        if name == "8-bit":
+            args = ["convert", "--hf-path", str(src), "--mlx-path", str(outs[name]), "-q", "--q-bits", "8", "--dtype", "bfloat16"]
+            result = CliRunner().invoke(app, args)
+            assert result.exit_code == 0, result.output
+            assert "bits per weight" in result.stdout
+        else:
+            conversion.convert(str(src), str(outs[name]), **options)
+    return outs
+
+
+def in_memory(src, options):
+    """The source model cast and quantized as `options` ask, without writing anything."""
+    model = load_model(src, dtype=getattr(mx, options["dtype"]))
+    if options.get("quantize") or options.get("quant_recipe"):
+        plan = conversion.quantization_options(options.get("q_bits"), options.get("q_group_size"), "affine",
+                                               options.get("quant_recipe"), options.get("quantize_vision", False))
+        plan = replace(plan, num_layers=len(model.layers))
+        nn.quantize(model, class_predicate=lambda path, module: plan.settings(path, module) or False)
+    return model
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_conversion_loads_and_runs_close_to_reference(case, source, converted):
+    src, inputs, ref_logits = source
+    model = load_model(converted[case])
+    logits = run(model, inputs)
+    np.testing.assert_array_equal(logits, run(in_memory(src, CASES[case][0]), inputs))
+    cosine = min_cosine(logits, ref_logits)
+    assert cosine >= CASES[case][1], f"{case}: min cosine similarity {cosine:.6f}"
+    for path, bits in LAYERS.get(case, {}).items():
+        assert bits_of(model, path) == bits, f"{case}: {path} has {bits_of(model, path)} bits, expected {bits}"
+    modules = dict(model.named_modules())
+    assert isinstance(modules["visual.patch_embed.proj"], nn.Conv3d)
+    assert isinstance(modules["visual.downsample"], nn.Conv2d)
+    assert type(modules["visual.embeddings.position_embedding"]) is nn.Embedding
+    print(f"{case:20s} min cosine {cosine:.6f}  {disk_size(converted[case]):>8d} bytes")
+
+
+def test_weights_shrink_with_bits(converted):
+    sizes = [disk_size(converted[case]) for case in CASES]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes), dict(zip(CASES, sizes))
+
+
+def test_quantization_recorded_as_mlx_lm_does(converted):
+    config = json.loads((converted["mixed_4_8"] / "config.json").read_text())
+    q = config["quantization"]
+    assert config["quantization_config"] == q
+    assert {k: q[k] for k in ("group_size", "bits", "mode")} == {"group_size": 32, "bits": 4, "mode": "affine"}
+    assert q["lm_head"] == q["language_model.embed_tokens"] == {"group_size": 32, "bits": 8, "mode": "affine"}
+    assert "language_model.layers.0.self_attn.v_proj" not in q  # at the global settings: no entry
+    config = json.loads((converted["8-bit"] / "config.json").read_text())
+    assert config["quantization"] == {"group_size": 64, "bits": 8, "mode": "affine"}
+    assert config["dtype"] == "bfloat16"
+    assert "quantization" not in json.loads((converted["bfloat16"] / "config.json").read_text())
+
+
+def test_float32_copy_is_exact_and_complete(source, checkpoint, tmp_path, monkeypatch):
+    """dtype kept, our names and layouts, sharded with an index, side files copied, loads with its processor."""
+    import mlx_glm4v
+
+    src, inputs, _ = source
+    monkeypatch.setattr(conversion, "MAX_SHARD_BYTES", 400_000)
+    out = mlx_glm4v.convert(str(src), str(tmp_path / "f32"))
+    model, processor = load(str(out))
+    np.testing.assert_array_equal(run(model, inputs), run(load_model(src), inputs))
+
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) >= 3 and {s.name for s in shards} == set(index["weight_map"].values())
+    assert all(s.name.endswith(f"-of-{len(shards):05d}.safetensors") for s in shards)
+    stored = {}
+    for s in shards:
+        tensors = mx.load(str(s))
+        assert sum(v.nbytes for v in tensors.values()) <= 400_000
+        stored.update(tensors)
+    assert sorted(stored) == sorted(index["weight_map"])
+    assert index["metadata"]["total_size"] == sum(v.nbytes for v in stored.values())
+    assert stored["visual.patch_embed.proj.weight"].shape == (64, 2, 14, 14, 3)  # channels-last
+    assert stored["visual.downsample.weight"].shape == (128, 2, 2, 64)
+    assert all(v.dtype == mx.float32 for v in stored.values())
+    assert all(k.split(".")[0] in ("visual", "language_model", "lm_head") for k in stored)
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json",
+                 "generation_config.json"):
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    assert "mlx-glm4v" in (out / "README.md").read_text()
+    conversation = user("image", "hi")
+    assert processor.apply_chat_template(conversation) == checkpoint[2].apply_chat_template(
+        conversation, add_generation_prompt=True)
+    assert not list(tmp_path.glob(".*"))  # no temporary sibling left
+
+
+def mlx_vlm_name(key: str) -> str:
+    """Our tensor or module name as mlx-vlm's glm4v stores it."""
+    for ours, theirs in (("visual.", "vision_tower."), ("language_model.", "language_model.model."),
+                         ("lm_head", "language_model.lm_head")):
+        if key.startswith(ours):
+            return theirs + key[len(ours):]
+    return key
+
+
+def as_mlx_vlm(ours, out, tensors: dict):
+    """Write `tensors` (mlx-vlm names) as one model.safetensors beside `ours`' other files, with
+    the per-layer quantization entries renamed and without `mode`, as mlx-vlm's recipes write them."""
+    shutil.copytree(ours, out, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    mx.save_safetensors(str(out / "model.safetensors"), tensors, metadata={"format": "mlx"})
+    config = json.loads((out / "config.json").read_text())
+    if "quantization" in config:
+        q = {mlx_vlm_name(k): ({kk: vv for kk, vv in v.items() if kk != "mode"} if isinstance(v, dict) else v)
+             for k, v in config["quantization"].items()}
+        config["quantization"] = config["quantization_config"] = q
+    (out / "config.json").write_text(json.dumps(config))
+
+
+def test_mlx_vlm_float_layout_loads_exactly(source, tmp_path):
+    src, inputs, _ = source
+    hf = load_model(src)  # tensors under our names, read from transformers' layout
+    tensors = {}
+    for key, value in all_tensors(src).items():
+        key = key.replace("model.visual.", "vision_tower.").replace("model.language_model.", "language_model.model.")
+        key = "language_model.lm_head.weight" if key == "lm_head.weight" else key
+        if key.endswith(("patch_embed.proj.weight", "downsample.weight")):
+            value = value.transpose(0, *range(2, value.ndim), 1)  # mlx-vlm stores convolutions channels-last
+        tensors[key] = value
+    assert any(k.startswith("vision_tower.") for k in tensors) and "language_model.lm_head.weight" in tensors
+    as_mlx_vlm(src, tmp_path / "vlm", tensors)
+    np.testing.assert_array_equal(run(load_model(tmp_path / "vlm"), inputs), run(hf, inputs))
+
+
+def test_mlx_vlm_quantized_layout_loads_exactly(source, converted, tmp_path):
+    _, inputs, _ = source
+    ours = converted["mixed_4_8"]
+    as_mlx_vlm(ours, tmp_path / "vlm", {mlx_vlm_name(k): v for k, v in all_tensors(ours).items()})
+    config = json.loads((tmp_path / "vlm" / "config.json").read_text())
+    assert config["quantization"]["language_model.lm_head"] == {"group_size": 32, "bits": 8}
+    theirs, mine = load_model(tmp_path / "vlm"), load_model(ours)
+    np.testing.assert_array_equal(run(theirs, inputs), run(mine, inputs))
+    for path in LAYERS["mixed_4_8"]:
+        assert bits_of(theirs, path) == bits_of(mine, path), path
+
+
+def test_quantized_checkpoint_reconverts_and_dequantizes(source, converted, tmp_path):
+    _, inputs, _ = source
+    q8 = converted["8-bit"]
+    quantized = run(load_model(q8), inputs)
+
+    again = conversion.convert(str(q8), str(tmp_path / "again"))
+    assert json.loads((again / "config.json").read_text())["quantization"]["bits"] == 8
+    np.testing.assert_array_equal(run(load_model(again), inputs), quantized)
+
+    floats = conversion.convert(str(q8), str(tmp_path / "floats"), dequantize=True, dtype="float32")
+    assert "quantization" not in json.loads((floats / "config.json").read_text())
+    model = load_model(floats)
+    assert not any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+    assert min_cosine(run(model, inputs), run(load_model(q8, mx.float32), inputs)) >= 0.999999
+
+    with pytest.raises(Glm4vError, match="already quantized"):
+        conversion.convert(str(q8), str(tmp_path / "twice"), quantize=True)
+    with pytest.raises(Glm4vError, match="nothing to --dequantize"):
+        conversion.convert(str(source[0]), str(tmp_path / "none"), dequantize=True)
+
+
+def test_interrupted_conversion_leaves_nothing(source, tmp_path, monkeypatch):
+    src = source[0]
+
+    def disk_full(*args):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(conversion, "_save_shard", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        conversion.convert(str(src), str(tmp_path / "out"), quantize=True)
+    assert list(tmp_path.iterdir()) == []
+
+    old = tmp_path / "old"  # a --force run that fails leaves the previous output as it was
+    old.mkdir()
+    (old / "keep.txt").write_text("previous")
+    with pytest.raises(OSError, match="No space"):
+        conversion.convert(str(src), str(old), force=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["old"] and (old / "keep.txt").read_text() == "previous"
+
+
+def test_existing_output_needs_force(source, tmp_path):
+    src = source[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "something.txt").write_text("mine")
+    with pytest.raises(Glm4vError, match="not empty; pass --force"):
+        conversion.convert(str(src), str(out))
+    assert (out / "something.txt").exists()
+    conversion.convert(str(src), str(out), force=True)
+    assert not (out / "something.txt").exists() and (out / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(Glm4vError, match="holds the source checkpoint"):
+        conversion.convert(str(src), str(src), force=True)
+
+
+@pytest.mark.parametrize("options, message", [
+    (["-q", "--q-bits", "7"], "--q-bits 7 is not supported"),
+    (["-q", "--q-group-size", "48"], "--q-group-size 48 is not supported"),
+    (["-q", "--q-mode", "int4"], "--q-mode 'int4' is not one of"),
+    (["-q", "--q-mode", "mxfp4", "--q-bits", "8"], "--q-mode mxfp4 fixes"),
+    (["--quant-recipe", "mixed_6_4"], "--quant-recipe 'mixed_6_4' is not"),
+    (["--q-bits", "8"], "need -q"),
+    (["--dtype", "int8"], "--dtype 'int8' is not one of"),
+    (["-q", "--dequantize"], "exclude each other"),
+])
+def test_bad_options_are_one_line_errors(source, tmp_path, options, message):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["convert", "--hf-path", str(source[0]), "--mlx-path", str(out), *options])
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and message in result.stderr
+    assert not out.exists()
+
+
+def test_float16_warns(source, tmp_path):
+    with pytest.warns(UserWarning, match="overflow in float16.*bfloat16"):
+        out = conversion.convert(str(source[0]), str(tmp_path / "f16"), dtype="float16")
+    assert mx.load(str(out / "model.safetensors"))["lm_head.weight"].dtype == mx.float16
+
+
+def test_converted_directory_runs_generate(converted, tmp_path):
+    import subprocess
+    import sys
+
+    image = tmp_path / "picture.png"
+    picture(90, 120).save(image)
+    out = converted["4-bit, vision too"]
+    command = [sys.executable, "-m", "mlx_glm4v.cli", "generate", "--model", str(out), "--image", str(image),
+               "--prompt", "hi", "--max-tokens", "3", "--json"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["generation_tokens"] == 3
