@@ -48,11 +48,12 @@ class PromptCache(list):
     def can_trim(self) -> bool:
         return all(c.is_trimmable() for c in self)
 
-    def trim(self, n: int):
-        """Forget the last n tokens (text tokens: one position each)."""
+    def trim(self, n: int, next_position=None):
+        """Forget the last n tokens. Text tokens take one position each; across an image or a
+        video the caller gives the position where the sequence now continues."""
         for c in self:
             c.trim(n)
-        self.next_position = self.next_position - n
+        self.next_position = self.next_position - n if next_position is None else next_position
 
     def protect(self, n: int):
         """Let a rotating cache keep its first n tokens from now on, if it has not dropped any yet."""

@@ -7,6 +7,7 @@ are never encoded again, and a reply whose thinking was dropped is re-read as te
 """
 
 import re
+from dataclasses import dataclass, replace
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -15,15 +16,16 @@ from .cache import PromptCache
 from .generate import (
     GenerationResponse,
     kept_prefix,
-    media_end,
     new_cache,
     sampling,
     stop_token_ids,
     stream_tokens,
     user_message,
 )
+from .media import FeatureMemo, MediaItem, media_items, media_spans
 from .model import Model
 from .processor import Processor
+from .rope_index import IMAGE, VIDEO, rope_index, token_types
 
 _THINKING = re.compile(r"<think>.*?(</think>|$)", re.DOTALL)
 
@@ -31,6 +33,26 @@ _THINKING = re.compile(r"<think>.*?(</think>|$)", re.DOTALL)
 def drop_thinking(text: str) -> str:
     """A reply as it goes back into the history: without its <think>…</think> part."""
     return _THINKING.sub("", text).strip()
+
+
+@dataclass
+class MediaSpan:
+    """An image or video at tokens [start, end) of the conversation; `item` holds its pixels
+    while they may still need encoding."""
+
+    kind: int
+    start: int
+    end: int
+    item: Optional[MediaItem]
+    digest: bytes = b""
+    grid: Optional[np.ndarray] = None
+
+    def __post_init__(self):
+        if self.item is not None:
+            self.digest, self.grid = self.item.digest, self.item.grid
+
+    def without_pixels(self) -> "MediaSpan":
+        return replace(self, item=None)
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -80,14 +102,21 @@ class ChatSession:
                                  prompt_lookup=prompt_lookup)
         self.template_kwargs = template_kwargs or {}
         self.media_kwargs = media_kwargs or {}
+        self.cache: Optional[PromptCache] = None
+        self.cache_ids: list = []  # the tokens the cache holds, in order
+        self.cache_media: list = []  # and its images and videos (MediaSpan)
+        self.vision_memo = FeatureMemo()
         self.reset()
 
     def reset(self):
-        """Forget the conversation (the system prompt stays)."""
+        """Forget the conversation (the system prompt stays).
+
+        The KV cache and the vision features stay behind the scenes: a new conversation that
+        starts the same way (same system prompt, same image) reuses them.
+        """
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
-        self.cache: Optional[PromptCache] = None
-        self.cache_ids: list = []  # the tokens the cache holds, in order
         self.history_ids: list = []  # the conversation as the template renders it, tokenized
+        self.history_media: list = []  # its images and videos (MediaSpan)
         self.rendered = ""  # ... and as text
         self.tokens_processed = 0  # prompt tokens run through the model in the last turn
 
@@ -97,56 +126,109 @@ class ChatSession:
     def ask(self, text: str, images: Sequence = (), videos: Sequence = ()) -> Iterator[GenerationResponse]:
         self.messages.append(user_message(text, images, videos))
         full = self.render(add_generation_prompt=True)
-        target, common, inputs = self._plan(full, images, videos)
+        target, media, common, inputs = self._plan(full, list(images), list(videos))
         new_ids = target[common:]
         feed = {**inputs, "input_ids": np.array([new_ids]), "attention_mask": np.ones((1, len(new_ids)), np.int32)}
-        feed.pop("mm_token_type_ids", None)
         self.tokens_processed = len(new_ids)
         before = self.cache.offset
         reply = []
         try:
             for response in stream_tokens(self.model, self.processor, feed, self.cache, stop_ids=self.stop_ids,
-                                          stop=self.stop, sampler=self.sampler,
-                                          logits_processors=self.logits_processors, **self.step_options):
+                                          stop=self.stop, sampler=self.sampler, logits_processors=self.logits_processors,
+                                          vision_memo=self.vision_memo, **self.step_options):
                 reply.append(response)
                 yield response
         finally:
-            self._settle(full, target, before, len(new_ids), reply)
+            self._settle(full, target, media, before, len(new_ids), reply)
 
-    def _plan(self, full: str, images, videos):
-        """(target ids of the whole conversation, how many the cache already holds, processor outputs)."""
+    def _plan(self, full: str, images: list, videos: list):
+        """What to run: the target tokens of the whole conversation, their media, how many of
+        them the cache already holds (it is trimmed to that) and the pixels still to encode."""
         if self.cache is not None and full.startswith(self.rendered):
-            inputs = self.processor(full[len(self.rendered):], images=list(images), videos=list(videos), **self.media_kwargs)
-            target = self.history_ids + inputs["input_ids"][0].tolist()
-            common = common_prefix(self.cache_ids, target)
-            if common < len(self.cache_ids) and not self.cache.can_trim:
-                # A rotated cache cannot forget: the next turn follows what it holds.
-                target, common = self.cache_ids + inputs["input_ids"][0].tolist(), len(self.cache_ids)
-            elif common < len(self.cache_ids):
-                self.cache.trim(len(self.cache_ids) - common)
-                self.cache_ids = self.cache_ids[:common]
-            if common >= media_end(self.model, self.history_ids):
-                self.cache.protect(kept_prefix(self.model, self.processor, target))
-                return target, common, inputs
-        # First turn, or the cache cannot be reused: render and encode everything afresh.
-        all_images, all_videos = self.processor.media_from_messages(self.messages)
-        inputs = self.processor(full, images=all_images, videos=all_videos, **self.media_kwargs)
+            inputs = self._process(full[len(self.rendered):], images, videos)
+            ids = inputs["input_ids"][0].tolist()
+            base, base_media = self.history_ids, self.history_media
+            if not self.cache.can_trim and common_prefix(self.cache_ids, base) < len(self.cache_ids):
+                base, base_media = self.cache_ids, self.cache_media  # a rotated cache cannot forget: follow it
+            target, media = base + ids, base_media + self._spans(ids, inputs, len(base))
+            common = self._reuse(target, media)
+            if common >= max((m.end for m in base_media), default=0):
+                return target, media, common, self._pixels_after(media, common)
+        # First turn, or earlier media must be run again: process the whole conversation.
+        images, videos = self.processor.media_from_messages(self.messages)
+        inputs = self._process(full, images, videos)
         target = inputs["input_ids"][0].tolist()
-        self.cache = new_cache(self.model, self.processor, target, self.max_kv_size, self.kv_bits)
-        self.cache_ids = []
-        return target, 0, inputs
+        media = self._spans(target, inputs, 0)
+        common = self._reuse(target, media)
+        return target, media, common, self._pixels_after(media, common)
 
-    def _settle(self, full: str, target: list, before: int, n_new: int, reply: list):
+    def _process(self, text: str, images: list, videos: list) -> dict:
+        return self.processor(text, images=images, videos=videos, **self.media_kwargs)
+
+    def _spans(self, ids: list, inputs: dict, offset: int) -> list:
+        """The media of `ids` (processed into `inputs`) with their places in the conversation."""
+        cfg = self.model.config
+        types = token_types(np.array(ids), cfg.image_token_id, cfg.video_start_token_id, cfg.video_end_token_id)
+        items = media_items(inputs.get("pixel_values"), inputs.get("image_grid_thw"),
+                            inputs.get("pixel_values_videos"), inputs.get("video_grid_thw"))
+        queues = {kind: iter([i for i in items if i.kind == kind]) for kind in (IMAGE, VIDEO)}
+        spans = media_spans(types, ids, cfg.video_start_token_id, cfg.video_end_token_id)
+        return [MediaSpan(kind, start + offset, end + offset, next(queues[kind])) for kind, start, end in spans]
+
+    def _reuse(self, target: list, media: list) -> int:
+        """Trim the cache to the longest prefix it shares with `target` (the same media at the
+        same places included, never half a medium), or start a new cache; returns that length."""
+        common = 0
+        if self.cache is not None:
+            common = common_prefix(self.cache_ids, target)
+            shown = {m.start: m.digest for m in media}
+            for m in self.cache_media:
+                if m.start < common and (m.end > common or shown.get(m.start) != m.digest):
+                    common = m.start
+                    break
+            if common < len(self.cache_ids):
+                if self.cache.can_trim:
+                    self.cache.trim(len(self.cache_ids) - common, self._position_after(target, media, common))
+                else:
+                    self.cache, common = None, 0
+        if self.cache is None:
+            self.cache = new_cache(self.model, self.processor, target, self.max_kv_size, self.kv_bits)
+        self.cache.protect(kept_prefix(self.model, self.processor, target))
+        self.cache_ids, self.cache_media = target[:common], [m for m in media if m.end <= common]
+        return common
+
+    def _position_after(self, target: list, media: list, n: int):
+        """Where the conversation continues in M-RoPE space after its first n tokens."""
+        cfg = self.model.config
+        ids = np.array([target[:n]])
+        grids = {kind: [m.grid for m in media if m.kind == kind and m.end <= n] or None for kind in (IMAGE, VIDEO)}
+        types = token_types(ids, cfg.image_token_id, cfg.video_start_token_id, cfg.video_end_token_id)
+        return rope_index(ids, types, grids[IMAGE], grids[VIDEO], None, cfg.vision_config.spatial_merge_size)[1]
+
+    @staticmethod
+    def _pixels_after(media: list, common: int) -> dict:
+        """Processor outputs for the media from token `common` on; those before are in the cache."""
+        out = {}
+        for kind, rows, grids in ((IMAGE, "pixel_values", "image_grid_thw"), (VIDEO, "pixel_values_videos", "video_grid_thw")):
+            items = [m.item for m in media if m.kind == kind and m.start >= common]
+            if items:
+                out[rows] = np.concatenate([i.rows for i in items])
+                out[grids] = np.stack([i.grid for i in items])
+        return out
+
+    def _settle(self, full: str, target: list, media: list, before: int, n_new: int, reply: list):
         """Record what the cache now holds and the reply as the history renders it."""
+        media = [m.without_pixels() for m in media]
         if len({c.offset for c in self.cache}) > 1:  # interrupted between layers: start afresh next turn
             self.cache = None
         else:
             fed = self.cache.offset - before - n_new
             tokens = [r.token for r in reply if r.token is not None]
-            self.cache_ids = target + tokens[:max(fed, 0)]
+            self.cache_ids, self.cache_media = target + tokens[:max(fed, 0)], media
         self.messages.append({"role": "assistant", "content": drop_thinking("".join(r.text for r in reply))})
         self.rendered = self.render(add_generation_prompt=False)
         if self.rendered.startswith(full):
             self.history_ids = target + self.processor.tokenizer.encode(self.rendered[len(full):])
-        else:
-            self.cache = None
+            self.history_media = media
+        else:  # a template that rewrites earlier turns: the next turn processes everything
+            self.rendered, self.history_ids, self.history_media = "\0", [], []

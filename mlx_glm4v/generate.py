@@ -84,11 +84,13 @@ def generate_step(
     kv_group_size: int = 64,
     quantized_kv_start: int = 0,
     prompt_lookup: int = 0,
+    vision_memo=None,
 ) -> Iterator[tuple]:
     """Yield (token id, log-probabilities) for a prompt given as processor outputs (batch of one).
 
     With `prompt_lookup` > 0, drafts of that many tokens copied from earlier in the
-    conversation are checked in one forward pass (see `lookup_decode`).
+    conversation are checked in one forward pass (see `lookup_decode`). Media whose features
+    are in `vision_memo` (a `FeatureMemo`) are not encoded again.
     """
     sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
 
@@ -101,7 +103,8 @@ def generate_step(
 
     with mx.stream(generation_stream):
         prompt_ids = mx.array(inputs["input_ids"]).reshape(-1)
-        prompt = model.prepare(**{k: v for k, v in inputs.items() if k != "mm_token_type_ids"}, cache=cache)
+        model_inputs = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
+        prompt = model.prepare(**model_inputs, cache=cache, vision_memo=vision_memo)
         first = sample(prefill(model, prompt, cache, prefill_step_size), prompt_ids)
         if prompt_lookup > 0:
             yield from lookup_decode(model, cache, first, sample, prompt_ids, max_tokens, prompt_lookup)

@@ -19,6 +19,7 @@ from mlx_lm.models.base import create_causal_mask
 from .cache import PromptCache, left_padding, make_prompt_cache
 from .config import ModelConfig, MoeTextConfig
 from .language import TextModel, multimodal_rope, text_rope
+from .media import FeatureMemo, media_items
 from .moe import MoeTextModel, stack_experts
 from .rope_index import IMAGE, VIDEO, frame_grids, rope_index, token_types
 from .vision import VisionModel
@@ -99,23 +100,31 @@ class Model(nn.Module):
     def make_cache(self, max_kv_size: Optional[int] = None, keep: int = 0) -> PromptCache:
         return make_prompt_cache(len(self.layers), max_kv_size, keep)
 
-    def encode_media(self, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None):
-        """Image features and video features (each [tokens, hidden] or None), in one pass of the tower."""
-        pixels, grids = [], []
-        if pixel_values is not None:
-            pixels.append(mx.array(pixel_values))
-            grids.append(np.asarray(image_grid_thw).reshape(-1, 3))
-        if pixel_values_videos is not None:
-            pixels.append(mx.array(pixel_values_videos))
-            grids.append(frame_grids(video_grid_thw))
-        if not pixels:
+    def encode_media(self, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
+                     memo: Optional[FeatureMemo] = None):
+        """Image features and video features (each [tokens, hidden] or None).
+
+        Everything not found in `memo` (by pixel digest) goes through the tower in one pass;
+        video frames are separate attention segments, as in transformers.
+        """
+        items = media_items(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        if not items:
             return None, None
-        features = self.visual(mx.concatenate(pixels) if len(pixels) > 1 else pixels[0], np.concatenate(grids))
-        merge = self.config.vision_config.spatial_merge_size**2
-        n_image = int(np.prod(grids[0], axis=1).sum()) // merge if pixel_values is not None else 0
-        image = features[:n_image] if pixel_values is not None else None
-        video = features[n_image:] if pixel_values_videos is not None else None
-        return image, video
+        keys = [item.digest for item in items] if memo is not None else [None] * len(items)
+        found = [memo.get(k) if memo is not None else None for k in keys]
+        todo = [i for i, f in enumerate(found) if f is None]
+        if todo:
+            grids = [frame_grids(items[i].grid) if items[i].kind == VIDEO else items[i].grid[None] for i in todo]
+            merge = self.config.vision_config.spatial_merge_size**2
+            sizes = [int(np.prod(g, axis=1).sum()) // merge for g in grids]
+            features = self.visual(np.concatenate([items[i].rows for i in todo]), np.concatenate(grids))
+            for i, part in zip(todo, mx.split(features, np.cumsum(sizes)[:-1].tolist())):
+                found[i] = part
+                if memo is not None:
+                    memo.put(keys[i], part)
+        image = [f for item, f in zip(items, found) if item.kind == IMAGE]
+        video = [f for item, f in zip(items, found) if item.kind == VIDEO]
+        return (mx.concatenate(image) if image else None), (mx.concatenate(video) if video else None)
 
     def embed(self, ids: np.ndarray, types: np.ndarray, image, video) -> mx.array:
         """Token embeddings with image and video features scattered over their tokens, by type."""
@@ -145,12 +154,14 @@ class Model(nn.Module):
         video_grid_thw=None,
         attention_mask=None,
         cache: Optional[PromptCache] = None,
+        vision_memo: Optional[FeatureMemo] = None,
     ) -> Prompt:
         """Embeddings and positions for new tokens, continuing the sequences held in `cache`.
 
         `attention_mask` describes the given tokens only and must be left padding, allowed on
         the first call into a cache. Without pixels every token is text and no host copy of
-        `input_ids` is made, so decoding stays asynchronous.
+        `input_ids` is made, so decoding stays asynchronous. Media found in `vision_memo` are
+        not encoded again.
         """
         B, L = input_ids.shape
         fresh = cache is None or cache.empty
@@ -164,7 +175,7 @@ class Model(nn.Module):
         cfg = self.config
         ids = np.asarray(input_ids)
         types = token_types(ids, cfg.image_token_id, cfg.video_start_token_id, cfg.video_end_token_id)
-        image, video = self.encode_media(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        image, video = self.encode_media(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, vision_memo)
         positions, next_position = rope_index(
             ids, types, _host(image_grid_thw), _host(video_grid_thw), _host(attention_mask),
             cfg.vision_config.spatial_merge_size, start,

@@ -87,8 +87,7 @@ def test_second_turn_reuses_the_cache(setup, monkeypatch):
     list(session.ask("Describe this image.", images=[str(setup["image"])]))
     first_prompt = len(session.history_ids)
 
-    encoded = []
-    monkeypatch.setattr(model, "encode_media", lambda *a, **k: encoded.append(1) or (None, None))
+    encoded = count_tower_calls(monkeypatch)
     history = session.messages + [{"role": "user", "content": [{"type": "text", "text": "Why is that?"}]}]
     second = [r.token for r in session.ask("Why is that?") if r.token is not None]
     monkeypatch.undo()
@@ -108,6 +107,51 @@ def test_later_turn_with_a_new_image(setup):
         {"type": "image", "image": str(other)}, {"type": "text", "text": "And this?"}]}]
     tokens = [r.token for r in session.ask("And this?", images=[str(other)]) if r.token is not None]
     assert tokens == greedy_from_scratch(setup, history, 5)
+
+
+def count_tower_calls(monkeypatch) -> list:
+    from mlx_glm4v.vision import VisionModel
+
+    calls = []
+    tower = VisionModel.__call__
+    monkeypatch.setattr(VisionModel, "__call__", lambda *a: calls.append(1) or tower(*a))
+    return calls
+
+
+def test_new_question_about_the_same_image_reuses_its_tokens(setup, monkeypatch):
+    model, processor, image = setup["model"], setup["processor"], str(setup["image"])
+    session = ChatSession(model, processor, max_tokens=5)
+    list(session.ask("Describe this image.", images=[image]))
+    first = session.tokens_processed
+    session.reset()
+    calls = count_tower_calls(monkeypatch)
+    tokens = [r.token for r in session.ask("What colour dominates?", images=[image]) if r.token is not None]
+    monkeypatch.undo()
+    assert not calls and session.tokens_processed <= first - 70  # the image's 70 tokens were reused
+    assert tokens == greedy_from_scratch(setup, session.messages[:-1], 5)
+
+
+def test_another_image_of_the_same_size_is_not_mistaken_for_the_first(setup):
+    model, processor, image = setup["model"], setup["processor"], str(setup["image"])
+    other = setup["image"].with_name("same-size.png")
+    picture(196, 280, 99).save(other)
+    session = ChatSession(model, processor, max_tokens=5)
+    list(session.ask("Describe this image.", images=[image]))
+    session.reset()
+    tokens = [r.token for r in session.ask("Describe this image.", images=[str(other)]) if r.token is not None]
+    assert session.tokens_processed > 70  # the new image was run, not the cached one
+    assert tokens == greedy_from_scratch(setup, session.messages[:-1], 5)
+
+
+def test_an_image_shown_again_is_not_encoded_again(setup, monkeypatch):
+    model, processor, image = setup["model"], setup["processor"], str(setup["image"])
+    session = ChatSession(model, processor, max_tokens=5)
+    list(session.ask("Describe this image.", images=[image]))
+    calls = count_tower_calls(monkeypatch)
+    tokens = [r.token for r in session.ask("Look again.", images=[image]) if r.token is not None]
+    monkeypatch.undo()
+    assert not calls
+    assert tokens == greedy_from_scratch(setup, session.messages[:-1], 5)
 
 
 def test_thinking_is_dropped_from_the_history():

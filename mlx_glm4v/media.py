@@ -1,0 +1,79 @@
+"""Images and videos as items with an identity, so work done on them is never done twice.
+
+The processor hands over all pixel rows of a prompt concatenated; here they are split back
+into one item per image or video, each with a digest of its pixels. The digest keys the
+`FeatureMemo` (vision features already computed) and tells a chat session whether the media
+in its KV cache are the ones a new prompt shows at the same place.
+"""
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from .rope_index import IMAGE, VIDEO
+
+
+@dataclass
+class MediaItem:
+    kind: int  # IMAGE or VIDEO
+    rows: np.ndarray  # pixel rows [patches, C*T*P*P]
+    grid: np.ndarray  # (t, h, w)
+
+    @cached_property
+    def digest(self) -> bytes:
+        h = hashlib.blake2b(np.ascontiguousarray(self.rows).tobytes(), digest_size=16)
+        h.update(np.asarray(self.grid, np.int64).tobytes())
+        return h.digest()
+
+
+def media_items(pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None) -> list:
+    """The images, then the videos, each in prompt order, as separate items."""
+    items = []
+    for kind, pixels, grids in ((IMAGE, pixel_values, image_grid_thw), (VIDEO, pixel_values_videos, video_grid_thw)):
+        if pixels is None:
+            continue
+        pixels = np.asarray(pixels)
+        grids = np.asarray(grids).reshape(-1, 3)
+        bounds = np.cumsum([0] + [int(np.prod(g)) for g in grids])
+        items += [MediaItem(kind, pixels[a:b], g) for g, a, b in zip(grids, bounds[:-1], bounds[1:])]
+    return items
+
+
+def media_spans(types: np.ndarray, input_ids, video_start_id: int, video_end_id: int) -> list:
+    """(kind, start, end) of each image and video in a token sequence, in token order.
+
+    An image is a run of image tokens; a video spans from its begin-of-video to its
+    end-of-video token, frames and timestamps included.
+    """
+    types = np.asarray(types).reshape(-1)
+    ids = np.asarray(input_ids).reshape(-1)
+    spans = []
+    is_image = np.concatenate([[0], (types == IMAGE).astype(np.int8), [0]])
+    starts, ends = np.flatnonzero(np.diff(is_image) == 1), np.flatnonzero(np.diff(is_image) == -1)
+    spans += [(IMAGE, int(s), int(e)) for s, e in zip(starts, ends)]
+    opens, closes = np.flatnonzero(ids == video_start_id), np.flatnonzero(ids == video_end_id)
+    spans += [(VIDEO, int(s), int(e) + 1) for s, e in zip(opens, closes)]
+    return sorted(spans, key=lambda span: span[1])
+
+
+class FeatureMemo(OrderedDict):
+    """Vision features by media digest, the most recently used kept (at most `size` items)."""
+
+    def __init__(self, size: int = 16):
+        super().__init__()
+        self.size = size
+
+    def get(self, key, default=None):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        return default
+
+    def put(self, key, features):
+        self[key] = features
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
