@@ -29,10 +29,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ModelConfig
+from .config import ModelConfig, MoeTextConfig
 from .errors import Glm4vError
-from .loader import QUANT_KEYS, check_shapes, load_model, read_shard, resolve, stored_quantization, weight_files
+from .loader import (QUANT_KEYS, cast, check_shapes, load_model, read_shard, resolve,
+                     stored_quantization, weight_files)
 from .model import Model
+from .moe import expert_slot
 
 MAX_SHARD_BYTES = 5 * 10**9
 DTYPES = ("bfloat16", "float16", "float32")
@@ -68,8 +70,40 @@ class TensorStream:
         return ()
 
 
-# model_type -> its stream; a model type not listed uses the plain one.
-STREAMS: dict[str, type] = {}
+class ExpertStream(TensorStream):
+    """A mixture-of-experts text model (GLM-4.5V, GLM-4.6V): each expert's matrix is held back
+    until the last expert of its layer's projection has arrived, shards later if need be, then
+    the projection goes out stacked. Checkpoints store the layers in order, so only what a shard
+    boundary cuts is ever held: part of one layer's experts. transformers 5's fused tensors
+    already hold every expert and go straight through; `Model.sanitize` drops the
+    multi-token-prediction layer.
+    """
+
+    def __init__(self, model: Model):
+        super().__init__(model)
+        self.num_experts = model.config.text_config.n_routed_experts
+        self.held: dict[str, dict] = {}  # stacked name -> {source name: array} of the experts read so far
+
+    def push(self, tensors: dict) -> Iterator[tuple[str, mx.array]]:
+        complete = {}
+        for name in list(tensors):
+            if slot := expert_slot(name):
+                experts = self.held.setdefault(slot[0], {})
+                experts[name] = tensors.pop(name)
+                if len(experts) == self.num_experts:
+                    complete.update(self.held.pop(slot[0]))
+        tensors.update(complete)
+        yield from super().push(tensors)
+
+    def finish(self) -> Iterable[tuple[str, mx.array]]:
+        """An incomplete projection is named as missing experts (unless in the dropped MTP layer)."""
+        rest = {name: value for experts in self.held.values() for name, value in experts.items()}
+        self.held.clear()
+        return self.model.sanitize(rest).items()
+
+
+# text config class -> its stream; a text model not listed uses the plain one.
+STREAMS: dict[type, type] = {MoeTextConfig: ExpertStream}
 
 
 @dataclass(frozen=True)
@@ -243,8 +277,8 @@ def _read_floats(src: Path, raw: dict, plan: Optional[Quantization], progress) -
 
 
 def _streamed(src: Path, model: Model, progress) -> Iterator[tuple[str, mx.array]]:
-    """A float checkpoint one shard at a time, through the model type's TensorStream; checked at the end."""
-    stream = STREAMS.get(model.config.model_type, TensorStream)(model)
+    """A float checkpoint one shard at a time, through its text model's TensorStream; checked at the end."""
+    stream = STREAMS.get(type(model.config.text_config), TensorStream)(model)
     files = weight_files(src)
     progress.reset(total=sum(len(read_shard(f)) for f in files))
     found = {}
@@ -286,11 +320,11 @@ def _loaded(model: Model, progress) -> Iterator[tuple[str, mx.array]]:
 
 def _write_weights(directory: Path, source: _Source, dtype, progress) -> tuple[ShardWriter, int]:
     """Cast, quantize and write every tensor; returns the writer (closed) and the number of weights."""
-    keep = getattr(source.model, "cast_predicate", lambda _: True)
+    keep = source.model.cast_predicate
     writer = ShardWriter(directory, progress)
     parameters = 0
     for name, value in source.tensors:
-        value = _cast(name, value, dtype, keep)
+        value = cast(name, value, dtype, keep)
         path = name[: -len(".weight")]
         outputs = [(name, value)]
         if source.quantize and name.endswith(".weight") and path in source.layers:
@@ -307,12 +341,6 @@ def _write_weights(directory: Path, source: _Source, dtype, progress) -> tuple[S
 def _quantization_config(layers: dict, default: dict) -> dict:
     """mlx-lm's `quantization` entry: the global settings, then each layer whose settings differ."""
     return {**default, **{path: s for path, s in sorted(layers.items()) if s != default}}
-
-
-def _cast(name: str, value: mx.array, dtype, keep) -> mx.array:
-    if dtype is None or not mx.issubdtype(value.dtype, mx.floating) or not keep(name):
-        return value
-    return value.astype(dtype)
 
 
 def _parameters(name: str, value: mx.array, layers: dict) -> float:

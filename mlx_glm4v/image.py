@@ -32,6 +32,8 @@ class PixelSettings:
     rescale_factor: float = 1 / 255
     fps: float = 2  # videos only: frames sampled per second
     max_duration: float = 300  # videos only: longer clips get a fixed number of frames
+    # videos only: "fixed" rate (Glm4vVideoProcessor) or "dynamic", by duration (Glm46VVideoProcessor)
+    sampling: str = "fixed"
 
     @classmethod
     def from_dict(cls, d: dict, default_max_pixels: int) -> "PixelSettings":

@@ -150,6 +150,15 @@ def quantize_like(model: nn.Module, quantization: dict, weights: dict):
     nn.quantize(model, **defaults, class_predicate=predicate)
 
 
+def cast(name: str, value: mx.array, dtype: Optional[mx.Dtype], keep) -> mx.array:
+    """A float tensor in `dtype` (None: as it is), or in float32 where `keep(name)` refuses the
+    cast: transformers keeps those (the routers) in float32 whatever the model's dtype."""
+    if not mx.issubdtype(value.dtype, mx.floating):
+        return value
+    target = dtype if keep(name) else mx.float32
+    return value if target is None or value.dtype == target else value.astype(target)
+
+
 def load_model(path, dtype: Optional[mx.Dtype] = None) -> Model:
     path = Path(path)
     raw = read_config(path)
@@ -162,7 +171,8 @@ def load_model(path, dtype: Optional[mx.Dtype] = None) -> Model:
         quantize_like(model, quantization or {}, weights)
     check_weights(model, weights, path)
     if dtype is not None:
-        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+        keep = model.cast_predicate
+        weights = {k: cast(k, v, dtype, keep) for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
     mx.eval(model.parameters())

@@ -21,6 +21,7 @@ from .config import ModelConfig, MoeTextConfig
 from .language import TextModel, multimodal_rope, text_rope
 from .media import FeatureMemo, media_items
 from .moe import MoeTextModel, stack_experts
+from .moe import cast_predicate as moe_cast_predicate
 from .rope_index import IMAGE, VIDEO, frame_grids, rope_index, token_types
 from .vision import VisionModel
 
@@ -92,6 +93,12 @@ class Model(nn.Module):
             mtp = f"language_model.layers.{text.num_hidden_layers}."
             out = stack_experts({k: v for k, v in out.items() if not k.startswith(mtp)}, text.n_routed_experts)
         return out
+
+    @property
+    def cast_predicate(self):
+        """Which tensors a dtype cast may touch (mlx-lm's convention): all but the MoE routers,
+        which transformers keeps in float32."""
+        return moe_cast_predicate
 
     @property
     def layers(self):

@@ -98,18 +98,35 @@ _EXPERT = re.compile(r"(.*\.mlp\.)experts\.(\d+)\.(gate_proj|up_proj|down_proj)\
 _FUSED = re.compile(r"(.*\.mlp\.)experts\.(gate_up_proj|down_proj)$")
 
 
+# transformers keeps the routers in float32 whatever the model's dtype (`_keep_in_fp32_modules_strict`)
+_ROUTER = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")
+
+
+def cast_predicate(key: str) -> bool:
+    """mlx-lm's `cast_predicate`: whether a dtype cast may touch the tensor `key`; not the routers'."""
+    return not key.endswith(_ROUTER)
+
+
+def expert_slot(key: str):
+    """(the stacked tensor it goes into, expert index) for one expert's tensor, else None."""
+    if m := _EXPERT.match(key):
+        prefix, expert, proj, kind = m.groups()
+        return f"{prefix}switch_mlp.{proj}.{kind}", int(expert)
+    return None
+
+
 def stack_experts(weights: dict, num_experts: int) -> dict:
     """Expert tensors under SwitchGLU's names `mlp.switch_mlp.{proj}.{...}`, stacked [E, out, in].
 
     Takes per-expert tensors (the published layout, also mlx-lm's quantized one) and transformers
     5's fused ones; everything else passes through. The experts of one projection must all be
-    in `weights`, so a streaming converter can hand over one layer's tensors at a time.
+    in `weights`, so a streaming converter hands them over once the last one has arrived.
     """
     out, groups = {}, {}
     for key, value in weights.items():
-        if m := _EXPERT.match(key):
-            prefix, expert, proj, kind = m.groups()
-            groups.setdefault(f"{prefix}switch_mlp.{proj}.{kind}", {})[int(expert)] = value
+        if slot := expert_slot(key):
+            stacked, expert = slot
+            groups.setdefault(stacked, {})[expert] = value
         elif m := _FUSED.match(key):
             prefix, proj = m.groups()
             if proj == "down_proj":

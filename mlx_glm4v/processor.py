@@ -1,4 +1,5 @@
-"""Chat messages and media in; the token ids and pixel patches of transformers' `Glm4vProcessor` out.
+"""Chat messages and media in; the token ids and pixel patches of transformers' `Glm4vProcessor` (or
+`Glm46VProcessor`, whichever the checkpoint names) out.
 
 No torch, transformers or mlx: the chat template renders with jinja2, text goes through the
 `tokenizers` library on the checkpoint's tokenizer.json, pixels through PIL and numpy.
@@ -13,6 +14,7 @@ No torch, transformers or mlx: the chat template renders with jinja2, text goes 
 
 import json
 import re
+from dataclasses import replace
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -27,6 +29,13 @@ IMAGE, VIDEO = "<|image|>", "<|video|>"
 BEGIN_IMAGE, END_IMAGE = "<|begin_of_image|>", "<|end_of_image|>"
 BEGIN_VIDEO, END_VIDEO = "<|begin_of_video|>", "<|end_of_video|>"
 _PLACEHOLDER = re.compile(re.escape(IMAGE) + "|" + re.escape(VIDEO))
+
+# Where GLM-4.6V's processors differ (images, placeholders and token types do not). transformers
+# picks the processor and the video processor each by its own class name, and so do we.
+# processor class -> the text after a video frame's tokens, from the frame's time in seconds
+FRAME_TIMES = {"Glm4vProcessor": lambda t: str(int(t)), "Glm46VProcessor": lambda t: f"{t:.1f} seconds"}
+# video processor class -> how it picks frames (video.sample_frames)
+SAMPLING = {"Glm4vVideoProcessor": "fixed", "Glm46VVideoProcessor": "dynamic"}
 
 
 def _read_json(path: Path):
@@ -165,15 +174,33 @@ def _label(source, index: int, kind: str) -> str:
     return str(source) if isinstance(source, (str, Path)) else f"{kind} {index + 1}"
 
 
+def _class_names(path: Path, combined: dict, image_file: dict | None, video_file: dict | None, video: dict):
+    """(processor class, video processor class) as transformers' AutoProcessor and AutoVideoProcessor
+    find them: in the processor files, else after config.json's model type."""
+    family = "Glm46V" if (_read_json(path / "config.json") or {}).get("model_type") == "glm46v" else "Glm4v"
+    legacy = image_file if image_file is not None else video_file  # the video file only without the image one
+    places = (combined, legacy, _read_json(path / "tokenizer_config.json"))
+    processor = next((c["processor_class"] for c in places if c and c.get("processor_class")), None)
+    from_image = (video.get("image_processor_type") or "").replace("ImageProcessor", "VideoProcessor")
+    video_processor = video.get("video_processor_type") or (from_image if from_image in SAMPLING else None)
+    return processor or f"{family}Processor", video_processor or f"{family}VideoProcessor"
+
+
 class Processor:
-    """Glm4vProcessor without torch: chat template, tokenizer, image and video pixels."""
+    """Glm4vProcessor (and Glm46VProcessor) without torch: chat template, tokenizer, image and video pixels.
+
+    `processor_class` "Glm46VProcessor" writes frame times as GLM-4.6V's does; the video settings'
+    `sampling` picks the frames as the checkpoint's video processor does.
+    """
 
     def __init__(self, tokenizer: Tokenizer, chat_template: str, image_settings: PixelSettings,
-                 video_settings: PixelSettings):
+                 video_settings: PixelSettings, processor_class: str = "Glm4vProcessor"):
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.image_settings = image_settings
         self.video_settings = video_settings
+        self.processor_class = processor_class
+        self.frame_time = FRAME_TIMES.get(processor_class, FRAME_TIMES["Glm4vProcessor"])
         ids = tokenizer.convert_tokens_to_ids
         self.image_token_id, self.video_token_id = ids(IMAGE), ids(VIDEO)
         self.video_start_id, self.video_end_id = ids(BEGIN_VIDEO), ids(END_VIDEO)
@@ -181,19 +208,24 @@ class Processor:
     @classmethod
     def from_pretrained(cls, path) -> "Processor":
         """Read a local checkpoint directory: processor_config.json (transformers 5) or the published
-        preprocessor_config.json + video_preprocessor_config.json, the tokenizer and the chat template."""
+        preprocessor_config.json + video_preprocessor_config.json, the tokenizer and the chat template.
+        The class names there (or config.json's model type) say whether it is GLM-4.6V's processor."""
         path = Path(path)
         if not path.is_dir():
             raise Glm4vError(f"{path}: no such checkpoint directory.")
         combined = _read_json(path / "processor_config.json") or {}
-        image = combined.get("image_processor") or _read_json(path / "preprocessor_config.json") or {}
-        video = (combined.get("video_processor") or _read_json(path / "video_preprocessor_config.json")
-                 or _read_json(path / "preprocessor_config.json") or {})
+        image_file = _read_json(path / "preprocessor_config.json")
+        video_file = _read_json(path / "video_preprocessor_config.json")
+        image = combined.get("image_processor") or image_file or {}
+        video = combined.get("video_processor") or video_file or image_file or {}
+        processor_class, video_class = _class_names(path, combined, image_file, video_file, video)
+        video_settings = PixelSettings.from_dict(video, default_max_pixels=28 * 28 * 2 * 30000)
         return cls(
             Tokenizer(path),
             _load_template(path),
             PixelSettings.from_dict(image, default_max_pixels=28 * 28 * 15000),
-            PixelSettings.from_dict(video, default_max_pixels=28 * 28 * 2 * 30000),
+            replace(video_settings, sampling=SAMPLING.get(video_class, "fixed")),
+            processor_class,
         )
 
     def convert_tokens_to_ids(self, token: str) -> int | None:
@@ -233,9 +265,9 @@ class Processor:
         """Token ids and pixels for one prompt or a batch, as `Glm4vProcessor(text, images, videos)`.
 
         `images`/`videos` are flat lists in prompt order across the batch. The caps, off by default so
-        that the output equals the reference: `fps` frames sampled per second of video (the
-        checkpoint says 2), `max_frames` per video, `max_pixels` for the resized area (h*w) of each
-        image and video frame.
+        that the output equals the reference: `fps` frames sampled per second of video (GLM-4.1V's
+        checkpoints say 2; GLM-4.6V's processor takes 6, 2 or 1 by the clip's length), `max_frames`
+        per video, `max_pixels` for the resized area (h*w) of each image and video frame.
         """
         texts = [text] if isinstance(text, str) else list(text)
         images, videos = _flat(images), _flat(videos)
@@ -273,7 +305,7 @@ class Processor:
         rows, (t, gh, gw) = patchify(resize(frames, h, w), s)  # sampling left an even frame count
         per_frame = IMAGE * (gh * gw // s.merge_size ** 2)
         stamps = timestamps[::2][:t]  # one per frame pair, the reference's "mrope" stride
-        text = "".join(f"{BEGIN_IMAGE}{per_frame}{END_IMAGE}{int(ts)}" for ts in stamps)
+        text = "".join(f"{BEGIN_IMAGE}{per_frame}{END_IMAGE}{self.frame_time(ts)}" for ts in stamps)
         return rows, (t, gh, gw), text
 
     def _batch(self, ids: list[list[int]], padding: bool) -> dict:

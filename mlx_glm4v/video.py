@@ -1,4 +1,5 @@
-"""Videos: decoding with PyAV and the reference's frame sampling (`Glm4vVideoProcessor.sample_frames`).
+"""Videos: decoding with PyAV and the reference's frame sampling (`Glm4vVideoProcessor.sample_frames`,
+or `Glm46VVideoProcessor.sample_frames` for GLM-4.6V checkpoints).
 
 A video is a file path (anything FFmpeg reads: mp4, mov, mkv, webm, gif, ...) or a `Video` holding
 frames the caller decoded, with their frame rate. Only the sampled frames are converted to RGB, so
@@ -30,29 +31,72 @@ class Video:
 
 def sample_frames(total: int, video_fps: float, duration: float | None, s: PixelSettings,
                   fps: float | None = None, max_frames: int | None = None) -> list[int]:
-    """Frame indices as the reference picks them: `fps` per second (2), 600 spread over clips past 300 s.
+    """Frame indices as the checkpoint's video processor picks them (`s.sampling`).
 
     Duplicates are dropped and the last index repeated to make the count even (frames go in pairs).
-    `max_frames`, not in the reference, thins the picked indices evenly when given.
+    `fps` replaces the processor's rate; `max_frames`, not in the reference, thins the picked
+    indices evenly. Both are off by default.
     """
-    fps = s.fps if fps is None else fps
-    last = total - 1
-    duration = duration or round(last / video_fps) + 1
-    if duration <= s.max_duration:
-        n = max(int(math.floor(duration * fps)), 1)
-        indices = [min(last, int(math.ceil(i * video_fps / fps))) for i in range(n)]
-    else:
-        n = int(s.max_duration * fps)
-        if n >= total:
-            indices = list(range(total))
-        else:
-            indices = [min(last, int(math.ceil(t * video_fps))) for t in np.linspace(0, duration, n)]
-    indices = list(dict.fromkeys(indices))
+    duration = duration or round((total - 1) / video_fps) + 1
+    pick = _dynamic_fps if s.sampling == "dynamic" else _fixed_fps
+    indices = list(dict.fromkeys(pick(total, video_fps, duration, s, fps)))
+    if not indices:
+        raise Glm4vError(f"the video lasts {duration:.3g} s: too short for the checkpoint's frame sampling "
+                         "to pick a frame.")
     if max_frames is not None and len(indices) > max_frames:
         keep = np.linspace(0, len(indices) - 1, max_frames - max_frames % 2).round().astype(int)
         indices = [indices[i] for i in keep]
     if len(indices) % 2:
         indices.append(indices[-1])
+    return indices
+
+
+def _fixed_fps(total: int, video_fps: float, duration: float, s: PixelSettings, fps: float | None) -> list[int]:
+    """`Glm4vVideoProcessor`: `s.fps` frames per second (2), 600 spread over clips past `s.max_duration` (300 s)."""
+    fps = s.fps if fps is None else fps
+    last = total - 1
+    if duration <= s.max_duration:
+        n = max(int(math.floor(duration * fps)), 1)
+        return [min(last, int(math.ceil(i * video_fps / fps))) for i in range(n)]
+    n = int(s.max_duration * fps)
+    if n >= total:
+        return list(range(total))
+    return [min(last, int(math.ceil(t * video_fps))) for t in np.linspace(0, duration, n)]
+
+
+# Glm46VVideoProcessor: frame pairs per second for clips up to 30 s, up to 300 s, longer; at most
+# 640 frames, as many as the first 2400 s would get.
+DYNAMIC_FPS = ((30, 3), (300, 1), (math.inf, 0.5))
+DYNAMIC_MAX_FRAMES = 640
+DYNAMIC_MAX_DURATION = 2400
+
+
+def _dynamic_fps(total: int, video_fps: float, duration: float, s: PixelSettings, fps: float | None) -> list[int]:
+    """`Glm46VVideoProcessor`: 6 frames a second up to 30 s, 2 up to 300 s, then 1, at most 640.
+
+    Frames are picked walking the clip at that rate up to its last whole second; the count is
+    met by spreading evenly, over the picked span when they fall short, over the clip when over.
+    """
+    effective = min(duration, DYNAMIC_MAX_DURATION)
+    pairs = next(rate for limit, rate in DYNAMIC_FPS if effective <= limit)
+    count, step = int(effective * pairs * s.temporal_patch_size), 1 / (s.temporal_patch_size * pairs)
+    if fps is not None:
+        count, step = int(effective * fps), 1 / fps
+    count = min(count, DYNAMIC_MAX_FRAMES)
+    if total < count:
+        return np.linspace(0, total - 1, count, dtype=int).tolist()
+    indices, second, frame_time = [], 0, 1 / video_fps
+    for i in range(total):
+        if i * frame_time >= second:
+            second += step
+            indices.append(i)
+            if second >= int(duration):
+                break
+    if len(indices) < count:
+        start, end = (indices[0], indices[-1]) if indices else (0, total - 1)
+        return np.linspace(start, end, count, dtype=int).tolist()
+    if len(indices) > count:
+        return np.linspace(0, total - 1, count, dtype=int).tolist()
     return indices
 
 
@@ -94,16 +138,17 @@ def _read(path: Path, s: PixelSettings, fps, max_frames):
             if not container.streams.video:
                 raise Glm4vError(f"{path} has no video stream.")
             stream = container.streams.video[0]
-            rate = float(stream.average_rate or stream.guessed_rate or 0)
+            exact = stream.average_rate or stream.guessed_rate or 0  # a Fraction: durations as the reader divides
+            rate = float(exact)
             total = stream.frames or sum(1 for p in container.demux(stream) if p.size)
         if rate <= 0 or total <= 0:
             raise Glm4vError(f"{path}: the video has no decodable frame.")
-        indices = sample_frames(total, rate, total / rate, s, fps, max_frames)
+        indices = sample_frames(total, rate, float(total / exact), s, fps, max_frames)
         frames, decoded = _decode(path, set(indices))
         if decoded == 0:
             raise Glm4vError(f"{path}: the video has no decodable frame.")
         if len(frames) < len(set(indices)):  # the stream ended before its header said: sample what is there
-            indices = sample_frames(decoded, rate, decoded / rate, s, fps, max_frames)
+            indices = sample_frames(decoded, rate, float(decoded / exact), s, fps, max_frames)
             frames, _ = _decode(path, set(indices))
     except av.error.FFmpegError as e:
         raise Glm4vError(f"{path} is not a readable video ({e.strerror}).") from None

@@ -15,6 +15,7 @@ convolutions channels-last, as mlx-vlm's own `sanitize` does.
 
 import importlib
 import json
+import re
 import shutil
 from dataclasses import replace
 
@@ -352,3 +353,87 @@ def test_converted_directory_runs_generate(converted, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["generation_tokens"] == 3
+
+
+# ---------------------------------------------------------------- mixture of experts (GLM-4.5V, GLM-4.6V)
+
+
+@pytest.fixture(scope="module", params=["glm4v_moe", "glm46v"])
+def moe_source(request):
+    """(checkpoint path, image-prompt inputs): experts one by one (glm4v_moe) or fused (glm46v)."""
+    path, _, processor = request.getfixturevalue(f"{request.param}_checkpoint")
+    return path, prepare(processor, [user("image", "Describe this image.")], images=[picture(200, 300)])
+
+
+def router_dtypes(tensors: dict) -> set:
+    routers = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")
+    return {v.dtype for k, v in tensors.items() if k.endswith(routers)}
+
+
+def test_moe_4bit_conversion_loads_and_generates(moe_source, tmp_path):
+    """Experts quantized, routers kept in float32 whatever the dtype; exact to the same quantization in memory."""
+    from mlx_glm4v.generate import generate
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
+    src, inputs = moe_source
+    options = dict(quantize=True, q_bits=4, q_group_size=32, dtype="bfloat16")
+    out = conversion.convert(str(src), str(tmp_path / "q4"), **options)
+    assert router_dtypes(all_tensors(out)) == {mx.float32}
+    model, processor = load(str(out))
+    moe = model.language_model.layers[1].mlp
+    for proj in (moe.switch_mlp.gate_proj, moe.switch_mlp.up_proj, moe.switch_mlp.down_proj):
+        assert isinstance(proj, QuantizedSwitchLinear) and proj.bits == 4
+    reference = in_memory(src, options)
+    assert reference.language_model.layers[1].mlp.gate.weight.dtype == mx.float32  # load_model's cast spares it
+    np.testing.assert_array_equal(run(model, inputs), run(reference, inputs))
+    text = generate(model, processor, "Describe this image.", images=[picture(90, 120)], max_tokens=3, ignore_eos=True)
+    assert isinstance(text, str) and text
+
+
+def test_moe_float32_conversion_is_exact(moe_source, tmp_path):
+    src, inputs = moe_source
+    out = conversion.convert(str(src), str(tmp_path / "f32"))
+    np.testing.assert_array_equal(run(load_model(out), inputs), run(load_model(src), inputs))
+
+
+def test_moe_stream_holds_at_most_one_layer(glm4v_moe_checkpoint, tmp_path, monkeypatch):
+    """Experts cut across shards, as a big checkpoint's are: the converter carries at most part of
+    one layer's experts from one shard to the next, and drops the multi-token-prediction layer."""
+    src = glm4v_moe_checkpoint[0]
+    tensors = all_tensors(src)
+    layers = json.loads((src / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    mtp = {k.replace(f"layers.{layers - 1}.", f"layers.{layers}."): v for k, v in tensors.items()
+           if f"layers.{layers - 1}." in k}
+    tensors.update(mtp)
+    tensors[f"model.language_model.layers.{layers}.eh_proj.weight"] = mx.zeros((4, 4))
+
+    def layer_order(name):  # as checkpoints store them: layer by layer, expert by expert
+        layer = re.search(r"layers\.(\d+)\.", name)
+        return int(layer[1]) if layer else -1, [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+    cut = tmp_path / "cut"
+    shutil.copytree(src, cut, ignore=shutil.ignore_patterns("*.safetensors*"))
+    names = sorted(tensors, key=layer_order)
+    shards = [names[i:i + 5] for i in range(0, len(names), 5)]
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        mx.save_safetensors(str(cut / file), {k: tensors[k] for k in shard})
+        weight_map.update(dict.fromkeys(shard, file))
+    (cut / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+    carried = []  # the expert tensors held back after each shard
+    push = conversion.ExpertStream.push
+
+    def watched(self, shard):
+        yield from push(self, shard)
+        carried.append([name for experts in self.held.values() for name in experts])
+
+    monkeypatch.setattr(conversion.ExpertStream, "push", watched)
+    out = conversion.convert(str(cut), str(tmp_path / "out"))
+    assert len(carried) == len(shards) and any(carried)
+    for held in carried:  # part of one layer's experts (3 projections x 8), never more
+        assert len({layer_order(name)[0] for name in held}) <= 1 and len(held) < 3 * 8, held
+    assert not any(f"layers.{layers}." in k for k in all_tensors(out))
+    inputs = prepare(glm4v_moe_checkpoint[2], [user("image", "Describe this image.")], images=[picture(200, 300)])
+    np.testing.assert_array_equal(run(load_model(out), inputs), run(load_model(src), inputs))

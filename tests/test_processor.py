@@ -1,4 +1,4 @@
-"""The torch-free processor against transformers' Glm4vProcessor on tiny checkpoints.
+"""The torch-free processor against transformers' Glm4vProcessor and Glm46VProcessor on tiny checkpoints.
 
 Template strings, input_ids, masks and grids must be identical; pixels within a mean |diff| of 5e-3
 (measured: about 1e-4, from PIL's and torchvision's bicubic rounding a few pixels apart). Run with
@@ -16,6 +16,7 @@ import av
 import numpy as np
 import pytest
 from PIL import Image
+from transformers.video_utils import VideoMetadata
 
 import tiny
 from mlx_glm4v.errors import Glm4vError
@@ -41,20 +42,37 @@ def record(case, key, backend, got, want):
     return float(diff.mean())
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """{layout: (path, reference processor loaded back from that path)} for both config layouts."""
+def saved_processors(tmp_path_factory, kind: str, layouts) -> dict:
+    """{layout: (path, reference processor loaded back from that path)} for a tiny processor of `kind`
+    (tiny.build_processor) saved as transformers 5 saves it ("v5"), as the published files are
+    ("hub"), or naming no class anywhere, only config.json's model type ("model type")."""
     from transformers import AutoProcessor
 
+    glm41v = kind == "Glm4v"
     out = {}
-    for layout in ("v5", "hub"):
-        path = tmp_path_factory.mktemp(f"processor-{layout}")
-        processor = tiny.build_processor(tiny.build_tokenizer(path))
+    for layout in layouts:
+        path = tmp_path_factory.mktemp(f"processor-{kind}-{layout}")
+        tokenizer = tiny.build_tokenizer(path, special_tokens=tiny.SPECIAL_TOKENS if glm41v else tiny.SPECIAL_TOKENS_45V)
+        template = tiny.CHAT_TEMPLATE if glm41v else tiny.CHAT_TEMPLATE_45V
+        processor = tiny.build_processor(tokenizer, chat_template=template, kind=kind)
         processor.save_pretrained(path)
         if layout == "hub":
             tiny._rewrite_as_hub_layout(path, processor)
+        if layout == "model type":
+            for file in ("processor_config.json", "tokenizer_config.json"):
+                config = json.loads((path / file).read_text())
+                config.pop("processor_class")
+                for part in ("image_processor", "video_processor"):
+                    config.get(part, {}).pop(f"{part}_type", None)
+                (path / file).write_text(json.dumps(config))
+            (path / "config.json").write_text(json.dumps({"model_type": kind.lower()}))
         out[layout] = (path, AutoProcessor.from_pretrained(path))
     return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return saved_processors(tmp_path_factory, "Glm4v", ("v5", "hub"))
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +158,7 @@ def write_video(path, codec, fps, n, pix_fmt="yuv420p", noise=False, **options):
 
 def reference_video(path):
     """All frames plus metadata as transformers' PyAV reader takes them, so that the reference samples."""
-    from transformers.video_utils import VideoMetadata, read_video_pyav
+    from transformers.video_utils import read_video_pyav
 
     with av.open(str(path)) as container:
         counted = container.streams.video[0].frames
@@ -387,8 +405,6 @@ def test_video_and_images_in_one_prompt(ours, ref, media, videos):
 @pytest.mark.parametrize("frames,fps,duration", [(900, 2.0, 450.0), (500, 1.25, 400.0), (37, 3.0, None)])
 def test_decoded_frames_with_metadata(ours, ref, frames, fps, duration):
     """Frames handed over with their fps, including clips past the 300 s cap simulated by metadata."""
-    from transformers.video_utils import VideoMetadata
-
     clip = np.stack([smooth(12, 16, seed=i % 7) for i in range(frames)])
     metadata = VideoMetadata(total_num_frames=frames, fps=fps, duration=duration)
     compare(f"{frames} frames @{fps} fps, {duration} s", ours, ref, [user({"type": "video"})],
@@ -397,8 +413,6 @@ def test_decoded_frames_with_metadata(ours, ref, frames, fps, duration):
 
 def test_truncated_file_is_sampled_over_the_frames_it_holds(ours, ref, tmp_path):
     """A header promising more frames than decode: sampled as if the header had told the truth."""
-    from transformers.video_utils import VideoMetadata
-
     whole = write_video(tmp_path / "whole.mp4", "mpeg4", 10, 40, noise=True, movflags="faststart")  # header first
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
@@ -502,3 +516,80 @@ assert not heavy, heavy
     root = Path(__file__).parent.parent
     result = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------- GLM-4.6V (Glm46VProcessor)
+
+
+@pytest.fixture(scope="module")
+def glm46v(tmp_path_factory):
+    return saved_processors(tmp_path_factory, "Glm46V", ("v5", "hub", "model type"))
+
+
+@pytest.fixture(scope="module")
+def ours46(glm46v):
+    return Processor.from_pretrained(glm46v["v5"][0])
+
+
+@pytest.fixture(scope="module")
+def ref46(glm46v):
+    return glm46v["v5"][1]
+
+
+@pytest.mark.parametrize("layout", ["v5", "hub", "model type"])
+def test_glm46v_is_recognised(glm46v, checkpoints, layout):
+    path, reference = glm46v[layout]
+    assert type(reference).__name__ == "Glm46VProcessor"
+    assert type(reference.video_processor).__name__ == "Glm46VVideoProcessor"
+    ours = Processor.from_pretrained(path)
+    assert (ours.processor_class, ours.video_settings.sampling) == ("Glm46VProcessor", "dynamic")
+    clip = np.stack([smooth(12, 16, seed=i % 7) for i in range(50)])
+    compare(f"glm46v 5 s @10 fps ({layout})", ours, reference, [user({"type": "video"})],
+            videos=[Video(clip, 10.0)], ref_videos=[(clip, VideoMetadata(total_num_frames=50, fps=10.0))])
+    glm4v = Processor.from_pretrained(checkpoints["v5"][0])
+    assert (glm4v.processor_class, glm4v.video_settings.sampling) == ("Glm4vProcessor", "fixed")
+
+
+# (frames, fps, duration): around 30 s, 300 s and 2400 s, fewer frames than wanted, past the 640-frame cap
+GLM46V_CLIPS = [
+    (13, 7.0, None), (60, 2.0, 30.0), (62, 2.0, 31.0), (1365, 30.0, 45.5), (300, 1.0, 300.0), (301, 1.0, 301.0),
+    (1000, 1.0, 1000.0), (900, 0.25, 3600.0), (599, 29.97, 599 / 29.97),
+]
+
+
+@pytest.mark.parametrize("frames,fps,duration", GLM46V_CLIPS)
+def test_glm46v_frames_by_duration(ours46, ref46, frames, fps, duration):
+    clip = np.stack([smooth(12, 16, seed=i % 7) for i in range(frames)])
+    metadata = VideoMetadata(total_num_frames=frames, fps=fps, duration=duration)
+    seconds = "?" if duration is None else f"{duration:g}"
+    got = compare(f"glm46v {frames} frames @{fps} fps, {seconds} s", ours46, ref46, [user({"type": "video"})],
+                  videos=[Video(clip, fps, duration)], ref_videos=[(clip, metadata)])
+    assert " seconds" in ours46.tokenizer.decode(got["input_ids"][0])
+
+
+def test_glm46v_files_images_and_template(ours46, ref46, media, videos):
+    path = videos["clip30fps.mp4"]
+    messages = [{"role": "system", "content": "Be brief."},
+                user({"type": "image", "image": str(media / "wide.jpg")}, {"type": "video", "video": str(path)},
+                     {"type": "image", "image": str(media / "rgba.png")})]
+    images, found = ours46.media_from_messages(messages)
+    got = compare("glm46v 2 images + mp4", ours46, ref46, messages, images=images, videos=found,
+                  ref_videos=[reference_video(path)])
+    assert set(np.unique(got["mm_token_type_ids"])) == {0, 1, 2}
+    for name in ("clip25fps.mkv", "clip10fps.gif"):
+        compare(f"glm46v {name}", ours46, ref46, [user({"type": "video"})], videos=[str(videos[name])],
+                ref_videos=[reference_video(videos[name])])
+
+
+def test_glm46v_fps_replaces_the_rate(ours46):
+    """60 s at 2 fps: all 120 frames by default (2 a second up to 300 s), 30 at fps=0.5."""
+    clip = Video(np.stack([smooth(12, 16, seed=i % 7) for i in range(120)]), 2.0, 60.0)
+    assert ours46(text="<|video|>", videos=[clip])["video_grid_thw"][0, 0] == 60
+    assert ours46(text="<|video|>", videos=[clip], fps=0.5)["video_grid_thw"][0, 0] == 15
+
+
+def test_glm46v_too_short_clip(ours46, videos):
+    """Under 1/6 s the reference samples no frame and fails; a one-sentence error here."""
+    with pytest.raises(Glm4vError) as error:
+        ours46(text="<|video|>", videos=[str(videos["one-frame.mov"])])
+    one_sentence(error, "too short")

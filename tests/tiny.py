@@ -348,15 +348,16 @@ def eos_ids(tokenizer) -> list:
     return [ids("<|endoftext|>"), ids("<|user|>"), ids("<|observation|>")]
 
 
-def build_processor(tokenizer, image_kwargs=None, video_kwargs=None, chat_template=CHAT_TEMPLATE):
-    from transformers import Glm4vImageProcessor, Glm4vProcessor, Glm4vVideoProcessor
+def build_processor(tokenizer, image_kwargs=None, video_kwargs=None, chat_template=CHAT_TEMPLATE, kind="Glm4v"):
+    """transformers' processor of `kind`: "Glm4v" (GLM-4.1V, GLM-4.5V) or "Glm46V" (GLM-4.6V)."""
+    import transformers as tf
 
     image_kwargs = {"size": {"shortest_edge": 12544, "longest_edge": 9633792}, **(image_kwargs or {})}
     video_kwargs = dict(video_kwargs or {})
-    return Glm4vProcessor(
-        image_processor=Glm4vImageProcessor(**image_kwargs),
+    return getattr(tf, f"{kind}Processor")(
+        image_processor=getattr(tf, f"{kind}ImageProcessor")(**image_kwargs),
         tokenizer=tokenizer,
-        video_processor=Glm4vVideoProcessor(**video_kwargs),
+        video_processor=getattr(tf, f"{kind}VideoProcessor")(**video_kwargs),
         chat_template=chat_template,
     )
 
@@ -427,11 +428,11 @@ def _rewrite_as_hub_layout(path: Path, processor):
     )
     (path / "preprocessor_config.json").write_text(json.dumps({
         **common, "size": dict(image.size), "do_resize": True, "resample": 3,
-        "image_processor_type": "Glm4vImageProcessor", "processor_class": "Glm4vProcessor",
+        "image_processor_type": type(image).__name__, "processor_class": type(processor).__name__,
     }, indent=2))
     (path / "video_preprocessor_config.json").write_text(json.dumps({
         **common, "size": dict(video.size), "do_resize": True, "resample": 3,
         "fps": video.fps, "max_duration": video.max_duration, "do_sample_frames": True,
-        "video_processor_type": "Glm4vVideoProcessor", "processor_class": "Glm4vProcessor",
+        "video_processor_type": type(video).__name__, "processor_class": type(processor).__name__,
     }, indent=2))
     (path / "processor_config.json").unlink(missing_ok=True)
