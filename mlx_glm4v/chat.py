@@ -13,15 +13,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from .cache import PromptCache
-from .generate import (
-    GenerationResponse,
-    kept_prefix,
-    new_cache,
-    sampling,
-    stop_token_ids,
-    stream_tokens,
-    user_message,
-)
+from .generate import GenerationResponse, GenerationSettings, kept_prefix, stream_tokens, user_message
 from .media import FeatureMemo, MediaItem, media_items, media_spans
 from .model import Model
 from .processor import Processor
@@ -65,43 +57,12 @@ class ChatSession:
     """One conversation with a loaded model; many sessions can share the model.
 
     `ask` streams the reply to a new user message (text plus optional images and videos).
-    Generation options (max_tokens, temp, top_p, top_k, min_p, repetition_penalty,
-    prefill_step_size, stop, ignore_eos, ...) are fixed per session.
+    `settings` (those of `GenerationSettings`: max_tokens, temp, top_p, ...) are fixed per session.
     """
 
-    def __init__(
-        self,
-        model: Model,
-        processor: Processor,
-        system: Optional[str] = None,
-        *,
-        max_tokens: int = 1024,
-        temp: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        min_p: float = 0.0,
-        repetition_penalty: Optional[float] = None,
-        repetition_context_size: int = 20,
-        stop: Sequence[str] = (),
-        ignore_eos: bool = False,
-        max_kv_size: Optional[int] = None,
-        kv_bits: Optional[int] = None,
-        kv_group_size: int = 64,
-        quantized_kv_start: int = 0,
-        prefill_step_size: int = 2048,
-        prompt_lookup: int = 0,
-        template_kwargs: Optional[dict] = None,
-        media_kwargs: Optional[dict] = None,
-    ):
+    def __init__(self, model: Model, processor: Processor, system: Optional[str] = None, **settings):
         self.model, self.processor, self.system = model, processor, system
-        self.sampler, self.logits_processors = sampling(temp, top_p, top_k, min_p, repetition_penalty, repetition_context_size)
-        self.stop, self.stop_ids = stop, stop_token_ids(model, ignore_eos)
-        self.max_kv_size, self.kv_bits = max_kv_size, kv_bits
-        self.step_options = dict(max_tokens=max_tokens, prefill_step_size=prefill_step_size, kv_bits=kv_bits,
-                                 kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start,
-                                 prompt_lookup=prompt_lookup)
-        self.template_kwargs = template_kwargs or {}
-        self.media_kwargs = media_kwargs or {}
+        self.settings = GenerationSettings(**{"max_tokens": 1024, **settings})
         self.cache: Optional[PromptCache] = None
         self.cache_ids: list = []  # the tokens the cache holds, in order
         self.cache_media: list = []  # and its images and videos (MediaSpan)
@@ -121,7 +82,7 @@ class ChatSession:
         self.tokens_processed = 0  # prompt tokens run through the model in the last turn
 
     def render(self, add_generation_prompt: bool) -> str:
-        return self.processor.apply_chat_template(self.messages, add_generation_prompt, **self.template_kwargs)
+        return self.processor.apply_chat_template(self.messages, add_generation_prompt, **self.settings.template_kwargs)
 
     def ask(self, text: str, images: Sequence = (), videos: Sequence = ()) -> Iterator[GenerationResponse]:
         self.messages.append(user_message(text, images, videos))
@@ -133,9 +94,9 @@ class ChatSession:
         before = self.cache.offset
         reply = []
         try:
-            for response in stream_tokens(self.model, self.processor, feed, self.cache, stop_ids=self.stop_ids,
-                                          stop=self.stop, sampler=self.sampler, logits_processors=self.logits_processors,
-                                          vision_memo=self.vision_memo, **self.step_options):
+            for response in stream_tokens(self.model, self.processor, feed, self.cache,
+                                          stop_ids=self.settings.stop_ids(self.model), stop=self.settings.stop,
+                                          vision_memo=self.vision_memo, **self.settings.step_options()):
                 reply.append(response)
                 yield response
         finally:
@@ -163,7 +124,7 @@ class ChatSession:
         return target, media, common, self._pixels_after(media, common)
 
     def _process(self, text: str, images: list, videos: list) -> dict:
-        return self.processor(text, images=images, videos=videos, **self.media_kwargs)
+        return self.processor(text, images=images, videos=videos, **self.settings.media_kwargs)
 
     def _spans(self, ids: list, inputs: dict, offset: int) -> list:
         """The media of `ids` (processed into `inputs`) with their places in the conversation."""
@@ -192,7 +153,7 @@ class ChatSession:
                 else:
                     self.cache, common = None, 0
         if self.cache is None:
-            self.cache = new_cache(self.model, self.processor, target, self.max_kv_size, self.kv_bits)
+            self.cache = self.settings.new_cache(self.model, self.processor, target)
         self.cache.protect(kept_prefix(self.model, self.processor, target))
         self.cache_ids, self.cache_media = target[:common], [m for m in media if m.end <= common]
         return common

@@ -105,19 +105,17 @@ def existing_files(paths, kind: str) -> list:
 
 def generation_options(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, max_kv_size, kv_bits,
                        prefill_step_size, ignore_eos, no_thinking, prompt_lookup) -> dict:
-    """Keyword arguments shared by generate and ChatSession, checked for values a user can get wrong."""
-    if kv_bits is not None and kv_bits not in (2, 3, 4, 5, 6, 8):
-        raise Glm4vError(f"--kv-bits {kv_bits} is not supported; choose 2, 3, 4, 5, 6 or 8.")
-    if max_kv_size is not None and max_kv_size < 1:
-        raise Glm4vError(f"--max-kv-size {max_kv_size} must be a positive number of tokens.")
-    if prompt_lookup < 0:
-        raise Glm4vError(f"--prompt-lookup {prompt_lookup} must be 0 (off) or a number of draft tokens.")
-    return dict(
+    """Keyword arguments shared by generate and chat, checked before the model is loaded."""
+    from .generate import GenerationSettings
+
+    options = dict(
         max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
         repetition_penalty=repetition_penalty, max_kv_size=max_kv_size, kv_bits=kv_bits,
         prefill_step_size=prefill_step_size, ignore_eos=ignore_eos, prompt_lookup=prompt_lookup,
         template_kwargs={"enable_thinking": False} if no_thinking else None,
     )
+    GenerationSettings(**options)
+    return options
 
 
 def load_for_cli(model: Optional[str]):

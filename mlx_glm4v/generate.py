@@ -198,38 +198,81 @@ class StopStrings:
         return out
 
 
-def stop_token_ids(model: Model, ignore_eos: bool = False) -> set:
-    return set() if ignore_eos else set(model.config.eos_token_id)
+@dataclass
+class GenerationSettings:
+    """The options of a reply, shared by `stream_generate` and `ChatSession` and checked once.
 
+    Sampling and logits processing are mlx-lm's; `max_kv_size` rotates the KV cache (keeping
+    the system prompt and the media), `kv_bits` quantizes it, `prompt_lookup` drafts that
+    many tokens from n-grams of the conversation. `template_kwargs` reach the chat template
+    (e.g. `enable_thinking`), `media_kwargs` the processor (`fps`, `max_frames`, `max_pixels`).
+    """
 
-def sampling(temp=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=None, repetition_context_size=20):
-    """mlx-lm's sampler and logits processors from the usual options, validated."""
-    if temp < 0:
-        raise Glm4vError(f"temperature {temp} is negative; use 0 for greedy decoding.")
-    if not 0 < top_p <= 1:
-        raise Glm4vError(f"top-p {top_p} must be in (0, 1].")
-    if top_k < 0 or not 0 <= min_p <= 1:
-        raise Glm4vError(f"top-k {top_k} must be >= 0 and min-p {min_p} in [0, 1].")
-    if repetition_penalty is not None and repetition_penalty <= 0:
-        raise Glm4vError(f"repetition penalty {repetition_penalty} must be positive.")
-    sampler = make_sampler(temp=temp, top_p=top_p if top_p < 1 else 0.0, min_p=min_p, top_k=top_k)
-    return sampler, make_logits_processors(
-        repetition_penalty=repetition_penalty, repetition_context_size=repetition_context_size
-    )
+    max_tokens: int = 256
+    temp: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: Optional[float] = None
+    repetition_context_size: int = 20
+    stop: Sequence[str] = ()
+    ignore_eos: bool = False
+    max_kv_size: Optional[int] = None
+    kv_bits: Optional[int] = None
+    kv_group_size: int = 64
+    quantized_kv_start: int = 0
+    prefill_step_size: int = 2048
+    prompt_lookup: int = 0
+    template_kwargs: Optional[dict] = None
+    media_kwargs: Optional[dict] = None
 
+    def __post_init__(self):
+        checks = [
+            (self.max_tokens >= 1, f"max-tokens {self.max_tokens} must be at least 1."),
+            (self.temp >= 0, f"temperature {self.temp} is negative; use 0 for greedy decoding."),
+            (0 < self.top_p <= 1, f"top-p {self.top_p} must be in (0, 1]."),
+            (self.top_k >= 0, f"top-k {self.top_k} must be 0 (off) or positive."),
+            (0 <= self.min_p <= 1, f"min-p {self.min_p} must be in [0, 1]."),
+            (self.repetition_penalty is None or self.repetition_penalty > 0,
+             f"repetition penalty {self.repetition_penalty} must be positive."),
+            (self.kv_bits in (None, 2, 3, 4, 5, 6, 8), f"kv-bits {self.kv_bits} is not supported; choose 2, 3, 4, 5, 6 or 8."),
+            (self.max_kv_size is None or self.max_kv_size >= 1, f"max-kv-size {self.max_kv_size} must be a positive number of tokens."),
+            (self.max_kv_size is None or self.kv_bits is None,
+             "kv-bits cannot be combined with max-kv-size (mlx-lm has no quantized rotating cache)."),
+            (self.prefill_step_size >= 1, f"prefill step size {self.prefill_step_size} must be at least 1."),
+            (self.prompt_lookup >= 0, f"prompt-lookup {self.prompt_lookup} must be 0 (off) or a number of draft tokens."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise Glm4vError(message)
+        self.template_kwargs = dict(self.template_kwargs or {})
+        self.media_kwargs = dict(self.media_kwargs or {})
 
-def new_cache(model: Model, processor: Processor, input_ids, max_kv_size=None, kv_bits=None) -> PromptCache:
-    """A cache for one conversation; a rotating one keeps the system prompt and the media of `input_ids`."""
-    if max_kv_size is None:
-        return model.make_cache()
-    if kv_bits is not None:
-        raise Glm4vError("--kv-bits cannot be combined with --max-kv-size (mlx-lm has no quantized rotating cache).")
-    keep = kept_prefix(model, processor, input_ids)
-    if keep >= max_kv_size:
-        raise Glm4vError(
-            f"--max-kv-size {max_kv_size} is too small: the system prompt and media alone take {keep} tokens."
+    def stop_ids(self, model: Model) -> set:
+        return set() if self.ignore_eos else set(model.config.eos_token_id)
+
+    def step_options(self) -> dict:
+        """The arguments of `generate_step`: mlx-lm's sampler and logits processors included."""
+        return dict(
+            sampler=make_sampler(temp=self.temp, top_p=self.top_p if self.top_p < 1 else 0.0, min_p=self.min_p,
+                                 top_k=self.top_k),
+            logits_processors=make_logits_processors(repetition_penalty=self.repetition_penalty,
+                                                     repetition_context_size=self.repetition_context_size),
+            max_tokens=self.max_tokens, prefill_step_size=self.prefill_step_size, kv_bits=self.kv_bits,
+            kv_group_size=self.kv_group_size, quantized_kv_start=self.quantized_kv_start,
+            prompt_lookup=self.prompt_lookup,
         )
-    return model.make_cache(max_kv_size=max_kv_size, keep=keep)
+
+    def new_cache(self, model: Model, processor: Processor, input_ids) -> PromptCache:
+        """A cache for one conversation; a rotating one keeps the system prompt and the media of `input_ids`."""
+        if self.max_kv_size is None:
+            return model.make_cache()
+        keep = kept_prefix(model, processor, input_ids)
+        if keep >= self.max_kv_size:
+            raise Glm4vError(
+                f"max-kv-size {self.max_kv_size} is too small: the system prompt and media alone take {keep} tokens."
+            )
+        return model.make_cache(max_kv_size=self.max_kv_size, keep=keep)
 
 
 def media_end(model: Model, input_ids) -> int:
@@ -255,49 +298,26 @@ def stream_generate(
     videos: Sequence = (),
     *,
     system: Optional[str] = None,
-    max_tokens: int = 256,
-    temp: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    repetition_penalty: Optional[float] = None,
-    repetition_context_size: int = 20,
     seed: Optional[int] = None,
-    stop: Sequence[str] = (),
-    ignore_eos: bool = False,
-    max_kv_size: Optional[int] = None,
-    kv_bits: Optional[int] = None,
-    kv_group_size: int = 64,
-    quantized_kv_start: int = 0,
-    prefill_step_size: int = 2048,
-    prompt_lookup: int = 0,
     cache: Optional[PromptCache] = None,
-    template_kwargs: Optional[dict] = None,
-    media_kwargs: Optional[dict] = None,
+    **settings,
 ) -> Iterator[GenerationResponse]:
     """Stream a reply to a prompt (text with `images`/`videos`, or chat messages) piece by piece.
 
-    Text comes out whole characters at a time; the stop token and stop strings are not part of it.
+    `settings` are those of `GenerationSettings` (max_tokens, temp, top_p, ...). Text comes
+    out whole characters at a time; the stop token and stop strings are not part of it.
     """
-    if max_tokens < 1:
-        raise Glm4vError(f"max-tokens {max_tokens} must be at least 1.")
-    if prefill_step_size < 1:
-        raise Glm4vError(f"prefill step size {prefill_step_size} must be at least 1.")
+    settings = GenerationSettings(**settings)
     messages = build_messages(prompt, images, videos, system)
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, **(template_kwargs or {}))
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, **settings.template_kwargs)
     media_images, media_videos = processor.media_from_messages(messages)
-    inputs = processor(text, images=media_images, videos=media_videos, **(media_kwargs or {}))
-    sampler, processors = sampling(temp, top_p, top_k, min_p, repetition_penalty, repetition_context_size)
+    inputs = processor(text, images=media_images, videos=media_videos, **settings.media_kwargs)
     if seed is not None:
         mx.random.seed(seed)
     if cache is None:
-        cache = new_cache(model, processor, inputs["input_ids"], max_kv_size, kv_bits)
-    yield from stream_tokens(
-        model, processor, inputs, cache, stop_ids=stop_token_ids(model, ignore_eos), stop=stop,
-        sampler=sampler, logits_processors=processors, max_tokens=max_tokens, prefill_step_size=prefill_step_size,
-        kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start,
-        prompt_lookup=prompt_lookup,
-    )
+        cache = settings.new_cache(model, processor, inputs["input_ids"])
+    yield from stream_tokens(model, processor, inputs, cache, stop_ids=settings.stop_ids(model), stop=settings.stop,
+                             **settings.step_options())
 
 
 def stream_tokens(model, processor, inputs: dict, cache, *, stop_ids=(), stop=(), **step_options):

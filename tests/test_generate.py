@@ -15,7 +15,7 @@ import torch
 
 from mlx_glm4v.chat import ChatSession, drop_thinking
 from mlx_glm4v.cli import ReplyDisplay
-from mlx_glm4v.generate import StopStrings, generate, generate_step, new_cache, stream_generate
+from mlx_glm4v.generate import GenerationSettings, StopStrings, generate, generate_step, stream_generate
 from mlx_glm4v.loader import load
 from mlx_glm4v.video import Video
 from test_model import clip, picture
@@ -170,11 +170,11 @@ def test_rotating_cache_matches_a_windowed_reference(setup):
     inputs = processor(processor.apply_chat_template(messages), images=[str(setup["image"])])
     n = inputs["input_ids"].shape[1]
     size, steps = n + 6, 24
-    cache = new_cache(model, processor, inputs["input_ids"], max_kv_size=size)
+    cache = GenerationSettings(max_kv_size=size).new_cache(model, processor, inputs["input_ids"])
     keep = cache[0].keep
     image_end = inputs["input_ids"][0].tolist().index(model.config.image_end_token_id)
     assert keep == image_end + 1  # through the image; the question after it may rotate out
-    produced = list(generate_step(model, inputs, cache, max_tokens=steps))
+    produced = list(generate_step(model, inputs, cache, max_tokens=steps))  # greedy
     kept = np.array(cache[0].keys[..., :keep, :])
     assert cache[0].offset == n + steps - 1 > size  # it rotated; the last token was never fed
     assert cache.next_position[0] == model.prepare(inputs["input_ids"], inputs["pixel_values"],
@@ -256,7 +256,7 @@ def test_generate_json(setup):
     (["--image", "/no/such/photo.jpg"], "no such image file"),
     (["--video", "/no/such/clip.mp4"], "no such video file"),
     (["--temp", "-1"], "temperature -1.0 is negative"),
-    (["--kv-bits", "7"], "--kv-bits 7 is not supported"),
+    (["--kv-bits", "7"], "kv-bits 7 is not supported"),
     (["--max-tokens", "0"], "max-tokens 0 must be at least 1"),
     (["--max-kv-size", "4", "--kv-bits", "4"], "cannot be combined"),
 ])
