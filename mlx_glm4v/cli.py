@@ -5,9 +5,11 @@ the traceback instead.
 """
 
 import functools
+import inspect
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
@@ -25,11 +27,11 @@ app = typer.Typer(
 )
 
 VERBOSE = typer.Option(False, "--verbose", "-v", help="Show full tracebacks on errors.")
-MODEL = typer.Option(None, "--model", "-m", help=f"Hub repo id or local directory [default: $MLX_GLM4V_MODEL or {DEFAULT_MODEL}].")
+MODEL = typer.Option(None, "--model", "-m", help=f"Hub repo id or local directory (default: $MLX_GLM4V_MODEL, else {DEFAULT_MODEL}).")
 IMAGES = typer.Option(None, "--image", help="An image file; repeat for several.")
 VIDEOS = typer.Option(None, "--video", help="A video file; repeat for several.")
 SYSTEM = typer.Option(None, "--system", help="A system prompt.")
-MAX_TOKENS = typer.Option(None, "--max-tokens", help="Most tokens to generate per reply [default: 256 generate, 2048 chat].")
+MAX_TOKENS = typer.Option(None, "--max-tokens", help="Most tokens to generate per reply (default: 256 for generate, 2048 for chat).")
 TEMP = typer.Option(0.0, "--temp", help="Sampling temperature; 0 is greedy.")
 TOP_P = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold; 1 disables it.")
 TOP_K = typer.Option(0, "--top-k", help="Sample among the k most likely tokens; 0 disables it.")
@@ -103,31 +105,19 @@ def existing_files(paths, kind: str) -> list:
     return list(paths or [])
 
 
-def generation_options(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, max_kv_size, kv_bits,
-                       prefill_step_size, ignore_eos, no_thinking, prompt_lookup) -> dict:
-    """Keyword arguments shared by generate and chat, checked before the model is loaded."""
-    from .generate import GenerationSettings
+@dataclass
+class Reply:
+    """What generate and chat take alike, checked before the model is loaded."""
 
-    options = dict(
-        max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-        repetition_penalty=repetition_penalty, max_kv_size=max_kv_size, kv_bits=kv_bits,
-        prefill_step_size=prefill_step_size, ignore_eos=ignore_eos, prompt_lookup=prompt_lookup,
-        template_kwargs={"enable_thinking": False} if no_thinking else None,
-    )
-    GenerationSettings(**options)
-    return options
+    model: str
+    images: list
+    videos: list
+    system: Optional[str]
+    seed: Optional[int]
+    settings: dict  # GenerationSettings keyword arguments
 
 
-def load_for_cli(model: Optional[str]):
-    from .loader import load
-
-    return load(resolve_model_name(model))
-
-
-@app.command()
-@friendly_errors
-def generate(
-    prompt: str = typer.Option(..., "--prompt", "-p", help="The user message."),
+def _reply_options(
     image: Optional[List[str]] = IMAGES,
     video: Optional[List[str]] = VIDEOS,
     system: Optional[str] = SYSTEM,
@@ -145,19 +135,63 @@ def generate(
     ignore_eos: bool = IGNORE_EOS,
     prompt_lookup: int = PROMPT_LOOKUP,
     no_thinking: bool = NO_THINKING,
+    *,
+    default_max_tokens: int,
+) -> Reply:
+    from .generate import GenerationSettings
+
+    settings = dict(
+        max_tokens=default_max_tokens if max_tokens is None else max_tokens, temp=temp, top_p=top_p, top_k=top_k,
+        min_p=min_p, repetition_penalty=repetition_penalty, max_kv_size=max_kv_size, kv_bits=kv_bits,
+        prefill_step_size=prefill_step_size, ignore_eos=ignore_eos, prompt_lookup=prompt_lookup,
+        template_kwargs={"enable_thinking": False} if no_thinking else None,
+    )
+    GenerationSettings(**settings)
+    return Reply(resolve_model_name(model), existing_files(image, "image"), existing_files(video, "video"),
+                 system, seed, settings)
+
+
+def reply_options(default_max_tokens: int):
+    """Give a command the options generate and chat share, declared once in `_reply_options`;
+    the command receives them checked, as `reply`."""
+    shared = [p for p in inspect.signature(_reply_options).parameters.values() if p.name != "default_max_tokens"]
+
+    def decorate(command):
+        own = [p for p in inspect.signature(command).parameters.values() if p.name != "reply"]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            options = {p.name: kwargs.pop(p.name) for p in shared}
+            return command(reply=_reply_options(**options, default_max_tokens=default_max_tokens), **kwargs)
+
+        wrapper.__signature__ = inspect.Signature(shared + own)
+        return wrapper
+
+    return decorate
+
+
+def load_for_cli(model: str):
+    from .loader import load
+
+    return load(model)
+
+
+@app.command()
+@friendly_errors
+@reply_options(default_max_tokens=256)
+def generate(
+    reply: Reply,
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The user message."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the text and statistics."),
     verbose: bool = VERBOSE,
 ):
     """Answer one prompt about images and videos, streaming the reply."""
     from .generate import stats_line, stream_generate
 
-    images, videos = existing_files(image, "image"), existing_files(video, "video")
-    options = generation_options(256 if max_tokens is None else max_tokens, temp, top_p, top_k, min_p,
-                                 repetition_penalty, max_kv_size, kv_bits, prefill_step_size, ignore_eos, no_thinking,
-                                 prompt_lookup)
-    loaded_model, processor = load_for_cli(model)
+    loaded_model, processor = load_for_cli(reply.model)
     text, response = "", None
-    for response in stream_generate(loaded_model, processor, prompt, images, videos, system=system, seed=seed, **options):
+    for response in stream_generate(loaded_model, processor, prompt, reply.images, reply.videos, system=reply.system,
+                                    seed=reply.seed, **reply.settings):
         text += response.text
         if not as_json:
             sys.stdout.write(response.text)
@@ -229,24 +263,9 @@ class ReplyDisplay:
 
 @app.command()
 @friendly_errors
+@reply_options(default_max_tokens=2048)
 def chat(
-    image: Optional[List[str]] = IMAGES,
-    video: Optional[List[str]] = VIDEOS,
-    system: Optional[str] = SYSTEM,
-    model: Optional[str] = MODEL,
-    max_tokens: Optional[int] = MAX_TOKENS,
-    temp: float = TEMP,
-    top_p: float = TOP_P,
-    top_k: int = TOP_K,
-    min_p: float = MIN_P,
-    repetition_penalty: Optional[float] = REPETITION_PENALTY,
-    seed: Optional[int] = SEED,
-    max_kv_size: Optional[int] = MAX_KV_SIZE,
-    kv_bits: Optional[int] = KV_BITS,
-    prefill_step_size: int = PREFILL_STEP,
-    ignore_eos: bool = IGNORE_EOS,
-    prompt_lookup: int = PROMPT_LOOKUP,
-    no_thinking: bool = NO_THINKING,
+    reply: Reply,
     hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not show the model's thinking."),
     verbose: bool = VERBOSE,
 ):
@@ -255,14 +274,11 @@ def chat(
 
     from .chat import ChatSession
 
-    images, videos = existing_files(image, "image"), existing_files(video, "video")
-    options = generation_options(2048 if max_tokens is None else max_tokens, temp, top_p, top_k, min_p,
-                                 repetition_penalty, max_kv_size, kv_bits, prefill_step_size, ignore_eos, no_thinking,
-                                 prompt_lookup)
-    if seed is not None:
-        mx.random.seed(seed)
-    loaded_model, processor = load_for_cli(model)
-    session = ChatSession(loaded_model, processor, system, **options)
+    if reply.seed is not None:
+        mx.random.seed(reply.seed)
+    loaded_model, processor = load_for_cli(reply.model)
+    session = ChatSession(loaded_model, processor, reply.system, **reply.settings)
+    images, videos = reply.images, reply.videos
     color = sys.stdout.isatty()
     typer.echo("Type a message; /image PATH and /video PATH attach media to the next one; /reset, /exit.", err=True)
     while True:
