@@ -141,7 +141,8 @@ class ChatSession:
         same places included, never half a medium), or start a new cache; returns that length."""
         common = 0
         if self.cache is not None:
-            common = common_prefix(self.cache_ids, target)
+            # at least the last token is run again: its logits start the reply
+            common = min(common_prefix(self.cache_ids, target), len(target) - 1)
             shown = {m.start: m.digest for m in media}
             for m in self.cache_media:
                 if m.start < common and (m.end > common or shown.get(m.start) != m.digest):

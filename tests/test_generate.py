@@ -131,6 +131,15 @@ def test_new_question_about_the_same_image_reuses_its_tokens(setup, monkeypatch)
     assert tokens == greedy_from_scratch(setup, session.messages[:-1], 5)
 
 
+def test_the_same_prompt_again_runs_only_its_last_token(setup):
+    model, processor, image = setup["model"], setup["processor"], str(setup["image"])
+    session = ChatSession(model, processor, max_tokens=5)
+    first = [r.token for r in session.ask("Describe this image.", images=[image]) if r.token is not None]
+    session.reset()
+    again = [r.token for r in session.ask("Describe this image.", images=[image]) if r.token is not None]
+    assert session.tokens_processed == 1 and again == first
+
+
 def test_another_image_of_the_same_size_is_not_mistaken_for_the_first(setup):
     model, processor, image = setup["model"], setup["processor"], str(setup["image"])
     other = setup["image"].with_name("same-size.png")
