@@ -7,8 +7,7 @@ conversations.
 """
 
 import numpy as np
-from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache, RotatingKVCache
+from .mlxlm import BatchKVCache, BatchRotatingKVCache, KVCache, RotatingKVCache, create_attention_mask
 
 
 class PromptCache(list):

@@ -6,20 +6,49 @@ host. Sampling, logits processors, KV-cache quantization and the wired-memory li
 mlx-lm's own.
 """
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.generate import generation_stream, maybe_quantize_kv_cache, wired_limit
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from tokenizers.decoders import DecodeStream
 
 from .cache import PromptCache
 from .errors import Glm4vError
+from .mlxlm import make_logits_processors, make_sampler
 from .model import Model, Prompt
 from .processor import Processor
+
+
+# Generation runs on a stream of its own, as in mlx-lm, so queued steps never wait on other work.
+generation_stream = mx.new_thread_local_stream(mx.default_device())
+
+
+@contextlib.contextmanager
+def wired_limit(model: Model):
+    """While generating, let the model's memory stay wired (resident) up to the device's
+    recommended working set, as mlx-lm does; a no-op where the device reports none (CPU)."""
+    limit = mx.device_info().get("max_recommended_working_set_size")
+    if limit is None:
+        yield
+        return
+    previous = mx.set_wired_limit(limit)
+    try:
+        yield
+    finally:
+        mx.synchronize(generation_stream)
+        mx.set_wired_limit(previous)
+
+
+def maybe_quantize_kv_cache(cache: PromptCache, start: int, group_size: int, bits: Optional[int]):
+    """Swap each layer's cache for a quantized one once it holds `start` tokens (mlx-lm's `--kv-bits`)."""
+    if bits is None:
+        return
+    for i, c in enumerate(cache):
+        if hasattr(c, "to_quantized") and c.offset >= start:
+            cache[i] = c.to_quantized(group_size=group_size, bits=bits)
 
 
 @dataclass
@@ -327,7 +356,7 @@ def stream_tokens(model, processor, inputs: dict, cache, *, stop_ids=(), stop=()
     stops = StopStrings(stop)
     start = time.perf_counter()
     prompt_tps = generation_tps = 0.0
-    with wired_limit(model, [generation_stream]):
+    with wired_limit(model):
         for n, (token, _) in enumerate(generate_step(model, inputs, cache, **step_options), start=1):
             now = time.perf_counter()
             if n == 1:

@@ -13,10 +13,9 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.activations import swiglu
-from mlx_lm.models.base import scaled_dot_product_attention
 
 from .config import TextConfig
+from .mlxlm import scaled_dot_product_attention, swiglu
 
 
 def text_rope(config: TextConfig, offset):

@@ -12,7 +12,6 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.utils import infer_quant_config
 
 from .config import ModelConfig
 from .errors import Glm4vError
@@ -126,6 +125,14 @@ def layer_quantization(quantization: dict) -> dict:
     return {checkpoint_name(k + ".")[:-1]: v for k, v in quantization.items() if isinstance(v, (dict, bool))}
 
 
+def stored_as(settings: dict, module: nn.Module, weight: mx.array, scales: mx.array) -> bool:
+    """Whether a layer's stored tensors have the shapes `settings` would give its weight."""
+    if not {"bits", "group_size"} <= settings.keys():
+        return False
+    inputs = module.weight.shape[-1]
+    return weight.shape[-1] * 32 == inputs * settings["bits"] and scales.shape[-1] * settings["group_size"] == inputs
+
+
 def quantize_like(model: nn.Module, quantization: dict, weights: dict):
     """Turn the layers the checkpoint stores quantized into quantized layers.
 
@@ -142,6 +149,10 @@ def quantize_like(model: nn.Module, quantization: dict, weights: dict):
         entry = layers.get(path)
         if isinstance(entry, dict):
             return {**defaults, **{k: v for k, v in entry.items() if k in QUANT_KEYS}}
+        if stored_as(defaults, module, weights[f"{path}.weight"], weights[f"{path}.scales"]):
+            return defaults
+        from mlx_lm.utils import infer_quant_config  # imports transformers: only for odd checkpoints
+
         try:
             return infer_quant_config(path, module, weights)
         except ValueError as e:

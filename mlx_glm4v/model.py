@@ -14,12 +14,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
-from mlx_lm.models.base import create_causal_mask
 
 from .cache import PromptCache, left_padding, make_prompt_cache
 from .config import ModelConfig, MoeTextConfig
 from .language import TextModel, multimodal_rope, text_rope
 from .media import FeatureMemo, media_items
+from .mlxlm import create_causal_mask
 from .moe import MoeTextModel, stack_experts
 from .moe import cast_predicate as moe_cast_predicate
 from .rope_index import IMAGE, VIDEO, frame_grids, rope_index, token_types

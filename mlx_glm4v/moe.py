@@ -12,11 +12,11 @@ import re
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.switch_layers import SwitchGLU
 
 from .config import MoeTextConfig
 from .errors import Glm4vError
 from .language import Attention, TextModel
+from .mlxlm import SwitchGLU
 from .vision import VisionMLP as MLP  # the same SwiGLU with separate gate/up/down projections
 
 

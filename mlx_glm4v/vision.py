@@ -10,9 +10,9 @@ from functools import lru_cache
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.activations import swiglu
 
 from .config import VisionConfig
+from .mlxlm import swiglu
 
 CUBIC_A = -0.75  # torch's bicubic kernel constant, used by grid_sample
 

@@ -243,6 +243,17 @@ def cli(*args, **kwargs):
     return subprocess.run([sys.executable, "-m", "mlx_glm4v.cli", *args], capture_output=True, text=True, **kwargs)
 
 
+def test_generation_does_not_import_transformers():
+    """mlx-lm's package start-up (transformers, ~0.8 s) is deferred until something asks for it."""
+    code = (
+        "import sys, mlx_glm4v.generate, mlx_glm4v.chat, mlx_glm4v.loader;"
+        "assert 'transformers' not in sys.modules and 'torch' not in sys.modules;"
+        "import mlx_lm; assert callable(mlx_lm.load) and 'transformers' in sys.modules"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
 def test_generate_json(setup):
     out = cli("generate", "--model", str(setup["path"]), "--image", str(setup["image"]),
               "--prompt", "Describe this image.", "--max-tokens", "7", "--json")

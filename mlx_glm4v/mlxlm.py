@@ -1,0 +1,42 @@
+"""The parts of mlx-lm this package reuses, imported without mlx-lm's package start-up.
+
+Importing any `mlx_lm.*` module first runs `mlx_lm/__init__.py`, which imports its
+tokenizer and conversion tools and with them transformers: about 0.8 s on every start, and
+torch too where it is installed. The caches, samplers and layers below need none of that.
+So, unless mlx-lm was imported already, the package is put in place with its path only;
+its submodules import on their own, and the first request for anything else from the
+package (`mlx_lm.load`, say) runs the real `__init__` in place, so other code sees the
+whole package as usual.
+"""
+
+import importlib.util
+import sys
+
+
+def _defer_package_init(name: str):
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    package = importlib.util.module_from_spec(spec)
+
+    def __getattr__(attribute):
+        del package.__getattr__
+        spec.loader.exec_module(package)
+        return getattr(package, attribute)
+
+    package.__getattr__ = __getattr__
+    sys.modules[name] = package
+
+
+_defer_package_init("mlx_lm")
+
+from mlx_lm.models.activations import swiglu  # noqa: E402
+from mlx_lm.models.base import create_attention_mask, create_causal_mask, scaled_dot_product_attention  # noqa: E402
+from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache, RotatingKVCache  # noqa: E402
+from mlx_lm.models.switch_layers import SwitchGLU  # noqa: E402
+from mlx_lm.sample_utils import make_logits_processors, make_sampler  # noqa: E402
+
+__all__ = [
+    "BatchKVCache", "BatchRotatingKVCache", "KVCache", "RotatingKVCache", "SwitchGLU", "create_attention_mask",
+    "create_causal_mask", "make_logits_processors", "make_sampler", "scaled_dot_product_attention", "swiglu",
+]
