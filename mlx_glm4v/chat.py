@@ -1,9 +1,11 @@
 """A conversation that keeps its KV cache between turns.
 
-Each turn renders the whole conversation with the checkpoint's template (thinking dropped
-from earlier replies, as the GLM-V authors ask), tokenizes only what is new, and reuses the
-cache for the longest common prefix with what it already holds: earlier images and videos
-are never encoded again, and a reply whose thinking was dropped is re-read as text only.
+Each turn renders the conversation with the checkpoint's template, tokenizes only what is
+new and runs it after what the cache already holds: earlier images and videos are never
+encoded again, and a reply stays in the cache as it was generated. When the history must be
+run again from text (the first turn, a cache that cannot be reused), it is rendered with
+the thinking dropped from earlier replies, as the GLM-V authors ask; the cache's longest
+common prefix with it (same media at the same places) is still reused.
 """
 
 import re
@@ -86,8 +88,8 @@ class ChatSession:
 
     def ask(self, text: str, images: Sequence = (), videos: Sequence = ()) -> Iterator[GenerationResponse]:
         self.messages.append(user_message(text, images, videos))
-        full = self.render(add_generation_prompt=True)
-        target, media, common, inputs = self._plan(full, list(images), list(videos))
+        full, target, media, common, inputs = self._plan(list(images), list(videos))
+        self.prompt_ids = target  # the whole conversation as this turn runs it
         new_ids = target[common:]
         feed = {**inputs, "input_ids": np.array([new_ids]), "attention_mask": np.ones((1, len(new_ids)), np.int32)}
         self.tokens_processed = len(new_ids)
@@ -102,9 +104,11 @@ class ChatSession:
         finally:
             self._settle(full, target, media, before, len(new_ids), reply)
 
-    def _plan(self, full: str, images: list, videos: list):
-        """What to run: the target tokens of the whole conversation, their media, how many of
-        them the cache already holds (it is trimmed to that) and the pixels still to encode."""
+    def _plan(self, images: list, videos: list):
+        """What to run: the prompt text, the target tokens of the whole conversation, their
+        media, how many of them the cache already holds (it is trimmed to that) and the pixels
+        still to encode."""
+        full = self.render(add_generation_prompt=True)
         if self.cache is not None and full.startswith(self.rendered):
             inputs = self._process(full[len(self.rendered):], images, videos)
             ids = inputs["input_ids"][0].tolist()
@@ -114,14 +118,17 @@ class ChatSession:
             target, media = base + ids, base_media + self._spans(ids, inputs, len(base))
             common = self._reuse(target, media)
             if common >= max((m.end for m in base_media), default=0):
-                return target, media, common, self._pixels_after(media, common)
+                return full, target, media, common, self._pixels_after(media, common)
         # First turn, or earlier media must be run again: process the whole conversation.
+        self.messages = [{**m, "content": drop_thinking(m["content"])} if m["role"] == "assistant" else m
+                         for m in self.messages]
+        full = self.render(add_generation_prompt=True)
         images, videos = self.processor.media_from_messages(self.messages)
         inputs = self._process(full, images, videos)
         target = inputs["input_ids"][0].tolist()
         media = self._spans(target, inputs, 0)
         common = self._reuse(target, media)
-        return target, media, common, self._pixels_after(media, common)
+        return full, target, media, common, self._pixels_after(media, common)
 
     def _process(self, text: str, images: list, videos: list) -> dict:
         return self.processor(text, images=images, videos=videos, **self.settings.media_kwargs)
@@ -187,10 +194,16 @@ class ChatSession:
             fed = self.cache.offset - before - n_new
             tokens = [r.token for r in reply if r.token is not None]
             self.cache_ids, self.cache_media = target + tokens[:max(fed, 0)], media
-        self.messages.append({"role": "assistant", "content": drop_thinking("".join(r.text for r in reply))})
+        text = "".join(r.text for r in reply)
+        self.messages.append({"role": "assistant", "content": text})
         self.rendered = self.render(add_generation_prompt=False)
         if self.rendered.startswith(full):
-            self.history_ids = target + self.processor.tokenizer.encode(self.rendered[len(full):])
+            # The reply as generated when it renders as generated (no stop string cut it), so
+            # the cache stays valid; else as the tokenizer reads it back.
+            tail = self.rendered[len(full):]
+            generated = [r.token for r in reply if r.token is not None and r.finish_reason is None]
+            same = self.processor.tokenizer.decode(generated) == tail
+            self.history_ids = target + (generated if same else self.processor.tokenizer.encode(tail))
             self.history_media = media
         else:  # a template that rewrites earlier turns: the next turn processes everything
             self.rendered, self.history_ids, self.history_media = "\0", [], []

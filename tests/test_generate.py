@@ -76,9 +76,21 @@ def test_greedy_video_equals_transformers(setup):
 
 
 def greedy_from_scratch(s, messages, steps):
-    """Tokens of a fresh generation over a whole conversation (the oracle for chat turns)."""
+    """Tokens of a fresh generation over a whole conversation given as messages."""
     return [r.token for r in stream_generate(s["model"], s["processor"], messages, max_tokens=steps)
             if r.token is not None]
+
+
+def greedy_over(s, session, images, steps):
+    """Tokens of a fresh generation, new cache, over the token ids a chat turn ran (the oracle
+    for cache reuse: earlier replies stay in the conversation as they were generated)."""
+    inputs = {"input_ids": np.array([session.prompt_ids])}
+    if images:
+        inputs.update({k: v for k, v in s["processor"]("<|image|>" * len(images), images=images).items()
+                       if k in ("pixel_values", "image_grid_thw")})
+    tokens = [t for t, _ in generate_step(s["model"], inputs, s["model"].make_cache(), max_tokens=steps)]
+    eos = set(s["model"].config.eos_token_id)
+    return next((tokens[:i + 1] for i, t in enumerate(tokens) if t in eos), tokens)
 
 
 def test_second_turn_reuses_the_cache(setup, monkeypatch):
@@ -88,13 +100,12 @@ def test_second_turn_reuses_the_cache(setup, monkeypatch):
     first_prompt = len(session.history_ids)
 
     encoded = count_tower_calls(monkeypatch)
-    history = session.messages + [{"role": "user", "content": [{"type": "text", "text": "Why is that?"}]}]
     second = [r.token for r in session.ask("Why is that?") if r.token is not None]
     monkeypatch.undo()
 
     assert not encoded, "the image was encoded again"
-    assert 0 < session.tokens_processed < first_prompt
-    assert second == greedy_from_scratch(setup, history, 6)
+    assert 0 < session.tokens_processed <= len(session.prompt_ids) - first_prompt  # only the new question
+    assert second == greedy_over(setup, session, [str(setup["image"])], 6)
 
 
 def test_later_turn_with_a_new_image(setup):
@@ -103,10 +114,8 @@ def test_later_turn_with_a_new_image(setup):
     list(session.ask("Hello! How are you today?"))
     other = setup["image"].with_name("other.png")
     picture(112, 168, 23).save(other)
-    history = session.messages + [{"role": "user", "content": [
-        {"type": "image", "image": str(other)}, {"type": "text", "text": "And this?"}]}]
     tokens = [r.token for r in session.ask("And this?", images=[str(other)]) if r.token is not None]
-    assert tokens == greedy_from_scratch(setup, history, 5)
+    assert tokens == greedy_over(setup, session, [str(other)], 5)
 
 
 def count_tower_calls(monkeypatch) -> list:
@@ -160,12 +169,24 @@ def test_an_image_shown_again_is_not_encoded_again(setup, monkeypatch):
     tokens = [r.token for r in session.ask("Look again.", images=[image]) if r.token is not None]
     monkeypatch.undo()
     assert not calls
-    assert tokens == greedy_from_scratch(setup, session.messages[:-1], 5)
+    assert tokens == greedy_over(setup, session, [image, image], 5)
 
 
 def test_thinking_is_dropped_from_the_history():
     assert drop_thinking("<think>let me see</think><answer>A cat.</answer>") == "<answer>A cat.</answer>"
     assert drop_thinking("<think>unfinished") == ""
+
+
+def test_a_history_run_again_from_text_drops_thinking(setup):
+    model, processor = setup["model"], setup["processor"]
+    session = ChatSession(model, processor, max_tokens=3)
+    list(session.ask("Hello! How are you today?"))
+    session.messages[-1]["content"] = "<think>hidden</think>shown"  # as if the model had thought aloud
+    session.cache = None  # e.g. a reply interrupted between layers: the next turn starts from text
+    tokens = [r.token for r in session.ask("And then?") if r.token is not None]
+    assert session.messages[1]["content"] == "shown"
+    assert "hidden" not in processor.tokenizer.decode(session.prompt_ids)
+    assert tokens == greedy_from_scratch(setup, session.messages[:-1], 3)
 
 
 def test_rotating_cache_matches_a_windowed_reference(setup):
