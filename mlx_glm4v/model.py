@@ -59,6 +59,10 @@ def checkpoint_name(key: str) -> str:
     return key
 
 
+# Patches the vision tower takes at once (a few hundred MB of activations for GLM-4.1V's tower).
+VISION_CHUNK_PATCHES = 16384
+
+
 def _host(x):
     return None if x is None else np.asarray(x)
 
@@ -124,7 +128,7 @@ class Model(nn.Module):
             grids = [frame_grids(items[i].grid) if items[i].kind == VIDEO else items[i].grid[None] for i in todo]
             merge = self.config.vision_config.spatial_merge_size**2
             sizes = [int(np.prod(g, axis=1).sum()) // merge for g in grids]
-            features = self.visual(np.concatenate([items[i].rows for i in todo]), np.concatenate(grids))
+            features = self.encode_frames(np.concatenate([items[i].rows for i in todo]), np.concatenate(grids))
             for i, part in zip(todo, mx.split(features, np.cumsum(sizes)[:-1].tolist())):
                 found[i] = part
                 if memo is not None:
@@ -132,6 +136,27 @@ class Model(nn.Module):
         image = [f for item, f in zip(items, found) if item.kind == IMAGE]
         video = [f for item, f in zip(items, found) if item.kind == VIDEO]
         return (mx.concatenate(image) if image else None), (mx.concatenate(video) if video else None)
+
+    def encode_frames(self, rows: np.ndarray, grids: np.ndarray, chunk: Optional[int] = None) -> mx.array:
+        """Features of frames (grids t = 1), about `chunk` patches through the tower at a time.
+
+        Frames never attend to each other, so a long video is encoded in pieces, each
+        evaluated before the next starts: activations stay those of one piece, not of the
+        whole clip. Inputs within one piece stay lazy.
+        """
+        chunk = chunk or VISION_CHUNK_PATCHES
+        patches = np.prod(grids, axis=1)
+        if patches.sum() <= chunk:
+            return self.visual(rows, grids)
+        ends = np.cumsum(patches)
+        parts, first = [], 0
+        while first < len(grids):
+            last = max(first + 1, int(np.searchsorted(ends, ends[first] - patches[first] + chunk, "right")))
+            start, stop = ends[first] - patches[first], ends[last - 1]
+            parts.append(self.visual(rows[start:stop], grids[first:last]))
+            mx.eval(parts[-1])
+            first = last
+        return mx.concatenate(parts)
 
     def embed(self, ids: np.ndarray, types: np.ndarray, image, video) -> mx.array:
         """Token embeddings with image and video features scattered over their tokens, by type."""

@@ -133,6 +133,19 @@ def test_video_sampled_from_longer_clip(setup):
     check("video, sampled from a clip", model, ref, inputs)
 
 
+def test_long_video_encoded_in_pieces(setup, monkeypatch):
+    """A clip longer than the tower takes at once is encoded a few frames at a time, exactly."""
+    import mlx_glm4v.model
+
+    model, ref, processor = setup
+    monkeypatch.setattr(mlx_glm4v.model, "VISION_CHUNK_PATCHES", 40)  # about two frames of 4x6 patches
+    frames = clip(12, 56, 84, 12)
+    inputs = prepare(processor, [user("video", "Count the frames.")], videos=[frames],
+                     video_metadata=[{"fps": 2.0, "total_num_frames": 12}])
+    assert inputs["video_grid_thw"][0][0] == 6
+    check("video in pieces", model, ref, inputs)
+
+
 def test_left_padded_batch(setup):
     model, ref, processor = setup
     conversations = [user("image", "Describe this image."),
