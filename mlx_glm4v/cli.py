@@ -173,7 +173,7 @@ def reply_options(default_max_tokens: int):
 def load_for_cli(model: str):
     from .loader import load
 
-    return load(model)
+    return load(model, lazy=True)
 
 
 @app.command()

@@ -90,6 +90,10 @@ def prefill(model: Model, prompt: Prompt, cache: PromptCache, step_size: int = 2
     cache is evaluated and MLX's buffer cache released between them.
     """
     cache.record(prompt)
+    if prompt.positions is not None:
+        # Images and videos first, on their own: their activations are gone before the text
+        # decoder starts (and, loaded lazily, before its weights are read).
+        mx.eval(prompt.embeds)
     length = prompt.length
     for start in range(0, length, step_size):
         end = min(start + step_size, length)

@@ -170,7 +170,9 @@ def cast(name: str, value: mx.array, dtype: Optional[mx.Dtype], keep) -> mx.arra
     return value if target is None or value.dtype == target else value.astype(target)
 
 
-def load_model(path, dtype: Optional[mx.Dtype] = None) -> Model:
+def load_model(path, dtype: Optional[mx.Dtype] = None, lazy: bool = False) -> Model:
+    """The model of a local checkpoint directory; `lazy` leaves each weight on disk until first
+    used, so a one-shot run holds the text weights only after the vision tower is done."""
     path = Path(path)
     raw = read_config(path)
     config = ModelConfig.from_dict(raw)
@@ -186,13 +188,14 @@ def load_model(path, dtype: Optional[mx.Dtype] = None) -> Model:
         weights = {k: cast(k, v, dtype, keep) for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
-    mx.eval(model.parameters())
+    if not lazy:
+        mx.eval(model.parameters())
     return model
 
 
-def load(path_or_repo: str, dtype: Optional[mx.Dtype] = None, revision: Optional[str] = None):
-    """(model, processor) from a local checkpoint directory or a hub repo id."""
+def load(path_or_repo: str, dtype: Optional[mx.Dtype] = None, revision: Optional[str] = None, lazy: bool = False):
+    """(model, processor) from a local checkpoint directory or a hub repo id (`lazy`: see `load_model`)."""
     from .processor import Processor
 
     path = resolve(path_or_repo, revision)
-    return load_model(path, dtype), Processor.from_pretrained(path)
+    return load_model(path, dtype, lazy), Processor.from_pretrained(path)
