@@ -316,6 +316,45 @@ def test_unknown_model_is_one_line(tmp_path):
     assert verbose.returncode != 0 and "Traceback" in verbose.stderr
 
 
+def test_no_thinking_reaches_the_template(glm4v_moe_checkpoint):
+    """GLM-4.5V's template has a thinking switch: --no-thinking renders what transformers renders."""
+    from mlx_glm4v.processor import Processor
+
+    path, _, hf = glm4v_moe_checkpoint
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Hello!"}]}]
+    ours = Processor.from_pretrained(path).apply_chat_template(messages, enable_thinking=False)
+    assert "/nothink" in ours and ours == hf.apply_chat_template(messages, add_generation_prompt=True,
+                                                                enable_thinking=False)
+    out = cli("generate", "--model", str(path), "--prompt", "Hello!", "--max-tokens", "2", "--no-thinking", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["prompt_tokens"] == len(Processor.from_pretrained(path)(ours)["input_ids"][0])
+
+
+def test_hub_ids_download_only_what_a_run_needs(monkeypatch, tmp_path, glm4v_checkpoint):
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from mlx_glm4v.errors import Glm4vError
+    from mlx_glm4v.loader import resolve
+
+    calls = []
+
+    def fake_download(repo, revision=None, allow_patterns=None):
+        calls.append((repo, allow_patterns))
+        if repo == "nobody/nothing":
+            error = RepositoryNotFoundError.__new__(RepositoryNotFoundError)  # as raised for a 404, sans HTTP
+            Exception.__init__(error, "404")
+            raise error
+        return str(glm4v_checkpoint[0])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    assert resolve("zai-org/GLM-4.1V-9B-Thinking") == glm4v_checkpoint[0]
+    patterns = calls[0][1]
+    assert "*.safetensors" in patterns and "*.json" in patterns and not any("bin" in p or "pt" in p for p in patterns)
+    with pytest.raises(Glm4vError, match="nobody/nothing was not found on the Hugging Face hub"):
+        resolve("nobody/nothing")
+
+
 def test_chat_in_a_terminal(setup):
     import pexpect
 
@@ -330,8 +369,33 @@ def test_chat_in_a_terminal(setup):
     child.expect(">> ")
     child.sendline("And again?")
     child.expect(">> ")
+    child.sendline("/reset")
+    child.expect(">> ")
+    child.sendline("/image /no/such/file.png")
+    child.expect("no such image file")
+    child.expect(">> ")
     child.sendeof()
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
     assert first.strip()  # a reply was printed
+
+
+def test_ctrl_c_stops_the_reply_and_keeps_the_session(setup):
+    import time
+
+    import pexpect
+
+    child = pexpect.spawn(sys.executable, ["-m", "mlx_glm4v.cli", "chat", "--model", str(setup["path"]),
+                                           "--max-tokens", "1000000", "--ignore-eos"],
+                          encoding="utf-8", timeout=120)
+    child.expect(">> ")
+    child.sendline("Hello! How are you today?")
+    time.sleep(2)  # replying, at hundreds of tokens a second, for an hour
+    child.sendintr()
+    child.expect(r"\(stopped\)")
+    child.expect(">> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
