@@ -242,6 +242,19 @@ def test_prompt_lookup_keeps_greedy_output(setup, media, monkeypatch):
     assert len(passes) < 40  # some drafts were accepted: fewer forward passes than tokens
 
 
+def test_streamed_text_never_splits_a_character(setup):
+    from mlx_glm4v.generate import StreamingText
+
+    tokenizer = setup["processor"].tokenizer
+    text = "Ünïcödé text, emoji 🙂 and 中文 字符 <think>ok</think>"
+    ids = tokenizer.encode(text)
+    assert any("\ufffd" in tokenizer.decode(ids[:k]) for k in range(len(ids)))  # some character spans tokens
+    stream = StreamingText(tokenizer.backend)
+    pieces = [stream.add(i) for i in ids]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) + stream.finish() == tokenizer.decode(ids) == text
+
+
 def test_stop_strings_hold_back_and_cut():
     stops = StopStrings(["END"])
     assert stops.feed("abc E") == ("abc ", False)
