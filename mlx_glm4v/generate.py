@@ -2,8 +2,9 @@
 
 The decode loop follows mlx-lm's `generate_step`: the next step is queued with
 `mx.async_eval` before the current token is handed out, so the device never waits for the
-host. Sampling, logits processors, KV-cache quantization and the wired-memory limit are
-mlx-lm's own.
+host. Samplers, logits processors and KV caches are mlx-lm's; the wired-memory limit and the
+switch to a quantized cache do what mlx-lm's do, written here because `mlx_lm.generate`
+imports transformers.
 """
 
 import contextlib
