@@ -176,13 +176,15 @@ class ChatSession:
 
     @staticmethod
     def _pixels_after(media: list, common: int) -> dict:
-        """Processor outputs for the media from token `common` on; those before are in the cache."""
-        out = {}
+        """Processor outputs for the media from token `common` on (those before are in the cache),
+        with the items themselves, whose digests are already taken."""
+        out = {"media": []}
         for kind, rows, grids in ((IMAGE, "pixel_values", "image_grid_thw"), (VIDEO, "pixel_values_videos", "video_grid_thw")):
             items = [m.item for m in media if m.kind == kind and m.start >= common]
             if items:
                 out[rows] = np.concatenate([i.rows for i in items])
                 out[grids] = np.stack([i.grid for i in items])
+                out["media"] += items
         return out
 
     def _settle(self, full: str, target: list, media: list, before: int, n_new: int, reply: list):

@@ -112,13 +112,14 @@ class Model(nn.Module):
         return make_prompt_cache(len(self.layers), max_kv_size, keep)
 
     def encode_media(self, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
-                     memo: Optional[FeatureMemo] = None):
+                     memo: Optional[FeatureMemo] = None, items: Optional[list] = None):
         """Image features and video features (each [tokens, hidden] or None).
 
         Everything not found in `memo` (by pixel digest) goes through the tower in one pass;
         video frames are separate attention segments, as in transformers.
         """
-        items = media_items(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        if items is None:
+            items = media_items(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         if not items:
             return None, None
         keys = [item.digest for item in items] if memo is not None else [None] * len(items)
@@ -187,13 +188,15 @@ class Model(nn.Module):
         attention_mask=None,
         cache: Optional[PromptCache] = None,
         vision_memo: Optional[FeatureMemo] = None,
+        media: Optional[list] = None,
     ) -> Prompt:
         """Embeddings and positions for new tokens, continuing the sequences held in `cache`.
 
         `attention_mask` describes the given tokens only and must be left padding, allowed on
         the first call into a cache. Without pixels every token is text and no host copy of
         `input_ids` is made, so decoding stays asynchronous. Media found in `vision_memo` are
-        not encoded again.
+        not encoded again; `media`, the same pixels already split into `MediaItem`s (images,
+        then videos), spares hashing them twice.
         """
         B, L = input_ids.shape
         fresh = cache is None or cache.empty
@@ -207,7 +210,8 @@ class Model(nn.Module):
         cfg = self.config
         ids = np.asarray(input_ids)
         types = token_types(ids, cfg.image_token_id, cfg.video_start_token_id, cfg.video_end_token_id)
-        image, video = self.encode_media(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, vision_memo)
+        image, video = self.encode_media(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, vision_memo,
+                                         media)
         positions, next_position = rope_index(
             ids, types, _host(image_grid_thw), _host(video_grid_thw), _host(attention_mask),
             cfg.vision_config.spatial_merge_size, start,

@@ -172,6 +172,19 @@ def test_an_image_shown_again_is_not_encoded_again(setup, monkeypatch):
     assert tokens == greedy_over(setup, session, [image, image], 5)
 
 
+def test_each_image_is_hashed_once_per_turn(setup, monkeypatch):
+    import hashlib
+
+    import mlx_glm4v.media
+
+    hashes = []
+    blake2b = hashlib.blake2b
+    monkeypatch.setattr(mlx_glm4v.media.hashlib, "blake2b", lambda *a, **k: hashes.append(1) or blake2b(*a, **k))
+    session = ChatSession(setup["model"], setup["processor"], max_tokens=2)
+    list(session.ask("Describe this image.", images=[str(setup["image"])]))
+    assert len(hashes) == 1
+
+
 def test_thinking_is_dropped_from_the_history():
     assert drop_thinking("<think>let me see</think><answer>A cat.</answer>") == "<answer>A cat.</answer>"
     assert drop_thinking("<think>unfinished") == ""
