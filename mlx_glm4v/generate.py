@@ -64,6 +64,7 @@ class GenerationResponse:
     generation_tps: float
     peak_memory: float  # GB, MLX's peak since the process started
     finish_reason: Optional[str] = None  # "stop", "length" or None while generating
+    logprobs: Optional[mx.array] = None  # [vocab] log-probabilities the token was drawn from
 
 
 def user_message(text: str = "", images: Sequence = (), videos: Sequence = ()) -> dict:
@@ -362,7 +363,7 @@ def stream_tokens(model, processor, inputs: dict, cache, *, stop_ids=(), stop=()
     start = time.perf_counter()
     prompt_tps = generation_tps = 0.0
     with wired_limit(model):
-        for n, (token, _) in enumerate(generate_step(model, inputs, cache, **step_options), start=1):
+        for n, (token, logprobs) in enumerate(generate_step(model, inputs, cache, **step_options), start=1):
             now = time.perf_counter()
             if n == 1:
                 prompt_tps = n_prompt / (now - start)
@@ -370,7 +371,7 @@ def stream_tokens(model, processor, inputs: dict, cache, *, stop_ids=(), stop=()
             else:
                 generation_tps = (n - 1) / (now - start)
             stats = dict(prompt_tokens=n_prompt, prompt_tps=prompt_tps, generation_tokens=n,
-                         generation_tps=generation_tps, peak_memory=mx.get_peak_memory() / 1e9)
+                         generation_tps=generation_tps, peak_memory=mx.get_peak_memory() / 1e9, logprobs=logprobs)
             if token in stop_ids:
                 piece, _ = stops.feed(decoder.finish())
                 yield GenerationResponse(piece + stops.flush(), token, **stats, finish_reason="stop")
@@ -381,7 +382,7 @@ def stream_tokens(model, processor, inputs: dict, cache, *, stop_ids=(), stop=()
                 return
             yield GenerationResponse(piece, token, **stats)
     piece, _ = stops.feed(decoder.finish())
-    yield GenerationResponse(piece + stops.flush(), None, **stats, finish_reason="length")
+    yield GenerationResponse(piece + stops.flush(), None, **{**stats, "logprobs": None}, finish_reason="length")
 
 
 class StreamingText:
