@@ -8,6 +8,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tiny  # noqa: E402
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Each phase's report on the test item (`item.rep_call`), so fixtures can tell a failure."""
+    report = (yield).get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
 @pytest.fixture(scope="session")
 def glm4v_checkpoint(tmp_path_factory):
     """A tiny GLM-4.1V checkpoint saved by transformers, sharded with an index.
