@@ -162,6 +162,9 @@ def test_page_is_served_with_its_files(page):
 
 def test_thumbnail_streamed_reply_and_second_turn(page, tmp_path):
     driver, base, _ = page
+    # greedy, to compare with the API; short, as random weights soon write special tokens such as
+    # <|video|>, which the next turn's prompt would count as a video place
+    driver.execute_script("glm4v.state.options = {temperature: 0, max_tokens: 16}")
     image = photo(tmp_path / "photo.png", 160, 120)
     attach(driver, image)
     thumb = driver.find_element(By.CSS_SELECTOR, "#attachments img")
@@ -177,8 +180,8 @@ def test_thumbnail_streamed_reply_and_second_turn(page, tmp_path):
     assert driver.find_element(By.CSS_SELECTOR, ".message.user figure img").get_attribute("src").startswith("data:")
     assert driver.find_elements(By.CSS_SELECTOR, "#attachments img") == []
     # the same request, not streamed, gives the text the page showed
-    messages = driver.execute_script("return glm4v.state.messages")
-    reference = api(base, "v1/chat/completions", {"messages": messages[:1], "max_tokens": 4096})
+    messages, model = driver.execute_script("return [glm4v.state.messages, glm4v.state.model]")
+    reference = api(base, "v1/chat/completions", {"model": model, "messages": messages[:1], "temperature": 0, "max_tokens": 16})
     shown = first.find_element(By.CSS_SELECTOR, ".text").get_attribute("textContent")
     assert shown == reference["choices"][0]["message"]["content"].lstrip()
     stats = first.find_element(By.CSS_SELECTOR, ".stats").text
@@ -213,12 +216,30 @@ def test_stop_ends_a_long_reply(page):
     streamed = len(reply.find_element(By.CSS_SELECTOR, ".text").get_attribute("textContent"))
     time.sleep(1)
     assert len(reply.find_element(By.CSS_SELECTOR, ".text").get_attribute("textContent")) == streamed
-    # the server stopped generating: the next request is answered at once, not after 100000 tokens
+    # the server stopped generating: the request is counted as cancelled, none runs, no token is added
+    deadline = time.time() + 10
+    while metric(base, "requests_running") != 0 or metric(base, "requests_cancelled_total") < 1:
+        assert time.time() < deadline, "the server still generates after the page stopped"
+        time.sleep(0.2)
+    generated = metric(base, "generated_tokens_total")
+    time.sleep(1)
+    assert metric(base, "generated_tokens_total") == generated < 100000
+    # and the next request is answered at once (a new chat: random weights write special tokens
+    # such as <|image|> that a follow-up's prompt would count as media places)
+    driver.find_element(By.ID, "new-chat").click()
     driver.execute_script("glm4v.state.options = {max_tokens: 8}")
     started = time.time()
     driver.find_element(By.ID, "prompt").send_keys("Hello.", Keys.ENTER)
-    second = wait_reply(driver, 2, timeout=60)
+    second = wait_reply(driver, 1, timeout=60)
     assert "done" in second.get_attribute("class") and time.time() - started < 30
+
+
+def metric(base: str, name: str) -> float:
+    with urllib.request.urlopen(base + "metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(f"mlx_glm4v_{name} "):
+                return float(line.split()[1])
+    raise KeyError(name)
 
 
 def test_server_errors_are_shown(page, tmp_path):

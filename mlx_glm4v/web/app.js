@@ -416,6 +416,7 @@ window.glm4v = (() => {
     state.controller = null;
     setBusy(false);
     const answer = showText(bubble, reasoning, raw);
+    bubble.querySelector(".thinking summary").textContent = "Thinking";
     if (stopped) t.finish = "stopped";
     showStats(bubble, t);
     if (failed !== null) showError(bubble, failed);
