@@ -10,6 +10,7 @@ shown in headless Chromium. The photo used in the README is scikit-image's `chel
 """
 
 import argparse
+import shutil
 import socket
 import subprocess
 import sys
@@ -52,9 +53,10 @@ def main():
             except OSError:
                 time.sleep(0.3)
         options = webdriver.ChromeOptions()
-        for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=960,640", "--hide-scrollbars"):
+        options.binary_location = shutil.which("chromium")  # Debian's, with its driver: nothing is downloaded
+        for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=960,720", "--hide-scrollbars"):
             options.add_argument(a)
-        driver = webdriver.Chrome(options=options)
+        driver = webdriver.Chrome(service=webdriver.ChromeService(shutil.which("chromedriver")), options=options)
         try:
             driver.get(base)
             time.sleep(1)
