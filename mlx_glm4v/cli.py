@@ -190,6 +190,7 @@ def generate(
     if draw_boxes and not reply.images:
         raise Glm4vError("--draw-boxes needs an image (--image) to draw on.")
     from .generate import stats_line, stream_generate
+    from .grounding import boxes_of, draw_reply
 
     loaded_model, processor = load_for_cli(reply.model)
     text, response = "", None
@@ -208,34 +209,14 @@ def generate(
             "generation_tps": response.generation_tps,
             "peak_memory_gb": response.peak_memory,
             "finish_reason": response.finish_reason,
-            "boxes": reply_boxes(text, reply.images),
+            "boxes": boxes_of(text, reply.images),
         }))
     else:
         print()
         print(stats_line(response), file=sys.stderr)
     if draw_boxes:
-        save_boxes(draw_boxes, text, reply.images)
-
-
-def reply_boxes(text: str, images: list) -> list:
-    """The reply's boxes and points in the documented form (pixels of the original images)."""
-    from .grounding import as_json, find_marks
-    from .image import load_image
-
-    return as_json(find_marks(text).marks, [load_image(i).shape[1::-1] for i in images])
-
-
-def save_boxes(path: str, text: str, images: list):
-    """Draw a reply's boxes onto its images; say what was written and what was refused."""
-    from .grounding import find_marks, save_drawn
-
-    found = find_marks(text)
-    for problem in found.refused:
-        typer.echo(f"warning: not drawn: {problem}", err=True)
-    if not found.marks:
-        typer.echo("warning: the reply has no boxes or points; the image is saved as it is.", err=True)
-    for written in save_drawn(path, images, found.marks):
-        typer.echo(f"saved {written}", err=True)
+        for line in draw_reply(draw_boxes, text, reply.images):
+            typer.echo(line, err=True)
 
 
 class ReplyDisplay:

@@ -195,6 +195,14 @@ def as_json(marks: Sequence[Mark], sizes: Sequence[Tuple[int, int]]) -> List[dic
     return out
 
 
+def boxes_of(text: str, images: Sequence) -> List[dict]:
+    """A reply's marks in the documented form, for images given as files (or anything
+    `load_image` reads)."""
+    from .image import load_image
+
+    return as_json(find_marks(text).marks, [load_image(i).shape[1::-1] for i in images])
+
+
 def draw_marks(image, marks: Sequence[Mark]):
     """A PIL image of `image` (anything `load_image` reads) with each mark drawn in its own colour
     and labelled (its label, or its number in the reply)."""
@@ -258,3 +266,13 @@ def save_drawn(path: str, images: Sequence, marks: Sequence[Mark]) -> List[str]:
             raise Glm4vError(f"{target}: cannot save the drawn image ({e}).") from None
         written.append(target)
     return written
+
+
+def draw_reply(path: str, text: str, images: Sequence) -> List[str]:
+    """`--draw-boxes` and chat's `/boxes`: a reply's marks drawn onto its images and saved.
+    Returns the lines to show: one warning per refused piece, then each file written."""
+    found = find_marks(text)
+    lines = [f"warning: not drawn: {problem}" for problem in found.refused]
+    if not found.marks:
+        lines.append("warning: the reply has no boxes or points; the image is saved as it is.")
+    return lines + [f"saved {written}" for written in save_drawn(path, images, found.marks)]

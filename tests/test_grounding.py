@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from mlx_glm4v.errors import Glm4vError
-from mlx_glm4v.grounding import COLORS, as_json, draw_marks, find_marks, save_drawn
+from mlx_glm4v.grounding import COLORS, as_json, boxes_of, draw_marks, draw_reply, find_marks, save_drawn
 
 
 def marks(text):
@@ -125,6 +125,17 @@ def test_save_drawn_picks_the_image_or_numbers_files(tmp_path):
         save_drawn(str(tmp_path / "out.png"), [], unnamed)
 
 
+def test_draw_reply_says_what_it_refused_and_wrote(tmp_path):
+    """What chat's /boxes and --draw-boxes show: refusals first, then the files."""
+    Image.new("RGB", (50, 40), "white").save(tmp_path / "in.png")
+    text = "Here [[0,0,500,500]] and there <|begin_of_box|>[[0,0,2000,10]]<|end_of_box|>"
+    assert draw_reply(str(tmp_path / "out.png"), text, [str(tmp_path / "in.png")]) == [
+        "warning: not drawn: '[[0,0,2000,10]]' has 2000, outside the 0-1000 range of GLM-V coordinates.",
+        f"saved {tmp_path / 'out.png'}"]
+    assert tuple(np.asarray(Image.open(tmp_path / "out.png"))[10, 0]) == rgb(COLORS[0])
+    assert boxes_of(text, [str(tmp_path / "in.png")])[0]["pixels"] == [0, 0, 25, 20]
+
+
 def test_drawing_follows_exif_orientation(tmp_path):
     """Coordinates refer to the picture as the model saw it: upright, EXIF rotation applied."""
     im = Image.new("RGB", (300, 100), "white")
@@ -148,6 +159,7 @@ def test_generate_draw_boxes_and_json(glm4v_checkpoint, tmp_path):
     result = json.loads(run.stdout)
     assert result["boxes"] == as_json(find_marks(result["text"]).marks, [(120, 90)])
     assert f"saved {out_png}" in run.stderr
+    assert result["boxes"] or "warning: the reply has no boxes or points" in run.stderr
     expected = draw_marks(str(path), find_marks(result["text"]).marks)
     assert (np.asarray(Image.open(out_png)) == np.asarray(expected)).all()
 
