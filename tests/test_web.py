@@ -242,6 +242,37 @@ def metric(base: str, name: str) -> float:
     raise KeyError(name)
 
 
+def test_drop_and_paste_attach(page):
+    """Files dropped on the page or pasted become thumbnails; what is neither image nor video is refused."""
+    driver, _, _ = page
+    driver.execute_script("""
+        const file = (name, type) => new File([new Uint8Array(atob(arguments[0]).split('').map((c) => c.charCodeAt(0)))],
+                                              name, {type});
+        const dropped = new DataTransfer();
+        dropped.items.add(file('dropped.png', 'image/png'));
+        dropped.items.add(file('clip.mp4', 'video/mp4'));
+        dropped.items.add(file('notes.txt', 'text/plain'));
+        document.body.dispatchEvent(new DragEvent('drop', {dataTransfer: dropped, bubbles: true, cancelable: true}));
+        const pasted = new DataTransfer();
+        pasted.items.add(file('image.png', 'image/png'));
+        document.getElementById('prompt').dispatchEvent(new ClipboardEvent('paste', {clipboardData: pasted, bubbles: true}));
+    """, base64.b64encode(png_bytes(40, 30)).decode())
+    WebDriverWait(driver, 10).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#attachments figure")) == 3)
+    figures = driver.find_elements(By.CSS_SELECTOR, "#attachments figure")
+    assert [f.get_attribute("title") for f in figures] == ["dropped.png", "clip.mp4", "image.png"]
+    assert [len(f.find_elements(By.TAG_NAME, "video")) for f in figures] == [0, 1, 0]
+    assert "notes.txt is not an image or a video" in driver.find_element(By.CSS_SELECTOR, ".notice").text
+    figures[0].find_element(By.CSS_SELECTOR, ".remove").click()
+    assert [f.get_attribute("title") for f in driver.find_elements(By.CSS_SELECTOR, "#attachments figure")] == [
+        "clip.mp4", "image.png"]
+
+
+def png_bytes(width: int, height: int) -> bytes:
+    out = BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(out, format="PNG")
+    return out.getvalue()
+
+
 def test_server_errors_are_shown(page, tmp_path):
     driver, base, expected_errors = page
     expected_errors.append("status of 400")  # the browser logs the refused request itself

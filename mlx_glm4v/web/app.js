@@ -455,11 +455,20 @@ window.glm4v = (() => {
     });
   }
 
-  async function attach(files) {
+  // Attachments keep the order they were given in, however long each takes to read.
+  let reading = Promise.resolve();
+  function attach(files) {
+    reading = reading.then(() => attachNow(files));
+    return reading;
+  }
+
+  async function attachNow(files) {
     for (const file of files) {
       const kind = file.type.startsWith("image/") ? "image" : file.type.startsWith("video/") ? "video" : null;
       if (!kind) { notice(`${file.name || "that file"} is not an image or a video.`); continue; }
-      state.pending.push({ kind, name: file.name || `pasted ${kind}`, url: await readFile(file) });
+      try {
+        state.pending.push({ kind, name: file.name || `pasted ${kind}`, url: await readFile(file) });
+      } catch (e) { notice(`${file.name} could not be read.`); }
     }
     renderPending();
   }
