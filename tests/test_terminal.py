@@ -1,0 +1,166 @@
+"""The chat in a real pseudo-terminal: line editing, pasted paths, commands, attachments, the
+reply's parts without colour, and the status line while a prompt is read.
+
+What reached the model is checked by its greedy reply: the same conversation run in-process
+must give the same text, and a different message a different one.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pexpect
+import pytest
+
+from mlx_glm4v.chat import ChatSession
+from mlx_glm4v.loader import load
+from mlx_glm4v.terminal import ReplyDisplay, clean_line, user_paths
+from mlx_glm4v.video import load_video
+from test_model import picture
+from test_processor import write_video
+
+LEFT, RIGHT, UP, CTRL_A, CTRL_E = "\x1b[D", "\x1b[C", "\x1b[A", "\x01", "\x05"
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def setup(glm4v_checkpoint, tmp_path_factory):
+    path = glm4v_checkpoint[0]
+    model, processor = load(path)
+    media = tmp_path_factory.mktemp("media")
+    picture(196, 280, 21).save(media / "my photo.png")
+    write_video(media / "clip.mp4", "libx264", 5, 30)  # 6 s: 12 frames sampled at 2 fps
+    (media / "broken.png").write_bytes(b"not a PNG at all" * 50)
+    (media / "broken.mp4").write_bytes(b"not a video at all" * 50)
+    return dict(path=path, model=model, processor=processor, media=media)
+
+
+def spawn(path, *args, env=None, **kwargs):
+    return pexpect.spawn(sys.executable, ["-m", "mlx_glm4v.cli", "chat", "--model", str(path), *args],
+                         encoding="utf-8", timeout=120, env={**os.environ, **(env or {})},
+                         dimensions=(24, 200), **kwargs)
+
+
+def reply_in(before: str) -> str:
+    """The reply printed in one turn: what follows the status line's last erasure."""
+    return before.split("\x1b[K")[-1].replace("\r\n", "\n").rstrip("\n")
+
+
+def expected_replies(s, turns):
+    """The replies, as displayed without colour, of a conversation run in-process; turns are
+    texts or (text, images, videos)."""
+    session = ChatSession(s["model"], s["processor"], max_tokens=MAX_TOKENS)
+    out = []
+    for turn in turns:
+        text, images, videos = (turn, [], []) if isinstance(turn, str) else turn
+        display = ReplyDisplay(color=False)
+        shown = "".join(display.feed(r.text) for r in session.ask(text, images, videos))
+        out.append(shown + display.finish())
+    return out
+
+
+def test_line_editing_and_history_reach_the_model_as_edited(setup):
+    child = spawn(setup["path"], "--max-tokens", str(MAX_TOKENS), env={"NO_COLOR": "1"})
+    child.expect(">> ")
+    child.send("abc" + LEFT + "X" + RIGHT + "?\r")  # abXc?
+    child.expect(">> ")
+    first = reply_in(child.before)
+    child.send("how are you" + CTRL_A + "Hi, " + CTRL_E + "?\r")  # Hi, how are you?
+    child.expect(">> ")
+    second = reply_in(child.before)
+    child.send(UP + UP + "\r")  # abXc? again
+    child.expect(">> ")
+    third = reply_in(child.before)
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+
+    edited = expected_replies(setup, ["abXc?", "Hi, how are you?", "abXc?"])
+    assert [first, second, third] == edited
+    # the keys as a terminal without line editing passes them on, raw or stripped, give other replies
+    for unedited in ("abc" + LEFT + "X" + RIGHT + "?", "abcX?"):
+        assert expected_replies(setup, [unedited]) != edited[:1]
+
+
+def test_escape_codes_never_reach_the_model():
+    assert clean_line("ab\x1b[DX\x1b[Cc\x1bOH\x1b[200~pasted\x1b[201~\x01\x7f\ttab") == "abXcpasted\ttab"
+
+
+def test_paths_as_terminals_paste_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    spaced = tmp_path / "path with spaces.png"
+    other = tmp_path / "it's.png"
+    for p in (spaced, other):
+        p.write_bytes(b"x")
+    assert user_paths(f"'{spaced}'") == [str(spaced)]
+    assert user_paths(f'"{spaced}"') == [str(spaced)]
+    assert user_paths(str(spaced).replace(" ", "\\ ")) == [str(spaced)]
+    assert user_paths(f"{spaced}  ") == [str(spaced)]  # typed with spaces, unquoted
+    assert user_paths("~/path\\ with\\ spaces.png") == [str(spaced)]
+    assert user_paths("file://" + str(spaced).replace(" ", "%20")) == [str(spaced)]
+    assert user_paths(f"'{spaced}' \"{other}\"") == [str(spaced), str(other)]  # two files dropped at once
+    assert user_paths(f"{tmp_path}/it\\'s.png") == [str(other)]
+
+
+def test_options_take_quoted_and_tilde_paths(setup, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(setup["media"] / "my photo.png", home / "my photo.png")
+    runs = [
+        subprocess.run([sys.executable, "-m", "mlx_glm4v.cli", "generate", "--model", str(setup["path"]),
+                        "--image", image, "--prompt", "Describe this image.", "--max-tokens", "3", "--json"],
+                       capture_output=True, text=True, env={**os.environ, "HOME": str(home)})
+        for image in ("~/my photo.png", "'~/my photo.png'", "~/my\\ photo.png")
+    ]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    ids = setup["processor"](setup["processor"].apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]),
+        images=[str(home / "my photo.png")])["input_ids"]
+    assert {json.loads(r.stdout)["prompt_tokens"] for r in runs} == {ids.shape[1]}
+
+
+def test_commands_attachments_and_bad_files(setup):
+    media = setup["media"]
+    child = spawn(setup["path"], "--max-tokens", str(MAX_TOKENS), env={"NO_COLOR": "1"})
+    child.expect(">> ")
+    child.sendline("/imagine a cat")
+    child.expect("unknown command /imagine; the commands are /image, /video, /reset, /help, /exit")
+    child.expect(">> ")
+    child.sendline("/image")
+    child.expect(r"usage: /image PATH")
+    child.expect(">> ")
+    child.sendline(f"/image {media}/broken.png")
+    child.expect("broken.png is not a readable image")
+    child.expect(">> ")
+    child.sendline(f"/video '{media}/broken.mp4'")
+    child.expect("broken.mp4 is not a readable video")
+    child.expect(">> ")
+    child.sendline(f"/image {media}/my\\ photo.png")
+    child.expect(r"attached my photo.png \((\d+)x(\d+), ([\d,]+) tokens\)")
+    image_line = child.match.groups()
+    child.expect(">> ")
+    child.sendline(f"/video \"{media}/clip.mp4\"")
+    child.expect(r"attached clip.mp4 \((\d+)x(\d+), (\d+) frames, ([\d,]+) tokens\)")
+    video_line = child.match.groups()
+    child.expect(">> ")
+    child.sendline("Describe this image.")
+    child.expect(">> ")
+    reply = reply_in(child.before)
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+    processor = setup["processor"]
+    image, video = str(media / "my photo.png"), str(media / "clip.mp4")
+    inputs = processor(processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "video"}, {"type": "text", "text": "x"}]}]), images=[image], videos=[video])
+    types = inputs["mm_token_type_ids"][0]
+    assert image_line == ("280", "196", f"{(types == 1).sum():,}")
+    frames = len(load_video(video, processor.video_settings)[0])
+    assert video_line == ("64", "48", str(frames), f"{(types == 2).sum():,}")
+    # only the attached files went with the question: neither the refused command nor a bad file
+    assert [reply] == expected_replies(setup, [("Describe this image.", [image], [video])])
