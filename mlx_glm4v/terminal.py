@@ -87,7 +87,7 @@ class Attachment:
 
     @property
     def summary(self) -> str:
-        """E.g. photo.jpg (1024x768, 999 tokens) or clip.mp4 (1280x720, 24 frames, 2,880 tokens)."""
+        """E.g. photo.jpg (1024x768, 999 tokens) or clip.mp4 (1280x720, 24 frames, 14,352 tokens)."""
         details = [f"{self.size[0]}x{self.size[1]}"] if self.size else []
         details += [f"{self.frames:,} frames"] if self.kind == "video" else []
         return f"{self.name} ({', '.join(details + [f'{self.tokens:,} tokens'])})"
@@ -290,6 +290,9 @@ def run_chat(model, processor, *, system=None, images=(), videos=(), settings=No
             print()
             continue
         stripped = line.strip()
+        if _dropped_files(stripped):
+            say(f"{stripped} is a file: /image PATH or /video PATH attaches it.")
+            continue
         if stripped.startswith("/") and not stripped.startswith("//"):
             command, _, argument = stripped.partition(" ")
             command = ALIASES.get(command, command)
@@ -304,9 +307,7 @@ def run_chat(model, processor, *, system=None, images=(), videos=(), settings=No
             elif command in ("/image", "/video"):
                 pending += _attach_all(processor, argument, command[1:], media_kwargs)
             else:
-                dropped = Path(user_paths(stripped)[0]).is_file()  # a path dropped in, not a command
-                hint = " To attach a file: /image PATH or /video PATH." if dropped else ""
-                say(f"unknown command {command}; the commands are {', '.join(COMMANDS)}.{hint}")
+                say(f"unknown command {command}; the commands are {', '.join(COMMANDS)}.")
             continue
         if stripped.startswith("//"):
             line = line.replace("/", "", 1)
@@ -314,6 +315,12 @@ def run_chat(model, processor, *, system=None, images=(), videos=(), settings=No
             continue
         _reply(session, line, pending, hide_thinking, color)
         pending = []
+
+
+def _dropped_files(line: str) -> bool:
+    """Whether a line is nothing but files dragged into the terminal (absolute paths)."""
+    paths = user_paths(line) if line.startswith(("/", "~", "'", '"', "file://")) else []
+    return bool(paths) and all(os.path.isabs(p) and Path(p).is_file() for p in paths)
 
 
 def _attach_all(processor, argument: str, kind: str, media_kwargs: dict) -> list:
@@ -327,6 +334,8 @@ def _attach_all(processor, argument: str, kind: str, media_kwargs: dict) -> list
             say(f"attached {done[-1].summary}")
     except Glm4vError as e:
         say(f"error: {e}")
+    except KeyboardInterrupt:
+        say("(not attached)")
     return done
 
 
@@ -353,14 +362,21 @@ def _reply(session, line: str, attachments: list, hide_thinking: bool, color: bo
     except KeyboardInterrupt:
         reply.close()
         status.clear()
+        _forget_unanswered(session)
         sys.stdout.write(display.finish() + "\n(stopped)\n")
         sys.stdout.flush()
         return
     except Glm4vError as e:
         status.clear()
-        session.messages.pop()
+        _forget_unanswered(session)
         say(f"error: {e}")
         return
     status.clear()
     sys.stdout.write(display.finish() + "\n")
     sys.stdout.flush()
+
+
+def _forget_unanswered(session):
+    """A question stopped before its reply began leaves the history as it was."""
+    if session.messages and session.messages[-1]["role"] == "user":
+        session.messages.pop()

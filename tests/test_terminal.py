@@ -7,10 +7,12 @@ must give the same text, and a different message a different one.
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pexpect
 import pytest
 
@@ -108,29 +110,33 @@ def test_options_take_quoted_and_tilde_paths(setup, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     shutil.copy(setup["media"] / "my photo.png", home / "my photo.png")
-    runs = [
-        subprocess.run([sys.executable, "-m", "mlx_glm4v.cli", "generate", "--model", str(setup["path"]),
-                        "--image", image, "--prompt", "Describe this image.", "--max-tokens", "3", "--json"],
-                       capture_output=True, text=True, env={**os.environ, "HOME": str(home)})
-        for image in ("~/my photo.png", "'~/my photo.png'", "~/my\\ photo.png")
-    ]
-    for run in runs:
-        assert run.returncode == 0, run.stderr
-    ids = setup["processor"](setup["processor"].apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]),
-        images=[str(home / "my photo.png")])["input_ids"]
-    assert {json.loads(r.stdout)["prompt_tokens"] for r in runs} == {ids.shape[1]}
+    images = ("~/my photo.png", "'~/my photo.png'", "~/my\\ photo.png")  # as given, no shell between
+    run = subprocess.run([sys.executable, "-m", "mlx_glm4v.cli", "generate", "--model", str(setup["path"]),
+                          *[a for image in images for a in ("--image", image)], "--prompt", "Describe them.",
+                          "--max-tokens", "3", "--json"],
+                         capture_output=True, text=True, env={**os.environ, "HOME": str(home)})
+    assert run.returncode == 0, run.stderr
+    content = [{"type": "image"}] * 3 + [{"type": "text", "text": "Describe them."}]
+    ids = setup["processor"](setup["processor"].apply_chat_template([{"role": "user", "content": content}]),
+                             images=[str(home / "my photo.png")] * 3)["input_ids"]
+    assert json.loads(run.stdout)["prompt_tokens"] == ids.shape[1]
 
 
 def test_commands_attachments_and_bad_files(setup):
     media = setup["media"]
     child = spawn(setup["path"], "--max-tokens", str(MAX_TOKENS), env={"NO_COLOR": "1"})
     child.expect(">> ")
+    child.send("/he\t\r")  # Tab completes a command
+    child.expect("/reset +forget the conversation")
+    child.expect(">> ")
     child.sendline("/imagine a cat")
     child.expect("unknown command /imagine; the commands are /image, /video, /reset, /help, /exit")
     child.expect(">> ")
     child.sendline("/image")
     child.expect(r"usage: /image PATH")
+    child.expect(">> ")
+    child.sendline(f"'{media}/my photo.png'")  # dropped in without a command
+    child.expect(r"my photo.png' is a file: /image PATH or /video PATH attaches it")
     child.expect(">> ")
     child.sendline(f"/image {media}/broken.png")
     child.expect("broken.png is not a readable image")
@@ -146,7 +152,7 @@ def test_commands_attachments_and_bad_files(setup):
     child.expect(r"attached clip.mp4 \((\d+)x(\d+), (\d+) frames, ([\d,]+) tokens\)")
     video_line = child.match.groups()
     child.expect(">> ")
-    child.sendline("Describe this image.")
+    child.sendline("//etc/hosts: describe this image.")  # // sends a message that starts with /
     child.expect(">> ")
     reply = reply_in(child.before)
     child.sendline("/exit")
@@ -163,4 +169,113 @@ def test_commands_attachments_and_bad_files(setup):
     frames = len(load_video(video, processor.video_settings)[0])
     assert video_line == ("64", "48", str(frames), f"{(types == 2).sum():,}")
     # only the attached files went with the question: neither the refused command nor a bad file
-    assert [reply] == expected_replies(setup, [("Describe this image.", [image], [video])])
+    assert [reply] == expected_replies(setup, [("/etc/hosts: describe this image.", [image], [video])])
+
+
+SCRIPT = "<think>hm</think><answer>ok</answer>"
+
+
+@pytest.fixture(scope="module")
+def scripted(setup, tmp_path_factory):
+    """The tiny checkpoint rewired to reply SCRIPT to anything: attention and MLP outputs are
+    zeroed, so the last hidden state is the last token's embedding, and the output head maps
+    each token of the script to the next one."""
+    from safetensors.numpy import load_file, save_file
+
+    path = tmp_path_factory.mktemp("scripted")
+    for f in setup["path"].iterdir():
+        if not f.name.startswith("model"):
+            shutil.copy(f, path / f.name)
+    weights = {}
+    for f in setup["path"].glob("*.safetensors"):
+        weights.update(load_file(f))
+    for name in weights:
+        if name.endswith(("o_proj.weight", "down_proj.weight")) and "language_model" in name:
+            weights[name] = np.zeros_like(weights[name])
+    tokenizer, processor = setup["processor"].tokenizer, setup["processor"]
+    prompt_end = tokenizer.encode(processor.apply_chat_template([{"role": "user", "content": "hi"}]))[-1]
+    chain = [prompt_end, *tokenizer.encode(SCRIPT), setup["model"].config.eos_token_id[0]]
+    assert len(set(chain)) == len(chain)
+    embed, norm = weights["model.language_model.embed_tokens.weight"], weights["model.language_model.norm.weight"]
+    head = np.zeros_like(weights["lm_head.weight"])
+    for token, following in zip(chain, chain[1:]):
+        direction = embed[token] * norm
+        head[following] = 50 * direction / np.linalg.norm(direction)
+    weights["lm_head.weight"] = head
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def test_the_scripted_model_replies_its_script(setup, scripted):
+    model, processor = load(scripted)
+    text = "".join(r.text for r in ChatSession(model, processor, max_tokens=20).ask("Anything at all?"))
+    assert text == SCRIPT
+
+
+def test_thinking_and_answer_told_apart_with_and_without_colour(scripted):
+    shown = {}
+    for name, env in (("color", {}), ("no_color", {"NO_COLOR": "1"})):
+        child = spawn(scripted, env=env)
+        child.expect(">> ")
+        child.sendline("What is it?")
+        child.expect(">> ")
+        shown[name] = reply_in(child.before)
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    assert shown["color"] == "\x1b[2mhm\x1b[0m\n\nok"
+    assert shown["no_color"] == "hm\n--- answer ---\nok"
+
+
+def test_hidden_thinking_shows_a_status_instead(scripted):
+    child = spawn(scripted, "--hide-thinking")
+    child.expect(">> ")
+    child.sendline("What is it?")
+    child.expect(">> ")
+    turn = child.before
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    assert "thinking (3 tokens)" in turn and "hm" not in turn
+    assert reply_in(turn) == "ok"
+
+
+def test_status_line_while_a_video_prompt_is_read(setup, tmp_path):
+    """Frames encoded, then tokens prefilled, on stderr only, erased before the reply; the vision
+    tower is made to take one frame pair at a time so that a tiny clip shows progress."""
+    video, out = setup["media"] / "clip.mp4", tmp_path / "reply.txt"
+    code = ("import sys, mlx_glm4v.model as m; m.VISION_CHUNK_PATCHES = 16; from mlx_glm4v.cli import main;"
+            "sys.argv[0] = 'mlx-glm4v'; main()")
+    command = [sys.executable, "-c", code, "chat", "--model", str(setup["path"]), "--video", str(video),
+               "--max-tokens", str(MAX_TOKENS), "--prefill-step-size", "16"]
+    child = pexpect.spawn("/bin/sh", ["-c", " ".join(map(shlex.quote, command)) + f" > {shlex.quote(str(out))}"],
+                          encoding="utf-8", timeout=120, dimensions=(24, 200))
+    child.expect("attached clip.mp4")
+    child.sendline("What happens?")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    terminal = child.before
+
+    session = ChatSession(setup["model"], setup["processor"], max_tokens=MAX_TOKENS)
+    display = ReplyDisplay(color=False)
+    reply = "".join(display.feed(r.text) for r in session.ask("What happens?", [], [str(video)])) + display.finish()
+    frames, tokens = len(load_video(str(video), setup["processor"].video_settings)[0]), len(session.prompt_ids)
+    statuses = [s for s in terminal.split("\r\x1b[K") if s.startswith(("encoding", "reading"))]
+    assert statuses == ["reading clip.mp4"] + [f"encoding video: {n}/{frames} frames" for n in range(2, frames + 1, 2)] \
+        + [f"reading the prompt: {n:,}/{tokens:,} tokens" for n in range(0, tokens, 16)]
+    assert terminal.split("\r\x1b[K")[-1].strip() == ""  # erased, nothing after it
+    assert out.read_text().replace(">> ", "").strip() == reply.strip()  # stdout: the reply only
+
+
+def test_status_line_is_gone_when_the_reply_starts(setup):
+    image = setup["media"] / "my photo.png"
+    child = spawn(setup["path"], "--image", str(image), "--max-tokens", str(MAX_TOKENS), "--prefill-step-size", "16",
+                  env={"NO_COLOR": "1"})
+    child.expect(">> ")
+    child.sendline("Describe this image.")
+    child.expect(">> ")
+    turn = child.before
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    assert "reading the prompt: 16/" in turn
+    erased = turn.rindex("\r\x1b[K")
+    assert erased > turn.rindex("reading the prompt")
+    assert reply_in(turn) == expected_replies(setup, [("Describe this image.", [str(image)], [])])[0]
