@@ -40,9 +40,10 @@ def setup(glm4v_checkpoint, tmp_path_factory):
 
 
 def spawn(path, *args, env=None, **kwargs):
+    """`mlx-glm4v chat` in a colour terminal (unless `env` says NO_COLOR)."""
+    env = {**{k: v for k, v in os.environ.items() if k != "NO_COLOR"}, "TERM": "xterm", **(env or {})}
     return pexpect.spawn(sys.executable, ["-m", "mlx_glm4v.cli", "chat", "--model", str(path), *args],
-                         encoding="utf-8", timeout=120, env={**os.environ, **(env or {})},
-                         dimensions=(24, 200), **kwargs)
+                         encoding="utf-8", timeout=120, env=env, dimensions=(24, 200), **kwargs)
 
 
 def reply_in(before: str) -> str:
@@ -88,6 +89,18 @@ def test_line_editing_and_history_reach_the_model_as_edited(setup):
 
 def test_escape_codes_never_reach_the_model():
     assert clean_line("ab\x1b[DX\x1b[Cc\x1bOH\x1b[200~pasted\x1b[201~\x01\x7f\ttab") == "abXcpasted\ttab"
+
+
+def test_reply_display_at_every_cut():
+    """Markers split over pieces are still removed; white space around each part is dropped."""
+    reply = "<think>\nLook.\n</think><answer>\nA <|begin_of_box|>box<|end_of_box|>\n</answer>"
+    for size in range(1, len(reply)):
+        shown = {}
+        for key, hide, color in (("hidden", True, False), ("plain", False, False), ("color", False, True)):
+            d = ReplyDisplay(hide_thinking=hide, color=color)
+            shown[key] = "".join(d.feed(reply[i:i + size]) for i in range(0, len(reply), size)) + d.finish()
+        assert shown == {"hidden": "A box", "plain": "Look.\n--- answer ---\nA box",
+                         "color": "\x1b[2mLook.\x1b[0m\n\nA box"}
 
 
 def test_paths_as_terminals_paste_them(tmp_path, monkeypatch):
