@@ -282,7 +282,7 @@ def run_chat(model, processor, *, system=None, images=(), videos=(), settings=No
     say(WELCOME)
     while True:
         try:
-            line = clean_line(input(">> "))
+            line = clean_line(_read_line(">> "))
         except EOFError:
             print()
             return
@@ -315,6 +315,15 @@ def run_chat(model, processor, *, system=None, images=(), videos=(), settings=No
             continue
         _reply(session, line, pending, hide_thinking, color)
         pending = []
+
+
+def _read_line(prompt: str) -> str:
+    """`input`, its prompt on stderr when stdout is not the terminal (readline needs both)."""
+    if sys.stdout.isatty():
+        return input(prompt)
+    sys.stderr.write(prompt)
+    sys.stderr.flush()
+    return input()
 
 
 def _dropped_files(line: str) -> bool:
