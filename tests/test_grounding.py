@@ -1,6 +1,7 @@
 """Grounding: boxes and points found in replies, mapped to pixels, drawn where they say."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import BOX_SCRIPT
 from mlx_glm4v.errors import Glm4vError
 from mlx_glm4v.grounding import COLORS, as_json, boxes_of, draw_marks, draw_reply, find_marks, save_drawn
 
@@ -146,22 +148,46 @@ def test_drawing_follows_exif_orientation(tmp_path):
     assert drawn.size == (100, 300)
 
 
-def test_generate_draw_boxes_and_json(glm4v_checkpoint, tmp_path):
-    """The CLI path on a real (random) model: the boxes in --json are those of the text, in pixels,
-    and --draw-boxes saves the image (random weights draw no boxes, so it is saved unchanged)."""
+def test_generate_draw_boxes_and_json(box_checkpoint, tmp_path):
+    """The CLI on a checkpoint that answers with a point in box markers: --json gives it in
+    pixels, --draw-boxes draws it there (read back from the file)."""
     path = tmp_path / "photo.png"
-    Image.fromarray(np.random.default_rng(3).integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(path)
+    Image.fromarray(np.full((90, 120, 3), 128, dtype=np.uint8)).save(path)
     out_png = tmp_path / "drawn.png"
-    run = subprocess.run([sys.executable, "-m", "mlx_glm4v.cli", "generate", "--model", str(glm4v_checkpoint[0]),
-                          "--image", str(path), "--prompt", "Where is the cat?", "--max-tokens", "5", "--json",
+    run = subprocess.run([sys.executable, "-m", "mlx_glm4v.cli", "generate", "--model", str(box_checkpoint),
+                          "--image", str(path), "--prompt", "Where is the nose?", "--json",
                           "--draw-boxes", str(out_png)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
-    assert result["boxes"] == as_json(find_marks(result["text"]).marks, [(120, 90)])
-    assert f"saved {out_png}" in run.stderr
-    assert result["boxes"] or "warning: the reply has no boxes or points" in run.stderr
-    expected = draw_marks(str(path), find_marks(result["text"]).marks)
-    assert (np.asarray(Image.open(out_png)) == np.asarray(expected)).all()
+    assert result["text"] == BOX_SCRIPT
+    # 250 / 1000 of 120 px, 600 / 1000 of 90 px
+    assert result["boxes"] == [{"type": "point", "label": None, "coords": [250, 600], "image": 1, "pixels": [30, 54]}]
+    assert run.stderr.strip().endswith(f"saved {out_png}")
+    drawn = np.asarray(Image.open(out_png))
+    assert tuple(drawn[54, 30]) == rgb(COLORS[0]) and tuple(drawn[10, 100]) == (128, 128, 128)
+
+
+def test_chat_boxes_command(box_checkpoint, tmp_path):
+    """Chat's /boxes PATH draws the last reply's marks onto the conversation's image."""
+    import pexpect
+
+    path = tmp_path / "photo.png"
+    Image.new("RGB", (200, 100), (128, 128, 128)).save(path)
+    child = pexpect.spawn(sys.executable, ["-m", "mlx_glm4v.cli", "chat", "--model", str(box_checkpoint)],
+                          encoding="utf-8", timeout=120, env={**os.environ, "NO_COLOR": "1", "TERM": "xterm"})
+    child.expect(">> ")
+    child.sendline(f"/boxes {tmp_path / 'early.png'}")
+    child.expect("no reply yet")
+    child.sendline(f"/image {path}")
+    child.expect(">> ")
+    child.sendline("Where is the nose?")
+    child.expect(">> ")
+    child.sendline(f"/boxes {tmp_path / 'nose.png'}")
+    child.expect(f"saved {tmp_path / 'nose.png'}")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    drawn = np.asarray(Image.open(tmp_path / "nose.png"))
+    assert tuple(drawn[60, 50]) == rgb(COLORS[0]) and not (tmp_path / "early.png").exists()
 
 
 def test_generate_draw_boxes_needs_an_image(tmp_path):
