@@ -7,6 +7,7 @@ screenshot in test-artifacts/ (or $MLX_GLM4V_ARTIFACTS).
 """
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from io import BytesIO
 from pathlib import Path
@@ -23,6 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import BOX_SCRIPT
 from mlx_glm4v.grounding import find_marks
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -53,31 +56,39 @@ def api(base: str, path: str, body=None, timeout=60):
         return json.loads(response.read())
 
 
-@pytest.fixture(scope="module")
-def server(glm4v_checkpoint, tmp_path_factory):
-    """`mlx-glm4v serve` on a free loopback port; yields (base URL, log path)."""
+@contextlib.contextmanager
+def serving(checkpoint, tmp_path_factory, *args):
+    """`mlx-glm4v serve` on a free loopback port; yields its base URL."""
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "mlx_glm4v.cli", "serve", "--model", str(glm4v_checkpoint[0]),
-                                    "--host", "127.0.0.1", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([sys.executable, "-m", "mlx_glm4v.cli", "serve", "--model", str(checkpoint),
+                                    "--host", "127.0.0.1", "--port", str(port), *args],
+                                   stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while True:
-        try:
-            api(base, "v1/models", timeout=5)
-            break
-        except OSError:
-            if process.poll() is not None or time.time() > deadline:
-                process.kill()
-                pytest.fail(f"mlx-glm4v serve did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
-    yield base, log
-    process.terminate()
     try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
+        deadline = time.time() + 120
+        while True:
+            try:
+                api(base, "v1/models", timeout=5)
+                break
+            except OSError:
+                if process.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"mlx-glm4v serve did not start:\n{log.read_text()[-3000:]}")
+                time.sleep(0.3)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture(scope="module")
+def server(glm4v_checkpoint, tmp_path_factory):
+    with serving(glm4v_checkpoint[0], tmp_path_factory) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
@@ -104,18 +115,16 @@ def requested_urls(browser) -> list:
     return urls
 
 
-@pytest.fixture
-def page(driver, server, request):
-    """The page freshly loaded; afterwards: no console error, no request off 127.0.0.1, and a
-    screenshot if the test failed."""
-    base, _ = server
+def open_page(driver, base: str):
     driver.set_window_size(1280, 900)
     driver.get("about:blank")
     driver.get_log("browser"), driver.get_log("performance")  # start both logs afresh
     driver.get(base)
     WebDriverWait(driver, 20).until(lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
-    expected_errors = []
-    yield driver, base, expected_errors
+
+
+def check_clean(driver, request, expected_errors=()):
+    """No console error, no request off 127.0.0.1; a screenshot if the test failed."""
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -126,6 +135,15 @@ def page(driver, server, request):
     off_host = [u for u in requested_urls(driver) if not u.startswith(("data:", "blob:"))
                 and urlsplit(u).hostname != "127.0.0.1"]
     assert off_host == [], off_host
+
+
+@pytest.fixture
+def page(driver, server, request):
+    """The page freshly loaded from the tiny checkpoint's server; checked clean afterwards."""
+    open_page(driver, server)
+    expected_errors = []
+    yield driver, server, expected_errors
+    check_clean(driver, request, expected_errors)
 
 
 def photo(path: Path, width: int, height: int, seed: int = 0) -> Path:
@@ -397,3 +415,41 @@ def test_phone_width_is_readable(page, tmp_path):
     for selector in (".message.user figure img", ".message.assistant", "#prompt", "#send"):
         rect = driver.find_element(By.CSS_SELECTOR, selector).rect
         assert rect["x"] >= 0 and rect["x"] + rect["width"] <= width, selector
+
+
+def test_server_boxes_field_drawn_by_the_page(driver, box_checkpoint, tmp_path_factory, tmp_path, request):
+    """A checkpoint that answers with a point in box markers: the server's `boxes` field (whole and
+    streamed) has it in pixels, and the page draws it from that field: the text it shows, `[250,600]`
+    once the markers are gone, is a single-bracket list the page's text parser does not take."""
+    image = photo(tmp_path / "photo.png", 300, 200)
+    url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": "Where is the nose?"}]}]
+    expected = [{"type": "point", "label": None, "coords": [250, 600], "image": 1, "pixels": [75, 120]}]
+    with serving(box_checkpoint, tmp_path_factory) as base:
+        model = api(base, "v1/models")["data"][0]["id"]
+        whole = api(base, "v1/chat/completions", {"model": model, "messages": messages})["choices"][0]["message"]
+        assert whole["content"] == "Nose: [250,600]" and whole["boxes"] == expected
+        assert driver.execute_script("return glm4v.parseMarks(arguments[0]).marks", whole["content"]) == []
+        open_page(driver, base)
+        try:
+            attach(driver, image)
+            driver.find_element(By.ID, "prompt").send_keys("Where is the nose?", Keys.ENTER)
+            reply = wait_reply(driver, 1)
+            assert reply.find_element(By.CSS_SELECTOR, ".text").get_attribute("textContent") == "Nose: [250,600]"
+            thinking = reply.find_element(By.CSS_SELECTOR, ".thinking")
+            assert thinking.get_attribute("open") is None and thinking.find_element(By.TAG_NAME, "summary").text == "Thinking"
+            thinking.find_element(By.TAG_NAME, "summary").click()
+            assert thinking.find_element(By.CSS_SELECTOR, ".thinking-text").text == "hm"
+            check_geometry(geometry(driver, ".message.user figure"), [], [(250, 600)])
+        finally:
+            check_clean(driver, request)
+    assert BOX_SCRIPT.endswith("[250,600]<|end_of_box|></answer>")
+
+
+def test_no_ui(glm4v_checkpoint, tmp_path_factory):
+    with serving(glm4v_checkpoint[0], tmp_path_factory, "--no-ui") as base:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(base, timeout=10)
+        assert refused.value.code == 404
+        assert api(base, "v1/models")["data"]
