@@ -302,7 +302,8 @@ def test_server_errors_are_shown(page, tmp_path):
     reply = wait_reply(driver, 1, timeout=60)
     error = reply.find_element(By.CSS_SELECTOR, ".error").text
     assert "image" in error and "Traceback" not in error and "/" not in error.split("image", 1)[0]
-    assert driver.execute_script("return glm4v.state.messages.length") == 0  # not kept in the history
+    # neither the message nor its image is kept: the next image the model sees is "image 1" again
+    assert driver.execute_script("return [glm4v.state.messages.length, glm4v.state.figures.length]") == [0, 0]
 
 
 # ---- the overlay: the page's own parsing and drawing, geometry read back ----

@@ -243,6 +243,7 @@ window.glm4v = (() => {
     if (text) bubble.append(element("div", "text", text));
     $("conversation").append(bubble);
     if (figures.length) state.turns.push(figures);
+    bubble.figures = figures;
     scrollDown();
     return bubble;
   }
@@ -426,6 +427,10 @@ window.glm4v = (() => {
     } else {
       state.messages.splice(state.messages.indexOf(message), 1); // nothing came back: not part of the history
       userBubble.classList.add("unsent");
+      // its images were never seen by the model: out of the numbering replies refer to
+      state.figures = state.figures.filter((f) => !userBubble.figures.includes(f));
+      state.turns = state.turns.filter((t) => t !== userBubble.figures);
+      state.figures.forEach((f, i) => { f.dataset.image = i + 1; });
     }
     bubble.classList.add(failed !== null ? "failed" : "done");
     $("prompt").focus();
