@@ -250,6 +250,20 @@ def test_stop_ends_a_long_reply(page):
     driver.find_element(By.ID, "prompt").send_keys("Hello.", Keys.ENTER)
     second = wait_reply(driver, 1, timeout=60)
     assert "done" in second.get_attribute("class") and time.time() - started < 30
+    # "New chat" in the middle of a reply ends it too, and nothing of it enters the new conversation
+    driver.execute_script("glm4v.state.options = {ignore_eos: true, max_tokens: 100000}")
+    driver.find_element(By.ID, "prompt").send_keys("Count again.", Keys.ENTER)
+    WebDriverWait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".message.assistant")) == 2 and len(
+        d.find_elements(By.CSS_SELECTOR, ".message.assistant .text")[-1].get_attribute("textContent")) > 20)
+    cancelled = metric(base, "requests_cancelled_total")
+    driver.find_element(By.ID, "new-chat").click()
+    deadline = time.time() + 10
+    while metric(base, "requests_running") != 0 or metric(base, "requests_cancelled_total") <= cancelled:
+        assert time.time() < deadline, "the server still generates after New chat"
+        time.sleep(0.2)
+    assert driver.find_elements(By.CSS_SELECTOR, ".message") == []
+    assert driver.execute_script("return glm4v.state.messages") == []
+    assert driver.find_element(By.ID, "send").is_displayed()
 
 
 def metric(base: str, name: str) -> float:

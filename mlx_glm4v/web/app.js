@@ -379,14 +379,15 @@ window.glm4v = (() => {
     if (text) content.push({ type: "text", text });
     const userBubble = addUserTurn(text, items);
     const message = { role: "user", content };
-    state.messages.push(message);
+    const history = state.messages; // "New chat" replaces it: a late end of this reply stays out of the next
+    history.push(message);
     const bubble = addReply();
     const controller = state.controller = new AbortController();
     setBusy(true);
     const t = { start: performance.now(), first: null, end: null, usage: null, finish: null, chunks: 0 };
     let reasoning = "", raw = "", boxes = null, failed = null, stopped = false;
     try {
-      const body = { ...state.options, messages: state.messages, stream: true, stream_options: { include_usage: true } };
+      const body = { ...state.options, messages: history, stream: true, stream_options: { include_usage: true } };
       if (state.model) body.model = state.model;
       const response = await fetch("v1/chat/completions", {
         method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body), signal: controller.signal,
@@ -421,11 +422,12 @@ window.glm4v = (() => {
     if (stopped) t.finish = "stopped";
     showStats(bubble, t);
     if (failed !== null) showError(bubble, failed);
+    if (history !== state.messages) return;
     if (answer || reasoning) {
-      state.messages.push({ role: "assistant", content: answer });
+      history.push({ role: "assistant", content: answer });
       showMarks(bubble, raw, boxes);
     } else {
-      state.messages.splice(state.messages.indexOf(message), 1); // nothing came back: not part of the history
+      history.splice(history.indexOf(message), 1); // nothing came back: not part of the history
       userBubble.classList.add("unsent");
       // its images were never seen by the model: out of the numbering replies refer to
       state.figures = state.figures.filter((f) => !userBubble.figures.includes(f));
