@@ -27,6 +27,9 @@ ORDINALS = {"first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "sixth
 IMAGE_REF_RE = re.compile(
     r"\b(?:(?:image|picture|photo|img)\s*#?\s*(\d+)|(first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth"
     r"|1st|2nd|3rd|\d+th)\s+(?:image|picture|photo))\b", re.I)
+# "Nose: [250,600]", "- **cat**: [[...]]": a short name and a colon just before the coordinates
+HEADING_RE = re.compile(r"([^\n.;:!?<>\[\]{}]{1,40}):\s*$")
+HEADING_TRIM_RE = re.compile(r"^[\s*_\-•#]+|[\s*_\-•#]+$")
 BOX_KEYS = ("bbox_2d", "box_2d", "bbox", "box")
 POINT_KEYS = ("point_2d", "point")
 LABEL_KEYS = ("label", "name", "text")
@@ -73,12 +76,14 @@ def find_marks(text: str) -> Grounding:
     marks, refused, image, at = [], [], None, 0
     for start, end, items in found:
         image = _image_ref(text[at:start]) or image
+        heading = _heading(text[at:start])
         at = end
         for item in items:
             if isinstance(item, str):
                 refused.append(item)
             else:
                 item.image = image
+                item.label = item.label if item.label is not None else heading
                 marks.append(item)
     return Grounding(marks, refused)
 
@@ -87,6 +92,13 @@ def _blank(text: str, spans) -> str:
     for start, end in spans:
         text = text[:start] + " " * (end - start) + text[end:]
     return text
+
+
+def _heading(text: str) -> Optional[str]:
+    """The label a reply writes just before coordinates, if it is a short name and a colon."""
+    m = HEADING_RE.search(text)
+    label = HEADING_TRIM_RE.sub("", m.group(1)) if m else ""
+    return label if label and len(label.split()) <= 5 and not IMAGE_REF_RE.search(label) else None
 
 
 def _image_ref(text: str) -> Optional[int]:

@@ -20,14 +20,23 @@ def marks(text):
 
 
 def test_one_box_in_markers():
-    assert marks("The cat: <|begin_of_box|>[[100,200,300,400]]<|end_of_box|>.") == (
+    assert marks("The cat is at <|begin_of_box|>[[100,200,300,400]]<|end_of_box|>.") == (
         [("box", (100, 200, 300, 400), None, None)], [])
+
+
+def test_labels_written_before_the_coordinates():
+    text = ("<answer>Nose: <|begin_of_box|>[250,600]<|end_of_box|>\n- **Left eye**: [[1,2,3,4]]\n"
+            "2. ears: <|begin_of_box|>[[5,6,7,8],[9,9,10,10]]<|end_of_box|>\n"
+            "This sentence is much too long to be a label: [[1,1]]. Then [[2,2]]</answer>")
+    assert [(m[1], m[2]) for m in marks(text)[0]] == [
+        ((250, 600), "Nose"), ((1, 2, 3, 4), "Left eye"), ((5, 6, 7, 8), "ears"), ((9, 9, 10, 10), "ears"),
+        ((1, 1), None), ((2, 2), None)]
 
 
 def test_single_brackets_several_boxes_and_thinking_skipped():
     text = ("<think>first guess [[1,2,3,4]]</think><answer>Two: <|begin_of_box|>[[10,20,30,40],[50,60,70,80]]"
             "<|end_of_box|> and <|begin_of_box|>[5,6,7,8]<|end_of_box|></answer>")
-    assert marks(text) == ([("box", (10, 20, 30, 40), None, None), ("box", (50, 60, 70, 80), None, None),
+    assert marks(text) == ([("box", (10, 20, 30, 40), "Two", None), ("box", (50, 60, 70, 80), "Two", None),
                             ("box", (5, 6, 7, 8), None, None)], [])
 
 
@@ -161,7 +170,7 @@ def test_generate_draw_boxes_and_json(box_checkpoint, tmp_path):
     result = json.loads(run.stdout)
     assert result["text"] == BOX_SCRIPT
     # 250 / 1000 of 120 px, 600 / 1000 of 90 px
-    assert result["boxes"] == [{"type": "point", "label": None, "coords": [250, 600], "image": 1, "pixels": [30, 54]}]
+    assert result["boxes"] == [{"type": "point", "label": "Nose", "coords": [250, 600], "image": 1, "pixels": [30, 54]}]
     assert run.stderr.strip().endswith(f"saved {out_png}")
     drawn = np.asarray(Image.open(out_png))
     assert tuple(drawn[54, 30]) == rgb(COLORS[0]) and tuple(drawn[10, 100]) == (128, 128, 128)

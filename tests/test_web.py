@@ -407,6 +407,8 @@ PARITY_TEXTS = [
     "<|begin_of_box|>[[100,200,1300,400]]<|end_of_box|> [[-5, 3]] <|begin_of_box|>[[1,2,3]]<|end_of_box|> "
     "<|begin_of_box|>top left<|end_of_box|>",
     'A list [1, 2, 3, 4] and {"a": [1]} and [[not numbers]] and [[300,400,100,200]].',
+    "<answer>Nose: <|begin_of_box|>[250,600]<|end_of_box|>\n- **Left eye**: [[1,2,3,4]]\n2. ears: [[5,6,7,8],[9,9,1,1]]"
+    "\nThis sentence is much too long to be a label: [[1,1]]. In image 2: [[2,2]]</answer>",
 ]
 
 
@@ -440,7 +442,7 @@ def test_server_boxes_field_drawn_by_the_page(driver, box_checkpoint, tmp_path_f
     url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                              {"type": "text", "text": "Where is the nose?"}]}]
-    expected = [{"type": "point", "label": None, "coords": [250, 600], "image": 1, "pixels": [75, 120]}]
+    expected = [{"type": "point", "label": "Nose", "coords": [250, 600], "image": 1, "pixels": [75, 120]}]
     with serving(box_checkpoint, tmp_path_factory) as base:
         model = api(base, "v1/models")["data"][0]["id"]
         whole = api(base, "v1/chat/completions", {"model": model, "messages": messages})["choices"][0]["message"]

@@ -19,6 +19,9 @@ window.glm4v = (() => {
     ninth: 9, tenth: 10, "1st": 1, "2nd": 2, "3rd": 3 };
   const IMAGE_REF_RE = new RegExp(String.raw`\b(?:(?:image|picture|photo|img)\s*#?\s*(\d+)|(` +
     Object.keys(ORDINALS).join("|") + String.raw`|\d+th)\s+(?:image|picture|photo))\b`, "gi");
+  // "Nose: [250,600]", "- **cat**: [[...]]": a short name and a colon just before the coordinates
+  const HEADING_RE = /([^\n.;:!?<>\[\]{}]{1,40}):\s*$/;
+  const HEADING_TRIM_RE = /^[\s*_\-•#]+|[\s*_\-•#]+$/g;
   const BOX_KEYS = ["bbox_2d", "box_2d", "bbox", "box"];
   const POINT_KEYS = ["point_2d", "point"];
   const LABEL_KEYS = ["label", "name", "text"];
@@ -83,6 +86,12 @@ window.glm4v = (() => {
     try { return fromJson(JSON.parse(raw), raw); } catch (e) { return [`'${short(raw)}' is not a list of coordinates.`]; }
   }
 
+  function heading(text) {
+    const m = HEADING_RE.exec(text);
+    const label = m ? m[1].replace(HEADING_TRIM_RE, "") : "";
+    return label && label.split(/\s+/).length <= 5 && !label.match(IMAGE_REF_RE) ? label : null;
+  }
+
   function imageRef(text) {
     let last = null;
     for (const m of text.matchAll(IMAGE_REF_RE)) last = m;
@@ -121,10 +130,11 @@ window.glm4v = (() => {
     at = 0;
     for (const [start, end, items] of found) {
       image = imageRef(text.slice(at, start)) || image;
+      const label = heading(text.slice(at, start));
       at = end;
       for (const item of items) {
         if (typeof item === "string") refused.push(item);
-        else { item.image = image; marks.push(item); }
+        else { item.image = image; item.label = item.label ?? label; marks.push(item); }
       }
     }
     return { marks, refused };
