@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlx_glm4v.generate import build_messages, generate
+from mlx_glm4v.generate import build_messages, generate, stream_generate
 from mlx_glm4v.loader import load
 from mlx_glm4v.reply import split_reply
 from mlx_glm4v.server.openai import parse_messages, parse_tool_call, parse_tool_calls, ToolCallStream
@@ -211,26 +211,41 @@ def expected(loaded, text, images=(), videos=(), max_tokens=12, **settings):
     return reply, int(processor(prompt, images=found[0], videos=found[1])["input_ids"].shape[-1])
 
 
+def expected_tokens(loaded, text, images=(), videos=(), max_tokens=12):
+    """The tokens `stream_generate` picks (the stop token left out), as text, with their log-probabilities."""
+    _, model, processor = loaded
+    out = []
+    for r in stream_generate(model, processor, text, images=[str(i) for i in images],
+                             videos=[str(v) for v in videos], max_tokens=max_tokens):
+        if r.token is not None and not (r.finish_reason == "stop" and r.token in model.config.eos_token_id):
+            out.append((processor.tokenizer.decode([r.token]), r.logprobs[r.token].item()))
+    return out
+
+
 # ---- replies -------------------------------------------------------------------------------------
 
 CASES = {
-    "text": ([], []),
-    "image": (["a.png"], []),
-    "two images": (["a.png", "b.png"], []),
-    "video": ([], ["clip.mp4"]),
-    "image and video": (["b.png"], ["clip.mp4"]),
+    "text": ([], [], "Describe this image in detail."),
+    "image": (["a.png"], [], "Describe this image in detail."),
+    "two images": (["a.png", "b.png"], [], "Describe this image in detail."),
+    "video": ([], ["clip.mp4"], "What happens in this video?"),
+    "image and video": (["a.png"], ["clip.mp4"], "What happens in this video?"),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_greedy_reply_equals_generate(plain, loaded, media, case):
-    images, videos = ([media / n for n in names] for names in CASES[case])
-    text = "Describe this image in detail."
+    images, videos = ([media / n for n in names] for names in CASES[case][:2])
+    text = CASES[case][2]
     parts = [image_part(i) for i in images] + [video_part(v) for v in videos] + [{"type": "text", "text": text}]
     reply, prompt_tokens = expected(loaded, text, images, videos)
     want = split_reply(reply)
 
-    whole = ask(plain, parts if images or videos else text)
+    whole = ask(plain, parts if images or videos else text, logprobs=True)
+    tokens = [(e.token, e.logprob) for e in whole.choices[0].logprobs.content]
+    want_tokens = expected_tokens(loaded, text, images, videos)
+    assert [t for t, _ in tokens] == [t for t, _ in want_tokens]
+    np.testing.assert_allclose([lp for _, lp in tokens], [lp for _, lp in want_tokens], atol=1e-5)
     message = whole.choices[0].message
     assert message.content == want.answer
     assert (getattr(message, "reasoning_content", None) or "") == want.reasoning
@@ -295,12 +310,13 @@ def test_vision_features_shared_by_pixels(guarded, loaded, media, tmp_path):
     first = ask(guarded, [image_part(fresh), {"type": "text", "text": "What is it?"}])
     middle = guarded.metrics()
     assert middle["vision_encodes_total"] == before["vision_encodes_total"] + 1
-    # the same pixels from a file and from a data URL: no tower
-    again = ask(guarded, [{"type": "image_url", "image_url": {"url": "fresh.png"}}, {"type": "text", "text": "What is it?"}])
+    # the same pixels from a file (and as a Responses-style input_image): no tower
+    for part in ({"type": "image_url", "image_url": "fresh.png"}, {"type": "input_image", "image_url": "fresh.png"}):
+        again = ask(guarded, [part, {"type": "text", "text": "What is it?"}])
+        assert again.choices[0].message.content == first.choices[0].message.content
     after = guarded.metrics()
     assert after["vision_encodes_total"] == middle["vision_encodes_total"]
-    assert after["vision_cache_hits_total"] == middle["vision_cache_hits_total"] + 1
-    assert again.choices[0].message.content == first.choices[0].message.content
+    assert after["vision_cache_hits_total"] == middle["vision_cache_hits_total"] + 2
     # a different picture under the same name is a different image
     picture(112, 112, 32).save(fresh)
     changed = ask(guarded, [{"type": "image_url", "image_url": {"url": "fresh.png"}}, {"type": "text", "text": "What is it?"}])
@@ -335,6 +351,32 @@ def test_media_root_files(guarded, loaded, media):
     out = ask(guarded, [{"type": "image_url", "image_url": {"url": "a.png"}}, {"type": "text", "text": "Describe."}])
     reply, _ = expected(loaded, "Describe.", [media / "a.png"])
     assert out.choices[0].message.content == split_reply(reply).answer
+
+
+def test_health_while_loading(glm4v_checkpoint):
+    """503 (and chat requests 503 with Retry-After) until the model is in, then 200; the real loader, held back."""
+    from starlette.testclient import TestClient
+
+    from mlx_glm4v.server.app import ServerConfig, create_app
+
+    gate = threading.Event()
+
+    def held_load(model):
+        assert gate.wait(60)
+        return load(model)
+
+    app = create_app(ServerConfig(model=str(glm4v_checkpoint[0]), alias="tiny"), loader=held_load)
+    request = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    with TestClient(app) as client:
+        assert client.get("/health").status_code == 503
+        busy = client.post("/v1/chat/completions", json=request)
+        assert busy.status_code == 503 and busy.headers["retry-after"] and "loading" in busy.json()["error"]["message"]
+        gate.set()
+        deadline = time.monotonic() + 60
+        while client.get("/health").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert client.post("/v1/chat/completions", json=request).status_code == 200
 
 
 # ---- refusals ------------------------------------------------------------------------------------
@@ -383,6 +425,8 @@ def test_refusals_plain(plain, media):
     refused(s, {"model": s.model, "messages": [{"role": "wizard", "content": "Hi"}]}, 400, "role")
     refused(s, body(s, [{"type": "input_audio", "input_audio": {}}]), 400, "not supported")
     refused(s, {**body(s, "Hi"), "max_tokens": 0}, 400, "max_tokens")
+    no_cors = httpx.get(f"{s.url}/v1/models", headers={"Origin": "https://evil.example"}, timeout=10)
+    assert "access-control-allow-origin" not in no_cors.headers
     response = httpx.post(f"{s.url}/v1/chat/completions", content=b"{not json", timeout=10)
     assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
 
@@ -545,3 +589,17 @@ def test_tool_call_parser():
     assert [c["function"] for c in streamed] == [c["function"] for c in calls]
     # an unfinished call at the end stays text
     assert parse_tool_calls("ok <tool_call>get_we", [WEATHER]) == ("ok <tool_call>get_we", [])
+
+
+def test_feature_memo_byte_budget():
+    import mlx.core as mx
+
+    from mlx_glm4v.media import FeatureMemo
+
+    memo = FeatureMemo(size=10, max_bytes=3 * 400)
+    for i in range(5):
+        memo.put(i, mx.zeros((100,), mx.float32))  # 400 bytes each
+    assert list(memo) == [2, 3, 4] and memo.bytes == 1200
+    assert memo.get(2) is not None and memo.get(0) is None and (memo.hits, memo.misses) == (1, 1)
+    memo.put(5, mx.zeros((1000,), mx.float32))  # larger than the budget: kept alone, as the newest
+    assert list(memo) == [5] and memo.bytes == 4000

@@ -306,7 +306,7 @@ def parse_chat(body, served: str, accepted: set, tools_supported: bool, template
     except Glm4vError as e:
         raise bad(str(e)) from None
     return ChatRequest(messages, settings, seed=_number(body, "seed", integer=True), stream=stream,
-                       include_usage=include_usage, top_logprobs=top if logprobs else None, tools=tools,
+                       include_usage=include_usage, top_logprobs=(top or 0) if logprobs else None, tools=tools,
                        tool_choice=tool_choice, template_kwargs=dict(template_kwargs))
 
 
