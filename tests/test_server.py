@@ -28,7 +28,8 @@ from PIL import Image
 from mlx_glm4v.generate import build_messages, generate, stream_generate
 from mlx_glm4v.loader import load
 from mlx_glm4v.reply import split_reply
-from mlx_glm4v.server.openai import parse_messages, parse_tool_call, parse_tool_calls, ToolCallStream
+from mlx_glm4v.server.openai import (ReplyStream, ToolCallStream, parse_messages, parse_tool_call, parse_tool_calls,
+                                     whole_reply)
 import tiny
 
 openai = pytest.importorskip("openai")
@@ -74,7 +75,8 @@ def png_bomb(width, height) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
 
 
 @pytest.fixture(scope="module")
@@ -299,7 +301,8 @@ def test_logprobs(plain):
 def test_thinking_switch_reaches_template(tools_server, glm4v_moe_checkpoint):
     model, processor = load(glm4v_moe_checkpoint[0])
     reply = generate(model, processor, "Hello!", max_tokens=8, template_kwargs={"enable_thinking": False})
-    out = ask(tools_server, "Hello!", max_completion_tokens=8, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    out = ask(tools_server, "Hello!", max_completion_tokens=8,
+              extra_body={"chat_template_kwargs": {"enable_thinking": False}})
     assert out.choices[0].message.content == split_reply(reply).answer
 
 
@@ -319,7 +322,8 @@ def test_vision_features_shared_by_pixels(guarded, loaded, media, tmp_path):
     assert after["vision_cache_hits_total"] == middle["vision_cache_hits_total"] + 2
     # a different picture under the same name is a different image
     picture(112, 112, 32).save(fresh)
-    changed = ask(guarded, [{"type": "image_url", "image_url": {"url": "fresh.png"}}, {"type": "text", "text": "What is it?"}])
+    changed = ask(guarded, [{"type": "image_url", "image_url": {"url": "fresh.png"}},
+                            {"type": "text", "text": "What is it?"}])
     assert guarded.metrics()["vision_encodes_total"] == after["vision_encodes_total"] + 1
     reply, _ = expected(loaded, "What is it?", [fresh])
     assert changed.choices[0].message.content == split_reply(reply).answer
@@ -503,20 +507,24 @@ def test_request_timeout(plain):
 
 
 def test_keepalive_while_waiting(plain, media):
-    """A streamed request waiting behind another (or on a long prompt) gets SSE comments."""
+    """A streamed request waiting behind another (or on a long prompt) gets SSE comments meanwhile."""
     busy = threading.Thread(target=plain.post, args=(body(plain, "Go on.", max_tokens=400, ignore_eos=True),))
     busy.start()
     time.sleep(0.2)
+    lines = []
     with httpx.stream("POST", f"{plain.url}/v1/chat/completions", timeout=30,
                       json=body(plain, [video_part(media / "clip.mp4"), {"type": "text", "text": "What?"}],
                                 stream=True)) as response:
-        lines = [line for line in response.iter_lines() if line]
+        for line in response.iter_lines():
+            if line:
+                lines.append((time.monotonic(), line))
     busy.join()
-    data = [json.loads(l[6:]) for l in lines if l.startswith("data: {")]
-    first_content = next(i for i, l in enumerate(lines) if l.startswith("data: {") and
-                         json.loads(l[6:])["choices"] and "role" not in json.loads(l[6:])["choices"][0]["delta"])
-    assert any(l.startswith(": keepalive") for l in lines[:first_content])
-    assert lines[-1] == "data: [DONE]" and data[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    data = [json.loads(line[6:]) for _, line in lines if line.startswith("data: {")]
+    first_token = next(t for t, line in lines if line.startswith("data: {") and
+                       "role" not in json.loads(line[6:])["choices"][0]["delta"])
+    comments = [t for t, line in lines if line == ": keepalive"]
+    assert comments and comments[0] < first_token - 0.1  # sent while waiting, not in a burst at the end
+    assert lines[-1][1] == "data: [DONE]" and data[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
 # ---- tools ---------------------------------------------------------------------------------------
@@ -529,7 +537,8 @@ OPENAI_CONVERSATION = [
     {"role": "system", "content": "You help with the weather."},
     {"role": "user", "content": [{"type": "text", "text": "Weather in Paris and Rome?"}]},
     {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'}},
+        {"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'}},
         {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
     {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C"},
     {"role": "tool", "tool_call_id": "call_2", "content": "Rain, 15 C"},
@@ -589,6 +598,42 @@ def test_tool_call_parser():
     assert [c["function"] for c in streamed] == [c["function"] for c in calls]
     # an unfinished call at the end stays text
     assert parse_tool_calls("ok <tool_call>get_we", [WEATHER]) == ("ok <tool_call>get_we", [])
+
+
+@pytest.mark.parametrize("text", [
+    "<think>\nLet me look.\n</think>\n\nIt is a cat.  ",
+    "<think>Still thinking when the tokens ran out",
+    "<answer>Forty-two<|begin_of_box|>[[1, 2, 3, 4]]<|end_of_box|></answer>",
+    "<think>Weather?</think>\n" + GLM_CALLS + "\n",
+    "plain <tool_call>get_we",
+])
+def test_streamed_reply_adds_up_to_whole(text):
+    """Deltas from text arriving one character at a time add up to the whole reply's parts."""
+    stream = ReplyStream([WEATHER])
+    deltas = [d for ch in text for d in stream.feed(ch)] + stream.feed("", final=True)
+    content = "".join(d.get("content", "") for d in deltas)
+    reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
+    calls = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+    want_content, want_reasoning, want_calls = whole_reply(text, [WEATHER])
+    assert (content, reasoning) == (want_content, want_reasoning)
+    assert [c["index"] for c in calls] == list(range(len(want_calls)))
+    assert [c["function"] for c in calls] == [c["function"] for c in want_calls]
+    assert "<" not in want_reasoning + want_content or "<tool_call>" in want_content
+
+
+def test_thinking_budget(plain, loaded):
+    from dataclasses import fields
+
+    from mlx_glm4v.generate import GenerationSettings
+
+    request = body(plain, "Hello!", max_tokens=8, temperature=0, thinking_budget=0)
+    if "thinking_budget" not in {f.name for f in fields(GenerationSettings)}:
+        refused(plain, request, 400, "thinking_budget is not supported")
+        return
+    response = plain.post(request)
+    assert response.status_code == 200
+    reply, _ = expected(loaded, "Hello!", max_tokens=8, thinking_budget=0)
+    assert response.json()["choices"][0]["message"]["content"] == split_reply(reply).answer
 
 
 def test_feature_memo_byte_budget():

@@ -24,11 +24,10 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Mount, Route
 
 from ..errors import Glm4vError
-from ..reply import ReplySplitter, split_reply
 from . import openai
 from .media import MediaPolicy, resolve_media
 from .openai import ApiError, bad
@@ -238,6 +237,7 @@ async def chat_completions(request: Request):
     try:
         response = await _chat(request, state)
     except ApiError as e:
+        log.info("refused (%d): %s", e.status, e.message)
         response = error_response(e)
     state.metrics.responses[response.status_code] = state.metrics.responses.get(response.status_code, 0) + 1
     return response
@@ -253,7 +253,8 @@ async def _chat(request: Request, state: State):
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise bad("the request body is not valid JSON.") from None
-    chat = openai.parse_chat(body, ready.config.name, ready.names, ready.tools_supported, ready.thinking_in_template)
+    chat = openai.parse_chat(body, ready.config.name, ready.names, ready.tools_supported,
+                             ready.thinking_in_template)
     inputs = await run_in_threadpool(_prepare, ready, chat)
 
     from ..engine import QueueFull, Request as EngineRequest
@@ -315,9 +316,9 @@ class Reply:
             return None
         return openai.logprob_entry(self.decode, event.token, event.logprob, event.top_logprobs)
 
-    async def events(self, on_idle=None):
-        """The handle's events; `on_idle()` is awaited every keepalive interval without one, and the
-        request is ended at the deadline. The handle is cancelled if the reader stops early."""
+    async def events(self):
+        """The handle's events, and None after each keepalive interval without one; the request is
+        ended at the deadline, and cancelled if the reader stops early."""
         iterator = self.handle.__aiter__()
         pending = None
         finished = False
@@ -332,8 +333,7 @@ class Reply:
                     if time.monotonic() >= self.deadline:
                         raise ApiError(504, f"the request ran past the server's limit of "
                                        f"{self.state.config.request_timeout:g} s (--request-timeout).", code="timeout")
-                    if on_idle is not None:
-                        await on_idle()
+                    yield None
                     continue
                 event = pending.result()
                 pending = None
@@ -353,26 +353,21 @@ class Reply:
 
     async def whole(self, request: Request) -> dict:
         text, entries, last = [], [], None
-
-        async def watch():  # a non-streamed request learns of its client leaving by asking
-            if await request.is_disconnected():
-                self.handle.cancel()
-
-        async for event in self.events(on_idle=watch):
+        async for event in self.events():
+            if event is None:  # a non-streamed request learns of its client leaving by asking
+                if await request.is_disconnected():
+                    self.handle.cancel()
+                continue
             text.append(event.text)
             if (entry := self.logprob(event)) is not None:
                 entries.append(entry)
             last = event
         if last.finish_reason == "cancelled":
             raise ApiError(499, "the request was cancelled.")
-        parts = split_reply("".join(text))
-        content, calls = parts.answer, []
-        if self.chat.tools:
-            content, calls = openai.parse_tool_calls(content, self.chat.tools)
-            content = content.strip()
+        content, reasoning, calls = openai.whole_reply("".join(text), self.chat.tools)
         finish = "tool_calls" if calls else last.finish_reason
         logprobs = {"content": entries} if self.chat.top_logprobs is not None else None
-        return openai.completion(self.id, self.model, content, parts.reasoning, calls, finish, last.usage, logprobs)
+        return openai.completion(self.id, self.model, content, reasoning, calls, finish, last.usage, logprobs)
 
     async def stream(self):
         def sse(obj) -> str:
@@ -381,48 +376,22 @@ class Reply:
         def chunk(delta, finish=None, logprobs=None):
             return sse(openai.chunk(self.id, self.created, self.model, delta, finish, logprobs))
 
-        keepalives = []
-
-        async def idle():
-            keepalives.append(": keepalive\n\n")
-
-        splitter, thinking, answer = ReplySplitter(), openai.Trim(), openai.Trim()
-        tools = openai.ToolCallStream(self.chat.tools) if self.chat.tools else None
-        calls = 0
-
-        def deltas(reasoning_piece, answer_piece, final=False):
-            nonlocal calls
-            out = []
-            if r := thinking.feed(reasoning_piece):
-                out.append({"reasoning_content": r})
-            done = []
-            if tools is not None:
-                answer_piece, done = tools.feed(answer_piece)
-                if final:
-                    answer_piece += tools.finish()
-            if a := answer.feed(answer_piece):
-                out.append({"content": a})
-            for call in done:
-                out.append({"tool_calls": [{"index": calls, **call}]})
-                calls += 1
-            return out
-
+        reply = openai.ReplyStream(self.chat.tools)
         yield chunk({"role": "assistant", "content": ""})
         try:
-            async for event in self.events(on_idle=idle):
-                while keepalives:
-                    yield keepalives.pop()
+            async for event in self.events():
+                if event is None:
+                    yield ": keepalive\n\n"
+                    continue
                 final = event.finish_reason is not None
-                out = deltas(*splitter.feed(event.text))
-                if final:
-                    out += deltas(*splitter.finish(), final=True)
+                deltas = reply.feed(event.text, final)
                 logprob = self.logprob(event)
-                for i, delta in enumerate(out or ([{}] if logprob else [])):
+                for i, delta in enumerate(deltas or ([{}] if logprob else [])):
                     yield chunk(delta, logprobs={"content": [logprob]} if logprob and i == 0 else None)
                 if final:
                     if event.finish_reason == "cancelled":
                         return
-                    yield chunk({}, "tool_calls" if calls else event.finish_reason)
+                    yield chunk({}, "tool_calls" if reply.calls else event.finish_reason)
                     if self.chat.include_usage:
                         yield sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                                    "model": self.model, "choices": [], "usage": openai.usage_body(event.usage)})

@@ -66,7 +66,8 @@ class Resolved:
 def resolve_media(messages: list, policy: MediaPolicy, processor) -> tuple:
     """(messages for the template and processor, a `Resolved` to close once the processor is done)."""
     parts = [p for m in messages if isinstance(m["content"], list) for p in m["content"]]
-    for kind, limit, flag in (("image", policy.max_images, "--max-images"), ("video", policy.max_videos, "--max-videos")):
+    caps = (("image", policy.max_images, "--max-images"), ("video", policy.max_videos, "--max-videos"))
+    for kind, limit, flag in caps:
         count = sum(p["type"] == kind for p in parts)
         if count > limit:
             raise bad(f"the request has {count} {kind}s; this server takes at most {limit} ({flag}).", "messages")

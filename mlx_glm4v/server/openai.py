@@ -14,6 +14,7 @@ from typing import Optional
 
 from ..errors import Glm4vError
 from ..generate import GenerationSettings
+from ..reply import ReplySplitter, split_reply
 
 DEFAULT_MAX_TOKENS = 4096
 
@@ -221,7 +222,8 @@ def _tools(body) -> tuple:
     return tools, "auto"
 
 
-def parse_chat(body, served: str, accepted: set, tools_supported: bool, template_handles_thinking: bool = True) -> ChatRequest:
+def parse_chat(body, served: str, accepted: set, tools_supported: bool,
+               template_handles_thinking: bool = True) -> ChatRequest:
     """Check a chat-completions body and turn it into a `ChatRequest`; an `ApiError` for the first problem.
 
     `served` is the model's name as clients see it; `accepted` the names a request may use for it.
@@ -305,7 +307,7 @@ def parse_chat(body, served: str, accepted: set, tools_supported: bool, template
         GenerationSettings(**settings)
     except Glm4vError as e:
         raise bad(str(e)) from None
-    return ChatRequest(messages, settings, seed=_number(body, "seed", integer=True), stream=stream,
+    return ChatRequest(messages, settings, seed=_number(body, "seed", 0, 2**64 - 1, integer=True), stream=stream,
                        include_usage=include_usage, top_logprobs=(top or 0) if logprobs else None, tools=tools,
                        tool_choice=tool_choice, template_kwargs=dict(template_kwargs))
 
@@ -461,3 +463,46 @@ def parse_tool_calls(text: str, tools=None) -> tuple:
     stream = ToolCallStream(tools)
     content, _ = stream.feed(text)
     return content + stream.finish(), stream.calls
+
+
+# ---- a reply, whole or streamed ------------------------------------------------------------------
+
+def whole_reply(text: str, tools=None) -> tuple:
+    """(content, reasoning, tool calls) of a whole reply."""
+    parts = split_reply(text)
+    if not tools:
+        return parts.answer, parts.reasoning, []
+    content, calls = parse_tool_calls(parts.answer, tools)
+    return content.strip(), parts.reasoning, calls
+
+
+class ReplyStream:
+    """Streamed reply text -> OpenAI deltas that add up to `whole_reply`: the thinking as
+    `reasoning_content`, the answer as `content` (markers removed, white space trimmed at both
+    ends), each tool call whole as soon as its `</tool_call>` arrives."""
+
+    def __init__(self, tools=None):
+        self.splitter, self.thinking, self.answer = ReplySplitter(), Trim(), Trim()
+        self.tools = ToolCallStream(tools) if tools else None
+        self.calls = 0
+
+    def feed(self, text: str, final: bool = False) -> list:
+        out = self._deltas(*self.splitter.feed(text))
+        if final:
+            out += self._deltas(*self.splitter.finish(), final=True)
+        return out
+
+    def _deltas(self, reasoning: str, answer: str, final: bool = False) -> list:
+        out, done = [], []
+        if piece := self.thinking.feed(reasoning):
+            out.append({"reasoning_content": piece})
+        if self.tools is not None:
+            answer, done = self.tools.feed(answer)
+            if final:
+                answer += self.tools.finish()
+        if piece := self.answer.feed(answer):
+            out.append({"content": piece})
+        for call in done:
+            out.append({"tool_calls": [{"index": self.calls, **call}]})
+            self.calls += 1
+        return out
