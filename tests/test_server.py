@@ -57,6 +57,7 @@ def data_url(data: bytes, mime="image/png") -> str:
 
 
 def write_video(path, frames=6, fps=2):
+    """A 3-second clip by default (6 frames at 2 fps, all sampled by GLM-4.1V's processor)."""
     with av.open(str(path), "w") as container:
         stream = container.add_stream("mpeg4", rate=fps)
         stream.width, stream.height, stream.pix_fmt = 84, 56, "yuv420p"
@@ -154,7 +155,7 @@ def loaded(glm4v_checkpoint):
 def plain(glm4v_checkpoint, tmp_path_factory):
     log = tmp_path_factory.mktemp("plain-log") / "server.log"
     server = Server(glm4v_checkpoint[0], ["--max-body-mb", "1", "--request-timeout", "6", "--keepalive", "0.05",
-                                          "--max-prompt-tokens", "300",
+                                          "--max-prompt-tokens", "300", "--max-video-seconds", "5",
                                           "--max-image-pixels", "20000000"], log)
     yield server
     server.close()
@@ -164,7 +165,8 @@ def plain(glm4v_checkpoint, tmp_path_factory):
 def guarded(glm4v_checkpoint, media, tmp_path_factory):
     log = tmp_path_factory.mktemp("guarded-log") / "server.log"
     server = Server(glm4v_checkpoint[0], ["--api-key", KEY, "--media-root", str(media), "--allow-url-fetch",
-                                          "--alias", "glm-tiny"], log, key=KEY)
+                                          "--alias", "glm-tiny", "--max-images", "3", "--max-video-frames", "4"],
+                    log, key=KEY)
     server.model = "glm-tiny"
     yield server
     server.close()
@@ -429,6 +431,12 @@ def test_refusals_plain(plain, media):
     refused(s, {"model": s.model, "messages": [{"role": "wizard", "content": "Hi"}]}, 400, "role")
     refused(s, body(s, [{"type": "input_audio", "input_audio": {}}]), 400, "not supported")
     refused(s, {**body(s, "Hi"), "max_tokens": 0}, 400, "max_tokens")
+    long_clip = write_video(media / "long.mp4", frames=12)  # 6 s
+    refused(s, body(s, [video_part(long_clip)]), 400, r"lasts 6.0 s, over the limit of 5 s \(--max-video-seconds\)")
+    refused(s, body(s, [{"type": "video_url", "video_url": {"url": data_url(b"not a video", "video/mp4")}}]), 400,
+            "not a video")
+    chunked = httpx.post(f"{s.url}/v1/chat/completions", content=(b"x" * 65536 for _ in range(20)), timeout=10)
+    assert chunked.status_code == 413 and "request body" in chunked.json()["error"]["message"]
     no_cors = httpx.get(f"{s.url}/v1/models", headers={"Origin": "https://evil.example"}, timeout=10)
     assert "access-control-allow-origin" not in no_cors.headers
     response = httpx.post(f"{s.url}/v1/chat/completions", content=b"{not json", timeout=10)
@@ -454,6 +462,9 @@ def test_refusals_guarded(guarded, media, tmp_path_factory):
     refused(s, image_body(s, "http://localhost/cat.png"), 403, "private, loopback or link-local")
     refused(s, image_body(s, "http://169.254.169.254/latest/meta-data"), 403, "private")
     refused(s, {**body(s, "Hi"), "model": "glm4v-tiny-other"}, 404, "glm-tiny")
+    four = [{"type": "image_url", "image_url": {"url": f"{n}.png"}} for n in "abcd"]
+    refused(s, body(s, four), 400, r"4 images; this server takes at most 3 \(--max-images\)")
+    refused(s, body(s, [video_part(media / "clip.mp4")]), 400, r"sampled into 6 frames, over the limit of 4")
     models = s.client.models.list()
     assert [m.id for m in models.data] == ["glm-tiny"]
 
@@ -478,6 +489,22 @@ def wait_idle(server, timeout=10.0) -> dict:
             return m
         time.sleep(0.05)
     raise AssertionError("the server stayed busy")
+
+
+def test_concurrent_requests_answer_as_alone(plain):
+    prompts = ["Hello! How are you today?", "The quick brown fox", "What is the answer?"]
+    alone = [ask(plain, p).choices[0].message.content for p in prompts]
+    together = [None] * len(prompts)
+
+    def run(i):
+        together[i] = ask(plain, prompts[i]).choices[0].message.content
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone
 
 
 def test_client_disconnect_stops_generation(plain):
