@@ -285,6 +285,18 @@ def test_stop_and_max_completion_tokens(plain, loaded):
     assert legacy.choices[0].message.content == short.choices[0].message.content
 
 
+def test_history_drops_earlier_thinking(plain, loaded):
+    """GLM-4.1V's template keeps <think> in history; the server drops it, as the GLM-V authors ask."""
+    _, _, processor = loaded
+    history = [{"role": "user", "content": "Hi"},
+               {"role": "assistant", "content": "<think>Some long reasoning here.</think><answer>Hello!</answer>"},
+               {"role": "user", "content": "And now?"}]
+    out = plain.client.chat.completions.create(model=plain.model, messages=history, max_tokens=1)
+    dropped = [history[0], {"role": "assistant", "content": "<answer>Hello!</answer>"}, history[2]]
+    prompt = processor.apply_chat_template(dropped, add_generation_prompt=True)
+    assert out.usage.prompt_tokens == len(processor(prompt)["input_ids"][0])
+
+
 def test_seed_reproduces_sampling(plain):
     runs = [ask(plain, "Tell me a story.", temperature=1.0, seed=seed, max_completion_tokens=20,
                 extra_body={"top_k": 50, "min_p": 0.01}).choices[0].message.content for seed in (7, 7, 8)]
