@@ -332,7 +332,7 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; anything but loopback needs --api-key or --insecure-no-auth."),
     port: int = typer.Option(8080, "--port", help="Port to listen on."),
     alias: Optional[str] = typer.Option(None, "--alias", help="The model name clients send (default: the last part of --model)."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MLX_GLM4V_API_KEY", help="Require Authorization: Bearer KEY on every request but /health."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MLX_GLM4V_API_KEY", help="Require Authorization: Bearer KEY on /v1/* and /metrics."),
     insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help="Allow a non-loopback --host without an API key."),
     media_root: Optional[Path] = typer.Option(None, "--media-root", help="Let requests name image and video files inside this directory (default: no file is read)."),
     allow_url_fetch: bool = typer.Option(False, "--allow-url-fetch", help="Fetch http(s) media URLs (public addresses only, size-capped, time-limited)."),

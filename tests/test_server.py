@@ -461,6 +461,7 @@ def test_refusals_guarded(guarded, media, tmp_path_factory):
     refused(s, body(s, "Hi"), 401, "API key", key="wrong-key")
     assert httpx.get(f"{s.url}/health", timeout=5).status_code == 200
     assert httpx.get(f"{s.url}/v1/models", timeout=5).status_code == 401
+    assert httpx.get(f"{s.url}/metrics", timeout=5).status_code == 401
     outside = tmp_path_factory.mktemp("outside")
     picture(56, 56, 5).save(outside / "secret.png")
     link = media / "escape.png"

@@ -151,6 +151,11 @@ class State:
         log.info("model %s loaded; serving it as %r", self.config.model, self.config.name)
 
 
+def timeout_error(config: ServerConfig) -> ApiError:
+    message = f"the request ran past the server's limit of {config.request_timeout:g} s (--request-timeout)."
+    return ApiError(504, message, code="timeout")
+
+
 def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
@@ -158,7 +163,10 @@ def error_response(e: ApiError) -> JSONResponse:
 # ---- middleware ----------------------------------------------------------------------------------
 
 class Guard:
-    """Bearer auth (constant-time) on everything but /health, and the request-body cap (413).
+    """Bearer auth (constant-time) on the API and /metrics, and the request-body cap (413).
+
+    /health and the static chat page stay open: a browser cannot send a key to load a page, and
+    the page sends the key with its API calls.
 
     A plain ASGI middleware, so that streaming responses still learn when their client leaves.
     """
@@ -170,7 +178,8 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if self.config.api_key and scope["path"] != "/health" and scope["method"] != "OPTIONS":
+        protected = scope["path"].startswith("/v1/") or scope["path"] == "/metrics"
+        if self.config.api_key and protected and scope["method"] != "OPTIONS":
             given = headers.get(b"authorization", b"")
             expected = b"Bearer " + self.config.api_key.encode()
             if not hmac.compare_digest(given, expected):
@@ -255,7 +264,11 @@ async def _chat(request: Request, state: State):
         raise bad("the request body is not valid JSON.") from None
     chat = openai.parse_chat(body, ready.config.name, ready.names, ready.tools_supported,
                              ready.thinking_in_template)
-    inputs = await run_in_threadpool(_prepare, ready, chat)
+    deadline = time.monotonic() + ready.config.request_timeout
+    try:  # reading media is bounded by the limits; the timeout still answers the client in time
+        inputs = await asyncio.wait_for(run_in_threadpool(_prepare, ready, chat), ready.config.request_timeout)
+    except asyncio.TimeoutError:
+        raise timeout_error(ready.config) from None
 
     from ..engine import QueueFull, Request as EngineRequest
     from ..generate import GenerationSettings
@@ -265,7 +278,7 @@ async def _chat(request: Request, state: State):
                                                    chat.top_logprobs))
     except QueueFull as e:
         raise ApiError(429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after)}) from None
-    reply = Reply(ready, chat, handle)
+    reply = Reply(ready, chat, handle, deadline)
     if chat.stream:
         return StreamingResponse(reply.stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -301,10 +314,10 @@ def _prepare(state: State, chat: openai.ChatRequest) -> dict:
 class Reply:
     """One request's events -> OpenAI's reply, whole or as SSE chunks."""
 
-    def __init__(self, state: State, chat: openai.ChatRequest, handle):
+    def __init__(self, state: State, chat: openai.ChatRequest, handle, deadline: float):
         self.state, self.chat, self.handle = state, chat, handle
         self.id, self.created, self.model = openai.completion_id(), int(time.time()), state.config.name
-        self.deadline = time.monotonic() + state.config.request_timeout
+        self.deadline = deadline
         eos = set(state.engine.model.config.eos_token_id)
         self.skip_logprob = eos if not chat.settings.get("ignore_eos") else set()
         self.decode = lambda t: state.processor.tokenizer.decode([t])
@@ -331,8 +344,7 @@ class Reply:
                 done, _ = await asyncio.wait({pending}, timeout=max(0.0, min(self.state.config.keepalive, left)))
                 if not done:
                     if time.monotonic() >= self.deadline:
-                        raise ApiError(504, f"the request ran past the server's limit of "
-                                       f"{self.state.config.request_timeout:g} s (--request-timeout).", code="timeout")
+                        raise timeout_error(self.state.config)
                     yield None
                     continue
                 event = pending.result()
