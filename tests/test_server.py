@@ -490,6 +490,9 @@ def test_non_loopback_bind_needs_a_key(glm4v_checkpoint):
                          env=env, timeout=60)
     assert run.returncode == 1
     assert "--api-key" in run.stderr and "--insecure-no-auth" in run.stderr and "Traceback" not in run.stderr
+    missing = subprocess.run([sys.executable, "-m", "mlx_glm4v.cli", "serve", "--model", "./no-such-model"],
+                             capture_output=True, text=True, env=env, timeout=60)
+    assert missing.returncode == 1 and "no-such-model" in missing.stderr and "Traceback" not in missing.stderr
 
 
 # ---- streams that end early ----------------------------------------------------------------------
@@ -543,6 +546,17 @@ def test_request_timeout(plain):
     response = plain.post(body(plain, "Go on forever.", max_tokens=1000000, ignore_eos=True))
     assert response.status_code == 504 and "--request-timeout" in response.json()["error"]["message"]
     assert time.monotonic() - start < 12
+    wait_idle(plain)
+
+
+def test_streamed_request_timeout(plain):
+    """Past the timeout a stream ends with an error event in OpenAI's format, then [DONE]."""
+    request = body(plain, "Go on forever.", max_tokens=1000000, ignore_eos=True, stream=True)
+    with httpx.stream("POST", f"{plain.url}/v1/chat/completions", json=request, timeout=30) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    error = json.loads(lines[-2][6:])["error"]
+    assert error["code"] == "timeout" and "--request-timeout" in error["message"] and lines[-1] == "data: [DONE]"
     wait_idle(plain)
 
 

@@ -355,6 +355,10 @@ class Reply:
                 yield event
                 if event.finish_reason is not None:
                     finished = True
+                    u = event.usage
+                    log.info("%s %s: %d prompt tokens (%d cached), %d generated, first token after %.3f s",
+                             self.id, event.finish_reason, u.prompt_tokens, u.cached_tokens, u.completion_tokens,
+                             u.time_to_first_token)
                     return
         finally:
             self.state.metrics.running -= 1
@@ -496,7 +500,8 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8080, insec
         raise Glm4vError(f"--media-root {config.media.media_root}: no such directory.")
     from ..loader import resolve
 
-    resolve(config.model)  # a wrong path or repo id fails now, before the server listens
+    if Path(config.model).expanduser().exists() or config.model.count("/") != 1:
+        resolve(config.model)  # a wrong local path fails now; a hub download happens while /health says 503
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(config)
