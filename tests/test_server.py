@@ -621,6 +621,11 @@ def test_tools_through_the_server(tools_server):
         temperature=0, max_completion_tokens=8)
     assert out.usage.prompt_tokens > 100  # the tool list and the calls were rendered
     assert out.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    chunks = list(tools_server.client.chat.completions.create(
+        model=tools_server.model, messages=OPENAI_CONVERSATION, tools=[WEATHER], temperature=0,
+        max_completion_tokens=8, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == (out.choices[0].message.content or "")
     error = tools_server.post({**body(tools_server, "Hi"), "tools": [WEATHER], "tool_choice": "required"})
     assert error.status_code == 400 and "tool_choice" in error.json()["error"]["message"]
 
@@ -702,3 +707,15 @@ def test_feature_memo_byte_budget():
     assert memo.get(2) is not None and memo.get(0) is None and (memo.hits, memo.misses) == (1, 1)
     memo.put(5, mx.zeros((1000,), mx.float32))  # larger than the budget: kept alone, as the newest
     assert list(memo) == [5] and memo.bytes == 4000
+
+
+@pytest.mark.parametrize("host", ["10.1.2.3", "172.16.0.9", "192.168.1.1", "127.0.0.2", "0.0.0.0", "100.64.0.1",
+                                  "169.254.169.254", "::1", "fe80::1", "fc00::5", "::ffff:127.0.0.1", "224.0.0.1"])
+def test_fetch_refuses_non_public_addresses(host):
+    from mlx_glm4v.server.media import MediaPolicy, fetch
+    from mlx_glm4v.server.openai import ApiError
+
+    url = f"http://[{host}]/x.png" if ":" in host else f"http://{host}/x.png"
+    with pytest.raises(ApiError) as refused:
+        fetch(url, MediaPolicy(allow_url_fetch=True), "part")
+    assert refused.value.status == 403 and refused.value.code == "address_not_allowed"
