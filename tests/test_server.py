@@ -128,7 +128,8 @@ class Server:
     def post(self, body, key="default", **kwargs):
         key = self.key if key == "default" else key
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.post(f"{self.url}/v1/chat/completions", json=body, headers=headers, timeout=60, **kwargs)
+        kwargs.setdefault("timeout", 60)
+        return httpx.post(f"{self.url}/v1/chat/completions", json=body, headers=headers, **kwargs)
 
     def metrics(self) -> dict:
         headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
@@ -539,6 +540,14 @@ def test_client_disconnect_stops_generation(plain):
     assert after["requests_cancelled_total"] == before["requests_cancelled_total"] + 1
     print(f"\ndisconnect after {received} chunks: {generated:.0f} tokens generated in all")
     assert generated < 200  # of 100000 asked for
+
+
+def test_disconnect_stops_a_whole_reply(plain):
+    before = wait_idle(plain)
+    with pytest.raises(httpx.ReadTimeout):
+        plain.post(body(plain, "Go on forever.", max_tokens=1000000, ignore_eos=True), timeout=1.0)
+    after = wait_idle(plain, timeout=3.0)  # well before the server's own 6 s timeout
+    assert after["requests_cancelled_total"] == before["requests_cancelled_total"] + 1
 
 
 def test_request_timeout(plain):

@@ -329,8 +329,8 @@ class Reply:
             return None
         return openai.logprob_entry(self.decode, event.token, event.logprob, event.top_logprobs)
 
-    async def events(self):
-        """The handle's events, and None after each keepalive interval without one; the request is
+    async def events(self, tick: float):
+        """The handle's events, and None after each `tick` seconds without one; the request is
         ended at the deadline, and cancelled if the reader stops early."""
         iterator = self.handle.__aiter__()
         pending = None
@@ -341,7 +341,7 @@ class Reply:
                 if pending is None:
                     pending = asyncio.ensure_future(iterator.__anext__())
                 left = self.deadline - time.monotonic()
-                done, _ = await asyncio.wait({pending}, timeout=max(0.0, min(self.state.config.keepalive, left)))
+                done, _ = await asyncio.wait({pending}, timeout=max(0.0, min(tick, left)))
                 if not done:
                     if time.monotonic() >= self.deadline:
                         raise timeout_error(self.state.config)
@@ -368,16 +368,23 @@ class Reply:
                 pending.cancel()
 
     async def whole(self, request: Request) -> dict:
+        async def watch():  # a non-streamed request learns of its client leaving by asking
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.25)
+            self.handle.cancel()
+
+        watcher = asyncio.ensure_future(watch())
         text, entries, last = [], [], None
-        async for event in self.events():
-            if event is None:  # a non-streamed request learns of its client leaving by asking
-                if await request.is_disconnected():
-                    self.handle.cancel()
-                continue
-            text.append(event.text)
-            if (entry := self.logprob(event)) is not None:
-                entries.append(entry)
-            last = event
+        try:
+            async for event in self.events(tick=self.state.config.keepalive):
+                if event is None:
+                    continue
+                text.append(event.text)
+                if (entry := self.logprob(event)) is not None:
+                    entries.append(entry)
+                last = event
+        finally:
+            watcher.cancel()
         if last.finish_reason == "cancelled":
             raise ApiError(499, "the request was cancelled.")
         content, reasoning, calls = openai.whole_reply("".join(text), self.chat.tools)
@@ -395,7 +402,7 @@ class Reply:
         reply = openai.ReplyStream(self.chat.tools)
         yield chunk({"role": "assistant", "content": ""})
         try:
-            async for event in self.events():
+            async for event in self.events(tick=self.state.config.keepalive):
                 if event is None:
                     yield ": keepalive\n\n"
                     continue
