@@ -551,21 +551,27 @@ def test_disconnect_stops_a_whole_reply(plain):
 
 
 def test_request_timeout(plain):
+    """Past --request-timeout (6 s here) a whole reply is a 504; a stream ends with an error event in
+    OpenAI's format, then [DONE]. The two run at once (queued or batched, the deadline holds)."""
+    streamed = {}
+
+    def stream():
+        request = body(plain, "Go on forever.", max_tokens=1000000, ignore_eos=True, stream=True)
+        with httpx.stream("POST", f"{plain.url}/v1/chat/completions", json=request, timeout=30) as response:
+            streamed["status"] = response.status_code
+            streamed["lines"] = [line for line in response.iter_lines() if line.startswith("data: ")]
+
+    thread = threading.Thread(target=stream)
     start = time.monotonic()
+    thread.start()
     response = plain.post(body(plain, "Go on forever.", max_tokens=1000000, ignore_eos=True))
-    assert response.status_code == 504 and "--request-timeout" in response.json()["error"]["message"]
+    thread.join()
     assert time.monotonic() - start < 12
-    wait_idle(plain)
-
-
-def test_streamed_request_timeout(plain):
-    """Past the timeout a stream ends with an error event in OpenAI's format, then [DONE]."""
-    request = body(plain, "Go on forever.", max_tokens=1000000, ignore_eos=True, stream=True)
-    with httpx.stream("POST", f"{plain.url}/v1/chat/completions", json=request, timeout=30) as response:
-        assert response.status_code == 200
-        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert response.status_code == 504 and "--request-timeout" in response.json()["error"]["message"]
+    lines = streamed["lines"]
     error = json.loads(lines[-2][6:])["error"]
-    assert error["code"] == "timeout" and "--request-timeout" in error["message"] and lines[-1] == "data: [DONE]"
+    assert streamed["status"] == 200 and lines[-1] == "data: [DONE]"
+    assert error["code"] == "timeout" and "--request-timeout" in error["message"]
     wait_idle(plain)
 
 
