@@ -526,6 +526,7 @@ window.glm4v = (() => {
     addUserTurn(prompt, items);
     const bubble = addReply();
     showText(bubble, "", reply);
+    bubble.querySelector(".thinking summary").textContent = "Thinking";
     bubble.classList.add("done");
     return showMarks(bubble, reply, boxes);
   }
