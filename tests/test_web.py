@@ -274,6 +274,27 @@ def metric(base: str, name: str) -> float:
     raise KeyError(name)
 
 
+def test_video_and_image_in_one_message(page, tmp_path):
+    """A video attached by the file input goes to the server with an image; the reply's prompt
+    counts both (the API's own count of the same message)."""
+    from test_processor import write_video
+
+    driver, base, _ = page
+    driver.execute_script("glm4v.state.options = {temperature: 0, max_tokens: 4}")
+    video = write_video(tmp_path / "clip.mp4", "libx264", 4, 8)
+    driver.find_element(By.ID, "file").send_keys(str(video))
+    attach(driver, photo(tmp_path / "photo.png", 64, 48))
+    assert driver.find_element(By.CSS_SELECTOR, "#attachments video").get_attribute("src").startswith("data:video/mp4")
+    driver.find_element(By.ID, "prompt").send_keys("What happens?", Keys.ENTER)
+    reply = wait_reply(driver, 1)
+    assert "done" in reply.get_attribute("class")
+    assert len(driver.find_elements(By.CSS_SELECTOR, ".message.user figure video")) == 1
+    messages, model = driver.execute_script("return [glm4v.state.messages, glm4v.state.model]")
+    assert [p["type"] for p in messages[0]["content"]] == ["video_url", "image_url", "text"]
+    usage = api(base, "v1/chat/completions", {"model": model, "messages": messages[:1], "max_tokens": 1})["usage"]
+    assert f"{usage['prompt_tokens']} prompt tokens" in reply.find_element(By.CSS_SELECTOR, ".stats").text
+
+
 def test_drop_and_paste_attach(page):
     """Files dropped on the page or pasted become thumbnails; what is neither image nor video is refused."""
     driver, _, _ = page
