@@ -469,9 +469,16 @@ def test_server_boxes_field_drawn_by_the_page(driver, box_checkpoint, tmp_path_f
         model = api(base, "v1/models")["data"][0]["id"]
         whole = api(base, "v1/chat/completions", {"model": model, "messages": messages})["choices"][0]["message"]
         assert whole["content"] == "Nose: [250,600]" and whole["boxes"] == expected
-        assert driver.execute_script("return glm4v.parseMarks(arguments[0]).marks", whole["content"]) == []
+        # pixels of the picture as sent, even when `detail: low` reads it smaller
+        big = photo(tmp_path / "big.png", 1200, 900)
+        low = [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(big.read_bytes()).decode(),
+                                                "detail": "low"}}, {"type": "text", "text": "Where?"}]}]
+        boxes = api(base, "v1/chat/completions", {"model": model, "messages": low})["choices"][0]["message"]["boxes"]
+        assert [b["pixels"] for b in boxes] == [[300, 540]]
         open_page(driver, base)
         try:
+            assert driver.execute_script("return glm4v.parseMarks(arguments[0]).marks", whole["content"]) == []
             attach(driver, image)
             driver.find_element(By.ID, "prompt").send_keys("Where is the nose?", Keys.ENTER)
             reply = wait_reply(driver, 1)

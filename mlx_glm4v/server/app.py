@@ -238,7 +238,7 @@ def _prepare(state: State, chat: openai.ChatRequest) -> dict:
         text = processor.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
         images, videos = processor.media_from_messages(messages)
         inputs = processor(text, images=images, videos=videos)
-        chat.image_sizes = [load_image(i).shape[1::-1] for i in images]
+        chat.image_sizes = [getattr(i, "info", {}).get("original_size") or load_image(i).shape[1::-1] for i in images]
     except Glm4vError as e:
         hide = [p for p in (resolved.dir and resolved.dir.name, config.media.media_root) if p]
         message = str(e)
