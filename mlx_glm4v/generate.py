@@ -481,9 +481,11 @@ def generate(model: Model, processor: Processor, prompt, images=(), videos=(), v
     return text
 
 
-def stats_line(r: GenerationResponse) -> str:
+def stats_line(r: GenerationResponse, load_s: Optional[float] = None) -> str:
+    """mlx-lm's statistics line, with the load time first when given."""
     return (
-        f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec | "
+        (f"Load: {load_s:.3f} s | " if load_s is not None else "")
+        + f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec | "
         f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec | "
         f"Peak memory: {r.peak_memory:.3f} GB"
     )
