@@ -228,13 +228,18 @@ def generate(
 
     prompt = read_prompt(prompt)
     loaded_model, processor, load_s = load_for_cli(reply)
-    text, response = "", None
+    text, shown, response = "", "", None
     splitter = ReplySplitter()
     for response in stream_generate(loaded_model, processor, prompt, reply.images, reply.videos, system=reply.system,
                                     seed=reply.seed, **reply.settings):
         text += response.text
         if not as_json:
-            sys.stdout.write(splitter.feed(response.text)[1] if hide_thinking else response.text)
+            piece = response.text
+            if hide_thinking:
+                piece = splitter.feed(piece)[1]
+                piece = piece if shown else piece.lstrip()  # the answer alone starts with its first word
+            shown += piece
+            sys.stdout.write(piece)
             sys.stdout.flush()
     if as_json:
         parts = split_reply(text)
@@ -252,7 +257,8 @@ def generate(
         }))
     else:
         if hide_thinking:
-            sys.stdout.write(splitter.finish()[1])
+            rest = splitter.finish()[1]
+            sys.stdout.write(rest if shown else rest.lstrip())
         print()
         print(stats_line(response, load_s), file=sys.stderr)
 

@@ -57,7 +57,9 @@ def download_problem(repo: str, revision: Optional[str], e: Exception) -> str:
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     cause = e.__cause__ or e.__context__
-    status = getattr(getattr(e, "response", None), "status_code", None)
+    response = getattr(e, "response", None)
+    status = getattr(response, "status_code", None)
+    refused = response is not None and "Invalid credentials" in response.headers.get("X-Error-Message", "")
     if any(isinstance(x, OSError) and x.errno == errno.ENOSPC for x in (e, cause)):
         return (f"{repo} could not be downloaded: the disk is full ({constants.HF_HUB_CACHE}); free some space "
                 "or point HF_HOME at a larger disk.")
@@ -68,8 +70,6 @@ def download_problem(repo: str, revision: Optional[str], e: Exception) -> str:
         return f"{repo} is gated: accept its conditions on https://huggingface.co/{repo} and {LOGIN}."
     if isinstance(e, RevisionNotFoundError):
         return f"{repo} has no revision {revision!r} on the Hugging Face hub."
-    refused = "Invalid credentials" in (getattr(getattr(e, "response", None), "headers", None) or {}).get(
-        "X-Error-Message", "")
     if status == 401 and refused:
         return f"the Hugging Face hub refused the token sent for {repo}; {LOGIN} again."
     if isinstance(e, RepositoryNotFoundError) or status == 401:  # the hub answers 401 for private repos too
@@ -78,7 +78,7 @@ def download_problem(repo: str, revision: Optional[str], e: Exception) -> str:
     if isinstance(e, HfHubHTTPError):
         return f"{repo} could not be downloaded: the Hugging Face hub answered HTTP {status}."
     if isinstance(e, ValueError):
-        return f"{repo} is not a valid hub repo id ({e})."
+        return f"{repo} is not a valid hub repo id: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
     if isinstance(cause, HfHubHTTPError):
         status = getattr(cause.response, "status_code", None)
         return f"{repo} could not be downloaded: the Hugging Face hub answered HTTP {status}; try again later."
