@@ -13,7 +13,8 @@ tokens/s, time to first token without loading (prompt tokens / prompt tokens/s: 
 the prompt from the prepared inputs to the first token) and from the start of the process (wall
 time less decoding: imports, loading, preprocessing and the prompt, and the exit), our load time
 (`load_s`), MLX's peak memory, the process's max RSS (wait4), the whole-process wall time
-measured here around the process, and what is left of it besides the prompt and decoding. The
+measured here around the process, its CPU time (user + system, wait4: steadier than wall time
+on a busy machine), and what is left of the wall time besides the prompt and decoding. The
 table gives medians over the rounds and the ratios ours/mlx-vlm with the targets of issues #7
 and #10 (no single-stream figure below mlx-vlm's).
 
@@ -147,7 +148,8 @@ class Runner:
         rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 1e9
         if proc.returncode != 0:
             self.log(f"  command failed ({proc.returncode}): {' '.join(cmd)}\n{text[-3000:]}")
-        return dict(rc=proc.returncode, output=text, wall_s=wall, max_rss_gb=rss)
+        return dict(rc=proc.returncode, output=text, wall_s=wall, max_rss_gb=rss,
+                    cpu_s=usage.ru_utime + usage.ru_stime)
 
     def probe(self, *args) -> dict:
         r = self.run([self.python, str(HERE / "probe.py"), *map(str, args)])
@@ -205,7 +207,7 @@ def metrics(prompt_tokens, prompt_tps, generation_tokens, generation_tps, peak, 
     decode = (generation_tokens - 1) / generation_tps if generation_tps else 0.0
     return dict(prompt_tokens=prompt_tokens, prompt_tps=prompt_tps, generation_tokens=generation_tokens,
                 generation_tps=generation_tps, ttft_s=ttft, ttft_start_s=r["wall_s"] - decode, peak_memory_gb=peak,
-                max_rss_gb=r["max_rss_gb"], wall_s=r["wall_s"], overhead_s=r["wall_s"] - ttft - decode)
+                max_rss_gb=r["max_rss_gb"], wall_s=r["wall_s"], cpu_s=r["cpu_s"], overhead_s=r["wall_s"] - ttft - decode)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -284,13 +286,13 @@ def summarize(runs: list) -> dict:
 
 METRICS = [("prompt_tokens", "prompt tok", 0), ("prompt_tps", "prompt tok/s", 1),
            ("generation_tokens", "gen tok", 0), ("generation_tps", "gen tok/s", 2), ("ttft_s", "TTFT s", 2),
-           ("ttft_start_s", "TTFT from start s", 2), ("load_s", "load s", 2), ("peak_memory_gb", "MLX peak GB", 3), ("max_rss_gb", "max RSS GB", 3), ("wall_s", "wall s", 2),
+           ("ttft_start_s", "TTFT from start s", 2), ("load_s", "load s", 2), ("peak_memory_gb", "MLX peak GB", 3), ("max_rss_gb", "max RSS GB", 3), ("wall_s", "wall s", 2), ("cpu_s", "CPU s", 2),
            ("overhead_s", "start-up+exit s", 2), ("decode_weight_bytes", "decode MB/token", 0),
            ("decode_gb_per_s", "decode GB/s", 2), ("roofline_pct", "roofline %", 1),
            ("roofline_same_format_pct", "% of same-format mat-vec", 1)]
 RATIOS = [("prompt_tps", "prompt tok/s"), ("generation_tps", "gen tok/s"), ("ttft_s", "TTFT"),
           ("ttft_start_s", "TTFT from start"),
-          ("peak_memory_gb", "MLX peak"), ("max_rss_gb", "max RSS"), ("wall_s", "wall")]
+          ("peak_memory_gb", "MLX peak"), ("max_rss_gb", "max RSS"), ("wall_s", "wall"), ("cpu_s", "CPU")]
 
 
 def report(results: dict, header: str) -> str:
