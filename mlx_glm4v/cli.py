@@ -44,6 +44,11 @@ PREFILL_STEP = typer.Option(2048, "--prefill-step-size", help="Prompt tokens per
 IGNORE_EOS = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence tokens.")
 PROMPT_LOOKUP = typer.Option(0, "--prompt-lookup", help="Draft this many tokens from n-grams of the conversation and verify them in one pass (pays when the reply copies the input, as in OCR).")
 NO_THINKING = typer.Option(False, "--no-thinking", help="Ask models with a thinking switch (GLM-4.5V/4.6V) not to think.")
+THINKING_BUDGET = typer.Option(None, "--thinking-budget", help="After this many tokens of thinking, close it (</think>) so the answer follows.")
+MAX_PIXELS = typer.Option(None, "--max-pixels", help="Most pixels (height x width after resizing) per image or video frame; fewer pixels, fewer tokens (28x28 pixels make one token).")
+FPS = typer.Option(None, "--fps", help="Video frames sampled per second (default: the checkpoint's, 2 for GLM-4.1V).")
+MAX_FRAMES = typer.Option(None, "--max-frames", help="Most frames sampled per video (spread over the clip; at least 2).")
+LAZY_LOAD = typer.Option(False, "--lazy-load", help="Read each weight when first used: the text weights after the vision tower, for a lower peak memory.")
 
 
 def friendly_errors(command):
@@ -115,6 +120,8 @@ class Reply:
     system: Optional[str]
     seed: Optional[int]
     settings: dict  # GenerationSettings keyword arguments
+    model_is_default: bool = False
+    lazy_load: bool = False
 
 
 def _reply_options(
@@ -135,20 +142,28 @@ def _reply_options(
     ignore_eos: bool = IGNORE_EOS,
     prompt_lookup: int = PROMPT_LOOKUP,
     no_thinking: bool = NO_THINKING,
+    thinking_budget: Optional[int] = THINKING_BUDGET,
+    max_pixels: Optional[int] = MAX_PIXELS,
+    fps: Optional[float] = FPS,
+    max_frames: Optional[int] = MAX_FRAMES,
+    lazy_load: bool = LAZY_LOAD,
     *,
     default_max_tokens: int,
 ) -> Reply:
     from .generate import GenerationSettings
 
+    media = {"max_pixels": max_pixels, "fps": fps, "max_frames": max_frames}
     settings = dict(
         max_tokens=default_max_tokens if max_tokens is None else max_tokens, temp=temp, top_p=top_p, top_k=top_k,
         min_p=min_p, repetition_penalty=repetition_penalty, max_kv_size=max_kv_size, kv_bits=kv_bits,
         prefill_step_size=prefill_step_size, ignore_eos=ignore_eos, prompt_lookup=prompt_lookup,
-        template_kwargs={"enable_thinking": False} if no_thinking else None,
+        thinking_budget=thinking_budget, template_kwargs={"enable_thinking": False} if no_thinking else None,
+        media_kwargs={k: v for k, v in media.items() if v is not None},
     )
     GenerationSettings(**settings)
     return Reply(resolve_model_name(model), existing_files(image, "image"), existing_files(video, "video"),
-                 system, seed, settings)
+                 system, seed, settings, model_is_default=model is None and not os.environ.get("MLX_GLM4V_MODEL"),
+                 lazy_load=lazy_load)
 
 
 def reply_options(default_max_tokens: int):
@@ -170,10 +185,31 @@ def reply_options(default_max_tokens: int):
     return decorate
 
 
-def load_for_cli(model: str):
-    from .loader import load
+def load_for_cli(reply: Reply):
+    """(model, processor, seconds): weights read now (or on first use with --lazy-load); a default
+    model that cannot be downloaded points at --model."""
+    import time
 
-    return load(model, lazy=True)
+    from .loader import DownloadError, load
+
+    start = time.perf_counter()
+    try:
+        model, processor = load(reply.model, lazy=reply.lazy_load)
+    except DownloadError as e:
+        if not reply.model_is_default:
+            raise
+        raise DownloadError(f"{e} Or give a checkpoint on disk with --model LOCAL_DIR.") from e.__cause__
+    return model, processor, time.perf_counter() - start
+
+
+def read_prompt(prompt: str) -> str:
+    """The prompt as given, or standard input's text for `-`."""
+    if prompt != "-":
+        return prompt
+    text = sys.stdin.read().strip()
+    if not text:
+        raise Glm4vError("the prompt read from standard input (--prompt -) is empty.")
+    return text
 
 
 @app.command()
@@ -181,8 +217,9 @@ def load_for_cli(model: str):
 @reply_options(default_max_tokens=256)
 def generate(
     reply: Reply,
-    prompt: str = typer.Option(..., "--prompt", "-p", help="The user message."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the text, statistics and boxes."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The user message; - reads it from standard input."),
+    hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Print only the answer, not the model's thinking."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the text, its reasoning and answer, statistics and boxes."),
     draw_boxes: Optional[str] = typer.Option(None, "--draw-boxes", help="Save the image with the reply's boxes and points drawn (OUT-1.png, OUT-2.png, ... for several images)."),
     verbose: bool = VERBOSE,
 ):
@@ -191,20 +228,32 @@ def generate(
         raise Glm4vError("--draw-boxes needs an image (--image) to draw on.")
     from .generate import stats_line, stream_generate
     from .grounding import boxes_of, draw_reply
+    from .reply import ReplySplitter, split_reply
 
-    loaded_model, processor = load_for_cli(reply.model)
-    text, response = "", None
+    prompt = read_prompt(prompt)
+    loaded_model, processor, load_s = load_for_cli(reply)
+    text, shown, response = "", "", None
+    splitter = ReplySplitter()
     for response in stream_generate(loaded_model, processor, prompt, reply.images, reply.videos, system=reply.system,
                                     seed=reply.seed, **reply.settings):
         text += response.text
         if not as_json:
-            sys.stdout.write(response.text)
+            piece = response.text
+            if hide_thinking:
+                piece = splitter.feed(piece)[1]
+                piece = piece if shown else piece.lstrip()  # the answer alone starts with its first word
+            shown += piece
+            sys.stdout.write(piece)
             sys.stdout.flush()
     if as_json:
+        parts = split_reply(text)
         print(json.dumps({
             "text": text,
+            "reasoning": parts.reasoning,
+            "answer": parts.answer,
             "prompt_tokens": response.prompt_tokens,
             "generation_tokens": response.generation_tokens,
+            "load_s": load_s,
             "prompt_tps": response.prompt_tps,
             "generation_tps": response.generation_tps,
             "peak_memory_gb": response.peak_memory,
@@ -212,8 +261,11 @@ def generate(
             "boxes": boxes_of(text, reply.images),
         }))
     else:
+        if hide_thinking:
+            rest = splitter.finish()[1]
+            sys.stdout.write(rest if shown else rest.lstrip())
         print()
-        print(stats_line(response), file=sys.stderr)
+        print(stats_line(response, load_s), file=sys.stderr)
     if draw_boxes:
         for line in draw_reply(draw_boxes, text, reply.images):
             typer.echo(line, err=True)
@@ -234,7 +286,7 @@ def chat(
 
     if reply.seed is not None:
         mx.random.seed(reply.seed)
-    loaded_model, processor = load_for_cli(reply.model)
+    loaded_model, processor, _ = load_for_cli(reply)
     run_chat(loaded_model, processor, system=reply.system, images=reply.images, videos=reply.videos,
              settings=reply.settings, hide_thinking=hide_thinking)
 
@@ -291,8 +343,28 @@ def serve(
     run_server(config, host=host, port=port, insecure_no_auth=insecure_no_auth, log_level=log_level)
 
 
+def show_version(value: bool):
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            ours = version("mlx-glm4v")
+        except PackageNotFoundError:
+            ours = "(not installed)"
+        typer.echo(f"mlx-glm4v {ours} (mlx {version('mlx')})")
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    version: bool = typer.Option(False, "--version", callback=show_version, is_eager=True,
+                                 help="Print the version and exit."),
+):
+    """GLM-4.1V on Apple silicon with MLX: image and video chat, conversion and quantization."""
+
+
 def main():
-    app()
+    app(prog_name="mlx-glm4v")
 
 
 if __name__ == "__main__":

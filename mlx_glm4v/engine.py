@@ -183,7 +183,8 @@ class Engine:
         self.stats.requests += 1
         self.stats.prompt_tokens += usage.prompt_tokens
         responses = stream_tokens(self.model, self.processor, inputs, cache, stop_ids=settings.stop_ids(self.model),
-                                  stop=settings.stop, vision_memo=self.vision_memo, **settings.step_options())
+                                  stop=settings.stop, vision_memo=self.vision_memo,
+                                  **settings.step_options(self.processor))
         for response in responses:
             if handle.cancelled.is_set():
                 responses.close()
