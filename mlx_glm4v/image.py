@@ -4,7 +4,7 @@ Mirrors transformers' `Glm4vImageProcessor` (the torchvision backend it picks by
 numpy. The resize is torch's own uint8 arithmetic (antialiased bicubic, integer weights, the
 horizontal pass first), so pixels are equal to the reference's, not merely close: PIL's filter
 is the same curve but keeps more bits of each weight, and Pillow runs the vertical pass first when
-that is cheaper (one axis shrinking, the other growing), which moved pixels by up to 25 grey levels.
+the height shrinks by a larger factor than the width, which moved pixels by up to 25 grey levels.
 """
 
 import math
