@@ -153,10 +153,10 @@ def resize(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 def _resize_frame(frame: np.ndarray, height: int, width: int) -> np.ndarray:
     """Two separable passes as torch's CPU kernel runs them: columns first, rounded to uint8, then rows."""
     if frame.shape[1] != width:
-        frame = _resample_rows(frame.transpose(1, 0, 2), width).transpose(1, 0, 2)
+        frame = _resample(frame, width, axis=1)
     if frame.shape[0] != height:
-        frame = _resample_rows(np.ascontiguousarray(frame), height)
-    return np.ascontiguousarray(frame)
+        frame = _resample(frame, height, axis=0)
+    return frame
 
 
 def _bicubic(x: np.ndarray) -> np.ndarray:
@@ -189,26 +189,39 @@ def _int16_weights(n_in: int, n_out: int):
     return np.minimum(first[:, None] + k, n_in - 1), w, bits
 
 
-def _resample_rows(x: np.ndarray, n_out: int, block: int = 32) -> np.ndarray:
-    """Resize axis 0 of uint8 `x`: sum of taps times integer weights, rounded, shifted, clamped.
+def _resample(x: np.ndarray, n_out: int, axis: int, block: int = 16) -> np.ndarray:
+    """Resize axis 0 (rows) or 1 (columns) of (H, W, C) uint8 `x`: the sum of each output's taps times
+    their integer weights, rounded, shifted and clamped. `block` rows at a time, so the int32 sums
+    stay in cache; columns gather whole pixels, channels interleaved, without a transpose."""
+    H, W, C = x.shape
+    index, weights, bits = _int16_weights(x.shape[axis], n_out)
+    flat = x.reshape(H, W * C)
+    if axis == 1:
+        taps = (index[:, :, None] * C + np.arange(C)).transpose(1, 0, 2).reshape(index.shape[1], -1)
+        per_tap = np.repeat(weights.T, C, axis=1)  # [K, n_out * C]
+        rows, shape = H, (H, n_out, C)
 
-    Output rows go `block` at a time so that the int32 sums stay in cache.
-    """
-    index, weights, bits = _int16_weights(x.shape[0], n_out)
-    flat = x.reshape(x.shape[0], -1)
-    out = np.empty((n_out, flat.shape[1]), np.uint8)
+        def term(start, stop, k):
+            return flat[start:stop, taps[k]], per_tap[k]
+    else:
+        rows, shape = n_out, (n_out, W, C)
+
+        def term(start, stop, k):
+            return flat[index[start:stop, k]], weights[start:stop, k, None]
+
+    out = np.empty((rows, shape[1] * C), np.uint8)
     used = [k for k in range(weights.shape[1]) if weights[:, k].any()]
-    acc, term = np.empty((2, min(block, n_out), flat.shape[1]), np.int32)
-    for start in range(0, n_out, block):
-        stop = min(start + block, n_out)
-        a, t = acc[: stop - start], term[: stop - start]
+    acc, product = np.empty((2, min(block, rows), out.shape[1]), np.int32)
+    for start in range(0, rows, block):
+        stop = min(start + block, rows)
+        a, t = acc[: stop - start], product[: stop - start]
         a.fill(1 << (bits - 1))
         for k in used:
-            np.multiply(flat[index[start:stop, k]], weights[start:stop, k, None], out=t)
+            np.multiply(*term(start, stop, k), out=t)
             a += t
         np.right_shift(a, bits, out=a)
         out[start:stop] = np.clip(a, 0, 255)
-    return out.reshape(n_out, *x.shape[1:])
+    return out.reshape(shape)
 
 
 def patchify(frames: np.ndarray, s: PixelSettings):
