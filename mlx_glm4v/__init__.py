@@ -16,6 +16,8 @@ _EXPORTS = {
     "load": "loader",
     "generate": "generate",
     "stream_generate": "generate",
+    "batch_generate": "engine",
+    "Engine": "engine",
     "ChatSession": "chat",
     "convert": "convert",
     "Model": "model",

@@ -266,17 +266,21 @@ class Engine:
     # ---- the engine thread ----
 
     def _run(self):
-        with mx.stream(generation_stream), wired_limit(self.model):
-            while True:
-                with self._wake:
-                    while not self._waiting and not self._rows and not self._closing:
-                        self._wake.wait()
-                    if self._closing and not self._waiting and not self._rows:
-                        return
-                    admitted = self._admit()
-                for handle in admitted:
-                    self._guard([handle], self._start, handle)
-                self._step()
+        try:
+            with mx.stream(generation_stream), wired_limit(self.model):
+                while True:
+                    with self._wake:
+                        while not self._waiting and not self._rows and not self._closing:
+                            self._wake.wait()
+                        if self._closing and not self._waiting and not self._rows:
+                            return
+                        admitted = self._admit()
+                    for handle in admitted:
+                        self._guard([handle], self._start, handle)
+                    self._step()
+        finally:
+            mx.synchronize()
+            mx.clear_streams()  # this thread's streams go with it, not at interpreter exit (which aborts)
 
     def _admit(self) -> list:
         """Handles to start now: first come first served, within concurrency and the token budget."""
