@@ -296,9 +296,9 @@ class Engine:
         return out
 
     def _guard(self, handles, fn, *args):
-        """Run fn; on failure end the given requests with an error event (the engine keeps serving)."""
+        """fn's result; on failure None, and the given requests end with an error event (the engine keeps serving)."""
         try:
-            fn(*args)
+            return fn(*args)
         except Exception as e:
             if isinstance(e, Glm4vError):
                 message = str(e)
@@ -326,39 +326,40 @@ class Engine:
         for row in [r for r in self._rows if r.handle.cancelled.is_set()]:
             self.stats.cancelled += 1
             self._end(row.handle, row, Event("", finish_reason="cancelled", usage=row.usage))
-        waiting = next((r for r in self._rows if r.prefilling), None)
-        if waiting is not None:
-            self._guard([waiting.handle], self._prefill, waiting)
+        budget = self.prefill_chunk  # prompt tokens to run before the next decode step (short prompts share one)
+        while budget > 0 and (waiting := next((r for r in self._rows if r.prefilling), None)) is not None:
+            budget -= self._guard([waiting.handle], self._prefill, waiting) or budget
         decoding = [r for r in self._rows if not r.prefilling]
         if decoding:
             self._guard([r.handle for r in decoding], self._decode, decoding)
 
     def _prefill(self, row: _Row):
-        """One piece of a row's prefill: a media item through the vision tower, or a prompt chunk."""
+        """One piece of a row's prefill, a media item through the vision tower or a prompt chunk; its tokens."""
         memo = self.vision_memo
-        while row.to_encode and memo.get(row.to_encode[0].digest) is not None:
+        while row.to_encode and row.to_encode[0].digest in memo:
             row.to_encode.pop(0)
         if row.to_encode:
             item = row.to_encode.pop(0)
             features = self.model.encode_media(memo=memo, items=[item])
             mx.eval([f for f in features if f is not None])
-            return
+            return sum(f.shape[0] for f in features if f is not None)  # vision work, counted as its tokens
         if row.prompt is None:
             self._embed(row)
         prompt, cache = row.prompt, row.cache
         end = min((row.done // row.chunk + 1) * row.chunk, prompt.length)
         hidden = self.model.forward(prompt, cache, row.done, end)
-        row.done = end
+        ran, row.done = end - row.done, end
         self.stats.prefill_chunks += 1
         if end < prompt.length:
             mx.eval([c.state for c in cache])
             mx.clear_cache()
-            return
+            return ran
         row.prompt = None
         first = self._sample(row, self.model.logits(hidden[:, -1, :]))
         mx.eval(first, [c.state for c in cache])
         self.prefixes.store(row.ids, row.marks, cache)
         self._emit(row, first[0].item(), first[1])
+        return ran
 
     def _embed(self, row: _Row):
         """The row's prompt embedded (media from the memo) and recorded; a kept prefix restored."""

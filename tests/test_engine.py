@@ -62,16 +62,21 @@ def collect(handle):
                 finish=events[-1].finish_reason, usage=events[-1].usage)
 
 
+# Prompts run in chunks of this many tokens, so long ones (the video, two images) are prefilled
+# over several engine steps while other rows decode.
+CHUNK = 32
+
+
 def run_alone(s, request):
-    engine = Engine(s["model"], s["processor"], max_concurrency=1, prefix_cache_bytes=0)
+    engine = Engine(s["model"], s["processor"], max_concurrency=1, prefix_cache_bytes=0, prefill_chunk=CHUNK)
     try:
         return collect(engine.submit(request))
     finally:
         engine.close()
 
 
-def run_together(s, requests, concurrency, **options):
-    engine = Engine(s["model"], s["processor"], max_concurrency=concurrency, **options)
+def run_together(s, requests, concurrency):
+    engine = Engine(s["model"], s["processor"], max_concurrency=concurrency, prefill_chunk=CHUNK)
     try:
         handles = [engine.submit(r) for r in requests]
         results = [collect(h) for h in handles]
@@ -97,6 +102,7 @@ def test_rows_equal_their_runs_alone(setup, alone, concurrency):
     for i, (got, want) in enumerate(zip(results, expected)):
         assert same(got, want), f"request {i} differs at concurrency {concurrency}"
         assert got["finish"] == "length" and len(got["tokens"]) == requests[i].settings.max_tokens
+    assert max(len(np.asarray(r.inputs["input_ids"]).reshape(-1)) for r in requests) > 4 * CHUNK
     if concurrency > 1:
         assert stats.decode_rows / stats.decode_steps > 1.5  # rows really shared decode steps
         assert stats.cached_tokens > 0  # the chat template's start was reused
@@ -140,7 +146,7 @@ def wait_for_tokens(handle, n, into):
 
 def test_rows_join_and_leave_mid_batch(setup, alone):
     requests, expected = alone
-    engine = Engine(setup["model"], setup["processor"], max_concurrency=8)
+    engine = Engine(setup["model"], setup["processor"], max_concurrency=8, prefill_chunk=CHUNK)
     try:
         first = []
         reader = wait_for_tokens(engine.submit(requests[0]), 3, first)  # running before the others arrive
@@ -170,7 +176,7 @@ def test_rows_join_and_leave_mid_batch(setup, alone):
 
 def test_queue_limit_refuses_and_loses_nothing(setup, alone):
     requests, expected = alone
-    engine = Engine(setup["model"], setup["processor"], max_concurrency=1, max_queue=2)
+    engine = Engine(setup["model"], setup["processor"], max_concurrency=1, max_queue=2, prefill_chunk=CHUNK)
     accepted, refused = [], None
     try:
         for i in (0, 2, 6, 7, 1):
@@ -195,7 +201,7 @@ def test_a_shared_prefix_is_reused_and_changes_nothing(setup):
                      GenerationSettings(max_tokens=8, ignore_eos=True))
     other_image = Request(inputs_of(setup, "What colour is it?", images=[setup["small"]], system=system),
                           GenerationSettings(max_tokens=8, ignore_eos=True))
-    engine = Engine(setup["model"], setup["processor"], prefill_chunk=16)
+    engine = Engine(setup["model"], setup["processor"], prefill_chunk=CHUNK)
     try:
         collect(engine.submit(first))
         reused, different = collect(engine.submit(second)), collect(engine.submit(other_image))
