@@ -99,7 +99,7 @@ class Server:
             cmd = [python, "-m", "mlx_vlm.server", "--model", str(model), "--host", "127.0.0.1",
                    "--port", str(self.port), "--log-level", "WARNING"]
         self.log = open(log, "ab")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=log.parent)
         self.base = f"http://127.0.0.1:{self.port}"
         deadline = time.time() + 300
         while time.time() < deadline:
@@ -276,9 +276,9 @@ def main(argv=None):
     rows = []
     for name in args.sets.split(","):
         requests = request_set(name, max(clients))
-        for tool in tools:
-            sequential = None
-            for n in clients:
+        sequential = {}
+        for n in clients:  # the tools take turns at each client count, so load drift hits both alike
+            for tool in tools:
                 reqs = requests[: max(n, min(8, max(clients)))] if n == 1 else requests[:n]
                 if engine_state is not None:
                     results, wall = in_process_run(engine_state, reqs, n)
@@ -292,9 +292,9 @@ def main(argv=None):
                     finally:
                         server.close()
                 if n == 1:
-                    sequential = results
+                    sequential[tool] = results
                 row = dict(set=name, clients=n, tool=tool + (" (in-process)" if engine_state else ""),
-                           **summarize(results, wall, None if n == 1 else sequential[:n], rss))
+                           **summarize(results, wall, sequential[tool][:n] if tool in sequential and n > 1 else None, rss))
                 base = next((r for r in rows if r["set"] == name and r["tool"] == row["tool"] and r["clients"] == 1), row)
                 row["speedup"] = row["tps"] / base["tps"]
                 rows.append(row)

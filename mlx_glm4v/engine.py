@@ -213,7 +213,8 @@ class Engine:
 
     def __init__(self, model: Model, processor: Processor, *, max_queue: int = 64,
                  max_concurrency: Optional[int] = None, token_budget: Optional[int] = None,
-                 prefill_chunk: int = 512, prefix_cache_bytes: int = 1 << 30, feature_cache_items: int = 64):
+                 prefill_chunk: int = 512, prefix_cache_bytes: int = 1 << 30, feature_cache_items: int = 64,
+                 feature_cache_bytes: Optional[int] = None):
         self.model, self.processor = model, processor
         budget, concurrency = default_limits(model)
         self.max_concurrency = max_concurrency or concurrency
@@ -223,7 +224,7 @@ class Engine:
                              "the queue length not negative.")
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
-        self.vision_memo = FeatureMemo(feature_cache_items)
+        self.vision_memo = FeatureMemo(feature_cache_items, *(() if feature_cache_bytes is None else (feature_cache_bytes,)))
         self.prefixes = PrefixCache(prefix_cache_bytes)
         self.stats = EngineStats()
         self._waiting: deque = deque()
