@@ -221,3 +221,23 @@ def test_batch_generate_equals_generate(setup):
     texts = batch_generate(setup["model"], setup["processor"], prompts, images, max_tokens=10)
     assert texts == [generate(setup["model"], setup["processor"], p, images=i, max_tokens=10)
                      for p, i in zip(prompts, images)]
+
+
+def test_rotating_and_quantized_caches_in_one_batch(setup, alone):
+    requests, expected = alone
+    inputs = requests[0].inputs
+    rotating = Request(inputs, GenerationSettings(max_tokens=30, max_kv_size=40, ignore_eos=True), top_logprobs=1)
+    quantized = Request(inputs, GenerationSettings(max_tokens=12, kv_bits=8, kv_group_size=32, ignore_eos=True),
+                        top_logprobs=1)
+    refs = [run_alone(setup, r) for r in (rotating, quantized)]
+    results, _ = run_together(setup, [rotating, quantized, requests[2]], 3)
+    assert same(results[0], refs[0]) and same(results[1], refs[1]) and same(results[2], expected[2])
+    assert results[1]["tokens"] != expected[0]["tokens"][:12] or results[1]["logprobs"] != expected[0]["logprobs"][:12]
+
+
+def test_a_failing_request_leaves_the_others_alone(setup, alone):
+    requests, expected = alone
+    broken = Request(requests[2].inputs, GenerationSettings(max_tokens=5, max_kv_size=2))  # smaller than the image
+    results, stats = run_together(setup, [requests[0], broken, requests[2]], 3)
+    assert results[1]["finish"] == "error" and stats.errors == 1
+    assert same(results[0], expected[0]) and same(results[2], expected[2])
