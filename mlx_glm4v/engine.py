@@ -257,10 +257,13 @@ class Engine:
             self._wake.notify()
         return handle
 
-    def close(self):
-        """Serve what was submitted, then stop the thread."""
+    def close(self, cancel: bool = False):
+        """Serve what was submitted (or, with `cancel`, end it now as cancelled), then stop the thread."""
         with self._wake:
             self._closing = True
+            if cancel:
+                for handle in list(self._waiting) + [r.handle for r in self._rows]:
+                    handle.cancel()
             self._wake.notify()
         self._thread.join()
 
@@ -285,6 +288,11 @@ class Engine:
 
     def _admit(self) -> list:
         """Handles to start now: first come first served, within concurrency and the token budget."""
+        for handle in [h for h in self._waiting if h.cancelled.is_set()]:  # a place in the queue freed at once
+            self._waiting.remove(handle)
+            out_usage = Usage(len(np.asarray(handle.request.inputs["input_ids"]).reshape(-1)), 0)
+            self.stats.cancelled += 1
+            handle.put(Event("", finish_reason="cancelled", usage=out_usage))
         out, used = [], sum(r.cost for r in self._rows)
         while self._waiting and len(self._rows) + len(out) < self.max_concurrency:
             handle = self._waiting[0]
