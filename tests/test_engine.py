@@ -251,3 +251,17 @@ def test_a_failing_request_leaves_the_others_alone(setup, alone):
     results, stats = run_together(setup, [requests[0], broken, requests[2]], 3)
     assert results[1]["finish"] == "error" and stats.errors == 1
     assert same(results[0], expected[0]) and same(results[2], expected[2])
+
+
+def test_experts_model_rows_equal_their_runs_alone(glm4v_moe_checkpoint, tmp_path):
+    path, _, _ = glm4v_moe_checkpoint
+    model, processor = load(path)
+    picture(56, 84, 7).save(tmp_path / "p.png")
+    s = dict(model=model, processor=processor)
+    requests = [Request(inputs_of(s, p, images=i), GenerationSettings(max_tokens=10, ignore_eos=True, temp=t), seed=3,
+                        top_logprobs=1)
+                for p, i, t in (("Hello there!", (), 0.0), ("Describe it.", [tmp_path / "p.png"], 0.0),
+                                ("Tell me the time.", (), 0.8))]
+    expected = [run_alone(s, r) for r in requests]
+    results, _ = run_together(s, requests, 3)
+    assert all(same(a, b) for a, b in zip(results, expected))
