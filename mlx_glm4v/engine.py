@@ -178,7 +178,9 @@ class _Row:
         self.stop_ids = settings.stop_ids(engine.model)
         self.stops = StopStrings(settings.stop)
         self.text = StreamingText(engine.processor.tokenizer.backend)
-        self.token: Optional[int] = None  # the token the next decode step runs
+        self.token = None  # the token the next decode step runs (an int, or the last step's lazy result)
+        self.pending = None  # (token, log-probabilities) sampled by a step still running, not yet handed out
+        self.sampled = 0  # tokens sampled, handed out or pending
         self.cost = len(self.ids) + settings.max_tokens
 
     @property
@@ -367,6 +369,7 @@ class Engine:
         first = self._sample(row, self.model.logits(hidden[:, -1, :]))
         mx.eval(first, [c.state for c in cache])
         self.prefixes.store(row.ids, row.marks, cache)
+        row.sampled = 1
         self._emit(row, first[0].item(), first[1])
         return ran
 
@@ -392,18 +395,30 @@ class Engine:
         return row.state.sample(logits)
 
     def _decode(self, rows: list):
-        logits = decode_logits(self.model, [r.cache for r in rows], [r.token for r in rows])
-        out = []
-        for b, row in enumerate(rows):
-            row.state.ran(mx.array([row.token]))
-            out.append(self._sample(row, logits[b: b + 1]))
-        mx.eval(out)
-        self.stats.decode_steps += 1
-        self.stats.decode_rows += len(rows)
-        if self.stats.decode_steps % 256 == 0:
-            mx.clear_cache()
-        for row, (token, logprobs) in zip(rows, out):
+        """Queue one decode step for the rows that need more tokens, then hand out the previous
+        step's tokens while it runs (mlx-lm's pipelining: the device never waits for the host)."""
+        ready = [r for r in rows if r.pending is not None]
+        step = [r for r in rows if r.sampled < r.settings.max_tokens]
+        if step:
+            tokens = mx.concatenate([t.reshape(1) if isinstance(t, mx.array) else mx.array([t]) for t in
+                                     (r.token for r in step)])
+            logits = decode_logits(self.model, [r.cache for r in step], tokens)
+            out = []
+            for b, row in enumerate(step):
+                row.state.ran(tokens[b: b + 1])
+                out.append(self._sample(row, logits[b: b + 1]))
+            mx.async_eval(out)
+            self.stats.decode_steps += 1
+            self.stats.decode_rows += len(step)
+            if self.stats.decode_steps % 256 == 0:
+                mx.clear_cache()
+        for row in ready:
+            (token, logprobs), row.pending = row.pending, None
             self._emit(row, token.item(), logprobs)
+        for row, sampled in zip(step, out if step else ()):
+            if row in self._rows:  # not ended by the token just handed out
+                row.pending, row.token = sampled, sampled[0]
+                row.sampled += 1
 
     def _emit(self, row: _Row, token: int, logprobs: mx.array):
         """Hand out a sampled token as text (whole characters, stop strings held back), or end the row."""

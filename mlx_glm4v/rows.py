@@ -37,10 +37,12 @@ class LayerRows:
         return outs[0] if len(outs) == 1 else mx.concatenate(outs)
 
 
-def decode_logits(model, caches: list, tokens: list) -> mx.array:
-    """Logits [B, vocab] of one new text token per row; each row continues at its own M-RoPE position."""
+def decode_logits(model, caches: list, tokens) -> mx.array:
+    """Logits [B, vocab] of one new text token per row (tokens [B], possibly not computed yet);
+    each row continues at its own M-RoPE position."""
     offsets = np.array([int(np.asarray(c.next_position).reshape(-1)[0]) for c in caches])
-    embeds = model.language_model.embed_tokens(mx.array(tokens, dtype=mx.int32)[:, None])
+    tokens = tokens if isinstance(tokens, mx.array) else mx.array(tokens)
+    embeds = model.language_model.embed_tokens(tokens.reshape(-1, 1))
     rope = text_rope(model.config.text_config, mx.array(offsets))
     layers = [LayerRows([c[i] for c in caches]) for i in range(len(model.layers))]
     hidden = model.language_model(embeds, rope, None, layers)
