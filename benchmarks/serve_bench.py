@@ -9,10 +9,11 @@ preloaded into both on Linux. Two request sets:
 
 For each tool, set and client count a fresh server process is started (no caches carried from
 one run to the next), warmed with one short request, then N clients (threads with the `openai`
-package, streaming) each send one request at once; with 1 client the same requests go one after
-another. Reported: aggregate generated tokens/s (all tokens over the wall time from the first
-request to the last reply), p50/p95 time to first token, the server's peak resident memory,
-and whether each request's text equals the one that tool gave it sequentially. All greedy.
+package, streaming) each send one request at once; with 1 client the first `--sequential` of
+them go one after another. Reported: aggregate generated tokens/s (all tokens over the wall
+time from the first request to the last reply), p50/p95 time to first token, the server's peak
+resident memory, and whether each request's text equals the one that tool gave it
+sequentially (for the requests both runs sent). All greedy.
 
     python benchmarks/serve_bench.py                         # both tools, both sets, 1 2 4 8 16 clients
     python benchmarks/serve_bench.py --tools ours --sets decode --clients 1,8 --json-out r.json
@@ -250,6 +251,8 @@ def main(argv=None):
     ap.add_argument("--python", default=sys.executable, help="the Python both servers run in")
     ap.add_argument("--blas", choices=("openblas", "bundled"), default="openblas" if Path(OPENBLAS).exists() else "bundled")
     ap.add_argument("--in-process", action="store_true", help="measure the engine without HTTP (tool 'ours' only)")
+    ap.add_argument("--sequential", type=int, default=8,
+                    help="requests sent one after another for the 1-client run (the reference for the others)")
     ap.add_argument("--json-out")
     args = ap.parse_args(argv)
 
@@ -279,7 +282,7 @@ def main(argv=None):
         sequential = {}
         for n in clients:  # the tools take turns at each client count, so load drift hits both alike
             for tool in tools:
-                reqs = requests[: max(n, min(8, max(clients)))] if n == 1 else requests[:n]
+                reqs = requests[: min(args.sequential, max(clients))] if n == 1 else requests[:n]
                 if engine_state is not None:
                     results, wall = in_process_run(engine_state, reqs, n)
                     rss = peak_rss_gb(os.getpid())
