@@ -197,8 +197,8 @@ def _memory_bytes() -> int:
 def default_limits(model: Model) -> tuple:
     """(token budget, max concurrency) from the memory the weights leave: half of it for KV caches."""
     text = model.config.text_config
-    itemsize = model.language_model.embed_tokens.weight.dtype.size
-    per_token = 2 * len(model.layers) * text.num_key_value_heads * text.head_dim * max(itemsize, 2)
+    itemsize = model.language_model.norm.weight.dtype.size  # the activations' (and so the KV cache's) dtype
+    per_token = 2 * len(model.layers) * text.num_key_value_heads * text.head_dim * itemsize
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     budget = max(8192, (_memory_bytes() - weights) // 2 // per_token)
     return int(budget), int(min(32, max(1, budget // 4096)))
@@ -211,6 +211,8 @@ class Engine:
     max_tokens (defaults from free memory, see `default_limits`); `max_queue` more requests
     wait; `prefill_chunk` tokens of one prompt run between two decode steps;
     `prefix_cache_bytes` of prompt KV is kept for requests that start alike (0: none).
+    Rows decode one token a step: a request's `prompt_lookup` is not used (it never changes
+    the output, only how many passes a single stream takes).
     """
 
     def __init__(self, model: Model, processor: Processor, *, max_queue: int = 64,
@@ -226,7 +228,8 @@ class Engine:
                              "the queue length not negative.")
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
-        self.vision_memo = FeatureMemo(feature_cache_items, *(() if feature_cache_bytes is None else (feature_cache_bytes,)))
+        self.vision_memo = FeatureMemo(feature_cache_items,
+                                       *(() if feature_cache_bytes is None else (feature_cache_bytes,)))
         self.prefixes = PrefixCache(prefix_cache_bytes)
         self.stats = EngineStats()
         self._waiting: deque = deque()
