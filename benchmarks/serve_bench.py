@@ -57,8 +57,8 @@ def image_url(width: int, height: int, seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def request_set(name: str, n: int) -> list:
-    """n requests: (messages, max_tokens)."""
+def request_set(name: str, n: int, tiny: bool = False) -> list:
+    """n requests: (messages, max_tokens); `tiny`: a few tokens each."""
     out = []
     for i in range(n):
         text = f"Tell me about {TOPICS[i % len(TOPICS)]}. " + "Be detailed. " * (i % 3)
@@ -66,9 +66,10 @@ def request_set(name: str, n: int) -> list:
             w, h = SIZES[(i // 2) % len(SIZES)]
             content = [{"type": "image_url", "image_url": {"url": image_url(w, h, i)}},
                        {"type": "text", "text": f"Describe this image ({i})."}]
-            out.append(([{"role": "user", "content": content}], 64))
+            out.append(([{"role": "user", "content": content}], 8 if tiny else 64))
         else:
-            out.append(([{"role": "user", "content": text}], 64 if name == "mixed" else 256))
+            out.append(([{"role": "user", "content": text}], (8 if tiny else 64) if name == "mixed" else
+                        (16 if tiny else 256)))
     return out
 
 
@@ -91,7 +92,7 @@ def peak_rss_gb(pid: int) -> float:
 class Server:
     """A server process on 127.0.0.1, ready once /health answers 200 and a first request went through."""
 
-    def __init__(self, tool: str, model: Path, python: str, env: dict, log: Path, max_concurrency: int):
+    def __init__(self, tool: str, model: Path, python: str, env: dict, log: Path):
         self.port = free_port()
         if tool == "ours":
             cmd = [python, "-m", "mlx_glm4v.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
@@ -144,17 +145,13 @@ def one_request(client, model: str, messages, max_tokens: int) -> dict:
                 seconds=time.perf_counter() - start)
 
 
-def http_run(base: str, requests: list, clients: int) -> tuple:
-    """(per-request results in request order, wall seconds): clients threads, requests dealt round-robin."""
-    from openai import OpenAI
-
-    client = OpenAI(base_url=base + "/v1", api_key="none", timeout=1800, max_retries=0)
-    model = client.models.list().data[0].id
-    results = [None] * len(requests)
+def run_clients(send, n_requests: int, clients: int) -> tuple:
+    """(results in request order, wall seconds): `clients` threads, requests dealt round-robin."""
+    results = [None] * n_requests
 
     def work(c):
-        for i in range(c, len(requests), clients):
-            results[i] = one_request(client, model, *requests[i])
+        for i in range(c, n_requests, clients):
+            results[i] = send(i)
 
     threads = [threading.Thread(target=work, args=(c,)) for c in range(clients)]
     start = time.perf_counter()
@@ -165,49 +162,54 @@ def http_run(base: str, requests: list, clients: int) -> tuple:
     return results, time.perf_counter() - start
 
 
-def in_process_run(engine_state: dict, requests: list, clients: int) -> tuple:
+def http_run(base: str, requests: list, clients: int) -> tuple:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base + "/v1", api_key="none", timeout=1800, max_retries=0)
+    model = client.models.list().data[0].id
+    return run_clients(lambda i: one_request(client, model, *requests[i]), len(requests), clients)
+
+
+def decoded_image(url: str):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
+
+
+def in_process_run(model, processor, requests: list, clients: int) -> tuple:
     """The same measurement on the engine itself (max_concurrency = clients), no HTTP."""
     from mlx_glm4v.engine import Engine, Request
     from mlx_glm4v.generate import GenerationSettings
 
-    model, processor = engine_state["model"], engine_state["processor"]
+    def ours(message):  # OpenAI's image_url parts as our image parts
+        if isinstance(message["content"], str):
+            return message
+        return dict(message, content=[{"type": "image", "image": decoded_image(c["image_url"]["url"])}
+                                      if c["type"] == "image_url" else c for c in message["content"]])
+
     prepared = []
     for messages, max_tokens in requests:
-        msgs = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else [
-            {"type": "image", "image": Image_from_url(c["image_url"]["url"])} if c["type"] == "image_url" else c
-            for c in m["content"]]} for m in messages]
-        text = processor.apply_chat_template(msgs, add_generation_prompt=True)
-        images, videos = processor.media_from_messages(msgs)
-        prepared.append(Request(processor(text, images=images, videos=videos), GenerationSettings(max_tokens=max_tokens)))
+        messages = [ours(m) for m in messages]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        images, videos = processor.media_from_messages(messages)
+        inputs = processor(text, images=images, videos=videos)
+        prepared.append(Request(inputs, GenerationSettings(max_tokens=max_tokens)))
     engine = Engine(model, processor, max_concurrency=clients)
-    list(engine.submit(Request(prepared[0].inputs, GenerationSettings(max_tokens=2))))
-    results = [None] * len(prepared)
+    list(engine.submit(Request(prepared[0].inputs, GenerationSettings(max_tokens=2))))  # warm-up
 
-    def work(c):
-        for i in range(c, len(prepared), clients):
-            start, first, text, n = time.perf_counter(), None, "", 0
-            for event in engine.submit(prepared[i]):
-                if event.token is not None:
-                    n += 1
-                    first = first if first is not None else time.perf_counter() - start
-                text += event.text
-            results[i] = dict(ttft=first, text=text, tokens=n, seconds=time.perf_counter() - start)
+    def send(i):
+        start, first, text, n = time.perf_counter(), None, "", 0
+        for event in engine.submit(prepared[i]):
+            if event.token is not None:
+                n += 1
+                first = first if first is not None else time.perf_counter() - start
+            text += event.text
+        return dict(ttft=first, text=text, tokens=n, seconds=time.perf_counter() - start)
 
-    threads = [threading.Thread(target=work, args=(c,)) for c in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    engine.close()
-    return results, wall
-
-
-def Image_from_url(url: str):
-    from PIL import Image
-
-    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
+    try:
+        return run_clients(send, len(prepared), clients)
+    finally:
+        engine.close()
 
 
 def summarize(results: list, wall: float, sequential: list, rss: float) -> dict:
@@ -217,6 +219,30 @@ def summarize(results: list, wall: float, sequential: list, rss: float) -> dict:
     return dict(requests=len(results), tokens=tokens, wall=wall, tps=tokens / wall,
                 ttft_p50=float(np.nanpercentile(ttft, 50)), ttft_p95=float(np.nanpercentile(ttft, 95)),
                 peak_rss_gb=rss, identical=same)
+
+
+def measure(tool, reqs, n, loaded, ckpt, args, env, work) -> tuple:
+    """(results, wall seconds, peak RSS) of one run: in-process, or a fresh server warmed with one request."""
+    if loaded is not None:
+        results, wall = in_process_run(*loaded, reqs, n)
+        return results, wall, peak_rss_gb(os.getpid())
+    server = Server(tool, ckpt, args.python, env, work / f"server-{tool}.log")
+    try:
+        http_run(server.base, [(reqs[0][0], 4)], 1)
+        results, wall = http_run(server.base, reqs, n)
+        return results, wall, peak_rss_gb(server.proc.pid)
+    finally:
+        server.close()
+
+
+def median_of(summaries: list) -> dict:
+    """Medians over rounds; outputs count as identical only if they were in every round."""
+    keys = ("tps", "ttft_p50", "ttft_p95", "peak_rss_gb", "wall")
+    out = {k: float(np.median([s[k] for s in summaries])) for k in keys}
+    same = [s["identical"] for s in summaries]
+    out.update(requests=summaries[0]["requests"], tokens=summaries[0]["tokens"],
+               identical=None if same[0] is None else all(same))
+    return out
 
 
 def machine() -> str:
@@ -231,8 +257,8 @@ def machine() -> str:
 
 
 def table(rows: list) -> str:
-    out = ["| set | clients | tool | tokens/s | x own sequential | TTFT p50 | TTFT p95 | peak RSS | same as sequential |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| set | clients | tool | tokens/s | x own sequential | TTFT p50 | TTFT p95 | peak RSS "
+           "| same as sequential |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         same = "-" if r["identical"] is None else ("yes" if r["identical"] else "NO")
         out.append(f"| {r['set']} | {r['clients']} | {r['tool']} | {r['tps']:.1f} | {r['speedup']:.2f} | "
@@ -249,18 +275,22 @@ def main(argv=None):
     ap.add_argument("--checkpoint", help="a float32 GLM-4.1V checkpoint (default: build the random one)")
     ap.add_argument("--work", default=str(HERE.parent / ".bench" / "work"))
     ap.add_argument("--python", default=sys.executable, help="the Python both servers run in")
-    ap.add_argument("--blas", choices=("openblas", "bundled"), default="openblas" if Path(OPENBLAS).exists() else "bundled")
+    ap.add_argument("--blas", choices=("openblas", "bundled"),
+                    default="openblas" if Path(OPENBLAS).exists() else "bundled")
     ap.add_argument("--in-process", action="store_true", help="measure the engine without HTTP (tool 'ours' only)")
     ap.add_argument("--sequential", type=int, default=8,
                     help="requests sent one after another for the 1-client run (the reference for the others)")
+    ap.add_argument("--rounds", type=int, default=1, help="runs of each tool at each client count (medians)")
+    ap.add_argument("--tiny", action="store_true", help="a tiny checkpoint and a few tokens (CI)")
     ap.add_argument("--json-out")
     args = ap.parse_args(argv)
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    ckpt = Path(args.checkpoint) if args.checkpoint else work / "ckpt-bench-f32-varied"
+    size = "tiny" if args.tiny else "bench"
+    ckpt = Path(args.checkpoint) if args.checkpoint else work / f"ckpt-{size}-f32-varied"
     if not (ckpt / "config.json").exists():
-        make_checkpoint.build(ckpt, "bench", text_std=0.1)
+        make_checkpoint.build(ckpt, size, text_std=0.1)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if args.blas == "openblas":
         env["LD_PRELOAD"] = OPENBLAS
@@ -270,35 +300,29 @@ def main(argv=None):
     tools = args.tools.split(",") if not args.in_process else ["ours"]
     header = f"Machine: {machine()}. BLAS: {args.blas}. Checkpoint: {ckpt.name}."
     print(header, flush=True)
-    engine_state = None
+    loaded = None
     if args.in_process:
         from mlx_glm4v.loader import load
 
-        model, processor = load(ckpt)
-        engine_state = dict(model=model, processor=processor)
+        loaded = load(ckpt)
     rows = []
     for name in args.sets.split(","):
-        requests = request_set(name, max(clients))
+        requests = request_set(name, max(clients), args.tiny)
         sequential = {}
-        for n in clients:  # the tools take turns at each client count, so load drift hits both alike
+        for n in clients:
+            reqs = requests[: min(args.sequential, max(clients))] if n == 1 else requests[:n]
+            runs = {tool: [] for tool in tools}
+            for r in range(args.rounds):  # the tools take turns, so load drift hits both alike
+                for tool in tools if r % 2 == 0 else tools[::-1]:
+                    runs[tool].append(measure(tool, reqs, n, loaded, ckpt, args, env, work))
+                    if n == 1:
+                        sequential.setdefault(tool, runs[tool][0][0])
             for tool in tools:
-                reqs = requests[: min(args.sequential, max(clients))] if n == 1 else requests[:n]
-                if engine_state is not None:
-                    results, wall = in_process_run(engine_state, reqs, n)
-                    rss = peak_rss_gb(os.getpid())
-                else:
-                    server = Server(tool, ckpt, args.python, env, work / f"server-{tool}.log", n)
-                    try:
-                        http_run(server.base, [(requests[0][0], 4)], 1)  # warm-up
-                        results, wall = http_run(server.base, reqs, n)
-                        rss = peak_rss_gb(server.proc.pid)
-                    finally:
-                        server.close()
-                if n == 1:
-                    sequential[tool] = results
-                row = dict(set=name, clients=n, tool=tool + (" (in-process)" if engine_state else ""),
-                           **summarize(results, wall, sequential[tool][:n] if tool in sequential and n > 1 else None, rss))
-                base = next((r for r in rows if r["set"] == name and r["tool"] == row["tool"] and r["clients"] == 1), row)
+                reference = sequential[tool][:n] if tool in sequential and n > 1 else None
+                summaries = [summarize(results, wall, reference, rss) for results, wall, rss in runs[tool]]
+                row = dict(set=name, clients=n, tool=tool + (" (in-process)" if loaded else ""),
+                           rounds=len(summaries), **median_of(summaries))
+                base = next((r for r in rows if (r["set"], r["tool"], r["clients"]) == (name, row["tool"], 1)), row)
                 row["speedup"] = row["tps"] / base["tps"]
                 rows.append(row)
                 print(table([row]).splitlines()[-1], flush=True)
@@ -307,6 +331,7 @@ def main(argv=None):
     print(table(rows))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(dict(header=header, rows=rows), indent=2))
+    return rows
 
 
 if __name__ == "__main__":

@@ -265,3 +265,18 @@ def test_experts_model_rows_equal_their_runs_alone(glm4v_moe_checkpoint, tmp_pat
     expected = [run_alone(s, r) for r in requests]
     results, _ = run_together(s, requests, 3)
     assert all(same(a, b) for a, b in zip(results, expected))
+
+
+def test_serving_benchmark_runs_in_process(tmp_path):
+    """benchmarks/serve_bench.py kept working (a tiny checkpoint, a few tokens; not a timed test)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import serve_bench
+
+    rows = serve_bench.main(["--in-process", "--tiny", "--blas", "bundled", "--sets", "mixed,decode",
+                             "--clients", "1,3", "--sequential", "3", "--work", str(tmp_path)])
+    assert [(r["set"], r["clients"]) for r in rows] == [("mixed", 1), ("mixed", 3), ("decode", 1), ("decode", 3)]
+    assert all(r["tokens"] == r["requests"] * (8 if r["set"] == "mixed" else 16) for r in rows)
+    assert [r["identical"] for r in rows] == [None, True, None, True]
