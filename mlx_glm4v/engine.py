@@ -228,8 +228,7 @@ class Engine:
                              "the queue length not negative.")
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
-        self.vision_memo = FeatureMemo(feature_cache_items,
-                                       *(() if feature_cache_bytes is None else (feature_cache_bytes,)))
+        self.vision_memo = FeatureMemo(feature_cache_items, feature_cache_bytes)
         self.prefixes = PrefixCache(prefix_cache_bytes)
         self.stats = EngineStats()
         self._waiting: deque = deque()
