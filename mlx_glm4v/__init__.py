@@ -16,6 +16,8 @@ _EXPORTS = {
     "load": "loader",
     "generate": "generate",
     "stream_generate": "generate",
+    "batch_generate": "engine",
+    "Engine": "engine",
     "ChatSession": "chat",
     "GenerationSettings": "generate",
     "split_reply": "reply",

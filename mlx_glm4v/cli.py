@@ -314,6 +314,7 @@ def serve(
     request_timeout: float = typer.Option(600.0, "--request-timeout", help="End a request after this many seconds."),
     keepalive: float = typer.Option(10.0, "--keepalive", help="Seconds between SSE keep-alive comments while a stream waits (a long prompt)."),
     max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait for the engine (429 beyond)."),
+    max_concurrency: Optional[int] = typer.Option(None, "--max-concurrency", help="Requests decoded together as one batch (default: from the memory the weights leave, at most 32)."),
     feature_cache_mb: float = typer.Option(2048.0, "--feature-cache-mb", help="Memory for vision features shared across requests, in MB."),
     no_ui: bool = typer.Option(False, "--no-ui", help="Do not serve the chat page at /."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
@@ -329,6 +330,8 @@ def serve(
                         ("--max-video-seconds", max_video_seconds)):
         if value <= 0:
             raise Glm4vError(f"{name} {value} must be positive.")
+    if max_concurrency is not None and max_concurrency < 1:
+        raise Glm4vError(f"--max-concurrency {max_concurrency} must be at least 1.")
     policy = MediaPolicy(
         media_root=media_root, allow_url_fetch=allow_url_fetch, max_media_bytes=int(max_media_mb * mb),
         max_images=max_images, max_videos=max_videos, max_image_pixels=max_image_pixels,
@@ -337,8 +340,8 @@ def serve(
     config = ServerConfig(
         model=resolve_model_name(model), alias=alias, api_key=api_key, cors_origins=list(cors_origin or []),
         max_body_bytes=int(max_body_mb * mb), max_prompt_tokens=max_prompt_tokens, request_timeout=request_timeout,
-        keepalive=keepalive, max_queue=max_queue, feature_cache_bytes=int(feature_cache_mb * mb), ui=not no_ui,
-        media=policy,
+        keepalive=keepalive, max_queue=max_queue, max_concurrency=max_concurrency,
+        feature_cache_bytes=int(feature_cache_mb * mb), ui=not no_ui, media=policy,
     )
     run_server(config, host=host, port=port, insecure_no_auth=insecure_no_auth, log_level=log_level)
 

@@ -51,6 +51,7 @@ class ServerConfig:
     request_timeout: float = 600.0
     keepalive: float = 10.0  # seconds between SSE comment lines while nothing else is sent
     max_queue: int = 64
+    max_concurrency: Optional[int] = None  # None: the engine's default (from free memory)
     feature_cache_bytes: int = 2 << 30
     ui: bool = True
     media: MediaPolicy = field(default_factory=MediaPolicy)
@@ -88,6 +89,7 @@ class State:
             self.max_prompt_tokens = model.config.text_config.max_position_embeddings
         self.processor = processor
         self.engine = Engine(model, processor, max_queue=self.config.max_queue,
+                             max_concurrency=self.config.max_concurrency,
                              feature_cache_bytes=self.config.feature_cache_bytes)
         self.ready.set()
         log.info("model %s loaded; serving it as %r", self.config.model, self.config.name)
