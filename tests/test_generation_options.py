@@ -126,3 +126,29 @@ def test_reply_split_is_part_of_the_api():
 
     parts = mlx_glm4v.split_reply("<think>Count the cats.</think><answer>Two <|begin_of_box|>cats<|end_of_box|>.</answer>")
     assert (parts.reasoning, parts.answer) == ("Count the cats.", "Two cats.")
+
+
+def test_thinking_budgets_per_row_in_the_engine(thinking):
+    """Rows with different budgets (and one without) share a batch; each equals its stream_generate."""
+    from mlx_glm4v.engine import Engine, Request
+
+    model, processor = thinking["model"], thinking["processor"]
+    close = processor.convert_tokens_to_ids("</think>")
+    prompts = [PROMPT, "The quick brown fox.", PROMPT, "Count to three."]
+    budgets = [0, 3, 6, None]
+    expected = [[r.token for r in stream_generate(model, processor, p, max_tokens=12, thinking_budget=b,
+                                                   ignore_eos=True) if r.token is not None]
+                for p, b in zip(prompts, budgets)]
+    engine = Engine(model, processor, max_concurrency=4)
+    try:
+        handles = []
+        for p, b in zip(prompts, budgets):
+            text = processor.apply_chat_template([{"role": "user", "content": p}])
+            settings = GenerationSettings(max_tokens=12, thinking_budget=b, ignore_eos=True)
+            handles.append(engine.submit(Request(processor(text), settings)))
+        got = [[e.token for e in h if e.token is not None] for h in handles]
+    finally:
+        engine.close()
+    assert got == expected
+    for tokens, budget in zip(got[:3], budgets[:3]):
+        assert tokens[budget] == close
