@@ -6,7 +6,6 @@ leaves that to the model. So the thinking tests use a copy of the tiny checkpoin
 template's generation prompt ends with `<think>`, as a model that always thinks starts.
 """
 
-import shutil
 
 import pytest
 import torch

@@ -12,10 +12,10 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pexpect
 import pytest
 
+import tiny
 from mlx_glm4v.chat import ChatSession
 from mlx_glm4v.loader import load
 from mlx_glm4v.terminal import ReplyDisplay, clean_line, user_paths
@@ -190,33 +190,8 @@ SCRIPT = "<think>hm</think><answer>ok</answer>"
 
 @pytest.fixture(scope="module")
 def scripted(setup, tmp_path_factory):
-    """The tiny checkpoint rewired to reply SCRIPT to anything: attention and MLP outputs are
-    zeroed, so the last hidden state is the last token's embedding, and the output head maps
-    each token of the script to the next one."""
-    from safetensors.numpy import load_file, save_file
-
-    path = tmp_path_factory.mktemp("scripted")
-    for f in setup["path"].iterdir():
-        if not f.name.startswith("model"):
-            shutil.copy(f, path / f.name)
-    weights = {}
-    for f in setup["path"].glob("*.safetensors"):
-        weights.update(load_file(f))
-    for name in weights:
-        if name.endswith(("o_proj.weight", "down_proj.weight")) and "language_model" in name:
-            weights[name] = np.zeros_like(weights[name])
-    tokenizer, processor = setup["processor"].tokenizer, setup["processor"]
-    prompt_end = tokenizer.encode(processor.apply_chat_template([{"role": "user", "content": "hi"}]))[-1]
-    chain = [prompt_end, *tokenizer.encode(SCRIPT), setup["model"].config.eos_token_id[0]]
-    assert len(set(chain)) == len(chain)
-    embed, norm = weights["model.language_model.embed_tokens.weight"], weights["model.language_model.norm.weight"]
-    head = np.zeros_like(weights["lm_head.weight"])
-    for token, following in zip(chain, chain[1:]):
-        direction = embed[token] * norm
-        head[following] = 50 * direction / np.linalg.norm(direction)
-    weights["lm_head.weight"] = head
-    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
-    return path
+    """The tiny checkpoint rewired to reply SCRIPT to anything (tiny.scripted_checkpoint)."""
+    return tiny.scripted_checkpoint(setup["path"], tmp_path_factory.mktemp("scripted"), SCRIPT)
 
 
 def test_the_scripted_model_replies_its_script(setup, scripted):
