@@ -1,0 +1,185 @@
+"""One model over several machines, on MLX's own distributed engine (`mx.distributed`).
+
+Started by `mlx.launch`, every rank runs the same command. Each loads its part of the model
+(`load`): tensor parallel (`Model.shard`) when the attention heads divide over the ranks,
+else pipeline parallel (`Model.pipeline`). Rank 0 alone talks to the user: it reads the
+terminal and the media files and hands each request, media bytes included, to the other
+ranks through a collective (`share_request`), so a file need exist on rank 0 only. The seed
+travels with the request, so every rank samples the same tokens.
+
+A rank that stops makes the collectives of the others fail ("connection to a peer was
+lost"); `lost_rank` turns that into one line and a non-zero exit instead of a traceback.
+"""
+
+import json
+import os
+import secrets
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .errors import Glm4vError
+
+
+def launched():
+    """The group of ranks when started by `mlx.launch` (or mpirun), else None: one process."""
+    if not any(k in os.environ for k in ("MLX_HOSTFILE", "MLX_RANK", "OMPI_COMM_WORLD_SIZE", "MLX_JACCL_COORDINATOR")):
+        return None
+    group = mx.distributed.init()
+    return group if group.size() > 1 else None
+
+
+def is_follower() -> bool:
+    """Whether this process is a rank other than 0 of a launched group (it never reads user files)."""
+    group = launched()
+    return group is not None and group.rank() != 0
+
+
+@dataclass
+class Layout:
+    """How the model is split: `mode` "tensor" or "pipeline", the decoder sub-modules kept whole
+    (tensor), this rank's decoder layers [first, last) and the weight bytes it holds."""
+
+    mode: str
+    ranks: int
+    rank: int
+    whole: list = field(default_factory=list)
+    layers: tuple = (0, 0)
+    weight_bytes: int = 0
+
+    def describe(self) -> str:
+        if self.mode == "pipeline":
+            what = f"pipeline parallel, layers {self.layers[0]}-{self.layers[1] - 1}"
+        else:
+            what = "tensor parallel" + (f", kept whole: {', '.join(self.whole)}" if self.whole else "")
+        return f"rank {self.rank}/{self.ranks}: {what}; {self.weight_bytes / 2**30:.2f} GiB of weights"
+
+
+def tensor_parallel_fits(model, n: int) -> bool:
+    """Whether every layer's attention heads split `n` ways (KV heads divide or are divided by n)."""
+    text = model.config.text_config
+    heads, kv = text.num_attention_heads, text.num_key_value_heads
+    return heads % n == 0 and (kv % n == 0 or n % kv == 0)
+
+
+def parallelize(model, group, mode: str = "auto") -> Layout:
+    """Split `model` (weights still lazy) over `group`: "tensor", "pipeline", or "auto" (tensor
+    parallel when the heads divide, else pipeline)."""
+    n = group.size()
+    if mode == "auto":
+        mode = "tensor" if tensor_parallel_fits(model, n) else "pipeline"
+    layout = Layout(mode, n, group.rank())
+    if mode == "tensor":
+        layout.whole = model.shard(group)
+        layout.layers = (0, len(model.layers))
+    elif mode == "pipeline":
+        model.pipeline(group)
+        first = model.language_model.first_layer
+        layout.layers = (first, first + len(model.layers))
+    else:
+        raise Glm4vError(f"parallel mode {mode!r} is unknown; choose auto, tensor or pipeline.")
+    return layout
+
+
+def evaluate_by_layer(model):
+    """Read the weights one decoder layer at a time: each layer's whole tensors are sliced and
+    dropped before the next is read, so no rank ever holds the whole model."""
+    mx.eval(model.visual.parameters())
+    for layer in model.layers:
+        mx.eval(layer.parameters())
+    mx.eval(model.parameters())
+
+
+def weight_bytes(model) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def load(path_or_repo: str, group, dtype=None, revision: Optional[str] = None, mode: str = "auto"):
+    """(model, processor, layout): this rank's part of a checkpoint, read layer by layer.
+
+    Layers a pipeline stage does not keep are never read (safetensors are read lazily).
+    """
+    from .loader import load_model, resolve
+    from .processor import Processor
+
+    path = resolve(path_or_repo, revision)
+    model = load_model(path, dtype, lazy=True)
+    layout = parallelize(model, group, mode)
+    evaluate_by_layer(model)
+    layout.weight_bytes = weight_bytes(model)
+    barrier(group)
+    return model, Processor.from_pretrained(path), layout
+
+
+def barrier(group):
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
+
+
+def broadcast_bytes(data: Optional[bytes], group) -> bytes:
+    """Rank 0's `data` on every rank (the others pass None): a sum where all but rank 0 add zeros."""
+    root = group.rank() == 0
+    size = mx.array([len(data) if root else 0], dtype=mx.int64)
+    size = int(mx.distributed.all_sum(size, group=group, stream=mx.cpu).item())
+    if size == 0:
+        return b""
+    buffer = mx.array(memoryview(data)) if root else mx.zeros(size, dtype=mx.uint8)
+    buffer = mx.distributed.all_sum(buffer, group=group, stream=mx.cpu)
+    mx.eval(buffer)
+    return bytes(memoryview(buffer))
+
+
+def share(message: Optional[dict], blobs: Optional[list], group) -> tuple[dict, list]:
+    """Rank 0's JSON-able `message` and list of byte strings `blobs`, on every rank."""
+    payload = None
+    if group.rank() == 0:
+        head = json.dumps({"message": message, "sizes": [len(b) for b in blobs]}).encode()
+        payload = len(head).to_bytes(8, "little") + head + b"".join(blobs)
+    payload = broadcast_bytes(payload, group)
+    n = int.from_bytes(payload[:8], "little")
+    head = json.loads(payload[8:8 + n])
+    blobs, at = [], 8 + n
+    for size in head["sizes"]:
+        blobs.append(payload[at:at + size])
+        at += size
+    return head["message"], blobs
+
+
+def share_request(group, request: dict, media: dict, seed: Optional[int]):
+    """A request as rank 0 has it, on every rank: rank 0 reads the files named in `media`
+    ({"images": [...], "videos": [...]}) and sends their bytes; the other ranks write them to
+    a private temporary directory and get those paths instead. Returns (request, media, seed),
+    the seed drawn on rank 0 when none was given.
+    """
+    root = group.rank() == 0
+    blobs = None
+    if root:
+        seed = seed if seed is not None else secrets.randbits(31)
+        blobs = [Path(p).read_bytes() for kind in ("images", "videos") for p in media[kind]]
+        message = {"request": request, "seed": seed,
+                   "media": {k: [Path(p).suffix for p in v] for k, v in media.items()}}
+    message, blobs = share(message if root else None, blobs, group)
+    if root:
+        return request, media, seed
+    folder = Path(tempfile.mkdtemp(prefix="mlx-glm4v-rank-"))
+    paths, i = {}, 0
+    for kind, suffixes in message["media"].items():
+        paths[kind] = []
+        for suffix in suffixes:
+            path = folder / f"{i}{suffix}"
+            path.write_bytes(blobs[i])
+            paths[kind].append(str(path))
+            i += 1
+    return message["request"], paths, message["seed"]
+
+
+def lost_rank(error: Exception) -> Optional[Glm4vError]:
+    """The one-line error for a collective that failed because another rank stopped, else None."""
+    text = str(error)
+    if isinstance(error, RuntimeError) and any(s in text for s in ("[ring]", "[jaccl]", "[mpi]", "peer")):
+        rank = launched().rank() if launched() is not None else 0
+        return Glm4vError(f"rank {rank} lost contact with another rank ({text.strip()}); every rank stops.")
+    return None
