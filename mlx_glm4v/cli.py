@@ -60,6 +60,13 @@ def friendly_errors(command):
                 raise
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(1)
+        except RuntimeError as e:  # under mlx.launch: another rank stopped
+            from .distributed import lost_rank
+
+            if kwargs.get("verbose") or (lost := lost_rank(e)) is None:
+                raise
+            typer.echo(f"error: {lost}", err=True)
+            raise typer.Exit(1)
 
     return wrapper
 
@@ -99,6 +106,10 @@ def resolve_model_name(model: Optional[str]) -> str:
 
 
 def existing_files(paths, kind: str) -> list:
+    from .distributed import is_follower
+
+    if is_follower():  # under mlx.launch files exist on rank 0 only; it sends their bytes
+        return list(paths or [])
     for p in paths or []:
         if not Path(p).is_file():
             raise Glm4vError(f"{p}: no such {kind} file.")
@@ -170,10 +181,17 @@ def reply_options(default_max_tokens: int):
     return decorate
 
 
-def load_for_cli(model: str):
-    from .loader import load
+def load_for_cli(model: str, group=None):
+    """Model and processor; under mlx.launch (`group`), this rank's part of the model."""
+    if group is None:
+        from .loader import load
 
-    return load(model, lazy=True)
+        return load(model, lazy=True)
+    from .distributed import load
+
+    loaded_model, processor, layout = load(model, group)
+    typer.echo(layout.describe(), err=True)
+    return loaded_model, processor
 
 
 @app.command()
@@ -186,12 +204,19 @@ def generate(
     verbose: bool = VERBOSE,
 ):
     """Answer one prompt about images and videos, streaming the reply."""
+    from . import distributed
     from .generate import stats_line, stream_generate
 
-    loaded_model, processor = load_for_cli(reply.model)
+    group = distributed.launched()
+    loaded_model, processor = load_for_cli(reply.model, group)
+    if group is not None:
+        prompt, reply = distributed.share_reply(group, prompt, reply)
+    responses = stream_generate(loaded_model, processor, prompt, reply.images, reply.videos, system=reply.system,
+                                seed=reply.seed, **reply.settings)
+    if group is not None and group.rank() != 0:
+        return distributed.follow(group, responses)
     text, response = "", None
-    for response in stream_generate(loaded_model, processor, prompt, reply.images, reply.videos, system=reply.system,
-                                    seed=reply.seed, **reply.settings):
+    for response in responses:
         text += response.text
         if not as_json:
             sys.stdout.write(response.text)
@@ -209,6 +234,8 @@ def generate(
     else:
         print()
         print(stats_line(response), file=sys.stderr)
+    if group is not None:
+        distributed.finish(group)
 
 
 class ReplyDisplay:

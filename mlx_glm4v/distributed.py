@@ -11,6 +11,7 @@ A rank that stops makes the collectives of the others fail ("connection to a pee
 lost"); `lost_rank` turns that into one line and a non-zero exit instead of a traceback.
 """
 
+import dataclasses
 import json
 import os
 import secrets
@@ -42,7 +43,8 @@ def is_follower() -> bool:
 @dataclass
 class Layout:
     """How the model is split: `mode` "tensor" or "pipeline", the decoder sub-modules kept whole
-    (tensor), this rank's decoder layers [first, last) and the weight bytes it holds."""
+    (tensor), this rank's decoder layers [first, last), and the weight bytes it holds, in all
+    and in its decoder layers."""
 
     mode: str
     ranks: int
@@ -50,13 +52,18 @@ class Layout:
     whole: list = field(default_factory=list)
     layers: tuple = (0, 0)
     weight_bytes: int = 0
+    layer_bytes: int = 0
 
     def describe(self) -> str:
         if self.mode == "pipeline":
             what = f"pipeline parallel, layers {self.layers[0]}-{self.layers[1] - 1}"
         else:
             what = "tensor parallel" + (f", kept whole: {', '.join(self.whole)}" if self.whole else "")
-        return f"rank {self.rank}/{self.ranks}: {what}; {self.weight_bytes / 2**30:.2f} GiB of weights"
+        return f"rank {self.rank} of {self.ranks}: {what}; {_size(self.weight_bytes)} of weights"
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def tensor_parallel_fits(model, n: int) -> bool:
@@ -94,8 +101,8 @@ def evaluate_by_layer(model):
     mx.eval(model.parameters())
 
 
-def weight_bytes(model) -> int:
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+def weight_bytes(module) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
 
 
 def load(path_or_repo: str, group, dtype=None, revision: Optional[str] = None, mode: str = "auto"):
@@ -111,6 +118,7 @@ def load(path_or_repo: str, group, dtype=None, revision: Optional[str] = None, m
     layout = parallelize(model, group, mode)
     evaluate_by_layer(model)
     layout.weight_bytes = weight_bytes(model)
+    layout.layer_bytes = sum(weight_bytes(layer) for layer in model.layers)
     barrier(group)
     return model, Processor.from_pretrained(path), layout
 
@@ -174,6 +182,30 @@ def share_request(group, request: dict, media: dict, seed: Optional[int]):
             paths[kind].append(str(path))
             i += 1
     return message["request"], paths, message["seed"]
+
+
+def share_reply(group, prompt: str, reply):
+    """The CLI's prompt and `Reply` (options, media, seed) as rank 0 has them, on every rank."""
+    request = {"prompt": prompt, "system": reply.system, "settings": reply.settings}
+    request, media, seed = share_request(group, request, {"images": reply.images, "videos": reply.videos}, reply.seed)
+    reply = dataclasses.replace(reply, system=request["system"], settings=request["settings"], seed=seed,
+                                images=media["images"], videos=media["videos"])
+    return request["prompt"], reply
+
+
+def follow(group, responses):
+    """A rank other than 0: run the same generation in step with rank 0, showing nothing."""
+    for _ in responses:
+        pass
+    finish(group)
+
+
+def finish(group):
+    """Wait for the steps still queued and for every rank, so none leaves a collective unanswered."""
+    from .generate import generation_stream
+
+    mx.synchronize(generation_stream)
+    barrier(group)
 
 
 def lost_rank(error: Exception) -> Optional[Glm4vError]:

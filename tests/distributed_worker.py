@@ -36,19 +36,24 @@ def run_case(model, inputs: dict, new_tokens: int = NEW_TOKENS, temp: float = 0.
 def main(plan_file: str):
     from mlx_glm4v import distributed
 
-    plan = json.loads(Path(plan_file).read_text())
-    out = Path(plan["out"])
     group = distributed.launched()
-    model, _, layout = distributed.load(plan["checkpoint"], group, mode=plan.get("mode", "auto"))
     rank = group.rank()
-    (out / f"rank{rank}.json").write_text(json.dumps({**layout.__dict__, "describe": layout.describe()}))
-    results = {}
-    for case in plan["cases"]:
-        inputs = dict(np.load(case["inputs"]))
-        result = run_case(model, inputs, temp=case.get("temp", 0.0), seed=case.get("seed", 0))
-        for key, value in result.items():
-            results[f"{case['name']}/{key}"] = value
-    np.savez(out / f"results{rank}.npz", **results)
+    for item in json.loads(Path(plan_file).read_text()):
+        out = Path(item["out"])
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        model, _, layout = distributed.load(item["checkpoint"], group, mode=item.get("mode", "auto"))
+        peak = mx.get_peak_memory()
+        (out / f"rank{rank}.json").write_text(json.dumps({**layout.__dict__, "peak_load_bytes": peak,
+                                                          "describe": layout.describe()}))
+        results = {}
+        for case in item["cases"]:
+            inputs = dict(np.load(case["inputs"]))
+            result = run_case(model, inputs, temp=case.get("temp", 0.0), seed=case.get("seed", 0))
+            for key, value in result.items():
+                results[f"{case['name']}/{key}"] = value
+        np.savez(out / f"results{rank}.npz", **results)
+        del model
 
 
 if __name__ == "__main__":
