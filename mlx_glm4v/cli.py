@@ -297,14 +297,22 @@ def chat(
     verbose: bool = VERBOSE,
 ):
     """Chat about images and videos in the terminal. /image PATH, /video PATH, /reset, /exit."""
+    import contextlib
+
     import mlx.core as mx
 
+    from . import distributed
     from .chat import ChatSession
 
+    group = distributed.launched()
+    loaded_model, processor = load_for_cli(reply.model, group)
+    if group is not None:
+        reply = distributed.share_options(group, reply)
     if reply.seed is not None:
         mx.random.seed(reply.seed)
-    loaded_model, processor = load_for_cli(reply.model)
     session = ChatSession(loaded_model, processor, reply.system, **reply.settings)
+    if group is not None and group.rank() != 0:
+        return distributed.follow_chat(group, session)
     images, videos = reply.images, reply.videos
     color = sys.stdout.isatty()
     typer.echo("Type a message; /image PATH and /video PATH attach media to the next one; /reset, /exit.", err=True)
@@ -313,14 +321,16 @@ def chat(
             line = input(">> ")
         except EOFError:
             print()
-            return
+            break
         except KeyboardInterrupt:
             print()
             continue
         command, _, argument = line.strip().partition(" ")
         if command in ("/exit", "/quit"):
-            return
+            break
         if command == "/reset":
+            if group is not None:
+                distributed.share_turn(group, "reset")
             session.reset()
             images, videos = [], []
             typer.echo("(conversation cleared)", err=True)
@@ -335,10 +345,16 @@ def chat(
             continue
         display = ReplyDisplay(hide_thinking, color)
         reply = session.ask(line, images, videos)
+        ctrl_c = contextlib.nullcontext()
+        if group is not None:  # the other ranks run the same turn, stopping where rank 0 stops
+            distributed.share_turn(group, "ask", line, images, videos)
+            ctrl_c = distributed.CtrlC()
+            reply = distributed.in_step(group, reply, ctrl_c)
         try:
-            for response in reply:
-                sys.stdout.write(display.feed(response.text))
-                sys.stdout.flush()
+            with ctrl_c:
+                for response in reply:
+                    sys.stdout.write(display.feed(response.text))
+                    sys.stdout.flush()
         except KeyboardInterrupt:
             reply.close()
             sys.stdout.write(display.finish() + "\n(stopped)")
@@ -350,6 +366,9 @@ def chat(
             images, videos = [], []
         sys.stdout.write(display.finish() + "\n")
         sys.stdout.flush()
+    if group is not None:
+        distributed.share_turn(group, "exit")
+        distributed.finish(group)
 
 
 def main():

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import secrets
+import signal
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,6 +192,76 @@ def share_reply(group, prompt: str, reply):
     reply = dataclasses.replace(reply, system=request["system"], settings=request["settings"], seed=seed,
                                 images=media["images"], videos=media["videos"])
     return request["prompt"], reply
+
+
+def share_options(group, reply):
+    """The CLI's `Reply` options (system prompt, settings, seed) as rank 0 has them, media left out."""
+    request, _, seed = share_request(group, {"system": reply.system, "settings": reply.settings},
+                                     {"images": [], "videos": []}, reply.seed)
+    return dataclasses.replace(reply, system=request["system"], settings=request["settings"], seed=seed)
+
+
+def share_turn(group, op: str, text: str = "", images=(), videos=()):
+    """One chat turn from rank 0 ("ask", "reset" or "exit") with its media: (op, text, images, videos)."""
+    request, media, _ = share_request(group, {"op": op, "text": text},
+                                      {"images": list(images), "videos": list(videos)}, 0)
+    return request["op"], request["text"], media["images"], media["videos"]
+
+
+def in_step(group, responses, stop_asked=lambda: False):
+    """`responses`, stopped on every rank at the same token when rank 0 asks (`stop_asked`).
+
+    After each token the ranks agree whether to go on, so a reply stopped on rank 0 stops
+    everywhere at the same point and the caches stay alike.
+    """
+    for response in responses:
+        yield response
+        stop = mx.array([int(group.rank() == 0 and stop_asked())])
+        if mx.distributed.all_sum(stop, group=group, stream=mx.cpu).item():
+            responses.close()
+            raise KeyboardInterrupt
+
+
+class CtrlC:
+    """While active on rank 0, Ctrl-C only asks the reply to stop at the next token (see `in_step`)."""
+
+    def __init__(self):
+        self.asked = False
+
+    def __call__(self) -> bool:
+        return self.asked
+
+    def __enter__(self):
+        self.asked = False
+        self.previous = signal.signal(signal.SIGINT, lambda *_: setattr(self, "asked", True))
+        return self
+
+    def __exit__(self, *_):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def follow_chat(group, session):
+    """A rank other than 0 in `chat`: replay each turn rank 0 sends, in step, until it says exit.
+
+    Ctrl-C reaches every rank started from one terminal; here it is ignored, rank 0 decides.
+    """
+    from .errors import Glm4vError
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        op, text, images, videos = share_turn(group, "")
+        if op == "exit":
+            return finish(group)
+        if op == "reset":
+            session.reset()
+            continue
+        try:
+            for _ in in_step(group, session.ask(text, images, videos)):
+                pass
+        except KeyboardInterrupt:
+            pass
+        except Glm4vError:
+            session.messages.pop()  # rank 0 met the same problem and dropped the message too
 
 
 def follow(group, responses):

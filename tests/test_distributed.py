@@ -184,3 +184,115 @@ def test_zzz_report():
     """Print the figures the issue asks for (run with -s to see them)."""
     for key, value in REPORT.items():
         print(f"{key}: {value if isinstance(value, dict) else f'{value:.2e}'}")
+
+
+# Logs, per rank, every file a process opens whose name holds "picture" (Python's audit hook).
+WATCH_OPENS = """
+import os, sys
+if os.environ.get("WATCH_OPENS"):
+    _log = open(os.environ["WATCH_OPENS"] + "." + os.environ.get("MLX_RANK", "single"), "a")
+
+    def _hook(event, args):
+        if event == "open" and isinstance(args[0], str) and "picture" in args[0]:
+            _log.write(args[0] + "\\n")
+            _log.flush()
+
+    sys.addaudithook(_hook)
+"""
+
+
+def cli_env(tmp_path, **extra):
+    hooks = tmp_path / "hooks"
+    hooks.mkdir(exist_ok=True)
+    (hooks / "sitecustomize.py").write_text(WATCH_OPENS)
+    path = os.pathsep.join([str(hooks), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def test_generate_command_under_mlx_launch(tmp_path, glm4v_moe_checkpoint):
+    """`python -m mlx_glm4v generate` on 2 ranks prints the single-process reply once; only rank 0
+    opens the image; a sampled reply with a seed is the same too."""
+    path = glm4v_moe_checkpoint[0]
+    image = tmp_path / "picture.png"
+    picture(84, 112, 3).save(image)
+    env = cli_env(tmp_path, WATCH_OPENS=str(tmp_path / "opens"))
+    runs = {"greedy": ["--image", str(image), "-p", "Describe this image.", "--max-tokens", "12"],
+            "sampled": ["-p", "Hello! How are you today?", "--max-tokens", "12", "--temp", "1.0", "--seed", "5"]}
+    for name, options in runs.items():
+        command = ["-m", "mlx_glm4v", "generate", "-m", str(path), *options]
+        single = subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=120)
+        assert single.returncode == 0, single.stderr
+        launched = subprocess.run([*MLX_LAUNCH, "-n", "2", "--backend", "ring", "--", sys.executable, *command],
+                                  env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=tmp_path)
+        assert launched.stdout == single.stdout, f"{name}: {launched.stdout!r} != {single.stdout!r}\n{launched.stderr}"
+        assert len(single.stdout.strip()) > 0
+        assert launched.stderr.count("Prompt:") == 1, launched.stderr
+        assert "rank 1 of 2: tensor parallel" in launched.stderr
+        assert "error" not in launched.stderr.lower() and "WARN" not in launched.stderr, launched.stderr
+    opened = {p.name.split(".")[-1]: p.read_text() for p in tmp_path.glob("opens.*")}
+    assert str(image) in opened["0"] and str(image) in opened["single"]
+    assert "1" not in opened or str(image) not in opened["1"], opened
+
+
+def rank_pid(marker: str, rank: int):
+    """The process launched with MLX_RANK=`rank` and our marker in its environment, if running."""
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if f"RANK_TEST={marker}".encode() in environ and f"MLX_RANK={rank}".encode() in environ:
+            return int(proc.name)
+    return None
+
+
+def test_killed_rank_stops_the_others(tmp_path, glm4v_checkpoint):
+    """Rank 1 killed mid-generation: rank 0 stops within seconds with one line, no hang."""
+    marker = str(os.getpid())
+    env = cli_env(tmp_path, RANK_TEST=marker)
+    command = [sys.executable, "-m", "mlx_glm4v", "generate", "-m", str(glm4v_checkpoint[0]), "-p", "Hello!",
+               "--max-tokens", "1000000", "--ignore-eos"]
+    launcher = subprocess.Popen([*MLX_LAUNCH, "-n", "2", "--backend", "ring", "--", *command], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    try:
+        launcher.stdout.read1(1)  # rank 0 is printing the reply
+        pid = rank_pid(marker, 1)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = launcher.communicate(timeout=60)
+        elapsed = time.monotonic() - killed
+    finally:
+        launcher.kill()
+    err = err.decode(errors="replace")
+    assert elapsed < 30, f"{elapsed:.1f} s"
+    REPORT["killed rank: seconds until the launch ended"] = elapsed
+    assert "error: rank 0 lost contact with another rank" in err, err
+    assert "Traceback" not in err, err
+
+
+def test_chat_stopped_on_rank_0_stops_every_rank(tmp_path, glm4v_checkpoint):
+    """`chat` on 2 ranks: Ctrl-C on rank 0 stops the reply on both at the same token, the next
+    turn still runs in step, and /exit ends both cleanly."""
+    marker = f"chat{os.getpid()}"
+    env = cli_env(tmp_path, RANK_TEST=marker)
+    command = [sys.executable, "-m", "mlx_glm4v", "chat", "-m", str(glm4v_checkpoint[0]), "--ignore-eos",
+               "--max-tokens", "1000000"]
+    launcher = subprocess.Popen([*MLX_LAUNCH, "-n", "2", "--backend", "ring", "--", *command], env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    try:
+        seen = b""
+        for n, turn in enumerate(("Hello!\n", "Tell me more.\n"), start=1):
+            launcher.stdin.write(turn.encode())
+            launcher.stdin.flush()
+            while seen.count(b">> ") < n or len(seen.rsplit(b">> ", 1)[1]) < 20:  # this turn's reply streams
+                seen += launcher.stdout.read1(4096)
+            os.kill(rank_pid(marker, 0), signal.SIGINT)
+        launcher.stdin.write(b"/exit\n")
+        launcher.stdin.flush()
+        out, err = launcher.communicate(timeout=60)
+    finally:
+        launcher.kill()
+    out, err = (seen + out).decode(errors="replace"), err.decode(errors="replace")
+    assert out.count("(stopped)") == 2, out[-2000:]
+    assert "error" not in err and "WARN" not in err, err
