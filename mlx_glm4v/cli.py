@@ -213,8 +213,10 @@ def generate(
         prompt, reply = distributed.share_reply(group, prompt, reply)
     responses = stream_generate(loaded_model, processor, prompt, reply.images, reply.videos, system=reply.system,
                                 seed=reply.seed, **reply.settings)
-    if group is not None and group.rank() != 0:
-        return distributed.follow(group, responses)
+    if group is not None:
+        responses = distributed.watched(group, responses)
+        if group.rank() != 0:
+            return distributed.follow(group, responses)
     text, response = "", None
     for response in responses:
         text += response.text

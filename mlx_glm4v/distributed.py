@@ -9,6 +9,9 @@ travels with the request, so every rank samples the same tokens.
 
 A rank that stops makes the collectives of the others fail ("connection to a peer was
 lost"); `lost_rank` turns that into one line and a non-zero exit instead of a traceback.
+A rank that hangs without closing its connections (a frozen machine, a cut cable) is caught
+by `watched`: a reply that makes no progress for `MLX_GLM4V_RANK_TIMEOUT` seconds ends the
+process with one line.
 """
 
 import dataclasses
@@ -16,7 +19,10 @@ import json
 import os
 import secrets
 import signal
+import sys
 import tempfile
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -208,13 +214,49 @@ def share_turn(group, op: str, text: str = "", images=(), videos=()):
     return request["op"], request["text"], media["images"], media["videos"]
 
 
+def rank_timeout() -> float:
+    """Seconds a reply may go without a new token before the ranks are taken for hung (0: never)."""
+    value = os.environ.get("MLX_GLM4V_RANK_TIMEOUT", "600")
+    try:
+        return float(value)
+    except ValueError:
+        raise Glm4vError(f"MLX_GLM4V_RANK_TIMEOUT={value!r} is not a number of seconds.") from None
+
+
+def watched(group, responses):
+    """`responses`, ending this process with one line when the next one takes longer than
+    `rank_timeout()` (the prompt's prefill included): another rank has stopped answering."""
+    timeout = rank_timeout()
+    if timeout <= 0:
+        yield from responses
+        return
+    last, done = [time.monotonic()], threading.Event()
+
+    def watch():
+        while not done.wait(min(1.0, timeout / 4)):
+            if time.monotonic() - last[0] > timeout:
+                sys.stderr.write(f"error: rank {group.rank()} waited {timeout:g} s for the other ranks "
+                                 "(MLX_GLM4V_RANK_TIMEOUT); every rank stops.\n")
+                sys.stderr.flush()
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        for response in responses:
+            last[0] = time.monotonic()
+            yield response
+            last[0] = time.monotonic()
+    finally:
+        done.set()
+
+
 def in_step(group, responses, stop_asked=lambda: False):
     """`responses`, stopped on every rank at the same token when rank 0 asks (`stop_asked`).
 
     After each token the ranks agree whether to go on, so a reply stopped on rank 0 stops
     everywhere at the same point and the caches stay alike.
     """
-    for response in responses:
+    for response in watched(group, responses):
         yield response
         stop = mx.array([int(group.rank() == 0 and stop_asked())])
         if mx.distributed.all_sum(stop, group=group, stream=mx.cpu).item():

@@ -271,6 +271,37 @@ def test_killed_rank_stops_the_others(tmp_path, glm4v_checkpoint):
     assert "Traceback" not in err, err
 
 
+def test_hung_rank_times_out(tmp_path, glm4v_checkpoint):
+    """Rank 1 frozen (SIGSTOP) mid-generation keeps its connections open: rank 0 gives up after
+    MLX_GLM4V_RANK_TIMEOUT seconds with one line."""
+    marker = f"hang{os.getpid()}"
+    env = cli_env(tmp_path, RANK_TEST=marker, MLX_GLM4V_RANK_TIMEOUT="3")
+    command = [sys.executable, "-m", "mlx_glm4v", "generate", "-m", str(glm4v_checkpoint[0]), "-p", "Hello!",
+               "--max-tokens", "1000000", "--ignore-eos"]
+    launcher = subprocess.Popen([*MLX_LAUNCH, "-n", "2", "--backend", "ring", "--", *command], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    frozen = None
+    try:
+        launcher.stdout.read1(1)
+        frozen = rank_pid(marker, 1)
+        os.kill(frozen, signal.SIGSTOP)
+        stopped = time.monotonic()
+        while rank_pid(marker, 0) is not None and time.monotonic() - stopped < 60:
+            time.sleep(0.2)
+        elapsed = time.monotonic() - stopped
+        os.kill(frozen, signal.SIGCONT)
+        _, err = launcher.communicate(timeout=60)
+    finally:
+        if frozen is not None:
+            os.kill(frozen, signal.SIGKILL) if rank_pid(marker, 1) else None
+        launcher.kill()
+    err = err.decode(errors="replace")
+    REPORT["hung rank: seconds until rank 0 gave up (timeout 3 s)"] = elapsed
+    assert 3 <= elapsed < 30, f"{elapsed:.1f} s"
+    assert "error: rank 0 waited 3 s for the other ranks" in err, err
+    assert "Traceback" not in err, err
+
+
 def test_chat_stopped_on_rank_0_stops_every_rank(tmp_path, glm4v_checkpoint):
     """`chat` on 2 ranks: Ctrl-C on rank 0 stops the reply on both at the same token, the next
     turn still runs in step, and /exit ends both cleanly."""
@@ -286,7 +317,9 @@ def test_chat_stopped_on_rank_0_stops_every_rank(tmp_path, glm4v_checkpoint):
             launcher.stdin.write(turn.encode())
             launcher.stdin.flush()
             while seen.count(b">> ") < n or len(seen.rsplit(b">> ", 1)[1]) < 20:  # this turn's reply streams
-                seen += launcher.stdout.read1(4096)
+                chunk = launcher.stdout.read1(4096)
+                assert chunk, launcher.stderr.read().decode(errors="replace")
+                seen += chunk
             os.kill(rank_pid(marker, 0), signal.SIGINT)
         launcher.stdin.write(b"/exit\n")
         launcher.stdin.flush()
