@@ -73,19 +73,25 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def tensor_parallel_fits(model, n: int) -> bool:
-    """Whether every layer's attention heads split `n` ways (KV heads divide or are divided by n)."""
-    text = model.config.text_config
-    heads, kv = text.num_attention_heads, text.num_key_value_heads
-    return heads % n == 0 and (kv % n == 0 or n % kv == 0)
+def choose_mode(model, n: int) -> str:
+    """"tensor" when the attention heads split `n` ways and the sub-modules that would stay whole
+    (widths that do not divide, in whole quantization groups) hold under half of the decoder's
+    weights; else "pipeline". GLM-4.5V's experts (1408 wide) split 2 ways in groups of 64 but not 4."""
+    text = model.language_model
+    whole = text.unsplittable(n)
+    if any(name.endswith("self_attn") for name in whole):
+        return "pipeline"
+    modules = dict(text.named_modules())
+    whole_bytes = sum(weight_bytes(modules[name]) for name in whole)
+    return "tensor" if 2 * whole_bytes < sum(weight_bytes(layer) for layer in text.layers) else "pipeline"
 
 
 def parallelize(model, group, mode: str = "auto") -> Layout:
-    """Split `model` (weights still lazy) over `group`: "tensor", "pipeline", or "auto" (tensor
-    parallel when the heads divide, else pipeline)."""
+    """Split `model` (weights still lazy) over `group`: "tensor", "pipeline", or "auto" (see
+    `choose_mode`)."""
     n = group.size()
     if mode == "auto":
-        mode = "tensor" if tensor_parallel_fits(model, n) else "pipeline"
+        mode = choose_mode(model, n)
     layout = Layout(mode, n, group.rank())
     if mode == "tensor":
         layout.whole = model.shard(group)
@@ -95,7 +101,7 @@ def parallelize(model, group, mode: str = "auto") -> Layout:
         first = model.language_model.first_layer
         layout.layers = (first, first + len(model.layers))
     else:
-        raise Glm4vError(f"parallel mode {mode!r} is unknown; choose auto, tensor or pipeline.")
+        raise Glm4vError(f"parallel mode {mode!r} (MLX_GLM4V_PARALLEL) is unknown; choose auto, tensor or pipeline.")
     return layout
 
 
@@ -112,8 +118,9 @@ def weight_bytes(module) -> int:
     return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
 
 
-def load(path_or_repo: str, group, dtype=None, revision: Optional[str] = None, mode: str = "auto"):
-    """(model, processor, layout): this rank's part of a checkpoint, read layer by layer.
+def load(path_or_repo: str, group, dtype=None, revision: Optional[str] = None, mode: Optional[str] = None):
+    """(model, processor, layout): this rank's part of a checkpoint, read layer by layer; `mode`
+    (default: $MLX_GLM4V_PARALLEL, else "auto") as in `parallelize`.
 
     Layers a pipeline stage does not keep are never read (safetensors are read lazily).
     """
@@ -122,7 +129,7 @@ def load(path_or_repo: str, group, dtype=None, revision: Optional[str] = None, m
 
     path = resolve(path_or_repo, revision)
     model = load_model(path, dtype, lazy=True)
-    layout = parallelize(model, group, mode)
+    layout = parallelize(model, group, mode or os.environ.get("MLX_GLM4V_PARALLEL", "auto"))
     evaluate_by_layer(model)
     layout.weight_bytes = weight_bytes(model)
     layout.layer_bytes = sum(weight_bytes(layer) for layer in model.layers)

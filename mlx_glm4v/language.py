@@ -110,6 +110,10 @@ class Attention(nn.Module):
         out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
+    def can_shard(self, n: int) -> bool:
+        heads, kv = self.n_heads, self.n_kv_heads
+        return heads % n == 0 and (kv % n == 0 or n % kv == 0) and splits_input(self.o_proj, n)
+
     def shard(self, group) -> bool:
         """Split the heads over `group` (False, untouched, when they do not divide).
 
@@ -117,7 +121,7 @@ class Attention(nn.Module):
         the one its query heads share; o_proj's partial outputs are summed across ranks.
         """
         n, heads, kv = group.size(), self.n_heads, self.n_kv_heads
-        if heads % n or (kv % n and n % kv) or not splits_input(self.o_proj, n):
+        if not self.can_shard(n):
             return False
         if kv % n:
             for proj in (self.k_proj, self.v_proj):
@@ -140,9 +144,12 @@ class MLP(nn.Module):
         gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
         return self.down_proj(swiglu(gate, up))
 
+    def can_shard(self, n: int) -> bool:
+        return splits_input(self.down_proj, n)
+
     def shard(self, group) -> bool:
         """Split the intermediate features over `group`; the fused gate_up splits gate and up alike."""
-        if not splits_input(self.down_proj, group.size()):
+        if not self.can_shard(group.size()):
             return False
         self.gate_up_proj = shard_linear(self.gate_up_proj, "all-to-sharded", segments=2, group=group)
         self.down_proj = shard_linear(self.down_proj, "sharded-to-all", group=group)
@@ -195,6 +202,11 @@ class TextModel(nn.Module):
                 h = mx.distributed.send(h, group.rank() + 1, group=group)
             h = mx.distributed.all_gather(h, group=group)[-h.shape[0]:]  # the last stage's, on every rank
         return self.norm(h)
+
+    def unsplittable(self, n: int) -> list:
+        """The sub-modules (attention, MLP) whose widths do not split `n` ways."""
+        return [f"layers.{i}.{name}" for i, layer in enumerate(self.layers) for name in ("self_attn", "mlp")
+                if not getattr(layer, name).can_shard(n)]
 
     def shard(self, group) -> list:
         """Tensor parallelism over `group`; returns the sub-modules kept whole (widths that do not divide)."""

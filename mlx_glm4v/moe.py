@@ -24,8 +24,11 @@ from .vision import VisionMLP
 class MLP(VisionMLP):
     """The vision tower's SwiGLU (separate gate/up/down projections), splittable over ranks."""
 
+    def can_shard(self, n: int) -> bool:
+        return splits_input(self.down_proj, n)
+
     def shard(self, group) -> bool:
-        if not splits_input(self.down_proj, group.size()):
+        if not self.can_shard(group.size()):
             return False
         self.gate_proj = shard_linear(self.gate_proj, "all-to-sharded", group=group)
         self.up_proj = shard_linear(self.up_proj, "all-to-sharded", group=group)
@@ -83,11 +86,13 @@ class MoE(nn.Module):
         out = routed + self.shared_experts(x)
         return out if self.group is None else mx.distributed.all_sum(out, group=self.group)
 
+    def can_shard(self, n: int) -> bool:
+        return splits_input(self.switch_mlp.down_proj, n) and self.shared_experts.can_shard(n)
+
     def shard(self, group) -> bool:
         """Every expert's (and the shared experts') features split over `group`, in place; the
         router stays whole, so every rank picks the same experts, and one sum joins the parts."""
-        n = group.size()
-        if not (splits_input(self.switch_mlp.down_proj, n) and splits_input(self.shared_experts.down_proj, n)):
+        if not self.can_shard(group.size()):
             return False
         for mlp in (self.switch_mlp, self.shared_experts):
             shard_inplace(mlp.gate_proj, "all-to-sharded", group=group)

@@ -42,7 +42,7 @@ def main(plan_file: str):
         out = Path(item["out"])
         mx.clear_cache()
         mx.reset_peak_memory()
-        model, _, layout = distributed.load(item["checkpoint"], group, mode=item.get("mode", "auto"))
+        model, _, layout = distributed.load(item["checkpoint"], group, mode=item.get("mode"))
         peak = mx.get_peak_memory()
         (out / f"rank{rank}.json").write_text(json.dumps({**layout.__dict__, "peak_load_bytes": peak,
                                                           "describe": layout.describe()}))

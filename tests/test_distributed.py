@@ -164,7 +164,7 @@ def test_two_ranks_tensor_parallel(tmp_path, glm4v_checkpoint, glm4v_moe_checkpo
 def test_four_ranks_two_kv_heads(tmp_path, glm4v_checkpoint):
     """4 ranks, 4 heads, 2 KV heads: each KV head repeated so every rank holds one."""
     path, _, processor = glm4v_checkpoint
-    cases = make_cases(processor, tmp_path / "cases", ("text", "image"))
+    cases = make_cases(processor, tmp_path / "cases", ("image",))
     [ranks] = launch(4, [{"checkpoint": str(path), "cases": cases}], tmp_path / "run")
     single = compare("GLM-4.1V, 4 ranks", path, cases, ranks)
     assert all(layout["mode"] == "tensor" and layout["weight_bytes"] < single for layout, _ in ranks)
@@ -178,12 +178,6 @@ def test_three_ranks_fall_back_to_pipeline(tmp_path, glm4v_checkpoint):
     assert [tuple(layout["layers"]) for layout, _ in ranks] == [(0, 2), (2, 4), (4, 5)]
     assert all(layout["mode"] == "pipeline" for layout, _ in ranks)
     compare("GLM-4.1V 5 layers, 3 ranks pipeline", path, cases, ranks)
-
-
-def test_zzz_report():
-    """Print the figures the issue asks for (run with -s to see them)."""
-    for key, value in REPORT.items():
-        print(f"{key}: {value if isinstance(value, dict) else f'{value:.2e}'}")
 
 
 # Logs, per rank, every file a process opens whose name holds "picture" (Python's audit hook).
@@ -329,3 +323,24 @@ def test_chat_stopped_on_rank_0_stops_every_rank(tmp_path, glm4v_checkpoint):
     out, err = (seen + out).decode(errors="replace"), err.decode(errors="replace")
     assert out.count("(stopped)") == 2, out[-2000:]
     assert "error" not in err and "WARN" not in err, err
+
+
+def test_auto_mode_picks_pipeline_when_most_would_stay_whole(tmp_path, glm4v_moe_checkpoint):
+    """4-bit in groups of 32: experts 64 wide split 2 ways (32) but not 4 (16), so 4 ranks pipeline
+    (as GLM-4.5V's 1408-wide experts in groups of 64)."""
+    from mlx_glm4v.convert import convert
+    from mlx_glm4v.distributed import choose_mode
+
+    q4 = load_model(convert(str(glm4v_moe_checkpoint[0]), str(tmp_path / "q4"), quantize=True, q_bits=4,
+                            q_group_size=32), lazy=True)
+    assert q4.language_model.unsplittable(2) == ["layers.0.mlp"]
+    assert choose_mode(q4, 2) == "tensor"
+    assert {"layers.0.mlp", "layers.1.mlp", "layers.2.mlp"} <= set(q4.language_model.unsplittable(4))
+    assert choose_mode(q4, 4) == "pipeline"
+    assert choose_mode(q4, 3) == "pipeline"  # 4 heads
+
+
+def test_zzz_report():
+    """Print the figures the issue asks for (run with -s to see them)."""
+    for key, value in REPORT.items():
+        print(f"{key}: {value if isinstance(value, dict) else f'{value:.2e}'}")
