@@ -101,7 +101,8 @@ def compare(label: str, checkpoint, cases, ranks):
     layers = sum(v.nbytes for layer in model.layers for v in _leaves(layer))
     REPORT[f"{label}: weight bytes"] = {"one process": single, "per rank": [layout["weight_bytes"] for layout, _ in ranks],
                                         "decoder layers, one process": layers,
-                                        "decoder layers per rank": [layout["layer_bytes"] for layout, _ in ranks]}
+                                        "decoder layers per rank": [layout["layer_bytes"] for layout, _ in ranks],
+                                        "peak while loading per rank": [layout["peak_load_bytes"] for layout, _ in ranks]}
     for case in cases:
         inputs = dict(np.load(case["inputs"]))
         ref = run_case(model, inputs, temp=case.get("temp", 0.0), seed=case.get("seed", 0))
