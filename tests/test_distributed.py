@@ -9,6 +9,7 @@ file is checked for.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,8 +26,18 @@ from mlx_glm4v.loader import load_model
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")
 TOL = 1e-4
-# `mlx.launch`, run by this interpreter
-MLX_LAUNCH = [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.argv[0] = 'mlx.launch'; main()"]
+
+
+def mlx_launch(n: int) -> list:
+    """`mlx.launch -n N --backend ring` run by this interpreter, its ring on free ports of 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    port = min(port, 65535 - n)
+    return [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; main()",
+            "-n", str(n), "--backend", "ring", "--starting-port", str(port)]
+
+
 LAUNCH_TIMEOUT = 300
 REPORT = {}  # case -> worst logit difference over ranks; checkpoint -> weight bytes per rank
 
@@ -81,7 +92,7 @@ def launch(n: int, plan: list, out: Path):
         Path(item["out"]).mkdir(exist_ok=True)
     (out / "plan.json").write_text(json.dumps(plan))
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    run = subprocess.run([*MLX_LAUNCH, "-n", str(n), "--backend", "ring", "--", sys.executable, str(WORKER),
+    run = subprocess.run([*mlx_launch(n), "--", sys.executable, str(WORKER),
                           str(out / "plan.json")],
                          env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=ROOT)
     answers = []
@@ -103,6 +114,8 @@ def compare(label: str, checkpoint, cases, ranks):
                                         "decoder layers, one process": layers,
                                         "decoder layers per rank": [layout["layer_bytes"] for layout, _ in ranks],
                                         "peak while loading per rank": [layout["peak_load_bytes"] for layout, _ in ranks]}
+    for rank, (layout, _) in enumerate(ranks):  # read layer by layer: no rank ever held the whole model
+        assert layout["peak_load_bytes"] < single, f"{label}, rank {rank}: peak {layout['peak_load_bytes']} while loading"
     for case in cases:
         inputs = dict(np.load(case["inputs"]))
         ref = run_case(model, inputs, temp=case.get("temp", 0.0), seed=case.get("seed", 0))
@@ -217,7 +230,7 @@ def test_generate_command_under_mlx_launch(tmp_path, glm4v_moe_checkpoint):
         command = ["-m", "mlx_glm4v", "generate", "-m", str(path), *options]
         single = subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=120)
         assert single.returncode == 0, single.stderr
-        launched = subprocess.run([*MLX_LAUNCH, "-n", "2", "--backend", "ring", "--", sys.executable, *command],
+        launched = subprocess.run([*mlx_launch(2), "--", sys.executable, *command],
                                   env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=tmp_path)
         assert launched.stdout == single.stdout, f"{name}: {launched.stdout!r} != {single.stdout!r}\n{launched.stderr}"
         assert len(single.stdout.strip()) > 0
@@ -247,7 +260,7 @@ def test_killed_rank_stops_the_others(tmp_path, glm4v_checkpoint):
     env = cli_env(tmp_path, RANK_TEST=marker)
     command = [sys.executable, "-m", "mlx_glm4v", "generate", "-m", str(glm4v_checkpoint[0]), "-p", "Hello!",
                "--max-tokens", "1000000", "--ignore-eos"]
-    launcher = subprocess.Popen([*MLX_LAUNCH, "-n", "2", "--backend", "ring", "--", *command], env=env,
+    launcher = subprocess.Popen([*mlx_launch(2), "--", *command], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
     try:
         launcher.stdout.read1(1)  # rank 0 is printing the reply
@@ -273,7 +286,7 @@ def test_hung_rank_times_out(tmp_path, glm4v_checkpoint):
     env = cli_env(tmp_path, RANK_TEST=marker, MLX_GLM4V_RANK_TIMEOUT="3")
     command = [sys.executable, "-m", "mlx_glm4v", "generate", "-m", str(glm4v_checkpoint[0]), "-p", "Hello!",
                "--max-tokens", "1000000", "--ignore-eos"]
-    launcher = subprocess.Popen([*MLX_LAUNCH, "-n", "2", "--backend", "ring", "--", *command], env=env,
+    launcher = subprocess.Popen([*mlx_launch(2), "--", *command], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
     frozen = None
     try:
@@ -304,7 +317,7 @@ def test_chat_stopped_on_rank_0_stops_every_rank(tmp_path, glm4v_checkpoint):
     env = cli_env(tmp_path, RANK_TEST=marker)
     command = [sys.executable, "-m", "mlx_glm4v", "chat", "-m", str(glm4v_checkpoint[0]), "--ignore-eos",
                "--max-tokens", "1000000"]
-    launcher = subprocess.Popen([*MLX_LAUNCH, "-n", "2", "--backend", "ring", "--", *command], env=env,
+    launcher = subprocess.Popen([*mlx_launch(2), "--", *command], env=env,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
     try:
         seen = b""
