@@ -58,7 +58,8 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class ChatSession:
     """One conversation with a loaded model; many sessions can share the model.
 
-    `ask` streams the reply to a new user message (text plus optional images and videos).
+    `ask` streams the reply to a new user message (text plus optional images and videos);
+    its `progress(stage, done, total)` hears how reading the prompt goes (see `generate_step`).
     `settings` (those of `GenerationSettings`: max_tokens, temp, top_p, ...) are fixed per session.
     """
 
@@ -86,7 +87,8 @@ class ChatSession:
     def render(self, add_generation_prompt: bool) -> str:
         return self.processor.apply_chat_template(self.messages, add_generation_prompt, **self.settings.template_kwargs)
 
-    def ask(self, text: str, images: Sequence = (), videos: Sequence = ()) -> Iterator[GenerationResponse]:
+    def ask(self, text: str, images: Sequence = (), videos: Sequence = (),
+            progress=None) -> Iterator[GenerationResponse]:
         self.messages.append(user_message(text, images, videos))
         full, target, media, common, inputs = self._plan(list(images), list(videos))
         self.prompt_ids = target  # the whole conversation as this turn runs it
@@ -98,7 +100,8 @@ class ChatSession:
         try:
             for response in stream_tokens(self.model, self.processor, feed, self.cache,
                                           stop_ids=self.settings.stop_ids(self.model), stop=self.settings.stop,
-                                          vision_memo=self.vision_memo, **self.settings.step_options()):
+                                          vision_memo=self.vision_memo, progress=progress,
+                                          **self.settings.step_options()):
                 reply.append(response)
                 yield response
         finally:

@@ -10,7 +10,6 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -106,14 +105,13 @@ def resolve_model_name(model: Optional[str]) -> str:
 
 
 def existing_files(paths, kind: str) -> list:
+    """The files named, `~` expanded and quotes or backslash escapes undone as a terminal pastes them."""
     from .distributed import is_follower
+    from .terminal import existing_paths
 
     if is_follower():  # under mlx.launch files exist on rank 0 only; it sends their bytes
         return list(paths or [])
-    for p in paths or []:
-        if not Path(p).is_file():
-            raise Glm4vError(f"{p}: no such {kind} file.")
-    return list(paths or [])
+    return [path for p in paths or [] for path in existing_paths(p, kind)]
 
 
 @dataclass
@@ -240,56 +238,6 @@ def generate(
         distributed.finish(group)
 
 
-class ReplyDisplay:
-    """Shows a streamed reply: thinking dimmed (or hidden), answer and box markers removed.
-
-    Markers may arrive split over pieces, so text that could be the start of one is held back.
-    """
-
-    MARKERS = ("<think>", "</think>", "<answer>", "</answer>", "<|begin_of_box|>", "<|end_of_box|>")
-
-    def __init__(self, hide_thinking: bool = False, color: bool = True):
-        self.hide_thinking, self.color = hide_thinking, color
-        self.thinking, self.pending = False, ""
-
-    def feed(self, text: str) -> str:
-        self.pending += text
-        out = []
-        while self.pending:
-            at = self.pending.find("<")
-            if at < 0:
-                out.append(self._show(self.pending))
-                self.pending = ""
-                break
-            out.append(self._show(self.pending[:at]))
-            self.pending = self.pending[at:]
-            marker = next((m for m in self.MARKERS if self.pending.startswith(m)), None)
-            if marker:
-                self.pending = self.pending[len(marker):]
-                if marker in ("<think>", "</think>"):
-                    self.thinking = marker == "<think>"
-                    if self.thinking and not self.hide_thinking and self.color:
-                        out.append("\033[2m")
-                    elif not self.thinking and self.color:
-                        out.append("\033[0m")
-            elif any(m.startswith(self.pending) for m in self.MARKERS):
-                break  # maybe a marker: wait for more text
-            else:
-                out.append(self._show("<"))
-                self.pending = self.pending[1:]
-        return "".join(out)
-
-    def finish(self) -> str:
-        text, self.pending = self._show(self.pending), ""
-        if self.thinking and self.color:
-            text += "\033[0m"
-        self.thinking = False
-        return text
-
-    def _show(self, text: str) -> str:
-        return "" if self.thinking and self.hide_thinking else text
-
-
 @app.command()
 @friendly_errors
 @reply_options(default_max_tokens=2048)
@@ -298,13 +246,11 @@ def chat(
     hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not show the model's thinking."),
     verbose: bool = VERBOSE,
 ):
-    """Chat about images and videos in the terminal. /image PATH, /video PATH, /reset, /exit."""
-    import contextlib
-
+    """Chat about images and videos in the terminal. /image PATH, /video PATH, /reset, /help, /exit."""
     import mlx.core as mx
 
     from . import distributed
-    from .chat import ChatSession
+    from .terminal import run_chat
 
     group = distributed.launched()
     loaded_model, processor = load_for_cli(reply.model, group)
@@ -312,62 +258,10 @@ def chat(
         reply = distributed.share_options(group, reply)
     if reply.seed is not None:
         mx.random.seed(reply.seed)
-    session = ChatSession(loaded_model, processor, reply.system, **reply.settings)
     if group is not None and group.rank() != 0:
-        return distributed.follow_chat(group, session)
-    images, videos = reply.images, reply.videos
-    color = sys.stdout.isatty()
-    typer.echo("Type a message; /image PATH and /video PATH attach media to the next one; /reset, /exit.", err=True)
-    while True:
-        try:
-            line = input(">> ")
-        except EOFError:
-            print()
-            break
-        except KeyboardInterrupt:
-            print()
-            continue
-        command, _, argument = line.strip().partition(" ")
-        if command in ("/exit", "/quit"):
-            break
-        if command == "/reset":
-            if group is not None:
-                distributed.share_turn(group, "reset")
-            session.reset()
-            images, videos = [], []
-            typer.echo("(conversation cleared)", err=True)
-            continue
-        if command in ("/image", "/video"):
-            try:
-                (images if command == "/image" else videos).extend(existing_files([argument.strip()], command[1:]))
-            except Glm4vError as e:
-                typer.echo(f"error: {e}", err=True)
-            continue
-        if not line.strip() and not images and not videos:
-            continue
-        display = ReplyDisplay(hide_thinking, color)
-        reply = session.ask(line, images, videos)
-        ctrl_c = contextlib.nullcontext()
-        if group is not None:  # the other ranks run the same turn, stopping where rank 0 stops
-            distributed.share_turn(group, "ask", line, images, videos)
-            ctrl_c = distributed.CtrlC()
-            reply = distributed.in_step(group, reply, ctrl_c)
-        try:
-            with ctrl_c:
-                for response in reply:
-                    sys.stdout.write(display.feed(response.text))
-                    sys.stdout.flush()
-        except KeyboardInterrupt:
-            reply.close()
-            sys.stdout.write(display.finish() + "\n(stopped)")
-        except Glm4vError as e:
-            session.messages.pop()
-            typer.echo(f"error: {e}", err=True)
-            continue
-        finally:
-            images, videos = [], []
-        sys.stdout.write(display.finish() + "\n")
-        sys.stdout.flush()
+        return distributed.follow_chat(group, loaded_model, processor, reply)
+    run_chat(loaded_model, processor, system=reply.system, images=reply.images, videos=reply.videos,
+             settings=reply.settings, hide_thinking=hide_thinking, group=group)
     if group is not None:
         distributed.share_turn(group, "exit")
         distributed.finish(group)

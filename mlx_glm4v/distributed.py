@@ -289,13 +289,34 @@ class CtrlC:
         signal.signal(signal.SIGINT, self.previous)
 
 
-def follow_chat(group, session):
+class SharedSession:
+    """Rank 0's `ChatSession` in `chat`: each turn (and reset) is sent to the other ranks, which
+    replay it in step (`follow_chat`); Ctrl-C stops the reply on every rank at the same token."""
+
+    def __init__(self, group, session):
+        self.group, self.session = group, session
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+    def reset(self):
+        share_turn(self.group, "reset")
+        self.session.reset()
+
+    def ask(self, text: str, images=(), videos=(), progress=None):
+        share_turn(self.group, "ask", text, images, videos)
+        with CtrlC() as ctrl_c:
+            yield from in_step(self.group, self.session.ask(text, images, videos, progress=progress), ctrl_c)
+
+
+def follow_chat(group, model, processor, reply):
     """A rank other than 0 in `chat`: replay each turn rank 0 sends, in step, until it says exit.
 
     Ctrl-C reaches every rank started from one terminal; here it is ignored, rank 0 decides.
     """
-    from .errors import Glm4vError
+    from .chat import ChatSession
 
+    session = ChatSession(model, processor, reply.system, **reply.settings)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     while True:
         op, text, images, videos = share_turn(group, "")
@@ -307,10 +328,10 @@ def follow_chat(group, session):
         try:
             for _ in in_step(group, session.ask(text, images, videos)):
                 pass
-        except KeyboardInterrupt:
-            pass
-        except Glm4vError:
-            session.messages.pop()  # rank 0 met the same problem and dropped the message too
+        except (KeyboardInterrupt, Glm4vError):
+            # rank 0 stopped the reply or met the same problem; it forgets a question left unanswered
+            if session.messages and session.messages[-1]["role"] == "user":
+                session.messages.pop()
 
 
 def follow(group, responses):

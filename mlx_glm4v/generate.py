@@ -85,11 +85,12 @@ def build_messages(prompt, images=(), videos=(), system: Optional[str] = None) -
     return list(prompt)
 
 
-def prefill(model: Model, prompt: Prompt, cache: PromptCache, step_size: int = 2048) -> mx.array:
+def prefill(model: Model, prompt: Prompt, cache: PromptCache, step_size: int = 2048, progress=None) -> mx.array:
     """Run a prompt into the cache in chunks of `step_size` tokens; logits [B, vocab] of its last token.
 
     Chunks bound the memory of long prompts (a minute of video is thousands of tokens): the
-    cache is evaluated and MLX's buffer cache released between them.
+    cache is evaluated and MLX's buffer cache released between them. `progress("prefill",
+    done, total)`, if given, is called before each chunk.
     """
     cache.record(prompt)
     if prompt.positions is not None:
@@ -99,6 +100,8 @@ def prefill(model: Model, prompt: Prompt, cache: PromptCache, step_size: int = 2
     length = prompt.length
     for start in range(0, length, step_size):
         end = min(start + step_size, length)
+        if progress is not None:
+            progress("prefill", start, length)
         hidden = model.forward(prompt, cache, start, end)
         if end < length:
             mx.eval([c.state for c in cache])
@@ -120,12 +123,15 @@ def generate_step(
     quantized_kv_start: int = 0,
     prompt_lookup: int = 0,
     vision_memo=None,
+    progress=None,
 ) -> Iterator[tuple]:
     """Yield (token id, log-probabilities) for a prompt given as processor outputs (batch of one).
 
     With `prompt_lookup` > 0, drafts of that many tokens copied from earlier in the
     conversation are checked in one forward pass (see `lookup_decode`). Media whose features
-    are in `vision_memo` (a `FeatureMemo`) are not encoded again.
+    are in `vision_memo` (a `FeatureMemo`) are not encoded again. `progress(stage, done, total)`
+    hears how reading the prompt goes: "vision" in frames (images and frame pairs) encoded,
+    "prefill" in prompt tokens.
     """
     sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
 
@@ -139,8 +145,8 @@ def generate_step(
     with mx.stream(generation_stream):
         prompt_ids = mx.array(inputs["input_ids"]).reshape(-1)
         model_inputs = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
-        prompt = model.prepare(**model_inputs, cache=cache, vision_memo=vision_memo)
-        first = sample(prefill(model, prompt, cache, prefill_step_size), prompt_ids)
+        prompt = model.prepare(**model_inputs, cache=cache, vision_memo=vision_memo, progress=progress)
+        first = sample(prefill(model, prompt, cache, prefill_step_size, progress), prompt_ids)
         if prompt_lookup > 0:
             yield from lookup_decode(model, cache, first, sample, prompt_ids, max_tokens, prompt_lookup)
         else:

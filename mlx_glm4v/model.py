@@ -123,7 +123,7 @@ class Model(nn.Module):
         return make_prompt_cache(len(self.layers), max_kv_size, keep)
 
     def encode_media(self, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
-                     memo: Optional[FeatureMemo] = None, items: Optional[list] = None):
+                     memo: Optional[FeatureMemo] = None, items: Optional[list] = None, progress=None):
         """Image features and video features (each [tokens, hidden] or None).
 
         Everything not found in `memo` (by pixel digest) goes through the tower in one pass;
@@ -140,7 +140,8 @@ class Model(nn.Module):
             grids = [frame_grids(items[i].grid) if items[i].kind == VIDEO else items[i].grid[None] for i in todo]
             merge = self.config.vision_config.spatial_merge_size**2
             sizes = [int(np.prod(g, axis=1).sum()) // merge for g in grids]
-            features = self.encode_frames(np.concatenate([items[i].rows for i in todo]), np.concatenate(grids))
+            features = self.encode_frames(np.concatenate([items[i].rows for i in todo]), np.concatenate(grids),
+                                          progress=progress)
             for i, part in zip(todo, mx.split(features, np.cumsum(sizes)[:-1].tolist())):
                 found[i] = part
                 if memo is not None:
@@ -149,12 +150,14 @@ class Model(nn.Module):
         video = [f for item, f in zip(items, found) if item.kind == VIDEO]
         return (mx.concatenate(image) if image else None), (mx.concatenate(video) if video else None)
 
-    def encode_frames(self, rows: np.ndarray, grids: np.ndarray, chunk: Optional[int] = None) -> mx.array:
+    def encode_frames(self, rows: np.ndarray, grids: np.ndarray, chunk: Optional[int] = None,
+                      progress=None) -> mx.array:
         """Features of frames (grids t = 1), about `chunk` patches through the tower at a time.
 
         Frames never attend to each other, so a long video is encoded in pieces, each
         evaluated before the next starts: activations stay those of one piece, not of the
-        whole clip. Inputs within one piece stay lazy.
+        whole clip. Inputs within one piece stay lazy. `progress("vision", done, total)`
+        hears the frames done after each piece.
         """
         chunk = chunk or VISION_CHUNK_PATCHES
         patches = np.prod(grids, axis=1)
@@ -168,6 +171,8 @@ class Model(nn.Module):
             parts.append(self.visual(rows[start:stop], grids[first:last]))
             mx.eval(parts[-1])
             first = last
+            if progress is not None:
+                progress("vision", first, len(grids))
         return mx.concatenate(parts)
 
     def embed(self, ids: np.ndarray, types: np.ndarray, image, video) -> mx.array:
@@ -200,6 +205,7 @@ class Model(nn.Module):
         cache: Optional[PromptCache] = None,
         vision_memo: Optional[FeatureMemo] = None,
         media: Optional[list] = None,
+        progress=None,
     ) -> Prompt:
         """Embeddings and positions for new tokens, continuing the sequences held in `cache`.
 
@@ -207,7 +213,7 @@ class Model(nn.Module):
         the first call into a cache. Without pixels every token is text and no host copy of
         `input_ids` is made, so decoding stays asynchronous. Media found in `vision_memo` are
         not encoded again; `media`, the same pixels already split into `MediaItem`s (images,
-        then videos), spares hashing them twice.
+        then videos), spares hashing them twice. `progress` hears how a long video's encoding goes.
         """
         B, L = input_ids.shape
         fresh = cache is None or cache.empty
@@ -222,7 +228,7 @@ class Model(nn.Module):
         ids = np.asarray(input_ids)
         types = token_types(ids, cfg.image_token_id, cfg.video_start_token_id, cfg.video_end_token_id)
         image, video = self.encode_media(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, vision_memo,
-                                         media)
+                                         media, progress)
         positions, next_position = rope_index(
             ids, types, _host(image_grid_thw), _host(video_grid_thw), _host(attention_mask),
             cfg.vision_config.spatial_merge_size, start,

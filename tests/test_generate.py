@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from mlx_glm4v.chat import ChatSession, drop_thinking
-from mlx_glm4v.cli import ReplyDisplay
 from mlx_glm4v.generate import GenerationSettings, StopStrings, generate, generate_step, stream_generate
 from mlx_glm4v.loader import load
 from mlx_glm4v.video import Video
@@ -276,14 +275,6 @@ def test_stop_strings_hold_back_and_cut():
     stops = StopStrings(["END"])
     assert stops.feed("E") == ("", False)
     assert stops.feed("go") == ("Ego", False)
-
-
-def test_reply_display_dims_thinking_and_drops_markers():
-    d = ReplyDisplay(hide_thinking=True, color=False)
-    shown = "".join(d.feed(p) for p in ["<thi", "nk>secret</think><ans", "wer>A <|begin_of_box|>box<|end_of_box|>", "</answer>"])
-    assert shown + d.finish() == "A box"
-    d = ReplyDisplay(hide_thinking=False, color=True)
-    assert d.feed("<think>hm</think>ok") == "\033[2mhm\033[0mok"
 
 
 def cli(*args, **kwargs):
