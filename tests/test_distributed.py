@@ -8,6 +8,7 @@ file is checked for.
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -310,6 +311,18 @@ def test_hung_rank_times_out(tmp_path, glm4v_checkpoint):
     assert "Traceback" not in err, err
 
 
+def read_until(proc, done, seen: bytes, timeout: float = 120) -> bytes:
+    """`seen` plus what `proc` prints on stdout until `done(seen)`; fails on its exit or after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not done(seen):
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, f"nothing more after {timeout} s: {seen[-500:]!r}"
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        assert chunk, f"the launch ended: {seen[-500:]!r} {proc.stderr.read().decode(errors='replace')}"
+        seen += chunk
+    return seen
+
+
 def test_chat_stopped_on_rank_0_stops_every_rank(tmp_path, glm4v_checkpoint):
     """`chat` on 2 ranks: Ctrl-C on rank 0 stops the reply on both at the same token, the next
     turn still runs in step, and /exit ends both cleanly."""
@@ -324,11 +337,10 @@ def test_chat_stopped_on_rank_0_stops_every_rank(tmp_path, glm4v_checkpoint):
         for n, turn in enumerate(("Hello!\n", "Tell me more.\n"), start=1):
             launcher.stdin.write(turn.encode())
             launcher.stdin.flush()
-            while seen.count(b">> ") < n or len(seen.rsplit(b">> ", 1)[1]) < 20:  # this turn's reply streams
-                chunk = launcher.stdout.read1(4096)
-                assert chunk, launcher.stderr.read().decode(errors="replace")
-                seen += chunk
+            start = len(seen)
+            seen = read_until(launcher, lambda out: len(out) - start >= 20, seen)  # the reply streams
             os.kill(rank_pid(marker, 0), signal.SIGINT)
+            seen = read_until(launcher, lambda out: out.count(b"(stopped)") == n, seen)
         launcher.stdin.write(b"/exit\n")
         launcher.stdin.flush()
         out, err = launcher.communicate(timeout=60)
