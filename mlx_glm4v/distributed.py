@@ -170,6 +170,13 @@ def share(message: Optional[dict], blobs: Optional[list], group) -> tuple[dict, 
     return head["message"], blobs
 
 
+def _read(path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise Glm4vError(f"{path} could not be read: {e.strerror}.") from None
+
+
 def share_request(group, request: dict, media: dict, seed: Optional[int]):
     """A request as rank 0 has it, on every rank: rank 0 reads the files named in `media`
     ({"images": [...], "videos": [...]}) and sends their bytes; the other ranks write them to
@@ -180,7 +187,7 @@ def share_request(group, request: dict, media: dict, seed: Optional[int]):
     blobs = None
     if root:
         seed = seed if seed is not None else secrets.randbits(31)
-        blobs = [Path(p).read_bytes() for kind in ("images", "videos") for p in media[kind]]
+        blobs = [_read(p) for kind in ("images", "videos") for p in media[kind]]
         message = {"request": request, "seed": seed,
                    "media": {k: [Path(p).suffix for p in v] for k, v in media.items()}}
     message, blobs = share(message if root else None, blobs, group)
