@@ -33,12 +33,46 @@ from mlx.utils import tree_flatten
 from .errors import Glm4vError
 
 
+_reported = threading.Event()  # this rank has said why it stops; a later SIGTERM ends it quietly
+_watching_sigterm = False
+_wakeup = None
+
+
 def launched():
     """The group of ranks when started by `mlx.launch` (or mpirun), else None: one process."""
+    global _watching_sigterm
     if not any(k in os.environ for k in ("MLX_HOSTFILE", "MLX_RANK", "OMPI_COMM_WORLD_SIZE", "MLX_JACCL_COORDINATOR")):
         return None
     group = mx.distributed.init()
-    return group if group.size() > 1 else None
+    if group.size() == 1:
+        return None
+    if not _watching_sigterm and threading.current_thread() is threading.main_thread():
+        _exit_on_sigterm(group.rank())
+        _watching_sigterm = True
+    return group
+
+
+def _exit_on_sigterm(rank: int):
+    """When one rank fails, mlx.launch ends the others with SIGTERM, maybe while they wait in a
+    collective: a thread woken through Python's signal wakeup fd says so in one line and exits,
+    whatever the main thread is blocked in."""
+    import socket
+
+    global _wakeup
+    _wakeup = reader, writer = socket.socketpair()  # kept open as long as the process lives
+    writer.setblocking(False)
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    signal.set_wakeup_fd(writer.fileno())
+
+    def watch():
+        while signal.SIGTERM not in reader.recv(64):
+            pass
+        if not _reported.is_set():
+            sys.stderr.write(f"error: mlx.launch stopped rank {rank} (another rank ended); every rank stops.\n")
+            sys.stderr.flush()
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def is_follower() -> bool:
@@ -249,6 +283,7 @@ def watched(group, responses):
     def watch():
         while not done.wait(min(1.0, timeout / 4)):
             if time.monotonic() - last[0] > timeout:
+                _reported.set()
                 sys.stderr.write(f"error: rank {group.rank()} waited {timeout:g} s for the other ranks "
                                  "(MLX_GLM4V_RANK_TIMEOUT); every rank stops.\n")
                 sys.stderr.flush()
@@ -361,5 +396,6 @@ def lost_rank(error: Exception) -> Optional[Glm4vError]:
     text = str(error)
     if isinstance(error, RuntimeError) and any(s in text for s in ("[ring]", "[jaccl]", "[mpi]", "peer")):
         rank = launched().rank() if launched() is not None else 0
+        _reported.set()
         return Glm4vError(f"rank {rank} lost contact with another rank ({text.strip()}); every rank stops.")
     return None
