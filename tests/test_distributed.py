@@ -264,7 +264,7 @@ def test_killed_rank_stops_the_others(tmp_path, glm4v_checkpoint):
     launcher = subprocess.Popen([*mlx_launch(2), "--", *command], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
     try:
-        launcher.stdout.read1(1)  # rank 0 is printing the reply
+        read_until(launcher, len, b"")  # rank 0 is printing the reply
         pid = rank_pid(marker, 1)
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
@@ -293,7 +293,7 @@ def test_hung_rank_times_out(tmp_path, glm4v_checkpoint):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
     frozen = None
     try:
-        launcher.stdout.read1(1)
+        read_until(launcher, len, b"")
         frozen = rank_pid(marker, 1)
         os.kill(frozen, signal.SIGSTOP)
         stopped = time.monotonic()
@@ -324,7 +324,7 @@ def test_sigterm_while_waiting_on_a_collective(tmp_path, glm4v_checkpoint):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
     frozen = None
     try:
-        launcher.stdout.read1(1)
+        read_until(launcher, len, b"")
         frozen = rank_pid(marker, 1)
         os.kill(frozen, signal.SIGSTOP)
         time.sleep(1)  # rank 0 now waits on rank 1
