@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -265,6 +266,58 @@ def chat(
     if group is not None:
         distributed.share_turn(group, "exit")
         distributed.finish(group)
+
+
+@app.command()
+@friendly_errors
+def serve(
+    model: Optional[str] = MODEL,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; anything but loopback needs --api-key or --insecure-no-auth."),
+    port: int = typer.Option(8080, "--port", help="Port to listen on."),
+    alias: Optional[str] = typer.Option(None, "--alias", help="The model name clients send (default: the last part of --model)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MLX_GLM4V_API_KEY", help="Require Authorization: Bearer KEY on /v1/* and /metrics."),
+    insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help="Allow a non-loopback --host without an API key."),
+    media_root: Optional[Path] = typer.Option(None, "--media-root", help="Let requests name image and video files inside this directory (default: no file is read)."),
+    allow_url_fetch: bool = typer.Option(False, "--allow-url-fetch", help="Fetch http(s) media URLs (public addresses only, size-capped, time-limited)."),
+    cors_origin: Optional[List[str]] = typer.Option(None, "--cors-origin", help="Allow browser pages from this origin (repeat; * for any). Default: CORS off."),
+    max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest request body, in MB (413 beyond)."),
+    max_media_mb: float = typer.Option(64.0, "--max-media-mb", help="Largest fetched or read media file, in MB."),
+    max_images: int = typer.Option(16, "--max-images", help="Most images per request."),
+    max_videos: int = typer.Option(2, "--max-videos", help="Most videos per request."),
+    max_image_pixels: int = typer.Option(50_000_000, "--max-image-pixels", help="Largest decoded image (width x height), read from its header."),
+    max_video_seconds: float = typer.Option(600.0, "--max-video-seconds", help="Longest video."),
+    max_video_frames: int = typer.Option(640, "--max-video-frames", help="Most frames the checkpoint's sampling may pick from one video."),
+    max_prompt_tokens: Optional[int] = typer.Option(None, "--max-prompt-tokens", help="Longest prompt in tokens (default: the model's context length)."),
+    request_timeout: float = typer.Option(600.0, "--request-timeout", help="End a request after this many seconds."),
+    keepalive: float = typer.Option(10.0, "--keepalive", help="Seconds between SSE keep-alive comments while a stream waits (a long prompt)."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait for the engine (429 beyond)."),
+    feature_cache_mb: float = typer.Option(2048.0, "--feature-cache-mb", help="Memory for vision features shared across requests, in MB."),
+    no_ui: bool = typer.Option(False, "--no-ui", help="Do not serve the chat page at /."),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+    verbose: bool = VERBOSE,
+):
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models)."""
+    from .server.app import ServerConfig, serve as run_server
+    from .server.media import MediaPolicy
+
+    mb = 1 << 20
+    for name, value in (("--max-body-mb", max_body_mb), ("--max-media-mb", max_media_mb),
+                        ("--request-timeout", request_timeout), ("--keepalive", keepalive),
+                        ("--max-video-seconds", max_video_seconds)):
+        if value <= 0:
+            raise Glm4vError(f"{name} {value} must be positive.")
+    policy = MediaPolicy(
+        media_root=media_root, allow_url_fetch=allow_url_fetch, max_media_bytes=int(max_media_mb * mb),
+        max_images=max_images, max_videos=max_videos, max_image_pixels=max_image_pixels,
+        max_video_seconds=max_video_seconds, max_video_frames=max_video_frames,
+    )
+    config = ServerConfig(
+        model=resolve_model_name(model), alias=alias, api_key=api_key, cors_origins=list(cors_origin or []),
+        max_body_bytes=int(max_body_mb * mb), max_prompt_tokens=max_prompt_tokens, request_timeout=request_timeout,
+        keepalive=keepalive, max_queue=max_queue, feature_cache_bytes=int(feature_cache_mb * mb), ui=not no_ui,
+        media=policy,
+    )
+    run_server(config, host=host, port=port, insecure_no_auth=insecure_no_auth, log_level=log_level)
 
 
 def main():

@@ -131,10 +131,11 @@ class EngineStats:
 class Engine:
     """Owns the model on one thread; `submit` from any thread or event loop."""
 
-    def __init__(self, model: Model, processor: Processor, *, max_queue: int = 64, feature_cache_items: int = 64):
+    def __init__(self, model: Model, processor: Processor, *, max_queue: int = 64, feature_cache_items: int = 64,
+                 feature_cache_bytes: Optional[int] = None):
         self.model, self.processor = model, processor
         self.max_queue = max_queue
-        self.vision_memo = FeatureMemo(feature_cache_items)
+        self.vision_memo = FeatureMemo(feature_cache_items, feature_cache_bytes)
         self.stats = EngineStats()
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="mlx-glm4v-engine", daemon=True)

@@ -10,6 +10,7 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Optional
 
 import numpy as np
 
@@ -60,20 +61,29 @@ def media_spans(types: np.ndarray, input_ids, video_start_id: int, video_end_id:
 
 
 class FeatureMemo(OrderedDict):
-    """Vision features by media digest, the most recently used kept (at most `size` items)."""
+    """Vision features by media digest, the most recently used kept: at most `size` items and, with
+    `max_bytes`, at most that many bytes (the newest item is kept whatever its size). `hits` and
+    `misses` count the lookups, for a server's metrics."""
 
-    def __init__(self, size: int = 16):
+    def __init__(self, size: int = 16, max_bytes: Optional[int] = None):
         super().__init__()
-        self.size = size
+        self.size, self.max_bytes = size, max_bytes
+        self.bytes = self.hits = self.misses = 0
 
     def get(self, key, default=None):
         if key in self:
+            self.hits += 1
             self.move_to_end(key)
             return self[key]
+        self.misses += 1
         return default
 
     def put(self, key, features):
+        if key in self:
+            self.bytes -= self[key].nbytes
         self[key] = features
+        self.bytes += features.nbytes
         self.move_to_end(key)
-        while len(self) > self.size:
-            self.popitem(last=False)
+        while len(self) > self.size or (self.max_bytes is not None and self.bytes > self.max_bytes and len(self) > 1):
+            _, old = self.popitem(last=False)
+            self.bytes -= old.nbytes

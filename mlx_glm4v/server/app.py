@@ -1,0 +1,459 @@
+"""The ASGI app: routes, bearer auth, request limits, OpenAI replies whole or streamed (SSE).
+
+One model is loaded at start-up (on a thread, so `/health` answers 503 until it is ready) and
+pinned: a request names it or its alias, or gets a 404. Requests are checked (openai.py), their
+media read (media.py) and the prompt built by our processor off the event loop; then the engine
+runs them. A client that goes away cancels its request at once; a request past the timeout is
+ended. What a client reads never holds a traceback or a local path: those go to the log.
+"""
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.routing import Mount, Route
+
+from ..errors import Glm4vError
+from . import openai
+from .media import MediaPolicy, resolve_media
+from .metrics import Metrics
+from .openai import ApiError, bad
+
+log = logging.getLogger("mlx_glm4v.server")
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"  # the chat page, where it is shipped
+
+
+@dataclass
+class ServerConfig:
+    model: str  # what --model named: a hub id or a local directory
+    alias: Optional[str] = None  # the name clients use; default: the last part of `model`
+    api_key: Optional[str] = None
+    cors_origins: list = field(default_factory=list)
+    max_body_bytes: int = 64 << 20
+    max_prompt_tokens: Optional[int] = None  # default: the model's context length
+    request_timeout: float = 600.0
+    keepalive: float = 10.0  # seconds between SSE comment lines while nothing else is sent
+    max_queue: int = 64
+    feature_cache_bytes: int = 2 << 30
+    ui: bool = True
+    media: MediaPolicy = field(default_factory=MediaPolicy)
+
+    @property
+    def name(self) -> str:
+        return self.alias or self.model.rstrip("/").split("/")[-1]
+
+
+class State:
+    """What the routes share: the config, and once loaded, the model, processor and engine."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.metrics = Metrics()
+        self.engine = self.processor = None
+        self.ready = threading.Event()
+        self.names = {config.name, config.model}
+        self.tools_supported = self.thinking_in_template = False
+        self.max_prompt_tokens = config.max_prompt_tokens
+
+    def load(self, loader=None):
+        """Load and pin the model (on a thread at start-up)."""
+        from jinja2 import Environment, meta
+
+        from ..engine import Engine
+        from ..loader import load
+
+        model, processor = (loader or load)(self.config.model)
+        self.metrics.instrument_vision(model)
+        variables = meta.find_undeclared_variables(Environment().parse(processor.chat_template))
+        self.tools_supported = "tools" in variables
+        self.thinking_in_template = "</think>" in processor.chat_template
+        if self.max_prompt_tokens is None:
+            self.max_prompt_tokens = model.config.text_config.max_position_embeddings
+        self.processor = processor
+        self.engine = Engine(model, processor, max_queue=self.config.max_queue,
+                             feature_cache_bytes=self.config.feature_cache_bytes)
+        self.ready.set()
+        log.info("model %s loaded; serving it as %r", self.config.model, self.config.name)
+
+
+def timeout_error(config: ServerConfig) -> ApiError:
+    message = f"the request ran past the server's limit of {config.request_timeout:g} s (--request-timeout)."
+    return ApiError(504, message, code="timeout")
+
+
+def error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+# ---- middleware ----------------------------------------------------------------------------------
+
+class Guard:
+    """Bearer auth (constant-time) on the API and /metrics, and the request-body cap (413).
+
+    /health and the static chat page stay open: a browser cannot send a key to load a page, and
+    the page sends the key with its API calls.
+
+    A plain ASGI middleware, so that streaming responses still learn when their client leaves.
+    """
+
+    def __init__(self, app, config: ServerConfig):
+        self.app, self.config = app, config
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        protected = scope["path"].startswith("/v1/") or scope["path"] == "/metrics"
+        if self.config.api_key and protected and scope["method"] != "OPTIONS":
+            given = headers.get(b"authorization", b"")
+            expected = b"Bearer " + self.config.api_key.encode()
+            if not hmac.compare_digest(given, expected):
+                message = "the API key is missing or wrong (send Authorization: Bearer <key>)."
+                return await error_response(ApiError(401, message, code="invalid_api_key"))(scope, receive, send)
+        limit = self.config.max_body_bytes
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            return await self._too_large(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _BodyTooLarge:
+            await self._too_large(scope, receive, send)
+
+    async def _too_large(self, scope, receive, send):
+        message = f"the request body is over the limit of {self.config.max_body_bytes} bytes (--max-body-mb)."
+        await error_response(ApiError(413, message, code="request_too_large"))(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+# ---- routes --------------------------------------------------------------------------------------
+
+def _state(request: Request) -> State:
+    state = request.app.state.server
+    if not state.ready.is_set():
+        raise ApiError(503, "the model is still loading; try again shortly.", headers={"Retry-After": "5"})
+    return state
+
+
+async def health(request: Request):
+    state = request.app.state.server
+    if not state.ready.is_set():
+        return JSONResponse({"status": "loading"}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+async def models(request: Request):
+    state = _state(request)
+    return JSONResponse({"object": "list", "data": [
+        {"id": state.config.name, "object": "model", "created": 0, "owned_by": "mlx-glm4v"}]})
+
+
+async def metrics(request: Request):
+    state = request.app.state.server
+    return PlainTextResponse(state.metrics.render(state), media_type="text/plain; version=0.0.4")
+
+
+async def chat_completions(request: Request):
+    state = request.app.state.server
+    try:
+        response = await _chat(request, state)
+    except ApiError as e:
+        log.info("refused (%d): %s", e.status, e.message)
+        response = error_response(e)
+    state.metrics.responses[response.status_code] = state.metrics.responses.get(response.status_code, 0) + 1
+    return response
+
+
+async def _chat(request: Request, state: State):
+    ready = _state(request)
+    try:
+        raw = await request.body()
+    except ClientDisconnect:
+        raise ApiError(400, "the client closed the connection while sending the request.") from None
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise bad("the request body is not valid JSON.") from None
+    chat = openai.parse_chat(body, ready.config.name, ready.names, ready.tools_supported,
+                             ready.thinking_in_template)
+    deadline = time.monotonic() + ready.config.request_timeout
+    try:  # reading media is bounded by the limits; the timeout still answers the client in time
+        inputs = await asyncio.wait_for(run_in_threadpool(_prepare, ready, chat), ready.config.request_timeout)
+    except asyncio.TimeoutError:
+        raise timeout_error(ready.config) from None
+
+    from ..engine import QueueFull, Request as EngineRequest
+    from ..generate import GenerationSettings
+
+    try:
+        handle = ready.engine.submit(EngineRequest(inputs, GenerationSettings(**chat.settings), chat.seed,
+                                                   chat.top_logprobs))
+    except QueueFull as e:
+        raise ApiError(429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after)}) from None
+    reply = Reply(ready, chat, handle, deadline)
+    if chat.stream:
+        return StreamingResponse(reply.stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return JSONResponse(await reply.whole(request))
+
+
+def _prepare(state: State, chat: openai.ChatRequest) -> dict:
+    """Media read and checked, the template rendered, the processor run: the engine's inputs."""
+    processor, config = state.processor, state.config
+    messages, resolved = resolve_media(chat.messages, config.media, processor)
+    try:
+        kwargs = dict(chat.template_kwargs)
+        if chat.tools:
+            kwargs.update(tools=chat.tools, tool_choice=chat.tool_choice)
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
+        images, videos = processor.media_from_messages(messages)
+        inputs = processor(text, images=images, videos=videos)
+    except Glm4vError as e:
+        hide = [p for p in (resolved.dir and resolved.dir.name, config.media.media_root) if p]
+        message = str(e)
+        for path in hide:
+            message = message.replace(str(Path(path).resolve()), "<media>").replace(str(path), "<media>")
+        raise bad(message, "messages") from None
+    finally:
+        resolved.close()
+    n = int(inputs["input_ids"].shape[-1])
+    if n > state.max_prompt_tokens:
+        raise bad(f"the prompt is {n} tokens, over the limit of {state.max_prompt_tokens} (--max-prompt-tokens).",
+                  "messages", "context_length_exceeded")
+    return inputs
+
+
+class Reply:
+    """One request's events -> OpenAI's reply, whole or as SSE chunks."""
+
+    def __init__(self, state: State, chat: openai.ChatRequest, handle, deadline: float):
+        self.state, self.chat, self.handle = state, chat, handle
+        self.id, self.created, self.model = openai.completion_id(), int(time.time()), state.config.name
+        self.deadline = deadline
+        eos = set(state.engine.model.config.eos_token_id)
+        self.skip_logprob = eos if not chat.settings.get("ignore_eos") else set()
+        self.decode = lambda t: state.processor.tokenizer.decode([t])
+
+    def logprob(self, event):
+        if self.chat.top_logprobs is None or event.token is None or event.logprob is None:
+            return None
+        if event.finish_reason == "stop" and event.token in self.skip_logprob:
+            return None
+        return openai.logprob_entry(self.decode, event.token, event.logprob, event.top_logprobs)
+
+    async def events(self, tick: float):
+        """The handle's events, and None after each `tick` seconds without one; the request is
+        ended at the deadline, and cancelled if the reader stops early."""
+        iterator = self.handle.__aiter__()
+        pending = None
+        finished = False
+        self.state.metrics.running += 1
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(iterator.__anext__())
+                left = self.deadline - time.monotonic()
+                done, _ = await asyncio.wait({pending}, timeout=max(0.0, min(tick, left)))
+                if not done:
+                    if time.monotonic() >= self.deadline:
+                        raise timeout_error(self.state.config)
+                    yield None
+                    continue
+                event = pending.result()
+                pending = None
+                if event.finish_reason == "error":
+                    finished = True
+                    raise ApiError(500, event.error or "generation failed.", code="generation_error")
+                yield event
+                if event.finish_reason is not None:
+                    finished = True
+                    u = event.usage
+                    log.info("%s %s: %d prompt tokens (%d cached), %d generated, first token after %.3f s",
+                             self.id, event.finish_reason, u.prompt_tokens, u.cached_tokens, u.completion_tokens,
+                             u.time_to_first_token)
+                    return
+        finally:
+            self.state.metrics.running -= 1
+            if not finished:
+                self.handle.cancel()
+            if pending is not None and not pending.done():
+                pending.cancel()
+
+    async def whole(self, request: Request) -> dict:
+        async def watch():  # a non-streamed request learns of its client leaving by asking
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.25)
+            self.handle.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        text, entries, last = [], [], None
+        try:
+            async for event in self.events(tick=self.state.config.keepalive):
+                if event is None:
+                    continue
+                text.append(event.text)
+                if (entry := self.logprob(event)) is not None:
+                    entries.append(entry)
+                last = event
+        finally:
+            watcher.cancel()
+        if last.finish_reason == "cancelled":
+            raise ApiError(499, "the request was cancelled.")
+        content, reasoning, calls = openai.whole_reply("".join(text), self.chat.tools)
+        finish = "tool_calls" if calls else last.finish_reason
+        logprobs = {"content": entries} if self.chat.top_logprobs is not None else None
+        return openai.completion(self.id, self.model, content, reasoning, calls, finish, last.usage, logprobs)
+
+    async def stream(self):
+        def sse(obj) -> str:
+            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+        def chunk(delta, finish=None, logprobs=None):
+            return sse(openai.chunk(self.id, self.created, self.model, delta, finish, logprobs))
+
+        reply = openai.ReplyStream(self.chat.tools)
+        yield chunk({"role": "assistant", "content": ""})
+        try:
+            async for event in self.events(tick=self.state.config.keepalive):
+                if event is None:
+                    yield ": keepalive\n\n"
+                    continue
+                final = event.finish_reason is not None
+                deltas = reply.feed(event.text, final)
+                logprob = self.logprob(event)
+                for i, delta in enumerate(deltas or ([{}] if logprob else [])):
+                    yield chunk(delta, logprobs={"content": [logprob]} if logprob and i == 0 else None)
+                if final:
+                    if event.finish_reason == "cancelled":
+                        return
+                    yield chunk({}, "tool_calls" if reply.calls else event.finish_reason)
+                    if self.chat.include_usage:
+                        yield sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                                   "model": self.model, "choices": [], "usage": openai.usage_body(event.usage)})
+        except ApiError as e:  # after the headers went out, an error travels as an event
+            log.warning("streamed request %s ended: %s", self.id, e.message)
+            yield sse(e.body())
+        yield "data: [DONE]\n\n"
+
+
+# ---- the app ------------------------------------------------------------------------------------
+
+async def _http_error(request: Request, exc: HTTPException):
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    message = {404: f"no route {request.url.path}.", 405: f"{request.method} is not allowed on {request.url.path}."}
+    e = ApiError(exc.status_code, message.get(exc.status_code, str(exc.detail)), code=codes.get(exc.status_code))
+    return error_response(e)
+
+
+async def _server_error(request: Request, exc: Exception):
+    log.exception("request %s %s failed", request.method, request.url.path)
+    return JSONResponse({"error": {"message": "the server failed on this request; its log has the details.",
+                                   "type": "server_error", "param": None, "code": None}}, status_code=500)
+
+
+def create_app(config: ServerConfig, loader=None) -> Starlette:
+    """The app; the model loads on a thread at start-up (`loader(model)` -> (model, processor))."""
+    state = State(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        def load():
+            try:
+                state.load(loader)
+            except Exception as e:  # the process cannot serve: say why and stop
+                log.error("could not load %s: %s", config.model, e, exc_info=not isinstance(e, Glm4vError))
+                app.state.failed = True
+                stop = getattr(app.state, "stop", None)
+                if stop is not None:
+                    stop()
+
+        threading.Thread(target=load, name="mlx-glm4v-load", daemon=True).start()
+        yield
+        if state.engine is not None:
+            state.engine.close()
+
+    routes = [
+        Route("/health", health),
+        Route("/metrics", metrics),
+        Route("/v1/models", models),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    ]
+    if config.ui and WEB_DIR.is_dir():  # the chat page, when the package ships one
+        from starlette.staticfiles import StaticFiles
+
+        routes.append(Mount("/", StaticFiles(directory=WEB_DIR, html=True), name="ui"))
+    middleware = [Middleware(Guard, config=config)]
+    if config.cors_origins:
+        middleware.insert(0, Middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
+                                        allow_headers=["*"]))
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
+                    exception_handlers={HTTPException: _http_error, Exception: _server_error})
+    app.state.server = state
+    app.state.failed = False
+    return app
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def check_bind(host: str, api_key: Optional[str], insecure_no_auth: bool):
+    """A server reachable from other machines needs a key, or an explicit choice to run without one."""
+    import ipaddress
+
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host in LOOPBACK
+    if not loopback and not api_key and not insecure_no_auth:
+        raise Glm4vError(f"--host {host} would let other machines use the server without a key: set --api-key "
+                         "(or MLX_GLM4V_API_KEY), or pass --insecure-no-auth to run it open.")
+
+
+def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8080, insecure_no_auth: bool = False,
+          log_level: str = "info"):
+    """Run the server until interrupted."""
+    import uvicorn
+
+    check_bind(host, config.api_key, insecure_no_auth)
+    if config.media.media_root is not None and not config.media.media_root.is_dir():
+        raise Glm4vError(f"--media-root {config.media.media_root}: no such directory.")
+    from ..loader import resolve
+
+    if Path(config.model).expanduser().exists() or config.model.count("/") != 1:
+        resolve(config.model)  # a wrong local path fails now; a hub download happens while /health says 503
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(config)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30))
+    app.state.stop = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if app.state.failed:
+        raise Glm4vError(f"the model {config.model} could not be loaded; see the log above.")

@@ -1,0 +1,64 @@
+"""Counters for `/metrics` in Prometheus' text format; the engine's own statistics are read when scraped."""
+
+import time
+
+
+class Metrics:
+    """What the server counts itself; `render` adds the engine's statistics and its vision cache's."""
+
+    def __init__(self):
+        self.responses: dict = {}  # HTTP status -> count, chat completions only
+        self.running = 0
+        self.vision_runs = 0
+        self.vision_seconds = 0.0
+
+    def instrument_vision(self, model):
+        """Count and time the vision tower's passes (features evaluated there, as prefill would)."""
+        import mlx.core as mx
+
+        encode = model.encode_frames
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            out = encode(*args, **kwargs)
+            mx.eval(out)
+            self.vision_runs += 1
+            self.vision_seconds += time.perf_counter() - start
+            return out
+
+        model.encode_frames = timed
+
+    def render(self, state) -> str:
+        lines = []
+
+        def metric(name, kind, help_, samples):
+            lines.extend([f"# HELP mlx_glm4v_{name} {help_}", f"# TYPE mlx_glm4v_{name} {kind}"])
+            lines.extend(f"mlx_glm4v_{name}{labels} {value}" for labels, value in samples)
+
+        metric("http_responses_total", "counter", "Chat-completion responses by HTTP status.",
+               [(f'{{code="{code}"}}', n) for code, n in sorted(self.responses.items())] or [("", 0)])
+        engine = state.engine
+        if engine is not None:
+            s = engine.stats
+            ttft = list(s.time_to_first_token)
+            metric("requests_total", "counter", "Requests the engine ran.", [("", s.requests)])
+            metric("requests_cancelled_total", "counter", "Requests ended early (client gone, timeout).",
+                   [("", s.cancelled)])
+            metric("prompt_tokens_total", "counter", "Prompt tokens of the requests run.", [("", s.prompt_tokens)])
+            metric("cached_prompt_tokens_total", "counter", "Prompt tokens read from a cached prefix.",
+                   [("", s.cached_tokens)])
+            metric("generated_tokens_total", "counter", "Tokens generated.", [("", s.generated_tokens)])
+            metric("time_to_first_token_seconds", "summary", "From admission to the first token.",
+                   [("_sum", round(sum(ttft), 6)), ("_count", len(ttft))])
+            memo = engine.vision_memo
+            metric("vision_cache_hits_total", "counter", "Images and videos whose features were cached.",
+                   [("", getattr(memo, "hits", 0))])
+            metric("vision_cache_misses_total", "counter", "Images and videos the vision tower had to encode.",
+                   [("", getattr(memo, "misses", 0))])
+            metric("vision_cache_bytes", "gauge", "Bytes of cached vision features.", [("", getattr(memo, "bytes", 0))])
+            metric("queue_depth", "gauge", "Requests waiting for the engine.", [("", engine.queue_depth)])
+        metric("vision_encodes_total", "counter", "Passes through the vision tower.", [("", self.vision_runs)])
+        metric("vision_encode_seconds_total", "counter", "Time in the vision tower.",
+               [("", round(self.vision_seconds, 6))])
+        metric("requests_running", "gauge", "Chat completions in progress.", [("", self.running)])
+        return "\n".join(lines) + "\n"
