@@ -297,6 +297,12 @@ def serve(
     verbose: bool = VERBOSE,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models)."""
+    from .distributed import launched
+
+    if (group := launched()) is not None:  # rank 0 says it, once (a non-zero exit elsewhere would end it first)
+        if group.rank():
+            raise typer.Exit(0)
+        raise Glm4vError("serve does not run under mlx.launch yet; start it on one Mac (generate and chat run on several).")
     from .server.app import ServerConfig, serve as run_server
     from .server.media import MediaPolicy
 
