@@ -4,6 +4,7 @@ every case of a plan, and write what rank 0 saw (and each rank's layout) to the 
 Also imported by the test itself to compute the single-process answers with the same code.
 """
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -40,10 +41,12 @@ def main(plan_file: str):
     rank = group.rank()
     for item in json.loads(Path(plan_file).read_text()):
         out = Path(item["out"])
+        gc.collect()  # the previous model gone
         mx.clear_cache()
         mx.reset_peak_memory()
+        before = mx.get_active_memory()
         model, _, layout = distributed.load(item["checkpoint"], group, mode=item.get("mode"))
-        peak = mx.get_peak_memory()
+        peak = mx.get_peak_memory() - before
         (out / f"rank{rank}.json").write_text(json.dumps({**layout.__dict__, "peak_load_bytes": peak,
                                                           "describe": layout.describe()}))
         results = {}
