@@ -61,11 +61,11 @@ def friendly_errors(command):
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(1)
         except RuntimeError as e:  # under mlx.launch: another rank stopped
-            from .distributed import lost_rank
+            from .distributed import lost_rank, say_once
 
             if kwargs.get("verbose") or (lost := lost_rank(e)) is None:
                 raise
-            typer.echo(f"error: {lost}", err=True)
+            say_once(f"error: {lost}")
             raise typer.Exit(1)
 
     return wrapper

@@ -33,9 +33,21 @@ from mlx.utils import tree_flatten
 from .errors import Glm4vError
 
 
-_reported = threading.Event()  # this rank has said why it stops; a later SIGTERM ends it quietly
 _watching_sigterm = False
 _wakeup = None
+_last_words = threading.Lock()
+_said = False
+
+
+def say_once(line: str):
+    """Write why this rank stops, unless it already has: the main thread and the SIGTERM and
+    timeout watchers may all find a reason at about the same moment."""
+    global _said
+    with _last_words:
+        if not _said:
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+            _said = True
 
 
 def launched():
@@ -67,9 +79,7 @@ def _exit_on_sigterm(rank: int):
     def watch():
         while signal.SIGTERM not in reader.recv(64):
             pass
-        if not _reported.is_set():
-            sys.stderr.write(f"error: mlx.launch stopped rank {rank} (another rank ended); every rank stops.\n")
-            sys.stderr.flush()
+        say_once(f"error: mlx.launch stopped rank {rank} (another rank ended); every rank stops.")
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()
@@ -283,10 +293,8 @@ def watched(group, responses):
     def watch():
         while not done.wait(min(1.0, timeout / 4)):
             if time.monotonic() - last[0] > timeout:
-                _reported.set()
-                sys.stderr.write(f"error: rank {group.rank()} waited {timeout:g} s for the other ranks "
-                                 "(MLX_GLM4V_RANK_TIMEOUT); every rank stops.\n")
-                sys.stderr.flush()
+                say_once(f"error: rank {group.rank()} waited {timeout:g} s for the other ranks "
+                         "(MLX_GLM4V_RANK_TIMEOUT); every rank stops.")
                 os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()
@@ -396,6 +404,5 @@ def lost_rank(error: Exception) -> Optional[Glm4vError]:
     text = str(error)
     if isinstance(error, RuntimeError) and any(s in text for s in ("[ring]", "[jaccl]", "[mpi]", "peer")):
         rank = launched().rank() if launched() is not None else 0
-        _reported.set()
         return Glm4vError(f"rank {rank} lost contact with another rank ({text.strip()}); every rank stops.")
     return None
