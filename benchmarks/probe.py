@@ -267,6 +267,7 @@ def cmd_stages(args):
     out["text_prefill_s"] = ttft - out["vision_s"]
     out["preprocess_in_generate_s"] = out["first_token_s"] - ttft
     out["decode_s"] = out["total_generate_s"] - out["first_token_s"]
+    out["ttft_loaded_s"] = out["load_s"] + out["first_token_s"]
     emit(out)
 
 

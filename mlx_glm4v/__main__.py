@@ -1,4 +1,4 @@
-"""`python -m mlx_glm4v`: the `mlx-glm4v` command, as `mlx.launch` can start it on every rank."""
+"""`python -m mlx_glm4v`: the `mlx-glm4v` command."""
 
 from .cli import main
 

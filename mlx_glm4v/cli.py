@@ -44,6 +44,11 @@ PREFILL_STEP = typer.Option(2048, "--prefill-step-size", help="Prompt tokens per
 IGNORE_EOS = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence tokens.")
 PROMPT_LOOKUP = typer.Option(0, "--prompt-lookup", help="Draft this many tokens from n-grams of the conversation and verify them in one pass (pays when the reply copies the input, as in OCR).")
 NO_THINKING = typer.Option(False, "--no-thinking", help="Ask models with a thinking switch (GLM-4.5V/4.6V) not to think.")
+THINKING_BUDGET = typer.Option(None, "--thinking-budget", help="After this many tokens of thinking, close it (</think>) so the answer follows.")
+MAX_PIXELS = typer.Option(None, "--max-pixels", help="Most pixels (height x width after resizing) per image or video frame; fewer pixels, fewer tokens (28x28 pixels make one token).")
+FPS = typer.Option(None, "--fps", help="Video frames sampled per second (default: the checkpoint's, 2 for GLM-4.1V).")
+MAX_FRAMES = typer.Option(None, "--max-frames", help="Most frames sampled per video (spread over the clip; at least 2).")
+LAZY_LOAD = typer.Option(False, "--lazy-load", help="Read each weight when first used: the text weights after the vision tower, for a lower peak memory.")
 
 
 def friendly_errors(command):
@@ -125,6 +130,8 @@ class Reply:
     system: Optional[str]
     seed: Optional[int]
     settings: dict  # GenerationSettings keyword arguments
+    model_is_default: bool = False
+    lazy_load: bool = False
 
 
 def _reply_options(
@@ -145,20 +152,28 @@ def _reply_options(
     ignore_eos: bool = IGNORE_EOS,
     prompt_lookup: int = PROMPT_LOOKUP,
     no_thinking: bool = NO_THINKING,
+    thinking_budget: Optional[int] = THINKING_BUDGET,
+    max_pixels: Optional[int] = MAX_PIXELS,
+    fps: Optional[float] = FPS,
+    max_frames: Optional[int] = MAX_FRAMES,
+    lazy_load: bool = LAZY_LOAD,
     *,
     default_max_tokens: int,
 ) -> Reply:
     from .generate import GenerationSettings
 
+    media = {"max_pixels": max_pixels, "fps": fps, "max_frames": max_frames}
     settings = dict(
         max_tokens=default_max_tokens if max_tokens is None else max_tokens, temp=temp, top_p=top_p, top_k=top_k,
         min_p=min_p, repetition_penalty=repetition_penalty, max_kv_size=max_kv_size, kv_bits=kv_bits,
         prefill_step_size=prefill_step_size, ignore_eos=ignore_eos, prompt_lookup=prompt_lookup,
-        template_kwargs={"enable_thinking": False} if no_thinking else None,
+        thinking_budget=thinking_budget, template_kwargs={"enable_thinking": False} if no_thinking else None,
+        media_kwargs={k: v for k, v in media.items() if v is not None},
     )
     GenerationSettings(**settings)
     return Reply(resolve_model_name(model), existing_files(image, "image"), existing_files(video, "video"),
-                 system, seed, settings)
+                 system, seed, settings, model_is_default=model is None and not os.environ.get("MLX_GLM4V_MODEL"),
+                 lazy_load=lazy_load)
 
 
 def reply_options(default_max_tokens: int):
@@ -180,17 +195,37 @@ def reply_options(default_max_tokens: int):
     return decorate
 
 
-def load_for_cli(model: str, group=None):
-    """Model and processor; under mlx.launch (`group`), this rank's part of the model."""
-    if group is None:
-        from .loader import load
+def load_for_cli(reply: Reply, group=None):
+    """(model, processor, seconds): weights read now (or on first use with --lazy-load); a default
+    model that cannot be downloaded points at --model. Under mlx.launch (`group`), this rank's part."""
+    import time
 
-        return load(model, lazy=True)
-    from .distributed import load
+    from .loader import DownloadError, load
 
-    loaded_model, processor, layout = load(model, group)
-    typer.echo(layout.describe(), err=True)
-    return loaded_model, processor
+    start = time.perf_counter()
+    if group is not None:  # under mlx.launch: this rank's part of the model
+        from .distributed import load as load_part
+
+        model, processor, layout = load_part(reply.model, group)
+        typer.echo(layout.describe(), err=True)
+        return model, processor, time.perf_counter() - start
+    try:
+        model, processor = load(reply.model, lazy=reply.lazy_load)
+    except DownloadError as e:
+        if not reply.model_is_default:
+            raise
+        raise DownloadError(f"{e} Or give a checkpoint on disk with --model LOCAL_DIR.") from e.__cause__
+    return model, processor, time.perf_counter() - start
+
+
+def read_prompt(prompt: str) -> str:
+    """The prompt as given, or standard input's text for `-`."""
+    if prompt != "-":
+        return prompt
+    text = sys.stdin.read().strip()
+    if not text:
+        raise Glm4vError("the prompt read from standard input (--prompt -) is empty.")
+    return text
 
 
 @app.command()
@@ -198,17 +233,25 @@ def load_for_cli(model: str, group=None):
 @reply_options(default_max_tokens=256)
 def generate(
     reply: Reply,
-    prompt: str = typer.Option(..., "--prompt", "-p", help="The user message."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the text and statistics."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The user message; - reads it from standard input."),
+    hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Print only the answer, not the model's thinking."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the text, its reasoning and answer, statistics and boxes."),
+    draw_boxes: Optional[str] = typer.Option(None, "--draw-boxes", help="Save the image with the reply's boxes and points drawn (OUT-1.png, OUT-2.png, ... for several images)."),
     verbose: bool = VERBOSE,
 ):
     """Answer one prompt about images and videos, streaming the reply."""
+    if draw_boxes and not reply.images:
+        raise Glm4vError("--draw-boxes needs an image (--image) to draw on.")
     from . import distributed
     from .generate import stats_line, stream_generate
+    from .grounding import boxes_of, draw_reply
+    from .reply import ReplySplitter, split_reply
 
     group = distributed.launched()
-    loaded_model, processor = load_for_cli(reply.model, group)
-    if group is not None:
+    if group is None or group.rank() == 0:
+        prompt = read_prompt(prompt)
+    loaded_model, processor, load_s = load_for_cli(reply, group)
+    if group is not None:  # rank 0's prompt, options, seed and media bytes on every rank
         prompt, reply = distributed.share_reply(group, prompt, reply)
     responses = stream_generate(loaded_model, processor, prompt, reply.images, reply.videos, system=reply.system,
                                 seed=reply.seed, **reply.settings)
@@ -216,25 +259,42 @@ def generate(
         responses = distributed.watched(group, responses)
         if group.rank() != 0:
             return distributed.follow(group, responses)
-    text, response = "", None
+    text, shown, response = "", "", None
+    splitter = ReplySplitter()
     for response in responses:
         text += response.text
         if not as_json:
-            sys.stdout.write(response.text)
+            piece = response.text
+            if hide_thinking:
+                piece = splitter.feed(piece)[1]
+                piece = piece if shown else piece.lstrip()  # the answer alone starts with its first word
+            shown += piece
+            sys.stdout.write(piece)
             sys.stdout.flush()
     if as_json:
+        parts = split_reply(text)
         print(json.dumps({
             "text": text,
+            "reasoning": parts.reasoning,
+            "answer": parts.answer,
             "prompt_tokens": response.prompt_tokens,
             "generation_tokens": response.generation_tokens,
+            "load_s": load_s,
             "prompt_tps": response.prompt_tps,
             "generation_tps": response.generation_tps,
             "peak_memory_gb": response.peak_memory,
             "finish_reason": response.finish_reason,
+            "boxes": boxes_of(text, reply.images),
         }))
     else:
+        if hide_thinking:
+            rest = splitter.finish()[1]
+            sys.stdout.write(rest if shown else rest.lstrip())
         print()
-        print(stats_line(response), file=sys.stderr)
+        print(stats_line(response, load_s), file=sys.stderr)
+    if draw_boxes:
+        for line in draw_reply(draw_boxes, text, reply.images):
+            typer.echo(line, err=True)
     if group is not None:
         distributed.finish(group)
 
@@ -254,7 +314,7 @@ def chat(
     from .terminal import run_chat
 
     group = distributed.launched()
-    loaded_model, processor = load_for_cli(reply.model, group)
+    loaded_model, processor, _ = load_for_cli(reply, group)
     if group is not None:
         reply = distributed.share_options(group, reply)
     if reply.seed is not None:
@@ -291,6 +351,7 @@ def serve(
     request_timeout: float = typer.Option(600.0, "--request-timeout", help="End a request after this many seconds."),
     keepalive: float = typer.Option(10.0, "--keepalive", help="Seconds between SSE keep-alive comments while a stream waits (a long prompt)."),
     max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait for the engine (429 beyond)."),
+    max_concurrency: Optional[int] = typer.Option(None, "--max-concurrency", help="Requests decoded together as one batch (default: from the memory the weights leave, at most 32)."),
     feature_cache_mb: float = typer.Option(2048.0, "--feature-cache-mb", help="Memory for vision features shared across requests, in MB."),
     no_ui: bool = typer.Option(False, "--no-ui", help="Do not serve the chat page at /."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
@@ -312,6 +373,8 @@ def serve(
                         ("--max-video-seconds", max_video_seconds)):
         if value <= 0:
             raise Glm4vError(f"{name} {value} must be positive.")
+    if max_concurrency is not None and max_concurrency < 1:
+        raise Glm4vError(f"--max-concurrency {max_concurrency} must be at least 1.")
     policy = MediaPolicy(
         media_root=media_root, allow_url_fetch=allow_url_fetch, max_media_bytes=int(max_media_mb * mb),
         max_images=max_images, max_videos=max_videos, max_image_pixels=max_image_pixels,
@@ -320,14 +383,34 @@ def serve(
     config = ServerConfig(
         model=resolve_model_name(model), alias=alias, api_key=api_key, cors_origins=list(cors_origin or []),
         max_body_bytes=int(max_body_mb * mb), max_prompt_tokens=max_prompt_tokens, request_timeout=request_timeout,
-        keepalive=keepalive, max_queue=max_queue, feature_cache_bytes=int(feature_cache_mb * mb), ui=not no_ui,
-        media=policy,
+        keepalive=keepalive, max_queue=max_queue, max_concurrency=max_concurrency,
+        feature_cache_bytes=int(feature_cache_mb * mb), ui=not no_ui, media=policy,
     )
     run_server(config, host=host, port=port, insecure_no_auth=insecure_no_auth, log_level=log_level)
 
 
+def show_version(value: bool):
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            ours = version("mlx-glm4v")
+        except PackageNotFoundError:
+            ours = "(not installed)"
+        typer.echo(f"mlx-glm4v {ours} (mlx {version('mlx')})")
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    version: bool = typer.Option(False, "--version", callback=show_version, is_eager=True,
+                                 help="Print the version and exit."),
+):
+    """GLM-4.1V on Apple silicon with MLX: image and video chat, conversion and quantization."""
+
+
 def main():
-    app()
+    app(prog_name="mlx-glm4v")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ a hidden sibling directory that replaces `mlx_path` only once complete.
 """
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -231,6 +232,9 @@ def _atomic_directory(out: Path):
     """A fresh hidden sibling of `out` to write into; it becomes `out` only if the block succeeds."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 is for the temporary; the output is like any directory made
     try:
         yield tmp
         old = None
@@ -355,7 +359,7 @@ def _copy_side_files(src: Path, dst: Path):
     for pattern in COPIED:
         for f in src.glob(pattern):
             if f.is_file() and f.name not in NOT_COPIED and not (dst / f.name).exists():
-                shutil.copy2(f, dst / f.name)
+                shutil.copyfile(f, dst / f.name)  # new files: modes from the umask, as any the user writes
 
 
 def _write_config(src: Path, dst: Path, dtype: Optional[str], quantization: Optional[dict]):

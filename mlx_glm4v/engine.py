@@ -1,27 +1,46 @@
-"""The serving engine: one thread owns MLX and runs the requests the server (or a script) submits.
+"""The serving engine: one thread owns MLX and runs every active request as a row of one batch.
 
 Requests arrive as processor outputs plus their `GenerationSettings`; each gets a `Handle` that
 yields `Event`s (text pieces with their token, then a final event with the finish reason and
-the usage) to synchronous or asynchronous readers, and can be cancelled at any time. Vision
-features are shared across requests by pixel digest, never by URL or file name.
+the usage) to synchronous or asynchronous readers, and can be cancelled at any time.
 
-This version runs one request at a time; the interface is the one the batching engine keeps.
+Continuous batching: each turn of the engine loop does one piece of prefill work for the oldest
+row still being prefilled (one image or video through the vision tower, or one chunk of its
+prompt), then one decode step for every row that has a token to run (rows.py). So a long video
+never stalls the streams already running, new rows join the decode batch as soon as their first
+token is out, and finished or cancelled rows leave it at once. A row's prefill, sampling and
+attention are its own, its chunk boundaries fixed by its own prompt: its output does not depend
+on which rows share the batch. Admission is first come, first served, bounded by
+`max_concurrency` rows and a budget of tokens (prompt, media tokens included, plus max_tokens:
+what the KV caches will hold); beyond them a bounded queue, and past it `QueueFull`.
+
+Vision features are shared across requests by pixel digest, never by URL or file name; prompts
+are kept after their prefill (prefix.py) so a request that starts like one starts from it.
 """
 
 import asyncio
+import logging
+import math
+import os
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
 
 from .errors import Glm4vError
-from .generate import GenerationSettings, stream_tokens
-from .media import FeatureMemo
+from .generate import (GenerationSettings, StopStrings, StreamingText, build_messages, generation_stream,
+                       kv_group_size_for, maybe_quantize_kv_cache, wired_limit)
+from .media import FeatureMemo, media_items
 from .model import Model
+from .prefix import PrefixCache, media_marks
 from .processor import Processor
+from .rows import RowSampler, RowState, decode_logits
 
 
 class QueueFull(Glm4vError):
@@ -120,85 +139,349 @@ def top_logprobs(logprobs: mx.array, token: int, k: Optional[int]):
 
 @dataclass
 class EngineStats:
-    requests: int = 0
+    """Counters for a metrics endpoint; `decode_rows / decode_steps` is the mean batch size."""
+
+    requests: int = 0  # admitted
     prompt_tokens: int = 0
     generated_tokens: int = 0
     cached_tokens: int = 0
     cancelled: int = 0
-    time_to_first_token: list = field(default_factory=list)
+    rejected: int = 0  # refused with QueueFull
+    errors: int = 0
+    decode_steps: int = 0
+    decode_rows: int = 0
+    prefill_chunks: int = 0
+    time_to_first_token: deque = field(default_factory=lambda: deque(maxlen=1024))  # seconds, the latest
+
+
+class _Row:
+    """One admitted request: prefilled (media, then prompt chunks), then decoding."""
+
+    def __init__(self, handle: Handle, engine: "Engine"):
+        request = handle.request
+        settings = request.settings
+        self.handle, self.settings = handle, settings
+        self.started = time.perf_counter()
+        self.ids = np.asarray(request.inputs["input_ids"]).reshape(-1)
+        self.usage = Usage(len(self.ids), 0, queued=self.started - handle.submitted)
+        self.inputs = {k: v for k, v in request.inputs.items() if k != "mm_token_type_ids"}
+        self.media = media_items(*(self.inputs.get(k) for k in
+                                   ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")))
+        self.to_encode = list(self.media)  # media not yet through the vision tower (or in the memo)
+        self.cache = settings.new_cache(engine.model, engine.processor, self.ids[None])
+        self.prompt = None  # the embedded prompt while its chunks run
+        self.done = 0  # prompt columns in the cache
+        self.chunk = min(settings.prefill_step_size, engine.prefill_chunk)
+        options = settings.step_options(engine.processor)
+        self.kv_group_size = kv_group_size_for(engine.model, settings.kv_group_size) if settings.kv_bits else 0
+        sampler = RowSampler(settings.temp, settings.top_p, settings.min_p, settings.top_k, request.seed)
+        self.state = RowState(self.cache, sampler, options["logits_processors"] or [], self.ids)
+        self.stop_ids = settings.stop_ids(engine.model)
+        self.stops = StopStrings(settings.stop)
+        self.text = StreamingText(engine.processor.tokenizer.backend)
+        self.token = None  # the token the next decode step runs (an int, or the last step's lazy result)
+        self.pending = None  # (token, log-probabilities) sampled by a step still running, not yet handed out
+        self.sampled = 0  # tokens sampled, handed out or pending
+        self.cost = len(self.ids) + settings.max_tokens
+
+    @property
+    def prefilling(self) -> bool:
+        return self.token is None
+
+
+def _memory_bytes() -> int:
+    info = mx.device_info()
+    size = info.get("max_recommended_working_set_size") or info.get("memory_size")
+    return int(size or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def default_limits(model: Model) -> tuple:
+    """(token budget, max concurrency) from the memory the weights leave: half of it for KV caches."""
+    text = model.config.text_config
+    itemsize = model.language_model.norm.weight.dtype.size  # the activations' (and so the KV cache's) dtype
+    per_token = 2 * len(model.layers) * text.num_key_value_heads * text.head_dim * itemsize
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    budget = max(8192, (_memory_bytes() - weights) // 2 // per_token)
+    return int(budget), int(min(32, max(1, budget // 4096)))
 
 
 class Engine:
-    """Owns the model on one thread; `submit` from any thread or event loop."""
+    """Owns the model on one thread; `submit` from any thread or event loop.
 
-    def __init__(self, model: Model, processor: Processor, *, max_queue: int = 64, feature_cache_items: int = 64,
+    `max_concurrency` rows decode together and `token_budget` bounds their prompt plus
+    max_tokens (defaults from free memory, see `default_limits`); `max_queue` more requests
+    wait; `prefill_chunk` tokens of one prompt run between two decode steps;
+    `prefix_cache_bytes` of prompt KV is kept for requests that start alike (0: none).
+    Rows decode one token a step: a request's `prompt_lookup` is not used (it never changes
+    the output, only how many passes a single stream takes).
+    """
+
+    def __init__(self, model: Model, processor: Processor, *, max_queue: int = 64,
+                 max_concurrency: Optional[int] = None, token_budget: Optional[int] = None,
+                 prefill_chunk: int = 512, prefix_cache_bytes: int = 1 << 30, feature_cache_items: int = 64,
                  feature_cache_bytes: Optional[int] = None):
         self.model, self.processor = model, processor
+        budget, concurrency = default_limits(model)
+        self.max_concurrency = max_concurrency or concurrency
+        self.token_budget = token_budget or budget
+        if self.max_concurrency < 1 or self.token_budget < 1 or prefill_chunk < 1 or max_queue < 0:
+            raise Glm4vError("max-concurrency, the token budget and the prefill chunk must be positive, "
+                             "the queue length not negative.")
         self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
         self.vision_memo = FeatureMemo(feature_cache_items, feature_cache_bytes)
+        self.prefixes = PrefixCache(prefix_cache_bytes)
         self.stats = EngineStats()
-        self._queue: queue.Queue = queue.Queue()
+        self._waiting: deque = deque()
+        self._rows: list = []
+        self._closing = False
+        self._seconds_per_request = 1.0  # running mean, for Retry-After
+        self._wake = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="mlx-glm4v-engine", daemon=True)
         self._thread.start()
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        return len(self._rows)
 
     def submit(self, request: Request) -> Handle:
-        if self._queue.qsize() >= self.max_queue:
-            raise QueueFull(f"the server is busy: {self.max_queue} requests are already waiting.")
         handle = Handle(request)
-        self._queue.put(handle)
+        with self._wake:
+            if self._closing:
+                raise Glm4vError("the engine is shutting down.")
+            if len(self._waiting) >= self.max_queue:
+                self.stats.rejected += 1
+                retry = self._seconds_per_request * (len(self._waiting) + 1) / self.max_concurrency
+                raise QueueFull(f"the server is busy: {self.max_queue} requests are already waiting.",
+                                retry_after=int(min(60, max(1, math.ceil(retry)))))
+            self._waiting.append(handle)
+            self._wake.notify()
         return handle
 
-    def close(self):
-        self._queue.put(None)
+    def close(self, cancel: bool = False):
+        """Serve what was submitted (or, with `cancel`, end it now as cancelled), then stop the thread."""
+        with self._wake:
+            self._closing = True
+            if cancel:
+                for handle in list(self._waiting) + [r.handle for r in self._rows]:
+                    handle.cancel()
+            self._wake.notify()
         self._thread.join()
 
+    # ---- the engine thread ----
+
     def _run(self):
-        while (handle := self._queue.get()) is not None:
-            try:
-                self._serve(handle)
-            except Glm4vError as e:
-                handle.put(Event("", finish_reason="error", error=str(e)))
-            except Exception as e:  # keep serving; the reader gets a sentence, the log the details
-                import logging
+        try:
+            with mx.stream(generation_stream), wired_limit(self.model):
+                while True:
+                    with self._wake:
+                        while not self._waiting and not self._rows and not self._closing:
+                            self._wake.wait()
+                        if self._closing and not self._waiting and not self._rows:
+                            return
+                        admitted = self._admit()
+                    for handle in admitted:
+                        self._guard([handle], self._start, handle)
+                    self._step()
+        finally:
+            mx.synchronize()
+            mx.clear_streams()  # this thread's streams go with it, not at interpreter exit (which aborts)
 
+    def _admit(self) -> list:
+        """Handles to start now: first come first served, within concurrency and the token budget."""
+        for handle in [h for h in self._waiting if h.cancelled.is_set()]:  # a place in the queue freed at once
+            self._waiting.remove(handle)
+            out_usage = Usage(len(np.asarray(handle.request.inputs["input_ids"]).reshape(-1)), 0)
+            self.stats.cancelled += 1
+            handle.put(Event("", finish_reason="cancelled", usage=out_usage))
+        out, used = [], sum(r.cost for r in self._rows)
+        while self._waiting and len(self._rows) + len(out) < self.max_concurrency:
+            handle = self._waiting[0]
+            cost = len(np.asarray(handle.request.inputs["input_ids"]).reshape(-1)) + handle.request.settings.max_tokens
+            if (self._rows or out) and used + cost > self.token_budget:
+                break
+            self._waiting.popleft()
+            out.append(handle)
+            used += cost
+        return out
+
+    def _guard(self, handles, fn, *args):
+        """fn's result; on failure None, and the given requests end with an error event (the engine keeps serving)."""
+        try:
+            return fn(*args)
+        except Exception as e:
+            if isinstance(e, Glm4vError):
+                message = str(e)
+            else:
                 logging.getLogger(__name__).exception("request failed")
-                handle.put(Event("", finish_reason="error", error=f"generation failed ({type(e).__name__})."))
+                message = f"generation failed ({type(e).__name__})."
+            for h in handles:
+                row = next((r for r in self._rows if r.handle is h), None)
+                usage = row.usage if row else Usage(len(np.asarray(h.request.inputs["input_ids"]).reshape(-1)), 0)
+                self._end(h, row, Event("", finish_reason="error", usage=usage, error=message))
+                self.stats.errors += 1
 
-    def _serve(self, handle: Handle):
-        request, settings = handle.request, handle.request.settings
-        start = time.perf_counter()
-        usage = Usage(int(request.inputs["input_ids"].shape[-1]), 0, queued=start - handle.submitted)
+    def _start(self, handle: Handle):
         if handle.cancelled.is_set():
             self.stats.cancelled += 1
-            handle.put(Event("", finish_reason="cancelled", usage=usage))
+            self._end(handle, None, Event("", finish_reason="cancelled", usage=Usage(
+                len(np.asarray(handle.request.inputs["input_ids"]).reshape(-1)), 0)))
             return
-        if request.seed is not None:
-            mx.random.seed(request.seed)
-        cache = settings.new_cache(self.model, self.processor, request.inputs["input_ids"])
-        inputs = {k: v for k, v in request.inputs.items() if k != "mm_token_type_ids"}
+        row = _Row(handle, self)
+        self._rows.append(row)
         self.stats.requests += 1
-        self.stats.prompt_tokens += usage.prompt_tokens
-        responses = stream_tokens(self.model, self.processor, inputs, cache, stop_ids=settings.stop_ids(self.model),
-                                  stop=settings.stop, vision_memo=self.vision_memo, **settings.step_options())
-        for response in responses:
-            if handle.cancelled.is_set():
-                responses.close()
-                self.stats.cancelled += 1
-                handle.put(Event("", finish_reason="cancelled", usage=usage))
-                return
-            if response.token is not None:
-                usage.completion_tokens += 1
-                self.stats.generated_tokens += 1
-                if usage.completion_tokens == 1:
-                    usage.time_to_first_token = time.perf_counter() - start
-                    self.stats.time_to_first_token.append(usage.time_to_first_token)
-            logprob, alternatives = top_logprobs(response.logprobs, response.token, request.top_logprobs) \
-                if response.token is not None else (None, None)
-            final = response.finish_reason is not None
-            handle.put(Event(response.text, response.token, logprob, alternatives, response.finish_reason,
-                             usage if final else None))
+        self.stats.prompt_tokens += row.usage.prompt_tokens
 
+    def _step(self):
+        for row in [r for r in self._rows if r.handle.cancelled.is_set()]:
+            self.stats.cancelled += 1
+            self._end(row.handle, row, Event("", finish_reason="cancelled", usage=row.usage))
+        budget = self.prefill_chunk  # prompt tokens to run before the next decode step (short prompts share one)
+        while budget > 0 and (waiting := next((r for r in self._rows if r.prefilling), None)) is not None:
+            budget -= self._guard([waiting.handle], self._prefill, waiting) or budget
+        decoding = [r for r in self._rows if not r.prefilling]
+        if decoding:
+            self._guard([r.handle for r in decoding], self._decode, decoding)
+
+    def _prefill(self, row: _Row):
+        """One piece of a row's prefill, a media item through the vision tower or a prompt chunk; its tokens."""
+        memo = self.vision_memo
+        while row.to_encode and row.to_encode[0].digest in memo:
+            row.to_encode.pop(0)
+        if row.to_encode:
+            item = row.to_encode.pop(0)
+            features = self.model.encode_media(memo=memo, items=[item])
+            mx.eval([f for f in features if f is not None])
+            return sum(f.shape[0] for f in features if f is not None)  # vision work, counted as its tokens
+        if row.prompt is None:
+            self._embed(row)
+        prompt, cache = row.prompt, row.cache
+        end = min((row.done // row.chunk + 1) * row.chunk, prompt.length)
+        hidden = self.model.forward(prompt, cache, row.done, end)
+        ran, row.done = end - row.done, end
+        self.stats.prefill_chunks += 1
+        if end < prompt.length:
+            mx.eval([c.state for c in cache])
+            mx.clear_cache()
+            return ran
+        row.prompt = None
+        first = self._sample(row, self.model.logits(hidden[:, -1, :]))
+        mx.eval(first, [c.state for c in cache])
+        self.prefixes.store(row.ids, row.marks, cache)
+        row.sampled = 1
+        self._emit(row, first[0].item(), first[1])
+        return ran
+
+    def _embed(self, row: _Row):
+        """The row's prompt embedded (media from the memo) and recorded; a kept prefix restored."""
+        prompt = self.model.prepare(**row.inputs, cache=row.cache, vision_memo=self.vision_memo, media=row.media)
+        row.cache.record(prompt)
+        if prompt.positions is not None:
+            mx.eval(prompt.embeds)
+        row.marks = media_marks(self.model.config, row.ids, row.media)
+        if self.prefixes.max_bytes > 0 and not row.cache.rotating and row.settings.kv_bits is None:
+            entry, n = self.prefixes.lookup(row.ids, row.marks)
+            n = min(n, prompt.length - 1)  # the last prompt token always runs: its logits give the first token
+            if n > 0:
+                self.prefixes.restore(entry, n, row.cache)
+                row.done = row.usage.cached_tokens = n
+                self.stats.cached_tokens += n
+        row.prompt = prompt
+
+    def _sample(self, row: _Row, logits: mx.array):
+        s = row.settings
+        maybe_quantize_kv_cache(row.cache, s.quantized_kv_start, row.kv_group_size, s.kv_bits)
+        return row.state.sample(logits)
+
+    def _decode(self, rows: list):
+        """Queue one decode step for the rows that need more tokens, then hand out the previous
+        step's tokens while it runs (mlx-lm's pipelining: the device never waits for the host)."""
+        ready = [r for r in rows if r.pending is not None]
+        step = [r for r in rows if r.sampled < r.settings.max_tokens]
+        if step:
+            tokens = mx.concatenate([t.reshape(1) if isinstance(t, mx.array) else mx.array([t]) for t in
+                                     (r.token for r in step)])
+            logits = decode_logits(self.model, [r.cache for r in step], tokens)
+            out = []
+            for b, row in enumerate(step):
+                row.state.ran(tokens[b: b + 1])
+                out.append(self._sample(row, logits[b: b + 1]))
+            mx.async_eval(out)
+            self.stats.decode_steps += 1
+            self.stats.decode_rows += len(step)
+            if self.stats.decode_steps % 256 == 0:
+                mx.clear_cache()
+        for row in ready:
+            (token, logprobs), row.pending = row.pending, None
+            self._emit(row, token.item(), logprobs)
+        for row, sampled in zip(step, out if step else ()):
+            if row in self._rows:  # not ended by the token just handed out
+                row.pending, row.token = sampled, sampled[0]
+                row.sampled += 1
+
+    def _emit(self, row: _Row, token: int, logprobs: mx.array):
+        """Hand out a sampled token as text (whole characters, stop strings held back), or end the row."""
+        usage = row.usage
+        usage.completion_tokens += 1
+        self.stats.generated_tokens += 1
+        if usage.completion_tokens == 1:
+            usage.time_to_first_token = time.perf_counter() - row.started
+            self.stats.time_to_first_token.append(usage.time_to_first_token)
+        logprob, alternatives = top_logprobs(logprobs, token, row.handle.request.top_logprobs)
+        if token in row.stop_ids:
+            piece, _ = row.stops.feed(row.text.finish())
+            return self._end(row.handle, row, Event(piece + row.stops.flush(), token, logprob, alternatives, "stop",
+                                                    usage))
+        piece, stopped = row.stops.feed(row.text.add(token))
+        if stopped:
+            return self._end(row.handle, row, Event(piece, token, logprob, alternatives, "stop", usage))
+        row.handle.put(Event(piece, token, logprob, alternatives))
+        if usage.completion_tokens >= row.settings.max_tokens:
+            piece, _ = row.stops.feed(row.text.finish())
+            return self._end(row.handle, row, Event(piece + row.stops.flush(), finish_reason="length", usage=usage))
+        row.token = token
+
+    def _end(self, handle: Handle, row: Optional[_Row], event: Event):
+        handle.put(event)
+        if row is not None and row in self._rows:
+            self._rows.remove(row)
+            seconds = time.perf_counter() - row.started
+            self._seconds_per_request += 0.2 * (seconds - self._seconds_per_request)
+
+
+def batch_generate(model: Model, processor: Processor, prompts: Sequence, images: Optional[Sequence] = None,
+                   videos: Optional[Sequence] = None, *, system: Optional[str] = None, seed: Optional[int] = None,
+                   max_concurrency: Optional[int] = None, **settings) -> list:
+    """Replies to many prompts at once (texts or chat messages), as one continuous batch.
+
+    `images[i]` and `videos[i]` are the media of prompt i; `settings` are those of
+    `GenerationSettings`, the same for every prompt; each prompt's reply is what it gets alone.
+    """
+    settings = GenerationSettings(**settings)
+    prompts = list(prompts)
+    for name, media in (("images", images), ("videos", videos)):
+        if media is not None and len(media) != len(prompts):
+            raise Glm4vError(f"{name} has {len(media)} entries for {len(prompts)} prompts; give one list per prompt.")
+    requests = []
+    for i, prompt in enumerate(prompts):
+        messages = build_messages(prompt, images[i] if images else (), videos[i] if videos else (), system)
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, **settings.template_kwargs)
+        media_images, media_videos = processor.media_from_messages(messages)
+        inputs = processor(text, images=media_images, videos=media_videos, **settings.media_kwargs)
+        requests.append(Request(inputs, settings, seed))
+    engine = Engine(model, processor, max_queue=len(requests), max_concurrency=max_concurrency)
+    try:
+        handles = [engine.submit(r) for r in requests]
+        texts = []
+        for handle in handles:
+            events = list(handle)
+            if events[-1].finish_reason == "error":
+                raise Glm4vError(events[-1].error)
+            texts.append("".join(e.text for e in events))
+        return texts
+    finally:
+        engine.close()

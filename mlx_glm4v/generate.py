@@ -43,6 +43,20 @@ def wired_limit(model: Model):
         mx.set_wired_limit(previous)
 
 
+KV_GROUP_SIZES = (128, 64, 32)  # the group sizes mx.quantize takes
+
+
+def kv_group_size_for(model: Model, requested: int = 64) -> int:
+    """The group size a quantized KV cache of the model's heads can use: `requested` when it
+    divides the head size, else the largest smaller one MLX supports that does."""
+    head_dim = model.config.text_config.head_dim
+    for size in (requested,) + tuple(g for g in KV_GROUP_SIZES if g < requested):
+        if size in KV_GROUP_SIZES and head_dim % size == 0:
+            return size
+    raise Glm4vError(f"kv-bits needs the attention head size ({head_dim}) to be a multiple of 32, 64 or 128, "
+                     "the group sizes MLX quantizes in; drop --kv-bits for this model.")
+
+
 def maybe_quantize_kv_cache(cache: PromptCache, start: int, group_size: int, bits: Optional[int]):
     """Swap each layer's cache for a quantized one once it holds `start` tokens (mlx-lm's `--kv-bits`)."""
     if bits is None:
@@ -134,6 +148,8 @@ def generate_step(
     "prefill" in prompt tokens.
     """
     sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
+    if kv_bits is not None:
+        kv_group_size = kv_group_size_for(model, kv_group_size)
 
     def sample(logits, history):
         for processor in logits_processors or ():
@@ -204,7 +220,7 @@ def lookup_decode(model, cache, first, sample, history, max_tokens: int, n_draft
         draft = find_draft(np.array(ids), min(n_draft, max_tokens - emitted - 1))
         logits = model(mx.array([[token] + draft]), cache=cache)[0]
         for i in range(len(draft) + 1):
-            y, logprobs = sample(logits[i: i + 1], mx.array(ids + draft[:i]))
+            y, logprobs = sample(logits[i: i + 1], mx.array(ids))  # ids: all accepted so far
             if i == len(draft) or y.item() != draft[i]:
                 break
             yield draft[i], logprobs
@@ -212,6 +228,27 @@ def lookup_decode(model, cache, first, sample, history, max_tokens: int, n_draft
             emitted += 1
         if len(draft) > i:
             cache.trim(len(draft) - i)
+
+
+def thinking_budget_processor(budget: int, think_open: int, think_close: int):
+    """A logits processor that forces `</think>` once `budget` tokens follow the last unclosed `<think>`.
+
+    It reads the token history (prompt and reply, as mlx-lm's processors get it) with array
+    operations only, so decoding never waits for the host, and it holds no state: drafts
+    verified by prompt lookup and rows of a batch see exactly what plain decoding would.
+    """
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        tokens = tokens.reshape(-1, tokens.shape[-1])  # [L] or [B, L]
+        at = mx.arange(tokens.shape[-1])
+        opened = mx.max(mx.where(tokens == think_open, at, -1), axis=-1, keepdims=True)
+        closed = mx.max(mx.where(tokens == think_close, at, -1), axis=-1, keepdims=True)
+        spent = tokens.shape[-1] - 1 - opened
+        force = (opened > closed) & (spent >= budget)
+        only_close = mx.where(mx.arange(logits.shape[-1]) == think_close, 0.0, -mx.inf).astype(logits.dtype)
+        return mx.where(force, only_close, logits)
+
+    return process
 
 
 class StopStrings:
@@ -245,7 +282,8 @@ class GenerationSettings:
 
     Sampling and logits processing are mlx-lm's; `max_kv_size` rotates the KV cache (keeping
     the system prompt and the media), `kv_bits` quantizes it, `prompt_lookup` drafts that
-    many tokens from n-grams of the conversation. `template_kwargs` reach the chat template
+    many tokens from n-grams of the conversation. `thinking_budget` forces `</think>` after that
+    many tokens of thinking, so the answer follows. `template_kwargs` reach the chat template
     (e.g. `enable_thinking`), `media_kwargs` the processor (`fps`, `max_frames`, `max_pixels`).
     """
 
@@ -264,6 +302,7 @@ class GenerationSettings:
     quantized_kv_start: int = 0
     prefill_step_size: int = 2048
     prompt_lookup: int = 0
+    thinking_budget: Optional[int] = None
     template_kwargs: Optional[dict] = None
     media_kwargs: Optional[dict] = None
 
@@ -282,6 +321,16 @@ class GenerationSettings:
              "kv-bits cannot be combined with max-kv-size (mlx-lm has no quantized rotating cache)."),
             (self.prefill_step_size >= 1, f"prefill step size {self.prefill_step_size} must be at least 1."),
             (self.prompt_lookup >= 0, f"prompt-lookup {self.prompt_lookup} must be 0 (off) or a number of draft tokens."),
+            (self.thinking_budget is None or self.thinking_budget >= 0,
+             f"thinking budget {self.thinking_budget} must be 0 or a positive number of tokens."),
+        ]
+        media = self.media_kwargs or {}
+        checks += [
+            (media.get("max_pixels") is None or media["max_pixels"] >= 1,
+             f"max-pixels {media.get('max_pixels')} must be a positive number of pixels."),
+            (media.get("fps") is None or media["fps"] > 0, f"fps {media.get('fps')} must be positive."),
+            (media.get("max_frames") is None or media["max_frames"] >= 2,
+             f"max-frames {media.get('max_frames')} is too small: frames reach the model in pairs, so 2 at least."),
         ]
         for ok, message in checks:
             if not ok:
@@ -292,13 +341,22 @@ class GenerationSettings:
     def stop_ids(self, model: Model) -> set:
         return set() if self.ignore_eos else set(model.config.eos_token_id)
 
-    def step_options(self) -> dict:
-        """The arguments of `generate_step`: mlx-lm's sampler and logits processors included."""
+    def step_options(self, processor: Optional[Processor] = None) -> dict:
+        """The arguments of `generate_step`, for one request: mlx-lm's sampler and logits processors
+        included, and the thinking budget's (which needs the `processor` for the `<think>` ids)."""
+        processors = make_logits_processors(repetition_penalty=self.repetition_penalty,
+                                            repetition_context_size=self.repetition_context_size)
+        if self.thinking_budget is not None:
+            ids = [processor.convert_tokens_to_ids(t) for t in ("<think>", "</think>")] if processor else [None]
+            if None in ids:
+                raise Glm4vError("a thinking budget needs a tokenizer with <think> and </think> tokens; "
+                                 "this checkpoint's has none." if processor else
+                                 "a thinking budget needs the processor: pass it to step_options.")
+            processors.append(thinking_budget_processor(self.thinking_budget, *ids))
         return dict(
             sampler=make_sampler(temp=self.temp, top_p=self.top_p if self.top_p < 1 else 0.0, min_p=self.min_p,
                                  top_k=self.top_k),
-            logits_processors=make_logits_processors(repetition_penalty=self.repetition_penalty,
-                                                     repetition_context_size=self.repetition_context_size),
+            logits_processors=processors,
             max_tokens=self.max_tokens, prefill_step_size=self.prefill_step_size, kv_bits=self.kv_bits,
             kv_group_size=self.kv_group_size, quantized_kv_start=self.quantized_kv_start,
             prompt_lookup=self.prompt_lookup,
@@ -306,6 +364,8 @@ class GenerationSettings:
 
     def new_cache(self, model: Model, processor: Processor, input_ids) -> PromptCache:
         """A cache for one conversation; a rotating one keeps the system prompt and the media of `input_ids`."""
+        if self.kv_bits is not None:
+            kv_group_size_for(model, self.kv_group_size)  # a head size MLX cannot quantize: say so now
         if self.max_kv_size is None:
             return model.make_cache()
         keep = kept_prefix(model, processor, input_ids)
@@ -358,7 +418,7 @@ def stream_generate(
     if cache is None:
         cache = settings.new_cache(model, processor, inputs["input_ids"])
     yield from stream_tokens(model, processor, inputs, cache, stop_ids=settings.stop_ids(model), stop=settings.stop,
-                             **settings.step_options())
+                             **settings.step_options(processor))
 
 
 def stream_tokens(model, processor, inputs: dict, cache, *, stop_ids=(), stop=(), **step_options):
@@ -427,9 +487,11 @@ def generate(model: Model, processor: Processor, prompt, images=(), videos=(), v
     return text
 
 
-def stats_line(r: GenerationResponse) -> str:
+def stats_line(r: GenerationResponse, load_s: Optional[float] = None) -> str:
+    """mlx-lm's statistics line, with the load time first when given."""
     return (
-        f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec | "
+        (f"Load: {load_s:.3f} s | " if load_s is not None else "")
+        + f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec | "
         f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec | "
         f"Peak memory: {r.peak_memory:.3f} GB"
     )

@@ -1,11 +1,15 @@
 """Pixels for the vision tower: reading images, `smart_resize`, bicubic resize, normalize, patchify.
 
 Mirrors transformers' `Glm4vImageProcessor` (the torchvision backend it picks by default) with PIL and
-numpy. PIL's bicubic filter is the one torchvision's antialiased bicubic was ported from, so the two
-differ by at most one grey level on a few pixels.
+numpy. The resize is torch's own uint8 arithmetic (antialiased bicubic, integer weights, the
+horizontal pass first), so pixels are equal to the reference's, not merely close: PIL's filter
+is the same curve but keeps more bits of each weight, and Pillow runs the vertical pass first when
+the height shrinks by a larger factor than the width, which moved pixels by up to 25 grey levels.
 """
 
 import math
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,9 +71,13 @@ def load_image(image) -> np.ndarray:
     if isinstance(image, (str, Path)):
         path = existing_file(image, "image")
         try:
-            with Image.open(path) as im:
-                return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            raise Glm4vError(_bomb_message(path, e)) from None
+        except (OSError, ValueError, SyntaxError) as e:
             raise Glm4vError(f"{path} is not a readable image ({e}).") from None
     if isinstance(image, Image.Image):
         if "A" in image.getbands() or image.info.get("transparency") is not None:
@@ -79,6 +87,16 @@ def load_image(image) -> np.ndarray:
     if isinstance(image, np.ndarray):
         return _array_to_rgb(image)
     raise Glm4vError(f"an image must be a file path, a PIL image or a numpy array, not {type(image).__name__}.")
+
+
+def _bomb_message(path: Path, error: Exception) -> str:
+    """PIL refuses (or warns about) images past `Image.MAX_IMAGE_PIXELS`, 89 MP by default: one
+    sentence instead of its message, which in the warning's case comes with a site-packages path."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    size = f" of {int(found.group(1)) / 1e6:,.1f} megapixels" if found else ""
+    limit = (Image.MAX_IMAGE_PIXELS or 0) / 1e6
+    return (f"{path} is an image{size}, more than the {limit:,.1f} megapixels PIL opens safely (it could be a "
+            "decompression bomb); scale it down first.")
 
 
 def _array_to_rgb(a: np.ndarray) -> np.ndarray:
@@ -126,10 +144,84 @@ def smart_resize(num_frames: int, height: int, width: int, s: PixelSettings, max
 
 
 def resize(frames: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bicubic (PIL, a = -0.5, antialiased when shrinking) on each (H, W, 3) uint8 frame."""
+    """(T, H, W, C) uint8 -> (T, height, width, C): torchvision's antialiased bicubic on uint8 tensors."""
     if frames.shape[1:3] == (height, width):
         return frames
-    return np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.BICUBIC)) for f in frames])
+    return np.stack([_resize_frame(f, height, width) for f in frames])
+
+
+def _resize_frame(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Two separable passes as torch's CPU kernel runs them: columns first, rounded to uint8, then rows."""
+    if frame.shape[1] != width:
+        frame = _resample(frame, width, axis=1)
+    if frame.shape[0] != height:
+        frame = _resample(frame, height, axis=0)
+    return frame
+
+
+def _bicubic(x: np.ndarray) -> np.ndarray:
+    """Keys' cubic with a = -0.5, torch's antialiasing filter."""
+    a, x = -0.5, np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return np.where(x < 1, near, np.where(x < 2, far, 0.0))
+
+
+def _int16_weights(n_in: int, n_out: int):
+    """Taps ([n_out, K] source indices), int16-range weights and their precision in bits, computed as
+    torch's `_compute_index_ranges_int16_weights` does (float64, normalised, then fixed point)."""
+    scale = n_in / n_out
+    support = 2.0 * max(scale, 1.0)
+    taps = int(math.ceil(support)) * 2 + 1
+    center = scale * (np.arange(n_out) + 0.5)
+    first = np.maximum((center - support + 0.5).astype(np.int64), 0)
+    count = np.clip(np.minimum((center + support + 0.5).astype(np.int64), n_in) - first, 0, taps)
+    k = np.arange(taps)
+    w = _bicubic((first[:, None] + k - center[:, None] + 0.5) / max(scale, 1.0))
+    w = np.where(k < count[:, None], w, 0.0)
+    total = w.sum(axis=1, keepdims=True)
+    w = np.where(total != 0, w / np.where(total != 0, total, 1.0), w)
+    bits = 0  # the most bits that keep twice the largest weight below 2**15
+    while bits < 22 and int(0.5 + w.max() * (1 << (bits + 1))) < (1 << 15):
+        bits += 1
+    w = w * (1 << bits)
+    w = np.trunc(w + np.where(w < 0, -0.5, 0.5)).astype(np.int32)  # rounded half away from zero
+    return np.minimum(first[:, None] + k, n_in - 1), w, bits
+
+
+def _resample(x: np.ndarray, n_out: int, axis: int, block: int = 16) -> np.ndarray:
+    """Resize axis 0 (rows) or 1 (columns) of (H, W, C) uint8 `x`: the sum of each output's taps times
+    their integer weights, rounded, shifted and clamped. `block` rows at a time, so the int32 sums
+    stay in cache; columns gather whole pixels, channels interleaved, without a transpose."""
+    H, W, C = x.shape
+    index, weights, bits = _int16_weights(x.shape[axis], n_out)
+    flat = x.reshape(H, W * C)
+    if axis == 1:
+        taps = (index[:, :, None] * C + np.arange(C)).transpose(1, 0, 2).reshape(index.shape[1], -1)
+        per_tap = np.repeat(weights.T, C, axis=1)  # [K, n_out * C]
+        rows, shape = H, (H, n_out, C)
+
+        def term(start, stop, k):
+            return flat[start:stop, taps[k]], per_tap[k]
+    else:
+        rows, shape = n_out, (n_out, W, C)
+
+        def term(start, stop, k):
+            return flat[index[start:stop, k]], weights[start:stop, k, None]
+
+    out = np.empty((rows, shape[1] * C), np.uint8)
+    used = [k for k in range(weights.shape[1]) if weights[:, k].any()]
+    acc, product = np.empty((2, min(block, rows), out.shape[1]), np.int32)
+    for start in range(0, rows, block):
+        stop = min(start + block, rows)
+        a, t = acc[: stop - start], product[: stop - start]
+        a.fill(1 << (bits - 1))
+        for k in used:
+            np.multiply(*term(start, stop, k), out=t)
+            a += t
+        np.right_shift(a, bits, out=a)
+        out[start:stop] = np.clip(a, 0, 255)
+    return out.reshape(shape)
 
 
 def patchify(frames: np.ndarray, s: PixelSettings):

@@ -105,9 +105,12 @@ class Attention(nn.Module):
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         q, k = rope(q), rope(k)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        if hasattr(cache, "attend"):  # rows of a batch, each over its own cache (rows.py)
+            out = cache.attend(q, k, v, self.scale)
+        else:
+            if cache is not None:
+                k, v = cache.update_and_fetch(k, v)
+            out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def can_shard(self, n: int) -> bool:

@@ -21,7 +21,6 @@ from .model import Model, checkpoint_name
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*"]
 
 
-
 def resolve(path_or_repo: str, revision: Optional[str] = None) -> Path:
     """A local checkpoint directory, downloading it from the hub if `path_or_repo` is a repo id."""
     path = Path(path_or_repo).expanduser()
@@ -34,14 +33,59 @@ def resolve(path_or_repo: str, revision: Optional[str] = None) -> Path:
     if path_or_repo.count("/") != 1 or path_or_repo.startswith((".", "/", "~")):
         raise Glm4vError(f"{path_or_repo} is neither an existing directory nor a hub repo id (owner/name).")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
         return Path(snapshot_download(path_or_repo, revision=revision, allow_patterns=HUB_PATTERNS))
-    except RepositoryNotFoundError:
-        raise Glm4vError(f"{path_or_repo} was not found on the Hugging Face hub.") from None
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
-        raise Glm4vError(f"{path_or_repo} could not be downloaded ({type(e).__name__}); check the network.") from None
+    except (OSError, ValueError) as e:
+        raise DownloadError(download_problem(path_or_repo, revision, e)) from e
+
+
+class DownloadError(Glm4vError):
+    """A checkpoint could not be fetched from the hub; the message says why (the cause is chained)."""
+
+
+LOGIN = "log in with `hf auth login` (or set HF_TOKEN)"
+
+
+def download_problem(repo: str, revision: Optional[str], e: Exception) -> str:
+    """One sentence on why `snapshot_download` failed, from huggingface_hub's exception (or the
+    OSError under it)."""
+    import errno
+
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    cause = e.__cause__ or e.__context__
+    response = getattr(e, "response", None)
+    status = getattr(response, "status_code", None)
+    refused = response is not None and "Invalid credentials" in response.headers.get("X-Error-Message", "")
+    if any(isinstance(x, OSError) and x.errno == errno.ENOSPC for x in (e, cause)):
+        return (f"{repo} could not be downloaded: the disk is full ({constants.HF_HUB_CACHE}); free some space "
+                "or point HF_HOME at a larger disk.")
+    if isinstance(cause, OfflineModeIsEnabled) or (constants.HF_HUB_OFFLINE and not isinstance(e, HfHubHTTPError)):
+        return (f"{repo} is not in the local Hugging Face cache and offline mode is set (HF_HUB_OFFLINE); "
+                "unset it to download.")
+    if isinstance(e, GatedRepoError):
+        return f"{repo} is gated: accept its conditions on https://huggingface.co/{repo} and {LOGIN}."
+    if isinstance(e, RevisionNotFoundError):
+        return f"{repo} has no revision {revision!r} on the Hugging Face hub."
+    if status == 401 and refused:
+        return f"the Hugging Face hub refused the token sent for {repo}; {LOGIN} again."
+    if isinstance(e, RepositoryNotFoundError) or status == 401:  # the hub answers 401 for private repos too
+        return (f"{repo} was not found on the Hugging Face hub; if it is private or gated, {LOGIN} "
+                "with an account that may read it.")
+    if isinstance(e, HfHubHTTPError):
+        return f"{repo} could not be downloaded: the Hugging Face hub answered HTTP {status}."
+    if isinstance(e, ValueError):
+        return f"{repo} is not a valid hub repo id: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    if isinstance(cause, HfHubHTTPError):
+        status = getattr(cause.response, "status_code", None)
+        return f"{repo} could not be downloaded: the Hugging Face hub answered HTTP {status}; try again later."
+    if cause is not None and any(word in type(cause).__name__ for word in ("Connect", "Timeout", "Proxy")):
+        return (f"{repo} could not be downloaded: the Hugging Face hub cannot be reached ({type(cause).__name__}); "
+                "check the network.")
+    return f"{repo} could not be downloaded ({type(e).__name__})."
 
 
 def read_config(path: Path) -> dict:

@@ -20,6 +20,7 @@ from .reply import ReplySplitter
 COMMANDS = {
     "/image": "/image PATH  attach an image (or several) to your next message",
     "/video": "/video PATH  attach a video (or several) to your next message",
+    "/boxes": "/boxes PATH  save the image with the last reply's boxes and points drawn",
     "/reset": "/reset       forget the conversation",
     "/help": "/help        show this list",
     "/exit": "/exit        quit (also /quit, Ctrl-D)",
@@ -283,6 +284,7 @@ def run_chat(model, processor, *, system=None, images=(), videos=(), settings=No
     for a in pending:
         say(f"attached {a.summary}")
     color = use_color(sys.stdout)
+    shown, last_reply = [], None  # the conversation's images so far, and the latest reply, for /boxes
     enable_line_editing()
     say(WELCOME)
     while True:
@@ -307,10 +309,12 @@ def run_chat(model, processor, *, system=None, images=(), videos=(), settings=No
                 say("\n".join(COMMANDS.values()) + "\nStart a message with // to send text beginning with /.")
             elif command == "/reset":
                 session.reset()
-                pending = []
+                pending, shown, last_reply = [], [], None
                 say("(conversation cleared)")
             elif command in ("/image", "/video"):
                 pending += _attach_all(processor, argument, command[1:], media_kwargs)
+            elif command == "/boxes":
+                _save_boxes(argument, last_reply, shown)
             else:
                 say(f"unknown command {command}; the commands are {', '.join(COMMANDS)}.")
             continue
@@ -318,7 +322,8 @@ def run_chat(model, processor, *, system=None, images=(), videos=(), settings=No
             line = line.replace("/", "", 1)
         if not stripped and not pending:
             continue
-        _reply(session, line, pending, hide_thinking, color)
+        shown += [a.path for a in pending if a.kind == "image"]
+        last_reply = _reply(session, line, pending, hide_thinking, color)
         pending = []
 
 
@@ -353,8 +358,26 @@ def _attach_all(processor, argument: str, kind: str, media_kwargs: dict) -> list
     return done
 
 
+def _save_boxes(argument: str, reply, images: list):
+    """/boxes PATH: the last reply's boxes drawn onto the conversation's images (grounding.py)."""
+    from .grounding import draw_reply
+
+    paths = user_paths(argument)
+    if len(paths) != 1:
+        say(f"usage: {COMMANDS['/boxes'].split('  ')[0].strip()} (quote or escape spaces; ~ works)")
+    elif reply is None:
+        say("no reply yet: /boxes draws the boxes of the last reply.")
+    else:
+        try:
+            for line in draw_reply(paths[0], reply, images):
+                say(line)
+        except Glm4vError as e:
+            say(f"error: {e}")
+
+
 def _reply(session, line: str, attachments: list, hide_thinking: bool, color: bool):
-    """One turn: stream the reply; Ctrl-C stops it and keeps the conversation."""
+    """One turn: stream the reply; Ctrl-C stops it and keeps the conversation. Returns the reply's
+    text as generated (markers included), so far as it went."""
     display = ReplyDisplay(hide_thinking, color)
     status = StatusLine()
     if attachments:
@@ -362,9 +385,10 @@ def _reply(session, line: str, attachments: list, hide_thinking: bool, color: bo
     images = [a.path for a in attachments if a.kind == "image"]
     videos = [a.path for a in attachments if a.kind == "video"]
     reply = session.ask(line, images, videos, progress=reading_status(status, attachments))
-    thought = 0
+    thought, raw = 0, []
     try:
         for response in reply:
+            raw.append(response.text)
             text = display.feed(response.text)
             if display.thinking and hide_thinking:
                 thought += 1
@@ -379,15 +403,16 @@ def _reply(session, line: str, attachments: list, hide_thinking: bool, color: bo
         _forget_unanswered(session)
         sys.stdout.write(display.finish() + "\n(stopped)\n")
         sys.stdout.flush()
-        return
+        return "".join(raw)
     except Glm4vError as e:
         status.clear()
         _forget_unanswered(session)
         say(f"error: {e}")
-        return
+        return None
     status.clear()
     sys.stdout.write(display.finish() + "\n")
     sys.stdout.flush()
+    return "".join(raw)
 
 
 def _forget_unanswered(session):

@@ -124,6 +124,29 @@ def equal_length_runs(lengths):
     return runs
 
 
+# Bytes of attention scores one call may hold. MLX's attention on the CPU (and on Metal for head sizes
+# its fused kernel lacks) materialises [frames, heads, queries, keys] scores, quadratic in a frame's
+# patches: 77 GB for a 10-megapixel image on an 8-head tower. Longer frames take their queries in blocks,
+# each evaluated before the next; every query row is computed as before, so results do not change. Where
+# the fused GPU kernel runs (GLM-4.1V's 128-wide heads) nothing is blocked: it never builds the scores.
+ATTENTION_SCORE_BYTES = 1 << 28
+FUSED_GPU_HEAD_SIZES = (64, 80, 128)
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """`scaled_dot_product_attention` over [B, heads, L, D], queries in blocks when the scores are large."""
+    B, H, L, _ = q.shape
+    rows = max(64, ATTENTION_SCORE_BYTES // (B * H * L * 4) // 64 * 64)
+    fused = mx.default_device() == mx.gpu and q.shape[-1] in FUSED_GPU_HEAD_SIZES
+    if rows >= L or fused:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+    parts = []
+    for start in range(0, L, rows):
+        parts.append(mx.fast.scaled_dot_product_attention(q[:, :, start:start + rows], k, v, scale=scale))
+        mx.eval(parts[-1])
+    return mx.concatenate(parts, axis=2)
+
+
 class VisionAttention(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
@@ -146,7 +169,7 @@ class VisionAttention(nn.Module):
             def heads_first(t):
                 return t[start:end].reshape(count, length, self.num_heads, -1).transpose(0, 2, 1, 3)
 
-            o = mx.fast.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), scale=self.scale)
+            o = attention(heads_first(q), heads_first(k), heads_first(v), self.scale)
             out.append(o.transpose(0, 2, 1, 3).reshape(end - start, -1))
             start = end
         return self.proj(mx.concatenate(out, axis=0) if len(out) > 1 else out[0])
@@ -218,6 +241,7 @@ class VisionModel(nn.Module):
         segments = equal_length_runs([h * w for h, w in frames])
         for block in self.blocks:
             x = block(x, rope, segments)
+            mx.eval(x)  # block by block: as one graph, the activations peak a third higher
         x = self.post_layernorm(x)
         w = self.downsample.weight  # [O, m, m, C]: four consecutive patches form one merge block
         x = mx.addmm(self.downsample.bias, x.reshape(-1, w[0].size), w.reshape(w.shape[0], -1).T)

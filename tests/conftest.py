@@ -8,6 +8,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tiny  # noqa: E402
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Each phase's report on the test item (`item.rep_call`), so fixtures can tell a failure."""
+    report = (yield).get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
 @pytest.fixture(scope="session")
 def glm4v_checkpoint(tmp_path_factory):
     """A tiny GLM-4.1V checkpoint saved by transformers, sharded with an index.
@@ -33,3 +40,13 @@ def glm46v_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("glm46v-tiny")
     model, processor = tiny.build_checkpoint(path, family="glm46v")
     return path, model, processor
+
+
+# What the scripted checkpoint answers: GLM-4.1V's form, a point in thousandths inside box markers.
+BOX_SCRIPT = "<think>hm</think><answer>Nose: <|begin_of_box|>[250,600]<|end_of_box|></answer>"
+
+
+@pytest.fixture(scope="session")
+def box_checkpoint(glm4v_checkpoint, tmp_path_factory):
+    """The tiny GLM-4.1V checkpoint rewired to reply BOX_SCRIPT to anything (tiny.scripted_checkpoint)."""
+    return tiny.scripted_checkpoint(glm4v_checkpoint[0], tmp_path_factory.mktemp("box-script"), BOX_SCRIPT)

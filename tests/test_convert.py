@@ -341,6 +341,36 @@ def test_float16_warns(source, tmp_path):
     assert mx.load(str(out / "model.safetensors"))["lm_head.weight"].dtype == mx.float16
 
 
+def test_readme_says_what_float16_does(source, tmp_path):
+    """float16 is written, with a one-line warning; the README says so (it said float16 was refused)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Convert and quantize")[1].split("\n## ")[0]
+    assert "float16 is written with a warning" in " ".join(section.split()) and "refused" not in section
+    out = tmp_path / "f16"
+    result = CliRunner().invoke(app, ["convert", "--hf-path", str(source[0]), "--mlx-path", str(out), "--dtype", "float16"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith("warning: GLM-4 models overflow in float16") and result.stderr.count("\n") == 1
+    assert mx.load(str(out / "model.safetensors"))["lm_head.weight"].dtype == mx.float16
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_output_respects_the_umask(source, tmp_path, umask):
+    """The output's modes are those of any directory and file the user makes (not mkdtemp's 0700)."""
+    import os
+    import stat
+
+    previous = os.umask(umask)
+    try:
+        out = conversion.convert(str(source[0]), str(tmp_path / "out"))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    files = sorted(out.iterdir())
+    assert files and all(stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask for f in files)
+
+
 def test_converted_directory_runs_generate(converted, tmp_path):
     import subprocess
     import sys

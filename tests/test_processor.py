@@ -1,8 +1,9 @@
 """The torch-free processor against transformers' Glm4vProcessor and Glm46VProcessor on tiny checkpoints.
 
-Template strings, input_ids, masks and grids must be identical; pixels within a mean |diff| of 5e-3
-(measured: about 1e-4, from PIL's and torchvision's bicubic rounding a few pixels apart). Run with
--s to see the per-case pixel figures.
+Template strings, input_ids, masks and grids must be identical; pixels within a mean |diff| of 1e-4
+and a max of 0.03 (two grey levels) of the default torchvision backend (measured: equal). The PIL
+backend's figures are reported, not checked, except for 16-bit files, where it is the reference.
+Run with -s to see the per-case pixel figures.
 """
 
 import json
@@ -23,7 +24,8 @@ from mlx_glm4v.errors import Glm4vError
 from mlx_glm4v.processor import Processor
 from mlx_glm4v.video import Video
 
-PIXEL_TOLERANCE = 5e-3
+MEAN_LIMIT, MAX_LIMIT = 1e-4, 0.03  # against the torchvision backend
+PIL_MEAN_LIMIT = 5e-3  # against the PIL backend, whose bicubic keeps more bits than torch's
 MEASURED = {}  # (case, key) -> {reference backend: (mean, max) |pixel diff|}
 
 
@@ -39,7 +41,7 @@ def pixel_report():
 def record(case, key, backend, got, want):
     diff = np.abs(got - want)
     MEASURED.setdefault((case, key), {})[backend] = (float(diff.mean()), float(diff.max()))
-    return float(diff.mean())
+    return float(diff.mean()), float(diff.max())
 
 
 def saved_processors(tmp_path_factory, kind: str, layouts) -> dict:
@@ -191,10 +193,10 @@ def compare(case, ours, ref, messages, images=(), videos=(), ref_videos=None, re
         for key in want:
             if key.startswith("pixel_values"):
                 assert got[key].shape == want[key].shape and got[key].dtype == np.float32
-                mean = record(case, key, backend, got[key], want[key])
+                mean, top = record(case, key, backend, got[key], want[key])
                 # the default backend is the reference; the PIL backend's figures are only reported,
                 # since the two backends disagree on files with a transparent palette colour
-                assert backend != "torchvision" or mean <= PIXEL_TOLERANCE, (case, key, mean)
+                assert backend != "torchvision" or (mean <= MEAN_LIMIT and top <= MAX_LIMIT), (case, key, mean, top)
             else:
                 np.testing.assert_array_equal(got[key], want[key], err_msg=f"{case}: {key}")
     return got
@@ -242,7 +244,8 @@ def test_batch_is_left_padded(ours, ref, media):
     for key in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw"):
         np.testing.assert_array_equal(got[key], want[key])
     assert got["attention_mask"][0, 0] == 0 and got["attention_mask"][:, -1].all()
-    assert record("batch of 2", "pixel_values", "torchvision", got["pixel_values"], want["pixel_values"]) <= PIXEL_TOLERANCE
+    mean, top = record("batch of 2", "pixel_values", "torchvision", got["pixel_values"], want["pixel_values"])
+    assert mean <= MEAN_LIMIT and top <= MAX_LIMIT
     with pytest.raises(Glm4vError, match="padding=True"):
         ours(text=prompts, images=images, padding=False)
 
@@ -351,7 +354,8 @@ def test_16_bit_png_follows_load_image(ours, ref_pil, media, name):
     got = ours(text="<|image|>", images=[str(media / name)])
     want = ref_pil(text=["<|image|>"], images=[str(media / name)], return_tensors="np")
     np.testing.assert_array_equal(got["image_grid_thw"], want["image_grid_thw"])
-    assert record(f"16-bit {name} (path)", "pixel_values", "pil", got["pixel_values"], want["pixel_values"]) <= PIXEL_TOLERANCE
+    mean, _ = record(f"16-bit {name} (path)", "pixel_values", "pil", got["pixel_values"], want["pixel_values"])
+    assert mean <= PIL_MEAN_LIMIT
 
 
 def test_patch_rows_are_the_resized_image(ours):
@@ -467,6 +471,33 @@ def test_bad_images(ours, media, tmp_path):
         with pytest.raises(Glm4vError) as error:
             ours(text="<|image|>", images=[image])
         one_sentence(error, name)
+
+
+def png_header_only(path, width, height):
+    """A PNG that claims (width, height) and holds no pixel: PIL checks the size when it opens it."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("width,height,megapixels", [(10_000, 9_000, "90.0"), (20_000, 20_000, "400.0")])
+def test_decompression_bomb_is_one_sentence(ours, tmp_path, width, height, megapixels):
+    """Past PIL's limit (a warning up to twice it, an error beyond): our error, no warning printed."""
+    import warnings
+
+    path = png_header_only(tmp_path / "huge.png", width, height)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning escaping would fail the test
+        with pytest.raises(Glm4vError) as error:
+            ours(text="<|image|>", images=[str(path)])
+    one_sentence(error, path, f"{megapixels} megapixels", "decompression bomb")
+    assert "site-packages" not in str(error.value)
 
 
 def test_bad_videos(ours, media, tmp_path):

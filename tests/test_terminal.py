@@ -143,7 +143,7 @@ def test_commands_attachments_and_bad_files(setup):
     child.expect("/reset +forget the conversation")
     child.expect(">> ")
     child.sendline("/imagine a cat")
-    child.expect("unknown command /imagine; the commands are /image, /video, /reset, /help, /exit")
+    child.expect("unknown command /imagine; the commands are /image, /video, /boxes, /reset, /help, /exit")
     child.expect(">> ")
     child.sendline("/image")
     child.expect(r"usage: /image PATH")

@@ -436,3 +436,42 @@ def _rewrite_as_hub_layout(path: Path, processor):
         "video_processor_type": type(video).__name__, "processor_class": type(processor).__name__,
     }, indent=2))
     (path / "processor_config.json").unlink(missing_ok=True)
+
+
+def scripted_checkpoint(source, out, script: str):
+    """A copy of the tiny GLM-4.1V checkpoint at `source` that replies `script` to any prompt:
+    the decoder's attention and MLP outputs are zeroed, so the last hidden state is the last
+    token's embedding, and the output head maps each token of the script to the next (the
+    script's tokens must all differ). Lets tests see what a real reply of that text does."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from mlx_glm4v.processor import Processor
+
+    source, out = Path(source), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {}
+    for f in source.iterdir():
+        if f.suffix == ".safetensors":
+            weights.update(load_file(f))
+        elif not f.name.startswith("model"):
+            shutil.copy(f, out / f.name)
+    for name in weights:
+        if name.endswith(("o_proj.weight", "down_proj.weight")) and "language_model" in name:
+            weights[name] = np.zeros_like(weights[name])
+    processor = Processor.from_pretrained(source)
+    tokenizer = processor.tokenizer
+    prompt_end = tokenizer.encode(processor.apply_chat_template([{"role": "user", "content": "hi"}]))[-1]
+    eos = json.loads((source / "config.json").read_text())["text_config"]["eos_token_id"]
+    chain = [prompt_end, *tokenizer.encode(script), eos[0] if isinstance(eos, list) else eos]
+    assert len(set(chain)) == len(chain), "a scripted reply's tokens must all differ"
+    embed, norm = weights["model.language_model.embed_tokens.weight"], weights["model.language_model.norm.weight"]
+    head = np.zeros_like(weights["lm_head.weight"])
+    for token, following in zip(chain, chain[1:]):
+        direction = embed[token] * norm
+        head[following] = 50 * direction / np.linalg.norm(direction)
+    weights["lm_head.weight"] = head
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out

@@ -28,6 +28,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, StreamingRespon
 from starlette.routing import Mount, Route
 
 from ..errors import Glm4vError
+from ..grounding import as_json, find_marks
+from ..image import load_image
 from . import openai
 from .media import MediaPolicy, resolve_media
 from .metrics import Metrics
@@ -49,6 +51,7 @@ class ServerConfig:
     request_timeout: float = 600.0
     keepalive: float = 10.0  # seconds between SSE comment lines while nothing else is sent
     max_queue: int = 64
+    max_concurrency: Optional[int] = None  # None: the engine's default (from free memory)
     feature_cache_bytes: int = 2 << 30
     ui: bool = True
     media: MediaPolicy = field(default_factory=MediaPolicy)
@@ -86,6 +89,7 @@ class State:
             self.max_prompt_tokens = model.config.text_config.max_position_embeddings
         self.processor = processor
         self.engine = Engine(model, processor, max_queue=self.config.max_queue,
+                             max_concurrency=self.config.max_concurrency,
                              feature_cache_bytes=self.config.feature_cache_bytes)
         self.ready.set()
         log.info("model %s loaded; serving it as %r", self.config.model, self.config.name)
@@ -236,6 +240,7 @@ def _prepare(state: State, chat: openai.ChatRequest) -> dict:
         text = processor.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
         images, videos = processor.media_from_messages(messages)
         inputs = processor(text, images=images, videos=videos)
+        chat.image_sizes = [getattr(i, "info", {}).get("original_size") or load_image(i).shape[1::-1] for i in images]
     except Glm4vError as e:
         hide = [p for p in (resolved.dir and resolved.dir.name, config.media.media_root) if p]
         message = str(e)
@@ -330,7 +335,13 @@ class Reply:
         content, reasoning, calls = openai.whole_reply("".join(text), self.chat.tools)
         finish = "tool_calls" if calls else last.finish_reason
         logprobs = {"content": entries} if self.chat.top_logprobs is not None else None
-        return openai.completion(self.id, self.model, content, reasoning, calls, finish, last.usage, logprobs)
+        body = openai.completion(self.id, self.model, content, reasoning, calls, finish, last.usage, logprobs)
+        body["choices"][0]["message"]["boxes"] = self.boxes("".join(text))
+        return body
+
+    def boxes(self, text: str) -> list:
+        """The reply's grounding boxes and points, our one extra field (README: Boxes on the picture)."""
+        return as_json(find_marks(text).marks, self.chat.image_sizes)
 
     async def stream(self):
         def sse(obj) -> str:
@@ -339,7 +350,7 @@ class Reply:
         def chunk(delta, finish=None, logprobs=None):
             return sse(openai.chunk(self.id, self.created, self.model, delta, finish, logprobs))
 
-        reply = openai.ReplyStream(self.chat.tools)
+        reply, text = openai.ReplyStream(self.chat.tools), []
         yield chunk({"role": "assistant", "content": ""})
         try:
             async for event in self.events(tick=self.state.config.keepalive):
@@ -347,6 +358,7 @@ class Reply:
                     yield ": keepalive\n\n"
                     continue
                 final = event.finish_reason is not None
+                text.append(event.text)
                 deltas = reply.feed(event.text, final)
                 logprob = self.logprob(event)
                 for i, delta in enumerate(deltas or ([{}] if logprob else [])):
@@ -354,7 +366,7 @@ class Reply:
                 if final:
                     if event.finish_reason == "cancelled":
                         return
-                    yield chunk({}, "tool_calls" if reply.calls else event.finish_reason)
+                    yield chunk({"boxes": self.boxes("".join(text))}, "tool_calls" if reply.calls else event.finish_reason)
                     if self.chat.include_usage:
                         yield sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                                    "model": self.model, "choices": [], "usage": openai.usage_body(event.usage)})

@@ -246,6 +246,7 @@ def decode_image(data: bytes, policy: MediaPolicy, processor, detail: Optional[s
         rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         raise bad(f"{where}: the image could not be decoded (damaged or truncated).", where) from None
+    original = rgb.shape[1::-1]  # (width, height) as the user sees the picture
     if detail == "low":
         from ..image import resize, smart_resize
 
@@ -256,7 +257,9 @@ def decode_image(data: bytes, policy: MediaPolicy, processor, detail: Optional[s
         except Exception as e:
             raise bad(str(e), where) from None
         rgb = resize(rgb[None], hh, ww)[0]
-    return Image.fromarray(rgb)
+    out = Image.fromarray(rgb)
+    out.info["original_size"] = original  # what grounding boxes map to, whatever `detail` did
+    return out
 
 
 def check_video(path: Path, policy: MediaPolicy, processor, where: str):

@@ -71,6 +71,7 @@ class ChatRequest:
     tools: Optional[list] = None
     tool_choice: object = None
     template_kwargs: dict = field(default_factory=dict)
+    image_sizes: list = field(default_factory=list)  # (width, height) of each image, for the reply's `boxes`
 
 
 # ---- field checks ------------------------------------------------------------------------------
