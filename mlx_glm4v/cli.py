@@ -65,6 +65,13 @@ def friendly_errors(command):
                 raise
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(1)
+        except RuntimeError as e:  # under mlx.launch: another rank stopped
+            from .distributed import lost_rank, say_once
+
+            if kwargs.get("verbose") or (lost := lost_rank(e)) is None:
+                raise
+            say_once(f"error: {lost}")
+            raise typer.Exit(1)
 
     return wrapper
 
@@ -105,8 +112,11 @@ def resolve_model_name(model: Optional[str]) -> str:
 
 def existing_files(paths, kind: str) -> list:
     """The files named, `~` expanded and quotes or backslash escapes undone as a terminal pastes them."""
+    from .distributed import is_follower
     from .terminal import existing_paths
 
+    if is_follower():  # under mlx.launch files exist on rank 0 only; it sends their bytes
+        return list(paths or [])
     return [path for p in paths or [] for path in existing_paths(p, kind)]
 
 
@@ -185,14 +195,20 @@ def reply_options(default_max_tokens: int):
     return decorate
 
 
-def load_for_cli(reply: Reply):
+def load_for_cli(reply: Reply, group=None):
     """(model, processor, seconds): weights read now (or on first use with --lazy-load); a default
-    model that cannot be downloaded points at --model."""
+    model that cannot be downloaded points at --model. Under mlx.launch (`group`), this rank's part."""
     import time
 
     from .loader import DownloadError, load
 
     start = time.perf_counter()
+    if group is not None:  # under mlx.launch: this rank's part of the model
+        from .distributed import load as load_part
+
+        model, processor, layout = load_part(reply.model, group)
+        typer.echo(layout.describe(), err=True)
+        return model, processor, time.perf_counter() - start
     try:
         model, processor = load(reply.model, lazy=reply.lazy_load)
     except DownloadError as e:
@@ -226,16 +242,26 @@ def generate(
     """Answer one prompt about images and videos, streaming the reply."""
     if draw_boxes and not reply.images:
         raise Glm4vError("--draw-boxes needs an image (--image) to draw on.")
+    from . import distributed
     from .generate import stats_line, stream_generate
     from .grounding import boxes_of, draw_reply
     from .reply import ReplySplitter, split_reply
 
-    prompt = read_prompt(prompt)
-    loaded_model, processor, load_s = load_for_cli(reply)
+    group = distributed.launched()
+    if group is None or group.rank() == 0:
+        prompt = read_prompt(prompt)
+    loaded_model, processor, load_s = load_for_cli(reply, group)
+    if group is not None:  # rank 0's prompt, options, seed and media bytes on every rank
+        prompt, reply = distributed.share_reply(group, prompt, reply)
+    responses = stream_generate(loaded_model, processor, prompt, reply.images, reply.videos, system=reply.system,
+                                seed=reply.seed, **reply.settings)
+    if group is not None:
+        responses = distributed.watched(group, responses)
+        if group.rank() != 0:
+            return distributed.follow(group, responses)
     text, shown, response = "", "", None
     splitter = ReplySplitter()
-    for response in stream_generate(loaded_model, processor, prompt, reply.images, reply.videos, system=reply.system,
-                                    seed=reply.seed, **reply.settings):
+    for response in responses:
         text += response.text
         if not as_json:
             piece = response.text
@@ -269,6 +295,8 @@ def generate(
     if draw_boxes:
         for line in draw_reply(draw_boxes, text, reply.images):
             typer.echo(line, err=True)
+    if group is not None:
+        distributed.finish(group)
 
 
 @app.command()
@@ -282,13 +310,22 @@ def chat(
     """Chat about images and videos in the terminal. /image PATH, /video PATH, /reset, /help, /exit."""
     import mlx.core as mx
 
+    from . import distributed
     from .terminal import run_chat
 
+    group = distributed.launched()
+    loaded_model, processor, _ = load_for_cli(reply, group)
+    if group is not None:
+        reply = distributed.share_options(group, reply)
     if reply.seed is not None:
         mx.random.seed(reply.seed)
-    loaded_model, processor, _ = load_for_cli(reply)
+    if group is not None and group.rank() != 0:
+        return distributed.follow_chat(group, loaded_model, processor, reply)
     run_chat(loaded_model, processor, system=reply.system, images=reply.images, videos=reply.videos,
-             settings=reply.settings, hide_thinking=hide_thinking)
+             settings=reply.settings, hide_thinking=hide_thinking, group=group)
+    if group is not None:
+        distributed.share_turn(group, "exit")
+        distributed.finish(group)
 
 
 @app.command()
@@ -321,6 +358,12 @@ def serve(
     verbose: bool = VERBOSE,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models)."""
+    from .distributed import launched
+
+    if (group := launched()) is not None:  # rank 0 says it, once (a non-zero exit elsewhere would end it first)
+        if group.rank():
+            raise typer.Exit(0)
+        raise Glm4vError("serve does not run under mlx.launch yet; start it on one Mac (generate and chat run on several).")
     from .server.app import ServerConfig, serve as run_server
     from .server.media import MediaPolicy
 

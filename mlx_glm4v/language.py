@@ -13,8 +13,11 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.nn.layers.distributed import shard_linear
+from mlx.utils import tree_map
 
 from .config import TextConfig
+from .errors import Glm4vError
 from .mlxlm import scaled_dot_product_attention, swiglu
 
 
@@ -60,6 +63,24 @@ def apply_mrope(x: mx.array, cos: mx.array, sin: mx.array, rotary_dim: int, inte
     return mx.concatenate([turned, x[..., rotary_dim:]], axis=-1)
 
 
+def input_width(linear: nn.Module) -> int:
+    """The input features of a (quantized, or stacked-experts) linear layer."""
+    width = linear.weight.shape[-1]
+    return width * 32 // linear.bits if hasattr(linear, "bits") else width
+
+
+def splits_input(linear: nn.Module, n: int) -> bool:
+    """Whether `linear`'s input features split `n` ways (in whole quantization groups)."""
+    width = input_width(linear)
+    return width % n == 0 and (width // n) % getattr(linear, "group_size", 1) == 0
+
+
+def repeat_heads(linear: nn.Module, heads: int, times: int):
+    """Repeat each of the `heads` output heads of `linear` (weight, scales, biases, bias) `times` in place."""
+    linear.update(tree_map(lambda p: mx.repeat(p.reshape(heads, -1, *p.shape[1:]), times, axis=0).reshape(
+        -1, *p.shape[1:]), linear.parameters()))
+
+
 def multimodal_rope(config: TextConfig, positions: np.ndarray, dtype):
     cos, sin = mrope_tables(config, positions, dtype)
     return partial(apply_mrope, cos=cos, sin=sin, rotary_dim=config.rotary_dim, interleaved=config.rope_interleaved)
@@ -92,6 +113,29 @@ class Attention(nn.Module):
             out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
+    def can_shard(self, n: int) -> bool:
+        heads, kv = self.n_heads, self.n_kv_heads
+        return heads % n == 0 and (kv % n == 0 or n % kv == 0) and splits_input(self.o_proj, n)
+
+    def shard(self, group) -> bool:
+        """Split the heads over `group` (False, untouched, when they do not divide).
+
+        With fewer KV heads than ranks, each KV head is repeated first so that every rank holds
+        the one its query heads share; o_proj's partial outputs are summed across ranks.
+        """
+        n, heads, kv = group.size(), self.n_heads, self.n_kv_heads
+        if not self.can_shard(n):
+            return False
+        if kv % n:
+            for proj in (self.k_proj, self.v_proj):
+                repeat_heads(proj, kv, n // kv)
+            kv = n
+        for name in ("q_proj", "k_proj", "v_proj"):
+            setattr(self, name, shard_linear(getattr(self, name), "all-to-sharded", group=group))
+        self.o_proj = shard_linear(self.o_proj, "sharded-to-all", group=group)
+        self.n_heads, self.n_kv_heads = heads // n, kv // n
+        return True
+
 
 class MLP(nn.Module):
     def __init__(self, config: TextConfig):
@@ -102,6 +146,17 @@ class MLP(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
         return self.down_proj(swiglu(gate, up))
+
+    def can_shard(self, n: int) -> bool:
+        return splits_input(self.down_proj, n)
+
+    def shard(self, group) -> bool:
+        """Split the intermediate features over `group`; the fused gate_up splits gate and up alike."""
+        if not self.can_shard(group.size()):
+            return False
+        self.gate_up_proj = shard_linear(self.gate_up_proj, "all-to-sharded", segments=2, group=group)
+        self.down_proj = shard_linear(self.down_proj, "sharded-to-all", group=group)
+        return True
 
 
 class DecoderLayer(nn.Module):
@@ -123,7 +178,12 @@ class DecoderLayer(nn.Module):
 
 
 class TextModel(nn.Module):
-    """Embeddings, decoder layers, final norm; `layers` lets GLM-4.5V's model bring its own."""
+    """Embeddings, decoder layers, final norm; `layers` lets GLM-4.5V's model bring its own.
+
+    Split over several machines either by `shard` (tensor parallel: every rank runs every
+    layer on its part of the heads and features) or by `pipeline` (each rank runs a run of
+    whole layers and hands the hidden states on).
+    """
 
     def __init__(self, config: TextConfig, layers: Optional[list] = None):
         super().__init__()
@@ -131,8 +191,43 @@ class TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = layers if layers is not None else [DecoderLayer(config) for _ in range(config.num_hidden_layers)]
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.pipeline_group = None
+        self.first_layer = 0
 
     def __call__(self, h: mx.array, rope, mask=None, cache=None) -> mx.array:
+        group = self.pipeline_group
+        if group is not None and group.rank() > 0:
+            h = mx.distributed.recv_like(h, group.rank() - 1, group=group)
         for layer, c in zip(self.layers, cache or [None] * len(self.layers)):
             h = layer(h, rope, mask, c)
+        if group is not None:
+            if group.rank() < group.size() - 1:
+                h = mx.distributed.send(h, group.rank() + 1, group=group)
+            h = mx.distributed.all_gather(h, group=group)[-h.shape[0]:]  # the last stage's, on every rank
         return self.norm(h)
+
+    def unsplittable(self, n: int) -> list:
+        """The sub-modules (attention, MLP) whose widths do not split `n` ways."""
+        return [f"layers.{i}.{name}" for i, layer in enumerate(self.layers) for name in ("self_attn", "mlp")
+                if not getattr(layer, name).can_shard(n)]
+
+    def shard(self, group) -> list:
+        """Tensor parallelism over `group`; returns the sub-modules kept whole (widths that do not divide)."""
+        whole = []
+        for i, layer in enumerate(self.layers):
+            for name in ("self_attn", "mlp"):
+                if not getattr(layer, name).shard(group):
+                    whole.append(f"layers.{i}.{name}")
+        return whole
+
+    def pipeline(self, group):
+        """Keep only this rank's run of layers: an even split, the first ranks taking one more when
+        the count does not divide; rank 0 runs the first layers."""
+        n, rank, count = group.size(), group.rank(), len(self.layers)
+        if count < n:
+            raise Glm4vError(f"the text model has {count} layers, fewer than the {n} ranks; use fewer machines.")
+        base, extra = divmod(count, n)
+        sizes = [base + (r < extra) for r in range(n)]
+        self.first_layer = sum(sizes[:rank])
+        self.layers = self.layers[self.first_layer:self.first_layer + sizes[rank]]
+        self.pipeline_group = group

@@ -106,7 +106,18 @@ class Model(nn.Module):
 
     @property
     def layers(self):
+        """The decoder layers this process runs (all of them unless `pipeline` kept a part)."""
         return self.language_model.layers
+
+    def shard(self, group) -> list:
+        """Tensor parallelism over `group` (mx.distributed): attention heads, MLP and expert
+        features split across ranks; the vision tower, embeddings, norms, routers and head stay
+        whole. Returns the decoder sub-modules kept whole because their widths do not divide."""
+        return [f"language_model.{name}" for name in self.language_model.shard(group)]
+
+    def pipeline(self, group):
+        """Pipeline parallelism over `group`: this rank keeps its run of decoder layers only."""
+        self.language_model.pipeline(group)
 
     def make_cache(self, max_kv_size: Optional[int] = None, keep: int = 0) -> PromptCache:
         return make_prompt_cache(len(self.layers), max_kv_size, keep)

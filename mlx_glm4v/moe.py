@@ -12,12 +12,28 @@ import re
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import shard_inplace, shard_linear
 
 from .config import MoeTextConfig
 from .errors import Glm4vError
-from .language import Attention, TextModel
+from .language import Attention, TextModel, splits_input
 from .mlxlm import SwitchGLU
-from .vision import VisionMLP as MLP  # the same SwiGLU with separate gate/up/down projections
+from .vision import VisionMLP
+
+
+class MLP(VisionMLP):
+    """The vision tower's SwiGLU (separate gate/up/down projections), splittable over ranks."""
+
+    def can_shard(self, n: int) -> bool:
+        return splits_input(self.down_proj, n)
+
+    def shard(self, group) -> bool:
+        if not self.can_shard(group.size()):
+            return False
+        self.gate_proj = shard_linear(self.gate_proj, "all-to-sharded", group=group)
+        self.up_proj = shard_linear(self.up_proj, "all-to-sharded", group=group)
+        self.down_proj = shard_linear(self.down_proj, "sharded-to-all", group=group)
+        return True
 
 
 class Router(nn.Module):
@@ -62,11 +78,28 @@ class MoE(nn.Module):
         self.gate = Router(config)
         self.switch_mlp = SwitchGLU(config.hidden_size, config.moe_intermediate_size, config.n_routed_experts)
         self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+        self.group = None
 
     def __call__(self, x: mx.array) -> mx.array:
         chosen, weights = self.gate(x)
         routed = (self.switch_mlp(x, chosen) * weights[..., None]).sum(axis=-2).astype(x.dtype)
-        return routed + self.shared_experts(x)
+        out = routed + self.shared_experts(x)
+        return out if self.group is None else mx.distributed.all_sum(out, group=self.group)
+
+    def can_shard(self, n: int) -> bool:
+        return splits_input(self.switch_mlp.down_proj, n) and self.shared_experts.can_shard(n)
+
+    def shard(self, group) -> bool:
+        """Every expert's (and the shared experts') features split over `group`, in place; the
+        router stays whole, so every rank picks the same experts, and one sum joins the parts."""
+        if not self.can_shard(group.size()):
+            return False
+        for mlp in (self.switch_mlp, self.shared_experts):
+            shard_inplace(mlp.gate_proj, "all-to-sharded", group=group)
+            shard_inplace(mlp.up_proj, "all-to-sharded", group=group)
+            shard_inplace(mlp.down_proj, "sharded-to-all", group=group)
+        self.group = group
+        return True
 
 
 class DecoderLayer(nn.Module):

@@ -268,11 +268,16 @@ def say(text: str):
     print(text, file=sys.stderr, flush=True)
 
 
-def run_chat(model, processor, *, system=None, images=(), videos=(), settings=None, hide_thinking=False):
-    """The REPL of `mlx-glm4v chat`, until /exit or end of input."""
+def run_chat(model, processor, *, system=None, images=(), videos=(), settings=None, hide_thinking=False, group=None):
+    """The REPL of `mlx-glm4v chat`, until /exit or end of input; under mlx.launch (`group`, on
+    rank 0) every turn also runs on the other ranks (`distributed.SharedSession`)."""
     from .chat import ChatSession
 
     session = ChatSession(model, processor, system, **(settings or {}))
+    if group is not None:
+        from .distributed import SharedSession
+
+        session = SharedSession(group, session)
     media_kwargs = session.settings.media_kwargs
     pending = [attach(processor, p, "image", media_kwargs) for p in images]
     pending += [attach(processor, p, "video", media_kwargs) for p in videos]
