@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -296,6 +297,12 @@ def test_hung_rank_times_out(tmp_path, glm4v_checkpoint):
     frozen = None
     try:
         read_until(launcher, len, b"")
+        # From here both pipes are drained as the launch writes, so no write can block a rank.
+        drained = {name: [] for name in ("stdout", "stderr")}
+        readers = [threading.Thread(target=lambda f=getattr(launcher, name), into=into: into.extend(iter(f.readline, b"")),
+                                    daemon=True) for name, into in drained.items()]
+        for reader in readers:
+            reader.start()
         frozen = rank_pid(marker, 1)
         os.kill(frozen, signal.SIGSTOP)
         stopped = time.monotonic()
@@ -303,12 +310,14 @@ def test_hung_rank_times_out(tmp_path, glm4v_checkpoint):
             time.sleep(0.2)
         elapsed = time.monotonic() - stopped
         os.kill(frozen, signal.SIGCONT)
-        _, err = launcher.communicate(timeout=60)
+        launcher.wait(timeout=60)
+        for reader in readers:
+            reader.join(timeout=10)
     finally:
         if frozen is not None:
             os.kill(frozen, signal.SIGKILL) if rank_pid(marker, 1) else None
         launcher.kill()
-    err = err.decode(errors="replace")
+    err = b"".join(drained["stderr"]).decode(errors="replace")
     REPORT["hung rank: seconds until rank 0 gave up (timeout 3 s)"] = elapsed
     assert 3 <= elapsed < 30, f"{elapsed:.1f} s\n{err}"
     assert "error: rank 0 waited 3 s for the other ranks" in err, err
