@@ -18,11 +18,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
-from PIL import Image
 
 import tiny
 from distributed_worker import run_case
+from test_model import clip, picture, prepare, user
 from mlx_glm4v.loader import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,24 +41,6 @@ def mlx_launch(n: int) -> list:
 
 LAUNCH_TIMEOUT = 300
 REPORT = {}  # case -> worst logit difference over ranks; checkpoint -> weight bytes per rank
-
-
-def picture(h, w, seed=0):
-    return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype(np.uint8))
-
-
-def clip(frames, h, w, seed=0):
-    return (np.random.RandomState(seed).rand(frames, h, w, 3) * 255).astype(np.uint8)
-
-
-def user(*items):
-    content = [{"type": kind} if kind in ("image", "video") else {"type": "text", "text": kind} for kind in items]
-    return [{"role": "user", "content": content}]
-
-
-def prepare(processor, conversations, **kwargs):
-    texts = [processor.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
-    return dict(processor(text=texts, padding=True, return_tensors="np", **kwargs))
 
 
 def make_cases(processor, folder: Path, which=("text", "image", "video", "batch", "sampled")) -> list:
@@ -285,15 +266,20 @@ def test_killed_rank_stops_the_others(tmp_path, glm4v_checkpoint):
     assert "Traceback" not in err, err
 
 
+def endless_generate(tmp_path, checkpoint, marker: str, rank_timeout: float):
+    """`generate` on 2 ranks that never ends by itself, its ranks findable by `marker` (rank_pid)."""
+    env = cli_env(tmp_path, RANK_TEST=marker, MLX_GLM4V_RANK_TIMEOUT=str(rank_timeout))
+    command = [sys.executable, "-m", "mlx_glm4v", "generate", "-m", str(checkpoint), "-p", "Hello!",
+               "--max-tokens", "1000000", "--ignore-eos"]
+    return subprocess.Popen([*mlx_launch(2), "--", *command], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+
+
 def test_hung_rank_times_out(tmp_path, glm4v_checkpoint):
     """Rank 1 frozen (SIGSTOP) mid-generation keeps its connections open: rank 0 gives up after
     MLX_GLM4V_RANK_TIMEOUT seconds with one line."""
     marker = f"hang{os.getpid()}"
-    env = cli_env(tmp_path, RANK_TEST=marker, MLX_GLM4V_RANK_TIMEOUT="3")
-    command = [sys.executable, "-m", "mlx_glm4v", "generate", "-m", str(glm4v_checkpoint[0]), "-p", "Hello!",
-               "--max-tokens", "1000000", "--ignore-eos"]
-    launcher = subprocess.Popen([*mlx_launch(2), "--", *command], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    launcher = endless_generate(tmp_path, glm4v_checkpoint[0], marker, rank_timeout=3)
     frozen = None
     try:
         read_until(launcher, len, b"")
@@ -328,11 +314,7 @@ def test_sigterm_while_waiting_on_a_collective(tmp_path, glm4v_checkpoint):
     """mlx.launch ends the other ranks with SIGTERM when one fails; a rank blocked in a collective
     (its peer frozen, no timeout) still ends at once with one line."""
     marker = f"term{os.getpid()}"
-    env = cli_env(tmp_path, RANK_TEST=marker, MLX_GLM4V_RANK_TIMEOUT="0")
-    command = [sys.executable, "-m", "mlx_glm4v", "generate", "-m", str(glm4v_checkpoint[0]), "-p", "Hello!",
-               "--max-tokens", "1000000", "--ignore-eos"]
-    launcher = subprocess.Popen([*mlx_launch(2), "--", *command], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    launcher = endless_generate(tmp_path, glm4v_checkpoint[0], marker, rank_timeout=0)
     frozen = None
     try:
         read_until(launcher, len, b"")
