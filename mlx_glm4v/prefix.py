@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from .chat import common_prefix
 from .media import media_spans
 from .mlxlm import KVCache
 from .rope_index import IMAGE, token_types
@@ -45,9 +46,7 @@ def shared_length(entry: PrefixEntry, ids: np.ndarray, media: list) -> int:
     """How many leading tokens of a prompt (ids, media marks) the entry holds, media included."""
     if (entry.media is None) != (media is None):
         return 0
-    n = min(len(entry.ids), len(ids))
-    differ = np.flatnonzero(entry.ids[:n] != ids[:n])
-    n = int(differ[0]) if differ.size else n
+    n = common_prefix(entry.ids, ids)
     for i, (start, _, digest) in enumerate(media or ()):
         if start >= n:
             break
