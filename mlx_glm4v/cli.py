@@ -357,13 +357,13 @@ def serve(
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
     verbose: bool = VERBOSE,
 ):
-    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models)."""
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models).
+
+    Under mlx.launch, rank 0 serves HTTP and the other ranks run each batch step with it."""
     from .distributed import launched
 
-    if (group := launched()) is not None:  # rank 0 says it, once (a non-zero exit elsewhere would end it first)
-        if group.rank():
-            raise typer.Exit(0)
-        raise Glm4vError("serve does not run under mlx.launch yet; start it on one Mac (generate and chat run on several).")
+    if (group := launched()) is not None and group.rank() != 0:
+        return follow_server(group, resolve_model_name(model))
     from .server.app import ServerConfig, serve as run_server
     from .server.media import MediaPolicy
 
@@ -386,7 +386,22 @@ def serve(
         keepalive=keepalive, max_queue=max_queue, max_concurrency=max_concurrency,
         feature_cache_bytes=int(feature_cache_mb * mb), ui=not no_ui, media=policy,
     )
-    run_server(config, host=host, port=port, insecure_no_auth=insecure_no_auth, log_level=log_level)
+    run_server(config, host=host, port=port, insecure_no_auth=insecure_no_auth, log_level=log_level, group=group)
+
+
+def follow_server(group, model: str):
+    """A rank other than 0 under `serve`: its part of the model, running every step rank 0's engine
+    runs, until rank 0's server stops. Ctrl-C reaches every rank; rank 0 decides."""
+    import signal
+
+    from .distributed import load as load_part
+    from .lockstep import serving_engine
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    loaded, processor, layout = load_part(model, group)
+    typer.echo(layout.describe(), err=True)
+    serving_engine(group, loaded, processor)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # done: mlx.launch ending this rank now is no error
 
 
 def show_version(value: bool):

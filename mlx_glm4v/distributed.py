@@ -198,13 +198,13 @@ def broadcast_bytes(data: Optional[bytes], group) -> bytes:
     return bytes(memoryview(buffer))
 
 
-def share(message: Optional[dict], blobs: Optional[list], group) -> tuple[dict, list]:
-    """Rank 0's JSON-able `message` and list of byte strings `blobs`, on every rank."""
-    payload = None
-    if group.rank() == 0:
-        head = json.dumps({"message": message, "sizes": [len(b) for b in blobs]}).encode()
-        payload = len(head).to_bytes(8, "little") + head + b"".join(blobs)
-    payload = broadcast_bytes(payload, group)
+def pack(message, blobs: list) -> bytes:
+    """A JSON-able message and byte strings as one payload (see `unpack`)."""
+    head = json.dumps({"message": message, "sizes": [len(b) for b in blobs]}).encode()
+    return len(head).to_bytes(8, "little") + head + b"".join(blobs)
+
+
+def unpack(payload: bytes) -> tuple:
     n = int.from_bytes(payload[:8], "little")
     head = json.loads(payload[8:8 + n])
     blobs, at = [], 8 + n
@@ -212,6 +212,11 @@ def share(message: Optional[dict], blobs: Optional[list], group) -> tuple[dict, 
         blobs.append(payload[at:at + size])
         at += size
     return head["message"], blobs
+
+
+def share(message: Optional[dict], blobs: Optional[list], group) -> tuple[dict, list]:
+    """Rank 0's JSON-able `message` and list of byte strings `blobs`, on every rank."""
+    return unpack(broadcast_bytes(pack(message, blobs) if group.rank() == 0 else None, group))
 
 
 def _read(path) -> bytes:

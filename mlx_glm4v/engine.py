@@ -16,9 +16,16 @@ what the KV caches will hold); beyond them a bounded queue, and past it `QueueFu
 
 Vision features are shared across requests by pixel digest, never by URL or file name; prompts
 are kept after their prefill (prefix.py) so a request that starts like one starts from it.
+
+Under `mlx.launch` (`group`), rank 0's engine decides each turn (which requests start, which
+are cancelled) and sends that decision to the other ranks' engines before running it
+(distributed.py); every later choice in a turn follows from the requests' own tokens, so all
+ranks run the same collectives in the same order.
 """
 
 import asyncio
+import contextlib
+import itertools
 import logging
 import math
 import os
@@ -84,8 +91,9 @@ class Handle:
 
     _END = object()
 
-    def __init__(self, request: Request):
+    def __init__(self, request: Request, number: int = 0):
         self.request = request
+        self.number = number  # the order of submission: how ranks name a request to each other
         self.cancelled = threading.Event()
         self.submitted = time.perf_counter()
         self._events: queue.Queue = queue.Queue()
@@ -195,6 +203,13 @@ def _memory_bytes() -> int:
     return int(size or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
+def kv_bytes_per_token(model: Model) -> int:
+    """KV cache bytes one token takes in the whole model (every layer and head, whichever rank holds them)."""
+    text = model.config.text_config
+    itemsize = model.language_model.norm.weight.dtype.size  # the activations' (and so the KV cache's) dtype
+    return 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * itemsize
+
+
 def default_limits(model: Model) -> tuple:
     """(token budget, max concurrency) from the memory the weights leave: half of it for KV caches."""
     text = model.config.text_config
@@ -214,13 +229,16 @@ class Engine:
     `prefix_cache_bytes` of prompt KV is kept for requests that start alike (0: none).
     Rows decode one token a step: a request's `prompt_lookup` is not used (it never changes
     the output, only how many passes a single stream takes).
+
+    With a `group` of ranks, rank 0's engine takes requests and the others follow it
+    (`follow`); see `distributed.serving_engine`.
     """
 
     def __init__(self, model: Model, processor: Processor, *, max_queue: int = 64,
                  max_concurrency: Optional[int] = None, token_budget: Optional[int] = None,
                  prefill_chunk: int = 512, prefix_cache_bytes: int = 1 << 30, feature_cache_items: int = 64,
-                 feature_cache_bytes: Optional[int] = None):
-        self.model, self.processor = model, processor
+                 feature_cache_bytes: Optional[int] = None, group=None):
+        self.model, self.processor, self.group = model, processor, group
         budget, concurrency = default_limits(model)
         self.max_concurrency = max_concurrency or concurrency
         self.token_budget = token_budget or budget
@@ -230,15 +248,24 @@ class Engine:
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
         self.vision_memo = FeatureMemo(feature_cache_items, feature_cache_bytes)
-        self.prefixes = PrefixCache(prefix_cache_bytes)
+        # measured for the whole model, so that every rank keeps and drops the same prefixes
+        self.prefixes = PrefixCache(prefix_cache_bytes, kv_bytes_per_token(model) if group is not None else None)
         self.stats = EngineStats()
         self._waiting: deque = deque()
         self._rows: list = []
         self._closing = False
         self._seconds_per_request = 1.0  # running mean, for Retry-After
         self._wake = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="mlx-glm4v-engine", daemon=True)
-        self._thread.start()
+        self._numbers = itertools.count()
+        self.link = None
+        if group is not None:
+            from .lockstep import Link
+
+            self.link = Link(group)
+        self._thread = None
+        if group is None or group.rank() == 0:
+            self._thread = threading.Thread(target=self._run, name="mlx-glm4v-engine", daemon=True)
+            self._thread.start()
 
     @property
     def queue_depth(self) -> int:
@@ -249,7 +276,9 @@ class Engine:
         return len(self._rows)
 
     def submit(self, request: Request) -> Handle:
-        handle = Handle(request)
+        if self._thread is None:
+            raise Glm4vError("only rank 0's engine takes requests; the other ranks follow it.")
+        handle = Handle(request, next(self._numbers))
         with self._wake:
             if self._closing:
                 raise Glm4vError("the engine is shutting down.")
@@ -270,7 +299,8 @@ class Engine:
                 for handle in list(self._waiting) + [r.handle for r in self._rows]:
                     handle.cancel()
             self._wake.notify()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
 
     # ---- the engine thread ----
 
@@ -282,14 +312,44 @@ class Engine:
                         while not self._waiting and not self._rows and not self._closing:
                             self._wake.wait()
                         if self._closing and not self._waiting and not self._rows:
-                            return
+                            break
                         admitted = self._admit()
-                    for handle in admitted:
-                        self._guard([handle], self._start, handle)
-                    self._step()
+                    cancelled = {h.number for h in admitted + [r.handle for r in self._rows] if h.cancelled.is_set()}
+                    with self._watched(bool(admitted or self._rows)):
+                        if self.link is not None:
+                            self.link.tell(admitted, cancelled)
+                        self._turn(admitted, cancelled)
+                if self.link is not None:
+                    self.link.close()
+        except Exception as e:
+            if self.link is None:
+                raise
+            self.link.fail(e)  # ranks may no longer agree: all stop
         finally:
             mx.synchronize()
             mx.clear_streams()  # this thread's streams go with it, not at interpreter exit (which aborts)
+
+    def follow(self):
+        """A rank other than 0: run each turn rank 0's engine sends (lockstep.py), until it stops."""
+        from .distributed import finish
+
+        with mx.stream(generation_stream), wired_limit(self.model):
+            while (turn := self.link.hear(busy=bool(self._rows))) is not None:
+                with self._watched(bool(turn[0] or self._rows)):
+                    self._turn(*turn)
+        finish(self.group)
+
+    def _watched(self, busy: bool):
+        return self.link.watched(busy) if self.link is not None else contextlib.nullcontext()
+
+    def _turn(self, admitted: list, cancelled: set):
+        """Start the admitted requests, end the cancelled ones (by number), then one step of work."""
+        for handle in admitted:
+            self._guard([handle], self._start, handle)
+        for row in [r for r in self._rows if r.handle.number in cancelled]:
+            self.stats.cancelled += 1
+            self._end(row.handle, row, Event("", finish_reason="cancelled", usage=row.usage))
+        self._step()
 
     def _admit(self) -> list:
         """Handles to start now: first come first served, within concurrency and the token budget."""
@@ -314,6 +374,8 @@ class Engine:
         try:
             return fn(*args)
         except Exception as e:
+            if self.link is not None and not isinstance(e, Glm4vError):
+                raise  # on several ranks only a user's error is sure to happen alike on each
             if isinstance(e, Glm4vError):
                 message = str(e)
             else:
@@ -326,20 +388,12 @@ class Engine:
                 self.stats.errors += 1
 
     def _start(self, handle: Handle):
-        if handle.cancelled.is_set():
-            self.stats.cancelled += 1
-            self._end(handle, None, Event("", finish_reason="cancelled", usage=Usage(
-                len(np.asarray(handle.request.inputs["input_ids"]).reshape(-1)), 0)))
-            return
         row = _Row(handle, self)
         self._rows.append(row)
         self.stats.requests += 1
         self.stats.prompt_tokens += row.usage.prompt_tokens
 
     def _step(self):
-        for row in [r for r in self._rows if r.handle.cancelled.is_set()]:
-            self.stats.cancelled += 1
-            self._end(row.handle, row, Event("", finish_reason="cancelled", usage=row.usage))
         budget = self.prefill_chunk  # prompt tokens to run before the next decode step (short prompts share one)
         while budget > 0 and (waiting := next((r for r in self._rows if r.prefilling), None)) is not None:
             budget -= self._guard([waiting.handle], self._prefill, waiting) or budget

@@ -11,6 +11,7 @@ least recently used first, by bytes.
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Optional
 
 import mlx.core as mx
 import numpy as np
@@ -56,8 +57,12 @@ def shared_length(entry: PrefixEntry, ids: np.ndarray, media: list) -> int:
 
 
 class PrefixCache:
-    def __init__(self, max_bytes: int):
+    """Kept prompts up to `max_bytes`, an entry's size measured by its arrays or, given
+    `bytes_per_token`, by its length (the same on every rank, whatever part of the model each holds)."""
+
+    def __init__(self, max_bytes: int, bytes_per_token: Optional[int] = None):
         self.max_bytes = max_bytes
+        self.bytes_per_token = bytes_per_token
         self.entries: "OrderedDict[int, PrefixEntry]" = OrderedDict()
         self.nbytes = 0
         self._next = 0
@@ -84,7 +89,7 @@ class PrefixCache:
         keys = [mx.contiguous(c.keys[..., :length, :]) for c in cache]
         values = [mx.contiguous(c.values[..., :length, :]) for c in cache]
         mx.eval(keys, values)
-        nbytes = sum(a.nbytes for a in keys + values)
+        nbytes = self.bytes_per_token * length if self.bytes_per_token else sum(a.nbytes for a in keys + values)
         if nbytes > self.max_bytes:
             return
         self.entries[self._next] = PrefixEntry(np.array(ids), media, keys, values, nbytes)

@@ -11,9 +11,12 @@ import time
 import numpy as np
 import pytest
 
-from mlx_glm4v.engine import Engine, QueueFull, Request, batch_generate
+import mlx.core as mx
+
+from mlx_glm4v.engine import Engine, QueueFull, Request, batch_generate, kv_bytes_per_token
 from mlx_glm4v.generate import GenerationSettings, build_messages, generate, stream_generate
 from mlx_glm4v.loader import load
+from mlx_glm4v.prefix import PrefixCache
 from mlx_glm4v.video import Video
 from test_generate import ref_generate
 from test_model import clip, picture
@@ -223,6 +226,20 @@ def test_a_shared_prefix_is_reused_and_changes_nothing(setup):
     assert different["usage"].cached_tokens < image_end  # another image of the same size: not reused
     assert same(reused, run_alone(setup, second))
     assert same(different, run_alone(setup, other_image))
+
+
+def test_prefix_measured_by_tokens_as_by_arrays(setup):
+    """Several ranks size kept prefixes by tokens (the whole model's KV bytes per token), so that all
+    keep the same ones; in one process that measure is exactly the arrays' bytes."""
+    model, processor = setup["model"], setup["processor"]
+    inputs = inputs_of(setup, "Hello! How are you today?")
+    cache = GenerationSettings().new_cache(model, processor, inputs["input_ids"])
+    mx.eval(model(mx.array(inputs["input_ids"]), cache=cache))
+    ids = np.asarray(inputs["input_ids"]).reshape(-1)
+    by_arrays, by_tokens = PrefixCache(1 << 30), PrefixCache(1 << 30, kv_bytes_per_token(model))
+    by_arrays.store(ids, None, cache)
+    by_tokens.store(ids, None, cache)
+    assert by_tokens.nbytes == by_arrays.nbytes == kv_bytes_per_token(model) * len(ids) > 0
 
 
 def test_batch_generate_equals_generate(setup):

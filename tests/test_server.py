@@ -100,17 +100,19 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, checkpoint, args, log_path, key=None):
+    """`serve` in a process of its own (`launcher`: a command that starts it, e.g. mlx.launch)."""
+
+    def __init__(self, checkpoint, args, log_path, key=None, launcher=(), env=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.key = key
         self.log_path = log_path
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         env.pop("MLX_GLM4V_API_KEY", None)
         self.log = open(log_path, "w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mlx_glm4v.cli", "serve", "--model", str(checkpoint), "--port", str(self.port),
-             *args], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+            [*launcher, sys.executable, "-m", "mlx_glm4v", "serve", "--model", str(checkpoint), "--port",
+             str(self.port), *args], stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             assert self.process.poll() is None, Path(log_path).read_text()

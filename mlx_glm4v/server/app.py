@@ -64,8 +64,8 @@ class ServerConfig:
 class State:
     """What the routes share: the config, and once loaded, the model, processor and engine."""
 
-    def __init__(self, config: ServerConfig):
-        self.config = config
+    def __init__(self, config: ServerConfig, group=None):
+        self.config, self.group = config, group
         self.metrics = Metrics()
         self.engine = self.processor = None
         self.ready = threading.Event()
@@ -80,7 +80,13 @@ class State:
         from ..engine import Engine
         from ..loader import load
 
-        model, processor = (loader or load)(self.config.model)
+        if self.group is not None:  # under mlx.launch: this rank's part; the other ranks follow this engine
+            from ..distributed import load as load_part
+
+            model, processor, layout = load_part(self.config.model, self.group)
+            log.info("%s", layout.describe())
+        else:
+            model, processor = (loader or load)(self.config.model)
         self.metrics.instrument_vision(model)
         variables = meta.find_undeclared_variables(Environment().parse(processor.chat_template))
         self.tools_supported = "tools" in variables
@@ -88,9 +94,14 @@ class State:
         if self.max_prompt_tokens is None:
             self.max_prompt_tokens = model.config.text_config.max_position_embeddings
         self.processor = processor
-        self.engine = Engine(model, processor, max_queue=self.config.max_queue,
-                             max_concurrency=self.config.max_concurrency,
-                             feature_cache_bytes=self.config.feature_cache_bytes)
+        options = dict(max_queue=self.config.max_queue, max_concurrency=self.config.max_concurrency,
+                       feature_cache_bytes=self.config.feature_cache_bytes)
+        if self.group is not None:
+            from ..lockstep import serving_engine
+
+            self.engine = serving_engine(self.group, model, processor, **options)
+        else:
+            self.engine = Engine(model, processor, **options)
         self.ready.set()
         log.info("model %s loaded; serving it as %r", self.config.model, self.config.name)
 
@@ -391,9 +402,10 @@ async def _server_error(request: Request, exc: Exception):
                                    "type": "server_error", "param": None, "code": None}}, status_code=500)
 
 
-def create_app(config: ServerConfig, loader=None) -> Starlette:
-    """The app; the model loads on a thread at start-up (`loader(model)` -> (model, processor))."""
-    state = State(config)
+def create_app(config: ServerConfig, loader=None, group=None) -> Starlette:
+    """The app; the model loads on a thread at start-up (`loader(model)` -> (model, processor));
+    under mlx.launch (`group`, on rank 0) its engine leads the other ranks'."""
+    state = State(config, group)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -450,8 +462,8 @@ def check_bind(host: str, api_key: Optional[str], insecure_no_auth: bool):
 
 
 def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8080, insecure_no_auth: bool = False,
-          log_level: str = "info"):
-    """Run the server until interrupted."""
+          log_level: str = "info", group=None):
+    """Run the server until interrupted (under mlx.launch, on rank 0: `group`)."""
     import uvicorn
 
     check_bind(host, config.api_key, insecure_no_auth)
@@ -463,7 +475,7 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8080, insec
         resolve(config.model)  # a wrong local path fails now; a hub download happens while /health says 503
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(config)
+    app = create_app(config, group=group)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30))
     app.state.stop = lambda: setattr(server, "should_exit", True)
     server.run()

@@ -1,0 +1,165 @@
+"""`mlx-glm4v serve` under `mlx.launch`: rank 0 serves HTTP, every rank runs the engine's steps.
+
+Real launches (ring backend on 127.0.0.1, CPU) of the real server, asked by httpx. A request
+sent concurrently with others must get, byte for byte and logprobs included, the reply it gets
+alone from the same ranks; and the tokens a one-process server gives it, with log-probabilities
+within 1e-4 (split over ranks, sums run in another order).
+"""
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from test_distributed import REPORT, TOL, cli_env, mlx_launch, rank_pid
+from test_server import Server, data_url, image_part, picture, png_bytes
+
+openai = pytest.importorskip("openai")
+
+
+def requests(media: Path) -> dict:
+    """OpenAI request bodies: greedy text, images (sent inline and named in the media root), sampled."""
+    inline = data_url(png_bytes(picture(84, 112, 3)))
+    return {
+        "text": {"messages": [{"role": "user", "content": "Hello! How are you today?"}]},
+        "image": {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": inline}}, {"type": "text", "text": "Describe this image."}]}],
+            "logprobs": True, "top_logprobs": 2},
+        "file": {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "picture-file.png"}}, {"type": "text", "text": "What is it?"}]}]},
+        "sampled": {"messages": [{"role": "user", "content": "Tell me a story."}], "temperature": 1.0, "seed": 5},
+    }
+
+
+def same_tokens(got: dict, expected: dict, label: str):
+    """The same text and tokens; log-probabilities within TOL."""
+    assert (got["content"], got["finish"], got["usage"]) == (expected["content"], expected["finish"],
+                                                              expected["usage"]), f"{label}: {got} != {expected}"
+    if expected["logprobs"] is None:
+        return assert_none(got["logprobs"], label)
+    pairs = list(zip(got["logprobs"]["content"], expected["logprobs"]["content"], strict=True))
+    assert [a["token"] for a, _ in pairs] == [b["token"] for _, b in pairs], label
+    worst = max(abs(a["logprob"] - b["logprob"]) for a, b in pairs)
+    assert worst <= TOL, f"{label}: log-probabilities differ by {worst:.2e}"
+    REPORT[f"{label}: max |logprob difference| against one process"] = worst
+
+
+def assert_none(value, label):
+    assert value is None, label
+
+
+def reply(server, body) -> dict:
+    response = server.post({"model": server.model, "max_tokens": 16, "temperature": 0, **body})
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    return {"content": choice["message"]["content"], "logprobs": choice["logprobs"],
+            "finish": choice["finish_reason"], "usage": response.json()["usage"]["completion_tokens"]}
+
+
+def stop(server, marker: str) -> tuple:
+    """Ctrl-C to rank 0 (the server); (seconds until every rank and the launcher ended, log).
+
+    (Ctrl-C in a terminal reaches the launcher too, which then dies with a traceback of its own.)"""
+    started = time.monotonic()
+    os.kill(rank_pid(marker, 0), signal.SIGINT)
+    try:
+        server.process.wait(timeout=60)
+    finally:
+        if server.process.poll() is None:
+            os.killpg(server.process.pid, signal.SIGKILL)
+        server.log.close()
+    return time.monotonic() - started, Path(server.log_path).read_text()
+
+
+def cancelled_stream(server, seen: list):
+    """A long streamed reply its client leaves after three pieces."""
+    body = {"model": server.model, "max_tokens": 400, "stream": True, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "Count to a thousand."}]}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                seen.append(line)
+                if len(seen) == 3:
+                    return
+
+
+@pytest.mark.parametrize("mode", ["tensor", "pipeline"])
+def test_serve_on_two_ranks_equals_one_process(tmp_path, glm4v_moe_checkpoint, mode):
+    path = glm4v_moe_checkpoint[0]
+    media = tmp_path / "media"
+    media.mkdir()
+    picture(56, 84, 9).save(media / "picture-file.png")
+    bodies = requests(media)
+    args = ["--media-root", str(media), "--keepalive", "0.05"]
+
+    alone = Server(path, args, tmp_path / "single.log")
+    try:
+        expected = {name: reply(alone, body) for name, body in bodies.items()}
+    finally:
+        alone.close()
+
+    marker = f"serve-{mode}-{os.getpid()}"
+    env = cli_env(tmp_path, WATCH_OPENS=str(tmp_path / "opens"), MLX_GLM4V_PARALLEL=mode, RANK_TEST=marker)
+    ranks = Server(path, args, tmp_path / "ranks.log", launcher=mlx_launch(2), env=env)
+    try:
+        apart = {name: reply(ranks, body) for name, body in bodies.items()}
+        for name in bodies:
+            same_tokens(apart[name], expected[name], f"serve, {mode} parallel, {name}")
+        got, threads, seen = {}, [], []
+        for name, body in bodies.items():
+            threads.append(threading.Thread(target=lambda n=name, b=body: got.__setitem__(n, reply(ranks, b))))
+        threads.append(threading.Thread(target=cancelled_stream, args=(ranks, seen)))
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert len(seen) == 3
+        for name in bodies:
+            assert got[name] == apart[name], f"{mode}, {name}: {got[name]} != {apart[name]}"
+        assert expected["image"]["logprobs"]["content"] and expected["text"]["content"]
+        # after a cancellation and a batch of four, a request alone is still the same reply
+        assert reply(ranks, bodies["image"]) == apart["image"]
+        assert ranks.metrics()["requests_cancelled_total"] >= 1
+    finally:
+        seconds, log = stop(ranks, marker)
+    assert f"rank 1 of 2: {mode} parallel" in log, log
+    assert "Traceback" not in log and "error:" not in log, log
+    assert seconds < 30, f"{seconds:.1f} s to stop"
+    REPORT[f"serve on 2 ranks ({mode}): seconds to stop after Ctrl-C"] = seconds
+    opened = {p.name.split(".")[-1]: p.read_text() for p in tmp_path.glob("opens.*")}
+    assert "picture-file.png" in opened.get("0", ""), opened
+    assert "picture-file.png" not in opened.get("1", ""), opened
+
+
+def test_serve_killed_rank_ends_the_server(tmp_path, glm4v_checkpoint):
+    """Rank 1 killed while a reply streams: the client's stream ends and rank 0 stops with one line."""
+    marker = f"serve-{os.getpid()}"
+    env = cli_env(tmp_path, RANK_TEST=marker)
+    server = Server(glm4v_checkpoint[0], [], tmp_path / "ranks.log", launcher=mlx_launch(2), env=env)
+    try:
+        body = {"model": server.model, "max_tokens": 100000, "stream": True, "ignore_eos": True,
+                "messages": [{"role": "user", "content": "Hello!"}]}
+        pieces, killed = 0, None
+        with pytest.raises(httpx.HTTPError):
+            with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as response:
+                for line in response.iter_lines():
+                    pieces += line.startswith("data: {")
+                    if pieces == 3 and killed is None:
+                        os.kill(rank_pid(marker, 1), signal.SIGKILL)
+                        killed = time.monotonic()
+        server.process.wait(timeout=60)
+        elapsed = time.monotonic() - killed
+    finally:
+        if server.process.poll() is None:
+            os.killpg(server.process.pid, signal.SIGKILL)
+        server.log.close()
+    log = Path(server.log_path).read_text()
+    assert elapsed < 30, f"{elapsed:.1f} s"
+    REPORT["serve, killed rank: seconds until the launch ended"] = elapsed
+    assert log.count("error:") == 1, log
+    assert "Traceback" not in log, log
