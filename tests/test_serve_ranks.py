@@ -136,30 +136,42 @@ def test_serve_on_two_ranks_equals_one_process(tmp_path, glm4v_moe_checkpoint, m
     assert "picture-file.png" not in opened.get("1", ""), opened
 
 
-def test_serve_killed_rank_ends_the_server(tmp_path, glm4v_checkpoint):
-    """Rank 1 killed while a reply streams: the client's stream ends and rank 0 stops with one line."""
-    marker = f"serve-{os.getpid()}"
-    env = cli_env(tmp_path, RANK_TEST=marker)
+@pytest.mark.parametrize("fault", ["killed", "frozen"])
+def test_a_lost_rank_ends_the_server(tmp_path, glm4v_checkpoint, fault):
+    """Rank 1 killed, or frozen with its connections open (SIGSTOP), while a reply streams: the
+    client's stream ends and rank 0 stops with one line (a frozen rank after MLX_GLM4V_RANK_TIMEOUT)."""
+    marker = f"serve-{fault}-{os.getpid()}"
+    env = cli_env(tmp_path, RANK_TEST=marker, MLX_GLM4V_RANK_TIMEOUT="3")
     server = Server(glm4v_checkpoint[0], [], tmp_path / "ranks.log", launcher=mlx_launch(2), env=env)
+    victim = None
     try:
         body = {"model": server.model, "max_tokens": 100000, "stream": True, "ignore_eos": True,
                 "messages": [{"role": "user", "content": "Hello!"}]}
-        pieces, killed = 0, None
+        pieces, struck = 0, None
         with pytest.raises(httpx.HTTPError):
             with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as response:
                 for line in response.iter_lines():
                     pieces += line.startswith("data: {")
-                    if pieces == 3 and killed is None:
-                        os.kill(rank_pid(marker, 1), signal.SIGKILL)
-                        killed = time.monotonic()
+                    if pieces == 3 and struck is None:
+                        victim = rank_pid(marker, 1)
+                        os.kill(victim, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+                        struck = time.monotonic()
+        while rank_pid(marker, 0) is not None and time.monotonic() - struck < 60:
+            time.sleep(0.2)
+        elapsed = time.monotonic() - struck
+        if fault == "frozen":
+            os.kill(victim, signal.SIGCONT)
         server.process.wait(timeout=60)
-        elapsed = time.monotonic() - killed
     finally:
         if server.process.poll() is None:
             os.killpg(server.process.pid, signal.SIGKILL)
         server.log.close()
     log = Path(server.log_path).read_text()
-    assert elapsed < 30, f"{elapsed:.1f} s"
-    REPORT["serve, killed rank: seconds until the launch ended"] = elapsed
-    assert log.count("error:") == 1, log
+    REPORT[f"serve, {fault} rank: seconds until rank 0 ended"] = elapsed
     assert "Traceback" not in log, log
+    if fault == "killed":
+        assert elapsed < 30, f"{elapsed:.1f} s"
+        assert log.count("error:") == 1, log
+    else:
+        assert 3 <= elapsed < 30, f"{elapsed:.1f} s\n{log}"
+        assert "error: rank 0 waited 3 s for the other ranks" in log, log
