@@ -17,14 +17,15 @@ import httpx
 import pytest
 
 from test_distributed import REPORT, TOL, cli_env, mlx_launch, rank_pid
-from test_server import Server, data_url, image_part, picture, png_bytes
+from test_server import Server, data_url, picture, png_bytes, write_video
 
 openai = pytest.importorskip("openai")
 
 
 def requests(media: Path) -> dict:
-    """OpenAI request bodies: greedy text, images (sent inline and named in the media root), sampled."""
+    """OpenAI request bodies: greedy text, images (sent inline and named in the media root), a video, sampled."""
     inline = data_url(png_bytes(picture(84, 112, 3)))
+    clip = data_url(write_video(media / "clip.mp4").read_bytes(), "video/mp4")
     return {
         "text": {"messages": [{"role": "user", "content": "Hello! How are you today?"}]},
         "image": {"messages": [{"role": "user", "content": [
@@ -32,6 +33,8 @@ def requests(media: Path) -> dict:
             "logprobs": True, "top_logprobs": 2},
         "file": {"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "picture-file.png"}}, {"type": "text", "text": "What is it?"}]}]},
+        "video": {"messages": [{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": clip}}, {"type": "text", "text": "What happens?"}]}]},
         "sampled": {"messages": [{"role": "user", "content": "Tell me a story."}], "temperature": 1.0, "seed": 5},
     }
 
