@@ -8,7 +8,6 @@ the thinking dropped from earlier replies, as the GLM-V authors ask; the cache's
 common prefix with it (same media at the same places) is still reused.
 """
 
-import re
 from dataclasses import dataclass, replace
 from typing import Iterator, Optional, Sequence
 
@@ -16,17 +15,15 @@ import numpy as np
 
 from .cache import PromptCache
 from .generate import GenerationResponse, GenerationSettings, kept_prefix, stream_tokens, user_message
-from .media import FeatureMemo, MediaItem, media_items, media_spans
+from .media import FeatureMemo, MediaItem, media_items, placed_media
 from .model import Model
 from .processor import Processor
+from .reply import THINKING
 from .rope_index import IMAGE, VIDEO, rope_index, token_types
-
-_THINKING = re.compile(r"<think>.*?(</think>|$)", re.DOTALL)
-
 
 def drop_thinking(text: str) -> str:
     """A reply as it goes back into the history: without its <think>…</think> part."""
-    return _THINKING.sub("", text).strip()
+    return THINKING.sub("", text).strip()
 
 
 @dataclass
@@ -138,13 +135,10 @@ class ChatSession:
 
     def _spans(self, ids: list, inputs: dict, offset: int) -> list:
         """The media of `ids` (processed into `inputs`) with their places in the conversation."""
-        cfg = self.model.config
-        types = token_types(np.array(ids), cfg.image_token_id, cfg.video_start_token_id, cfg.video_end_token_id)
         items = media_items(inputs.get("pixel_values"), inputs.get("image_grid_thw"),
                             inputs.get("pixel_values_videos"), inputs.get("video_grid_thw"))
-        queues = {kind: iter([i for i in items if i.kind == kind]) for kind in (IMAGE, VIDEO)}
-        spans = media_spans(types, ids, cfg.video_start_token_id, cfg.video_end_token_id)
-        return [MediaSpan(kind, start + offset, end + offset, next(queues[kind])) for kind, start, end in spans]
+        return [MediaSpan(kind, start + offset, end + offset, item)
+                for kind, start, end, item in placed_media(self.model.config, ids, items)]
 
     def _reuse(self, target: list, media: list) -> int:
         """Trim the cache to the longest prefix it shares with `target` (the same media at the

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from .errors import Glm4vError
+from .reply import THINKING
 
 SCALE = 1000
 BOX_RE = re.compile(r"<\|begin_of_box\|>(.*?)<\|end_of_box\|>", re.S)
 # bare double brackets outside the markers: [[x1,y1,x2,y2]], [[x,y]], [[...],[...]]
 NUMS = r"\[[-+0-9.eE,\s]*\]"
 BARE_RE = re.compile(rf"\[\s*{NUMS}(?:\s*,\s*{NUMS})*\s*\]")
-THINK_RE = re.compile(r"<think>.*?(</think>|$)", re.S)
 ORDINALS = {"first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "sixth": 6, "seventh": 7,
             "eighth": 8, "ninth": 9, "tenth": 10, "1st": 1, "2nd": 2, "3rd": 3}
 IMAGE_REF_RE = re.compile(
@@ -59,7 +59,7 @@ class Grounding:
 
 def find_marks(text: str) -> Grounding:
     """The boxes and points in a reply's answer (thinking is skipped), in order of appearance."""
-    text = THINK_RE.sub(lambda m: " " * len(m.group(0)), text)
+    text = THINKING.sub(lambda m: " " * len(m.group(0)), text)
     found: List[Tuple[int, int, list]] = []  # (start, end, [Mark | refusal string])
     taken = []
     for m in BOX_RE.finditer(text):

@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from .rope_index import IMAGE, VIDEO
+from .rope_index import IMAGE, VIDEO, token_types
 
 
 @dataclass
@@ -43,21 +43,23 @@ def media_items(pixel_values=None, image_grid_thw=None, pixel_values_videos=None
     return items
 
 
-def media_spans(types: np.ndarray, input_ids, video_start_id: int, video_end_id: int) -> list:
-    """(kind, start, end) of each image and video in a token sequence, in token order.
+def placed_media(config, input_ids, items: list) -> list:
+    """(kind, start, end, item) of each image and video in a token sequence, in token order,
+    paired with `items` (the prompt's media, as `media_items` lists them).
 
     An image is a run of image tokens; a video spans from its begin-of-video to its
     end-of-video token, frames and timestamps included.
     """
-    types = np.asarray(types).reshape(-1)
     ids = np.asarray(input_ids).reshape(-1)
-    spans = []
+    types = token_types(ids[None], config.image_token_id, config.video_start_token_id,
+                        config.video_end_token_id).reshape(-1)
     is_image = np.concatenate([[0], (types == IMAGE).astype(np.int8), [0]])
     starts, ends = np.flatnonzero(np.diff(is_image) == 1), np.flatnonzero(np.diff(is_image) == -1)
-    spans += [(IMAGE, int(s), int(e)) for s, e in zip(starts, ends)]
-    opens, closes = np.flatnonzero(ids == video_start_id), np.flatnonzero(ids == video_end_id)
+    spans = [(IMAGE, int(s), int(e)) for s, e in zip(starts, ends)]
+    opens, closes = np.flatnonzero(ids == config.video_start_token_id), np.flatnonzero(ids == config.video_end_token_id)
     spans += [(VIDEO, int(s), int(e) + 1) for s, e in zip(opens, closes)]
-    return sorted(spans, key=lambda span: span[1])
+    queues = {kind: iter([i for i in items if i.kind == kind]) for kind in (IMAGE, VIDEO)}
+    return [(kind, s, e, next(queues[kind])) for kind, s, e in sorted(spans, key=lambda span: span[1])]
 
 
 class FeatureMemo(OrderedDict):

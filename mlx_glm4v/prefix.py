@@ -17,9 +17,8 @@ import mlx.core as mx
 import numpy as np
 
 from .chat import common_prefix
-from .media import media_spans
+from .media import placed_media
 from .mlxlm import KVCache
-from .rope_index import IMAGE, token_types
 
 
 @dataclass
@@ -36,11 +35,7 @@ def media_marks(config, ids: np.ndarray, items: list):
     then videos). None for a prompt without media."""
     if not items:
         return None
-    types = token_types(ids[None], config.image_token_id, config.video_start_token_id, config.video_end_token_id)
-    spans = media_spans(types, ids, config.video_start_token_id, config.video_end_token_id)
-    images = iter([i for i in items if i.kind == IMAGE])
-    videos = iter([i for i in items if i.kind != IMAGE])
-    return [(start, end, next(images if kind == IMAGE else videos).digest) for kind, start, end in spans]
+    return [(start, end, item.digest) for _, start, end, item in placed_media(config, ids, items)]
 
 
 def shared_length(entry: PrefixEntry, ids: np.ndarray, media: list) -> int:

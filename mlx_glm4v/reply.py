@@ -5,10 +5,12 @@ and then the answer; all of them wrap grounding coordinates in `<|begin_of_box|>
 The CLI, the Python API and the server split a reply the same way, here, streamed or whole.
 """
 
+import re
 from dataclasses import dataclass
 from typing import Tuple
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+THINKING = re.compile(r"<think>.*?(</think>|$)", re.DOTALL)  # a thinking block, closed or still open
 MARKERS = (THINK_OPEN, THINK_CLOSE, "<answer>", "</answer>", "<|begin_of_box|>", "<|end_of_box|>")
 
 
