@@ -408,6 +408,10 @@ def lost_rank(error: Exception) -> Optional[Glm4vError]:
     """The one-line error for a collective that failed because another rank stopped, else None."""
     text = str(error)
     if isinstance(error, RuntimeError) and any(s in text for s in ("[ring]", "[jaccl]", "[mpi]", "peer")):
-        rank = launched().rank() if launched() is not None else 0
+        # not launched(): when joining the group is what failed, trying again would fail again
+        rank = os.environ.get("MLX_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or "0"
+        if "connect" in text.lower() and "lost" not in text:
+            return Glm4vError(f"rank {rank} could not reach the other ranks ({text.strip()}); check the hostfile's "
+                              "addresses and that every Mac runs the command; every rank stops.")
         return Glm4vError(f"rank {rank} lost contact with another rank ({text.strip()}); every rank stops.")
     return None

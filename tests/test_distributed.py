@@ -8,6 +8,7 @@ file is checked for.
 
 import json
 import os
+import random
 import select
 import signal
 import socket
@@ -30,11 +31,20 @@ TOL = 1e-4
 
 
 def mlx_launch(n: int) -> list:
-    """`mlx.launch -n N --backend ring` run by this interpreter, its ring on free ports of 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    port = min(port, 65535 - n)
+    """`mlx.launch -n N --backend ring` run by this interpreter, its ring on free ports of 127.0.0.1.
+
+    The ports are taken below Linux's ephemeral range, so that no connection another process
+    opens meanwhile can take one of them before its rank listens."""
+    rng = random.Random()
+    while True:
+        port = rng.randrange(20000, 32000 - n)
+        try:
+            for i in range(n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port + i))
+            break
+        except OSError:
+            continue
     return [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; main()",
             "-n", str(n), "--backend", "ring", "--starting-port", str(port)]
 
