@@ -18,8 +18,9 @@ each tool's own `stream_generate`, split at the first token. The prompt's wall t
 tool's own statistic (prompt tokens / prompt tokens/s, preprocessing excluded, as in bench.py);
 its CPU time (user + system of the process) runs from the call to the first token less the
 tool's preprocessing timed alone. Then each vision tower alone on the same pixels. CPU time is
-what load from other processes moves least; one process running both tools, a quiet moment
-helps neither more than the other.
+what load from other processes moves least (with OPENBLAS_NUM_THREADS=1 it is the work done;
+with more BLAS threads it also counts their spin-waiting); one process running both tools, a
+quiet moment helps neither more than the other.
 """
 
 import argparse
