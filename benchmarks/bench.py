@@ -29,7 +29,9 @@ multi-image (three images, float32), video (60 s at 24 fps, sampled at 2 fps; ou
 has no native GLM-4.1V video), session (ours, one process: a first question about the image, a
 follow-up, and the same image again after reset()), stages (one in-process generation per tool
 timed piece by piece, `python -X importtime` of each command line, and the greedy tokens of the
-two compared, also on a twin checkpoint whose wider text weights make them vary).
+two compared, also on a twin checkpoint whose wider text weights make them vary), ab (both tools
+in one process, alternating for --rounds: the prompt, decoding and the vision tower, wall and
+CPU time; steadier than whole processes on a busy machine, see probe.py).
 
 Roofline: a large matrix-vector product is timed in the same run and backend for float32,
 bfloat16 and 4-bit weights; decode bandwidth = weight bytes read per token (the text decoder
@@ -63,7 +65,7 @@ sys.path.insert(0, str(HERE))
 import make_checkpoint  # noqa: E402
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
-ALL_CASES = ("image-f32", "image-bf16", "image-4bit", "multi-image", "video", "session", "stages")
+ALL_CASES = ("image-f32", "image-bf16", "image-4bit", "multi-image", "video", "session", "stages", "ab")
 PROMPT = "Describe this image in detail."
 MULTI_PROMPT = "What is different between these images? Compare them."
 VIDEO_PROMPT = "What happens in this video?"
@@ -374,6 +376,19 @@ def report(results: dict, header: str) -> str:
                              + ", ".join(f"{name} {sec:.2f}" for name, sec in imp["top"][:8]))
         if "tokens_match" in st:
             lines += ["", f"Greedy tokens, ours vs mlx-vlm: {st['tokens_match']}"]
+    if results.get("ab"):
+        ab = results["ab"]
+        if "error" in ab:
+            lines += ["", "One process, both tools: error: " + ab["error"].strip().splitlines()[-1]]
+        else:
+            lines += ["", f"Both tools in one process, alternating ({ab['rounds']} round(s), medians, seconds; "
+                      f"{ab['tokens']['mlx-glm4v']} tokens decoded; CPU = user + system of the process):", "",
+                      "| | mlx-glm4v | mlx-vlm | ratio |", "|---|---|---|---|"]
+            for key, label in (("prompt_s", "prompt (each tool's statistic)"), ("prompt_cpu_s", "prompt, CPU"),
+                               ("decode_s", "decode"), ("decode_cpu_s", "decode, CPU"),
+                               ("vision_s", "vision tower alone"), ("vision_cpu_s", "vision tower alone, CPU")):
+                lines.append(f"| {label} | {ab['mlx-glm4v'][key]:.3f} | {ab['mlx-vlm'][key]:.3f} | "
+                             f"{ab['ratios'][key]:.3f} |")
     if results.get("roofline"):
         lines += ["", "Matrix-vector bandwidth (GB/s): " + ", ".join(
             f"{k} {v:.2f}" for k, v in results["roofline"]["gb_per_s"].items())
@@ -584,6 +599,16 @@ def main(argv=None) -> dict:
                                               "--followup", FOLLOWUP, "--max-tokens", min(args.max_tokens, 20))
         except RuntimeError as e:
             results["session"] = {"error": str(e)}
+
+    if "ab" in args.cases and vlm:
+        log(f"ab: both tools in one process, alternating, {args.rounds} round(s)")
+        try:
+            results["ab"] = runner.probe("ab", "--model", ckpt, "--image", image, "--prompt", PROMPT,
+                                         "--max-tokens", min(args.max_tokens, 30), "--rounds", args.rounds)
+        except RuntimeError as e:
+            results["ab"] = {"error": str(e)}
+    elif "ab" in args.cases:
+        notes.append("ab: needs mlx-vlm in this Python; skipped.")
 
     if "stages" in args.cases:
         log("stages: one generation per tool, timed piece by piece")

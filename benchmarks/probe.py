@@ -5,12 +5,22 @@
     python benchmarks/probe.py session --model CKPT --image IMG [--max-tokens N]
     python benchmarks/probe.py stages --tool ours|mlx-vlm --model CKPT --image IMG ... [--max-tokens N]
     python benchmarks/probe.py imports -- -m mlx_glm4v.cli generate ...   (python -X importtime, summed)
+    python benchmarks/probe.py ab --model CKPT --image IMG [--rounds N --max-tokens N]
 
 `stages` times one generation piece by piece: imports, loading, preprocessing, then the time to
 the first token (vision tower + text prefill), decoding; afterwards the vision tower alone on the
 same pixels, so that text prefill = time to first token - vision tower. It also returns the greedy
 tokens (for the cross-check between the two tools) and which heavy packages ended up imported.
 Nothing here imports mlx or either tool before it is timed.
+
+`ab` loads both tools into one process and alternates them, round by round, on the same prompt:
+each tool's own `stream_generate`, split at the first token. The prompt's wall time is each
+tool's own statistic (prompt tokens / prompt tokens/s, preprocessing excluded, as in bench.py);
+its CPU time (user + system of the process) runs from the call to the first token less the
+tool's preprocessing timed alone. Then each vision tower alone on the same pixels. CPU time is
+what load from other processes moves least (with OPENBLAS_NUM_THREADS=1 it is the work done;
+with more BLAS threads it also counts their spin-waiting); one process running both tools, a
+quiet moment helps neither more than the other.
 """
 
 import argparse
@@ -260,6 +270,90 @@ def cmd_imports(args):
     emit({"rc": proc.returncode, "total_s": sum(roots.values()), "top": top[:args.top]})
 
 
+def ours_inputs(processor, prompt, images):
+    """What `stream_generate` prepares before its clock starts: template, images, patches."""
+    from mlx_glm4v.generate import build_messages
+
+    messages = build_messages(prompt, images)
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return processor(text, images=processor.media_from_messages(messages)[0])
+
+
+def cmd_ab(args):
+    import statistics
+
+    import mlx.core as mx
+    import numpy as np
+    from mlx_glm4v.generate import generation_stream as ours_stream
+    from mlx_glm4v.generate import stream_generate as ours_generate
+    from mlx_glm4v.loader import load as ours_load
+    from mlx_vlm import load as vlm_load
+    from mlx_vlm.generate import stream_generate as vlm_generate
+    from mlx_vlm.generate.common import generation_stream as vlm_stream
+    from mlx_vlm.prompt_utils import apply_chat_template
+    from mlx_vlm.utils import prepare_inputs
+
+    model, processor = ours_load(args.model)
+    vlm_model, vlm_processor = vlm_load(args.model)
+    vlm_prompt = apply_chat_template(vlm_processor, vlm_model.config, args.prompt, num_images=len(args.image))
+    inputs = ours_inputs(processor, args.prompt, args.image)
+    pixels, grid = inputs["pixel_values"], inputs["image_grid_thw"]
+    vlm_pixels = mx.array(pixels).astype(vlm_model.vision_tower.patch_embed.proj.weight.dtype)
+
+    def clock():
+        return time.perf_counter(), time.process_time()
+
+    def since(start):
+        now = clock()
+        return now[0] - start[0], now[1] - start[1]
+
+    def run(responses, preprocess):
+        start, first = clock(), None
+        for r in responses:
+            if first is None:
+                first = clock()
+            last = r
+        (_, total_cpu), (decode_s, decode_cpu) = since(start), since(first)
+        start = clock()
+        preprocess()
+        _, preprocess_cpu = since(start)
+        return dict(prompt_s=last.prompt_tokens / last.prompt_tps, prompt_cpu_s=total_cpu - decode_cpu - preprocess_cpu,
+                    decode_s=decode_s, decode_cpu_s=decode_cpu, tokens=last.generation_tokens)
+
+    def vision(fn):
+        for stream in (ours_stream, vlm_stream):  # mlx-vlm queues one step more than it hands out
+            mx.synchronize(stream)
+        start = clock()
+        mx.eval(fn())
+        return dict(zip(("vision_s", "vision_cpu_s"), since(start)))
+
+    def ours():
+        out = run(ours_generate(model, processor, args.prompt, args.image, max_tokens=args.max_tokens,
+                                ignore_eos=True), lambda: ours_inputs(processor, args.prompt, args.image))
+        return {**out, **vision(lambda: model.visual(pixels, np.asarray(grid)))}
+
+    def theirs():
+        vlm_processor.tokenizer.stopping_criteria.reset(vlm_model.config.eos_token_id)
+        out = run(vlm_generate(vlm_model, vlm_processor, vlm_prompt, args.image, max_tokens=args.max_tokens,
+                               temperature=0.0),
+                  lambda: prepare_inputs(vlm_processor, images=args.image, prompts=vlm_prompt,
+                                         image_token_index=getattr(vlm_model.config, "image_token_index", None)))
+        return {**out, **vision(lambda: vlm_model.vision_tower(vlm_pixels, mx.array(grid), output_hidden_states=False))}
+
+    tools = {"mlx-glm4v": ours, "mlx-vlm": theirs}
+    runs = {name: [] for name in tools}
+    for name, fn in tools.items():  # warm-up: first calls, buffers
+        fn()
+    for i in range(args.rounds):
+        for name in (list(tools) if i % 2 == 0 else list(tools)[::-1]):
+            runs[name].append(tools[name]())
+    keys = [k for k in runs["mlx-glm4v"][0] if k != "tokens"]
+    out = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in runs.items()}
+    out["ratios"] = {k: out["mlx-glm4v"][k] / out["mlx-vlm"][k] for k in keys}
+    out["rounds"], out["tokens"] = args.rounds, {name: rs[-1]["tokens"] for name, rs in runs.items()}
+    emit(out)
+
+
 def cmd_stages(args):
     out = stages_ours(args) if args.tool == "ours" else stages_mlx_vlm(args)
     ttft = out["prompt_tokens"] / out["prompt_tps"] if out["prompt_tps"] else float("nan")
@@ -282,7 +376,7 @@ def main(argv=None):
     p = sub.add_parser("imports")
     p.add_argument("--top", type=int, default=12)
     p.add_argument("command", nargs=argparse.REMAINDER, help="after --: the arguments to python")
-    for name in ("session", "stages"):
+    for name in ("session", "stages", "ab"):
         p = sub.add_parser(name)
         p.add_argument("--model", required=True)
         p.add_argument("--prompt", default="Describe this image in detail.")
@@ -290,6 +384,9 @@ def main(argv=None):
         if name == "session":
             p.add_argument("--image", required=True)
             p.add_argument("--followup", default="What colour is the square on the left?")
+        elif name == "ab":
+            p.add_argument("--image", action="append", required=True)
+            p.add_argument("--rounds", type=int, default=5)
         else:
             p.add_argument("--tool", choices=("ours", "mlx-vlm"), required=True)
             p.add_argument("--image", action="append", default=[])
@@ -298,7 +395,7 @@ def main(argv=None):
     if args.cmd == "imports" and args.command[:1] == ["--"]:
         args.command = args.command[1:]
     commands = {"env": cmd_env, "roofline": cmd_roofline, "session": cmd_session, "stages": cmd_stages,
-                "imports": cmd_imports}
+                "imports": cmd_imports, "ab": cmd_ab}
     commands[args.cmd](args)
 
 

@@ -116,7 +116,7 @@ def prefill(model: Model, prompt: Prompt, cache: PromptCache, step_size: int = 2
         end = min(start + step_size, length)
         if progress is not None:
             progress("prefill", start, length)
-        hidden = model.forward(prompt, cache, start, end)
+        hidden = model.forward(prompt, cache, start, end, last_only=end == length)
         if end < length:
             mx.eval([c.state for c in cache])
             mx.clear_cache()

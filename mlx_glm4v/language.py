@@ -99,12 +99,19 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
 
-    def __call__(self, x: mx.array, rope, mask=None, cache=None) -> mx.array:
+    def __call__(self, x: mx.array, rope, mask=None, cache=None, last_rope=None) -> mx.array:
+        """Attention of the tokens `x` [B, L, dim]; with `last_rope` (the rotation of the last
+        column alone), keys and values of every token but the output of the last one only."""
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        q, k = rope(q), rope(k)
+        if last_rope is not None:
+            x, L, rope_q = x[:, -1:], 1, last_rope
+            mask = mask[..., -1:, :] if isinstance(mask, mx.array) else None  # the last query sees every key
+        else:
+            rope_q = rope
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        q, k = rope_q(q), rope(k)
         if hasattr(cache, "attend"):  # rows of a batch, each over its own cache (rows.py)
             out = cache.attend(q, k, v, self.scale)
         else:
@@ -172,8 +179,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=eps)
         self.post_mlp_layernorm = nn.RMSNorm(config.hidden_size, eps=eps)
 
-    def __call__(self, x: mx.array, rope, mask=None, cache=None) -> mx.array:
-        x = x + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), rope, mask, cache))
+    def __call__(self, x: mx.array, rope, mask=None, cache=None, last_rope=None) -> mx.array:
+        h = self.self_attn(self.input_layernorm(x), rope, mask, cache, last_rope)
+        x = (x if last_rope is None else x[:, -1:]) + self.post_self_attn_layernorm(h)
         return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -194,12 +202,15 @@ class TextModel(nn.Module):
         self.pipeline_group = None
         self.first_layer = 0
 
-    def __call__(self, h: mx.array, rope, mask=None, cache=None) -> mx.array:
+    def __call__(self, h: mx.array, rope, mask=None, cache=None, last_rope=None) -> mx.array:
+        """Hidden states after the final norm; with `last_rope` (see `Attention`) the last
+        layer computes the last column only, [B, 1, hidden]: what a prompt's first token needs."""
         group = self.pipeline_group
         if group is not None and group.rank() > 0:
             h = mx.distributed.recv_like(h, group.rank() - 1, group=group)
-        for layer, c in zip(self.layers, cache or [None] * len(self.layers)):
-            h = layer(h, rope, mask, c)
+        last = len(self.layers) - 1 if last_rope is not None and group is None else None
+        for i, (layer, c) in enumerate(zip(self.layers, cache or [None] * len(self.layers))):
+            h = layer(h, rope, mask, c, last_rope) if i == last else layer(h, rope, mask, c)
         if group is not None:
             if group.rank() < group.size() - 1:
                 h = mx.distributed.send(h, group.rank() + 1, group=group)

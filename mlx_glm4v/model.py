@@ -235,8 +235,11 @@ class Model(nn.Module):
         )
         return Prompt(self.embed(ids, types, image, video), positions, None, next_position, pads)
 
-    def forward(self, prompt: Prompt, cache: Optional[PromptCache] = None, start: int = 0, end=None) -> mx.array:
-        """Hidden states (after the final norm) of the prompt's columns [start, end).
+    def forward(self, prompt: Prompt, cache: Optional[PromptCache] = None, start: int = 0, end=None,
+                last_only: bool = False) -> mx.array:
+        """Hidden states (after the final norm) of the prompt's columns [start, end), or with
+        `last_only` of column end - 1 alone ([B, 1, hidden]): the last layer then runs its
+        queries, output and MLP for that column only, keys and values for all.
 
         Chunks must be run in order; the caller records the prompt in the cache first
         (`cache.record(prompt)`), as `__call__` does.
@@ -245,17 +248,22 @@ class Model(nn.Module):
         cfg = self.config.text_config
         embeds = prompt.embeds[:, start:end]
         if prompt.positions is not None:
-            rope = multimodal_rope(cfg, prompt.positions[:, :, start:end], embeds.dtype)
+            def rope_of(a, b):
+                return multimodal_rope(cfg, prompt.positions[:, :, a:b], embeds.dtype)
         else:
-            offsets = prompt.offsets + start
-            rope = text_rope(cfg, int(offsets[0]) if offsets.size == 1 else mx.array(offsets))
+            def rope_of(a, b):
+                offsets = prompt.offsets + a
+                return text_rope(cfg, int(offsets[0]) if offsets.size == 1 else mx.array(offsets))
+        rope = rope_of(start, end)
+        last_rope = rope_of(end - 1, end) if last_only and end - start > 1 else None
         if cache is not None:
             mask = cache.make_mask(embeds)
         elif prompt.left_pad.any():
             mask = create_causal_mask(end - start, start, left_padding=mx.array(prompt.left_pad))
         else:
             mask = "causal" if end - start > 1 else None
-        return self.language_model(embeds, rope, mask, cache)
+        hidden = self.language_model(embeds, rope, mask, cache, last_rope)
+        return hidden[:, -1:] if last_only else hidden
 
     def logits(self, hidden: mx.array) -> mx.array:
         if self.config.tie_word_embeddings:

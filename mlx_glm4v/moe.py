@@ -115,8 +115,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def __call__(self, x: mx.array, rope, mask=None, cache=None) -> mx.array:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+    def __call__(self, x: mx.array, rope, mask=None, cache=None, last_rope=None) -> mx.array:
+        h = self.self_attn(self.input_layernorm(x), rope, mask, cache, last_rope)
+        x = (x if last_rope is None else x[:, -1:]) + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

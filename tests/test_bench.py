@@ -102,8 +102,14 @@ def test_bench_tiny(tmp_path, capsys):
             assert theirs["prompt_tokens"] == cases[case]["mlx-glm4v"]["prompt_tokens"]
         assert "Ratios ours / mlx-vlm" in printed.out
         assert "identical" in results["stages"]["tokens_match"]
+        ab = results["ab"]
+        assert "error" not in ab, ab
+        assert ab["tokens"] == {"mlx-glm4v": 4, "mlx-vlm": 4}
+        assert all(ab[tool]["prompt_s"] > 0 and ab[tool]["vision_cpu_s"] > 0 for tool in ("mlx-glm4v", "mlx-vlm"))
+        assert "Both tools in one process" in printed.out
     else:
         # the explicit ours-only path: no mlx-vlm rows, no ratios, and the run says why
         assert all(set(tools) == {"mlx-glm4v"} for tools in cases.values())
         assert "Ratios" not in printed.out
         assert "mlx-vlm is not installed" in printed.err
+        assert "ab" not in results and any(n.startswith("ab: needs mlx-vlm") for n in results["notes"])

@@ -155,6 +155,37 @@ def test_left_padded_batch(setup):
     check("left-padded batch", model, ref, inputs)
 
 
+@pytest.mark.parametrize("split", [None, 9], ids=["whole", "in two chunks"])
+def test_last_column_alone_equals_the_whole_pass(setup, split):
+    """`forward(last_only=True)`, what a prompt's first token needs, gives the last column of the
+    whole pass and the same keys and values, for a left-padded image batch and for a chunk
+    continuing a cache (text positions then follow an offset)."""
+    import mlx.core as mx
+
+    model, _, processor = setup
+    conversations = [user("image", "Describe this image."),
+                     user("A cat sits on a red sofa next to a window; the sun is shining.", "image", "Why?")]
+    inputs = our_inputs(prepare(processor, conversations, images=[picture(56, 56, 7), picture(180, 120, 8)]))
+    runs = []
+    for last_only in (False, True):
+        cache = model.make_cache()
+        prompt = model.prepare(**inputs, cache=cache)
+        cache.record(prompt)
+        if split is None:
+            hidden = model.forward(prompt, cache, last_only=last_only)
+        else:  # a first chunk, then the rest as text continuing the cache
+            model.forward(prompt, cache)
+            text = model.prepare(np.array(inputs["input_ids"])[:, -split:], cache=cache)
+            cache.record(text)
+            hidden = model.forward(text, cache, last_only=last_only)
+        runs.append((np.array(hidden[:, -1]), [np.array(a) for c in cache for a in (c.keys, c.values)]))
+        mx.eval(hidden)
+    (whole, kv_whole), (alone, kv_alone) = runs
+    assert np.abs(whole - alone).max() <= 1e-5
+    for a, b in zip(kv_whole, kv_alone):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_image_and_video_in_one_prompt(setup):
     """transformers refuses this prompt; its reference is built from its own parts, scattering by token type."""
     model, ref, processor = setup
