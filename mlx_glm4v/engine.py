@@ -415,7 +415,7 @@ class Engine:
             self._embed(row)
         prompt, cache = row.prompt, row.cache
         end = min((row.done // row.chunk + 1) * row.chunk, prompt.length)
-        hidden = self.model.forward(prompt, cache, row.done, end)
+        hidden = self.model.forward(prompt, cache, row.done, end, last_only=end == prompt.length)
         ran, row.done = end - row.done, end
         self.stats.prefill_chunks += 1
         if end < prompt.length:
