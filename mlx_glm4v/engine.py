@@ -19,7 +19,7 @@ are kept after their prefill (prefix.py) so a request that starts like one start
 
 Under `mlx.launch` (`group`), rank 0's engine decides each turn (which requests start, which
 are cancelled) and sends that decision to the other ranks' engines before running it
-(distributed.py); every later choice in a turn follows from the requests' own tokens, so all
+(lockstep.py); every later choice in a turn follows from the requests' own tokens, so all
 ranks run the same collectives in the same order.
 """
 
@@ -231,7 +231,7 @@ class Engine:
     the output, only how many passes a single stream takes).
 
     With a `group` of ranks, rank 0's engine takes requests and the others follow it
-    (`follow`); see `distributed.serving_engine`.
+    (`follow`); see `lockstep.serving_engine`.
     """
 
     def __init__(self, model: Model, processor: Processor, *, max_queue: int = 64,
