@@ -285,6 +285,17 @@ def endless_generate(tmp_path, checkpoint, marker: str, rank_timeout: float):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
 
 
+def drain(launcher):
+    """Read both of the launch's pipes from now on as it writes, so that no write can block a rank
+    (an endless reply fills a pipe in about a second): ({name: lines}, reader threads)."""
+    drained = {name: [] for name in ("stdout", "stderr")}
+    readers = [threading.Thread(target=lambda f=getattr(launcher, name), into=into: into.extend(iter(f.readline, b"")),
+                                daemon=True) for name, into in drained.items()]
+    for reader in readers:
+        reader.start()
+    return drained, readers
+
+
 def test_hung_rank_times_out(tmp_path, glm4v_checkpoint):
     """Rank 1 frozen (SIGSTOP) mid-generation keeps its connections open: rank 0 gives up after
     MLX_GLM4V_RANK_TIMEOUT seconds with one line."""
@@ -293,12 +304,7 @@ def test_hung_rank_times_out(tmp_path, glm4v_checkpoint):
     frozen = None
     try:
         read_until(launcher, len, b"")
-        # From here both pipes are drained as the launch writes, so no write can block a rank.
-        drained = {name: [] for name in ("stdout", "stderr")}
-        readers = [threading.Thread(target=lambda f=getattr(launcher, name), into=into: into.extend(iter(f.readline, b"")),
-                                    daemon=True) for name, into in drained.items()]
-        for reader in readers:
-            reader.start()
+        drained, readers = drain(launcher)
         frozen = rank_pid(marker, 1)
         os.kill(frozen, signal.SIGSTOP)
         stopped = time.monotonic()
@@ -328,6 +334,7 @@ def test_sigterm_while_waiting_on_a_collective(tmp_path, glm4v_checkpoint):
     frozen = None
     try:
         read_until(launcher, len, b"")
+        drained, readers = drain(launcher)
         frozen = rank_pid(marker, 1)
         os.kill(frozen, signal.SIGSTOP)
         time.sleep(1)  # rank 0 now waits on rank 1
@@ -338,12 +345,14 @@ def test_sigterm_while_waiting_on_a_collective(tmp_path, glm4v_checkpoint):
         elapsed = time.monotonic() - sent
         os.kill(frozen, signal.SIGKILL)
         frozen = None
-        _, err = launcher.communicate(timeout=60)  # the launcher passes on what rank 0 wrote, then ends
+        launcher.wait(timeout=60)  # the launcher passes on what rank 0 wrote, then ends
+        for reader in readers:
+            reader.join(timeout=10)
     finally:
         if frozen is not None:
             os.kill(frozen, signal.SIGKILL)
         launcher.kill()
-    err = err.decode(errors="replace")
+    err = b"".join(drained["stderr"]).decode(errors="replace")
     assert elapsed < 5, f"{elapsed:.1f} s"
     assert "error: mlx.launch stopped rank 0 (another rank ended)" in err, err
 
