@@ -212,9 +212,7 @@ def kv_bytes_per_token(model: Model) -> int:
 
 def default_limits(model: Model) -> tuple:
     """(token budget, max concurrency) from the memory the weights leave: half of it for KV caches."""
-    text = model.config.text_config
-    itemsize = model.language_model.norm.weight.dtype.size  # the activations' (and so the KV cache's) dtype
-    per_token = 2 * len(model.layers) * text.num_key_value_heads * text.head_dim * itemsize
+    per_token = kv_bytes_per_token(model) * len(model.layers) // model.config.text_config.num_hidden_layers
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     budget = max(8192, (_memory_bytes() - weights) // 2 // per_token)
     return int(budget), int(min(32, max(1, budget // 4096)))

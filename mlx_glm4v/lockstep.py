@@ -43,7 +43,6 @@ def _request_message(handle) -> tuple:
         request.seed = secrets.randbits(31)
     arrays = {k: np.ascontiguousarray(v) for k, v in request.inputs.items() if v is not None}
     message = {"number": handle.number, "settings": dataclasses.asdict(request.settings), "seed": request.seed,
-               "top_logprobs": request.top_logprobs,
                "arrays": [[k, str(a.dtype), list(a.shape)] for k, a in arrays.items()]}
     return message, [a.tobytes() for a in arrays.values()]
 
@@ -54,7 +53,8 @@ def _request(message: dict, blobs: list):
 
     inputs = {name: np.frombuffer(blob, dtype=dtype).reshape(shape)
               for (name, dtype, shape), blob in zip(message["arrays"], blobs)}
-    request = Request(inputs, GenerationSettings(**message["settings"]), message["seed"], message["top_logprobs"])
+    # no log-probabilities: nobody reads a mirror's events, and they decide nothing
+    request = Request(inputs, GenerationSettings(**message["settings"]), message["seed"])
     return Mirror(request, message["number"])
 
 
