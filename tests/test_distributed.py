@@ -296,6 +296,13 @@ def drain(launcher):
     return drained, readers
 
 
+def seconds_until_gone(marker: str, rank: int, since: float, limit: float) -> float:
+    """Seconds from `since` until the rank's process is gone (or `limit`, if it lives on)."""
+    while rank_pid(marker, rank) is not None and time.monotonic() - since < limit:
+        time.sleep(0.1)
+    return time.monotonic() - since
+
+
 def test_hung_rank_times_out(tmp_path, glm4v_checkpoint):
     """Rank 1 frozen (SIGSTOP) mid-generation keeps its connections open: rank 0 gives up after
     MLX_GLM4V_RANK_TIMEOUT seconds with one line."""
@@ -307,10 +314,7 @@ def test_hung_rank_times_out(tmp_path, glm4v_checkpoint):
         drained, readers = drain(launcher)
         frozen = rank_pid(marker, 1)
         os.kill(frozen, signal.SIGSTOP)
-        stopped = time.monotonic()
-        while rank_pid(marker, 0) is not None and time.monotonic() - stopped < 60:
-            time.sleep(0.2)
-        elapsed = time.monotonic() - stopped
+        elapsed = seconds_until_gone(marker, 0, time.monotonic(), 60)
         os.kill(frozen, signal.SIGCONT)
         launcher.wait(timeout=60)
         for reader in readers:
@@ -339,10 +343,7 @@ def test_sigterm_while_waiting_on_a_collective(tmp_path, glm4v_checkpoint):
         os.kill(frozen, signal.SIGSTOP)
         time.sleep(1)  # rank 0 now waits on rank 1
         os.kill(rank_pid(marker, 0), signal.SIGTERM)
-        sent = time.monotonic()
-        while rank_pid(marker, 0) is not None and time.monotonic() - sent < 30:
-            time.sleep(0.1)
-        elapsed = time.monotonic() - sent
+        elapsed = seconds_until_gone(marker, 0, time.monotonic(), 30)
         os.kill(frozen, signal.SIGKILL)
         frozen = None
         launcher.wait(timeout=60)  # the launcher passes on what rank 0 wrote, then ends

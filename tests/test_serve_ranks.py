@@ -8,7 +8,6 @@ within 1e-4 (split over ranks, sums run in another order).
 
 import os
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from test_distributed import REPORT, TOL, cli_env, mlx_launch, rank_pid
+from test_distributed import REPORT, TOL, cli_env, mlx_launch, rank_pid, seconds_until_gone
 from test_server import Server, data_url, picture, png_bytes, write_video
 
 openai = pytest.importorskip("openai")
@@ -159,9 +158,7 @@ def test_a_lost_rank_ends_the_server(tmp_path, glm4v_checkpoint, fault):
                         victim = rank_pid(marker, 1)
                         os.kill(victim, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
                         struck = time.monotonic()
-        while rank_pid(marker, 0) is not None and time.monotonic() - struck < 60:
-            time.sleep(0.2)
-        elapsed = time.monotonic() - struck
+        elapsed = seconds_until_gone(marker, 0, struck, 60)
         if fault == "frozen":
             os.kill(victim, signal.SIGCONT)
         server.process.wait(timeout=60)
