@@ -124,8 +124,19 @@ def test_serve_on_two_ranks_equals_one_process(tmp_path, glm4v_moe_checkpoint, m
         for name in bodies:
             assert got[name] == apart[name], f"{mode}, {name}: {got[name]} != {apart[name]}"
         assert expected["image"]["logprobs"]["content"] and expected["text"]["content"]
-        # after a cancellation and a batch of four, a request alone is still the same reply
+        # refusals happen on rank 0 before the engine: a path outside the media root, a malformed body
+        outside = {"model": ranks.model, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "../../etc/passwd"}}, {"type": "text", "text": "Hi"}]}]}
+        for bad, status in ((outside, 403), ({"model": ranks.model, "messages": "not a list"}, 400)):
+            refused = ranks.post(bad)
+            assert refused.status_code == status and refused.json()["error"]["message"], refused.text
+            assert str(media) not in refused.text, refused.text
+        # after a cancellation, a batch and refusals, a request alone is still the same reply, also
+        # as the openai package asks it
         assert reply(ranks, bodies["image"]) == apart["image"]
+        asked = ranks.client.chat.completions.create(model=ranks.model, max_tokens=16, temperature=0,
+                                                     messages=bodies["text"]["messages"])
+        assert asked.choices[0].message.content == apart["text"]["content"]
         assert ranks.metrics()["requests_cancelled_total"] >= 1
     finally:
         seconds, log = stop(ranks, marker)
