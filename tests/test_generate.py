@@ -6,6 +6,7 @@ tokens can be compared over many steps without a near-tie flipping on a pixel ro
 """
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -398,14 +399,17 @@ def test_chat_in_a_terminal(setup):
     assert first.strip()  # a reply was printed
 
 
-def test_ctrl_c_stops_the_reply_and_keeps_the_session(setup):
+@pytest.mark.parametrize("inherited", [signal.SIG_DFL, signal.SIG_IGN], ids=["sigint-default", "sigint-ignored"])
+def test_ctrl_c_stops_the_reply_and_keeps_the_session(setup, inherited):
+    """Also when the chat inherits SIGINT ignored, as a background job of a shell script does
+    (how CI may start the suite): Python then installs no KeyboardInterrupt of its own."""
     import time
 
     import pexpect
 
     child = pexpect.spawn(sys.executable, ["-m", "mlx_glm4v.cli", "chat", "--model", str(setup["path"]),
                                            "--max-tokens", "1000000", "--ignore-eos"],
-                          encoding="utf-8", timeout=120)
+                          encoding="utf-8", timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT, inherited))
     child.expect(">> ")
     child.sendline("Hello! How are you today?")
     time.sleep(2)  # replying, at hundreds of tokens a second, for an hour
