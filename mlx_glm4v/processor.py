@@ -51,7 +51,7 @@ REPLY_MARKERS = ("<think>", "</think>", "<answer>", "</answer>", "<|begin_of_box
 
 def unmark(text: str) -> str:
     """A rendered prompt as plain text: the data marks removed (for display and comparison)."""
-    return _DATA_SPAN.sub(lambda m: m.group(1), text).replace(DATA_OPEN, "").replace(DATA_CLOSE, "")
+    return "".join(piece for piece, _ in _pieces(text))
 
 
 def _pieces(text: str):
