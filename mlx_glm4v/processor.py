@@ -13,7 +13,7 @@ No torch, transformers or mlx: the chat template renders with jinja2, text goes 
 
 Message text is data: a special-token string inside it (`<|image|>`, `<|assistant|>`, ...) reaches
 the model as plain text, never as a control token; only the template's own structure and real
-media make those (see `mark_data`).
+media make those (see `Tokenizer.mark`).
 """
 
 import json
@@ -114,43 +114,54 @@ class Tokenizer:
         # every added token, special or not: any of them in message text is data
         self.added = {t.content: i for i, t in self.backend.get_added_tokens_decoder().items()}
         self.added_ids = frozenset(self.added.values())
+        self._added_array = np.array(sorted(self.added_ids), np.int64)
         names = sorted(self.added, key=len, reverse=True) + [DATA_OPEN, DATA_CLOSE]
         self._data = re.compile("|".join(map(re.escape, names)))
         self._longest = max(map(len, self.added), default=0)
-        self._text_backend = None
+        self._text_backend, self._prefixes = None, {}
 
     def encode(self, text: str) -> list[int]:
         """Ids with the special tokens the post-processor adds, as `tokenizer(text)` does by default.
 
-        Spans marked as data (`mark`) are read as text: between two control tokens of the rest,
-        text holding such a span is encoded with no added token recognised."""
+        Text marked as data (`mark`) is read as text: the control tokens are those of the unmarked
+        text alone, and a stretch between two of them that holds marked text is encoded with no
+        added token recognised."""
         if DATA_OPEN not in text and DATA_CLOSE not in text:
             return self.backend.encode(text).ids
-        from tokenizers import Encoding
-
-        parts, run, has_data = [], [], False
+        ids, run = [], []  # run: (text, its ids, or None for marked text) since the last control token
 
         def flush():
-            nonlocal run, has_data
-            if run := "".join(run):
-                parts.append((self.text_backend if has_data else self.backend).encode(run, add_special_tokens=False))
-            run, has_data = [], False
+            if any(part is None for _, part in run):
+                ids.extend(self.text_backend.encode("".join(t for t, _ in run), add_special_tokens=False).ids)
+            else:
+                ids.extend(i for _, part in run for i in part)
+            run.clear()
 
         for piece, data in _pieces(text):
             if data:
-                run.append(piece)
-                has_data = True
+                run.append((piece, None))
                 continue
-            found, at = self.backend.encode(piece, add_special_tokens=False), 0
-            for token, (start, end) in zip(found.ids, found.offsets):
-                if token in self.added_ids:  # a control token of the template's own text
-                    run.append(piece[at:start])
-                    flush()
-                    parts.append(self.backend.encode(piece[start:end], add_special_tokens=False))
-                    at = end
-            run.append(piece[at:])
+            found = self.backend.encode(piece, add_special_tokens=False)  # split at added tokens first
+            found_ids, at, first = found.ids, 0, 0
+            for k in np.flatnonzero(np.isin(np.array(found_ids, np.int64), self._added_array)).tolist():
+                start, end = found.token_to_chars(k)
+                run.append((piece[at:start], found_ids[first:k]))
+                flush()
+                ids.append(found_ids[k])
+                at, first = end, k + 1
+            run.append((piece[at:], found_ids[first:]))
         flush()
-        return self.backend.post_process(Encoding.merge(parts, growing_offsets=True)).ids
+        before, after = self._added_around
+        return before + ids + after
+
+    @property
+    def _added_around(self) -> tuple:
+        """The ids the post-processor puts before and after a text's own (none for GLM's tokenizer)."""
+        if self.backend.num_special_tokens_to_add(False) == 0:
+            return [], []
+        inner, outer = self.backend.encode("a", add_special_tokens=False).ids, self.backend.encode("a").ids
+        at = next(i for i in range(len(outer)) if outer[i:i + len(inner)] == inner)
+        return outer[:at], outer[at + len(inner):]
 
     @property
     def text_backend(self):
@@ -190,10 +201,11 @@ class Tokenizer:
             out.append(DATA_OPEN + value[-tail:] + DATA_CLOSE)
         return "".join(out)
 
-    @lru_cache
     def _starts(self, keep: tuple) -> frozenset:
         """Proper prefixes of the added tokens not in `keep`."""
-        return frozenset(t[:n] for t in self.added if t not in keep for n in range(1, len(t)))
+        if keep not in self._prefixes:
+            self._prefixes[keep] = frozenset(t[:n] for t in self.added if t not in keep for n in range(1, len(t)))
+        return self._prefixes[keep]
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
