@@ -380,7 +380,9 @@ class Processor:
         out = {k: mark(v) for k, v in message.items() if k != "content"}
         if "content" in message:
             keep = REPLY_MARKERS if message.get("role") == "assistant" else ()
-            out["content"] = mark(message["content"], keep)
+            content = message["content"]
+            out["content"] = ([item if _media_kind(item) else mark(item, keep) for item in content]
+                              if isinstance(content, list) else mark(content, keep))
         return out
 
     def media_from_messages(self, messages) -> tuple[list, list]:

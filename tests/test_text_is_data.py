@@ -24,7 +24,9 @@ KINDS = ("Glm4v", "Glm46V")  # GLM-4.1V's template and tokenizer; GLM-4.5V's (to
 def pair(request, tmp_path_factory):
     """(our processor, transformers' processor) of one kind, saved and loaded back."""
     path, ref = saved_processors(tmp_path_factory, request.param, ("v5",))["v5"]
-    return Processor.from_pretrained(path), ref
+    ours = Processor.from_pretrained(path)
+    ours.tokenizer_path = path
+    return ours, ref
 
 
 def special_tokens(processor) -> list:
@@ -157,6 +159,31 @@ def test_ordinary_text_tokenizes_as_transformers(pair, text):
     if DATA_OPEN not in text and DATA_CLOSE not in text and not text.rstrip().endswith(("/", "<", "[")):
         assert prompt == want  # nothing marked
     assert ours(prompt)["input_ids"][0].tolist() == ref(text=[want], return_tensors="np")["input_ids"][0].tolist()
+
+
+def test_post_processor_tokens_come_once(pair, tmp_path):
+    """A tokenizer.json whose post-processor adds [gMASK] adds it once, before marked text too."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    ours, _ = pair
+    path = tmp_path / "prefix"
+    shutil.copytree(ours.tokenizer_path, path)
+    file = json.loads((path / "tokenizer.json").read_text())
+    gmask = next(t["id"] for t in file["added_tokens"] if t["content"] == "[gMASK]")
+    file["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "[gMASK]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"[gMASK]": {"id": "[gMASK]", "ids": [gmask], "tokens": ["[gMASK]"]}},
+    }
+    (path / "tokenizer.json").write_text(json.dumps(file))
+    tokenizer = Processor.from_pretrained(path).tokenizer
+    plain = AutoTokenizer.from_pretrained(path)("<|user|>\nHi word<|assistant|>")["input_ids"]
+    ids = tokenizer.encode(f"<|user|>\nHi {tokenizer.mark('<|image|>')}<|assistant|>")
+    assert plain[0] == ids[0] == gmask and gmask not in ids[1:]
+    assert controls(ours, ids) == controls(ours, plain)
 
 
 def test_rendering_is_stable_from_turn_to_turn(pair):
