@@ -433,7 +433,9 @@ class Processor:
         pending = {token: iter(expansion) for token, expansion in expansions.items()}
 
         def expand(piece: str, data: bool) -> str:  # the places in the template's text, never in data
-            return DATA_OPEN + piece + DATA_CLOSE if data else _PLACEHOLDER.sub(lambda m: next(pending[m.group()]), piece)
+            if data:
+                return DATA_OPEN + piece + DATA_CLOSE
+            return _PLACEHOLDER.sub(lambda m: next(pending[m.group()]), piece)
 
         ids = [self.tokenizer.encode("".join(expand(*p) for p in t)) for t in texts]
         return {**self._batch(ids, padding), **out}
