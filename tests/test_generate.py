@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from mlx_glm4v.chat import ChatSession, drop_thinking
-from mlx_glm4v.generate import GenerationSettings, StopStrings, generate, generate_step, stream_generate
+from mlx_glm4v.generate import (GenerationSettings, StopStrings, generate, generate_step, hidden_tokens,
+                                 stream_generate)
 from mlx_glm4v.loader import load
 from mlx_glm4v.video import Video
 from test_model import clip, picture
@@ -34,7 +35,8 @@ def setup(glm4v_checkpoint, tmp_path_factory):
 
 
 def ref_generate(s, messages, steps=STEPS, **media):
-    """transformers' greedy generate, decoded without its stop token."""
+    """transformers' greedy generate, decoded without its stop token; the text leaves out the control
+    tokens a reply's text never shows (all but GLM-V's reply markers)."""
     hf = s["hf"]
     text = hf.apply_chat_template(messages, add_generation_prompt=True)
     inputs = hf(text=[text], return_tensors="pt", **media)
@@ -44,7 +46,8 @@ def ref_generate(s, messages, steps=STEPS, **media):
     eos = set(s["model"].config.eos_token_id)
     if tokens and tokens[-1] in eos:
         tokens = tokens[:-1]
-    return tokens, s["processor"].tokenizer.decode(tokens)
+    hidden = hidden_tokens(s["processor"].tokenizer.backend)
+    return tokens, s["processor"].tokenizer.decode([t for t in tokens if t not in hidden])
 
 
 def test_greedy_text_equals_transformers(setup):
