@@ -345,6 +345,8 @@ class GenerationSettings:
                 raise Glm4vError(message)
         self.template_kwargs = dict(self.template_kwargs or {})
         self.media_kwargs = dict(self.media_kwargs or {})
+        if isinstance(self.constraint, dict):  # as sent between ranks (dataclasses.asdict, JSON)
+            self.constraint = Constraint(**self.constraint)
         if self.constraint is not None:
             if not isinstance(self.constraint, Constraint):
                 raise Glm4vError("constraint must be a mlx_glm4v.constrain.Constraint.")
