@@ -131,7 +131,9 @@ def _compile(constraint: Constraint, answer_tags: bool) -> str:
 
 def _explain(kind: str, message: str) -> str:
     """llguidance's error as one sentence naming the keyword it does not support."""
-    message = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    lines = [line.strip() for line in message.strip().splitlines()] or ["unknown error"]
+    detail = next((line[len("error:"):].strip() for line in lines if line.startswith("error:")), None)
+    message = f"{lines[0].rstrip(':')}: {detail}" if detail else lines[0]
     unsupported = re.search(r"Unimplemented keys: \[(.*?)\]", message)
     if unsupported:
         keys = ", ".join(k.strip().strip('"') for k in unsupported.group(1).split(","))
