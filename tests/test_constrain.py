@@ -88,6 +88,25 @@ def test_schema_corpus_alone_and_in_a_batch(loaded, temp):
         assert alone[-1].finish_reason == "stop"
 
 
+def test_constrained_and_free_rows_share_a_batch(loaded):
+    """Rows with a schema, a regex and none at all in one batch, sampled: each is what it gets alone."""
+    _, model, processor = loaded
+    constraints = [Constraint("json_schema", SCHEMAS[i]) if i % 3 == 0 else
+                   Constraint("regex", "[a-z]{2,6}") if i % 3 == 1 else None for i in range(8)]
+    settings = [GenerationSettings(max_tokens=40, temp=0.8, thinking_budget=4, constraint=c) for c in constraints]
+    engine = Engine(model, processor, max_concurrency=8)
+    try:
+        handles = [engine.submit(Request(prompt_inputs(processor, PROMPTS[i % 4]), s, seed=10 + i))
+                   for i, s in enumerate(settings)]
+        batched = [[e.token for e in h] for h in handles]
+    finally:
+        engine.close()
+    for i, c in enumerate(constraints):
+        alone = [r.token for r in stream_generate(model, processor, PROMPTS[i % 4], seed=10 + i, max_tokens=40,
+                                                  temp=0.8, thinking_budget=4, constraint=c)]
+        assert alone == batched[i], i
+
+
 def test_unconstrained_reply_is_gibberish(loaded):
     """The corpus test means something only if the free reply is not JSON to begin with."""
     _, model, processor = loaded
