@@ -315,10 +315,6 @@ class RowGrammar:
         for token in new.tolist():
             self.feed(int(token))
 
-    @property
-    def complete(self) -> bool:
-        return self.phase == ANSWER and self.matcher.is_stopped()
-
     def fill(self, bitmask: np.ndarray, index: int, matchers: list):
         """Write this row's allowed tokens to `bitmask[index]` (the matcher's part is queued in `matchers`)."""
         if self.phase == THINKING:
