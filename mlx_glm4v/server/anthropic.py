@@ -24,9 +24,10 @@ log = logging.getLogger("mlx_glm4v.server")
 SUPPORTED = {"model", "messages", "max_tokens", "system", "stop_sequences", "stream", "temperature", "top_p",
              "top_k", "tools", "tool_choice", "thinking", "output_config"}
 # Accepted, without effect on the reply.
-IGNORED = {"metadata", "context_management", "service_tier", "cache_control", "inference_geo"}
+IGNORED = {"metadata", "context_management", "service_tier", "cache_control", "inference_geo", "speed",
+           "diagnostics", "user_profile_id", "workspace_id"}
 # Refused unless empty.
-REFUSED = {"mcp_servers": ([],), "container": ()}
+REFUSED = {"mcp_servers": ([],), "container": (), "output_format": ()}
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "cancelled": "end_turn"}
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 413: "request_too_large", 429: "overloaded_error", 499: "invalid_request_error",
