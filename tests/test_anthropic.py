@@ -182,3 +182,43 @@ def test_refusals_in_anthropic_shape(plain, scripted):
         client_of(s, "wrong").messages.create(model=s.model, max_tokens=1, messages=hi)
     bearer = anthropic.Anthropic(base_url=s.url, auth_token=KEY, max_retries=0, timeout=60)
     assert bearer.messages.create(model=s.model, max_tokens=1, messages=hi).usage.output_tokens == 1
+
+
+def test_stop_sequences(plain):
+    messages = [{"role": "user", "content": "Hello! How are you today?"}]
+    full = plain.anthropic.messages.create(model=plain.model, messages=messages, max_tokens=8,
+                                           extra_body={"temperature": 0, "thinking": {"type": "disabled"}})
+    text = "".join(b.text for b in blocks(full, "text"))
+    start = next(i for i in range(1, len(text) - 2) if text[i:i + 2].isalnum())
+    stop = text[start:start + 2]
+    for streamed in (False, True):
+        options = dict(model=plain.model, messages=messages, max_tokens=8, stop_sequences=["never-seen", stop],
+                       extra_body={"temperature": 0, "thinking": {"type": "disabled"}})
+        if streamed:
+            with plain.anthropic.messages.stream(**options) as stream:
+                out = stream.get_final_message()
+        else:
+            out = plain.anthropic.messages.create(**options)
+        assert (out.stop_reason, out.stop_sequence) == ("stop_sequence", stop)
+        assert "".join(b.text for b in blocks(out, "text")) == text[:text.find(stop)].strip()
+
+
+def test_thinking_knobs_reach_the_thinking_budget(box_checkpoint, tmp_path_factory):
+    """The scripted GLM-4.1V replies `<think>hm</think>...`: a budget of 0 closes the thinking at once.
+    GLM-4.1V has no thinking switch, so Anthropic's disabled and Responses' effort none are that budget."""
+    server = Server(box_checkpoint, [], tmp_path_factory.mktemp("anthropic") / "box.log")
+    try:
+        c, hi = client_of(server), [{"role": "user", "content": "Hi"}]
+        for thinking, want in (({"type": "disabled"}, []), ({"type": "enabled", "budget_tokens": 0}, []),
+                               ({"type": "enabled", "budget_tokens": 5}, ["hm"]), ({"type": "adaptive"}, ["hm"])):
+            out = c.messages.create(model=server.model, messages=hi, max_tokens=30, thinking=thinking,
+                                    extra_body={"temperature": 0})
+            assert [b.thinking for b in blocks(out, "thinking")] == want, thinking
+            assert "Nose:" in out.content[-1].text
+        for effort, want in (("none", ""), ("minimal", "hm"), ("high", "hm")):
+            out = server.client.responses.create(model=server.model, input="Hi", reasoning={"effort": effort},
+                                                 temperature=0)
+            reasoning = [c.text for i in out.output if i.type == "reasoning" for c in i.content]
+            assert "".join(reasoning) == want and "Nose:" in out.output_text
+    finally:
+        server.close()

@@ -210,3 +210,14 @@ def test_chat_completions_tool_call_streams_as_fragments(scripted):
         final = stream.get_final_completion()
     [rebuilt] = final.choices[0].message.tool_calls
     assert (rebuilt.function.name, rebuilt.function.arguments) == (call.function.name, call.function.arguments)
+
+
+def test_effort_none_is_the_template_switch(scripted):
+    """GLM-4.5V's template has the switch: effort none renders enable_thinking=false, as chat's kwargs do."""
+    chat = scripted.client.chat.completions.create(
+        model=scripted.model, messages=[{"role": "user", "content": "Hi"}], max_completion_tokens=1,
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    out = scripted.client.responses.create(model=scripted.model, input="Hi", max_output_tokens=1,
+                                           reasoning={"effort": "none"})
+    default = scripted.client.responses.create(model=scripted.model, input="Hi", max_output_tokens=1)
+    assert out.usage.input_tokens == chat.usage.prompt_tokens > default.usage.input_tokens
