@@ -1,0 +1,116 @@
+"""The one parser of GLM's replies (reply.ReplyParser): thinking, answer and tool calls as events,
+the arguments streamed as JSON fragments typed by the tool's schema; and what the real agents
+send (bodies captured from Codex CLI 0.171 and Claude Code 2.1.332, tests/captures/) parsed by
+the dialects into the neutral request."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mlx_glm4v.reply import Content, Reasoning, ReplyParser, ToolArgs, ToolEnd, ToolStart, parse_reply
+from mlx_glm4v.server import anthropic, responses
+from mlx_glm4v.server.neutral import ApiError, Served
+
+CAPTURES = Path(__file__).parent / "captures"
+SCHEMA = {"type": "function", "function": {"name": "book", "parameters": {"type": "object", "properties": {
+    "city": {"type": "string"}, "note": {"type": ["string", "null"]}, "days": {"type": "integer"},
+    "flex": {"type": "boolean"}, "extra": {"type": "object"}}}}}
+
+CASES = {
+    "typed values": ('<tool_call>book\n<arg_key>city</arg_key>\n<arg_value>Nice "old" town\\n</arg_value>\n'
+                     '<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n<arg_key>flex</arg_key>'
+                     '<arg_value>true</arg_value><arg_key>extra</arg_key><arg_value>{"a": [1, 2]}</arg_value>'
+                     '<arg_key>note</arg_key><arg_value>42</arg_value></tool_call>',
+                     {"city": 'Nice "old" town\\n', "days": 3, "flex": True, "extra": {"a": [1, 2]}, "note": "42"}),
+    "not JSON where JSON was due": ("<tool_call>book<arg_key>days</arg_key><arg_value>three</arg_value></tool_call>",
+                                    {"days": "three"}),
+    "a parameter the schema lacks": ("<tool_call>book<arg_key>n</arg_key><arg_value>7</arg_value>"
+                                     "<arg_key>s</arg_key><arg_value>x y</arg_value></tool_call>", {"n": 7, "s": "x y"}),
+    "no arguments": ("<tool_call>book</tool_call>", {}),
+    "JSON form": ('<tool_call>{"name": "book", "arguments": {"city": "Oslo", "days": 2}}</tool_call>',
+                  {"city": "Oslo", "days": 2}),
+    "unicode": ("<tool_call>book<arg_key>city</arg_key><arg_value>Zürich 🙂</arg_value></tool_call>",
+                {"city": "Zürich 🙂"}),
+}
+
+
+def run(text, size, tools=(SCHEMA,)):
+    parser = ReplyParser(list(tools))
+    events = [e for i in range(0, len(text), size) for e in parser.feed(text[i:i + size])]
+    return events + parser.finish()
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("size", [1, 2, 5, 1000])
+def test_fragments_add_up_to_the_arguments(case, size):
+    text, want = CASES[case]
+    events = run("<think>Plan.</think>Sure. " + text + " Done.", size)
+    starts = [e for e in events if isinstance(e, ToolStart)]
+    ends = [e for e in events if isinstance(e, ToolEnd)]
+    assert [(s.index, s.name) for s in starts] == [(0, "book")] and ends[0].id == starts[0].id
+    fragments = [e.text for e in events if isinstance(e, ToolArgs)]
+    assert "".join(fragments) == ends[0].arguments and json.loads(ends[0].arguments) == want
+    assert ends[0].arguments == json.dumps(want, ensure_ascii=False)
+    # the start comes before any fragment, the fragments before the end
+    kinds = [type(e).__name__ for e in events if isinstance(e, (ToolStart, ToolArgs, ToolEnd))]
+    assert kinds[0] == "ToolStart" and kinds[-1] == "ToolEnd" and set(kinds[1:-1]) == {"ToolArgs"}
+    assert "".join(e.text for e in events if isinstance(e, Content)) == "Sure.  Done."
+    assert "".join(e.text for e in events if isinstance(e, Reasoning)) == "Plan."
+    whole = parse_reply("<think>Plan.</think>Sure. " + text + " Done.", [SCHEMA])
+    assert (whole.content, [c.arguments for c in whole.calls]) == ("Sure.  Done.", [ends[0].arguments])
+
+
+def test_the_call_starts_when_its_name_line_is_complete():
+    parser = ReplyParser([SCHEMA])
+    assert parser.feed("<tool_call>bo") == []
+    events = parser.feed("ok\n<arg_key>ci")
+    assert [type(e) for e in events] == [ToolStart, ToolArgs] and events[0].name == "book"
+    streamed = parser.feed("ty</arg_key><arg_value>Ro")
+    assert "".join(e.text for e in streamed) == '{"city": "Ro'[1:]
+
+
+def test_a_call_cut_short_is_closed_and_a_nameless_one_stays_text():
+    events = run("<tool_call>book<arg_key>city</arg_key><arg_value>Par", 3)
+    end = next(e for e in events if isinstance(e, ToolEnd))
+    assert json.loads(end.arguments) == {"city": "Par"}
+    assert parse_reply("x <tool_call>bo", [SCHEMA]).content == "x <tool_call>bo"
+    assert parse_reply("x <tool_call>{not json}</tool_call>", [SCHEMA]).content == "x <tool_call>{not json}</tool_call>"
+    assert parse_reply("no tools <tool_call>book</tool_call>").content == "no tools <tool_call>book</tool_call>"
+
+
+def test_two_calls_have_their_own_indexes():
+    text = "<tool_call>book<arg_key>days</arg_key><arg_value>1</arg_value></tool_call>\n<tool_call>book</tool_call>"
+    ends = [e for e in run(text, 4) if isinstance(e, ToolEnd)]
+    assert [(e.index, e.arguments) for e in ends] == [(0, '{"days": 1}'), (1, "{}")] and ends[0].id != ends[1].id
+
+
+SERVED = Served("glm-tiny", {"glm-tiny"}, tools_supported=True, thinking_in_template=True, thinking_switch=True,
+                store=responses.Store(4, 1 << 20))
+
+
+def test_codex_requests_parse():
+    for name in ("codex_responses.json", "codex_image.json"):
+        body = json.loads((CAPTURES / name).read_text())
+        request = responses.parse(body, SERVED)
+        names = [t["function"]["name"] for t in request.tools]
+        assert "exec_command" in names and len(names) == 7  # the namespace and web_search left out
+        assert [m["role"] for m in request.messages] == ["system", "system", "user", "user"]
+        assert request.stream and request.options["sealed"] and not request.options["store"]
+    images = [p for p in request.messages[-1]["content"] if p["type"] == "image"]
+    assert len(images) == 1 and images[0]["detail"] == "high" and images[0]["source"].startswith("data:image/png")
+
+
+def test_claude_code_request_parses():
+    body = json.loads((CAPTURES / "claude_messages.json").read_text())
+    request = anthropic.parse(body, SERVED)
+    assert [m["role"] for m in request.messages] == ["system", "user", "system"]
+    assert "x-anthropic-billing-header" not in request.messages[0]["content"]
+    names = [t["function"]["name"] for t in request.tools]
+    assert "Bash" in names and "DeferredToolPlaceholder" not in names
+    assert request.settings["max_tokens"] == 32000 and request.options["omit_thinking"]
+    with pytest.raises(ApiError) as refused:
+        anthropic.parse({**body, "model": "claude-haiku-4-5"}, SERVED)
+    assert refused.value.status == 404
+    anyone = Served(**{**SERVED.__dict__, "answer_any_model": True})
+    assert anthropic.parse({**body, "model": "claude-haiku-4-5"}, anyone).tools
