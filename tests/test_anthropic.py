@@ -174,8 +174,8 @@ def test_refusals_in_anthropic_shape(plain, scripted):
     refused(plain, {"model": m, "messages": hi, "bogus": 1}, 400, "invalid_request_error", "'bogus'",
             path="/v1/messages/count_tokens")
     s = scripted
-    refused(s, {"model": s.model, "max_tokens": 5, "messages": hi, "tools": [FOX], "tool_choice": {"type": "any"}},
-            400, "invalid_request_error", "tool_choice")
+    refused(s, {"model": s.model, "max_tokens": 5, "messages": hi, "tools": [FOX],
+                "tool_choice": {"type": "tool", "name": "nope"}}, 400, "invalid_request_error", "tool_choice")
     refused(s, {"model": s.model, "max_tokens": 5, "messages": hi}, 401, "authentication_error", "API key",
             headers={"x-api-key": "wrong"})
     with pytest.raises(anthropic.AuthenticationError):

@@ -17,8 +17,7 @@ from mlx_glm4v.errors import Glm4vError
 from mlx_glm4v.generate import GenerationSettings, build_messages, generate, stream_generate
 from mlx_glm4v.chat import ChatSession
 from mlx_glm4v.loader import load
-from mlx_glm4v.reply import split_reply
-from mlx_glm4v.server.openai import whole_reply
+from mlx_glm4v.reply import parse_reply, split_reply
 from schemas import SCHEMAS
 import tiny
 
@@ -224,12 +223,12 @@ def test_forced_tool_call_has_valid_arguments(loaded, name, temp):
     c = Constraint("tool_call", TOOLS, name)
     text = generate(model, processor, "What is the weather?", max_tokens=MAX_TOKENS, thinking_budget=4, temp=temp,
                     seed=2, constraint=c)
-    content, reasoning, calls = whole_reply(text, TOOLS)
-    assert content == "" and len(calls) == 1, text
-    fn = calls[0]["function"]
-    assert fn["name"] == name or (name is None and fn["name"] in ("get_weather", "click"))
-    schema = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == fn["name"])
-    jsonschema.validate(json.loads(fn["arguments"]), schema, format_checker=FORMATS)
+    reply = parse_reply(text, TOOLS)
+    assert reply.content == "" and len(reply.calls) == 1, text
+    call = reply.calls[0]
+    assert call.name == name or (name is None and call.name in ("get_weather", "click"))
+    schema = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == call.name)
+    jsonschema.validate(json.loads(call.arguments), schema, format_checker=FORMATS)
 
 
 @pytest.mark.parametrize("constraint, words", [

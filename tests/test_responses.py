@@ -138,12 +138,13 @@ def test_refusals_in_openai_shape(plain, scripted):
     m = plain.model
     refused(plain, {"model": m, "input": "Hi", "bogus": 1}, 400, "'bogus'")
     refused(plain, {"model": "gpt-5", "input": "Hi"}, 404, "does not exist")
-    refused(plain, {"model": m, "input": "Hi", "text": {"format": {"type": "json_object"}}}, 400, "text.format")
+    refused(plain, {"model": m, "input": "Hi", "text": {"format": {"type": "xml"}}}, 400, "text.format")
     refused(plain, {"model": m, "input": [{"type": "item_reference", "id": "x"}]}, 400, "item_reference")
     refused(plain, {"model": m, "input": "Hi", "include": ["message.output_text.logprobs"]}, 400, "include")
     refused(plain, {"model": m, "input": "Hi", "reasoning": {"effort": "huge"}}, 400, "reasoning.effort")
     s = scripted
-    refused(s, {"model": s.model, "input": "Hi", "tools": [FOX], "tool_choice": "required"}, 400, "tool_choice")
+    refused(s, {"model": s.model, "input": "Hi", "tools": [FOX], "tool_choice": {"type": "function", "name": "nope"}},
+            400, "tool_choice")
     refused(s, {"model": s.model, "input": "Hi"}, 401, "API key", key="wrong")
     assert refused(s, {"model": s.model, "input": "Hi", "max_output_tokens": 0}, 400, "max_output_tokens")["param"]
 

@@ -447,7 +447,8 @@ def test_refusals_plain(plain, media):
     refused(s, image_body(s, "https://example.com/cat.png"), 400, "--allow-url-fetch")
     refused(s, {**body(s, "Hi"), "model": "gpt-4o"}, 404, "does not exist")
     refused(s, body(s, "Hi", n=2), 400, "n=2")
-    refused(s, body(s, "Hi", response_format={"type": "json_object"}), 400, "response_format")
+    refused(s, body(s, "Hi", response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "array", "uniqueItems": True}}}), 400, "uniqueItems")
     refused(s, body(s, "Hi", stop=["a", "b", "c", "d", "e"]), 400, "at most 4")
     refused(s, body(s, "Hi", presence_penalty=0.5), 400, "presence_penalty")
     refused(s, body(s, "Hi", logit_bias={"1": 5}), 400, "logit_bias")
@@ -674,7 +675,8 @@ def test_tools_through_the_server(tools_server):
         max_completion_tokens=8, stream=True))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == (out.choices[0].message.content or "")
-    error = tools_server.post({**body(tools_server, "Hi"), "tools": [WEATHER], "tool_choice": "required"})
+    error = tools_server.post({**body(tools_server, "Hi"), "tools": [WEATHER],
+                               "tool_choice": {"type": "function", "function": {"name": "nope"}}})
     assert error.status_code == 400 and "tool_choice" in error.json()["error"]["message"]
 
 

@@ -15,6 +15,7 @@ import uuid
 
 from ..errors import Glm4vError
 from ..generate import GenerationSettings
+from .formats import FormatError, anthropic_output_format, anthropic_tool_choice, one_constraint
 from .neutral import (ApiError, Content, Finish, Reasoning, Request, Served, ToolArgs, ToolEnd, ToolStart, bad,
                       check_model, effort, finish_messages, function_tool, no_thinking, number, seal,
                       unknown_fields, unseal)
@@ -22,12 +23,13 @@ from .neutral import (ApiError, Content, Finish, Reasoning, Request, Served, Too
 log = logging.getLogger("mlx_glm4v.server")
 
 SUPPORTED = {"model", "messages", "max_tokens", "system", "stop_sequences", "stream", "temperature", "top_p",
-             "top_k", "tools", "tool_choice", "thinking", "output_config"}
+             "top_k", "tools", "tool_choice", "thinking", "output_config",
+             "output_format"}
 # Accepted, without effect on the reply.
 IGNORED = {"metadata", "context_management", "service_tier", "cache_control", "inference_geo", "speed",
            "diagnostics", "user_profile_id", "workspace_id"}
 # Refused unless empty.
-REFUSED = {"mcp_servers": ([],), "container": (), "output_format": ()}
+REFUSED = {"mcp_servers": ([],), "container": ()}
 BILLING = "x-anthropic-billing-header:"
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "cancelled": "end_turn"}
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -185,13 +187,11 @@ def _tools(body, served: Served) -> tuple:
             continue
         out.append(function_tool(tool.get("name"), tool.get("description"), tool.get("input_schema"), f"tools[{i}]"))
     kind = choice.get("type") if isinstance(choice, dict) else choice
-    if kind not in (None, "auto", "none"):
-        raise bad(f"tool_choice {kind!r} is not supported yet: only auto and none.", "tool_choice")
     if not out or kind == "none":
-        return None, None
+        return None, choice if kind not in (None, "auto", "none") else None
     if not served.tools_supported:
         raise bad("tools are not supported: this model's chat template does not render them.", "tools")
-    return out, "auto"
+    return out, choice  # {"type": "any"} or {"type": "tool", "name"}: forced by a constraint (formats.py)
 
 
 def parse(body, served: Served, counting: bool = False) -> Request:
@@ -216,15 +216,20 @@ def parse(body, served: Served, counting: bool = False) -> Request:
                     top_p=1.0 if top_p is None else top_p, top_k=number(body, "top_k", 0, integer=True) or 0,
                     stop=tuple(stop))
     tools, tool_choice = _tools(body, served)
-    request = Request(finish_messages(messages, served), settings, stream=bool(body.get("stream")), tools=tools,
-                      tool_choice=tool_choice)
-
     config = body.get("output_config") or {}
     if not isinstance(config, dict):
         raise bad("output_config must be an object.", "output_config")
     unknown_fields(config, {"effort", "format"}, "output_config")
-    if config.get("format") is not None:
-        raise bad("output_config.format is not supported yet.", "output_config.format")
+    try:
+        if config.get("format") is not None and body.get("output_format") is not None:
+            raise FormatError("give output_config.format or the beta's output_format, not both.", "output_format")
+        output = (anthropic_output_format(config.get("format"))
+                  or anthropic_output_format(body.get("output_format"), "output_format"))  # the beta's spelling
+        settings["constraint"] = one_constraint(output, anthropic_tool_choice(tool_choice, tools), "output_config.format")
+    except FormatError as e:
+        raise bad(e.message, e.param) from None
+    request = Request(finish_messages(messages, served), settings, stream=bool(body.get("stream")), tools=tools,
+                      tool_choice=tools and "auto", constraint=settings["constraint"])
     thinking = body.get("thinking") or {"type": "adaptive"}
     kind = thinking.get("type") if isinstance(thinking, dict) else None
     if kind == "enabled":

@@ -113,13 +113,20 @@ def _forced(tools: list, name: Optional[str], param: str) -> Constraint:
     return _checked(Constraint("tool_call", tools, name), param)
 
 
-def _functions(tools, shape) -> list:
-    """Tools as {"name", "parameters"}, from any dialect's list (checked by the dialect already)."""
+def _functions(tools) -> list:
+    """Tools as {"name", "parameters"}, from any dialect's form: chat completions' {"type": "function",
+    "function": {...}}, the Responses API's flat {"type": "function", "name", "parameters"}, or
+    Anthropic's {"name", "input_schema"}; other kinds (hosted tools) are left out."""
     out = []
     for tool in tools or []:
         if not isinstance(tool, dict):
             continue
-        fn = shape(tool)
+        if isinstance(tool.get("function"), dict):
+            fn = tool["function"]
+        elif "input_schema" in tool:
+            fn = {"name": tool.get("name"), "parameters": tool["input_schema"]}
+        else:
+            fn = tool if tool.get("type", "function") == "function" else None
         if isinstance(fn, dict) and isinstance(fn.get("name"), str):
             out.append({"name": fn["name"], "parameters": fn.get("parameters") or {}})
     return out
@@ -127,7 +134,7 @@ def _functions(tools, shape) -> list:
 
 def openai_tool_choice(choice, tools, param: str = "tool_choice") -> Optional[Constraint]:
     """Chat completions: "required" (some tool) or {"type": "function", "function": {"name"}}; None otherwise."""
-    functions = _functions(tools, lambda t: t.get("function"))
+    functions = _functions(tools)
     if choice in (None, "auto", "none"):
         return None
     if choice == "required":
@@ -141,7 +148,7 @@ def openai_tool_choice(choice, tools, param: str = "tool_choice") -> Optional[Co
 
 def responses_tool_choice(choice, tools, param: str = "tool_choice") -> Optional[Constraint]:
     """Responses: "required" or {"type": "function", "name"}; None otherwise."""
-    functions = _functions(tools, lambda t: t if t.get("type") == "function" else None)
+    functions = _functions(tools)
     if choice in (None, "auto", "none"):
         return None
     if choice == "required":
@@ -153,7 +160,7 @@ def responses_tool_choice(choice, tools, param: str = "tool_choice") -> Optional
 
 def anthropic_tool_choice(choice, tools, param: str = "tool_choice") -> Optional[Constraint]:
     """Anthropic: {"type": "any"} or {"type": "tool", "name"}; None for auto and none."""
-    functions = _functions(tools, lambda t: {"name": t.get("name"), "parameters": t.get("input_schema")})
+    functions = _functions(tools)
     kind = choice.get("type") if isinstance(choice, dict) else None
     if choice is None or kind in ("auto", "none"):
         return None

@@ -12,6 +12,7 @@ from dataclasses import fields
 
 from ..errors import Glm4vError
 from ..generate import GenerationSettings
+from .formats import FormatError, one_constraint, openai_response_format, openai_tool_choice
 from .neutral import (DEFAULT_MAX_TOKENS, ApiError, Content, Finish, Logprob, Reasoning, Request, Served, ToolArgs,
                       ToolStart, bad, check_model, finish_messages, gather, number)
 
@@ -170,9 +171,7 @@ def _tools(body) -> tuple:
             raise bad(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}.", f"tools[{i}]")
     if choice == "none":
         return None, None  # no tools offered, so none called
-    if choice not in (None, "auto"):
-        raise bad("tool_choice may be \"auto\" or \"none\": the model cannot be forced to call a tool.", "tool_choice")
-    return tools, "auto"
+    return tools, choice  # "required" or a named function: forced by a constraint (formats.py)
 
 
 def parse(body, served: Served) -> Request:
@@ -189,15 +188,15 @@ def parse(body, served: Served) -> Request:
     check_model(body.get("model"), served)
     if _number(body, "n", integer=True) not in (None, 1):
         raise bad(f"n={body['n']} is not supported: one choice per request.", "n")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        kind = fmt.get("type") if isinstance(fmt, dict) else fmt
-        raise bad(f"response_format {kind!r} is not supported; only text.", "response_format")
-
     messages = finish_messages(parse_messages(body.get("messages")), served)
     tools, tool_choice = _tools(body)
     if tools and not served.tools_supported:
         raise bad("tools are not supported: this model's chat template does not render them.", "tools")
+    try:
+        constraint = one_constraint(openai_response_format(body.get("response_format")),
+                                    openai_tool_choice(tool_choice, tools), "response_format")
+    except FormatError as e:
+        raise bad(e.message, e.param) from None
     stream = bool(_bool(body, "stream"))
     options = body.get("stream_options")
     if options is not None and (not stream or not isinstance(options, dict)):
@@ -231,6 +230,7 @@ def parse(body, served: Served) -> Request:
         repetition_penalty=_number(body, "repetition_penalty", 0),
         stop=stop or (),
         ignore_eos=bool(_bool(body, "ignore_eos")),
+        constraint=constraint,
     )
     supported = {f.name for f in fields(GenerationSettings)}
     for key, lo, hi in (("presence_penalty", -2, 2), ("frequency_penalty", -2, 2), ("thinking_budget", 0, None)):
@@ -245,7 +245,8 @@ def parse(body, served: Served) -> Request:
     except Glm4vError as e:
         raise bad(str(e)) from None
     return Request(messages, settings, seed=_number(body, "seed", 0, 2**64 - 1, integer=True), stream=stream,
-                   top_logprobs=(top or 0) if logprobs else None, tools=tools, tool_choice=tool_choice,
+                   top_logprobs=(top or 0) if logprobs else None, tools=tools, tool_choice=tools and "auto",
+                   constraint=constraint,
                    template_kwargs=dict(template_kwargs), options={"include_usage": include_usage})
 
 

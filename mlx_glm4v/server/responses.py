@@ -15,6 +15,7 @@ from collections import OrderedDict
 
 from ..errors import Glm4vError
 from ..generate import GenerationSettings
+from .formats import FormatError, one_constraint, responses_text_format, responses_tool_choice
 from .neutral import (ApiError, Content, Finish, Reasoning, Request, Served, ToolArgs, ToolEnd, ToolStart, bad,
                       check_model, effort, finish_messages, function_tool, number, seal, unknown_fields, unseal)
 from .openai import _media_source
@@ -207,14 +208,11 @@ def _tools(body, served: Served) -> tuple:
             log.info("tools[%d]: the tool namespace %r is left out", i, tool.get("name"))
         else:
             raise bad(f"tools[{i}]: tool type {kind!r} is not supported (function).", f"tools[{i}]")
-    if choice not in (None, "auto", "none"):
-        raise bad("tool_choice may be \"auto\" or \"none\" for now: a forced call comes with structured output.",
-                  "tool_choice")
     if not out or choice == "none":
-        return None, None
+        return None, choice if choice not in (None, "auto", "none") else None
     if not served.tools_supported:
         raise bad("tools are not supported: this model's chat template does not render them.", "tools")
-    return out, "auto"
+    return out, choice  # "required" or a named function: forced by a constraint (formats.py)
 
 
 def parse(body, served: Served) -> Request:
@@ -229,10 +227,6 @@ def parse(body, served: Served) -> Request:
     if not isinstance(text, dict):
         raise bad("text must be an object.", "text")
     unknown_fields(text, {"format", "verbosity"}, "text")
-    fmt = text.get("format")
-    if fmt is not None and fmt != {"type": "text"}:
-        kind = fmt.get("type") if isinstance(fmt, dict) else fmt
-        raise bad(f"text.format {kind!r} is not supported yet; only text.", "text.format")
     include = body.get("include") or []
     if not isinstance(include, list) or any(i not in INCLUDE for i in include):
         wrong = next((i for i in include if i not in INCLUDE), include) if isinstance(include, list) else include
@@ -254,14 +248,18 @@ def parse(body, served: Served) -> Request:
         raise bad("instructions must be a string.", "instructions")
     messages = ([{"role": "system", "content": instructions}] if instructions else []) + history
     tools, tool_choice = _tools(body, served)
+    try:
+        constraint = one_constraint(responses_text_format(text), responses_tool_choice(tool_choice, tools), "text.format")
+    except FormatError as e:
+        raise bad(e.message, e.param) from None
 
     temperature = number(body, "temperature", 0, 2)
     top_p = number(body, "top_p", 0, 1)
     settings = dict(max_tokens=number(body, "max_output_tokens", 1, integer=True),
                     temp=1.0 if temperature is None else temperature, top_p=1.0 if top_p is None else top_p,
-                    top_k=number(body, "top_k", 0, integer=True) or 0)
+                    top_k=number(body, "top_k", 0, integer=True) or 0, constraint=constraint)
     request = Request(finish_messages(messages, served), settings, seed=number(body, "seed", 0, 2**64 - 1, integer=True),
-                      stream=bool(body.get("stream")), tools=tools, tool_choice=tool_choice)
+                      stream=bool(body.get("stream")), tools=tools, tool_choice=tools and "auto", constraint=constraint)
     reasoning = body.get("reasoning") or {}
     if not isinstance(reasoning, dict):
         raise bad("reasoning must be an object.", "reasoning")
