@@ -291,3 +291,13 @@ def test_constrained_benchmark_tiny(tmp_path, capsys):
     assert results["mask_ms_per_token"]["steps"] > 24 and results["mask_ms_per_token"]["p99"] > 0
     assert results["compile_ms"]["schemas"] == len(SCHEMAS) + 1
     assert "nested schema" in capsys.readouterr().out
+
+
+def test_settings_travel_between_ranks_as_json():
+    """lockstep.py sends a request's settings as `dataclasses.asdict` through JSON; the constraint survives."""
+    import dataclasses
+
+    settings = GenerationSettings(constraint=Constraint("tool_call", TOOLS, "click"))
+    back = GenerationSettings(**json.loads(json.dumps(dataclasses.asdict(settings))))
+    assert back.constraint.key() == settings.constraint.key()
+    assert back.constraint.grammar == settings.constraint.grammar
