@@ -40,6 +40,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .constrain import step_masks
 from .errors import Glm4vError
 from .generate import (GenerationSettings, StopStrings, StreamingText, build_messages, generation_stream,
                        kv_group_size_for, maybe_quantize_kv_cache, wired_limit)
@@ -47,7 +48,6 @@ from .media import FeatureMemo, media_items
 from .model import Model
 from .prefix import PrefixCache, media_marks
 from .processor import Processor
-from .constrain import step_masks
 from .rows import RowSampler, RowState, decode_logits
 
 
