@@ -94,12 +94,32 @@ def compile_seconds(constraint: Constraint) -> float:
     return time.perf_counter() - start
 
 
+# RFC 3339 full-date with the calendar's days (llguidance's `date` format lets February 29th through in any year)
+_LEAP = r"([0-9]{2}(0[48]|[2468][048]|[13579][26])|([02468][048]|[13579][26])00)-02-29"
+DATE = (r"^(?:[0-9]{4}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
+        r"|02-(0[1-9]|1[0-9]|2[0-8]))|" + _LEAP + ")$")
+
+
+def exact_dates(schema):
+    """The schema with each `"format": "date"` (on a string without a pattern of its own) as a pattern
+    that knows the calendar."""
+    if isinstance(schema, list):
+        return [exact_dates(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: exact_dates(v) if k not in ("const", "enum", "default", "examples") else v for k, v in schema.items()}
+    if out.get("format") == "date" and "pattern" not in out:
+        del out["format"]
+        out["pattern"] = DATE
+    return out
+
+
 def _body(constraint: Constraint) -> str:
     from llguidance import LLMatcher
 
     kind, spec = constraint.kind, constraint.spec
     if kind == "json_schema":
-        return LLMatcher.grammar_from_json_schema(spec, defaults=JSON_OPTIONS)
+        return LLMatcher.grammar_from_json_schema(exact_dates(spec), defaults=JSON_OPTIONS)
     if kind == "json_object":
         return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
     if kind == "regex":
@@ -146,7 +166,7 @@ def _explain(kind: str, message: str) -> str:
 # ---- forced tool calls --------------------------------------------------------------------------
 
 _FORMATS = {  # string formats a raw tool argument (no JSON quotes) is held to
-    "date": r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])",
+    "date": DATE[1:-1],
     "time": r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})?",
     "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
     "email": r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+",

@@ -29,9 +29,9 @@ _DATE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$")
 
 
 def _rfc3339_date(value) -> bool:
-    """RFC 3339 full-date, year 0000 included (Python's date, which jsonschema uses, starts at year 1).
-    February 29th of a year that is not a leap year is refused, though llguidance lets it through
-    (docs/structured.md): should the corpus ever produce one, this test says so."""
+    """RFC 3339 full-date, year 0000 included (Python's date, which jsonschema uses, starts at year 1);
+    February 29th only in leap years (llguidance's own `date` lets it through in any year, so
+    constrain.py gives the schema a pattern that knows the calendar)."""
     import calendar
 
     m = _DATE.match(value) if isinstance(value, str) else None
@@ -246,6 +246,20 @@ def test_bad_constraints_are_one_sentence(constraint, words):
         GenerationSettings(constraint=constraint)
     message = str(e.value)
     assert words in message and "\n" not in message and "Traceback" not in message
+
+
+def test_dates_know_the_calendar(glm4v_checkpoint):
+    from llguidance import LLMatcher
+
+    from mlx_glm4v.constrain import grammar_tokenizer
+
+    _, processor = load(glm4v_checkpoint[0])
+    tokenizer = grammar_tokenizer(processor, 400, [0])
+    grammar = Constraint("json_schema", {"type": "string", "format": "date"}).grammar
+    for date, ok in (("2024-02-29", True), ("2000-02-29", True), ("0000-02-29", True), ("2023-02-28", True),
+                     ("2023-02-29", False), ("1900-02-29", False), ("2023-04-31", False), ("2023-13-01", False)):
+        matcher, ids = LLMatcher(tokenizer, grammar), processor.tokenizer.encode(json.dumps(date))
+        assert (matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()) == ok == _rfc3339_date(date)
 
 
 def test_constraint_kinds_are_checked():

@@ -10,6 +10,7 @@ import jsonschema
 import pytest
 
 from schemas import SCHEMAS
+from test_constrain import FORMATS
 from test_server import Server
 
 openai = pytest.importorskip("openai")
@@ -28,8 +29,6 @@ FLAT_TOOLS = [{"type": "function", "name": t["function"]["name"], "parameters": 
 ANTHROPIC_TOOLS = [{"name": t["function"]["name"], "input_schema": t["function"]["parameters"]} for t in CHAT_TOOLS]
 SCHEMAS_BY_TOOL = {"click": PARAMS, "note": NOTE}
 MAX = 160
-FORMATS = jsonschema.FormatChecker()
-FORMATS.checks("date")(lambda v: not isinstance(v, str) or len(v) == 10)  # RFC 3339's year 0000 (see test_constrain)
 
 
 @pytest.fixture(scope="module")
