@@ -315,3 +315,13 @@ def test_settings_travel_between_ranks_as_json():
     back = GenerationSettings(**json.loads(json.dumps(dataclasses.asdict(settings))))
     assert back.constraint.key() == settings.constraint.key()
     assert back.constraint.grammar == settings.constraint.grammar
+
+
+def test_serving_benchmark_schema_set(tmp_path):
+    """serve_bench.py's `schema` set: every reply valid, 4 rows at once equal to one at a time."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import serve_bench
+
+    rows = serve_bench.main(["--in-process", "--tiny", "--blas", "bundled", "--sets", "schema", "--clients", "1,4",
+                             "--sequential", "4", "--work", str(tmp_path)])
+    assert [(r["clients"], r["valid"], r["identical"]) for r in rows] == [(1, "4/4", None), (4, "4/4", True)]
