@@ -12,6 +12,7 @@ numpy bitmask and applied with plain `mx` ops, so they work on every MLX backend
 
 import json
 import re
+import threading
 import time
 import weakref
 from collections import OrderedDict
@@ -29,6 +30,7 @@ MAX_SPEC_BYTES = 256 * 1024  # a schema, grammar or tool list larger than this i
 JSON_OPTIONS = {"whitespace_flexible": False}
 _COMPILED: "OrderedDict[str, str]" = OrderedDict()  # spec key -> validated grammar, most recent last
 _COMPILED_MAX = 256
+_COMPILED_LOCK = threading.Lock()
 
 
 def _limits():
@@ -74,21 +76,24 @@ class Constraint:
     def compiled(self, answer_tags: bool) -> str:
         """The grammar, with GLM-4.1V's `<answer>` ... `</answer>` allowed around it if `answer_tags`."""
         key = json.dumps([answer_tags, self.key()])
-        if key in _COMPILED:
-            _COMPILED.move_to_end(key)
-            return _COMPILED[key]
+        with _COMPILED_LOCK:  # the server's parsers and the engine's thread share it
+            if key in _COMPILED:
+                _COMPILED.move_to_end(key)
+                return _COMPILED[key]
         if len(key) > MAX_SPEC_BYTES:
             raise Glm4vError(f"the {self.kind} constraint is {len(key)} bytes; at most {MAX_SPEC_BYTES} are accepted.")
         grammar = _compile(self, answer_tags)
-        _COMPILED[key] = grammar
-        if len(_COMPILED) > _COMPILED_MAX:
-            _COMPILED.popitem(last=False)
+        with _COMPILED_LOCK:
+            _COMPILED[key] = grammar
+            if len(_COMPILED) > _COMPILED_MAX:
+                _COMPILED.popitem(last=False)
         return grammar
 
 
 def compile_seconds(constraint: Constraint) -> float:
     """Seconds to compile and check a constraint's grammar from scratch (for the benchmark)."""
-    _COMPILED.pop(json.dumps([False, constraint.key()]), None)
+    with _COMPILED_LOCK:
+        _COMPILED.pop(json.dumps([False, constraint.key()]), None)
     start = time.perf_counter()
     constraint.grammar
     return time.perf_counter() - start
