@@ -114,3 +114,51 @@ def test_claude_code_request_parses():
     assert refused.value.status == 404
     anyone = Served(**{**SERVED.__dict__, "answer_any_model": True})
     assert anthropic.parse({**body, "model": "claude-haiku-4-5"}, anyone).tools
+
+
+def tokens(processor, request) -> list:
+    kwargs = dict(request.template_kwargs)
+    if request.tools:
+        kwargs.update(tools=request.tools, tool_choice=request.tool_choice)
+    text = processor.apply_chat_template(request.messages, add_generation_prompt=True, **kwargs)
+    return processor(text)["input_ids"][0].tolist()
+
+
+def test_agent_turns_render_byte_stable(glm4v_moe_checkpoint):
+    """The real agents' second turn (their first resent, our reply and the tool's result added) starts
+    with every token of the first: the prefix cache can serve all of it (part 5 of issue 18)."""
+    from mlx_glm4v.processor import Processor
+    from mlx_glm4v.server.neutral import Finish, Meta
+
+    processor = Processor.from_pretrained(glm4v_moe_checkpoint[0])
+    reply = "<think>Look first.</think>I will list.<tool_call>Bash\n<arg_key>command</arg_key>\n<arg_value>ls -la</arg_value>\n</tool_call>"
+
+    class Usage:
+        prompt_tokens, completion_tokens, cached_tokens = 1, 1, 0
+
+    def events(request):
+        parser = ReplyParser(request.tools)
+        return parser.feed(reply) + parser.finish() + [Finish("tool_calls", Usage())]
+
+    body = json.loads((CAPTURES / "claude_messages.json").read_text())
+    first = anthropic.parse(body, SERVED)
+    message = anthropic.whole(first, events(first), Meta("msg_1", 0, "glm-tiny", 1, SERVED))
+    use = next(b for b in message["content"] if b["type"] == "tool_use")
+    body["messages"] += [{"role": "assistant", "content": message["content"]},
+                         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use["id"],
+                                                       "content": "a.txt"}]}]
+    second = anthropic.parse(body, SERVED)
+    one, two = tokens(processor, first), tokens(processor, second)
+    assert two[:len(one)] == one and len(one) / len(two) > 0.99
+
+    body = json.loads((CAPTURES / "codex_responses.json").read_text())
+    first = responses.parse(body, SERVED)
+    response = responses.whole(first, events(first), Meta("resp_1", 0, "glm-tiny", 1, SERVED))
+    call = next(i for i in response["output"] if i["type"] == "function_call")
+    assert next(i for i in response["output"] if i["type"] == "reasoning")["encrypted_content"]
+    body["input"] += response["output"] + [{"type": "function_call_output", "call_id": call["call_id"],
+                                            "output": "a.txt"}]
+    second = responses.parse(body, SERVED)
+    assert second.messages[-2]["reasoning_content"] == "Look first."  # restored from encrypted_content
+    one, two = tokens(processor, first), tokens(processor, second)
+    assert two[:len(one)] == one and len(one) / len(two) > 0.99
