@@ -6,6 +6,10 @@ preloaded into both on Linux. Two request sets:
 
   mixed   64-token replies, half the prompts with one image of 140-224 px, half text only
   decode  256-token replies to text prompts (decode-heavy)
+  schema  text prompts answered under `response_format` json_schema (a receipt: nested objects,
+          an array of objects, enums, a date, bounded numbers), at most 384 tokens; each reply
+          is checked against the schema (`valid`). The random checkpoint may open <think> and
+          never close it, so these requests carry `thinking_budget` 16 (our extension)
 
 For each tool, set and client count a fresh server process is started (no caches carried from
 one run to the next), warmed with one short request, then N clients (threads with the `openai`
@@ -35,6 +39,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -57,8 +62,20 @@ def image_url(width: int, height: int, seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+RECEIPT = {"type": "object", "additionalProperties": False, "required": ["vendor", "total", "items"], "properties": {
+    "vendor": {"type": "object", "required": ["name"], "additionalProperties": False, "properties": {
+        "name": {"type": "string", "maxLength": 16}, "date": {"type": "string", "format": "date"}}},
+    "total": {"type": "number", "minimum": 0, "maximum": 10000, "multipleOf": 0.01},
+    "items": {"type": "array", "minItems": 1, "maxItems": 4, "items": {
+        "type": "object", "additionalProperties": False, "required": ["name", "qty"], "properties": {
+            "name": {"type": "string", "maxLength": 12}, "qty": {"type": "integer", "minimum": 1, "maximum": 99},
+            "kind": {"enum": ["food", "drink", "other"]}}}}}}
+SCHEMA_THINKING = 16
+SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "receipt", "schema": RECEIPT, "strict": True}}
+
+
 def request_set(name: str, n: int, tiny: bool = False) -> list:
-    """n requests: (messages, max_tokens); `tiny`: a few tokens each."""
+    """n requests: (messages, max_tokens, response_format or None); `tiny`: a few tokens each."""
     out = []
     for i in range(n):
         text = f"Tell me about {TOPICS[i % len(TOPICS)]}. " + "Be detailed. " * (i % 3)
@@ -66,11 +83,28 @@ def request_set(name: str, n: int, tiny: bool = False) -> list:
             w, h = SIZES[(i // 2) % len(SIZES)]
             content = [{"type": "image_url", "image_url": {"url": image_url(w, h, i)}},
                        {"type": "text", "text": f"Describe this image ({i})."}]
-            out.append(([{"role": "user", "content": content}], 8 if tiny else 64))
+            out.append(([{"role": "user", "content": content}], 8 if tiny else 64, None))
+        elif name == "schema":
+            prompt = f"Make up a receipt from {TOPICS[i % len(TOPICS)]}'s shop, as JSON."
+            out.append(([{"role": "user", "content": prompt}], 384, SCHEMA_FORMAT))
         else:
             out.append(([{"role": "user", "content": text}], (8 if tiny else 64) if name == "mixed" else
-                        (16 if tiny else 256)))
+                        (16 if tiny else 256), None))
     return out
+
+
+def valid(text: str, response_format) -> Optional[bool]:
+    """Whether a reply satisfies its request's json_schema (None without one)."""
+    if response_format is None:
+        return None
+    import jsonschema
+
+    try:
+        jsonschema.validate(json.loads(text), response_format["json_schema"]["schema"],
+                            format_checker=jsonschema.FormatChecker())
+        return True
+    except (ValueError, jsonschema.ValidationError):
+        return False
 
 
 def free_port() -> int:
@@ -127,11 +161,13 @@ class Server:
         self.log.close()
 
 
-def one_request(client, model: str, messages, max_tokens: int) -> dict:
+def one_request(client, model: str, messages, max_tokens: int, response_format=None) -> dict:
     start = time.perf_counter()
     first, text, usage = None, "", None
+    extra = {} if response_format is None else {"response_format": response_format,
+                                                 "extra_body": {"thinking_budget": SCHEMA_THINKING}}
     stream = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0.0,
-                                            stream=True, stream_options={"include_usage": True})
+                                            stream=True, stream_options={"include_usage": True}, **extra)
     for chunk in stream:
         if chunk.usage is not None:
             usage = chunk.usage
@@ -142,7 +178,7 @@ def one_request(client, model: str, messages, max_tokens: int) -> dict:
             text += piece
     tokens = usage.completion_tokens if usage is not None else max_tokens
     return dict(ttft=first if first is not None else float("nan"), text=text, tokens=tokens,
-                seconds=time.perf_counter() - start)
+                seconds=time.perf_counter() - start, valid=valid(text, response_format))
 
 
 def run_clients(send, n_requests: int, clients: int) -> tuple:
@@ -180,6 +216,8 @@ def in_process_run(model, processor, requests: list, clients: int) -> tuple:
     """The same measurement on the engine itself (max_concurrency = clients), no HTTP."""
     from mlx_glm4v.engine import Engine, Request
     from mlx_glm4v.generate import GenerationSettings
+    from mlx_glm4v.reply import split_reply
+    from mlx_glm4v.server.formats import openai_response_format
 
     def ours(message):  # OpenAI's image_url parts as our image parts
         if isinstance(message["content"], str):
@@ -188,12 +226,14 @@ def in_process_run(model, processor, requests: list, clients: int) -> tuple:
                                       if c["type"] == "image_url" else c for c in message["content"]])
 
     prepared = []
-    for messages, max_tokens in requests:
+    for messages, max_tokens, fmt in requests:
         messages = [ours(m) for m in messages]
         text = processor.apply_chat_template(messages, add_generation_prompt=True)
         images, videos = processor.media_from_messages(messages)
         inputs = processor(text, images=images, videos=videos)
-        prepared.append(Request(inputs, GenerationSettings(max_tokens=max_tokens)))
+        prepared.append(Request(inputs, GenerationSettings(
+            max_tokens=max_tokens, constraint=openai_response_format(fmt),
+            thinking_budget=SCHEMA_THINKING if fmt is not None else None)))
     engine = Engine(model, processor, max_concurrency=clients)
     list(engine.submit(Request(prepared[0].inputs, GenerationSettings(max_tokens=2))))  # warm-up
 
@@ -204,7 +244,9 @@ def in_process_run(model, processor, requests: list, clients: int) -> tuple:
                 n += 1
                 first = first if first is not None else time.perf_counter() - start
             text += event.text
-        return dict(ttft=first, text=text, tokens=n, seconds=time.perf_counter() - start)
+        answer = split_reply(text).answer  # the server's content
+        return dict(ttft=first, text=text, tokens=n, seconds=time.perf_counter() - start,
+                    valid=valid(answer, requests[i][2]))
 
     try:
         return run_clients(send, len(prepared), clients)
@@ -216,7 +258,9 @@ def summarize(results: list, wall: float, sequential: list, rss: float) -> dict:
     ttft = np.array([r["ttft"] for r in results], dtype=float)
     tokens = sum(r["tokens"] for r in results)
     same = None if sequential is None else all(r["text"] == s["text"] for r, s in zip(results, sequential))
+    checked = [r["valid"] for r in results if r.get("valid") is not None]
     return dict(requests=len(results), tokens=tokens, wall=wall, tps=tokens / wall,
+                valid=f"{sum(checked)}/{len(checked)}" if checked else None,
                 ttft_p50=float(np.nanpercentile(ttft, 50)), ttft_p95=float(np.nanpercentile(ttft, 95)),
                 peak_rss_gb=rss, identical=same)
 
@@ -228,7 +272,7 @@ def measure(tool, reqs, n, loaded, ckpt, args, env, work) -> tuple:
         return results, wall, peak_rss_gb(os.getpid())
     server = Server(tool, ckpt, args.python, env, work / f"server-{tool}.log")
     try:
-        http_run(server.base, [(reqs[0][0], 4)], 1)
+        http_run(server.base, [(reqs[0][0], 4, None)], 1)
         results, wall = http_run(server.base, reqs, n)
         return results, wall, peak_rss_gb(server.proc.pid)
     finally:
@@ -240,7 +284,7 @@ def median_of(summaries: list) -> dict:
     keys = ("tps", "ttft_p50", "ttft_p95", "peak_rss_gb", "wall")
     out = {k: float(np.median([s[k] for s in summaries])) for k in keys}
     same = [s["identical"] for s in summaries]
-    out.update(requests=summaries[0]["requests"], tokens=summaries[0]["tokens"],
+    out.update(requests=summaries[0]["requests"], tokens=summaries[0]["tokens"], valid=summaries[-1]["valid"],
                identical=None if same[0] is None else all(same))
     return out
 
@@ -258,11 +302,12 @@ def machine() -> str:
 
 def table(rows: list) -> str:
     out = ["| set | clients | tool | tokens/s | x own sequential | TTFT p50 | TTFT p95 | peak RSS "
-           "| same as sequential |", "|---|---|---|---|---|---|---|---|---|"]
+           "| same as sequential | valid |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         same = "-" if r["identical"] is None else ("yes" if r["identical"] else "NO")
         out.append(f"| {r['set']} | {r['clients']} | {r['tool']} | {r['tps']:.1f} | {r['speedup']:.2f} | "
-                   f"{r['ttft_p50']:.2f} s | {r['ttft_p95']:.2f} s | {r['peak_rss_gb']:.2f} GB | {same} |")
+                   f"{r['ttft_p50']:.2f} s | {r['ttft_p95']:.2f} s | {r['peak_rss_gb']:.2f} GB | {same} | "
+                   f"{r.get('valid') or '-'} |")
     return "\n".join(out)
 
 

@@ -98,7 +98,7 @@ class ChatSession:
             for response in stream_tokens(self.model, self.processor, feed, self.cache,
                                           stop_ids=self.settings.stop_ids(self.model), stop=self.settings.stop,
                                           vision_memo=self.vision_memo, progress=progress,
-                                          **self.settings.step_options(self.processor)):
+                                          **self.settings.step_options(self.processor, self.model)):
                 reply.append(response)
                 yield response
         finally:

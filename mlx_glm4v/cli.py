@@ -48,6 +48,9 @@ THINKING_BUDGET = typer.Option(None, "--thinking-budget", help="After this many 
 MAX_PIXELS = typer.Option(None, "--max-pixels", help="Most pixels (height x width after resizing) per image or video frame; fewer pixels, fewer tokens (28x28 pixels make one token).")
 FPS = typer.Option(None, "--fps", help="Video frames sampled per second (default: the checkpoint's, 2 for GLM-4.1V).")
 MAX_FRAMES = typer.Option(None, "--max-frames", help="Most frames sampled per video (spread over the clip; at least 2).")
+SCHEMA = typer.Option(None, "--schema", help="Answer with JSON valid against this JSON Schema (a file, or the schema itself).")
+REGEX = typer.Option(None, "--regex", help="Answer with text that matches this regular expression whole.")
+CHOICE = typer.Option(None, "--choice", help="Answer with exactly one of these comma-separated strings.")
 LAZY_LOAD = typer.Option(False, "--lazy-load", help="Read each weight when first used: the text weights after the vision tower, for a lower peak memory.")
 
 
@@ -157,6 +160,9 @@ def _reply_options(
     fps: Optional[float] = FPS,
     max_frames: Optional[int] = MAX_FRAMES,
     lazy_load: bool = LAZY_LOAD,
+    schema: Optional[str] = SCHEMA,
+    regex: Optional[str] = REGEX,
+    choice: Optional[str] = CHOICE,
     *,
     default_max_tokens: int,
 ) -> Reply:
@@ -169,11 +175,38 @@ def _reply_options(
         prefill_step_size=prefill_step_size, ignore_eos=ignore_eos, prompt_lookup=prompt_lookup,
         thinking_budget=thinking_budget, template_kwargs={"enable_thinking": False} if no_thinking else None,
         media_kwargs={k: v for k, v in media.items() if v is not None},
+        constraint=constraint_option(schema, regex, choice),
     )
     GenerationSettings(**settings)
     return Reply(resolve_model_name(model), existing_files(image, "image"), existing_files(video, "video"),
                  system, seed, settings, model_is_default=model is None and not os.environ.get("MLX_GLM4V_MODEL"),
                  lazy_load=lazy_load)
+
+
+def constraint_option(schema: Optional[str], regex: Optional[str], choice: Optional[str]) -> Optional[dict]:
+    """--schema, --regex or --choice as a constraint (a dict: it travels to other ranks as JSON)."""
+    given = [name for name, v in (("--schema", schema), ("--regex", regex), ("--choice", choice)) if v is not None]
+    if len(given) > 1:
+        raise Glm4vError(f"give only one of --schema, --regex and --choice, not {' and '.join(given)}.")
+    if regex is not None:
+        return {"kind": "regex", "spec": regex}
+    if choice is not None:
+        return {"kind": "choice", "spec": [c.strip() for c in choice.split(",") if c.strip()]}
+    if schema is None:
+        return None
+    text = schema
+    if not schema.lstrip().startswith("{"):
+        path = Path(schema).expanduser()
+        if not path.is_file():
+            raise Glm4vError(f"--schema {schema!r} is neither a JSON schema nor a file.")
+        text = path.read_text()
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise Glm4vError(f"--schema is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}.") from None
+    if not isinstance(spec, dict):
+        raise Glm4vError("--schema must be a JSON object (a JSON Schema).")
+    return {"kind": "json_schema", "spec": spec}
 
 
 def reply_options(default_max_tokens: int):
@@ -239,7 +272,9 @@ def generate(
     draw_boxes: Optional[str] = typer.Option(None, "--draw-boxes", help="Save the image with the reply's boxes and points drawn (OUT-1.png, OUT-2.png, ... for several images)."),
     verbose: bool = VERBOSE,
 ):
-    """Answer one prompt about images and videos, streaming the reply."""
+    """Answer one prompt about images and videos, streaming the reply.
+
+    With --schema, --regex or --choice only the answer is printed: the constrained text."""
     if draw_boxes and not reply.images:
         raise Glm4vError("--draw-boxes needs an image (--image) to draw on.")
     from . import distributed
@@ -261,6 +296,7 @@ def generate(
             return distributed.follow(group, responses)
     text, shown, response = "", "", None
     splitter = ReplySplitter()
+    hide_thinking = hide_thinking or reply.settings.get("constraint") is not None
     for response in responses:
         text += response.text
         if not as_json:
@@ -353,11 +389,13 @@ def serve(
     max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait for the engine (429 beyond)."),
     max_concurrency: Optional[int] = typer.Option(None, "--max-concurrency", help="Requests decoded together as one batch (default: from the memory the weights leave, at most 32)."),
     feature_cache_mb: float = typer.Option(2048.0, "--feature-cache-mb", help="Memory for vision features shared across requests, in MB."),
+    max_output_tokens: Optional[int] = typer.Option(None, "--max-output-tokens", help="Clamp every request's token limit to this (agents ask for tens of thousands)."),
+    answer_any_model: bool = typer.Option(False, "--answer-any-model", help="Answer requests naming any model with the served one (agents' side-task models); default: 404."),
     no_ui: bool = typer.Option(False, "--no-ui", help="Do not serve the chat page at /."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
     verbose: bool = VERBOSE,
 ):
-    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models).
+    """Serve the model over HTTP: OpenAI chat completions and Responses, Anthropic Messages.
 
     Under mlx.launch, rank 0 serves HTTP and the other ranks run each batch step with it."""
     from .distributed import launched
@@ -375,6 +413,8 @@ def serve(
             raise Glm4vError(f"{name} {value} must be positive.")
     if max_concurrency is not None and max_concurrency < 1:
         raise Glm4vError(f"--max-concurrency {max_concurrency} must be at least 1.")
+    if max_output_tokens is not None and max_output_tokens < 1:
+        raise Glm4vError(f"--max-output-tokens {max_output_tokens} must be at least 1.")
     policy = MediaPolicy(
         media_root=media_root, allow_url_fetch=allow_url_fetch, max_media_bytes=int(max_media_mb * mb),
         max_images=max_images, max_videos=max_videos, max_image_pixels=max_image_pixels,
@@ -385,6 +425,7 @@ def serve(
         max_body_bytes=int(max_body_mb * mb), max_prompt_tokens=max_prompt_tokens, request_timeout=request_timeout,
         keepalive=keepalive, max_queue=max_queue, max_concurrency=max_concurrency,
         feature_cache_bytes=int(feature_cache_mb * mb), ui=not no_ui, media=policy,
+        max_output_tokens=max_output_tokens, answer_any_model=answer_any_model,
     )
     run_server(config, host=host, port=port, insecure_no_auth=insecure_no_auth, log_level=log_level, group=group)
 

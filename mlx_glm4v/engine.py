@@ -40,6 +40,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .constrain import step_masks
 from .errors import Glm4vError
 from .generate import (GenerationSettings, StopStrings, StreamingText, build_messages, generation_stream,
                        kv_group_size_for, maybe_quantize_kv_cache, wired_limit)
@@ -180,7 +181,8 @@ class _Row:
         self.prompt = None  # the embedded prompt while its chunks run
         self.done = 0  # prompt columns in the cache
         self.chunk = min(settings.prefill_step_size, engine.prefill_chunk)
-        options = settings.step_options(engine.processor)
+        options = settings.step_options(engine.processor, engine.model)
+        self.grammar = options["grammar"] and options["grammar"].start(self.ids)  # constrain.RowGrammar or None
         self.kv_group_size = kv_group_size_for(engine.model, settings.kv_group_size) if settings.kv_bits else 0
         sampler = RowSampler(settings.temp, settings.top_p, settings.min_p, settings.top_k, request.seed)
         self.state = RowState(self.cache, sampler, options["logits_processors"] or [], self.ids)
@@ -444,10 +446,12 @@ class Engine:
                 self.stats.cached_tokens += n
         row.prompt = prompt
 
-    def _sample(self, row: _Row, logits: mx.array):
+    def _sample(self, row: _Row, logits: mx.array, allowed: Optional[mx.array] = None):
         s = row.settings
         maybe_quantize_kv_cache(row.cache, s.quantized_kv_start, row.kv_group_size, s.kv_bits)
-        return row.state.sample(logits)
+        if row.grammar is not None and allowed is None:  # the first token: no step shares the mask
+            allowed = step_masks([row.grammar], None, logits)[0]
+        return row.state.sample(logits, allowed)
 
     def _decode(self, rows: list):
         """Queue one decode step for the rows that need more tokens, then hand out the previous
@@ -458,10 +462,11 @@ class Engine:
             tokens = mx.concatenate([t.reshape(1) if isinstance(t, mx.array) else mx.array([t]) for t in
                                      (r.token for r in step)])
             logits = decode_logits(self.model, [r.cache for r in step], tokens)
+            masks = step_masks([r.grammar for r in step], tokens, logits)  # {} when no row is constrained
             out = []
             for b, row in enumerate(step):
                 row.state.ran(tokens[b: b + 1])
-                out.append(self._sample(row, logits[b: b + 1]))
+                out.append(self._sample(row, logits[b: b + 1], masks.get(b)))
             mx.async_eval(out)
             self.stats.decode_steps += 1
             self.stats.decode_rows += len(step)

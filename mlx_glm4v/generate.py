@@ -17,6 +17,7 @@ import numpy as np
 from tokenizers.decoders import DecodeStream
 
 from .cache import PromptCache
+from .constrain import Constraint, RowGrammar
 from .errors import Glm4vError
 from .mlxlm import make_logits_processors, make_sampler
 from .model import Model, Prompt
@@ -136,6 +137,7 @@ def generate_step(
     kv_group_size: int = 64,
     quantized_kv_start: int = 0,
     prompt_lookup: int = 0,
+    grammar=None,
     vision_memo=None,
     progress=None,
 ) -> Iterator[tuple]:
@@ -145,7 +147,8 @@ def generate_step(
     conversation are checked in one forward pass (see `lookup_decode`). Media whose features
     are in `vision_memo` (a `FeatureMemo`) are not encoded again. `progress(stage, done, total)`
     hears how reading the prompt goes: "vision" in frames (images and frame pairs) encoded,
-    "prefill" in prompt tokens.
+    "prefill" in prompt tokens. A `grammar` (constrain.RowGrammar) masks what its constraint
+    refuses; each step's mask needs the token before it, so the loop waits for each token.
     """
     sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
     if kv_bits is not None:
@@ -160,6 +163,8 @@ def generate_step(
 
     with mx.stream(generation_stream):
         prompt_ids = mx.array(inputs["input_ids"]).reshape(-1)
+        if grammar is not None:
+            logits_processors = [*(logits_processors or ()), grammar.start(inputs["input_ids"]).processor()]
         model_inputs = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
         prompt = model.prepare(**model_inputs, cache=cache, vision_memo=vision_memo, progress=progress)
         first = sample(prefill(model, prompt, cache, prefill_step_size, progress), prompt_ids)
@@ -285,6 +290,8 @@ class GenerationSettings:
     many tokens from n-grams of the conversation. `thinking_budget` forces `</think>` after that
     many tokens of thinking, so the answer follows. `template_kwargs` reach the chat template
     (e.g. `enable_thinking`), `media_kwargs` the processor (`fps`, `max_frames`, `max_pixels`).
+    A `constraint` (constrain.Constraint) holds the answer to a grammar; it is compiled here, so
+    a schema it cannot take is refused before any work.
     """
 
     max_tokens: int = 256
@@ -305,6 +312,7 @@ class GenerationSettings:
     thinking_budget: Optional[int] = None
     template_kwargs: Optional[dict] = None
     media_kwargs: Optional[dict] = None
+    constraint: Optional[Constraint] = None
 
     def __post_init__(self):
         checks = [
@@ -337,13 +345,21 @@ class GenerationSettings:
                 raise Glm4vError(message)
         self.template_kwargs = dict(self.template_kwargs or {})
         self.media_kwargs = dict(self.media_kwargs or {})
+        if isinstance(self.constraint, dict):  # as sent between ranks (dataclasses.asdict, JSON)
+            self.constraint = Constraint(**self.constraint)
+        if self.constraint is not None:
+            if not isinstance(self.constraint, Constraint):
+                raise Glm4vError("constraint must be a mlx_glm4v.constrain.Constraint.")
+            self.constraint.grammar  # compiled and checked now: a bad schema is the caller's error
 
     def stop_ids(self, model: Model) -> set:
-        return set() if self.ignore_eos else set(model.config.eos_token_id)
+        """The end tokens; under a constraint always (its grammar, once complete, allows nothing else)."""
+        return set() if self.ignore_eos and self.constraint is None else set(model.config.eos_token_id)
 
-    def step_options(self, processor: Optional[Processor] = None) -> dict:
+    def step_options(self, processor: Optional[Processor] = None, model: Optional[Model] = None) -> dict:
         """The arguments of `generate_step`, for one request: mlx-lm's sampler and logits processors
-        included, and the thinking budget's (which needs the `processor` for the `<think>` ids)."""
+        included, the thinking budget's (which needs the `processor` for the `<think>` ids) and the
+        constraint's matcher (which needs the `model` too: its logits width and end tokens)."""
         processors = make_logits_processors(repetition_penalty=self.repetition_penalty,
                                             repetition_context_size=self.repetition_context_size)
         if self.thinking_budget is not None:
@@ -359,8 +375,15 @@ class GenerationSettings:
             logits_processors=processors,
             max_tokens=self.max_tokens, prefill_step_size=self.prefill_step_size, kv_bits=self.kv_bits,
             kv_group_size=self.kv_group_size, quantized_kv_start=self.quantized_kv_start,
-            prompt_lookup=self.prompt_lookup,
+            prompt_lookup=self.prompt_lookup, grammar=self.row_grammar(processor, model),
         )
+
+    def row_grammar(self, processor: Optional[Processor], model: Optional[Model]) -> Optional[RowGrammar]:
+        if self.constraint is None:
+            return None
+        if processor is None or model is None:
+            raise Glm4vError("a constraint needs the processor and the model: pass them to step_options.")
+        return RowGrammar(self.constraint, processor, model.config.text_config.vocab_size, model.config.eos_token_id)
 
     def new_cache(self, model: Model, processor: Processor, input_ids) -> PromptCache:
         """A cache for one conversation; a rotating one keeps the system prompt and the media of `input_ids`."""
@@ -418,7 +441,7 @@ def stream_generate(
     if cache is None:
         cache = settings.new_cache(model, processor, inputs["input_ids"])
     yield from stream_tokens(model, processor, inputs, cache, stop_ids=settings.stop_ids(model), stop=settings.stop,
-                             **settings.step_options(processor))
+                             **settings.step_options(processor, model))
 
 
 def stream_tokens(model, processor, inputs: dict, cache, *, stop_ids=(), stop=(), **step_options):

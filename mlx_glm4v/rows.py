@@ -85,10 +85,13 @@ class RowState:
         self.processors = processors
         self.history = mx.array(np.asarray(prompt_ids).reshape(-1)) if processors else None
 
-    def sample(self, logits: mx.array, keep_history: bool = True):
-        """(token [1], log-probabilities [vocab]) from this row's logits [1, vocab]."""
+    def sample(self, logits: mx.array, allowed: Optional[mx.array] = None):
+        """(token [1], log-probabilities [vocab]) from this row's logits [1, vocab]; tokens not
+        `allowed` (booleans [1, vocab], the row's grammar) are never drawn."""
         for p in self.processors:
             logits = p(self.history, logits)
+        if allowed is not None:
+            logits = mx.where(allowed, logits, mx.array(-mx.inf, dtype=logits.dtype))
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return self.sampler(logprobs), logprobs.squeeze(0)
 

@@ -35,6 +35,9 @@ def requests(media: Path) -> dict:
         "video": {"messages": [{"role": "user", "content": [
             {"type": "video_url", "video_url": {"url": clip}}, {"type": "text", "text": "What happens?"}]}]},
         "sampled": {"messages": [{"role": "user", "content": "Tell me a story."}], "temperature": 1.0, "seed": 5},
+        "schema": {"messages": [{"role": "user", "content": "Read the form."}], "temperature": 0.8, "seed": 2,
+                   "response_format": {"type": "json_schema", "json_schema": {"name": "form", "schema": {
+                       "type": "object", "properties": {"n": {"type": "integer"}, "tags": {"type": "array"}}}}}},
     }
 
 
