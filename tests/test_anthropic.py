@@ -26,7 +26,7 @@ def client_of(server, key="unused", **headers):
 
 @pytest.fixture(scope="module")
 def plain(glm4v_checkpoint, tmp_path_factory):
-    server = Server(glm4v_checkpoint[0], ["--keepalive", "0.05", "--max-output-tokens", "8"],
+    server = Server(glm4v_checkpoint[0], ["--keepalive", "0.05", "--max-output-tokens", "8", "--max-body-mb", "1"],
                     tmp_path_factory.mktemp("anthropic") / "plain.log")
     server.anthropic = client_of(server)
     yield server
@@ -173,6 +173,10 @@ def test_refusals_in_anthropic_shape(plain, scripted):
             "temperature")
     refused(plain, {"model": m, "messages": hi, "bogus": 1}, 400, "invalid_request_error", "'bogus'",
             path="/v1/messages/count_tokens")
+    big = [{"role": "user", "content": "x" * (1 << 20)}]
+    refused(plain, {"model": m, "max_tokens": 5, "messages": big}, 413, "request_too_large", "request body")
+    refused(plain, {"model": m, "max_tokens": 5, "messages": hi}, 405, "invalid_request_error", "not allowed",
+            path="/v1/messages/nowhere")
     s = scripted
     refused(s, {"model": s.model, "max_tokens": 5, "messages": hi, "tools": [FOX], "tool_choice": {"type": "any"}},
             400, "invalid_request_error", "tool_choice")

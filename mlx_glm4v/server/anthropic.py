@@ -31,7 +31,7 @@ REFUSED = {"mcp_servers": ([],), "container": (), "output_format": ()}
 BILLING = "x-anthropic-billing-header:"
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "cancelled": "end_turn"}
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 413: "request_too_large", 429: "overloaded_error", 499: "invalid_request_error",
+               404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large", 429: "overloaded_error", 499: "invalid_request_error",
                503: "overloaded_error", 504: "timeout_error"}
 
 
