@@ -244,3 +244,13 @@ def test_special_tokens_in_messages_are_text(scripted):
     counted = scripted.anthropic.messages.count_tokens(**options).input_tokens
     assert out.usage.input_tokens + out.usage.cache_read_input_tokens == counted
     assert counted == chat_twin(scripted, text, assistant, reasoning=False)
+
+
+def test_models_as_both_sdks_read_them(plain, scripted):
+    assert [m.id for m in plain.anthropic.models.list()] == [plain.model]
+    assert [m.id for m in plain.client.models.list()] == [plain.model]
+    assert plain.anthropic.models.retrieve(plain.model).id == plain.model
+    assert plain.client.models.retrieve(plain.model).id == plain.model
+    with pytest.raises(anthropic.NotFoundError):
+        plain.anthropic.models.retrieve("claude-haiku-4-5")
+    assert scripted.anthropic.models.retrieve("claude-haiku-4-5").id == "claude-haiku-4-5"  # --answer-any-model

@@ -205,10 +205,29 @@ async def health(request: Request):
     return JSONResponse({"status": "ok"})
 
 
+def _model_entry(name: str) -> dict:
+    """One model as both SDKs read it: OpenAI's fields and Anthropic's."""
+    return {"id": name, "object": "model", "created": 0, "owned_by": "mlx-glm4v", "type": "model",
+            "display_name": name, "created_at": "1970-01-01T00:00:00Z"}
+
+
 async def models(request: Request):
     state = _state(request)
-    return JSONResponse({"object": "list", "data": [
-        {"id": state.config.name, "object": "model", "created": 0, "owned_by": "mlx-glm4v"}]})
+    name = state.config.name
+    return JSONResponse({"object": "list", "data": [_model_entry(name)], "has_more": False, "first_id": name,
+                         "last_id": name})
+
+
+async def model(request: Request):
+    """GET /v1/models/{name}: the served model (any name, with --answer-any-model)."""
+    try:
+        state, name = _state(request), request.path_params["name"]
+        if name not in state.names and not state.config.answer_any_model:
+            raise ApiError(404, f"the model {name!r} does not exist; this server runs {state.config.name!r}.",
+                           "model", "model_not_found")
+        return JSONResponse(_model_entry(name))
+    except ApiError as e:
+        return error_response(e, anthropic if "anthropic-version" in request.headers else openai)
 
 
 async def metrics(request: Request):
@@ -487,6 +506,7 @@ def create_app(config: ServerConfig, loader=None, group=None) -> Starlette:
         Route("/health", health),
         Route("/metrics", metrics),
         Route("/v1/models", models),
+        Route("/v1/models/{name:path}", model),
         Route("/v1/chat/completions", route(openai), methods=["POST"]),
         Route("/v1/responses", route(responses), methods=["POST"]),
         Route("/v1/responses/{rid}", stored_response, methods=["GET", "DELETE"]),
