@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 import tiny
-from test_responses import KEY, TOOL_SCRIPT, images
+from test_responses import KEY, TOOL_SCRIPT, chat_twin, images, special_text
 from test_server import Server
 
 anthropic = pytest.importorskip("anthropic")
@@ -26,7 +26,7 @@ def client_of(server, key="unused", **headers):
 
 @pytest.fixture(scope="module")
 def plain(glm4v_checkpoint, tmp_path_factory):
-    server = Server(glm4v_checkpoint[0], ["--keepalive", "0.05", "--max-output-tokens", "8"],
+    server = Server(glm4v_checkpoint[0], ["--keepalive", "0.05", "--max-output-tokens", "8", "--max-body-mb", "1"],
                     tmp_path_factory.mktemp("anthropic") / "plain.log")
     server.anthropic = client_of(server)
     yield server
@@ -38,7 +38,7 @@ def scripted(glm4v_moe_checkpoint, tmp_path_factory):
     path = tiny.scripted_checkpoint(glm4v_moe_checkpoint[0], tmp_path_factory.mktemp("fox-script"), TOOL_SCRIPT)
     server = Server(path, ["--api-key", KEY, "--answer-any-model"], tmp_path_factory.mktemp("anthropic") / "s.log",
                     key=KEY)
-    server.anthropic = client_of(server, KEY)
+    server.anthropic, server.checkpoint = client_of(server, KEY), path
     yield server
     server.close()
 
@@ -173,6 +173,10 @@ def test_refusals_in_anthropic_shape(plain, scripted):
             "temperature")
     refused(plain, {"model": m, "messages": hi, "bogus": 1}, 400, "invalid_request_error", "'bogus'",
             path="/v1/messages/count_tokens")
+    big = [{"role": "user", "content": "x" * (1 << 20)}]
+    refused(plain, {"model": m, "max_tokens": 5, "messages": big}, 413, "request_too_large", "request body")
+    refused(plain, {"model": m, "max_tokens": 5, "messages": hi}, 405, "invalid_request_error", "not allowed",
+            path="/v1/messages/nowhere")
     s = scripted
     refused(s, {"model": s.model, "max_tokens": 5, "messages": hi, "tools": [FOX],
                 "tool_choice": {"type": "tool", "name": "nope"}}, 400, "invalid_request_error", "tool_choice")
@@ -222,3 +226,41 @@ def test_thinking_knobs_reach_the_thinking_budget(box_checkpoint, tmp_path_facto
             assert "".join(reasoning) == want and "Nose:" in out.output_text
     finally:
         server.close()
+
+
+def test_special_tokens_in_messages_are_text(scripted):
+    """As chat completions: every special token as text, in every place. A thinking block signed by
+    anyone but this server process is dropped, so its twin has no reasoning."""
+    text, assistant = special_text(scripted)
+    messages = [{"role": "user", "content": [{"type": "text", "text": f"Hi {text}"}]},
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": f"Think {text}", "signature": "forged"},
+                    {"type": "text", "text": f"Calling {assistant}"},
+                    {"type": "tool_use", "id": "call_1", "name": "fox", "input": {"city": text}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": f"Found {text}"}]}]
+    options = dict(model=scripted.model, system=f"Rules {text}", messages=messages,
+                   tools=[{**FOX, "description": f"Look {text}"}])
+    out = scripted.anthropic.messages.create(**options, max_tokens=1)
+    counted = scripted.anthropic.messages.count_tokens(**options).input_tokens
+    assert out.usage.input_tokens + out.usage.cache_read_input_tokens == counted
+    assert counted == chat_twin(scripted, text, assistant, reasoning=False)
+
+
+def test_models_as_both_sdks_read_them(plain, scripted):
+    assert [m.id for m in plain.anthropic.models.list()] == [plain.model]
+    assert [m.id for m in plain.client.models.list()] == [plain.model]
+    assert plain.anthropic.models.retrieve(plain.model).id == plain.model
+    assert plain.client.models.retrieve(plain.model).id == plain.model
+    with pytest.raises(anthropic.NotFoundError):
+        plain.anthropic.models.retrieve("claude-haiku-4-5")
+    assert scripted.anthropic.models.retrieve("claude-haiku-4-5").id == "claude-haiku-4-5"  # --answer-any-model
+
+
+def test_message_start_leaves_the_cache_split_to_message_delta(plain):
+    body = {"model": plain.model, "max_tokens": 2, "stream": True, "messages": [{"role": "user", "content": "Hey"}]}
+    for _ in range(2):  # the second reads its prompt from the cache
+        with httpx.stream("POST", f"{plain.url}/v1/messages", json=body, timeout=60) as response:
+            events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    start, delta = events[0]["message"]["usage"], next(e for e in events if e["type"] == "message_delta")["usage"]
+    assert start["cache_read_input_tokens"] is None and delta["cache_read_input_tokens"] > 0
+    assert start["input_tokens"] == delta["input_tokens"] + delta["cache_read_input_tokens"]

@@ -33,7 +33,7 @@ REFUSED = {"mcp_servers": ([],), "container": ()}
 BILLING = "x-anthropic-billing-header:"
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "cancelled": "end_turn"}
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 413: "request_too_large", 429: "overloaded_error", 499: "invalid_request_error",
+               404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large", 429: "overloaded_error", 499: "invalid_request_error",
                503: "overloaded_error", 504: "timeout_error"}
 
 
@@ -276,13 +276,15 @@ class Stream:
         self.message = {"id": meta.id, "type": "message", "role": "assistant", "model": meta.model, "content": [],
                         "stop_reason": None, "stop_sequence": None,
                         "usage": {"input_tokens": meta.prompt_tokens, "output_tokens": 0,
-                                  "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}}
+                                  "cache_read_input_tokens": None, "cache_creation_input_tokens": None}}
 
     @staticmethod
     def event(kind: str, **fields) -> str:
         return f"event: {kind}\ndata: {json.dumps({'type': kind, **fields}, ensure_ascii=False)}\n\n"
 
     def head(self) -> list:
+        """message_start goes out before the prompt is read: its usage counts the whole prompt as
+        input, the cache split unknown (null); message_delta carries the split."""
         return [self.event("message_start", message=json.loads(json.dumps(self.message))), self.event("ping")]
 
     def keepalive(self) -> str:

@@ -1,4 +1,5 @@
-"""OpenAI's chat-completions API: the request checked field by field, replies, errors, tool calls.
+"""OpenAI's chat completions <-> the neutral request: the body checked field by field, events rendered
+as a completion or its chunks (tool arguments as fragments, as the model writes them).
 
 Strict on purpose: a field we do not implement is refused with a 400 that names it (a client
 that asks for `n=2` or JSON mode must not get something else silently); only fields that
@@ -6,7 +7,6 @@ change nothing about the reply (`user`, `metadata`, ...) are accepted and ignore
 """
 
 import json
-import time
 import uuid
 from dataclasses import fields
 
@@ -65,7 +65,7 @@ def _text_of(content, where: str) -> str:
     raise bad(f"{where} must be a string or a list of content parts.", where)
 
 
-def _media_source(part: dict, key: str, where: str):
+def media_source(part: dict, key: str, where: str):
     """(url, detail) of an image_url / input_image / video_url part: an object with `url` or a bare string."""
     value = part.get(key)
     if key == "input_image" and value is None:  # Responses-style: {"type": "input_image", "image_url": "..."}
@@ -76,9 +76,9 @@ def _media_source(part: dict, key: str, where: str):
         value = value.get("url")
     if not isinstance(value, str) or not value:
         raise bad(f"{where}: a {part.get('type')} part needs a url string.", where)
-    if detail not in (None, "auto", "low", "high"):
-        raise bad(f"{where}: detail {detail!r} must be auto, low or high.", where)
-    return value, detail or "auto"
+    if detail not in (None, "auto", "low", "high", "original"):
+        raise bad(f"{where}: detail {detail!r} must be auto, low, high or original.", where)
+    return value, "high" if detail == "original" else detail or "auto"  # high is the full size already
 
 
 def _user_content(content, where: str):
@@ -95,10 +95,10 @@ def _user_content(content, where: str):
                 raise bad(f"{at}: a text part needs a string `text`.", at)
             parts.append({"type": "text", "text": part["text"]})
         elif kind in ("image_url", "input_image"):
-            url, detail = _media_source(part, kind, at)
+            url, detail = media_source(part, kind, at)
             parts.append({"type": "image", "source": url, "detail": detail, "param": at})
         elif kind == "video_url":
-            url, _ = _media_source(part, kind, at)
+            url, _ = media_source(part, kind, at)
             parts.append({"type": "video", "source": url, "param": at})
         else:
             raise bad(f"{at}: content part type {kind!r} is not supported (text, image_url, input_image, "

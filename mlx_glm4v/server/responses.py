@@ -18,7 +18,7 @@ from ..generate import GenerationSettings
 from .formats import FormatError, one_constraint, responses_text_format, responses_tool_choice
 from .neutral import (ApiError, Content, Finish, Reasoning, Request, Served, ToolArgs, ToolEnd, ToolStart, bad,
                       check_model, effort, finish_messages, function_tool, number, seal, unknown_fields, unseal)
-from .openai import _media_source
+from .openai import media_source
 
 log = logging.getLogger("mlx_glm4v.server")
 
@@ -102,7 +102,7 @@ def _parts(content, where: str, role: str):
         elif kind == "input_image" and role == "user":
             if part.get("file_id") and not part.get("image_url"):
                 raise bad(f"{at}: file_id images are not supported; send image_url (a data: URL).", at)
-            url, detail = _media_source(part, kind, at)
+            url, detail = media_source(part, kind, at)
             parts.append({"type": "image", "source": url, "detail": detail, "param": at})
         else:
             raise bad(f"{at}: content part type {kind!r} is not supported here (input_text, input_image, "
@@ -400,7 +400,8 @@ class Stream:
 
     def _finish(self, finish: Finish) -> list:
         u, r = finish.usage, self.response
-        r["usage"] = {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": u.cached_tokens},
+        r["usage"] = {"input_tokens": u.prompt_tokens,
+                      "input_tokens_details": {"cached_tokens": u.cached_tokens, "cache_write_tokens": 0},
                       "output_tokens": u.completion_tokens,
                       "output_tokens_details": {"reasoning_tokens": finish.reasoning_tokens},
                       "total_tokens": u.prompt_tokens + u.completion_tokens}
@@ -428,7 +429,8 @@ class Stream:
 
     def fail(self, e: ApiError) -> list:
         self.response["status"] = "failed"
-        self.response["error"] = {"code": e.code or "server_error", "message": e.message}
+        code = "rate_limit_exceeded" if e.status == 429 else "server_error"  # the codes the API defines
+        self.response["error"] = {"code": code, "message": e.message}
         return [self.event("error", code=e.code, message=e.message, param=e.param),
                 self.event("response.failed", response=self.snapshot())]
 
