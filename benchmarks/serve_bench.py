@@ -166,16 +166,23 @@ def one_request(client, model: str, messages, max_tokens: int, response_format=N
     first, text, usage = None, "", None
     extra = {} if response_format is None else {"response_format": response_format,
                                                  "extra_body": {"thinking_budget": SCHEMA_THINKING}}
-    stream = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0.0,
-                                            stream=True, stream_options={"include_usage": True}, **extra)
-    for chunk in stream:
-        if chunk.usage is not None:
-            usage = chunk.usage
-        for choice in chunk.choices:
-            piece = choice.delta.content or ""
-            if piece and first is None:
-                first = time.perf_counter() - start
-            text += piece
+    from openai import APIError
+
+    try:
+        stream = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
+                                                temperature=0.0, stream=True, stream_options={"include_usage": True},
+                                                **extra)
+        for chunk in stream:
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                piece = choice.delta.content or ""
+                if piece and first is None:
+                    first = time.perf_counter() - start
+                text += piece
+    except APIError as e:  # a server that fails a request is counted, not a crash of the benchmark
+        return dict(ttft=float("nan"), text="", tokens=0, seconds=time.perf_counter() - start,
+                    valid=False if response_format is not None else None, failed=f"{type(e).__name__}: {e}")
     tokens = usage.completion_tokens if usage is not None else max_tokens
     return dict(ttft=first if first is not None else float("nan"), text=text, tokens=tokens,
                 seconds=time.perf_counter() - start, valid=valid(text, response_format))
@@ -261,6 +268,7 @@ def summarize(results: list, wall: float, sequential: list, rss: float) -> dict:
     checked = [r["valid"] for r in results if r.get("valid") is not None]
     return dict(requests=len(results), tokens=tokens, wall=wall, tps=tokens / wall,
                 valid=f"{sum(checked)}/{len(checked)}" if checked else None,
+                failed=sum(1 for r in results if r.get("failed")),
                 ttft_p50=float(np.nanpercentile(ttft, 50)), ttft_p95=float(np.nanpercentile(ttft, 95)),
                 peak_rss_gb=rss, identical=same)
 
@@ -285,6 +293,7 @@ def median_of(summaries: list) -> dict:
     out = {k: float(np.median([s[k] for s in summaries])) for k in keys}
     same = [s["identical"] for s in summaries]
     out.update(requests=summaries[0]["requests"], tokens=summaries[0]["tokens"], valid=summaries[-1]["valid"],
+               failed=max(s["failed"] for s in summaries),
                identical=None if same[0] is None else all(same))
     return out
 
@@ -302,12 +311,12 @@ def machine() -> str:
 
 def table(rows: list) -> str:
     out = ["| set | clients | tool | tokens/s | x own sequential | TTFT p50 | TTFT p95 | peak RSS "
-           "| same as sequential | valid |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "| same as sequential | valid | failed |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         same = "-" if r["identical"] is None else ("yes" if r["identical"] else "NO")
         out.append(f"| {r['set']} | {r['clients']} | {r['tool']} | {r['tps']:.1f} | {r['speedup']:.2f} | "
                    f"{r['ttft_p50']:.2f} s | {r['ttft_p95']:.2f} s | {r['peak_rss_gb']:.2f} GB | {same} | "
-                   f"{r.get('valid') or '-'} |")
+                   f"{r.get('valid') or '-'} | {r.get('failed') or 0} |")
     return "\n".join(out)
 
 
@@ -368,7 +377,7 @@ def main(argv=None):
                 row = dict(set=name, clients=n, tool=tool + (" (in-process)" if loaded else ""),
                            rounds=len(summaries), **median_of(summaries))
                 base = next((r for r in rows if (r["set"], r["tool"], r["clients"]) == (name, row["tool"], 1)), row)
-                row["speedup"] = row["tps"] / base["tps"]
+                row["speedup"] = row["tps"] / base["tps"] if base["tps"] else float("nan")  # nothing answered
                 rows.append(row)
                 print(table([row]).splitlines()[-1], flush=True)
     print()
