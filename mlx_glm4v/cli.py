@@ -353,11 +353,13 @@ def serve(
     max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait for the engine (429 beyond)."),
     max_concurrency: Optional[int] = typer.Option(None, "--max-concurrency", help="Requests decoded together as one batch (default: from the memory the weights leave, at most 32)."),
     feature_cache_mb: float = typer.Option(2048.0, "--feature-cache-mb", help="Memory for vision features shared across requests, in MB."),
+    max_output_tokens: Optional[int] = typer.Option(None, "--max-output-tokens", help="Clamp every request's token limit to this (agents ask for tens of thousands)."),
+    answer_any_model: bool = typer.Option(False, "--answer-any-model", help="Answer requests naming any model with the served one (agents' side-task models); default: 404."),
     no_ui: bool = typer.Option(False, "--no-ui", help="Do not serve the chat page at /."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
     verbose: bool = VERBOSE,
 ):
-    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models).
+    """Serve the model over HTTP: OpenAI chat completions and Responses, Anthropic Messages.
 
     Under mlx.launch, rank 0 serves HTTP and the other ranks run each batch step with it."""
     from .distributed import launched
@@ -375,6 +377,8 @@ def serve(
             raise Glm4vError(f"{name} {value} must be positive.")
     if max_concurrency is not None and max_concurrency < 1:
         raise Glm4vError(f"--max-concurrency {max_concurrency} must be at least 1.")
+    if max_output_tokens is not None and max_output_tokens < 1:
+        raise Glm4vError(f"--max-output-tokens {max_output_tokens} must be at least 1.")
     policy = MediaPolicy(
         media_root=media_root, allow_url_fetch=allow_url_fetch, max_media_bytes=int(max_media_mb * mb),
         max_images=max_images, max_videos=max_videos, max_image_pixels=max_image_pixels,
@@ -385,6 +389,7 @@ def serve(
         max_body_bytes=int(max_body_mb * mb), max_prompt_tokens=max_prompt_tokens, request_timeout=request_timeout,
         keepalive=keepalive, max_queue=max_queue, max_concurrency=max_concurrency,
         feature_cache_bytes=int(feature_cache_mb * mb), ui=not no_ui, media=policy,
+        max_output_tokens=max_output_tokens, answer_any_model=answer_any_model,
     )
     run_server(config, host=host, port=port, insecure_no_auth=insecure_no_auth, log_level=log_level, group=group)
 

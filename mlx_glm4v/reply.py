@@ -2,10 +2,13 @@
 
 GLM-4.1V writes `<think>…</think><answer>…</answer>`; GLM-4.5V/4.6V write `<think>…</think>`
 and then the answer; all of them wrap grounding coordinates in `<|begin_of_box|>…<|end_of_box|>`.
-The CLI, the Python API and the server split a reply the same way, here, streamed or whole.
+The CLI, the Python API and the server split a reply the same way, here, streamed or whole;
+`ReplyParser` adds GLM's tool calls and gives the server's one stream of reply events.
 """
 
+import json
 import re
+import uuid
 from dataclasses import dataclass
 from typing import Tuple
 
@@ -64,3 +67,277 @@ def split_reply(text: str) -> ReplyParts:
     splitter = ReplySplitter()
     parts = [splitter.feed(text), splitter.finish()]
     return ReplyParts("".join(p[0] for p in parts).strip(), "".join(p[1] for p in parts).strip())
+
+
+# ---- the one streaming parser: thinking, answer and tool calls as events -------------------------
+
+@dataclass
+class Reasoning:
+    text: str
+
+
+@dataclass
+class Content:
+    text: str
+
+
+@dataclass
+class ToolStart:
+    index: int
+    id: str
+    name: str
+
+
+@dataclass
+class ToolArgs:
+    index: int
+    text: str  # a fragment of the call's `arguments` JSON; the fragments add up to exactly it
+
+
+@dataclass
+class ToolEnd:
+    index: int
+    id: str
+    name: str
+    arguments: str  # the whole arguments JSON (a JSON object)
+
+
+class Trim:
+    """Streams text without its leading and trailing white space, as `str.strip` would cut the whole."""
+
+    def __init__(self):
+        self.started, self.pending = False, ""
+
+    def feed(self, text: str) -> str:
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        if not text:
+            return ""
+        text = self.pending + text
+        body = text.rstrip()
+        self.pending = text[len(body):]
+        return body
+
+
+TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
+KEY_OPEN, KEY_CLOSE, VALUE_OPEN, VALUE_CLOSE = "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"
+
+
+def call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def string_params(tools, name: str) -> set:
+    """The parameters of tool `name` whose schema says string: GLM writes their values raw."""
+    for tool in tools or []:
+        fn = tool.get("function", tool)
+        if fn.get("name") == name:
+            props = (fn.get("parameters") or {}).get("properties") or {}
+            return {k for k, v in props.items() if isinstance(v, dict) and
+                    (v.get("type") == "string" or (isinstance(v.get("type"), list) and "string" in v["type"]))}
+    return set()
+
+
+def _next(text: str, markers) -> tuple:
+    """(at, marker) of the first marker in `text`; else (n, None) where text[:n] cannot begin one."""
+    found = [(text.find(m), m) for m in markers if m in text]
+    if found:
+        return min(found)
+    hold = max((k for m in markers for k in range(1, len(m)) if text.endswith(m[:k])), default=0)
+    return len(text) - hold, None
+
+
+class ToolCalls:
+    """Answer text -> plain text pieces (str) and tool-call events, as the text streams in.
+
+    GLM-4.5V/4.6V write `<tool_call>name` then `<arg_key>k</arg_key><arg_value>v</arg_value>` pairs,
+    values as JSON unless they are strings (the template writes strings raw). The call starts as
+    soon as its name line is complete; a string parameter of the tool's schema streams as an
+    escaped JSON string, any other value is read whole (JSON if it parses, else a string). A JSON
+    object {"name", "arguments"} is read too, whole. Text that cannot be a call stays text.
+    """
+
+    def __init__(self, tools, new_id=call_id):
+        self.tools, self.new_id = tools, new_id
+        self.state, self.pending = "text", ""
+        self.count = 0
+
+    def _start(self, name: str) -> list:
+        self.call = {"index": self.count, "id": self.new_id(), "name": name, "args": ["{"]}
+        self.strings, self.key, self.value = string_params(self.tools, name), None, None
+        self.count += 1
+        return [ToolStart(self.call["index"], self.call["id"], name), ToolArgs(self.call["index"], "{")]
+
+    def _args(self, text: str) -> list:
+        if not text:
+            return []
+        self.call["args"].append(text)
+        return [ToolArgs(self.call["index"], text)]
+
+    def _key(self) -> str:
+        sep = ", " if len(self.call["args"]) > 1 else ""
+        return f"{sep}{json.dumps(self.key, ensure_ascii=False)}: "
+
+    def _close_value(self) -> list:
+        if self.value is None:  # a string, already streamed
+            return self._args('"')
+        try:
+            value = json.dumps(json.loads(self.value), ensure_ascii=False)
+        except json.JSONDecodeError:
+            value = json.dumps(self.value, ensure_ascii=False)
+        return self._args(self._key() + value)
+
+    def _end(self) -> list:
+        out = self._args("}")
+        c = self.call
+        return out + [ToolEnd(c["index"], c["id"], c["name"], "".join(c["args"]))]
+
+    def feed(self, text: str, final: bool = False) -> list:
+        self.pending += text
+        out = []
+        while True:
+            p, state = self.pending, self.state
+            if state == "text":
+                at, marker = _next(p, [TOOL_OPEN])
+                out.append(p[:at])
+                if marker is None:
+                    self.pending = p[at:]
+                    break
+                self.pending, self.state = p[at + len(TOOL_OPEN):], "head"
+            elif state == "head":
+                body = p.lstrip()
+                if body.startswith("{"):
+                    self.state = "json"
+                    continue
+                ends = [i for i in (p.find("\n", len(p) - len(body)), p.find("<")) if i >= 0]
+                if not ends:
+                    break
+                name = p[:min(ends)].strip()
+                if not name:
+                    out.append(TOOL_OPEN)
+                    self.state = "text"
+                    continue
+                out += self._start(name)
+                self.pending, self.state = p[min(ends):], "args"
+            elif state == "json":
+                at = p.find(TOOL_CLOSE)
+                if at < 0:
+                    break
+                self.pending, self.state = p[at + len(TOOL_CLOSE):], "text"
+                try:
+                    call = json.loads(p[:at])
+                    name, arguments = call["name"], call.get("arguments", call.get("parameters", {}))
+                    if not isinstance(name, str) or not name or not isinstance(arguments, dict):
+                        raise TypeError
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                    out.append(TOOL_OPEN + p[:at + len(TOOL_CLOSE)])  # not a call we can read: text as it was
+                    continue
+                out += self._start(name)
+                out += self._args(json.dumps(arguments, ensure_ascii=False)[1:-1]) + self._end()
+            elif state in ("args", "after_key"):
+                markers = [KEY_OPEN, TOOL_CLOSE] + ([VALUE_OPEN] if state == "after_key" else [])
+                at, marker = _next(p, markers)
+                if marker is None:
+                    self.pending = p[at:]  # text between the tags means nothing
+                    break
+                self.pending = p[at + len(marker):]
+                if marker == TOOL_CLOSE:
+                    out += self._end()
+                    self.state = "text"
+                elif marker == KEY_OPEN:
+                    self.state = "key"
+                else:
+                    self.state = "value"
+                    if self.key in self.strings:
+                        self.value = None
+                        out += self._args(self._key() + '"')
+                    else:
+                        self.value = ""
+            elif state == "key":
+                at = p.find(KEY_CLOSE)
+                if at < 0:
+                    break
+                self.key, self.pending, self.state = p[:at].strip(), p[at + len(KEY_CLOSE):], "after_key"
+            else:  # "value"
+                at, marker = _next(p, [VALUE_CLOSE])
+                piece, self.pending = p[:at], p[at + len(marker or ""):]
+                if self.value is None:
+                    out += self._args(json.dumps(piece, ensure_ascii=False)[1:-1])
+                else:
+                    self.value += piece
+                if marker is None:
+                    break
+                out += self._close_value()
+                self.state = "args"
+        if final:
+            out += self._finish()
+        return [x for x in out if x != ""]
+
+    def _finish(self) -> list:
+        """What is still held: a call not begun is text again; a begun one is closed as it stands."""
+        p, state = self.pending, self.state
+        self.pending, self.state = "", "text"
+        if state == "text":
+            return [p]
+        if state in ("head", "json"):
+            return [TOOL_OPEN + p]
+        out = []
+        if state == "value":
+            if self.value is None:
+                out += self._args(json.dumps(p, ensure_ascii=False)[1:-1])
+            else:
+                self.value += p
+            out += self._close_value()
+        return out + self._end()
+
+
+class ReplyParser:
+    """GLM-V reply text, streamed -> events: Reasoning, Content, ToolStart, ToolArgs, ToolEnd.
+
+    The thinking and the answer lose their markers and the white space at both ends (as
+    `split_reply`); tool calls are read from the answer only when the request offered tools.
+    Fed the whole text at once it gives what the pieces give: one parser for whole and streamed.
+    """
+
+    def __init__(self, tools=None, new_id=call_id):
+        self.splitter, self.thinking, self.answer = ReplySplitter(), Trim(), Trim()
+        self.tools = ToolCalls(tools, new_id) if tools else None
+
+    @property
+    def calls(self) -> int:
+        return self.tools.count if self.tools else 0
+
+    def feed(self, text: str) -> list:
+        return self._events(*self.splitter.feed(text))
+
+    def finish(self) -> list:
+        return self._events(*self.splitter.finish(), final=True)
+
+    def _events(self, reasoning: str, answer: str, final: bool = False) -> list:
+        out = []
+        if piece := self.thinking.feed(reasoning):
+            out.append(Reasoning(piece))
+        pieces = self.tools.feed(answer, final) if self.tools else [answer]
+        for item in pieces:
+            if not isinstance(item, str):
+                out.append(item)
+            elif piece := self.answer.feed(item):
+                out.append(Content(piece))
+        return out
+
+
+@dataclass
+class ParsedReply:
+    reasoning: str
+    content: str
+    calls: list  # ToolEnd per call
+
+
+def parse_reply(text: str, tools=None) -> ParsedReply:
+    """A whole reply's thinking, answer and tool calls (the streamed events, gathered)."""
+    parser = ReplyParser(tools)
+    events = parser.feed(text) + parser.finish()
+    return ParsedReply("".join(e.text for e in events if isinstance(e, Reasoning)),
+                       "".join(e.text for e in events if isinstance(e, Content)),
+                       [e for e in events if isinstance(e, ToolEnd)])

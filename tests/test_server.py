@@ -27,9 +27,8 @@ from PIL import Image
 
 from mlx_glm4v.generate import build_messages, generate, stream_generate
 from mlx_glm4v.loader import load
-from mlx_glm4v.reply import split_reply
-from mlx_glm4v.server.openai import (ReplyStream, ToolCallStream, parse_messages, parse_tool_call, parse_tool_calls,
-                                     whole_reply)
+from mlx_glm4v.reply import Content, Reasoning, ReplyParser, ToolArgs, ToolEnd, parse_reply, split_reply
+from mlx_glm4v.server.openai import parse_messages
 import tiny
 
 openai = pytest.importorskip("openai")
@@ -688,24 +687,22 @@ GLM_CALLS = (
 
 
 def test_tool_call_parser():
-    content, calls = parse_tool_calls(GLM_CALLS, [WEATHER])
-    assert content == "I will check."
-    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+    reply = parse_reply(GLM_CALLS, [WEATHER])
+    assert reply.content == "I will check."
+    assert [(c.name, json.loads(c.arguments)) for c in reply.calls] == [
         ("get_weather", {"city": "Paris", "days": 2}), ("get_weather", {"city": "123"}), ("now", {})]
-    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
-    one = parse_tool_call('{"name": "get_weather", "arguments": {"city": "Oslo"}}')
-    assert one["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    assert all(c.id.startswith("call_") for c in reply.calls)
+    one = parse_reply('<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>', [WEATHER])
+    assert [(c.name, c.arguments) for c in one.calls] == [("get_weather", '{"city": "Oslo"}')]
     # streamed one character at a time: the same content and calls, nothing of a call leaks out
-    stream, shown, streamed = ToolCallStream([WEATHER]), [], []
-    for ch in GLM_CALLS:
-        text, done = stream.feed(ch)
-        shown.append(text)
-        streamed += done
-    shown.append(stream.finish())
-    assert "".join(shown) == "I will check."
-    assert [c["function"] for c in streamed] == [c["function"] for c in calls]
-    # an unfinished call at the end stays text
-    assert parse_tool_calls("ok <tool_call>get_we", [WEATHER]) == ("ok <tool_call>get_we", [])
+    parser = ReplyParser([WEATHER])
+    events = [e for ch in GLM_CALLS for e in parser.feed(ch)] + parser.finish()
+    assert "".join(e.text for e in events if isinstance(e, Content)) == "I will check."
+    assert [(c.name, c.arguments) for c in events if isinstance(c, ToolEnd)] == \
+        [(c.name, c.arguments) for c in reply.calls]
+    # an unfinished call at the end, its name not yet written, stays text
+    assert (parse_reply("ok <tool_call>get_we", [WEATHER]).content, parse_reply("ok <tool_call>get_we", [WEATHER]).calls) == \
+        ("ok <tool_call>get_we", [])
 
 
 @pytest.mark.parametrize("text", [
@@ -716,17 +713,18 @@ def test_tool_call_parser():
     "plain <tool_call>get_we",
 ])
 def test_streamed_reply_adds_up_to_whole(text):
-    """Deltas from text arriving one character at a time add up to the whole reply's parts."""
-    stream = ReplyStream([WEATHER])
-    deltas = [d for ch in text for d in stream.feed(ch)] + stream.feed("", final=True)
-    content = "".join(d.get("content", "") for d in deltas)
-    reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
-    calls = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
-    want_content, want_reasoning, want_calls = whole_reply(text, [WEATHER])
-    assert (content, reasoning) == (want_content, want_reasoning)
-    assert [c["index"] for c in calls] == list(range(len(want_calls)))
-    assert [c["function"] for c in calls] == [c["function"] for c in want_calls]
-    assert "<" not in want_reasoning + want_content or "<tool_call>" in want_content
+    """Events from text arriving one character at a time add up to the whole reply's parts."""
+    parser = ReplyParser([WEATHER])
+    events = [e for ch in text for e in parser.feed(ch)] + parser.finish()
+    want = parse_reply(text, [WEATHER])
+    assert "".join(e.text for e in events if isinstance(e, Content)) == want.content
+    assert "".join(e.text for e in events if isinstance(e, Reasoning)) == want.reasoning
+    calls = [e for e in events if isinstance(e, ToolEnd)]
+    assert [c.index for c in calls] == list(range(len(want.calls)))
+    assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in want.calls]
+    for c in calls:
+        assert "".join(e.text for e in events if isinstance(e, ToolArgs) and e.index == c.index) == c.arguments
+    assert "<" not in want.reasoning + want.content or "<tool_call>" in want.content
 
 
 def test_thinking_budget(plain, loaded):

@@ -1,10 +1,13 @@
-"""The ASGI app: routes, bearer auth, request limits, OpenAI replies whole or streamed (SSE).
+"""The ASGI app: routes, auth, request limits, and the one path every dialect's request takes.
 
 One model is loaded at start-up (on a thread, so `/health` answers 503 until it is ready) and
-pinned: a request names it or its alias, or gets a 404. Requests are checked (openai.py), their
-media read (media.py) and the prompt built by our processor off the event loop; then the engine
-runs them. A client that goes away cancels its request at once; a request past the timeout is
-ended. What a client reads never holds a traceback or a local path: those go to the log.
+pinned: a request names it or its alias, or gets a 404 (any name, with --answer-any-model). A
+dialect (openai.py: chat completions, responses.py: the Responses API, anthropic.py: Messages)
+turns its body into the neutral request; here its media are read (media.py) and the prompt
+built by our processor off the event loop, the engine runs it, and the one reply parser turns
+the engine's text into neutral events that the dialect renders, whole or streamed (SSE). A
+client that goes away cancels its request at once; a request past the timeout is ended. What a
+client reads never holds a traceback or a local path: those go to the log.
 """
 
 import asyncio
@@ -30,10 +33,11 @@ from starlette.routing import Mount, Route
 from ..errors import Glm4vError
 from ..grounding import as_json, find_marks
 from ..image import load_image
-from . import openai
+from ..reply import ReplyParser
+from . import anthropic, openai, responses
 from .media import MediaPolicy, resolve_media
 from .metrics import Metrics
-from .openai import ApiError, bad
+from .neutral import ApiError, Finish, Logprob, Meta, Served, bad
 
 log = logging.getLogger("mlx_glm4v.server")
 
@@ -55,6 +59,10 @@ class ServerConfig:
     feature_cache_bytes: int = 2 << 30
     ui: bool = True
     media: MediaPolicy = field(default_factory=MediaPolicy)
+    max_output_tokens: Optional[int] = None  # clamps every request's token limit
+    answer_any_model: bool = False  # answer any model name with the served model (agents' side-task models)
+    store_count: int = 1000  # Responses kept for previous_response_id / GET, newest first
+    store_bytes: int = 64 << 20
 
     @property
     def name(self) -> str:
@@ -72,6 +80,8 @@ class State:
         self.names = {config.name, config.model}
         self.tools_supported = self.thinking_in_template = False
         self.max_prompt_tokens = config.max_prompt_tokens
+        self.store = responses.Store(config.store_count, config.store_bytes)
+        self.served = None
 
     def load(self, loader=None):
         """Load and pin the model (on a thread at start-up)."""
@@ -94,6 +104,8 @@ class State:
         if self.max_prompt_tokens is None:
             self.max_prompt_tokens = model.config.text_config.max_position_embeddings
         self.processor = processor
+        self.served = Served(self.config.name, self.names, self.tools_supported, self.thinking_in_template,
+                             "enable_thinking" in processor.chat_template, self.config.answer_any_model, self.store)
         options = dict(max_queue=self.config.max_queue, max_concurrency=self.config.max_concurrency,
                        feature_cache_bytes=self.config.feature_cache_bytes)
         if self.group is not None:
@@ -111,14 +123,19 @@ def timeout_error(config: ServerConfig) -> ApiError:
     return ApiError(504, message, code="timeout")
 
 
-def error_response(e: ApiError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+def error_response(e: ApiError, dialect=openai) -> JSONResponse:
+    return JSONResponse(dialect.error_body(e), status_code=e.status, headers=e.headers)
+
+
+def dialect_of(path: str):
+    """Whose error shape a path answers in, before its route runs (auth, body cap, unknown routes)."""
+    return anthropic if path.startswith("/v1/messages") else openai
 
 
 # ---- middleware ----------------------------------------------------------------------------------
 
 class Guard:
-    """Bearer auth (constant-time) on the API and /metrics, and the request-body cap (413).
+    """Auth (bearer or x-api-key, constant-time) on the API and /metrics, and the request-body cap (413).
 
     /health and the static chat page stay open: a browser cannot send a key to load a page, and
     the page sends the key with its API calls.
@@ -134,12 +151,14 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         protected = scope["path"].startswith("/v1/") or scope["path"] == "/metrics"
+        dialect = dialect_of(scope["path"])
         if self.config.api_key and protected and scope["method"] != "OPTIONS":
-            given = headers.get(b"authorization", b"")
-            expected = b"Bearer " + self.config.api_key.encode()
-            if not hmac.compare_digest(given, expected):
-                message = "the API key is missing or wrong (send Authorization: Bearer <key>)."
-                return await error_response(ApiError(401, message, code="invalid_api_key"))(scope, receive, send)
+            key = self.config.api_key.encode()
+            bearer = hmac.compare_digest(headers.get(b"authorization", b""), b"Bearer " + key)
+            if not (bearer | hmac.compare_digest(headers.get(b"x-api-key", b""), key)):
+                message = "the API key is missing or wrong (send Authorization: Bearer <key> or x-api-key: <key>)."
+                e = ApiError(401, message, code="invalid_api_key")
+                return await error_response(e, dialect)(scope, receive, send)
         limit = self.config.max_body_bytes
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:
@@ -162,7 +181,8 @@ class Guard:
 
     async def _too_large(self, scope, receive, send):
         message = f"the request body is over the limit of {self.config.max_body_bytes} bytes (--max-body-mb)."
-        await error_response(ApiError(413, message, code="request_too_large"))(scope, receive, send)
+        e = ApiError(413, message, code="request_too_large")
+        await error_response(e, dialect_of(scope["path"]))(scope, receive, send)
 
 
 class _BodyTooLarge(Exception):
@@ -196,62 +216,103 @@ async def metrics(request: Request):
     return PlainTextResponse(state.metrics.render(state), media_type="text/plain; version=0.0.4")
 
 
-async def chat_completions(request: Request):
-    state = request.app.state.server
-    try:
-        response = await _chat(request, state)
-    except ApiError as e:
-        log.info("refused (%d): %s", e.status, e.message)
-        response = error_response(e)
-    state.metrics.responses[response.status_code] = state.metrics.responses.get(response.status_code, 0) + 1
-    return response
-
-
-async def _chat(request: Request, state: State):
-    ready = _state(request)
+async def _body(request: Request):
     try:
         raw = await request.body()
     except ClientDisconnect:
         raise ApiError(400, "the client closed the connection while sending the request.") from None
     try:
-        body = json.loads(raw)
+        return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise bad("the request body is not valid JSON.") from None
-    chat = openai.parse_chat(body, ready.config.name, ready.names, ready.tools_supported,
-                             ready.thinking_in_template)
-    deadline = time.monotonic() + ready.config.request_timeout
+
+
+def route(dialect):
+    """A POST route of `dialect`: its refusals in its own shape, counted by status."""
+    async def endpoint(request: Request):
+        state = request.app.state.server
+        try:
+            response = await _reply(request, dialect)
+        except ApiError as e:
+            log.info("refused (%d): %s", e.status, e.message)
+            response = error_response(e, dialect)
+        state.metrics.responses[response.status_code] = state.metrics.responses.get(response.status_code, 0) + 1
+        return response
+
+    return endpoint
+
+
+async def _prepared(ready: State, neutral) -> dict:
     try:  # reading media is bounded by the limits; the timeout still answers the client in time
-        inputs = await asyncio.wait_for(run_in_threadpool(_prepare, ready, chat), ready.config.request_timeout)
+        return await asyncio.wait_for(run_in_threadpool(_prepare, ready, neutral), ready.config.request_timeout)
     except asyncio.TimeoutError:
         raise timeout_error(ready.config) from None
+
+
+async def _reply(request: Request, dialect):
+    ready = _state(request)
+    neutral = dialect.parse(await _body(request), ready.served)
+    deadline = time.monotonic() + ready.config.request_timeout
+    inputs = await _prepared(ready, neutral)
+    n = int(inputs["input_ids"].shape[-1])
+    settings = dict(neutral.settings)
+    room = ready.max_prompt_tokens - n if settings.get("max_tokens") is None else settings["max_tokens"]
+    if ready.config.max_output_tokens:
+        room = min(room, ready.config.max_output_tokens)
+    settings["max_tokens"] = max(1, room)
 
     from ..engine import QueueFull, Request as EngineRequest
     from ..generate import GenerationSettings
 
     try:
-        handle = ready.engine.submit(EngineRequest(inputs, GenerationSettings(**chat.settings), chat.seed,
-                                                   chat.top_logprobs))
+        handle = ready.engine.submit(EngineRequest(inputs, GenerationSettings(**settings), neutral.seed,
+                                                   neutral.top_logprobs))
     except QueueFull as e:
         raise ApiError(429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after)}) from None
-    reply = Reply(ready, chat, handle, deadline)
-    if chat.stream:
-        return StreamingResponse(reply.stream(), media_type="text/event-stream",
+    meta = Meta(dialect.reply_id(), int(time.time()), ready.config.name, n, ready.served)
+    run = Run(ready, neutral, settings, handle, deadline, meta)
+    if neutral.stream:
+        return StreamingResponse(run.stream(dialect.Stream(neutral, meta)), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return JSONResponse(await reply.whole(request))
+    return JSONResponse(dialect.whole(neutral, await run.whole(request), meta))
 
 
-def _prepare(state: State, chat: openai.ChatRequest) -> dict:
+async def count_tokens(request: Request):
+    """Anthropic's POST /v1/messages/count_tokens: the prompt as it would run, counted."""
+    try:
+        ready = _state(request)
+        neutral = anthropic.parse(await _body(request), ready.served, counting=True)
+        inputs = await _prepared(ready, neutral)
+        return JSONResponse({"input_tokens": int(inputs["input_ids"].shape[-1])})
+    except ApiError as e:
+        return error_response(e, anthropic)
+
+
+async def stored_response(request: Request):
+    """GET or DELETE /v1/responses/{id}: a stored Responses reply."""
+    try:
+        _state(request)
+        store, rid = request.app.state.server.store, request.path_params["rid"]
+        if request.method == "DELETE":
+            return JSONResponse(responses.delete(store, rid))
+        return JSONResponse(responses.retrieve(store, rid))
+    except ApiError as e:
+        return error_response(e)
+
+
+def _prepare(state: State, neutral) -> dict:
     """Media read and checked, the template rendered, the processor run: the engine's inputs."""
     processor, config = state.processor, state.config
-    messages, resolved = resolve_media(chat.messages, config.media, processor)
+    messages, resolved = resolve_media(neutral.messages, config.media, processor)
     try:
-        kwargs = dict(chat.template_kwargs)
-        if chat.tools:
-            kwargs.update(tools=chat.tools, tool_choice=chat.tool_choice)
+        kwargs = dict(neutral.template_kwargs)
+        if neutral.tools:
+            kwargs.update(tools=neutral.tools, tool_choice=neutral.tool_choice)
         text = processor.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
         images, videos = processor.media_from_messages(messages)
         inputs = processor(text, images=images, videos=videos)
-        chat.image_sizes = [getattr(i, "info", {}).get("original_size") or load_image(i).shape[1::-1] for i in images]
+        neutral.image_sizes = [getattr(i, "info", {}).get("original_size") or load_image(i).shape[1::-1]
+                               for i in images]
     except Glm4vError as e:
         hide = [p for p in (resolved.dir and resolved.dir.name, config.media.media_root) if p]
         message = str(e)
@@ -267,23 +328,46 @@ def _prepare(state: State, chat: openai.ChatRequest) -> dict:
     return inputs
 
 
-class Reply:
-    """One request's events -> OpenAI's reply, whole or as SSE chunks."""
+class Run:
+    """One request on the engine: its events as neutral events (the one reply parser), whole or streamed."""
 
-    def __init__(self, state: State, chat: openai.ChatRequest, handle, deadline: float):
-        self.state, self.chat, self.handle = state, chat, handle
-        self.id, self.created, self.model = openai.completion_id(), int(time.time()), state.config.name
+    def __init__(self, state: State, neutral, settings: dict, handle, deadline: float, meta: Meta):
+        self.state, self.neutral, self.handle, self.meta = state, neutral, handle, meta
         self.deadline = deadline
-        eos = set(state.engine.model.config.eos_token_id)
-        self.skip_logprob = eos if not chat.settings.get("ignore_eos") else set()
+        self.stops = list(settings.get("stop") or ())
+        self.eos = set(state.engine.model.config.eos_token_id)
+        self.skip_logprob = self.eos if not settings.get("ignore_eos") else set()
         self.decode = lambda t: state.processor.tokenizer.decode([t])
+        self.parser, self.text, self.reasoning_tokens = ReplyParser(neutral.tools), [], 0
 
     def logprob(self, event):
-        if self.chat.top_logprobs is None or event.token is None or event.logprob is None:
+        if self.neutral.top_logprobs is None or event.token is None or event.logprob is None:
             return None
         if event.finish_reason == "stop" and event.token in self.skip_logprob:
             return None
         return openai.logprob_entry(self.decode, event.token, event.logprob, event.top_logprobs)
+
+    def convert(self, event) -> list:
+        """One engine event -> neutral events: its log-probability, the parser's events, the finish."""
+        out = []
+        if (entry := self.logprob(event)) is not None:
+            out.append(Logprob(entry))
+        self.text.append(event.text)
+        thinking = self.parser.splitter.thinking
+        out += self.parser.feed(event.text)
+        if event.token is not None and (thinking or self.parser.splitter.thinking):
+            self.reasoning_tokens += 1
+        if event.finish_reason is None:
+            return out
+        out += self.parser.finish()
+        reason, stop = event.finish_reason, None
+        if reason == "stop" and self.stops and event.token is not None and event.token not in self.eos:
+            seen = "".join(self.text)[-max(map(len, self.stops)):] + self.decode(event.token)
+            stop = next((s for s in self.stops if s in seen), self.stops[0])
+        if self.parser.calls and reason == "stop":
+            reason = "tool_calls"
+        boxes = as_json(find_marks("".join(self.text)).marks, self.neutral.image_sizes)
+        return out + [Finish(reason, event.usage, stop, boxes, self.reasoning_tokens)]
 
     async def events(self, tick: float):
         """The handle's events, and None after each `tick` seconds without one; the request is
@@ -313,8 +397,8 @@ class Reply:
                     finished = True
                     u = event.usage
                     log.info("%s %s: %d prompt tokens (%d cached), %d generated, first token after %.3f s",
-                             self.id, event.finish_reason, u.prompt_tokens, u.cached_tokens, u.completion_tokens,
-                             u.time_to_first_token)
+                             self.meta.id, event.finish_reason, u.prompt_tokens, u.cached_tokens,
+                             u.completion_tokens, u.time_to_first_token)
                     return
         finally:
             self.state.metrics.running -= 1
@@ -323,68 +407,43 @@ class Reply:
             if pending is not None and not pending.done():
                 pending.cancel()
 
-    async def whole(self, request: Request) -> dict:
+    async def whole(self, request: Request) -> list:
+        """The reply's neutral events, all of them."""
         async def watch():  # a non-streamed request learns of its client leaving by asking
             while not await request.is_disconnected():
                 await asyncio.sleep(0.25)
             self.handle.cancel()
 
         watcher = asyncio.ensure_future(watch())
-        text, entries, last = [], [], None
+        events = []
         try:
             async for event in self.events(tick=self.state.config.keepalive):
-                if event is None:
-                    continue
-                text.append(event.text)
-                if (entry := self.logprob(event)) is not None:
-                    entries.append(entry)
-                last = event
+                if event is not None:
+                    events += self.convert(event)
         finally:
             watcher.cancel()
-        if last.finish_reason == "cancelled":
+        if events[-1].reason == "cancelled":
             raise ApiError(499, "the request was cancelled.")
-        content, reasoning, calls = openai.whole_reply("".join(text), self.chat.tools)
-        finish = "tool_calls" if calls else last.finish_reason
-        logprobs = {"content": entries} if self.chat.top_logprobs is not None else None
-        body = openai.completion(self.id, self.model, content, reasoning, calls, finish, last.usage, logprobs)
-        body["choices"][0]["message"]["boxes"] = self.boxes("".join(text))
-        return body
+        return events
 
-    def boxes(self, text: str) -> list:
-        """The reply's grounding boxes and points, our one extra field (README: Boxes on the picture)."""
-        return as_json(find_marks(text).marks, self.chat.image_sizes)
-
-    async def stream(self):
-        def sse(obj) -> str:
-            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-        def chunk(delta, finish=None, logprobs=None):
-            return sse(openai.chunk(self.id, self.created, self.model, delta, finish, logprobs))
-
-        reply, text = openai.ReplyStream(self.chat.tools), []
-        yield chunk({"role": "assistant", "content": ""})
+    async def stream(self, renderer):
+        for line in renderer.head():
+            yield line
         try:
             async for event in self.events(tick=self.state.config.keepalive):
                 if event is None:
-                    yield ": keepalive\n\n"
+                    yield renderer.keepalive()
                     continue
-                final = event.finish_reason is not None
-                text.append(event.text)
-                deltas = reply.feed(event.text, final)
-                logprob = self.logprob(event)
-                for i, delta in enumerate(deltas or ([{}] if logprob else [])):
-                    yield chunk(delta, logprobs={"content": [logprob]} if logprob and i == 0 else None)
-                if final:
-                    if event.finish_reason == "cancelled":
-                        return
-                    yield chunk({"boxes": self.boxes("".join(text))}, "tool_calls" if reply.calls else event.finish_reason)
-                    if self.chat.include_usage:
-                        yield sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                                   "model": self.model, "choices": [], "usage": openai.usage_body(event.usage)})
+                if event.finish_reason == "cancelled":
+                    return
+                for line in renderer.feed(self.convert(event)):
+                    yield line
         except ApiError as e:  # after the headers went out, an error travels as an event
-            log.warning("streamed request %s ended: %s", self.id, e.message)
-            yield sse(e.body())
-        yield "data: [DONE]\n\n"
+            log.warning("streamed request %s ended: %s", self.meta.id, e.message)
+            for line in renderer.fail(e):
+                yield line
+        for line in renderer.tail():
+            yield line
 
 
 # ---- the app ------------------------------------------------------------------------------------
@@ -393,7 +452,7 @@ async def _http_error(request: Request, exc: HTTPException):
     codes = {404: "not_found", 405: "method_not_allowed"}
     message = {404: f"no route {request.url.path}.", 405: f"{request.method} is not allowed on {request.url.path}."}
     e = ApiError(exc.status_code, message.get(exc.status_code, str(exc.detail)), code=codes.get(exc.status_code))
-    return error_response(e)
+    return error_response(e, dialect_of(request.url.path))
 
 
 async def _server_error(request: Request, exc: Exception):
@@ -428,7 +487,11 @@ def create_app(config: ServerConfig, loader=None, group=None) -> Starlette:
         Route("/health", health),
         Route("/metrics", metrics),
         Route("/v1/models", models),
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/chat/completions", route(openai), methods=["POST"]),
+        Route("/v1/responses", route(responses), methods=["POST"]),
+        Route("/v1/responses/{rid}", stored_response, methods=["GET", "DELETE"]),
+        Route("/v1/messages", route(anthropic), methods=["POST"]),
+        Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
     ]
     if config.ui and WEB_DIR.is_dir():  # the chat page, when the package ships one
         from starlette.staticfiles import StaticFiles

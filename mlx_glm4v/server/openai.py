@@ -6,17 +6,16 @@ change nothing about the reply (`user`, `metadata`, ...) are accepted and ignore
 """
 
 import json
-import re
 import time
 import uuid
-from dataclasses import dataclass, field, fields
-from typing import Optional
+from dataclasses import fields
 
 from ..errors import Glm4vError
 from ..generate import GenerationSettings
-from ..reply import ReplySplitter, split_reply
+from .neutral import (DEFAULT_MAX_TOKENS, ApiError, Content, Finish, Logprob, Reasoning, Request, Served, ToolArgs,
+                      ToolStart, bad, check_model, finish_messages, gather, number)
 
-DEFAULT_MAX_TOKENS = 4096
+# ApiError and bad live in neutral.py; media.py takes them from here.
 
 # Fields we implement (the last four are extensions vLLM's and llama.cpp's servers take too).
 SUPPORTED = {
@@ -36,56 +35,9 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 RESERVED_TEMPLATE_ARGS = {"messages", "tools", "documents", "add_generation_prompt"}
 
 
-class ApiError(Exception):
-    """A request the server refuses: an HTTP status and one sentence, sent in OpenAI's error format."""
-
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-             404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error",
-             503: "service_unavailable", 504: "timeout"}
-
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
-                 headers: Optional[dict] = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
-                          "param": self.param, "code": self.code}}
-
-
-def bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> ApiError:
-    return ApiError(400, message, param, code)
-
-
-@dataclass
-class ChatRequest:
-    """A checked request: template messages (media still as references), settings and reply options."""
-
-    messages: list  # our template's messages; media parts {"type": "image"|"video", "source": ..., "detail": ...}
-    settings: dict  # GenerationSettings keyword arguments
-    seed: Optional[int] = None
-    stream: bool = False
-    include_usage: bool = False
-    top_logprobs: Optional[int] = None
-    tools: Optional[list] = None
-    tool_choice: object = None
-    template_kwargs: dict = field(default_factory=dict)
-    image_sizes: list = field(default_factory=list)  # (width, height) of each image, for the reply's `boxes`
-
-
 # ---- field checks ------------------------------------------------------------------------------
 
-def _number(body, key, lo=None, hi=None, integer=False):
-    value = body.get(key)
-    if value is None:
-        return None
-    kind = "an integer" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-        raise bad(f"{key} must be {kind}, not {json.dumps(value)[:40]}.", key)
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise bad(f"{key} {value} is out of range [{lo}, {hi if hi is not None else 'inf'}].", key)
-    return value
+_number = number
 
 
 def _bool(body, key):
@@ -223,12 +175,8 @@ def _tools(body) -> tuple:
     return tools, "auto"
 
 
-def parse_chat(body, served: str, accepted: set, tools_supported: bool,
-               template_handles_thinking: bool = True) -> ChatRequest:
-    """Check a chat-completions body and turn it into a `ChatRequest`; an `ApiError` for the first problem.
-
-    `served` is the model's name as clients see it; `accepted` the names a request may use for it.
-    """
+def parse(body, served: Served) -> Request:
+    """Check a chat-completions body and turn it into the neutral `Request`; an `ApiError` for the first problem."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object.")
     unknown = sorted(set(body) - SUPPORTED - IGNORED - set(REFUSED))
@@ -238,12 +186,7 @@ def parse_chat(body, served: str, accepted: set, tools_supported: bool,
         if body.get(key) is not None and body[key] not in allowed:
             hint = "; use tools" if key.startswith("function") else ""
             raise bad(f"{key} is not supported by this server{hint}.", key)
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise bad("model is required: the name of the model this server runs.", "model")
-    if model not in accepted:
-        raise ApiError(404, f"the model {model!r} does not exist; this server runs {served!r}.",
-                       "model", "model_not_found")
+    check_model(body.get("model"), served)
     if _number(body, "n", integer=True) not in (None, 1):
         raise bad(f"n={body['n']} is not supported: one choice per request.", "n")
     fmt = body.get("response_format")
@@ -251,16 +194,9 @@ def parse_chat(body, served: str, accepted: set, tools_supported: bool,
         kind = fmt.get("type") if isinstance(fmt, dict) else fmt
         raise bad(f"response_format {kind!r} is not supported; only text.", "response_format")
 
-    messages = parse_messages(body.get("messages"))
-    if not template_handles_thinking:
-        from ..chat import drop_thinking
-
-        for m in messages:
-            m.pop("reasoning_content", None)
-            if m["role"] == "assistant":
-                m["content"] = drop_thinking(m["content"])
+    messages = finish_messages(parse_messages(body.get("messages")), served)
     tools, tool_choice = _tools(body)
-    if tools and not tools_supported:
+    if tools and not served.tools_supported:
         raise bad("tools are not supported: this model's chat template does not render them.", "tools")
     stream = bool(_bool(body, "stream"))
     options = body.get("stream_options")
@@ -308,38 +244,25 @@ def parse_chat(body, served: str, accepted: set, tools_supported: bool,
         GenerationSettings(**settings)
     except Glm4vError as e:
         raise bad(str(e)) from None
-    return ChatRequest(messages, settings, seed=_number(body, "seed", 0, 2**64 - 1, integer=True), stream=stream,
-                       include_usage=include_usage, top_logprobs=(top or 0) if logprobs else None, tools=tools,
-                       tool_choice=tool_choice, template_kwargs=dict(template_kwargs))
+    return Request(messages, settings, seed=_number(body, "seed", 0, 2**64 - 1, integer=True), stream=stream,
+                   top_logprobs=(top or 0) if logprobs else None, tools=tools, tool_choice=tool_choice,
+                   template_kwargs=dict(template_kwargs), options={"include_usage": include_usage})
 
 
 # ---- replies ------------------------------------------------------------------------------------
 
-def completion_id() -> str:
+def reply_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def error_body(e: ApiError) -> dict:
+    return e.body()
 
 
 def usage_body(usage) -> dict:
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.prompt_tokens + usage.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
-
-
-def chunk(cid: str, created: int, model: str, delta: dict, finish_reason=None, logprobs=None) -> dict:
-    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-    return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
-
-
-def completion(cid: str, model: str, content: str, reasoning: str, tool_calls: list, finish_reason: str, usage,
-               logprobs=None) -> dict:
-    message = {"role": "assistant", "content": content if content or not tool_calls else None}
-    if reasoning:
-        message["reasoning_content"] = reasoning
-    if tool_calls:
-        message["tool_calls"] = tool_calls
-    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}],
-            "usage": usage_body(usage)}
 
 
 def logprob_entry(decode, token: int, logprob: float, alternatives) -> dict:
@@ -350,160 +273,82 @@ def logprob_entry(decode, token: int, logprob: float, alternatives) -> dict:
     return {**one(token, logprob), "top_logprobs": [one(t, lp) for t, lp in alternatives or []]}
 
 
-class Trim:
-    """Streams text without its leading and trailing white space, as `str.strip` would cut the whole."""
-
-    def __init__(self):
-        self.started, self.pending = False, ""
-
-    def feed(self, text: str) -> str:
-        if not self.started:
-            text = text.lstrip()
-            self.started = bool(text)
-        if not text:
-            return ""
-        text = self.pending + text
-        body = text.rstrip()
-        self.pending = text[len(body):]
-        return body
+def tool_call(call) -> dict:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
-# ---- tool calls ---------------------------------------------------------------------------------
-
-TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
-_ARG = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
-
-
-def _string_params(tools, name: str) -> set:
-    for tool in tools or []:
-        fn = tool.get("function", {})
-        if fn.get("name") == name:
-            props = (fn.get("parameters") or {}).get("properties") or {}
-            return {k for k, v in props.items() if isinstance(v, dict) and v.get("type") == "string"}
-    return set()
-
-
-def parse_tool_call(body: str, tools=None) -> Optional[dict]:
-    """One call from the text between <tool_call> and </tool_call>, in OpenAI's shape, or None.
-
-    GLM-4.5V/4.6V write `name` then `<arg_key>k</arg_key><arg_value>v</arg_value>` pairs, values as
-    JSON unless they are strings (the template writes strings raw); a string-typed parameter of the
-    tool's schema stays a string. A JSON object {"name", "arguments"} is read too.
-    """
-    body = body.strip()
-    if body.startswith("{"):
-        try:
-            call = json.loads(body)
-            name, arguments = call["name"], call.get("arguments", call.get("parameters", {}))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            return None
-    else:
-        name = body.split("<arg_key>", 1)[0].strip()
-        strings = _string_params(tools, name)
-        arguments = {}
-        for key, value in _ARG.findall(body):
-            key = key.strip()
-            if key in strings:
-                arguments[key] = value
-                continue
-            try:
-                arguments[key] = json.loads(value)
-            except json.JSONDecodeError:
-                arguments[key] = value
-    if not isinstance(name, str) or not name or not isinstance(arguments, dict):
-        return None
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
+def whole(request: Request, events: list, meta) -> dict:
+    """The chat.completion object of a reply's events (boxes: our one extra field)."""
+    reply = gather(events)
+    message = {"role": "assistant", "content": reply.content if reply.content or not reply.calls else None}
+    if reply.reasoning:
+        message["reasoning_content"] = reply.reasoning
+    if reply.calls:
+        message["tool_calls"] = [tool_call(c) for c in reply.calls]
+    message["boxes"] = reply.finish.boxes
+    logprobs = {"content": reply.logprobs} if request.top_logprobs is not None else None
+    choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": reply.finish.reason}
+    return {"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
+            "choices": [choice], "usage": usage_body(reply.finish.usage)}
 
 
-class ToolCallStream:
-    """Splits answer text as it streams into content and whole tool calls; a partial `<tool_call>` is held."""
-
-    def __init__(self, tools):
-        self.tools = tools
-        self.pending, self.inside = "", False
-        self.calls: list = []
-
-    def feed(self, text: str) -> tuple:
-        """(content to show, calls completed by this text)."""
-        self.pending += text
-        content, done = [], []
-        while self.pending:
-            if self.inside:
-                end = self.pending.find(TOOL_CLOSE)
-                if end < 0:
-                    break
-                call = parse_tool_call(self.pending[:end], self.tools)
-                if call is None:  # not a call we can read: give the text back as it was
-                    content.append(TOOL_OPEN + self.pending[:end + len(TOOL_CLOSE)])
-                else:
-                    done.append(call)
-                self.pending, self.inside = self.pending[end + len(TOOL_CLOSE):], False
-                continue
-            at = self.pending.find(TOOL_OPEN)
-            if at >= 0:
-                content.append(self.pending[:at])
-                self.pending, self.inside = self.pending[at + len(TOOL_OPEN):], True
-                continue
-            hold = max((k for k in range(1, len(TOOL_OPEN)) if self.pending.endswith(TOOL_OPEN[:k])), default=0)
-            content.append(self.pending[:len(self.pending) - hold])
-            self.pending = self.pending[len(self.pending) - hold:]
-            break
-        self.calls += done
-        return "".join(content), done
-
-    def finish(self) -> str:
-        """Text still held (an unfinished call is shown as text)."""
-        rest = (TOOL_OPEN if self.inside else "") + self.pending
-        self.pending, self.inside = "", False
-        return rest
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def parse_tool_calls(text: str, tools=None) -> tuple:
-    """(content, calls) of a whole answer."""
-    stream = ToolCallStream(tools)
-    content, _ = stream.feed(text)
-    return content + stream.finish(), stream.calls
+def delta_of(event):
+    """One event as a chat-completions delta (None: nothing to send)."""
+    if isinstance(event, Reasoning):
+        return {"reasoning_content": event.text}
+    if isinstance(event, Content):
+        return {"content": event.text}
+    if isinstance(event, ToolStart):
+        return {"tool_calls": [{"index": event.index, "id": event.id, "type": "function",
+                                "function": {"name": event.name, "arguments": ""}}]}
+    if isinstance(event, ToolArgs):
+        return {"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]}
+    return None
 
 
-# ---- a reply, whole or streamed ------------------------------------------------------------------
+class Stream:
+    """Events -> chat.completion.chunk SSE lines; a token's log-probability rides on its first chunk."""
 
-def whole_reply(text: str, tools=None) -> tuple:
-    """(content, reasoning, tool calls) of a whole reply."""
-    parts = split_reply(text)
-    if not tools:
-        return parts.answer, parts.reasoning, []
-    content, calls = parse_tool_calls(parts.answer, tools)
-    return content.strip(), parts.reasoning, calls
+    def __init__(self, request: Request, meta):
+        self.request, self.meta = request, meta
 
+    def chunk(self, delta, finish=None, logprobs=None) -> str:
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return sse({"id": self.meta.id, "object": "chat.completion.chunk", "created": self.meta.created,
+                    "model": self.meta.model, "choices": [choice]})
 
-class ReplyStream:
-    """Streamed reply text -> OpenAI deltas that add up to `whole_reply`: the thinking as
-    `reasoning_content`, the answer as `content` (markers removed, white space trimmed at both
-    ends), each tool call whole as soon as its `</tool_call>` arrives."""
+    def head(self) -> list:
+        return [self.chunk({"role": "assistant", "content": ""})]
 
-    def __init__(self, tools=None):
-        self.splitter, self.thinking, self.answer = ReplySplitter(), Trim(), Trim()
-        self.tools = ToolCallStream(tools) if tools else None
-        self.calls = 0
+    def keepalive(self) -> str:
+        return ": keepalive\n\n"
 
-    def feed(self, text: str, final: bool = False) -> list:
-        out = self._deltas(*self.splitter.feed(text))
-        if final:
-            out += self._deltas(*self.splitter.finish(), final=True)
+    def feed(self, events) -> list:
+        out, logprob = [], None
+        for e in events:
+            if isinstance(e, Logprob):
+                logprob = {"content": [e.entry]}
+            elif isinstance(e, Finish):
+                if logprob:
+                    out.append(self.chunk({}, logprobs=logprob))
+                out.append(self.chunk({"boxes": e.boxes}, e.reason))
+                if self.request.options.get("include_usage"):
+                    out.append(sse({"id": self.meta.id, "object": "chat.completion.chunk",
+                                    "created": self.meta.created, "model": self.meta.model, "choices": [],
+                                    "usage": usage_body(e.usage)}))
+            elif (delta := delta_of(e)) is not None:
+                out.append(self.chunk(delta, logprobs=logprob))
+                logprob = None
+        if logprob:
+            out.append(self.chunk({}, logprobs=logprob))
         return out
 
-    def _deltas(self, reasoning: str, answer: str, final: bool = False) -> list:
-        out, done = [], []
-        if piece := self.thinking.feed(reasoning):
-            out.append({"reasoning_content": piece})
-        if self.tools is not None:
-            answer, done = self.tools.feed(answer)
-            if final:
-                answer += self.tools.finish()
-        if piece := self.answer.feed(answer):
-            out.append({"content": piece})
-        for call in done:
-            out.append({"tool_calls": [{"index": self.calls, **call}]})
-            self.calls += 1
-        return out
+    def fail(self, e: ApiError) -> list:
+        return [sse(e.body())]
+
+    def tail(self) -> list:
+        return ["data: [DONE]\n\n"]

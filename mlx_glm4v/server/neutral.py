@@ -1,0 +1,236 @@
+"""What the three dialects share: one request, one stream of reply events, the model checks, sealing.
+
+A dialect (openai.py, responses.py, anthropic.py) parses its body into a `Request` and renders
+the events below in its own wire format; app.py does everything in between once (media, the
+processor, the engine, timeouts, disconnects, keep-alives, metrics). The reply events come from
+the one parser of GLM's output (`reply.ReplyParser`): Reasoning, Content, ToolStart, ToolArgs,
+ToolEnd; app.py adds Logprob (before a token's text) and Finish (last).
+"""
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..reply import Content, Reasoning, ToolArgs, ToolEnd, ToolStart  # noqa: F401  (the events, re-exported)
+
+DEFAULT_MAX_TOKENS = 4096
+
+
+class ApiError(Exception):
+    """A request the server refuses: an HTTP status and one sentence; each dialect gives it its own
+    shape (`body()` is OpenAI's, which chat completions and the Responses API share)."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+             404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error",
+             503: "service_unavailable", 504: "timeout"}
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+                 headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> ApiError:
+    return ApiError(400, message, param, code)
+
+
+@dataclass
+class Request:
+    """A checked request, the same for every dialect."""
+
+    messages: list  # the template's messages; media parts {"type": "image"|"video", "source", "detail", "param"}
+    settings: dict  # GenerationSettings keyword arguments; max_tokens None: what the context leaves
+    seed: Optional[int] = None
+    stream: bool = False
+    tools: Optional[list] = None  # [{"type": "function", "function": {name, description, parameters}}]
+    tool_choice: object = None
+    template_kwargs: dict = field(default_factory=dict)  # e.g. enable_thinking
+    top_logprobs: Optional[int] = None
+    constraint: object = None  # the one place a structured-output constraint will be set (not yet: refused)
+    options: dict = field(default_factory=dict)  # the dialect's own reply options (include_usage, store, ...)
+    image_sizes: list = field(default_factory=list)  # (width, height) of each image, for `boxes`
+
+
+@dataclass
+class Served:
+    """What a dialect must know of the served model to check a request."""
+
+    name: str
+    names: set
+    tools_supported: bool = False
+    thinking_in_template: bool = False  # the template places earlier thinking (GLM-4.5V/4.6V)
+    thinking_switch: bool = False  # the template takes enable_thinking
+    answer_any_model: bool = False
+    store: object = None  # the Responses store (responses.Store)
+
+
+@dataclass
+class Logprob:
+    entry: dict  # OpenAI's logprob entry for one token
+
+
+@dataclass
+class Finish:
+    reason: str  # "stop", "length", "tool_calls", "cancelled"
+    usage: object  # engine.Usage
+    stop_sequence: Optional[str] = None  # the stop string that ended the reply, if one did
+    boxes: list = field(default_factory=list)
+    reasoning_tokens: int = 0
+
+
+@dataclass
+class Meta:
+    """One reply's identity: its id, creation time, the model's name and its prompt's size."""
+
+    id: str
+    created: int
+    model: str
+    prompt_tokens: int
+    served: Served
+
+
+@dataclass
+class Reply:
+    """A whole reply, gathered from its events."""
+
+    reasoning: str = ""
+    content: str = ""
+    calls: list = field(default_factory=list)  # ToolEnd
+    logprobs: list = field(default_factory=list)
+    finish: Optional[Finish] = None
+
+
+def gather(events) -> Reply:
+    reply = Reply()
+    for e in events:
+        if isinstance(e, Reasoning):
+            reply.reasoning += e.text
+        elif isinstance(e, Content):
+            reply.content += e.text
+        elif isinstance(e, ToolEnd):
+            reply.calls.append(e)
+        elif isinstance(e, Logprob):
+            reply.logprobs.append(e.entry)
+        elif isinstance(e, Finish):
+            reply.finish = e
+    return reply
+
+
+def check_model(model, served: Served, field_name: str = "model"):
+    """The request's model: the served one (or any name, with --answer-any-model), else a 404."""
+    if not isinstance(model, str) or not model:
+        raise bad(f"{field_name} is required: the name of the model this server runs.", field_name)
+    if model not in served.names and not served.answer_any_model:
+        raise ApiError(404, f"the model {model!r} does not exist; this server runs {served.name!r}.",
+                       field_name, "model_not_found")
+
+
+def number(body, key, lo=None, hi=None, integer=False, where=None):
+    """body[key] checked as a number in [lo, hi] (None if absent)."""
+    value = body.get(key)
+    where = where or key
+    if value is None:
+        return None
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise bad(f"{where} must be {kind}, not {json.dumps(value)[:40]}.", where)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise bad(f"{where} {value} is out of range [{lo}, {hi if hi is not None else 'inf'}].", where)
+    return value
+
+
+def unknown_fields(body: dict, known: set, where: str = ""):
+    extra = sorted(set(body) - known)
+    if extra:
+        name = f"{where}.{extra[0]}" if where else extra[0]
+        raise bad(f"unknown field {name!r}.", name)
+
+
+def function_tool(name, description, parameters, where: str) -> dict:
+    """A tool in the one form the template renders (chat completions' form), whichever dialect sent it."""
+    if not isinstance(name, str) or not name:
+        raise bad(f"{where} needs a name.", where)
+    if parameters is not None and not isinstance(parameters, dict):
+        raise bad(f"{where}: the parameters schema must be an object.", where)
+    fn = {"name": name}
+    if description is not None:
+        fn["description"] = description
+    fn["parameters"] = parameters if parameters is not None else {"type": "object", "properties": {}}
+    return {"type": "function", "function": fn}
+
+
+def finish_messages(messages: list, served: Served) -> list:
+    """Earlier thinking dropped where the template cannot place it (GLM-4.1V's keeps it as text)."""
+    if served.thinking_in_template:
+        return messages
+    from ..chat import drop_thinking
+
+    for m in messages:
+        m.pop("reasoning_content", None)
+        if m["role"] == "assistant" and isinstance(m["content"], str):
+            m["content"] = drop_thinking(m["content"])
+    return messages
+
+
+# ---- sealed text: reasoning given out that only this process can read back ----------------------
+# Responses' `encrypted_content` and Anthropic's thinking `signature`. Encrypt-then-MAC from the
+# standard library: a SHAKE-256 keystream keyed by (key, nonce), then HMAC-SHA256 over nonce and
+# ciphertext. The key lives in this process only, so what a restarted server gave out is
+# unreadable to it (and then dropped, as any foreign reasoning is).
+
+_KEY = secrets.token_bytes(32)
+
+
+def seal(text: str) -> str:
+    data, nonce = text.encode(), secrets.token_bytes(16)
+    stream = hashlib.shake_256(_KEY + b"enc" + nonce).digest(len(data))
+    cipher = bytes(a ^ b for a, b in zip(data, stream))
+    tag = hmac.new(_KEY, b"mac" + nonce + cipher, hashlib.sha256).digest()
+    return base64.b64encode(nonce + tag + cipher).decode()
+
+
+def unseal(token) -> Optional[str]:
+    """The text sealed in `token`, or None when it is not one of ours (forged, altered, or older)."""
+    try:
+        raw = base64.b64decode(token, validate=True)
+    except (ValueError, TypeError):
+        return None
+    nonce, tag, cipher = raw[:16], raw[16:48], raw[48:]
+    if len(tag) < 32 or not hmac.compare_digest(tag, hmac.new(_KEY, b"mac" + nonce + cipher, hashlib.sha256).digest()):
+        return None
+    stream = hashlib.shake_256(_KEY + b"enc" + nonce).digest(len(cipher))
+    return bytes(a ^ b for a, b in zip(cipher, stream)).decode("utf-8", "replace")
+
+
+# ---- thinking: how much, from each dialect's knob ------------------------------------------------
+# Responses `reasoning.effort` and Anthropic `output_config.effort`: none -> no thinking (the
+# template's switch where it has one, else a thinking budget of 0); minimal -> a budget of 256
+# tokens; low -> 1024; medium, high, xhigh, max -> the model's own thinking (no budget).
+EFFORT_BUDGETS = {"minimal": 256, "low": 1024, "medium": None, "high": None, "xhigh": None, "max": None}
+
+
+def no_thinking(request: Request, served: Served):
+    if served.thinking_switch:
+        request.template_kwargs["enable_thinking"] = False
+    else:
+        request.settings["thinking_budget"] = 0
+
+
+def effort(request: Request, served: Served, value, where: str):
+    if value is None:
+        return
+    if value == "none":
+        return no_thinking(request, served)
+    if value not in EFFORT_BUDGETS:
+        raise bad(f"{where} {value!r} must be one of none, {', '.join(EFFORT_BUDGETS)}.", where)
+    if EFFORT_BUDGETS[value] is not None:
+        request.settings["thinking_budget"] = EFFORT_BUDGETS[value]
