@@ -22,6 +22,8 @@ _EXPORTS = {
     "GenerationSettings": "generate",
     "split_reply": "reply",
     "ReplySplitter": "reply",
+    "ReplyParser": "reply",
+    "parse_reply": "reply",
     "convert": "convert",
     "Model": "model",
     "ModelConfig": "config",

@@ -17,7 +17,7 @@ from .cache import PromptCache
 from .generate import GenerationResponse, GenerationSettings, kept_prefix, stream_tokens, user_message
 from .media import FeatureMemo, MediaItem, media_items, placed_media
 from .model import Model
-from .processor import Processor
+from .processor import Processor, unmark
 from .reply import THINKING
 from .rope_index import IMAGE, VIDEO, rope_index, token_types
 
@@ -197,11 +197,12 @@ class ChatSession:
         self.messages.append({"role": "assistant", "content": text})
         self.rendered = self.render(add_generation_prompt=False)
         if self.rendered.startswith(full):
-            # The reply as generated when it renders as generated (no stop string cut it), so
-            # the cache stays valid; else as the tokenizer reads it back.
+            # The reply as generated when it renders as generated (no stop string cut it, no
+            # control token left out of its text), so the cache stays valid; else as the
+            # tokenizer reads it back, message text as data.
             tail = self.rendered[len(full):]
             generated = [r.token for r in reply if r.token is not None and r.finish_reason is None]
-            same = self.processor.tokenizer.decode(generated) == tail
+            same = self.processor.tokenizer.decode(generated) == unmark(tail)
             self.history_ids = target + (generated if same else self.processor.tokenizer.encode(tail))
             self.history_media = media
         else:  # a template that rewrites earlier turns: the next turn processes everything

@@ -20,7 +20,7 @@ from .cache import PromptCache
 from .errors import Glm4vError
 from .mlxlm import make_logits_processors, make_sampler
 from .model import Model, Prompt
-from .processor import Processor
+from .processor import REPLY_MARKERS, Processor
 
 
 # Generation runs on a stream of its own, as in mlx-lm, so queued steps never wait on other work.
@@ -451,15 +451,25 @@ def stream_tokens(model, processor, inputs: dict, cache, *, stop_ids=(), stop=()
     yield GenerationResponse(piece + stops.flush(), None, **{**stats, "logprobs": None}, finish_reason="length")
 
 
+def hidden_tokens(tokenizer) -> frozenset:
+    """The added tokens a reply's text leaves out: all but GLM-V's reply markers (processor.REPLY_MARKERS),
+    so a turn or media marker the model emits never becomes text a client sends back."""
+    return frozenset(i for i, t in tokenizer.get_added_tokens_decoder().items() if t.content not in REPLY_MARKERS)
+
+
 class StreamingText:
-    """Incremental detokenization that never splits a character; in the end equal to `decode(tokens)`."""
+    """Incremental detokenization that never splits a character; in the end equal to `decode(tokens)`
+    of the tokens shown (`hidden_tokens` left out)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.stream = DecodeStream(skip_special_tokens=False)
+        self.hidden = hidden_tokens(tokenizer)
         self.tokens, self.text = [], ""
 
     def add(self, token: int) -> str:
+        if token in self.hidden:
+            return ""
         self.tokens.append(token)
         piece = self.stream.step(self.tokenizer, token) or ""
         self.text += piece

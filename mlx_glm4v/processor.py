@@ -10,6 +10,10 @@ No torch, transformers or mlx: the chat template renders with jinja2, text goes 
     prompt = processor.apply_chat_template(messages)
     images, videos = processor.media_from_messages(messages)
     inputs = processor(text=prompt, images=images, videos=videos)
+
+Message text is data: a special-token string inside it (`<|image|>`, `<|assistant|>`, ...) reaches
+the model as plain text, never as a control token; only the template's own structure and real
+media make those (see `Tokenizer.mark`).
 """
 
 import json
@@ -29,6 +33,36 @@ IMAGE, VIDEO = "<|image|>", "<|video|>"
 BEGIN_IMAGE, END_IMAGE = "<|begin_of_image|>", "<|end_of_image|>"
 BEGIN_VIDEO, END_VIDEO = "<|begin_of_video|>", "<|end_of_video|>"
 _PLACEHOLDER = re.compile(re.escape(IMAGE) + "|" + re.escape(VIDEO))
+
+# Message text is data. Before the template renders it, every special-token string in a string
+# taken from the messages, tools or template arguments is wrapped in two Unicode noncharacters
+# (which those strings cannot carry unwrapped: they are wrapped too); the tokenizer encodes a
+# wrapped span as plain text and drops the marks. Text without special-token strings renders and
+# tokenizes exactly as transformers does.
+DATA_OPEN, DATA_CLOSE = "\ufdd0", "\ufdd1"
+_DATA_SPAN = re.compile("\ufdd0([\ufdd0\ufdd1]|[^\ufdd0\ufdd1]+)\ufdd1")
+# The markers GLM-V writes inside its own turn: thinking, answer, boxes, tool calls. In an assistant
+# message's content they stay control tokens (the reply as the model wrote it, which the cache
+# already holds and GLM-4.5V's template splits at `</think>`); a reply's text shows them (reply.py
+# reads them) and hides every other control token the model may emit.
+REPLY_MARKERS = ("<think>", "</think>", "<answer>", "</answer>", "<|begin_of_box|>", "<|end_of_box|>",
+                 "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>")
+
+
+def unmark(text: str) -> str:
+    """A rendered prompt as plain text: the data marks removed (for display and comparison)."""
+    return "".join(piece for piece, _ in _pieces(text))
+
+
+def _pieces(text: str):
+    """(text, is_data) pieces of a rendered prompt; a mark without its pair (a template that cut a
+    marked span) is dropped."""
+    at = 0
+    for m in _DATA_SPAN.finditer(text):
+        yield text[at:m.start()].replace(DATA_OPEN, "").replace(DATA_CLOSE, ""), False
+        yield m.group(1), True
+        at = m.end()
+    yield text[at:].replace(DATA_OPEN, "").replace(DATA_CLOSE, ""), False
 
 # Where GLM-4.6V's processors differ (images, placeholders and token types do not). transformers
 # picks the processor and the video processor each by its own class name, and so do we.
@@ -77,10 +111,101 @@ class Tokenizer:
         self.special_tokens = {k: t for k in names if (t := _token(config, k))}
         pad = self.special_tokens.get("pad_token") or self.special_tokens.get("eos_token")
         self.pad_token_id = self.convert_tokens_to_ids(pad) or 0
+        # every added token, special or not: any of them in message text is data
+        self.added = {t.content: i for i, t in self.backend.get_added_tokens_decoder().items()}
+        self.added_ids = frozenset(self.added.values())
+        self._added_array = np.array(sorted(self.added_ids), np.int64)
+        names = sorted(self.added, key=len, reverse=True) + [DATA_OPEN, DATA_CLOSE]
+        self._data = re.compile("|".join(map(re.escape, names)))
+        self._longest = max(map(len, self.added), default=0)
+        self._text_backend, self._prefixes = None, {}
 
     def encode(self, text: str) -> list[int]:
-        """Ids with the special tokens the post-processor adds, as `tokenizer(text)` does by default."""
-        return self.backend.encode(text).ids
+        """Ids with the special tokens the post-processor adds, as `tokenizer(text)` does by default.
+
+        Text marked as data (`mark`) is read as text: the control tokens are those of the unmarked
+        text alone, and a stretch between two of them that holds marked text is encoded with no
+        added token recognised."""
+        if DATA_OPEN not in text and DATA_CLOSE not in text:
+            return self.backend.encode(text).ids
+        ids, run = [], []  # run: (text, its ids, or None for marked text) since the last control token
+
+        def flush():
+            if any(part is None for _, part in run):
+                ids.extend(self.text_backend.encode("".join(t for t, _ in run), add_special_tokens=False).ids)
+            else:
+                ids.extend(i for _, part in run for i in part)
+            run.clear()
+
+        for piece, data in _pieces(text):
+            if data:
+                run.append((piece, None))
+                continue
+            found = self.backend.encode(piece, add_special_tokens=False)  # split at added tokens first
+            found_ids, at, first = found.ids, 0, 0
+            for k in np.flatnonzero(np.isin(np.array(found_ids, np.int64), self._added_array)).tolist():
+                start, end = found.token_to_chars(k)
+                run.append((piece[at:start], found_ids[first:k]))
+                flush()
+                ids.append(found_ids[k])
+                at, first = end, k + 1
+            run.append((piece[at:], found_ids[first:]))
+        flush()
+        before, after = self._added_around
+        return before + ids + after
+
+    @property
+    def _added_around(self) -> tuple:
+        """The ids the post-processor puts before and after a text's own (none for GLM's tokenizer)."""
+        if self.backend.num_special_tokens_to_add(False) == 0:
+            return [], []
+        inner, outer = self.backend.encode("a", add_special_tokens=False).ids, self.backend.encode("a").ids
+        at = next(i for i in range(len(outer)) if outer[i:i + len(inner)] == inner)
+        return outer[:at], outer[at + len(inner):]
+
+    @property
+    def text_backend(self):
+        """The tokenizer with every added token taken as text (all made special, special ones encoded)."""
+        if self._text_backend is None:
+            from tokenizers import Tokenizer as Backend
+
+            file = json.loads(self.backend.to_str())
+            for token in file.get("added_tokens") or []:
+                token["special"] = True
+            backend = Backend.from_str(json.dumps(file))
+            backend.encode_special_tokens = True
+            self._text_backend = backend
+        return self._text_backend
+
+    def mark(self, value, keep=()):
+        """`value` (a string, or lists, tuples and dicts of them, keys included) with every added-token
+        string but those in `keep` marked as data, and so is a string's end that could begin one, so
+        that two strings rendered side by side cannot join into one; anything else is returned as is."""
+        if isinstance(value, dict):
+            return {self.mark(k, keep): self.mark(v, keep) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self.mark(v, keep) for v in value)
+        if not isinstance(value, str) or not value:
+            return value
+        found = list(self._data.finditer(value))
+        free = len(value) - (found[-1].end() if found else 0)  # a tail begins after the last token
+        starts = self._starts(tuple(keep))
+        tail = next((n for n in range(min(free, self._longest), 0, -1) if value[-n:] in starts), 0)
+        out, at = [], 0
+        for m in found:
+            token = m.group()
+            out += [value[at:m.start()], token if token in keep else DATA_OPEN + token + DATA_CLOSE]
+            at = m.end()
+        out.append(value[at:len(value) - tail])
+        if tail:
+            out.append(DATA_OPEN + value[-tail:] + DATA_CLOSE)
+        return "".join(out)
+
+    def _starts(self, keep: tuple) -> frozenset:
+        """Proper prefixes of the added tokens not in `keep`."""
+        if keep not in self._prefixes:
+            self._prefixes[keep] = frozenset(t[:n] for t in self.added if t not in keep for n in range(1, len(t)))
+        return self._prefixes[keep]
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -96,8 +221,9 @@ def _compile(template: str):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                          sort_keys=sort_keys)
+        text = json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        # the data marks stay marks when the template asks for ASCII
+        return text.replace("\\ufdd0", DATA_OPEN).replace("\\ufdd1", DATA_CLOSE) if ensure_ascii else text
 
     def raise_exception(message):
         from jinja2.exceptions import TemplateError
@@ -235,16 +361,29 @@ class Processor:
         """The prompt string, rendered from the checkpoint's own template; kwargs reach the template."""
         from jinja2.exceptions import TemplateError
 
+        mark = self.tokenizer.mark
         try:
             return _compile(self.chat_template).render(
-                messages=_normalize(messages),
-                tools=kwargs.pop("tools", None),
-                documents=kwargs.pop("documents", None),
+                messages=[self._mark_message(m) for m in _normalize(messages)],
+                tools=mark(kwargs.pop("tools", None)),
+                documents=mark(kwargs.pop("documents", None)),
                 add_generation_prompt=add_generation_prompt,
-                **{**self.tokenizer.special_tokens, **kwargs},
+                **{**self.tokenizer.special_tokens, **mark(kwargs)},
             )
         except TemplateError as e:
             raise Glm4vError(f"the chat template rejected the messages: {e}") from None
+
+    def _mark_message(self, message: dict) -> dict:
+        """A message with its text marked as data (`Tokenizer.mark`); an assistant's content keeps
+        GLM-V's own reply markers."""
+        mark = self.tokenizer.mark
+        out = {k: mark(v) for k, v in message.items() if k != "content"}
+        if "content" in message:
+            keep = REPLY_MARKERS if message.get("role") == "assistant" else ()
+            content = message["content"]
+            out["content"] = ([item if _media_kind(item) else mark(item, keep) for item in content]
+                              if isinstance(content, list) else mark(content, keep))
+        return out
 
     def media_from_messages(self, messages) -> tuple[list, list]:
         """(images, videos) in the order the template places them. An item carries its source under
@@ -269,10 +408,10 @@ class Processor:
         checkpoints say 2; GLM-4.6V's processor takes 6, 2 or 1 by the clip's length), `max_frames`
         per video, `max_pixels` for the resized area (h*w) of each image and video frame.
         """
-        texts = [text] if isinstance(text, str) else list(text)
+        texts = [list(_pieces(t)) for t in ([text] if isinstance(text, str) else text)]
         images, videos = _flat(images), _flat(videos)
         for token, given, kind in ((IMAGE, images, "image"), (VIDEO, videos, "video")):
-            places = sum(t.count(token) for t in texts)
+            places = sum(piece.count(token) for t in texts for piece, data in t if not data)
             if places != len(given):
                 raise Glm4vError(f"the prompt has {places} {kind} place(s) ({token}) "
                                  f"but {len(given)} {kind}(s) were given.")
@@ -292,8 +431,13 @@ class Processor:
             expansions[VIDEO] = [prompt for _, _, prompt in done]
 
         pending = {token: iter(expansion) for token, expansion in expansions.items()}
-        texts = [_PLACEHOLDER.sub(lambda m: next(pending[m.group()]), t) for t in texts]
-        ids = [self.tokenizer.encode(t) for t in texts]
+
+        def expand(piece: str, data: bool) -> str:  # the places in the template's text, never in data
+            if data:
+                return DATA_OPEN + piece + DATA_CLOSE
+            return _PLACEHOLDER.sub(lambda m: next(pending[m.group()]), piece)
+
+        ids = [self.tokenizer.encode("".join(expand(*p) for p in t)) for t in texts]
         return {**self._batch(ids, padding), **out}
 
     def _video(self, video, name: str, fps, max_frames, max_pixels):

@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,6 +235,13 @@ def reading_status(status: StatusLine, attachments: list):
 
 # ---- the conversation loop -----------------------------------------------------------------
 
+def take_ctrl_c():
+    """Ctrl-C is part of the REPL (it stops a reply or clears the line), so take SIGINT even when
+    whoever started us ignores it: a shell script's background job inherits SIGINT ignored, and
+    Python then installs no KeyboardInterrupt at all, so a reply could never be stopped."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def enable_line_editing():
     """Python's readline under `input()`: arrows, Ctrl-A/E, history with Up; Tab completes
     commands and, after /image or /video, file names. Without readline, `clean_line` still
@@ -285,6 +293,7 @@ def run_chat(model, processor, *, system=None, images=(), videos=(), settings=No
         say(f"attached {a.summary}")
     color = use_color(sys.stdout)
     shown, last_reply = [], None  # the conversation's images so far, and the latest reply, for /boxes
+    take_ctrl_c()
     enable_line_editing()
     say(WELCOME)
     while True:

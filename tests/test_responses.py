@@ -190,3 +190,34 @@ def test_agent_turns_read_the_prefix_cache_and_reasoning_comes_back(scripted):
     fourth = client.responses.create(model=scripted.model, input=first_input + plain_text + turn[1:], tools=[FOX],
                                      temperature=0, store=False, max_output_tokens=1)
     assert fourth.usage.input_tokens == second.usage.input_tokens > third.usage.input_tokens
+
+
+def test_chat_completions_tool_call_streams_as_fragments(scripted):
+    """Chat completions too: the call's id and name first, then argument fragments the SDK adds up."""
+    tool = {"type": "function", "function": {k: v for k, v in FOX.items() if k != "type"}}
+    options = dict(model=scripted.model, messages=[{"role": "user", "content": "Where?"}], tools=[tool], temperature=0)
+    whole = scripted.client.chat.completions.create(**options)
+    message = whole.choices[0].message
+    assert whole.choices[0].finish_reason == "tool_calls" and message.content == "OK"
+    [call] = message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("fox", {"city": 'Pa"r\\is'})
+    chunks = list(scripted.client.chat.completions.create(**options, stream=True))
+    deltas = [t for c in chunks if c.choices and c.choices[0].delta.tool_calls for t in c.choices[0].delta.tool_calls]
+    assert deltas[0].id and deltas[0].function.name == "fox" and deltas[0].function.arguments == ""
+    assert all(d.id is None and d.index == 0 for d in deltas[1:]) and len(deltas) > 3
+    assert "".join(d.function.arguments for d in deltas) == call.function.arguments
+    with scripted.client.chat.completions.stream(**options) as stream:
+        final = stream.get_final_completion()
+    [rebuilt] = final.choices[0].message.tool_calls
+    assert (rebuilt.function.name, rebuilt.function.arguments) == (call.function.name, call.function.arguments)
+
+
+def test_effort_none_is_the_template_switch(scripted):
+    """GLM-4.5V's template has the switch: effort none renders enable_thinking=false, as chat's kwargs do."""
+    chat = scripted.client.chat.completions.create(
+        model=scripted.model, messages=[{"role": "user", "content": "Hi"}], max_completion_tokens=1,
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    out = scripted.client.responses.create(model=scripted.model, input="Hi", max_output_tokens=1,
+                                           reasoning={"effort": "none"})
+    default = scripted.client.responses.create(model=scripted.model, input="Hi", max_output_tokens=1)
+    assert out.usage.input_tokens == chat.usage.prompt_tokens > default.usage.input_tokens

@@ -612,7 +612,10 @@ def test_keepalive_while_waiting(single, media):
     """A streamed request waiting behind another (or on a long prompt) gets SSE comments meanwhile."""
     busy = threading.Thread(target=single.post, args=(body(single, "Go on.", max_tokens=400, ignore_eos=True),))
     busy.start()
-    time.sleep(0.2)
+    deadline = time.monotonic() + 30
+    while single.metrics()["requests_running"] < 1:  # the busy request is in the engine first, whatever the load
+        assert time.monotonic() < deadline, "the busy request never started"
+        time.sleep(0.02)
     lines = []
     with httpx.stream("POST", f"{single.url}/v1/chat/completions", timeout=30,
                       json=body(single, [video_part(media / "clip.mp4"), {"type": "text", "text": "What?"}],

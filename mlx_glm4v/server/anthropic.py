@@ -24,12 +24,14 @@ log = logging.getLogger("mlx_glm4v.server")
 SUPPORTED = {"model", "messages", "max_tokens", "system", "stop_sequences", "stream", "temperature", "top_p",
              "top_k", "tools", "tool_choice", "thinking", "output_config"}
 # Accepted, without effect on the reply.
-IGNORED = {"metadata", "context_management", "service_tier", "cache_control", "inference_geo"}
+IGNORED = {"metadata", "context_management", "service_tier", "cache_control", "inference_geo", "speed",
+           "diagnostics", "user_profile_id", "workspace_id"}
 # Refused unless empty.
-REFUSED = {"mcp_servers": ([],), "container": ()}
+REFUSED = {"mcp_servers": ([],), "container": (), "output_format": ()}
+BILLING = "x-anthropic-billing-header:"
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "cancelled": "end_turn"}
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 413: "request_too_large", 429: "overloaded_error", 499: "invalid_request_error",
+               404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large", 429: "overloaded_error", 499: "invalid_request_error",
                503: "overloaded_error", 504: "timeout_error"}
 
 
@@ -66,7 +68,9 @@ def _system(system) -> str:
     for i, block in enumerate(system):
         if not isinstance(block, dict) or block.get("type") != "text":
             raise bad(f"system[{i}] must be a text block.", f"system[{i}]")
-        texts.append(_text(block, f"system[{i}]"))
+        text = _text(block, f"system[{i}]")
+        if not text.startswith(BILLING):  # Claude Code's per-version header is not for the model
+            texts.append(text)
     return "\n".join(texts)
 
 
@@ -109,9 +113,12 @@ def parse_messages(messages) -> list:
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         role = m.get("role") if isinstance(m, dict) else None
-        if role not in ("user", "assistant"):
-            raise bad(f"{where}.role {role!r} must be user or assistant.", f"{where}.role")
+        if role not in ("user", "assistant", "system"):
+            raise bad(f"{where}.role {role!r} must be user, assistant or system.", f"{where}.role")
         content = m.get("content")
+        if role == "system":  # Claude Code puts its environment here: a system turn in place
+            out.append({"role": "system", "content": _system(content)})
+            continue
         if isinstance(content, str):
             out.append({"role": role, "content": content})
             continue
@@ -172,6 +179,9 @@ def _tools(body, served: Served) -> tuple:
             raise bad(f"tools[{i}] must be an object.", f"tools[{i}]")
         if tool.get("type") not in (None, "custom"):
             log.info("tools[%d]: the server tool %r cannot run here; left out", i, tool.get("type"))
+            continue
+        if tool.get("defer_loading"):  # shown to the model only once a tool search finds it
+            log.info("tools[%d]: %r is deferred (defer_loading); left out", i, tool.get("name"))
             continue
         out.append(function_tool(tool.get("name"), tool.get("description"), tool.get("input_schema"), f"tools[{i}]"))
     kind = choice.get("type") if isinstance(choice, dict) else choice

@@ -457,8 +457,8 @@ async def _http_error(request: Request, exc: HTTPException):
 
 async def _server_error(request: Request, exc: Exception):
     log.exception("request %s %s failed", request.method, request.url.path)
-    return JSONResponse({"error": {"message": "the server failed on this request; its log has the details.",
-                                   "type": "server_error", "param": None, "code": None}}, status_code=500)
+    e = ApiError(500, "the server failed on this request; its log has the details.")
+    return error_response(e, dialect_of(request.url.path))
 
 
 def create_app(config: ServerConfig, loader=None, group=None) -> Starlette:

@@ -203,6 +203,8 @@ def _tools(body, served: Served) -> tuple:
             out.append(function_tool(tool.get("name"), tool.get("description"), tool.get("parameters"), f"tools[{i}]"))
         elif isinstance(kind, str) and (kind in HOSTED or kind.startswith(tuple(HOSTED))):
             log.info("tools[%d]: the hosted tool %r cannot run here; left out", i, kind)
+        elif kind == "namespace":  # Codex's sub-agent tools, called by a namespaced name we cannot write
+            log.info("tools[%d]: the tool namespace %r is left out", i, tool.get("name"))
         else:
             raise bad(f"tools[{i}]: tool type {kind!r} is not supported (function).", f"tools[{i}]")
     if choice not in (None, "auto", "none"):
