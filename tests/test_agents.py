@@ -228,6 +228,24 @@ def events(process, until, timeout=TIMEOUT) -> list:
                          f"{process.stderr.read()[-3000:]}")
 
 
+def streamed(record) -> list:
+    """The events of a relayed streamed reply."""
+    return [json.loads(line[6:]) for line in (record.get("reply") or "").splitlines() if line.startswith("data: {")]
+
+
+def cached_share(record) -> float:
+    """The share of a streamed reply's prompt read from the prefix cache, as its final usage says."""
+    for event in reversed(streamed(record)):
+        if event["type"] == "response.completed":
+            usage = event["response"]["usage"]
+            return usage["input_tokens_details"]["cached_tokens"] / usage["input_tokens"]
+        if event["type"] == "message_delta":  # Anthropic's input_tokens leave out the cached ones
+            usage = event["usage"]
+            return usage["cache_read_input_tokens"] / (
+                usage["input_tokens"] + usage["cache_read_input_tokens"] + usage["cache_creation_input_tokens"])
+    raise AssertionError(f"no usage in {record.get('reply')!r}")
+
+
 def answered(record) -> bool:
     """A relayed request answered 200 whose streamed reply ran to its last event."""
     reply = record.get("reply") or ""
@@ -272,7 +290,7 @@ def test_codex_runs_the_shell_tool_and_sends_its_output_back(codex_tool_server, 
     # The second command is what the model answered to the first one's output.
     seen = events(process, lambda seen: len(commands(seen)) >= 2)
     first = commands(seen)[0]
-    assert first["command"].endswith("echo hi") and first["exit_code"] == 0 and first["aggregated_output"].strip() == "hi"
+    assert "echo hi" in first["command"] and first["exit_code"] == 0 and first["aggregated_output"].strip() == "hi"
     requests = recorder.records()
     assert len(requests) >= 2 and all(r["path"] == "/v1/responses" for r in requests)
     follow_up = requests[1]
@@ -281,6 +299,7 @@ def test_codex_runs_the_shell_tool_and_sends_its_output_back(codex_tool_server, 
     assert [c["name"] for c in calls] == ["exec_command"] and json.loads(calls[0]["arguments"]) == {"cmd": "echo hi"}
     assert len(outputs) == 1 and outputs[0]["call_id"] == calls[0]["call_id"] and "hi" in json.dumps(outputs[0])
     assert answered(follow_up)
+    assert cached_share(follow_up) >= 0.9  # the conversation so far came from the prefix cache
 
 
 # ---- Claude Code ---------------------------------------------------------------------------------------
@@ -332,3 +351,4 @@ def test_claude_runs_bash_and_sends_its_output_back(claude_tool_server, relay, t
     sent = [b for b in last["content"] if b["type"] == "tool_result"]
     assert last["role"] == "user" and sent and sent[0]["tool_use_id"] == uses[0]["id"]
     assert all(answered(r) for r in requests)
+    assert cached_share(requests[1]) >= 0.9  # the conversation so far came from the prefix cache
