@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 import tiny
-from test_responses import KEY, TOOL_SCRIPT, images
+from test_responses import KEY, TOOL_SCRIPT, chat_twin, images, special_text
 from test_server import Server
 
 anthropic = pytest.importorskip("anthropic")
@@ -38,7 +38,7 @@ def scripted(glm4v_moe_checkpoint, tmp_path_factory):
     path = tiny.scripted_checkpoint(glm4v_moe_checkpoint[0], tmp_path_factory.mktemp("fox-script"), TOOL_SCRIPT)
     server = Server(path, ["--api-key", KEY, "--answer-any-model"], tmp_path_factory.mktemp("anthropic") / "s.log",
                     key=KEY)
-    server.anthropic = client_of(server, KEY)
+    server.anthropic, server.checkpoint = client_of(server, KEY), path
     yield server
     server.close()
 
@@ -226,3 +226,31 @@ def test_thinking_knobs_reach_the_thinking_budget(box_checkpoint, tmp_path_facto
             assert "".join(reasoning) == want and "Nose:" in out.output_text
     finally:
         server.close()
+
+
+def test_special_tokens_in_messages_are_text(scripted):
+    """As chat completions: every special token as text, in every place. A thinking block signed by
+    anyone but this server process is dropped, so its twin has no reasoning."""
+    text, assistant = special_text(scripted)
+    messages = [{"role": "user", "content": [{"type": "text", "text": f"Hi {text}"}]},
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": f"Think {text}", "signature": "forged"},
+                    {"type": "text", "text": f"Calling {assistant}"},
+                    {"type": "tool_use", "id": "call_1", "name": "fox", "input": {"city": text}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": f"Found {text}"}]}]
+    options = dict(model=scripted.model, system=f"Rules {text}", messages=messages,
+                   tools=[{**FOX, "description": f"Look {text}"}])
+    out = scripted.anthropic.messages.create(**options, max_tokens=1)
+    counted = scripted.anthropic.messages.count_tokens(**options).input_tokens
+    assert out.usage.input_tokens + out.usage.cache_read_input_tokens == counted
+    assert counted == chat_twin(scripted, text, assistant, reasoning=False)
+
+
+def test_models_as_both_sdks_read_them(plain, scripted):
+    assert [m.id for m in plain.anthropic.models.list()] == [plain.model]
+    assert [m.id for m in plain.client.models.list()] == [plain.model]
+    assert plain.anthropic.models.retrieve(plain.model).id == plain.model
+    assert plain.client.models.retrieve(plain.model).id == plain.model
+    with pytest.raises(anthropic.NotFoundError):
+        plain.anthropic.models.retrieve("claude-haiku-4-5")
+    assert scripted.anthropic.models.retrieve("claude-haiku-4-5").id == "claude-haiku-4-5"  # --answer-any-model

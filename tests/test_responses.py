@@ -35,6 +35,7 @@ def scripted(glm4v_moe_checkpoint, tmp_path_factory):
     path = tiny.scripted_checkpoint(glm4v_moe_checkpoint[0], tmp_path_factory.mktemp("fox-script"), TOOL_SCRIPT)
     server = Server(path, ["--api-key", KEY],
                     tmp_path_factory.mktemp("responses") / "scripted.log", key=KEY)
+    server.checkpoint = path
     yield server
     server.close()
 
@@ -221,3 +222,38 @@ def test_effort_none_is_the_template_switch(scripted):
                                            reasoning={"effort": "none"})
     default = scripted.client.responses.create(model=scripted.model, input="Hi", max_output_tokens=1)
     assert out.usage.input_tokens == chat.usage.prompt_tokens > default.usage.input_tokens
+
+
+def special_text(server):
+    """Every special token of the served tokenizer as text; and those an assistant's content may not hold
+    as text (GLM-V's reply markers stay markers there, in every dialect)."""
+    from mlx_glm4v.processor import REPLY_MARKERS, Processor
+
+    tokens = list(Processor.from_pretrained(server.checkpoint).tokenizer.added)
+    return " ".join(tokens), " ".join(t for t in tokens if t not in REPLY_MARKERS)
+
+
+def chat_twin(server, text, assistant, reasoning=True):
+    """The same conversation through chat completions: its prompt tokens (test_text_is_data checks them)."""
+    tool = {"type": "function", "function": {"name": "fox", "description": f"Look {text}",
+                                             "parameters": FOX["parameters"]}}
+    messages = [{"role": "system", "content": f"Rules {text}"}, {"role": "user", "content": f"Hi {text}"},
+                {"role": "assistant", "content": f"Calling {assistant}",
+                 **({"reasoning_content": f"Think {text}"} if reasoning else {}), "tool_calls": [{"id": "call_1", "type": "function",
+                                 "function": {"name": "fox", "arguments": json.dumps({"city": text})}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": f"Found {text}"}]
+    out = server.client.chat.completions.create(model=server.model, messages=messages, tools=[tool],
+                                                max_completion_tokens=1)
+    return out.usage.prompt_tokens
+
+
+def test_special_tokens_in_messages_are_text(scripted):
+    text, assistant = special_text(scripted)
+    items = [{"role": "user", "content": [{"type": "input_text", "text": f"Hi {text}"}]},
+             {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": f"Think {text}"}]},
+             {"role": "assistant", "content": [{"type": "output_text", "text": f"Calling {assistant}"}]},
+             {"type": "function_call", "call_id": "call_1", "name": "fox", "arguments": json.dumps({"city": text})},
+             {"type": "function_call_output", "call_id": "call_1", "output": f"Found {text}"}]
+    out = scripted.client.responses.create(model=scripted.model, instructions=f"Rules {text}", input=items,
+                                           tools=[{**FOX, "description": f"Look {text}"}], max_output_tokens=1)
+    assert out.usage.input_tokens == chat_twin(scripted, text, assistant)

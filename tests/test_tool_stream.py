@@ -162,3 +162,13 @@ def test_agent_turns_render_byte_stable(glm4v_moe_checkpoint):
     assert second.messages[-2]["reasoning_content"] == "Look first."  # restored from encrypted_content
     one, two = tokens(processor, first), tokens(processor, second)
     assert two[:len(one)] == one and len(one) / len(two) > 0.99
+
+
+def test_response_store_is_bounded_by_count_and_bytes():
+    store = responses.Store(count=3, max_bytes=10_000)
+    for i in range(5):
+        store.put(f"r{i}", {"id": f"r{i}"}, [])
+    assert list(store.items) == ["r2", "r3", "r4"]
+    store.put("big", {"text": "x" * 9_970}, [])
+    assert list(store.items) == ["r4", "big"] and store.bytes <= 10_000
+    assert store.pop("big") is not None and store.get("big") is None and store.bytes == len('{"id": "r4"}') + 2

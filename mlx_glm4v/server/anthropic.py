@@ -185,13 +185,23 @@ def _tools(body, served: Served) -> tuple:
             continue
         out.append(function_tool(tool.get("name"), tool.get("description"), tool.get("input_schema"), f"tools[{i}]"))
     kind = choice.get("type") if isinstance(choice, dict) else choice
-    if kind not in (None, "auto", "none"):
-        raise bad(f"tool_choice {kind!r} is not supported yet: only auto and none.", "tool_choice")
     if not out or kind == "none":
         return None, None
     if not served.tools_supported:
         raise bad("tools are not supported: this model's chat template does not render them.", "tools")
     return out, "auto"
+
+
+def constraint(body):
+    """The one place a structured-output constraint comes from (`output_config.format`, `tool_choice`
+    any or a named tool): `Request.constraint`. Refused until the constrained decoder is wired in."""
+    if (body.get("output_config") or {}).get("format") is not None:
+        raise bad("output_config.format is not supported yet.", "output_config.format")
+    choice = body.get("tool_choice")
+    kind = choice.get("type") if isinstance(choice, dict) else choice
+    if kind not in (None, "auto", "none"):
+        raise bad(f"tool_choice {kind!r} is not supported yet: only auto and none.", "tool_choice")
+    return None
 
 
 def parse(body, served: Served, counting: bool = False) -> Request:
@@ -223,8 +233,7 @@ def parse(body, served: Served, counting: bool = False) -> Request:
     if not isinstance(config, dict):
         raise bad("output_config must be an object.", "output_config")
     unknown_fields(config, {"effort", "format"}, "output_config")
-    if config.get("format") is not None:
-        raise bad("output_config.format is not supported yet.", "output_config.format")
+    request.constraint = constraint(body)
     thinking = body.get("thinking") or {"type": "adaptive"}
     kind = thinking.get("type") if isinstance(thinking, dict) else None
     if kind == "enabled":

@@ -205,10 +205,29 @@ async def health(request: Request):
     return JSONResponse({"status": "ok"})
 
 
+def _model_entry(name: str) -> dict:
+    """One model as both SDKs read it: OpenAI's fields and Anthropic's."""
+    return {"id": name, "object": "model", "created": 0, "owned_by": "mlx-glm4v", "type": "model",
+            "display_name": name, "created_at": "1970-01-01T00:00:00Z"}
+
+
 async def models(request: Request):
     state = _state(request)
-    return JSONResponse({"object": "list", "data": [
-        {"id": state.config.name, "object": "model", "created": 0, "owned_by": "mlx-glm4v"}]})
+    name = state.config.name
+    return JSONResponse({"object": "list", "data": [_model_entry(name)], "has_more": False, "first_id": name,
+                         "last_id": name})
+
+
+async def model(request: Request):
+    """GET /v1/models/{name}: the served model (any name, with --answer-any-model)."""
+    try:
+        state, name = _state(request), request.path_params["name"]
+        if name not in state.names and not state.config.answer_any_model:
+            raise ApiError(404, f"the model {name!r} does not exist; this server runs {state.config.name!r}.",
+                           "model", "model_not_found")
+        return JSONResponse(_model_entry(name))
+    except ApiError as e:
+        return error_response(e, anthropic if "anthropic-version" in request.headers else openai)
 
 
 async def metrics(request: Request):
@@ -227,12 +246,12 @@ async def _body(request: Request):
         raise bad("the request body is not valid JSON.") from None
 
 
-def route(dialect):
-    """A POST route of `dialect`: its refusals in its own shape, counted by status."""
+def route(handler, dialect):
+    """A route of `dialect`: its refusals in its own shape, counted by status."""
     async def endpoint(request: Request):
         state = request.app.state.server
         try:
-            response = await _reply(request, dialect)
+            response = await handler(request, dialect)
         except ApiError as e:
             log.info("refused (%d): %s", e.status, e.message)
             response = error_response(e, dialect)
@@ -277,27 +296,19 @@ async def _reply(request: Request, dialect):
     return JSONResponse(dialect.whole(neutral, await run.whole(request), meta))
 
 
-async def count_tokens(request: Request):
+async def count_tokens(request: Request, dialect):
     """Anthropic's POST /v1/messages/count_tokens: the prompt as it would run, counted."""
-    try:
-        ready = _state(request)
-        neutral = anthropic.parse(await _body(request), ready.served, counting=True)
-        inputs = await _prepared(ready, neutral)
-        return JSONResponse({"input_tokens": int(inputs["input_ids"].shape[-1])})
-    except ApiError as e:
-        return error_response(e, anthropic)
+    ready = _state(request)
+    inputs = await _prepared(ready, dialect.parse(await _body(request), ready.served, counting=True))
+    return JSONResponse({"input_tokens": int(inputs["input_ids"].shape[-1])})
 
 
-async def stored_response(request: Request):
+async def stored_response(request: Request, dialect):
     """GET or DELETE /v1/responses/{id}: a stored Responses reply."""
-    try:
-        _state(request)
-        store, rid = request.app.state.server.store, request.path_params["rid"]
-        if request.method == "DELETE":
-            return JSONResponse(responses.delete(store, rid))
-        return JSONResponse(responses.retrieve(store, rid))
-    except ApiError as e:
-        return error_response(e)
+    store, rid = _state(request).store, request.path_params["rid"]
+    if request.method == "DELETE":
+        return JSONResponse(dialect.delete(store, rid))
+    return JSONResponse(dialect.retrieve(store, rid))
 
 
 def _prepare(state: State, neutral) -> dict:
@@ -487,11 +498,12 @@ def create_app(config: ServerConfig, loader=None, group=None) -> Starlette:
         Route("/health", health),
         Route("/metrics", metrics),
         Route("/v1/models", models),
-        Route("/v1/chat/completions", route(openai), methods=["POST"]),
-        Route("/v1/responses", route(responses), methods=["POST"]),
-        Route("/v1/responses/{rid}", stored_response, methods=["GET", "DELETE"]),
-        Route("/v1/messages", route(anthropic), methods=["POST"]),
-        Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
+        Route("/v1/models/{name:path}", model),
+        Route("/v1/chat/completions", route(_reply, openai), methods=["POST"]),
+        Route("/v1/responses", route(_reply, responses), methods=["POST"]),
+        Route("/v1/responses/{rid}", route(stored_response, responses), methods=["GET", "DELETE"]),
+        Route("/v1/messages", route(_reply, anthropic), methods=["POST"]),
+        Route("/v1/messages/count_tokens", route(count_tokens, anthropic), methods=["POST"]),
     ]
     if config.ui and WEB_DIR.is_dir():  # the chat page, when the package ships one
         from starlette.staticfiles import StaticFiles

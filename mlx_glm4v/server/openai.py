@@ -1,4 +1,5 @@
-"""OpenAI's chat-completions API: the request checked field by field, replies, errors, tool calls.
+"""OpenAI's chat completions <-> the neutral request: the body checked field by field, events rendered
+as a completion or its chunks (tool arguments as fragments, as the model writes them).
 
 Strict on purpose: a field we do not implement is refused with a 400 that names it (a client
 that asks for `n=2` or JSON mode must not get something else silently); only fields that
@@ -6,7 +7,6 @@ change nothing about the reply (`user`, `metadata`, ...) are accepted and ignore
 """
 
 import json
-import time
 import uuid
 from dataclasses import fields
 
@@ -64,7 +64,7 @@ def _text_of(content, where: str) -> str:
     raise bad(f"{where} must be a string or a list of content parts.", where)
 
 
-def _media_source(part: dict, key: str, where: str):
+def media_source(part: dict, key: str, where: str):
     """(url, detail) of an image_url / input_image / video_url part: an object with `url` or a bare string."""
     value = part.get(key)
     if key == "input_image" and value is None:  # Responses-style: {"type": "input_image", "image_url": "..."}
@@ -94,10 +94,10 @@ def _user_content(content, where: str):
                 raise bad(f"{at}: a text part needs a string `text`.", at)
             parts.append({"type": "text", "text": part["text"]})
         elif kind in ("image_url", "input_image"):
-            url, detail = _media_source(part, kind, at)
+            url, detail = media_source(part, kind, at)
             parts.append({"type": "image", "source": url, "detail": detail, "param": at})
         elif kind == "video_url":
-            url, _ = _media_source(part, kind, at)
+            url, _ = media_source(part, kind, at)
             parts.append({"type": "video", "source": url, "param": at})
         else:
             raise bad(f"{at}: content part type {kind!r} is not supported (text, image_url, input_image, "
@@ -170,9 +170,20 @@ def _tools(body) -> tuple:
             raise bad(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}.", f"tools[{i}]")
     if choice == "none":
         return None, None  # no tools offered, so none called
-    if choice not in (None, "auto"):
-        raise bad("tool_choice may be \"auto\" or \"none\": the model cannot be forced to call a tool.", "tool_choice")
     return tools, "auto"
+
+
+def constraint(body):
+    """The one place a structured-output constraint comes from (`response_format` json_schema or
+    json_object, `tool_choice` required or a named function): `Request.constraint`. Refused until
+    the constrained decoder is wired in."""
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        kind = fmt.get("type") if isinstance(fmt, dict) else fmt
+        raise bad(f"response_format {kind!r} is not supported; only text.", "response_format")
+    if body.get("tool_choice") not in (None, "auto", "none"):
+        raise bad("tool_choice may be \"auto\" or \"none\": the model cannot be forced to call a tool.", "tool_choice")
+    return None
 
 
 def parse(body, served: Served) -> Request:
@@ -189,11 +200,7 @@ def parse(body, served: Served) -> Request:
     check_model(body.get("model"), served)
     if _number(body, "n", integer=True) not in (None, 1):
         raise bad(f"n={body['n']} is not supported: one choice per request.", "n")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        kind = fmt.get("type") if isinstance(fmt, dict) else fmt
-        raise bad(f"response_format {kind!r} is not supported; only text.", "response_format")
-
+    limit = constraint(body)
     messages = finish_messages(parse_messages(body.get("messages")), served)
     tools, tool_choice = _tools(body)
     if tools and not served.tools_supported:
@@ -246,7 +253,7 @@ def parse(body, served: Served) -> Request:
         raise bad(str(e)) from None
     return Request(messages, settings, seed=_number(body, "seed", 0, 2**64 - 1, integer=True), stream=stream,
                    top_logprobs=(top or 0) if logprobs else None, tools=tools, tool_choice=tool_choice,
-                   template_kwargs=dict(template_kwargs), options={"include_usage": include_usage})
+                   template_kwargs=dict(template_kwargs), constraint=limit, options={"include_usage": include_usage})
 
 
 # ---- replies ------------------------------------------------------------------------------------

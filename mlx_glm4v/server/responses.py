@@ -17,7 +17,7 @@ from ..errors import Glm4vError
 from ..generate import GenerationSettings
 from .neutral import (ApiError, Content, Finish, Reasoning, Request, Served, ToolArgs, ToolEnd, ToolStart, bad,
                       check_model, effort, finish_messages, function_tool, number, seal, unknown_fields, unseal)
-from .openai import _media_source
+from .openai import media_source
 
 log = logging.getLogger("mlx_glm4v.server")
 
@@ -101,7 +101,7 @@ def _parts(content, where: str, role: str):
         elif kind == "input_image" and role == "user":
             if part.get("file_id") and not part.get("image_url"):
                 raise bad(f"{at}: file_id images are not supported; send image_url (a data: URL).", at)
-            url, detail = _media_source(part, kind, at)
+            url, detail = media_source(part, kind, at)
             parts.append({"type": "image", "source": url, "detail": detail, "param": at})
         else:
             raise bad(f"{at}: content part type {kind!r} is not supported here (input_text, input_image, "
@@ -207,14 +207,25 @@ def _tools(body, served: Served) -> tuple:
             log.info("tools[%d]: the tool namespace %r is left out", i, tool.get("name"))
         else:
             raise bad(f"tools[{i}]: tool type {kind!r} is not supported (function).", f"tools[{i}]")
-    if choice not in (None, "auto", "none"):
-        raise bad("tool_choice may be \"auto\" or \"none\" for now: a forced call comes with structured output.",
-                  "tool_choice")
     if not out or choice == "none":
         return None, None
     if not served.tools_supported:
         raise bad("tools are not supported: this model's chat template does not render them.", "tools")
     return out, "auto"
+
+
+def constraint(body):
+    """The one place a structured-output constraint comes from (`text.format` json_schema or
+    json_object, `tool_choice` required or a named function): `Request.constraint`. Refused until
+    the constrained decoder is wired in."""
+    fmt = (body.get("text") or {}).get("format")
+    if fmt is not None and fmt != {"type": "text"}:
+        kind = fmt.get("type") if isinstance(fmt, dict) else fmt
+        raise bad(f"text.format {kind!r} is not supported yet; only text.", "text.format")
+    if body.get("tool_choice") not in (None, "auto", "none"):
+        raise bad("tool_choice may be \"auto\" or \"none\" for now: a forced call comes with structured output.",
+                  "tool_choice")
+    return None
 
 
 def parse(body, served: Served) -> Request:
@@ -229,10 +240,7 @@ def parse(body, served: Served) -> Request:
     if not isinstance(text, dict):
         raise bad("text must be an object.", "text")
     unknown_fields(text, {"format", "verbosity"}, "text")
-    fmt = text.get("format")
-    if fmt is not None and fmt != {"type": "text"}:
-        kind = fmt.get("type") if isinstance(fmt, dict) else fmt
-        raise bad(f"text.format {kind!r} is not supported yet; only text.", "text.format")
+    limit = constraint(body)
     include = body.get("include") or []
     if not isinstance(include, list) or any(i not in INCLUDE for i in include):
         wrong = next((i for i in include if i not in INCLUDE), include) if isinstance(include, list) else include
@@ -261,7 +269,7 @@ def parse(body, served: Served) -> Request:
                     temp=1.0 if temperature is None else temperature, top_p=1.0 if top_p is None else top_p,
                     top_k=number(body, "top_k", 0, integer=True) or 0)
     request = Request(finish_messages(messages, served), settings, seed=number(body, "seed", 0, 2**64 - 1, integer=True),
-                      stream=bool(body.get("stream")), tools=tools, tool_choice=tool_choice)
+                      stream=bool(body.get("stream")), tools=tools, tool_choice=tool_choice, constraint=limit)
     reasoning = body.get("reasoning") or {}
     if not isinstance(reasoning, dict):
         raise bad("reasoning must be an object.", "reasoning")
