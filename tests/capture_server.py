@@ -120,7 +120,8 @@ class Handler(BaseHTTPRequestHandler):
             body = raw.decode(errors="replace")
         with self.server.lock:
             n = next(self.server.count)
-        record = {"n": n, "method": self.command, "path": self.path, "headers": dict(self.headers.items()), "body": body}
+        record = {"n": n, "method": self.command, "path": self.path, "headers": dict(self.headers.items()),
+                  "body": body}
         path = self.server.folder / f"{n:03d}.json"
         path.write_text(json.dumps(record, indent=1))
         if self.server.upstream:

@@ -56,6 +56,16 @@ def agent(name: str) -> str:
     pytest.skip(f"`{name}` is not installed: `npm ci --prefix .agents` with .ci/agents/package*.json (.ci/run does)")
 
 
+@pytest.fixture(scope="module")
+def codex_bin():
+    return agent("codex")
+
+
+@pytest.fixture(scope="module")
+def claude_bin():
+    return agent("claude")
+
+
 # ---- checkpoints and servers -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -150,12 +160,12 @@ env_key = "MLX_GLM4V_API_KEY"
     return home
 
 
-def codex(tmp_path, url, prompt, *args):
+def codex(binary, tmp_path, url, prompt, *args):
     """`codex exec --json` as a process, in a fresh work folder; its stdout is the event stream."""
     work = tmp_path / "work"
     work.mkdir(exist_ok=True)
     env = agent_env(tmp_path / "home", CODEX_HOME=str(codex_home(tmp_path, url)), MLX_GLM4V_API_KEY="unused")
-    command = [agent("codex"), "exec", "--json", "--skip-git-repo-check", "--ephemeral",
+    command = [binary, "exec", "--json", "--skip-git-repo-check", "--ephemeral",
                "--dangerously-bypass-approvals-and-sandbox", "-C", str(work), prompt, *args]
     return subprocess.Popen(command, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -173,10 +183,10 @@ def claude_env(tmp_path, url) -> dict:
     )
 
 
-def claude(tmp_path, url, prompt, *args):
+def claude(binary, tmp_path, url, prompt, *args):
     work = tmp_path / "work"
     work.mkdir(exist_ok=True)
-    command = [agent("claude"), "-p", prompt, "--model", MODEL, "--system-prompt", INSTRUCTIONS, "--tools", "Bash",
+    command = [binary, "-p", prompt, "--model", MODEL, "--system-prompt", INSTRUCTIONS, "--tools", "Bash",
                *args]
     return subprocess.Popen(command, cwd=work, env=claude_env(tmp_path, url), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -254,9 +264,9 @@ def answered(record) -> bool:
 
 # ---- Codex CLI -----------------------------------------------------------------------------------------
 
-def test_codex_exec_completes_a_turn(hello_server, relay, tmp_path):
+def test_codex_exec_completes_a_turn(codex_bin, hello_server, relay, tmp_path):
     recorder = relay(hello_server)
-    status, out, err = finish(codex(tmp_path, recorder.url, "Say hello"))
+    status, out, err = finish(codex(codex_bin, tmp_path, recorder.url, "Say hello"))
     assert status == 0, out + err
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     said = [e["item"]["text"] for e in lines if e["type"] == "item.completed" and e["item"]["type"] == "agent_message"]
@@ -266,11 +276,12 @@ def test_codex_exec_completes_a_turn(hello_server, relay, tmp_path):
     assert answered(requests[0])
 
 
-def test_codex_exec_with_an_image(hello_server, relay, tmp_path):
+def test_codex_exec_with_an_image(codex_bin, hello_server, relay, tmp_path):
     recorder = relay(hello_server)
     picture(64, 48, 7).save(tmp_path / "photo.png")
     encoded = metric(hello_server, "vision_encodes_total")
-    status, out, err = finish(codex(tmp_path, recorder.url, "What is in this picture?", "-i", str(tmp_path / "photo.png")))
+    prompt, photo = "What is in this picture?", str(tmp_path / "photo.png")
+    status, out, err = finish(codex(codex_bin, tmp_path, recorder.url, prompt, "-i", photo))
     assert status == 0, out + err
     assert f'"text":"{HELLO}"' in out.replace(" ", "")
     (request,) = recorder.records()
@@ -280,9 +291,9 @@ def test_codex_exec_with_an_image(hello_server, relay, tmp_path):
     assert metric(hello_server, "vision_encodes_total") > encoded  # the picture went through the vision tower
 
 
-def test_codex_runs_the_shell_tool_and_sends_its_output_back(codex_tool_server, relay, tmp_path):
+def test_codex_runs_the_shell_tool_and_sends_its_output_back(codex_bin, codex_tool_server, relay, tmp_path):
     recorder = relay(codex_tool_server)
-    process = codex(tmp_path, recorder.url, "Run echo hi")
+    process = codex(codex_bin, tmp_path, recorder.url, "Run echo hi")
 
     def commands(seen):
         return [e["item"] for e in seen if e["type"] == "item.completed" and e["item"]["type"] == "command_execution"]
@@ -304,9 +315,9 @@ def test_codex_runs_the_shell_tool_and_sends_its_output_back(codex_tool_server, 
 
 # ---- Claude Code ---------------------------------------------------------------------------------------
 
-def test_claude_completes_a_turn(hello_server, relay, tmp_path):
+def test_claude_completes_a_turn(claude_bin, hello_server, relay, tmp_path):
     recorder = relay(hello_server)
-    status, out, err = finish(claude(tmp_path, recorder.url, "Say hello", "--output-format", "json"))
+    status, out, err = finish(claude(claude_bin, tmp_path, recorder.url, "Say hello", "--output-format", "json"))
     assert status == 0, out + err
     result = json.loads(out)
     assert result["subtype"] == "success" and not result["is_error"] and result["result"] == HELLO, result
@@ -315,12 +326,13 @@ def test_claude_completes_a_turn(hello_server, relay, tmp_path):
     assert answered(requests[0])
 
 
-def test_claude_second_run_reads_its_prompt_from_the_cache(hello_server, relay, tmp_path):
+def test_claude_second_run_reads_its_prompt_from_the_cache(claude_bin, hello_server, relay, tmp_path):
     """Same system prompt and tools, a new session: the server's prefix cache serves the prompt."""
     recorder = relay(hello_server)
     runs = []
     for _ in range(2):
-        status, out, err = finish(claude(tmp_path, recorder.url, "Say hello again", "--output-format", "json"))
+        process = claude(claude_bin, tmp_path, recorder.url, "Say hello again", "--output-format", "json")
+        status, out, err = finish(process)
         assert status == 0, out + err
         runs.append(json.loads(out)["usage"])
     second = runs[1]  # Anthropic's input_tokens leave out the cached ones
@@ -328,10 +340,10 @@ def test_claude_second_run_reads_its_prompt_from_the_cache(hello_server, relay, 
     assert prompt > 1000 and second["cache_read_input_tokens"] >= 0.9 * prompt, runs
 
 
-def test_claude_runs_bash_and_sends_its_output_back(claude_tool_server, relay, tmp_path):
+def test_claude_runs_bash_and_sends_its_output_back(claude_bin, claude_tool_server, relay, tmp_path):
     recorder = relay(claude_tool_server)
     # Two model turns: the call, then the answer to its result (the scripted model calls again).
-    process = claude(tmp_path, recorder.url, "Run echo hi", "--output-format", "stream-json", "--verbose",
+    process = claude(claude_bin, tmp_path, recorder.url, "Run echo hi", "--output-format", "stream-json", "--verbose",
                      "--max-turns", "2", "--allowedTools", "Bash(echo hi)")
 
     def blocks(seen, role, kind):
