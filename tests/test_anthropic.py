@@ -254,3 +254,13 @@ def test_models_as_both_sdks_read_them(plain, scripted):
     with pytest.raises(anthropic.NotFoundError):
         plain.anthropic.models.retrieve("claude-haiku-4-5")
     assert scripted.anthropic.models.retrieve("claude-haiku-4-5").id == "claude-haiku-4-5"  # --answer-any-model
+
+
+def test_message_start_leaves_the_cache_split_to_message_delta(plain):
+    body = {"model": plain.model, "max_tokens": 2, "stream": True, "messages": [{"role": "user", "content": "Hey"}]}
+    for _ in range(2):  # the second reads its prompt from the cache
+        with httpx.stream("POST", f"{plain.url}/v1/messages", json=body, timeout=60) as response:
+            events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    start, delta = events[0]["message"]["usage"], next(e for e in events if e["type"] == "message_delta")["usage"]
+    assert start["cache_read_input_tokens"] is None and delta["cache_read_input_tokens"] > 0
+    assert start["input_tokens"] == delta["input_tokens"] + delta["cache_read_input_tokens"]

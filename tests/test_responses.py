@@ -50,7 +50,8 @@ def test_greedy_equals_chat_completions(plain, count):
     chat_parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls] + [{"type": "text", "text": text}]
     chat = plain.client.chat.completions.create(model=plain.model, messages=[{"role": "user", "content": chat_parts}],
                                                 temperature=0, max_completion_tokens=12)
-    parts = [{"type": "input_image", "image_url": u} for u in urls] + [{"type": "input_text", "text": text}]
+    parts = [{"type": "input_image", "image_url": u, "detail": "original"} for u in urls] + \
+        [{"type": "input_text", "text": text}]
     items = [{"role": "user", "content": parts}] if count else text
     whole = plain.client.responses.create(model=plain.model, input=items, temperature=0, max_output_tokens=12)
     message = chat.choices[0].message

@@ -172,3 +172,91 @@ def test_response_store_is_bounded_by_count_and_bytes():
     store.put("big", {"text": "x" * 9_970}, [])
     assert list(store.items) == ["r4", "big"] and store.bytes <= 10_000
     assert store.pop("big") is not None and store.get("big") is None and store.bytes == len('{"id": "r4"}') + 2
+
+
+def validator(union):
+    """Validate an event strictly by the SDK's model for its `type`."""
+    import typing
+
+    args = typing.get_args(union)
+    while len(args) == 1 or (args and not hasattr(args[0], "model_fields")):
+        args = typing.get_args(args[0])
+    models = {typing.get_args(m.model_fields["type"].annotation)[0]: m for m in args}
+    return lambda event: models[event["type"]].model_validate(event)
+
+
+def rendered(dialect, request, events, failure=None):
+    from mlx_glm4v.server.neutral import Meta
+
+    stream = dialect.Stream(request, Meta(dialect.reply_id(), 0, "glm-tiny", 9, SERVED))
+    lines = stream.head() + stream.feed(events) + (stream.fail(failure) if failure else []) + stream.tail()
+    return [json.loads(line.split("data: ", 1)[1]) for line in lines if "data: " in line]
+
+
+@pytest.mark.parametrize("failure", [None, ApiError(504, "the request ran past the server's limit.", code="timeout")])
+def test_streams_validate_as_the_sdks_typed_events(failure):
+    """Every event both dialects stream, validated strictly by the official SDKs' own event models."""
+    from anthropic.types import RawMessageStreamEvent
+    from openai.types.responses import ResponseStreamEvent
+
+    from mlx_glm4v.server.neutral import Finish
+
+    class Usage:
+        prompt_tokens, completion_tokens, cached_tokens = 9, 7, 4
+
+    text = ("<think>Plan.</think>Sure.<tool_call>book<arg_key>city</arg_key><arg_value>Oslo</arg_value>"
+            "<arg_key>days</arg_key><arg_value>2</arg_value></tool_call>")
+    parser = ReplyParser([SCHEMA])
+    events = parser.feed(text) + parser.finish()
+    events += [] if failure else [Finish("tool_calls", Usage(), reasoning_tokens=3)]
+    body = {"model": "glm-tiny", "input": "Hi", "tools": [{"type": "function", "name": "book",
+                                                          "parameters": SCHEMA["function"]["parameters"]}],
+            "include": ["reasoning.encrypted_content"], "store": False}
+    validate = validator(ResponseStreamEvent)
+    out = [validate(e) for e in rendered(responses, responses.parse(body, SERVED), events, failure)]
+    assert out[-1].type == ("response.failed" if failure else "response.completed")
+    if not failure:
+        assert [i.type for i in out[-1].response.output] == ["reasoning", "message", "function_call"]
+        assert out[-1].response.output[2].arguments == '{"city": "Oslo", "days": 2}'
+        assert out[-1].response.usage.output_tokens_details.reasoning_tokens == 3
+    body = {"model": "glm-tiny", "max_tokens": 9, "messages": [{"role": "user", "content": "Hi"}],
+            "tools": [{"name": "book", "input_schema": SCHEMA["function"]["parameters"]}]}
+    validate = validator(RawMessageStreamEvent)
+    wire = rendered(anthropic, anthropic.parse(body, SERVED), events, failure)
+    checked = [validate(e) for e in wire if e["type"] not in ("ping", "error")]
+    assert [e["type"] for e in wire if e["type"] in ("ping", "error")] == ["ping"] + (["error"] if failure else [])
+    if not failure:
+        assert checked[-2].delta.stop_reason == "tool_use" and checked[-2].usage.cache_read_input_tokens == 4
+
+
+def test_whole_replies_validate_as_the_sdks_types():
+    from anthropic.types import Message
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+    from openai.types.responses import Response
+
+    from mlx_glm4v.server import openai
+    from mlx_glm4v.server.neutral import Finish, Meta
+
+    class Usage:
+        prompt_tokens, completion_tokens, cached_tokens = 9, 7, 4
+
+    parser = ReplyParser([SCHEMA])
+    events = parser.feed("<think>Plan.</think>Sure.<tool_call>book<arg_key>days</arg_key><arg_value>2</arg_value>"
+                         "</tool_call>") + parser.finish() + [Finish("tool_calls", Usage(), reasoning_tokens=3)]
+    meta = Meta("x_1", 0, "glm-tiny", 9, SERVED)
+    tools = [{"type": "function", "name": "book", "parameters": SCHEMA["function"]["parameters"]}]
+    response = Response.model_validate(responses.whole(responses.parse({"model": "glm-tiny", "input": "Hi",
+                                                                        "tools": tools}, SERVED), events, meta))
+    assert response.output[-1].arguments == '{"days": 2}' and response.output_text == "Sure."
+    body = {"model": "glm-tiny", "max_tokens": 9, "messages": [{"role": "user", "content": "Hi"}],
+            "tools": [{"name": "book", "input_schema": SCHEMA["function"]["parameters"]}]}
+    message = Message.model_validate(anthropic.whole(anthropic.parse(body, SERVED), events, meta))
+    assert [b.type for b in message.content] == ["thinking", "text", "tool_use"] and message.stop_reason == "tool_use"
+    chat = openai.parse({"model": "glm-tiny", "messages": [{"role": "user", "content": "Hi"}], "tools": [SCHEMA],
+                         "stream": True, "stream_options": {"include_usage": True}}, SERVED)
+    completion = ChatCompletion.model_validate(openai.whole(chat, events, meta))
+    assert completion.choices[0].message.tool_calls[0].function.arguments == '{"days": 2}'
+    stream = openai.Stream(chat, meta)
+    chunks = [ChatCompletionChunk.model_validate(json.loads(line[6:]))
+              for line in stream.head() + stream.feed(events) if line.startswith("data: ")]
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 4

@@ -280,13 +280,15 @@ class Stream:
         self.message = {"id": meta.id, "type": "message", "role": "assistant", "model": meta.model, "content": [],
                         "stop_reason": None, "stop_sequence": None,
                         "usage": {"input_tokens": meta.prompt_tokens, "output_tokens": 0,
-                                  "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}}
+                                  "cache_read_input_tokens": None, "cache_creation_input_tokens": None}}
 
     @staticmethod
     def event(kind: str, **fields) -> str:
         return f"event: {kind}\ndata: {json.dumps({'type': kind, **fields}, ensure_ascii=False)}\n\n"
 
     def head(self) -> list:
+        """message_start goes out before the prompt is read: its usage counts the whole prompt as
+        input, the cache split unknown (null); message_delta carries the split."""
         return [self.event("message_start", message=json.loads(json.dumps(self.message))), self.event("ping")]
 
     def keepalive(self) -> str:

@@ -80,6 +80,7 @@ class State:
         self.names = {config.name, config.model}
         self.tools_supported = self.thinking_in_template = False
         self.max_prompt_tokens = config.max_prompt_tokens
+        self.context = None  # the model's context length, once loaded
         self.store = responses.Store(config.store_count, config.store_bytes)
         self.served = None
 
@@ -101,8 +102,9 @@ class State:
         variables = meta.find_undeclared_variables(Environment().parse(processor.chat_template))
         self.tools_supported = "tools" in variables
         self.thinking_in_template = "</think>" in processor.chat_template
+        self.context = model.config.text_config.max_position_embeddings
         if self.max_prompt_tokens is None:
-            self.max_prompt_tokens = model.config.text_config.max_position_embeddings
+            self.max_prompt_tokens = self.context
         self.processor = processor
         self.served = Served(self.config.name, self.names, self.tools_supported, self.thinking_in_template,
                              "enable_thinking" in processor.chat_template, self.config.answer_any_model, self.store)
@@ -275,7 +277,7 @@ async def _reply(request: Request, dialect):
     inputs = await _prepared(ready, neutral)
     n = int(inputs["input_ids"].shape[-1])
     settings = dict(neutral.settings)
-    room = ready.max_prompt_tokens - n if settings.get("max_tokens") is None else settings["max_tokens"]
+    room = ready.context - n if settings.get("max_tokens") is None else settings["max_tokens"]
     if ready.config.max_output_tokens:
         room = min(room, ready.config.max_output_tokens)
     settings["max_tokens"] = max(1, room)

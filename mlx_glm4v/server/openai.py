@@ -75,9 +75,9 @@ def media_source(part: dict, key: str, where: str):
         value = value.get("url")
     if not isinstance(value, str) or not value:
         raise bad(f"{where}: a {part.get('type')} part needs a url string.", where)
-    if detail not in (None, "auto", "low", "high"):
-        raise bad(f"{where}: detail {detail!r} must be auto, low or high.", where)
-    return value, detail or "auto"
+    if detail not in (None, "auto", "low", "high", "original"):
+        raise bad(f"{where}: detail {detail!r} must be auto, low, high or original.", where)
+    return value, "high" if detail == "original" else detail or "auto"  # high is the full size already
 
 
 def _user_content(content, where: str):

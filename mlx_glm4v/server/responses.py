@@ -410,7 +410,8 @@ class Stream:
 
     def _finish(self, finish: Finish) -> list:
         u, r = finish.usage, self.response
-        r["usage"] = {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": u.cached_tokens},
+        r["usage"] = {"input_tokens": u.prompt_tokens,
+                      "input_tokens_details": {"cached_tokens": u.cached_tokens, "cache_write_tokens": 0},
                       "output_tokens": u.completion_tokens,
                       "output_tokens_details": {"reasoning_tokens": finish.reasoning_tokens},
                       "total_tokens": u.prompt_tokens + u.completion_tokens}
@@ -438,7 +439,8 @@ class Stream:
 
     def fail(self, e: ApiError) -> list:
         self.response["status"] = "failed"
-        self.response["error"] = {"code": e.code or "server_error", "message": e.message}
+        code = "rate_limit_exceeded" if e.status == 429 else "server_error"  # the codes the API defines
+        self.response["error"] = {"code": code, "message": e.message}
         return [self.event("error", code=e.code, message=e.message, param=e.param),
                 self.event("response.failed", response=self.snapshot())]
 
