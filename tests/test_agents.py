@@ -70,9 +70,13 @@ def claude_bin():
 
 @pytest.fixture(scope="module")
 def agent_checkpoint(tmp_path_factory):
-    """A tiny GLM-4.5V checkpoint whose tokenizer keeps the scripts' words whole."""
+    """A tiny GLM-4.5V checkpoint whose tokenizer keeps the scripts' words whole, with the real
+    model's context (the tiny config's 4096 tokens hold not even an agent's first request)."""
     path = tmp_path_factory.mktemp("agents-tiny")
     tiny.build_checkpoint(path, family="glm4v_moe", words=WORDS, vocab_size=480)
+    config = json.loads((path / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 65536
+    (path / "config.json").write_text(json.dumps(config, indent=2))
     return path
 
 
@@ -81,15 +85,13 @@ def scripted(agent_checkpoint, tmp_path_factory, script):
     return tiny.scripted_checkpoint(agent_checkpoint, tmp_path_factory.mktemp("agents-script") / MODEL, script)
 
 
-def serve(checkpoint, tmp_path_factory):
-    log = tmp_path_factory.mktemp("agents-log") / "server.log"
-    # Agents send 15-20k tokens of instructions and tool schemas: more than the tiny config's 4096.
-    return Server(checkpoint, ["--max-prompt-tokens", "100000"], log)
+def serve(checkpoint, tmp_path_factory, *args):
+    return Server(checkpoint, list(args), tmp_path_factory.mktemp("agents-log") / "server.log")
 
 
 @pytest.fixture(scope="module")
 def hello_server(agent_checkpoint, tmp_path_factory):
-    server = serve(scripted(agent_checkpoint, tmp_path_factory, HELLO), tmp_path_factory)
+    server = serve(scripted(agent_checkpoint, tmp_path_factory, HELLO), tmp_path_factory, "--answer-any-model")
     yield server
     server.close()
 
@@ -171,24 +173,26 @@ def codex(binary, tmp_path, url, prompt, *args):
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def claude_env(tmp_path, url) -> dict:
-    """Claude Code pointed at the server (docs/agents.md): side tasks on the one served model."""
-    return agent_env(
-        tmp_path / "home",
-        ANTHROPIC_BASE_URL=url, ANTHROPIC_AUTH_TOKEN="unused",
+def claude_env(tmp_path, url, named=True) -> dict:
+    """Claude Code pointed at the server (docs/agents.md): side tasks on the one served model, or
+    (named=False) its own model names, for a server that answers any (`--answer-any-model`)."""
+    models = dict(
         ANTHROPIC_MODEL=MODEL, ANTHROPIC_DEFAULT_HAIKU_MODEL=MODEL, ANTHROPIC_DEFAULT_SONNET_MODEL=MODEL,
         ANTHROPIC_DEFAULT_OPUS_MODEL=MODEL, CLAUDE_CODE_SUBAGENT_MODEL=MODEL,
+    )
+    return agent_env(
+        tmp_path / "home", ANTHROPIC_BASE_URL=url, ANTHROPIC_AUTH_TOKEN="unused", **(models if named else {}),
         CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", DISABLE_TELEMETRY="1", DISABLE_AUTOUPDATER="1",
         DISABLE_ERROR_REPORTING="1",
     )
 
 
-def claude(binary, tmp_path, url, prompt, *args):
+def claude(binary, tmp_path, url, prompt, *args, named=True):
     work = tmp_path / "work"
     work.mkdir(exist_ok=True)
-    command = [binary, "-p", prompt, "--model", MODEL, "--system-prompt", INSTRUCTIONS, "--tools", "Bash",
-               *args]
-    return subprocess.Popen(command, cwd=work, env=claude_env(tmp_path, url), stdin=subprocess.DEVNULL,
+    model = ["--model", MODEL] if named else []
+    command = [binary, "-p", prompt, *model, "--system-prompt", INSTRUCTIONS, "--tools", "Bash", *args]
+    return subprocess.Popen(command, cwd=work, env=claude_env(tmp_path, url, named), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -324,6 +328,17 @@ def test_claude_completes_a_turn(claude_bin, hello_server, relay, tmp_path):
     requests = recorder.records()
     assert [(r["method"], r["path"]) for r in requests] == [("POST", "/v1/messages?beta=true")]
     assert answered(requests[0])
+
+
+def test_claude_with_its_own_model_names(claude_bin, hello_server, relay, tmp_path):
+    """No model variables: Claude Code asks for its own default model, which `--answer-any-model` serves."""
+    recorder = relay(hello_server)
+    process = claude(claude_bin, tmp_path, recorder.url, "Say hello", "--output-format", "json", named=False)
+    status, out, err = finish(process)
+    assert status == 0, out + err
+    assert json.loads(out)["result"] == HELLO
+    (request,) = recorder.records()
+    assert request["body"]["model"] != MODEL and answered(request)
 
 
 def test_claude_second_run_reads_its_prompt_from_the_cache(claude_bin, hello_server, relay, tmp_path):
