@@ -11,9 +11,10 @@ A scripted model calls its tool again after every result: the agents are stopped
 second request, carrying the tool's output, has been answered in full and they have acted on it.
 
 The agents' own options shorten their system prompts (Codex's `model_instructions_file`, Claude
-Code's `--system-prompt` and `--tools Bash`): their default requests, 40-50 KB, are 20k tokens of
-the tiny tokenizer, minutes of prefill on a small CPU. Every other part of the requests (tools of
-every kind, message roles, reasoning and thinking settings, headers) is what the agents send.
+Code's `--system-prompt` and `--tools Bash`) to 8k and 4k tokens of the tiny tokenizer: their
+default requests, 40-50 KB, are 20k tokens, minutes of prefill on a small CPU. Every other part of
+the requests (tools of every kind, message roles, reasoning and thinking settings, headers) is
+what the agents send.
 """
 
 import json
@@ -26,7 +27,6 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from capture_server import Recorder
 from test_server import Server, picture
