@@ -220,8 +220,11 @@ _CORPUS = [
 ]
 
 
-def build_tokenizer(path: Path, vocab_size: int = 320, special_tokens=SPECIAL_TOKENS):
-    """Train a small byte-level BPE carrying GLM's special tokens; returns the fast tokenizer."""
+def build_tokenizer(path: Path, vocab_size: int = 320, special_tokens=SPECIAL_TOKENS, words=()):
+    """Train a small byte-level BPE carrying GLM's special tokens; returns the fast tokenizer.
+
+    `words` join the training text, so that they come out as few, whole tokens (a scripted
+    reply's tokens must all differ)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -233,7 +236,7 @@ def build_tokenizer(path: Path, vocab_size: int = 320, special_tokens=SPECIAL_TO
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
+    tok.train_from_iterator((_CORPUS + list(words)) * 20, trainer=trainer)
     tok.add_special_tokens(special_tokens)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -384,7 +387,8 @@ def model_class_and_config(family: str, tokenizer):
 
 
 def build_checkpoint(
-    path, seed: int = 0, max_shard_size: str | None = None, processor_layout: str = "v5", family: str = "glm4v"
+    path, seed: int = 0, max_shard_size: str | None = None, processor_layout: str = "v5", family: str = "glm4v",
+    words=(), vocab_size: int = 320,
 ):
     """Write a tiny checkpoint of `family` (weights, configs, tokenizer, processor) to `path`.
 
@@ -399,7 +403,8 @@ def build_checkpoint(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     glm41v = family == "glm4v"
-    tokenizer = build_tokenizer(path, special_tokens=SPECIAL_TOKENS if glm41v else SPECIAL_TOKENS_45V)
+    specials = SPECIAL_TOKENS if glm41v else SPECIAL_TOKENS_45V
+    tokenizer = build_tokenizer(path, vocab_size, special_tokens=specials, words=words)
     pad, eos = tokenizer.convert_tokens_to_ids("<|endoftext|>"), eos_ids(tokenizer)
     model_class, config = model_class_and_config(family, tokenizer)
     torch.manual_seed(seed)
@@ -439,7 +444,7 @@ def _rewrite_as_hub_layout(path: Path, processor):
 
 
 def scripted_checkpoint(source, out, script: str):
-    """A copy of the tiny GLM-4.1V checkpoint at `source` that replies `script` to any prompt:
+    """A copy of the tiny checkpoint at `source` that replies `script` to any prompt:
     the decoder's attention and MLP outputs are zeroed, so the last hidden state is the last
     token's embedding, and the output head maps each token of the script to the next (the
     script's tokens must all differ). Lets tests see what a real reply of that text does."""
