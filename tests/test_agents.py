@@ -145,7 +145,7 @@ def agent_env(home: Path, **extra) -> dict:
 
 
 def codex_home(tmp_path: Path, url: str) -> Path:
-    """CODEX_HOME with a config.toml naming the server as a custom Responses provider (docs/agents.md)."""
+    """CODEX_HOME with a config.toml naming the server as a custom Responses provider (README, Agents)."""
     home = tmp_path / "codex-home"
     home.mkdir()
     (home / "instructions.md").write_text(INSTRUCTIONS)
@@ -174,7 +174,7 @@ def codex(binary, tmp_path, url, prompt, *args):
 
 
 def claude_env(tmp_path, url, named=True) -> dict:
-    """Claude Code pointed at the server (docs/agents.md): side tasks on the one served model, or
+    """Claude Code pointed at the server (README, Agents): side tasks on the one served model, or
     (named=False) its own model names, for a server that answers any (`--answer-any-model`)."""
     models = dict(
         ANTHROPIC_MODEL=MODEL, ANTHROPIC_DEFAULT_HAIKU_MODEL=MODEL, ANTHROPIC_DEFAULT_SONNET_MODEL=MODEL,
