@@ -25,7 +25,9 @@ FOX = {"type": "function", "name": "fox", "description": "Look a city up.",
 
 @pytest.fixture(scope="module")
 def plain(glm4v_checkpoint, tmp_path_factory):
-    server = Server(glm4v_checkpoint[0], ["--keepalive", "0.05"], tmp_path_factory.mktemp("responses") / "plain.log")
+    # prompts may pass the tiny model's context of 4096 tokens, and then need a token limit
+    server = Server(glm4v_checkpoint[0], ["--keepalive", "0.05", "--max-prompt-tokens", "8192"],
+                    tmp_path_factory.mktemp("responses") / "plain.log")
     yield server
     server.close()
 
@@ -144,6 +146,8 @@ def test_refusals_in_openai_shape(plain, scripted):
     refused(plain, {"model": m, "input": [{"type": "item_reference", "id": "x"}]}, 400, "item_reference")
     refused(plain, {"model": m, "input": "Hi", "include": ["message.output_text.logprobs"]}, 400, "include")
     refused(plain, {"model": m, "input": "Hi", "reasoning": {"effort": "huge"}}, 400, "reasoning.effort")
+    long = "a " * 5000  # over the context: without max_output_tokens no reply fits (it was cut at one token)
+    assert refused(plain, {"model": m, "input": long}, 400, "fills the model's context")["code"] == "context_length_exceeded"
     s = scripted
     refused(s, {"model": s.model, "input": "Hi", "tools": [FOX], "tool_choice": {"type": "function", "name": "nope"}},
             400, "tool_choice")

@@ -278,6 +278,9 @@ async def _reply(request: Request, dialect):
     n = int(inputs["input_ids"].shape[-1])
     settings = dict(neutral.settings)
     room = ready.context - n if settings.get("max_tokens") is None else settings["max_tokens"]
+    if room < 1:  # only with --max-prompt-tokens over the context: no limit asked, none left
+        raise bad(f"the prompt is {n} tokens and fills the model's context of {ready.context}; give a token limit "
+                  "or a shorter prompt.", "messages", "context_length_exceeded")
     if ready.config.max_output_tokens:
         room = min(room, ready.config.max_output_tokens)
     settings["max_tokens"] = max(1, room)
