@@ -17,7 +17,7 @@ from ..errors import Glm4vError
 from ..generate import GenerationSettings
 from .formats import FormatError, anthropic_output_format, anthropic_tool_choice, one_constraint
 from .neutral import (ApiError, Content, Finish, Reasoning, Request, Served, ToolArgs, ToolEnd, ToolStart, bad,
-                      check_model, effort, finish_messages, function_tool, no_thinking, number, seal,
+                      check_model, effort, finish_messages, function_tool, no_thinking, number, offered_tools, seal,
                       unknown_fields, unseal)
 
 log = logging.getLogger("mlx_glm4v.server")
@@ -171,27 +171,16 @@ def parse_messages(messages) -> list:
     return out
 
 
-def _tools(body, served: Served) -> tuple:
-    tools, choice = body.get("tools") or [], body.get("tool_choice")
-    if not isinstance(tools, list):
-        raise bad("tools must be a list.", "tools")
-    out = []
-    for i, tool in enumerate(tools):
-        if not isinstance(tool, dict):
-            raise bad(f"tools[{i}] must be an object.", f"tools[{i}]")
-        if tool.get("type") not in (None, "custom"):
-            log.info("tools[%d]: the server tool %r cannot run here; left out", i, tool.get("type"))
-            continue
-        if tool.get("defer_loading"):  # shown to the model only once a tool search finds it
-            log.info("tools[%d]: %r is deferred (defer_loading); left out", i, tool.get("name"))
-            continue
-        out.append(function_tool(tool.get("name"), tool.get("description"), tool.get("input_schema"), f"tools[{i}]"))
-    kind = choice.get("type") if isinstance(choice, dict) else choice
-    if not out or kind == "none":
-        return None, choice if kind not in (None, "auto", "none") else None
-    if not served.tools_supported:
-        raise bad("tools are not supported: this model's chat template does not render them.", "tools")
-    return out, choice  # {"type": "any"} or {"type": "tool", "name"}: forced by a constraint (formats.py)
+def _tool(i: int, tool):
+    if not isinstance(tool, dict):
+        raise bad(f"tools[{i}] must be an object.", f"tools[{i}]")
+    if tool.get("type") not in (None, "custom"):
+        log.info("tools[%d]: the server tool %r cannot run here; left out", i, tool.get("type"))
+        return None
+    if tool.get("defer_loading"):  # shown to the model only once a tool search finds it
+        log.info("tools[%d]: %r is deferred (defer_loading); left out", i, tool.get("name"))
+        return None
+    return function_tool(tool.get("name"), tool.get("description"), tool.get("input_schema"), f"tools[{i}]")
 
 
 def parse(body, served: Served, counting: bool = False) -> Request:
@@ -215,7 +204,7 @@ def parse(body, served: Served, counting: bool = False) -> Request:
     settings = dict(max_tokens=max_tokens, temp=1.0 if temperature is None else temperature,
                     top_p=1.0 if top_p is None else top_p, top_k=number(body, "top_k", 0, integer=True) or 0,
                     stop=tuple(stop))
-    tools, tool_choice = _tools(body, served)
+    tools, tool_choice = offered_tools(body, served, _tool)
     config = body.get("output_config") or {}
     if not isinstance(config, dict):
         raise bad("output_config must be an object.", "output_config")

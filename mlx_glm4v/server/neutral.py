@@ -168,6 +168,22 @@ def function_tool(name, description, parameters, where: str) -> dict:
     return {"type": "function", "function": fn}
 
 
+def offered_tools(body, served: Served, one) -> tuple:
+    """(tools in the template's form or None, tool_choice) of a dialect's body: `one(i, tool)` gives
+    a tool's function form, or None for one left out (it cannot run here). A tool_choice other than
+    auto or none is passed on: a constraint forces it (formats.py)."""
+    tools, choice = body.get("tools") or [], body.get("tool_choice")
+    if not isinstance(tools, list):
+        raise bad("tools must be a list.", "tools")
+    out = [t for t in (one(i, tool) for i, tool in enumerate(tools)) if t is not None]
+    kind = choice.get("type") if isinstance(choice, dict) else choice
+    if not out or kind == "none":
+        return None, choice if kind not in (None, "auto", "none") else None
+    if not served.tools_supported:
+        raise bad("tools are not supported: this model's chat template does not render them.", "tools")
+    return out, choice
+
+
 def finish_messages(messages: list, served: Served) -> list:
     """Earlier thinking dropped where the template cannot place it (GLM-4.1V's keeps it as text)."""
     if served.thinking_in_template:

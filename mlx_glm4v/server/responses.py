@@ -17,7 +17,8 @@ from ..errors import Glm4vError
 from ..generate import GenerationSettings
 from .formats import FormatError, one_constraint, responses_text_format, responses_tool_choice
 from .neutral import (ApiError, Content, Finish, Reasoning, Request, Served, ToolArgs, ToolEnd, ToolStart, bad,
-                      check_model, effort, finish_messages, function_tool, number, seal, unknown_fields, unseal)
+                      check_model, effort, finish_messages, function_tool, number, offered_tools, seal,
+                      unknown_fields, unseal)
 from .openai import media_source
 
 log = logging.getLogger("mlx_glm4v.server")
@@ -192,27 +193,18 @@ def parse_input(items) -> list:
     return out
 
 
-def _tools(body, served: Served) -> tuple:
-    tools, choice = body.get("tools") or [], body.get("tool_choice")
-    if not isinstance(tools, list):
-        raise bad("tools must be a list.", "tools")
-    out = []
-    for i, tool in enumerate(tools):
-        kind = tool.get("type") if isinstance(tool, dict) else None
-        if kind == "function":
-            unknown_fields(tool, {"type", "name", "description", "parameters", "strict"}, f"tools[{i}]")
-            out.append(function_tool(tool.get("name"), tool.get("description"), tool.get("parameters"), f"tools[{i}]"))
-        elif isinstance(kind, str) and (kind in HOSTED or kind.startswith(tuple(HOSTED))):
-            log.info("tools[%d]: the hosted tool %r cannot run here; left out", i, kind)
-        elif kind == "namespace":  # Codex's sub-agent tools, called by a namespaced name we cannot write
-            log.info("tools[%d]: the tool namespace %r is left out", i, tool.get("name"))
-        else:
-            raise bad(f"tools[{i}]: tool type {kind!r} is not supported (function).", f"tools[{i}]")
-    if not out or choice == "none":
-        return None, choice if choice not in (None, "auto", "none") else None
-    if not served.tools_supported:
-        raise bad("tools are not supported: this model's chat template does not render them.", "tools")
-    return out, choice  # "required" or a named function: forced by a constraint (formats.py)
+def _tool(i: int, tool):
+    kind = tool.get("type") if isinstance(tool, dict) else None
+    if kind == "function":
+        unknown_fields(tool, {"type", "name", "description", "parameters", "strict"}, f"tools[{i}]")
+        return function_tool(tool.get("name"), tool.get("description"), tool.get("parameters"), f"tools[{i}]")
+    if isinstance(kind, str) and (kind in HOSTED or kind.startswith(tuple(HOSTED))):
+        log.info("tools[%d]: the hosted tool %r cannot run here; left out", i, kind)
+    elif kind == "namespace":  # Codex's sub-agent tools, called by a namespaced name we cannot write
+        log.info("tools[%d]: the tool namespace %r is left out", i, tool.get("name"))
+    else:
+        raise bad(f"tools[{i}]: tool type {kind!r} is not supported (function).", f"tools[{i}]")
+    return None
 
 
 def parse(body, served: Served) -> Request:
@@ -247,7 +239,7 @@ def parse(body, served: Served) -> Request:
     if instructions is not None and not isinstance(instructions, str):
         raise bad("instructions must be a string.", "instructions")
     messages = ([{"role": "system", "content": instructions}] if instructions else []) + history
-    tools, tool_choice = _tools(body, served)
+    tools, tool_choice = offered_tools(body, served, _tool)
     try:
         constraint = one_constraint(responses_text_format(text), responses_tool_choice(tool_choice, tools), "text.format")
     except FormatError as e:
