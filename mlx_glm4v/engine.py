@@ -230,14 +230,14 @@ class Engine:
     Rows decode one token a step: a request's `prompt_lookup` is not used (it never changes
     the output, only how many passes a single stream takes).
 
-    With a `group` of ranks, rank 0's engine takes requests and the others follow it
-    (`follow`); see `lockstep.serving_engine`.
+    With a `group` of ranks and its `link`, rank 0's engine takes requests and the others
+    follow it (`follow`); `lockstep.serving_engine` builds both.
     """
 
     def __init__(self, model: Model, processor: Processor, *, max_queue: int = 64,
                  max_concurrency: Optional[int] = None, token_budget: Optional[int] = None,
                  prefill_chunk: int = 512, prefix_cache_bytes: int = 1 << 30, feature_cache_items: int = 64,
-                 feature_cache_bytes: Optional[int] = None, group=None):
+                 feature_cache_bytes: Optional[int] = None, group=None, link=None):
         self.model, self.processor, self.group = model, processor, group
         budget, concurrency = default_limits(model)
         self.max_concurrency = max_concurrency or concurrency
@@ -257,11 +257,7 @@ class Engine:
         self._seconds_per_request = 1.0  # running mean, for Retry-After
         self._wake = threading.Condition()
         self._numbers = itertools.count()
-        self.link = None
-        if group is not None:
-            from .lockstep import Link
-
-            self.link = Link(group)
+        self.link = link  # how rank 0's engine tells the others each turn (lockstep.Link); None on one rank
         self._thread = None
         if group is None or group.rank() == 0:
             self._thread = threading.Thread(target=self._run, name="mlx-glm4v-engine", daemon=True)

@@ -23,6 +23,8 @@ from typing import Optional
 import numpy as np
 
 from .distributed import broadcast_bytes, finish, lost_rank, pack, rank_timeout, say_once, share, unpack
+from .engine import Engine, Request
+from .generate import GenerationSettings
 
 
 class Mirror:
@@ -48,9 +50,6 @@ def _request_message(handle) -> tuple:
 
 
 def _request(message: dict, blobs: list):
-    from .engine import Request
-    from .generate import GenerationSettings
-
     inputs = {name: np.frombuffer(blob, dtype=dtype).reshape(shape)
               for (name, dtype, shape), blob in zip(message["arrays"], blobs)}
     # no log-probabilities: nobody reads a mirror's events, and they decide nothing
@@ -136,10 +135,8 @@ def serving_engine(group, model, processor, **options):
     On rank 0 it returns the engine that takes requests; on the others it follows rank 0's
     engine and returns when that one is closed.
     """
-    from .engine import Engine
-
     options, _ = share(options if group.rank() == 0 else None, [], group)
-    engine = Engine(model, processor, group=group, **options)
+    engine = Engine(model, processor, group=group, link=Link(group), **options)
     if group.rank() != 0:
         engine.follow()
     return engine
