@@ -63,6 +63,25 @@ def checkpoint_name(key: str) -> str:
 VISION_CHUNK_PATCHES = 16384
 
 
+# A piece of vision work the engine runs between decode steps: frames of at most about
+# VISION_PIECE_PATCHES patches (one frame at least) through blocks of the tower, as many
+# blocks as keep patches x blocks within VISION_PIECE_WORK (one block at least).
+VISION_PIECE_PATCHES = 2048
+VISION_PIECE_WORK = 2048
+
+
+@dataclass
+class VisionPiece:
+    rows: np.ndarray  # pixel rows of the frames
+    grids: np.ndarray  # their grids, one (1, h, w) per frame or temporal group
+    start: int  # tower blocks [start, end): start 0 begins the frames, end == depth finishes them
+    end: int
+
+    @property
+    def work(self) -> int:
+        return int(np.prod(self.grids, axis=1).sum()) * (self.end - self.start)
+
+
 def _host(x):
     return None if x is None else np.asarray(x)
 
@@ -149,6 +168,28 @@ class Model(nn.Module):
         image = [f for item, f in zip(items, found) if item.kind == IMAGE]
         video = [f for item, f in zip(items, found) if item.kind == VIDEO]
         return (mx.concatenate(image) if image else None), (mx.concatenate(video) if video else None)
+
+    def vision_pieces(self, item, patches: int = VISION_PIECE_PATCHES, work: int = VISION_PIECE_WORK) -> list:
+        """One media item's vision work as `VisionPiece`s, in order.
+
+        A video's temporal groups never attend to each other, so they go a few at a time; each
+        group's activations are carried from block to block as in one pass. The cuts follow
+        from the item's grid alone, so every rank makes the same ones, and running the pieces
+        in order gives the whole pass's features bit for bit.
+        """
+        grids = frame_grids(item.grid) if item.kind == VIDEO else np.asarray(item.grid, np.int64)[None]
+        sizes = np.prod(grids, axis=1)
+        depth = len(self.visual.blocks)
+        pieces, first, row = [], 0, 0
+        while first < len(grids):
+            last, n = first + 1, int(sizes[first])
+            while last < len(grids) and n + sizes[last] <= patches:
+                n, last = n + int(sizes[last]), last + 1
+            step = max(1, work // n)
+            for start in range(0, depth, step):
+                pieces.append(VisionPiece(item.rows[row:row + n], grids[first:last], start, min(depth, start + step)))
+            first, row = last, row + n
+        return pieces
 
     def encode_frames(self, rows: np.ndarray, grids: np.ndarray, chunk: Optional[int] = None,
                       progress=None) -> mx.array:
