@@ -287,7 +287,7 @@ class Engine:
                  max_concurrency: Optional[int] = None, token_budget: Optional[int] = None,
                  prefill_chunk: int = 512, prefix_cache_bytes: int = 1 << 30, feature_cache_items: int = 64,
                  feature_cache_bytes: Optional[int] = None, max_stall_ms: float = 250, costs=None,
-                 vision_piece: Optional[Sequence[int]] = None, group=None, link=None):
+                 vision_piece: Optional[Sequence[int]] = None, clock=time.perf_counter, group=None, link=None):
         self.model, self.processor, self.group = model, processor, group
         budget, concurrency = default_limits(model)
         self.max_concurrency = max_concurrency or concurrency
@@ -301,6 +301,7 @@ class Engine:
             raise Glm4vError("max-stall-ms must be positive.")
         self.max_stall = max_stall_ms / 1000
         self.costs = costs or PieceCosts()
+        self.clock = clock  # what measures a turn's prefill (a test may give its own)
         self.vision_piece = tuple(vision_piece or (VISION_PIECE_PATCHES, VISION_PIECE_WORK))  # (patches, work)
         self._turn_prefill = 0  # where the next turn's round of prefilling rows starts
         self.vision_memo = FeatureMemo(feature_cache_items, feature_cache_bytes)
@@ -451,7 +452,7 @@ class Engine:
         At least one piece runs, so every turn moves; on several ranks rank 0 decides, from its
         own clock, whether another piece fits and tells the others (`_another`).
         """
-        began, ran, vision = time.perf_counter(), 0, 0.0
+        began, ran, vision = self.clock(), 0, 0.0
         while True:
             waiting = [r for r in self._rows if r.prefilling]
             if not waiting:
@@ -460,18 +461,18 @@ class Engine:
             kind, size = self._guard([row.handle], self._next_piece, row) or (None, 0)
             if kind is None:  # the row failed and ended
                 continue
-            if ran and not self._another(time.perf_counter() - began + self.costs.estimate(kind, size) <= self.max_stall):
+            if ran and not self._another(self.clock() - began + self.costs.estimate(kind, size) <= self.max_stall):
                 break
-            start = time.perf_counter()
+            start = self.clock()
             self._guard([row.handle], self._prefill, row)
-            seconds = time.perf_counter() - start
+            seconds = self.clock() - start
             self.costs.measured(kind, size, seconds)
             if kind == "vision":
                 vision += seconds
             ran += 1
             self._turn_prefill += 1
         if ran:
-            self.stats.turns.append((ran, time.perf_counter() - began))
+            self.stats.turns.append((ran, self.clock() - began))
             self.stats.vision_turn.observe(vision)
             self.stats.vision_seconds += vision
         decoding = [r for r in self._rows if not r.prefilling]
