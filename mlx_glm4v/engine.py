@@ -325,6 +325,11 @@ class Engine:
         return len(self._waiting)
 
     @property
+    def prefilling(self) -> int:
+        """Rows admitted and still being prefilled (read from another thread: a snapshot)."""
+        return sum(1 for r in list(self._rows) if r.prefilling)
+
+    @property
     def active(self) -> int:
         return len(self._rows)
 
@@ -494,6 +499,7 @@ class Engine:
                 row.to_encode.pop(0)
             if row.to_encode:
                 row.pieces = self.model.vision_pieces(row.to_encode[0], *self.vision_piece)
+                self.vision_memo.misses += 1
         if row.pieces:
             return "vision", row.pieces[0].work
         length = row.prompt.length if row.prompt is not None else len(row.ids)
