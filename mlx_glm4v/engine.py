@@ -12,9 +12,10 @@ So a long video never stalls the streams already running for more than about tha
 short request that arrives behind it starts within about one budget, new rows join the decode
 batch as soon as their first token is out, and finished or cancelled rows leave it at once. A
 row's prefill, sampling and attention are its own, its chunk and vision cuts fixed by its own
-prompt and media: its output does not depend on which rows share the batch or the turns. Admission is first come, first served, bounded by
-`max_concurrency` rows and a budget of tokens (prompt, media tokens included, plus max_tokens:
-what the KV caches will hold); beyond them a bounded queue, and past it `QueueFull`.
+prompt and media: its output does not depend on which rows share the batch or the turns.
+Admission is first come, first served, bounded by `max_concurrency` rows and a budget of tokens
+(prompt, media tokens included, plus max_tokens: what the KV caches will hold); beyond them a
+bounded queue, and past it `QueueFull`.
 
 Vision features are shared across requests by pixel digest, never by URL or file name; prompts
 are kept after their prefill (prefix.py) so a request that starts like one starts from it.
