@@ -48,7 +48,7 @@ from .errors import Glm4vError
 from .generate import (GenerationSettings, StopStrings, StreamingText, build_messages, generation_stream,
                        kv_group_size_for, maybe_quantize_kv_cache, wired_limit)
 from .media import FeatureMemo, media_items
-from .model import VISION_PIECE_PATCHES, VISION_PIECE_WORK, Model
+from .model import TEXT_PIECE_WORK, VISION_PIECE_PATCHES, VISION_PIECE_WORK, Model
 from .prefix import PrefixCache, media_marks
 from .processor import Processor
 from .rows import RowSampler, RowState, decode_logits
@@ -222,6 +222,7 @@ class _Row:
         self.pieces = None  # the vision pieces of to_encode[0] still to run (model.VisionPiece)
         self.parts = []  # its features so far, one array per finished run of frames
         self.tower = None  # activations of the frames part-way through the tower
+        self.decoder = None  # a prompt chunk part-way through the decoder layers (model.DecoderPass)
         self.features = {}  # digest -> features of the media this row encoded, until its prompt is embedded
         self.last_token = None  # when the latest token was handed out
         self.cache = settings.new_cache(engine.model, engine.processor, self.ids[None])
@@ -504,7 +505,20 @@ class Engine:
         if row.pieces:
             return "vision", row.pieces[0].work
         length = row.prompt.length if row.prompt is not None else len(row.ids)
-        return "text", min((row.done // row.chunk + 1) * row.chunk, length) - row.done
+        tokens = min((row.done // row.chunk + 1) * row.chunk, length) - row.done
+        first = row.decoder.layer if row.decoder is not None else 0
+        return "text", tokens * (min(self._layers, first + self._layer_step(tokens)) - first)
+
+    @property
+    def _layers(self) -> int:
+        return len(self.model.layers)
+
+    def _layer_step(self, tokens: int) -> int:
+        """Decoder layers a piece of a prompt chunk runs: all of them for a short chunk, fewer for a
+        long one (cut from the chunk's size alone, the same on every rank); all under a pipeline split."""
+        if self.model.language_model.pipeline_group is not None:
+            return self._layers
+        return max(1, TEXT_PIECE_WORK // max(1, tokens))
 
     def _prefill(self, row: _Row):
         """One piece of a row's prefill (see `_next_piece`): vision pieces, then prompt chunks."""
@@ -530,7 +544,16 @@ class Engine:
             self._embed(row)
         prompt, cache = row.prompt, row.cache
         end = min((row.done // row.chunk + 1) * row.chunk, prompt.length)
-        hidden = self.model.forward(prompt, cache, row.done, end, last_only=end == prompt.length)
+        step = self._layer_step(end - row.done)
+        if step >= self._layers:
+            hidden = self.model.forward(prompt, cache, row.done, end, last_only=end == prompt.length)
+        else:  # a long chunk: a few decoder layers a piece, its hidden states kept between turns
+            if row.decoder is None:
+                row.decoder = self.model.begin_pass(prompt, cache, row.done, end, last_only=end == prompt.length)
+            self.model.run_layers(row.decoder, cache, step)
+            if row.decoder.layer < self._layers:
+                return
+            hidden, row.decoder = row.decoder.h, None
         row.done = end
         self.stats.prefill_chunks += 1
         if end < prompt.length:

@@ -68,6 +68,8 @@ VISION_CHUNK_PATCHES = 16384
 # blocks as keep patches x blocks within VISION_PIECE_WORK (one block at least).
 VISION_PIECE_PATCHES = 2048
 VISION_PIECE_WORK = 2048
+# Likewise a prompt chunk of n tokens runs through max(1, TEXT_PIECE_WORK // n) decoder layers a piece.
+TEXT_PIECE_WORK = 1024
 
 
 @dataclass
@@ -80,6 +82,18 @@ class VisionPiece:
     @property
     def work(self) -> int:
         return int(np.prod(self.grids, axis=1).sum()) * (self.end - self.start)
+
+
+@dataclass
+class DecoderPass:
+    """A prompt chunk part-way through the decoder layers (`Model.begin_pass`)."""
+
+    h: mx.array
+    rope: tuple
+    mask: object
+    last_rope: Optional[tuple]
+    last_only: bool
+    layer: int = 0  # the next layer to run; all of them run: h is the output
 
 
 def _host(x):
@@ -285,6 +299,14 @@ class Model(nn.Module):
         Chunks must be run in order; the caller records the prompt in the cache first
         (`cache.record(prompt)`), as `__call__` does.
         """
+        p = self.begin_pass(prompt, cache, start, end, last_only)
+        p.h = self.language_model(p.h, p.rope, p.mask, cache, p.last_rope)
+        return p.h[:, -1:] if last_only else p.h
+
+    def begin_pass(self, prompt: Prompt, cache: Optional[PromptCache], start: int = 0, end=None,
+                   last_only: bool = False) -> "DecoderPass":
+        """A chunk's pass through the decoder before its layers: `forward`, or `run_layers` a few
+        layers at a time (the same operations, so the same bits) and then `end_pass`."""
         end = prompt.length if end is None else end
         cfg = self.config.text_config
         embeds = prompt.embeds[:, start:end]
@@ -303,8 +325,21 @@ class Model(nn.Module):
             mask = create_causal_mask(end - start, start, left_padding=mx.array(prompt.left_pad))
         else:
             mask = "causal" if end - start > 1 else None
-        hidden = self.language_model(embeds, rope, mask, cache, last_rope)
-        return hidden[:, -1:] if last_only else hidden
+        return DecoderPass(embeds, rope, mask, last_rope, last_only)
+
+    def run_layers(self, p: "DecoderPass", cache: PromptCache, count: int):
+        """The pass's next `count` decoder layers, evaluated with their caches (no pipeline split)."""
+        text = self.language_model
+        layers = text.layers
+        for i in range(p.layer, min(len(layers), p.layer + count)):
+            last = i == len(layers) - 1 and p.last_rope is not None
+            p.h = layers[i](p.h, p.rope, p.mask, cache[i], p.last_rope) if last else layers[i](p.h, p.rope, p.mask,
+                                                                                              cache[i])
+            mx.eval(p.h, cache[i].state)
+            p.layer = i + 1
+        if p.layer == len(layers):
+            p.h = text.norm(p.h)
+            p.h = p.h[:, -1:] if p.last_only else p.h
 
     def logits(self, hidden: mx.array) -> mx.array:
         if self.config.tie_word_embeddings:

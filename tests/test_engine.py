@@ -304,15 +304,17 @@ def first_token_at(result):
     return usage.queued + usage.time_to_first_token  # since submission
 
 
-def test_a_long_video_and_short_requests_interleave(setup):
+def test_a_long_video_and_short_requests_interleave(setup, monkeypatch):
     """Prefilling rows take turns piece by piece: the short requests start long before the video's
-    last vision piece, and every reply is its solo run's."""
+    last vision piece, and every reply is its solo run's, though here each prompt chunk also runs
+    one decoder layer a piece where alone it ran whole."""
     video = Video(clip(8, 84, 112, 6), fps=2.0)
     long_ = Request(inputs_of(setup, "What happens in this clip?", videos=[video]),
                     GenerationSettings(max_tokens=8, ignore_eos=True), seed=1, top_logprobs=1)
     short = [Request(inputs_of(setup, p), GenerationSettings(max_tokens=6, ignore_eos=True, temp=0.8), seed=i)
              for i, p in enumerate(("Hi!", "What is two plus two?"))]
     expected = [run_alone(setup, r) for r in [long_] + short]
+    monkeypatch.setattr("mlx_glm4v.engine.TEXT_PIECE_WORK", CHUNK)  # a 32-token chunk: one layer a piece
     engine = Engine(setup["model"], setup["processor"], max_concurrency=3, prefill_chunk=CHUNK,
                     max_stall_ms=0.001, vision_piece=(1, 1))  # one piece a turn: a temporal group through a block
     try:
@@ -322,6 +324,9 @@ def test_a_long_video_and_short_requests_interleave(setup):
         engine.close()
     assert all(same(a, b) for a, b in zip(results, expected))
     assert engine.stats.vision_pieces == 4 * len(setup["model"].visual.blocks)
+    turns = list(engine.stats.turns)
+    assert max(n for n, _ in turns) == 1
+    assert sum(n for n, _ in turns) > engine.stats.vision_pieces + engine.stats.prefill_chunks  # chunks in layers
     assert all(first_token_at(r) < first_token_at(results[0]) for r in results[1:])
 
 

@@ -1,4 +1,5 @@
-"""The vision tower in pieces (model.vision_pieces) gives the whole pass's features bit for bit."""
+"""The vision tower in pieces (model.vision_pieces) and prompt chunks a few decoder layers at a time
+(model.run_layers) give the whole pass's results bit for bit."""
 
 import mlx.core as mx
 import pytest
@@ -55,3 +56,35 @@ def test_pieces_equal_the_whole_pass(family, glm4v_checkpoint, glm4v_moe_checkpo
         assert len(counts) > 1  # the groupings really cut the item differently
     n, _ = in_pieces(model, items[-1], 1, 1)
     assert n == 4 * len(model.visual.blocks)  # a temporal group through one block a piece
+
+
+@pytest.mark.parametrize("family", ["glm4v", "glm4v_moe"])
+@pytest.mark.parametrize("step", [1, 2])
+def test_decoder_layers_in_pieces_equal_forward(family, step, glm4v_checkpoint, glm4v_moe_checkpoint, tmp_path):
+    path = (glm4v_checkpoint if family == "glm4v" else glm4v_moe_checkpoint)[0]
+    model, processor = load(path)
+    picture(56, 84, 5).save(tmp_path / "p.png")
+    messages = build_messages("Describe it in detail.", [tmp_path / "p.png"], (), None)
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    images, videos = processor.media_from_messages(messages)
+    inputs = {k: v for k, v in processor(text, images=images, videos=videos).items() if k != "mm_token_type_ids"}
+    out = []
+    for pieces in (False, True):
+        cache = model.make_cache()
+        prompt = model.prepare(**inputs, cache=cache)
+        cache.record(prompt)
+        hidden = []
+        for start in range(0, prompt.length, 16):
+            end = min(start + 16, prompt.length)
+            if pieces:
+                p = model.begin_pass(prompt, cache, start, end, last_only=end == prompt.length)
+                while p.layer < len(model.layers):
+                    model.run_layers(p, cache, step)
+                hidden.append(p.h)
+            else:
+                hidden.append(model.forward(prompt, cache, start, end, last_only=end == prompt.length))
+        mx.eval(hidden, [c.state for c in cache])
+        out.append((hidden, [c.state for c in cache]))
+    (a, ca), (b, cb) = out
+    assert len(a) > 2 and all(mx.array_equal(x, y).item() for x, y in zip(a, b))
+    assert all(mx.array_equal(x, y).item() for s, t in zip(ca, cb) for x, y in zip(s, t))
