@@ -69,7 +69,7 @@ VISION_CHUNK_PATCHES = 16384
 VISION_PIECE_PATCHES = 2048
 VISION_PIECE_WORK = 2048
 # Likewise a prompt chunk of n tokens runs through max(1, TEXT_PIECE_WORK // n) decoder layers a piece.
-TEXT_PIECE_WORK = 1024
+TEXT_PIECE_WORK = 512
 
 
 @dataclass
