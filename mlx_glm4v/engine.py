@@ -5,9 +5,10 @@ yields `Event`s (text pieces with their token, then a final event with the finis
 the usage) to synchronous or asynchronous readers, and can be cancelled at any time.
 
 Continuous batching: each turn of the engine loop runs pieces of prefill work (a few frames
-through a few blocks of the vision tower, or one chunk of a prompt), the rows still being
-prefilled taking turns, for about `max_stall_ms` (each piece's cost estimated from the measured
-cost of earlier ones), then one decode step for every row that has a token to run (rows.py).
+through a few blocks of the vision tower, or a prompt chunk through a few decoder layers), the
+rows still being prefilled taking turns, for about `max_stall_ms` (each piece's cost estimated
+from the measured cost of earlier ones), then one decode step for every row that has a token to
+run (rows.py).
 So a long video never stalls the streams already running for more than about that budget, a
 short request that arrives behind it starts within about one budget, new rows join the decode
 batch as soon as their first token is out, and finished or cancelled rows leave it at once. A
