@@ -193,7 +193,7 @@ class Histogram:
 
 class PieceCosts:
     """Seconds a prefill piece will take, from the measured cost of earlier ones: per prompt token
-    for text chunks, per patch and tower block for vision pieces (running means)."""
+    and decoder layer for text pieces, per patch and tower block for vision pieces (running means)."""
 
     def __init__(self, text: float = 2e-4, vision: float = 2e-5):
         self.rate = {"text": text, "vision": vision}

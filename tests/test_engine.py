@@ -331,7 +331,7 @@ def test_a_long_video_and_short_requests_interleave(setup, monkeypatch):
 
 
 class StubCosts:
-    """Every piece costs what this says, on a clock the test moves: 25 ms a prompt token, 1 ms a patch-block."""
+    """Every piece costs what this says, on a clock the test moves: 25 ms a token-layer, 1 ms a patch-block."""
 
     rate = {"text": 0.025, "vision": 0.001}
 
