@@ -10,6 +10,11 @@ preloaded into both on Linux. Two request sets:
           an array of objects, enums, a date, bounded numbers), at most 384 tokens; each reply
           is checked against the schema (`valid`). The random checkpoint may open <think> and
           never close it, so these requests carry `thinking_budget` 16 (our extension)
+  stall   (ours only, through HTTP) one long streamed text reply; once it streams, a 10 s
+          640x480 clip; 1 s later a short text question. Reported: the stream's median, p99 and
+          max gap between tokens, the question's and the clip's time to first token against
+          their times alone (each alone on a fresh server), and whether all three replies equal
+          their solo runs. `--max-stall-ms` is passed to the server when given.
 
 For each tool, set and client count a fresh server process is started (no caches carried from
 one run to the next), warmed with one short request, then N clients (threads with the `openai`
@@ -126,11 +131,11 @@ def peak_rss_gb(pid: int) -> float:
 class Server:
     """A server process on 127.0.0.1, ready once /health answers 200 and a first request went through."""
 
-    def __init__(self, tool: str, model: Path, python: str, env: dict, log: Path):
+    def __init__(self, tool: str, model: Path, python: str, env: dict, log: Path, extra=()):
         self.port = free_port()
         if tool == "ours":
             cmd = [python, "-m", "mlx_glm4v.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
-                   "--port", str(self.port), "--no-ui", "--log-level", "warning"]
+                   "--port", str(self.port), "--no-ui", "--log-level", "warning", *extra]
         else:
             cmd = [python, "-m", "mlx_vlm.server", "--model", str(model), "--host", "127.0.0.1",
                    "--port", str(self.port), "--log-level", "WARNING"]
@@ -161,7 +166,8 @@ class Server:
         self.log.close()
 
 
-def one_request(client, model: str, messages, max_tokens: int, response_format=None) -> dict:
+def one_request(client, model: str, messages, max_tokens: int, response_format=None, arrivals=None) -> dict:
+    """One streamed request; `arrivals` (a list) gets the time each content piece arrived."""
     start = time.perf_counter()
     first, text, usage = None, "", None
     extra = {} if response_format is None else {"response_format": response_format,
@@ -179,6 +185,8 @@ def one_request(client, model: str, messages, max_tokens: int, response_format=N
                 piece = choice.delta.content or ""
                 if piece and first is None:
                     first = time.perf_counter() - start
+                if piece and arrivals is not None:
+                    arrivals.append(time.perf_counter())
                 text += piece
     except APIError as e:  # a server that fails a request is counted, not a crash of the benchmark
         return dict(ttft=float("nan"), text="", tokens=0, seconds=time.perf_counter() - start,
@@ -261,6 +269,94 @@ def in_process_run(model, processor, requests: list, clients: int) -> tuple:
         engine.close()
 
 
+def clip_url(seconds: float, width: int, height: int, fps: float = 2.0) -> str:
+    """A data URL of an mp4 clip of moving noise."""
+    import tempfile
+
+    import av
+
+    rng = np.random.RandomState(7)
+    base = (rng.rand(height, width, 3) * 255).astype(np.uint8)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "clip.mp4"
+        with av.open(str(path), "w") as container:
+            stream = container.add_stream("mpeg4", rate=int(fps))
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            for i in range(int(seconds * fps)):
+                frame = av.VideoFrame.from_ndarray(np.roll(base, 9 * i, axis=1), format="rgb24")
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        return "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def stall_requests(tiny: bool) -> list:
+    """(messages, max_tokens, None): the long stream, the clip, the short question."""
+    clip = clip_url(2, 84, 56) if tiny else clip_url(10, 640, 480)
+    return [([{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}], 24 if tiny else 400, None),
+            ([{"role": "user", "content": [{"type": "video_url", "video_url": {"url": clip}},
+                                            {"type": "text", "text": "What happens in this video?"}]}], 8 if tiny else 16,
+             None),
+            ([{"role": "user", "content": "What is the capital of France?"}], 8 if tiny else 16, None)]
+
+
+def stall_run(ckpt, args, env, work, extra=()) -> dict:
+    """The stall set: solo runs on fresh servers, then the three together on another fresh one."""
+    from openai import OpenAI
+
+    requests = stall_requests(args.tiny)
+
+    def fresh():
+        server = Server("ours", ckpt, args.python, env, work / "server-stall.log", extra)
+        client = OpenAI(base_url=server.base + "/v1", api_key="none", timeout=1800, max_retries=0)
+        model = client.models.list().data[0].id
+        one_request(client, model, [{"role": "user", "content": "Hi"}], 4)  # warm
+        return server, client, model
+
+    alone = []
+    for messages, max_tokens, _ in requests:  # each alone, with nothing cached from another
+        server, client, model = fresh()
+        try:
+            alone.append(one_request(client, model, messages, max_tokens))
+        finally:
+            server.close()
+    server, client, model = fresh()
+    arrivals, results, sent = [], [None] * 3, [None] * 3
+    try:
+        def send(i):
+            sent[i] = time.perf_counter()
+            results[i] = one_request(client, model, *requests[i][:2], arrivals=arrivals if i == 0 else None)
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
+        threads[0].start()
+        while not arrivals and threads[0].is_alive():
+            time.sleep(0.01)
+        time.sleep(0.5)  # the stream is running
+        threads[1].start()
+        time.sleep(1.0)
+        threads[2].start()
+        for t in threads:
+            t.join()
+    finally:
+        server.close()
+    gaps = np.diff(np.array(arrivals))
+    return dict(gap_p50=float(np.median(gaps)), gap_p99=float(np.percentile(gaps, 99)), gap_max=float(gaps.max()),
+                question_ttft=results[2]["ttft"], question_alone=alone[2]["ttft"],
+                clip_ttft=results[1]["ttft"], clip_alone=alone[1]["ttft"],
+                identical=all(r["text"] == a["text"] for r, a in zip(results, alone)))
+
+
+def stall_table(rows: list) -> str:
+    out = ["| server | stream gap p50 | p99 | max | question TTFT (alone) | clip TTFT (alone) | same as alone |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['label']} | {r['gap_p50'] * 1000:.0f} ms | {r['gap_p99'] * 1000:.0f} ms | {r['gap_max']:.2f} s | "
+                   f"{r['question_ttft']:.2f} s ({r['question_alone']:.2f} s) | {r['clip_ttft']:.2f} s "
+                   f"({r['clip_alone']:.2f} s) | {'yes' if r['identical'] else 'NO'} |")
+    return "\n".join(out)
+
+
 def summarize(results: list, wall: float, sequential: list, rss: float) -> dict:
     ttft = np.array([r["ttft"] for r in results], dtype=float)
     tokens = sum(r["tokens"] for r in results)
@@ -336,6 +432,8 @@ def main(argv=None):
                     help="requests sent one after another for the 1-client run (the reference for the others)")
     ap.add_argument("--rounds", type=int, default=1, help="runs of each tool at each client count (medians)")
     ap.add_argument("--tiny", action="store_true", help="a tiny checkpoint and a few tokens (CI)")
+    ap.add_argument("--max-stall-ms", help="passed to `mlx-glm4v serve` (the stall set)")
+    ap.add_argument("--label", default="ours", help="the stall set's row name")
     ap.add_argument("--json-out")
     args = ap.parse_args(argv)
 
@@ -360,7 +458,12 @@ def main(argv=None):
 
         loaded = load(ckpt)
     rows = []
-    for name in args.sets.split(","):
+    if "stall" in args.sets.split(","):
+        extra = ("--max-stall-ms", args.max_stall_ms) if args.max_stall_ms else ()
+        row = dict(set="stall", label=args.label, **stall_run(ckpt, args, env, work, extra))
+        print(stall_table([row]), flush=True)
+        rows.append(row)
+    for name in [n for n in args.sets.split(",") if n != "stall"]:
         requests = request_set(name, max(clients), args.tiny)
         sequential = {}
         for n in clients:
@@ -382,7 +485,7 @@ def main(argv=None):
                 print(table([row]).splitlines()[-1], flush=True)
     print()
     print(header)
-    print(table(rows))
+    print(table([r for r in rows if r["set"] != "stall"]))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(dict(header=header, rows=rows), indent=2))
     return rows

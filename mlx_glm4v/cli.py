@@ -388,6 +388,7 @@ def serve(
     keepalive: float = typer.Option(10.0, "--keepalive", help="Seconds between SSE keep-alive comments while a stream waits (a long prompt)."),
     max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait for the engine (429 beyond)."),
     max_concurrency: Optional[int] = typer.Option(None, "--max-concurrency", help="Requests decoded together as one batch (default: from the memory the weights leave, at most 32)."),
+    max_stall_ms: float = typer.Option(250.0, "--max-stall-ms", help="Prefill work (prompt chunks, vision pieces) one engine turn may do before running streams get their next token, in ms."),
     feature_cache_mb: float = typer.Option(2048.0, "--feature-cache-mb", help="Memory for vision features shared across requests, in MB."),
     max_output_tokens: Optional[int] = typer.Option(None, "--max-output-tokens", help="Clamp every request's token limit to this (agents ask for tens of thousands)."),
     answer_any_model: bool = typer.Option(False, "--answer-any-model", help="Answer requests naming any model with the served one (agents' side-task models); default: 404."),
@@ -408,7 +409,7 @@ def serve(
     mb = 1 << 20
     for name, value in (("--max-body-mb", max_body_mb), ("--max-media-mb", max_media_mb),
                         ("--request-timeout", request_timeout), ("--keepalive", keepalive),
-                        ("--max-video-seconds", max_video_seconds)):
+                        ("--max-video-seconds", max_video_seconds), ("--max-stall-ms", max_stall_ms)):
         if value <= 0:
             raise Glm4vError(f"{name} {value} must be positive.")
     if max_concurrency is not None and max_concurrency < 1:
@@ -423,7 +424,7 @@ def serve(
     config = ServerConfig(
         model=resolve_model_name(model), alias=alias, api_key=api_key, cors_origins=list(cors_origin or []),
         max_body_bytes=int(max_body_mb * mb), max_prompt_tokens=max_prompt_tokens, request_timeout=request_timeout,
-        keepalive=keepalive, max_queue=max_queue, max_concurrency=max_concurrency,
+        keepalive=keepalive, max_queue=max_queue, max_concurrency=max_concurrency, max_stall_ms=max_stall_ms,
         feature_cache_bytes=int(feature_cache_mb * mb), ui=not no_ui, media=policy,
         max_output_tokens=max_output_tokens, answer_any_model=answer_any_model,
     )

@@ -4,15 +4,19 @@ Requests arrive as processor outputs plus their `GenerationSettings`; each gets 
 yields `Event`s (text pieces with their token, then a final event with the finish reason and
 the usage) to synchronous or asynchronous readers, and can be cancelled at any time.
 
-Continuous batching: each turn of the engine loop does one piece of prefill work for the oldest
-row still being prefilled (one image or video through the vision tower, or one chunk of its
-prompt), then one decode step for every row that has a token to run (rows.py). So a long video
-never stalls the streams already running, new rows join the decode batch as soon as their first
-token is out, and finished or cancelled rows leave it at once. A row's prefill, sampling and
-attention are its own, its chunk boundaries fixed by its own prompt: its output does not depend
-on which rows share the batch. Admission is first come, first served, bounded by
-`max_concurrency` rows and a budget of tokens (prompt, media tokens included, plus max_tokens:
-what the KV caches will hold); beyond them a bounded queue, and past it `QueueFull`.
+Continuous batching: each turn of the engine loop runs pieces of prefill work (a few frames
+through a few blocks of the vision tower, or a prompt chunk through a few decoder layers), the
+rows still being prefilled taking turns, for about `max_stall_ms` (each piece's cost estimated
+from the measured cost of earlier ones), then one decode step for every row that has a token to
+run (rows.py).
+So a long video never stalls the streams already running for more than about that budget, a
+short request that arrives behind it starts within about one budget, new rows join the decode
+batch as soon as their first token is out, and finished or cancelled rows leave it at once. A
+row's prefill, sampling and attention are its own, its chunk and vision cuts fixed by its own
+prompt and media: its output does not depend on which rows share the batch or the turns.
+Admission is first come, first served, bounded by `max_concurrency` rows and a budget of tokens
+(prompt, media tokens included, plus max_tokens: what the KV caches will hold); beyond them a
+bounded queue, and past it `QueueFull`.
 
 Vision features are shared across requests by pixel digest, never by URL or file name; prompts
 are kept after their prefill (prefix.py) so a request that starts like one starts from it.
@@ -45,7 +49,7 @@ from .errors import Glm4vError
 from .generate import (GenerationSettings, StopStrings, StreamingText, build_messages, generation_stream,
                        kv_group_size_for, maybe_quantize_kv_cache, wired_limit)
 from .media import FeatureMemo, media_items
-from .model import Model
+from .model import TEXT_PIECE_WORK, VISION_PIECE_PATCHES, VISION_PIECE_WORK, Model
 from .prefix import PrefixCache, media_marks
 from .processor import Processor
 from .rows import RowSampler, RowState, decode_logits
@@ -160,7 +164,46 @@ class EngineStats:
     decode_steps: int = 0
     decode_rows: int = 0
     prefill_chunks: int = 0
+    vision_pieces: int = 0
+    vision_items: int = 0  # images and videos the engine put through the vision tower
+    vision_seconds: float = 0.0
     time_to_first_token: deque = field(default_factory=lambda: deque(maxlen=1024))  # seconds, the latest
+    ttft: "Histogram" = field(default_factory=lambda: Histogram(LATENCY_BOUNDS))  # seconds from arrival
+    inter_token: "Histogram" = field(default_factory=lambda: Histogram(LATENCY_BOUNDS))  # seconds between tokens
+    vision_turn: "Histogram" = field(default_factory=lambda: Histogram(LATENCY_BOUNDS))  # vision seconds a turn
+    turns: deque = field(default_factory=lambda: deque(maxlen=4096))  # (prefill pieces, prefill seconds) a turn
+
+
+LATENCY_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Histogram:
+    """Counts of observations at or below each bound (Prometheus' cumulative buckets come from them)."""
+
+    def __init__(self, bounds):
+        self.bounds, self.counts = tuple(bounds), [0] * (len(bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float):
+        self.counts[next((i for i, b in enumerate(self.bounds) if value <= b), len(self.bounds))] += 1
+        self.sum += value
+        self.count += 1
+
+
+class PieceCosts:
+    """Seconds a prefill piece will take, from the measured cost of earlier ones: per prompt token
+    and decoder layer for text pieces, per patch and tower block for vision pieces (running means)."""
+
+    def __init__(self, text: float = 2e-4, vision: float = 2e-5):
+        self.rate = {"text": text, "vision": vision}
+
+    def estimate(self, kind: str, size: int) -> float:
+        return self.rate[kind] * size
+
+    def measured(self, kind: str, size: int, seconds: float):
+        if size > 0:
+            self.rate[kind] += 0.3 * (seconds / size - self.rate[kind])
 
 
 class _Row:
@@ -177,6 +220,12 @@ class _Row:
         self.media = media_items(*(self.inputs.get(k) for k in
                                    ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")))
         self.to_encode = list(self.media)  # media not yet through the vision tower (or in the memo)
+        self.pieces = None  # the vision pieces of to_encode[0] still to run (model.VisionPiece)
+        self.parts = []  # its features so far, one array per finished run of frames
+        self.tower = None  # activations of the frames part-way through the tower
+        self.decoder = None  # a prompt chunk part-way through the decoder layers (model.DecoderPass)
+        self.features = {}  # digest -> features of the media this row encoded, until its prompt is embedded
+        self.last_token = None  # when the latest token was handed out
         self.cache = settings.new_cache(engine.model, engine.processor, self.ids[None])
         self.prompt = None  # the embedded prompt while its chunks run
         self.done = 0  # prompt columns in the cache
@@ -225,19 +274,23 @@ class Engine:
 
     `max_concurrency` rows decode together and `token_budget` bounds their prompt plus
     max_tokens (defaults from free memory, see `default_limits`); `max_queue` more requests
-    wait; `prefill_chunk` tokens of one prompt run between two decode steps;
+    wait; prompts run in chunks of `prefill_chunk` tokens and media through the vision tower in
+    pieces (model.vision_pieces); each turn runs such pieces, taking the prefilling rows in
+    turn, for about `max_stall_ms` (estimated by `costs`, a `PieceCosts`), then one decode step
+    (`vision_piece`: model.vision_pieces' patches and work);
     `prefix_cache_bytes` of prompt KV is kept for requests that start alike (0: none).
     Rows decode one token a step: a request's `prompt_lookup` is not used (it never changes
     the output, only how many passes a single stream takes).
 
-    With a `group` of ranks, rank 0's engine takes requests and the others follow it
-    (`follow`); see `lockstep.serving_engine`.
+    With a `group` of ranks and its `link`, rank 0's engine takes requests and the others
+    follow it (`follow`); `lockstep.serving_engine` builds both.
     """
 
     def __init__(self, model: Model, processor: Processor, *, max_queue: int = 64,
                  max_concurrency: Optional[int] = None, token_budget: Optional[int] = None,
                  prefill_chunk: int = 512, prefix_cache_bytes: int = 1 << 30, feature_cache_items: int = 64,
-                 feature_cache_bytes: Optional[int] = None, group=None):
+                 feature_cache_bytes: Optional[int] = None, max_stall_ms: float = 250, costs=None,
+                 vision_piece: Optional[Sequence[int]] = None, clock=time.perf_counter, group=None, link=None):
         self.model, self.processor, self.group = model, processor, group
         budget, concurrency = default_limits(model)
         self.max_concurrency = max_concurrency or concurrency
@@ -247,6 +300,13 @@ class Engine:
                              "the queue length not negative.")
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
+        if max_stall_ms <= 0:
+            raise Glm4vError("max-stall-ms must be positive.")
+        self.max_stall = max_stall_ms / 1000
+        self.costs = costs or PieceCosts()
+        self.clock = clock  # what measures a turn's prefill (a test may give its own)
+        self.vision_piece = tuple(vision_piece or (VISION_PIECE_PATCHES, VISION_PIECE_WORK))  # (patches, work)
+        self._turn_prefill = 0  # where the next turn's round of prefilling rows starts
         self.vision_memo = FeatureMemo(feature_cache_items, feature_cache_bytes)
         # measured for the whole model, so that every rank keeps and drops the same prefixes
         self.prefixes = PrefixCache(prefix_cache_bytes, kv_bytes_per_token(model) if group is not None else None)
@@ -257,11 +317,7 @@ class Engine:
         self._seconds_per_request = 1.0  # running mean, for Retry-After
         self._wake = threading.Condition()
         self._numbers = itertools.count()
-        self.link = None
-        if group is not None:
-            from .lockstep import Link
-
-            self.link = Link(group)
+        self.link = link  # how rank 0's engine tells the others each turn (lockstep.Link); None on one rank
         self._thread = None
         if group is None or group.rank() == 0:
             self._thread = threading.Thread(target=self._run, name="mlx-glm4v-engine", daemon=True)
@@ -270,6 +326,11 @@ class Engine:
     @property
     def queue_depth(self) -> int:
         return len(self._waiting)
+
+    @property
+    def prefilling(self) -> int:
+        """Rows admitted and still being prefilled (read from another thread: a snapshot)."""
+        return sum(1 for r in list(self._rows) if r.prefilling)
 
     @property
     def active(self) -> int:
@@ -394,44 +455,125 @@ class Engine:
         self.stats.prompt_tokens += row.usage.prompt_tokens
 
     def _step(self):
-        budget = self.prefill_chunk  # prompt tokens to run before the next decode step (short prompts share one)
-        while budget > 0 and (waiting := next((r for r in self._rows if r.prefilling), None)) is not None:
-            budget -= self._guard([waiting.handle], self._prefill, waiting) or budget
+        """Prefill pieces, the prefilling rows taking turns, for about the stall budget; then a decode step.
+
+        At least one piece runs, so every turn moves; on several ranks rank 0 decides, from its
+        own clock, whether another piece fits and tells the others (`_another`).
+        """
+        began, ran, vision = self.clock(), 0, 0.0
+        while True:
+            waiting = [r for r in self._rows if r.prefilling]
+            if not waiting:
+                break
+            row = waiting[self._turn_prefill % len(waiting)]
+            kind, size = self._guard([row.handle], self._next_piece, row) or (None, 0)
+            if kind is None:  # the row failed and ended
+                continue
+            if ran and not self._another(self.clock() - began + self.costs.estimate(kind, size) <= self.max_stall):
+                break
+            start = self.clock()
+            self._guard([row.handle], self._prefill, row)
+            seconds = self.clock() - start
+            self.costs.measured(kind, size, seconds)
+            if kind == "vision":
+                vision += seconds
+            ran += 1
+            self._turn_prefill += 1
+        if ran:
+            self.stats.turns.append((ran, self.clock() - began))
+            self.stats.vision_turn.observe(vision)
+            self.stats.vision_seconds += vision
         decoding = [r for r in self._rows if not r.prefilling]
         if decoding:
             self._guard([r.handle for r in decoding], self._decode, decoding)
 
+    def _another(self, fits: bool) -> bool:
+        """Whether another prefill piece runs this turn: rank 0's answer, the same on every rank."""
+        if self.link is None:
+            return fits
+        return self.link.another(fits if self._thread is not None else None)
+
+    def _next_piece(self, row: _Row) -> tuple:
+        """("vision", patches x blocks) or ("text", tokens): the row's next piece of prefill.
+
+        Follows from the row's own prompt and media (and the memo, which every rank fills alike)."""
+        if row.pieces is None:
+            while row.to_encode and row.to_encode[0].digest in self.vision_memo:
+                row.to_encode.pop(0)
+            if row.to_encode:
+                row.pieces = self.model.vision_pieces(row.to_encode[0], *self.vision_piece)
+                self.vision_memo.misses += 1
+        if row.pieces:
+            return "vision", row.pieces[0].work
+        length = row.prompt.length if row.prompt is not None else len(row.ids)
+        tokens = min((row.done // row.chunk + 1) * row.chunk, length) - row.done
+        first = row.decoder.layer if row.decoder is not None else 0
+        return "text", tokens * (min(self._layers, first + self._layer_step(tokens)) - first)
+
+    @property
+    def _layers(self) -> int:
+        return len(self.model.layers)
+
+    def _layer_step(self, tokens: int) -> int:
+        """Decoder layers a piece of a prompt chunk runs: all of them for a short chunk, fewer for a
+        long one (cut from the chunk's size alone, the same on every rank); all under a pipeline split."""
+        if self.model.language_model.pipeline_group is not None:
+            return self._layers
+        return max(1, TEXT_PIECE_WORK // max(1, tokens))
+
     def _prefill(self, row: _Row):
-        """One piece of a row's prefill, a media item through the vision tower or a prompt chunk; its tokens."""
-        memo = self.vision_memo
-        while row.to_encode and row.to_encode[0].digest in memo:
-            row.to_encode.pop(0)
-        if row.to_encode:
-            item = row.to_encode.pop(0)
-            features = self.model.encode_media(memo=memo, items=[item])
-            mx.eval([f for f in features if f is not None])
-            return sum(f.shape[0] for f in features if f is not None)  # vision work, counted as its tokens
+        """One piece of a row's prefill (see `_next_piece`): vision pieces, then prompt chunks."""
+        if row.pieces:
+            piece, visual = row.pieces.pop(0), self.model.visual
+            if piece.start == 0:
+                row.tower = visual.begin(piece.rows, piece.grids)
+            visual.run_blocks(row.tower, piece.start, piece.end)
+            if piece.end == len(visual.blocks):
+                row.parts.append(visual.finish(row.tower))
+                mx.eval(row.parts[-1])
+                row.tower = None
+            self.stats.vision_pieces += 1
+            if not row.pieces:  # the item is done: its features for every row, as a whole pass gives them
+                item = row.to_encode.pop(0)
+                features = mx.concatenate(row.parts) if len(row.parts) > 1 else row.parts[0]
+                self.vision_memo.put(item.digest, features)
+                row.features[item.digest] = features
+                row.pieces, row.parts = None, []
+                self.stats.vision_items += 1
+            return
         if row.prompt is None:
             self._embed(row)
         prompt, cache = row.prompt, row.cache
         end = min((row.done // row.chunk + 1) * row.chunk, prompt.length)
-        hidden = self.model.forward(prompt, cache, row.done, end, last_only=end == prompt.length)
-        ran, row.done = end - row.done, end
+        step = self._layer_step(end - row.done)
+        if step >= self._layers:
+            hidden = self.model.forward(prompt, cache, row.done, end, last_only=end == prompt.length)
+        else:  # a long chunk: a few decoder layers a piece, its hidden states kept between turns
+            if row.decoder is None:
+                row.decoder = self.model.begin_pass(prompt, cache, row.done, end, last_only=end == prompt.length)
+            self.model.run_layers(row.decoder, cache, step)
+            if row.decoder.layer < self._layers:
+                return
+            hidden, row.decoder = row.decoder.h, None
+        row.done = end
         self.stats.prefill_chunks += 1
         if end < prompt.length:
             mx.eval([c.state for c in cache])
             mx.clear_cache()
-            return ran
+            return
         row.prompt = None
         first = self._sample(row, self.model.logits(hidden[:, -1, :]))
         mx.eval(first, [c.state for c in cache])
         self.prefixes.store(row.ids, row.marks, cache)
         row.sampled = 1
         self._emit(row, first[0].item(), first[1])
-        return ran
 
     def _embed(self, row: _Row):
         """The row's prompt embedded (media from the memo) and recorded; a kept prefix restored."""
+        for key, features in row.features.items():  # back in the memo if another row's media pushed them out
+            if key not in self.vision_memo:
+                self.vision_memo.put(key, features)
+        row.features = {}
         prompt = self.model.prepare(**row.inputs, cache=row.cache, vision_memo=self.vision_memo, media=row.media)
         row.cache.record(prompt)
         if prompt.positions is not None:
@@ -485,9 +627,14 @@ class Engine:
         usage = row.usage
         usage.completion_tokens += 1
         self.stats.generated_tokens += 1
+        now = time.perf_counter()
         if usage.completion_tokens == 1:
-            usage.time_to_first_token = time.perf_counter() - row.started
+            usage.time_to_first_token = now - row.started
             self.stats.time_to_first_token.append(usage.time_to_first_token)
+            self.stats.ttft.observe(now - row.handle.submitted)
+        else:
+            self.stats.inter_token.observe(now - row.last_token)
+        row.last_token = now
         logprob, alternatives = top_logprobs(logprobs, token, row.handle.request.top_logprobs)
         if token in row.stop_ids:
             piece, _ = row.stops.feed(row.text.finish())

@@ -6,7 +6,9 @@ admission, cancellation); at the top of each engine turn it sends the others wha
 the requests that start now (their processor outputs, settings and seed, so media need exist
 on rank 0 only) and the ones cancelled. Everything else in a turn (prefill chunks, which rows
 decode, when a row stops) follows from the requests' own tokens, which are the same on every
-rank. A turn that decides nothing costs one small collective.
+rank, except how many prefill pieces fit in a turn's time budget: rank 0 measures that on its
+own clock and tells the others before each piece past the first (`another`). A turn that
+decides nothing costs one small collective.
 
 A rank that stops makes the others' collectives fail; a rank that hangs is caught by a watch
 on every turn that has work: past `MLX_GLM4V_RANK_TIMEOUT` seconds the process ends with one line.
@@ -23,6 +25,8 @@ from typing import Optional
 import numpy as np
 
 from .distributed import broadcast_bytes, finish, lost_rank, pack, rank_timeout, say_once, share, unpack
+from .engine import Engine, Request
+from .generate import GenerationSettings
 
 
 class Mirror:
@@ -48,9 +52,6 @@ def _request_message(handle) -> tuple:
 
 
 def _request(message: dict, blobs: list):
-    from .engine import Request
-    from .generate import GenerationSettings
-
     inputs = {name: np.frombuffer(blob, dtype=dtype).reshape(shape)
               for (name, dtype, shape), blob in zip(message["arrays"], blobs)}
     # no log-probabilities: nobody reads a mirror's events, and they decide nothing
@@ -101,6 +102,11 @@ class Link:
             payload = b""
         broadcast_bytes(payload, self.group)
 
+    def another(self, fits: Optional[bool]) -> bool:
+        """Whether one more prefill piece runs this turn: rank 0 says (`fits`), the others pass None.
+        Rank 0 measures the turn on its own clock; sending its answer keeps every rank cutting alike."""
+        return broadcast_bytes(b"1" if fits else b"", self.group) == b"1"
+
     def hear(self, busy: bool):
         """The others: (admitted, cancelled numbers) of rank 0's next turn, or None when it stops."""
         with self.watched(busy):
@@ -136,10 +142,8 @@ def serving_engine(group, model, processor, **options):
     On rank 0 it returns the engine that takes requests; on the others it follows rank 0's
     engine and returns when that one is closed.
     """
-    from .engine import Engine
-
     options, _ = share(options if group.rank() == 0 else None, [], group)
-    engine = Engine(model, processor, group=group, **options)
+    engine = Engine(model, processor, group=group, link=Link(group), **options)
     if group.rank() != 0:
         engine.follow()
     return engine

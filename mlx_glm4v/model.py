@@ -63,6 +63,39 @@ def checkpoint_name(key: str) -> str:
 VISION_CHUNK_PATCHES = 16384
 
 
+# A piece of vision work the engine runs between decode steps: frames of at most about
+# VISION_PIECE_PATCHES patches (one frame at least) through blocks of the tower, as many
+# blocks as keep patches x blocks within VISION_PIECE_WORK (one block at least).
+VISION_PIECE_PATCHES = 2048
+VISION_PIECE_WORK = 2048
+# Likewise a prompt chunk of n tokens runs through max(1, TEXT_PIECE_WORK // n) decoder layers a piece.
+TEXT_PIECE_WORK = 512
+
+
+@dataclass
+class VisionPiece:
+    rows: np.ndarray  # pixel rows of the frames
+    grids: np.ndarray  # their grids, one (1, h, w) per frame or temporal group
+    start: int  # tower blocks [start, end): start 0 begins the frames, end == depth finishes them
+    end: int
+
+    @property
+    def work(self) -> int:
+        return int(np.prod(self.grids, axis=1).sum()) * (self.end - self.start)
+
+
+@dataclass
+class DecoderPass:
+    """A prompt chunk part-way through the decoder layers (`Model.begin_pass`)."""
+
+    h: mx.array
+    rope: tuple
+    mask: object
+    last_rope: Optional[tuple]
+    last_only: bool
+    layer: int = 0  # the next layer to run; all of them run: h is the output
+
+
 def _host(x):
     return None if x is None else np.asarray(x)
 
@@ -149,6 +182,28 @@ class Model(nn.Module):
         image = [f for item, f in zip(items, found) if item.kind == IMAGE]
         video = [f for item, f in zip(items, found) if item.kind == VIDEO]
         return (mx.concatenate(image) if image else None), (mx.concatenate(video) if video else None)
+
+    def vision_pieces(self, item, patches: int = VISION_PIECE_PATCHES, work: int = VISION_PIECE_WORK) -> list:
+        """One media item's vision work as `VisionPiece`s, in order.
+
+        A video's temporal groups never attend to each other, so they go a few at a time; each
+        group's activations are carried from block to block as in one pass. The cuts follow
+        from the item's grid alone, so every rank makes the same ones, and running the pieces
+        in order gives the whole pass's features bit for bit.
+        """
+        grids = frame_grids(item.grid) if item.kind == VIDEO else np.asarray(item.grid, np.int64)[None]
+        sizes = np.prod(grids, axis=1)
+        depth = len(self.visual.blocks)
+        pieces, first, row = [], 0, 0
+        while first < len(grids):
+            last, n = first + 1, int(sizes[first])
+            while last < len(grids) and n + sizes[last] <= patches:
+                n, last = n + int(sizes[last]), last + 1
+            step = max(1, work // n)
+            for start in range(0, depth, step):
+                pieces.append(VisionPiece(item.rows[row:row + n], grids[first:last], start, min(depth, start + step)))
+            first, row = last, row + n
+        return pieces
 
     def encode_frames(self, rows: np.ndarray, grids: np.ndarray, chunk: Optional[int] = None,
                       progress=None) -> mx.array:
@@ -244,6 +299,14 @@ class Model(nn.Module):
         Chunks must be run in order; the caller records the prompt in the cache first
         (`cache.record(prompt)`), as `__call__` does.
         """
+        p = self.begin_pass(prompt, cache, start, end, last_only)
+        p.h = self.language_model(p.h, p.rope, p.mask, cache, p.last_rope)
+        return p.h[:, -1:] if last_only else p.h
+
+    def begin_pass(self, prompt: Prompt, cache: Optional[PromptCache], start: int = 0, end=None,
+                   last_only: bool = False) -> "DecoderPass":
+        """A chunk's pass through the decoder before its layers: `forward`, or `run_layers` a few
+        layers at a time (the same operations, so the same bits) and then `end_pass`."""
         end = prompt.length if end is None else end
         cfg = self.config.text_config
         embeds = prompt.embeds[:, start:end]
@@ -262,8 +325,21 @@ class Model(nn.Module):
             mask = create_causal_mask(end - start, start, left_padding=mx.array(prompt.left_pad))
         else:
             mask = "causal" if end - start > 1 else None
-        hidden = self.language_model(embeds, rope, mask, cache, last_rope)
-        return hidden[:, -1:] if last_only else hidden
+        return DecoderPass(embeds, rope, mask, last_rope, last_only)
+
+    def run_layers(self, p: "DecoderPass", cache: PromptCache, count: int):
+        """The pass's next `count` decoder layers, evaluated with their caches (no pipeline split)."""
+        text = self.language_model
+        layers = text.layers
+        for i in range(p.layer, min(len(layers), p.layer + count)):
+            last = i == len(layers) - 1 and p.last_rope is not None
+            p.h = layers[i](p.h, p.rope, p.mask, cache[i], p.last_rope) if last else layers[i](p.h, p.rope, p.mask,
+                                                                                              cache[i])
+            mx.eval(p.h, cache[i].state)
+            p.layer = i + 1
+        if p.layer == len(layers):
+            p.h = text.norm(p.h)
+            p.h = p.h[:, -1:] if p.last_only else p.h
 
     def logits(self, hidden: mx.array) -> mx.array:
         if self.config.tie_word_embeddings:

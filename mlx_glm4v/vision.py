@@ -5,6 +5,7 @@ patches attend to the patches of their own frame only, so frames of equal size a
 through one `scaled_dot_product_attention` call instead of a dense block-diagonal mask.
 """
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import mlx.core as mx
@@ -233,16 +234,36 @@ class VisionModel(nn.Module):
         Each row's t frames are separate segments (transformers' `get_video_features` passes
         videos frame by frame; images have t = 1).
         """
+        state = self.begin(pixel_values, grid_thw)
+        self.run_blocks(state, 0, len(self.blocks))
+        return self.finish(state)
+
+    def begin(self, pixel_values, grid_thw) -> "TowerState":
+        """The tower's input, before its blocks: `run_blocks` then `finish` continue it, so a
+        caller may spread the blocks over time and get exactly what one call gives."""
         cfg = self.config
         frames = [(int(h), int(w)) for t, h, w in np.asarray(grid_thw).reshape(-1, 3) for _ in range(int(t))]
         x = self.post_conv_layernorm(self.patch_embed(mx.array(pixel_values)))
         x = self.embeddings(x, frames)
         rope = rotary_tables(frames, cfg.head_dim, cfg.rope_theta, cfg.spatial_merge_size)
-        segments = equal_length_runs([h * w for h, w in frames])
-        for block in self.blocks:
-            x = block(x, rope, segments)
-            mx.eval(x)  # block by block: as one graph, the activations peak a third higher
-        x = self.post_layernorm(x)
+        return TowerState(x, rope, equal_length_runs([h * w for h, w in frames]))
+
+    def run_blocks(self, state: "TowerState", start: int, end: int):
+        for block in self.blocks[start:end]:
+            state.x = block(state.x, state.rope, state.segments)
+            mx.eval(state.x)  # block by block: as one graph, the activations peak a third higher
+
+    def finish(self, state: "TowerState") -> mx.array:
+        x = self.post_layernorm(state.x)
         w = self.downsample.weight  # [O, m, m, C]: four consecutive patches form one merge block
         x = mx.addmm(self.downsample.bias, x.reshape(-1, w[0].size), w.reshape(w.shape[0], -1).T)
         return self.merger(x)
+
+
+@dataclass
+class TowerState:
+    """Activations of frames part-way through the tower's blocks."""
+
+    x: mx.array
+    rope: tuple
+    segments: list

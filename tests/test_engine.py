@@ -297,3 +297,74 @@ def test_serving_benchmark_runs_in_process(tmp_path):
     assert [(r["set"], r["clients"]) for r in rows] == [("mixed", 1), ("mixed", 3), ("decode", 1), ("decode", 3)]
     assert all(r["tokens"] == r["requests"] * (8 if r["set"] == "mixed" else 16) for r in rows)
     assert [r["identical"] for r in rows] == [None, True, None, True]
+
+
+def first_token_at(result):
+    usage = result["usage"]
+    return usage.queued + usage.time_to_first_token  # since submission
+
+
+def test_a_long_video_and_short_requests_interleave(setup, monkeypatch):
+    """Prefilling rows take turns piece by piece: the short requests start long before the video's
+    last vision piece, and every reply is its solo run's, though here each prompt chunk also runs
+    one decoder layer a piece where alone it ran whole."""
+    video = Video(clip(8, 84, 112, 6), fps=2.0)
+    long_ = Request(inputs_of(setup, "What happens in this clip?", videos=[video]),
+                    GenerationSettings(max_tokens=8, ignore_eos=True), seed=1, top_logprobs=1)
+    short = [Request(inputs_of(setup, p), GenerationSettings(max_tokens=6, ignore_eos=True, temp=0.8), seed=i)
+             for i, p in enumerate(("Hi!", "What is two plus two?"))]
+    expected = [run_alone(setup, r) for r in [long_] + short]
+    monkeypatch.setattr("mlx_glm4v.engine.TEXT_PIECE_WORK", CHUNK)  # a 32-token chunk: one layer a piece
+    engine = Engine(setup["model"], setup["processor"], max_concurrency=3, prefill_chunk=CHUNK,
+                    max_stall_ms=0.001, vision_piece=(1, 1))  # one piece a turn: a temporal group through a block
+    try:
+        handles = [engine.submit(r) for r in [long_] + short]
+        results = [collect(h) for h in handles]
+    finally:
+        engine.close()
+    assert all(same(a, b) for a, b in zip(results, expected))
+    assert engine.stats.vision_pieces == 4 * len(setup["model"].visual.blocks)
+    turns = list(engine.stats.turns)
+    assert max(n for n, _ in turns) == 1
+    assert sum(n for n, _ in turns) > engine.stats.vision_pieces + engine.stats.prefill_chunks  # chunks in layers
+    assert all(first_token_at(r) < first_token_at(results[0]) for r in results[1:])
+
+
+class StubCosts:
+    """Every piece costs what this says, on a clock the test moves: 25 ms a token-layer, 1 ms a patch-block."""
+
+    rate = {"text": 0.025, "vision": 0.001}
+
+    def __init__(self):
+        self.now = 0.0
+
+    def estimate(self, kind, size):
+        return self.rate[kind] * size
+
+    def measured(self, kind, size, seconds):
+        assert abs(seconds - self.estimate(kind, size)) < 1e-9  # the stub clock moved by exactly the stub cost
+
+
+def test_the_stall_budget_holds_with_a_stub_cost_model(setup, alone):
+    requests, expected = alone
+    costs = StubCosts()
+    engine = Engine(setup["model"], setup["processor"], max_concurrency=8, prefill_chunk=CHUNK,
+                    max_stall_ms=700, costs=costs, clock=lambda: costs.now, vision_piece=(16, 16))
+    prefill, steps = engine._prefill, []
+
+    def timed(row):  # a piece takes its stub cost on the stub clock
+        kind, size = engine._next_piece(row)
+        prefill(row)
+        costs.now += costs.estimate(kind, size)
+        steps.append(kind)
+
+    engine._prefill = timed
+    try:
+        results = [collect(h) for h in [engine.submit(r) for r in requests]]
+    finally:
+        engine.close()
+    assert all(same(a, b) for a, b in zip(results, expected))
+    turns = list(engine.stats.turns)
+    assert all(seconds <= 0.7 + 1e-9 for n, seconds in turns if n > 1)  # the budget holds ...
+    assert any(n > 1 for n, _ in turns) and any(seconds > 0.7 for n, seconds in turns if n == 1)  # ... packs, and moves
+    assert {"text", "vision"} <= set(steps)

@@ -764,3 +764,22 @@ def test_fetch_refuses_non_public_addresses(host):
     with pytest.raises(ApiError) as refused:
         fetch(url, MediaPolicy(allow_url_fetch=True), "part")
     assert refused.value.status == 403 and refused.value.code == "address_not_allowed"
+
+
+def test_latency_histograms_in_metrics(plain, tmp_path):
+    """Inter-token and first-token histograms, vision seconds per turn and the prefill queue, as Prometheus reads them."""
+    picture(84, 112, 41).save(tmp_path / "new.png")  # not in the vision cache: the tower runs
+    before = wait_idle(plain)
+    ask_streamed(plain, [image_part(tmp_path / "new.png"), {"type": "text", "text": "Go on."}],
+                                   max_completion_tokens=6, extra_body={"ignore_eos": True})
+    after = wait_idle(plain)
+    for name in ("time_to_first_token_seconds", "inter_token_seconds", "vision_turn_seconds"):
+        buckets = sorted((float(k.split('"')[1]), v) for k, v in after.items()
+                         if k.startswith(f"{name}_bucket") and "+Inf" not in k)
+        assert len(buckets) > 5 and all(a[1] <= b[1] for a, b in zip(buckets, buckets[1:]))  # cumulative
+        assert after[f'{name}_bucket{{le="+Inf"}}'] == after[f"{name}_count"] >= buckets[-1][1]
+    assert after["time_to_first_token_seconds_count"] == before["time_to_first_token_seconds_count"] + 1
+    assert after["inter_token_seconds_count"] == before["inter_token_seconds_count"] + 5  # 6 tokens, 5 gaps
+    assert after["inter_token_seconds_sum"] > before["inter_token_seconds_sum"]
+    assert after["vision_turn_seconds_count"] > before["vision_turn_seconds_count"]
+    assert after["prefill_rows"] == 0

@@ -56,6 +56,7 @@ class ServerConfig:
     keepalive: float = 10.0  # seconds between SSE comment lines while nothing else is sent
     max_queue: int = 64
     max_concurrency: Optional[int] = None  # None: the engine's default (from free memory)
+    max_stall_ms: float = 250.0  # prefill work one engine turn may do before running rows decode
     feature_cache_bytes: int = 2 << 30
     ui: bool = True
     media: MediaPolicy = field(default_factory=MediaPolicy)
@@ -109,7 +110,7 @@ class State:
         self.served = Served(self.config.name, self.names, self.tools_supported, self.thinking_in_template,
                              "enable_thinking" in processor.chat_template, self.config.answer_any_model, self.store)
         options = dict(max_queue=self.config.max_queue, max_concurrency=self.config.max_concurrency,
-                       feature_cache_bytes=self.config.feature_cache_bytes)
+                       feature_cache_bytes=self.config.feature_cache_bytes, max_stall_ms=self.config.max_stall_ms)
         if self.group is not None:
             from ..lockstep import serving_engine
 
