@@ -613,6 +613,7 @@ class Engine:
             self.stats.decode_steps += 1
             self.stats.decode_rows += len(step)
             if self.stats.decode_steps % 256 == 0:
+                mx.eval(out)  # as pipelined_decode: clear_cache keeps the GIL while a queued step runs
                 mx.clear_cache()
         for row in ready:
             (token, logprobs), row.pending = row.pending, None

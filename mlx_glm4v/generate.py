@@ -186,7 +186,9 @@ def pipelined_decode(model, cache, first, sample, history, max_tokens: int, keep
             mx.async_eval(next_y, next_logprobs)
         yield y.item(), logprobs
         if n % 256 == 0:
-            mx.clear_cache()
+            if n + 1 < max_tokens:  # wait here, where MLX lets go of the GIL: clear_cache keeps it while a
+                mx.eval(next_y, next_logprobs)  # queued step runs, and a stuck collective would lock out
+            mx.clear_cache()  # every other thread (the SIGTERM and hung-rank watchers included)
         if n + 1 < max_tokens:
             y, logprobs = next_y, next_logprobs
 
