@@ -7,6 +7,7 @@ has tools, rewired to reply with a tool call, behind an API key, answering any m
 
 import json
 
+import anthropic
 import httpx
 import pytest
 
@@ -14,7 +15,6 @@ import tiny
 from test_responses import KEY, TOOL_SCRIPT, chat_twin, images, special_text
 from test_server import Server
 
-anthropic = pytest.importorskip("anthropic")
 
 FOX = {"name": "fox", "description": "Look a city up.",
        "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}

@@ -5,6 +5,7 @@ dialect's shape and the next request is served."""
 
 import json
 
+import anthropic
 import httpx
 import jsonschema
 import pytest
@@ -14,7 +15,6 @@ from test_constrain import FORMATS
 from test_server import Server
 
 openai = pytest.importorskip("openai")
-anthropic = pytest.importorskip("anthropic")
 
 SCHEMA = SCHEMAS[53]  # the receipt
 BAD = {"type": "array", "uniqueItems": True}
