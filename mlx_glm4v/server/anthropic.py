@@ -17,8 +17,8 @@ from ..errors import Glm4vError
 from ..generate import GenerationSettings
 from .formats import FormatError, anthropic_output_format, anthropic_tool_choice, one_constraint
 from .neutral import (ApiError, Content, Finish, Reasoning, Request, Served, ToolArgs, ToolEnd, ToolStart, bad,
-                      check_model, effort, finish_messages, function_tool, no_thinking, number, offered_tools, seal,
-                      unknown_fields, unseal)
+                      check_fields, check_model, effort, finish_messages, function_tool, no_thinking, number,
+                      offered_tools, seal, unknown_fields, unseal)
 
 log = logging.getLogger("mlx_glm4v.server")
 
@@ -184,12 +184,7 @@ def _tool(i: int, tool):
 
 
 def parse(body, served: Served, counting: bool = False) -> Request:
-    if not isinstance(body, dict):
-        raise bad("the request body must be a JSON object.")
-    unknown_fields(body, SUPPORTED | IGNORED | set(REFUSED))
-    for key, allowed in REFUSED.items():
-        if body.get(key) is not None and body[key] not in allowed:
-            raise bad(f"{key} is not supported by this server.", key)
+    check_fields(body, SUPPORTED | IGNORED, REFUSED)
     check_model(body.get("model"), served)
     max_tokens = number(body, "max_tokens", 1, integer=True)
     if max_tokens is None and not counting:

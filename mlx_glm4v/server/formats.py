@@ -56,17 +56,11 @@ def _kind(fmt, param: str) -> Optional[str]:
 def openai_response_format(fmt, param: str = "response_format") -> Optional[Constraint]:
     """Chat completions' `response_format`: None for text."""
     kind = _kind(fmt, param)
-    if kind in (None, "text"):
-        return None
-    if kind == "json_object":
-        return Constraint("json_object")
-    if kind != "json_schema":
-        raise FormatError(f"{param} type {kind!r} is not supported; use text, json_object or json_schema.", param)
-    spec = fmt.get("json_schema")
-    if not isinstance(spec, dict):
-        raise FormatError(f"{param}.json_schema must be an object with name and schema.", f"{param}.json_schema")
-    _name(spec, f"{param}.json_schema")
-    return _schema(spec, f"{param}.json_schema")
+    if kind == "json_schema":  # name and schema sit one level down here
+        fmt, param = fmt.get("json_schema"), f"{param}.json_schema"
+        if not isinstance(fmt, dict):
+            raise FormatError(f"{param} must be an object with name and schema.", param)
+    return _text_or_json(kind, fmt, param)
 
 
 def responses_text_format(text, param: str = "text") -> Optional[Constraint]:
@@ -76,15 +70,20 @@ def responses_text_format(text, param: str = "text") -> Optional[Constraint]:
     if not isinstance(text, dict):
         raise FormatError(f"{param} must be an object.", param)
     fmt, param = text.get("format"), f"{param}.format"
-    kind = _kind(fmt, param)
+    return _text_or_json(_kind(fmt, param), fmt, param)
+
+
+def _text_or_json(kind: Optional[str], spec, param: str) -> Optional[Constraint]:
+    """The choice chat completions and Responses share: text (None), any JSON object, or the
+    schema named in `spec`."""
     if kind in (None, "text"):
         return None
     if kind == "json_object":
         return Constraint("json_object")
     if kind != "json_schema":
         raise FormatError(f"{param} type {kind!r} is not supported; use text, json_object or json_schema.", param)
-    _name(fmt, param)
-    return _schema(fmt, param)
+    _name(spec, param)
+    return _schema(spec, param)
 
 
 def anthropic_output_format(fmt, param: str = "output_config.format") -> Optional[Constraint]:

@@ -148,6 +148,17 @@ def number(body, key, lo=None, hi=None, integer=False, where=None):
     return value
 
 
+def check_fields(body, known: set, refused: dict, hints: Optional[dict] = None):
+    """A dialect's body: a JSON object, every field known, none asking for what `refused` allows
+    only in the values given (`hints` add a pointer to what to use instead)."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object.")
+    unknown_fields(body, known | set(refused))
+    for key, allowed in refused.items():
+        if body.get(key) is not None and body[key] not in allowed:
+            raise bad(f"{key} is not supported by this server{(hints or {}).get(key, '')}.", key)
+
+
 def unknown_fields(body: dict, known: set, where: str = ""):
     extra = sorted(set(body) - known)
     if extra:

@@ -14,7 +14,7 @@ from ..errors import Glm4vError
 from ..generate import GenerationSettings
 from .formats import FormatError, one_constraint, openai_response_format, openai_tool_choice
 from .neutral import (DEFAULT_MAX_TOKENS, ApiError, Content, Finish, Logprob, Reasoning, Request, Served, ToolArgs,
-                      ToolStart, bad, check_model, finish_messages, gather, number)
+                      ToolStart, bad, check_fields, check_model, finish_messages, gather, number)
 
 # ApiError and bad live in neutral.py; media.py takes them from here.
 
@@ -176,15 +176,7 @@ def _tools(body) -> tuple:
 
 def parse(body, served: Served) -> Request:
     """Check a chat-completions body and turn it into the neutral `Request`; an `ApiError` for the first problem."""
-    if not isinstance(body, dict):
-        raise bad("the request body must be a JSON object.")
-    unknown = sorted(set(body) - SUPPORTED - IGNORED - set(REFUSED))
-    if unknown:
-        raise bad(f"unknown field {unknown[0]!r}.", unknown[0])
-    for key, allowed in REFUSED.items():
-        if body.get(key) is not None and body[key] not in allowed:
-            hint = "; use tools" if key.startswith("function") else ""
-            raise bad(f"{key} is not supported by this server{hint}.", key)
+    check_fields(body, SUPPORTED | IGNORED, REFUSED, {"functions": "; use tools", "function_call": "; use tools"})
     check_model(body.get("model"), served)
     if _number(body, "n", integer=True) not in (None, 1):
         raise bad(f"n={body['n']} is not supported: one choice per request.", "n")

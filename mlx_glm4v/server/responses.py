@@ -17,7 +17,7 @@ from ..errors import Glm4vError
 from ..generate import GenerationSettings
 from .formats import FormatError, one_constraint, responses_text_format, responses_tool_choice
 from .neutral import (ApiError, Content, Finish, Reasoning, Request, Served, ToolArgs, ToolEnd, ToolStart, bad,
-                      check_model, effort, finish_messages, function_tool, number, offered_tools, seal,
+                      check_fields, check_model, effort, finish_messages, function_tool, number, offered_tools, seal,
                       unknown_fields, unseal)
 from .openai import media_source
 
@@ -208,12 +208,7 @@ def _tool(i: int, tool):
 
 
 def parse(body, served: Served) -> Request:
-    if not isinstance(body, dict):
-        raise bad("the request body must be a JSON object.")
-    unknown_fields(body, SUPPORTED | IGNORED | set(REFUSED))
-    for key, allowed in REFUSED.items():
-        if body.get(key) is not None and body[key] not in allowed:
-            raise bad(f"{key} is not supported by this server.", key)
+    check_fields(body, SUPPORTED | IGNORED, REFUSED)
     check_model(body.get("model"), served)
     text = body.get("text") or {}
     if not isinstance(text, dict):
