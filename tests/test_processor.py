@@ -274,15 +274,7 @@ def test_tokenizer_post_processor_decides_special_tokens(checkpoints, tmp_path):
     shutil.copytree(checkpoints["v5"][0], path)
     config = json.loads((path / "tokenizer_config.json").read_text())
     (path / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": "<sop>", "add_bos_token": True}))
-    file = json.loads((path / "tokenizer.json").read_text())
-    gmask = next(t["id"] for t in file["added_tokens"] if t["content"] == "[gMASK]")
-    file["post_processor"] = {
-        "type": "TemplateProcessing",
-        "single": [{"SpecialToken": {"id": "[gMASK]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-        "special_tokens": {"[gMASK]": {"id": "[gMASK]", "ids": [gmask], "tokens": ["[gMASK]"]}},
-    }
-    (path / "tokenizer.json").write_text(json.dumps(file))
+    gmask = tiny.prefix_gmask(path)
     text = "<|user|>\nHello"
     want = AutoTokenizer.from_pretrained(path)(text)["input_ids"]
     assert want[0] == gmask and want[1] != gmask

@@ -170,15 +170,7 @@ def test_post_processor_tokens_come_once(pair, tmp_path):
     ours, _ = pair
     path = tmp_path / "prefix"
     shutil.copytree(ours.tokenizer_path, path)
-    file = json.loads((path / "tokenizer.json").read_text())
-    gmask = next(t["id"] for t in file["added_tokens"] if t["content"] == "[gMASK]")
-    file["post_processor"] = {
-        "type": "TemplateProcessing",
-        "single": [{"SpecialToken": {"id": "[gMASK]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-        "special_tokens": {"[gMASK]": {"id": "[gMASK]", "ids": [gmask], "tokens": ["[gMASK]"]}},
-    }
-    (path / "tokenizer.json").write_text(json.dumps(file))
+    gmask = tiny.prefix_gmask(path)
     tokenizer = Processor.from_pretrained(path).tokenizer
     plain = AutoTokenizer.from_pretrained(path)("<|user|>\nHi word<|assistant|>")["input_ids"]
     ids = tokenizer.encode(f"<|user|>\nHi {tokenizer.mark('<|image|>')}<|assistant|>")

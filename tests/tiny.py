@@ -480,3 +480,18 @@ def scripted_checkpoint(source, out, script: str):
     weights["lm_head.weight"] = head
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
+
+
+def prefix_gmask(path):
+    """The tokenizer in `path` given a post-processor that starts every encoding with [gMASK], as
+    GLM's own tokenizers have; [gMASK]'s id."""
+    file = json.loads((path / "tokenizer.json").read_text())
+    gmask = next(t["id"] for t in file["added_tokens"] if t["content"] == "[gMASK]")
+    file["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "[gMASK]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"[gMASK]": {"id": "[gMASK]", "ids": [gmask], "tokens": ["[gMASK]"]}},
+    }
+    (path / "tokenizer.json").write_text(json.dumps(file))
+    return gmask
