@@ -46,8 +46,8 @@ from mlx.utils import tree_flatten
 
 from .constrain import step_masks
 from .errors import Glm4vError
-from .generate import (GenerationSettings, StopStrings, StreamingText, build_messages, generation_stream,
-                       kv_group_size_for, maybe_quantize_kv_cache, wired_limit)
+from .generate import (GenerationSettings, StopStrings, StreamingText, build_messages, clear_cache_after,
+                       generation_stream, kv_group_size_for, maybe_quantize_kv_cache, wired_limit)
 from .media import FeatureMemo, media_items
 from .model import TEXT_PIECE_WORK, VISION_PIECE_PATCHES, VISION_PIECE_WORK, Model
 from .prefix import PrefixCache, media_marks
@@ -558,8 +558,7 @@ class Engine:
         row.done = end
         self.stats.prefill_chunks += 1
         if end < prompt.length:
-            mx.eval([c.state for c in cache])
-            mx.clear_cache()
+            clear_cache_after([c.state for c in cache])
             return
         row.prompt = None
         first = self._sample(row, self.model.logits(hidden[:, -1, :]))
@@ -613,8 +612,7 @@ class Engine:
             self.stats.decode_steps += 1
             self.stats.decode_rows += len(step)
             if self.stats.decode_steps % 256 == 0:
-                mx.eval(out)  # as pipelined_decode: clear_cache keeps the GIL while a queued step runs
-                mx.clear_cache()
+                clear_cache_after(out)
         for row in ready:
             (token, logprobs), row.pending = row.pending, None
             self._emit(row, token.item(), logprobs)

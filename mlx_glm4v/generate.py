@@ -119,8 +119,7 @@ def prefill(model: Model, prompt: Prompt, cache: PromptCache, step_size: int = 2
             progress("prefill", start, length)
         hidden = model.forward(prompt, cache, start, end, last_only=end == length)
         if end < length:
-            mx.eval([c.state for c in cache])
-            mx.clear_cache()
+            clear_cache_after([c.state for c in cache])
     return model.logits(hidden[:, -1, :])
 
 
@@ -174,6 +173,14 @@ def generate_step(
             yield from pipelined_decode(model, cache, first, sample, prompt_ids, max_tokens, bool(logits_processors))
 
 
+def clear_cache_after(arrays):
+    """Wait for `arrays` (queued work), then free MLX's cache. The wait lets go of the GIL;
+    clear_cache keeps it while a queued step runs, so a collective stuck on a frozen rank would
+    lock out every other thread, the SIGTERM and hung-rank watchers included."""
+    mx.eval(arrays)
+    mx.clear_cache()
+
+
 def pipelined_decode(model, cache, first, sample, history, max_tokens: int, keep_history: bool):
     """mlx-lm's loop: queue step n+1 before handing out token n, so the device never waits."""
     y, logprobs = first
@@ -186,9 +193,7 @@ def pipelined_decode(model, cache, first, sample, history, max_tokens: int, keep
             mx.async_eval(next_y, next_logprobs)
         yield y.item(), logprobs
         if n % 256 == 0:
-            if n + 1 < max_tokens:  # wait here, where MLX lets go of the GIL: clear_cache keeps it while a
-                mx.eval(next_y, next_logprobs)  # queued step runs, and a stuck collective would lock out
-            mx.clear_cache()  # every other thread (the SIGTERM and hung-rank watchers included)
+            clear_cache_after((next_y, next_logprobs) if n + 1 < max_tokens else ())
         if n + 1 < max_tokens:
             y, logprobs = next_y, next_logprobs
 
