@@ -193,10 +193,11 @@ class Histogram:
 
 class PieceCosts:
     """Seconds a prefill piece will take, from the measured cost of earlier ones: per prompt token
-    and decoder layer for text pieces, per patch and tower block for vision pieces (running means)."""
+    and decoder layer for text pieces, per patch and tower block for vision pieces, per query-key
+    pair and head for pieces of attention heads (running means)."""
 
-    def __init__(self, text: float = 2e-4, vision: float = 2e-5):
-        self.rate = {"text": text, "vision": vision}
+    def __init__(self, text: float = 2e-4, vision: float = 2e-5, attention: float = 2e-8):
+        self.rate = {"text": text, "vision": vision, "attention": attention}
 
     def estimate(self, kind: str, size: int) -> float:
         return self.rate[kind] * size
@@ -504,11 +505,22 @@ class Engine:
                 row.pieces = self.model.vision_pieces(row.to_encode[0], *self.vision_piece)
                 self.vision_memo.misses += 1
         if row.pieces:
-            return "vision", row.pieces[0].work
+            return row.pieces[0].kind, row.pieces[0].work
         length = row.prompt.length if row.prompt is not None else len(row.ids)
-        tokens = min((row.done // row.chunk + 1) * row.chunk, length) - row.done
+        end = min((row.done // row.chunk + 1) * row.chunk, length)
+        tokens = end - row.done
+        if (heads := self._next_heads(row, end, length)) is not None:
+            return "attention", heads[1] * tokens * end
         first = row.decoder.layer if row.decoder is not None else 0
         return "text", tokens * (min(self._layers, first + self._layer_step(tokens)) - first)
+
+    def _next_heads(self, row: _Row, end: int, length: int) -> Optional[tuple]:
+        """The attention heads the row's next piece runs (model.head_groups), or None: whole layers."""
+        p = row.decoder
+        groups = self.model.head_groups(p.layer if p else 0, end - row.done, end, end == length)
+        if groups is None:
+            return None
+        return groups[len(p.attention[3]) if p is not None and p.attention is not None else 0]
 
     @property
     def _layers(self) -> int:
@@ -525,10 +537,13 @@ class Engine:
         """One piece of a row's prefill (see `_next_piece`): vision pieces, then prompt chunks."""
         if row.pieces:
             piece, visual = row.pieces.pop(0), self.model.visual
-            if piece.start == 0:
+            if piece.start == 0 and (piece.heads is None or piece.heads[0] == 0):
                 row.tower = visual.begin(piece.rows, piece.grids)
-            visual.run_blocks(row.tower, piece.start, piece.end)
-            if piece.end == len(visual.blocks):
+            if piece.heads is None:
+                visual.run_blocks(row.tower, piece.start, piece.end)
+            else:
+                visual.run_heads(row.tower, piece.start, *piece.heads[:2])
+            if piece.end == len(visual.blocks) and piece.block_done:
                 row.parts.append(visual.finish(row.tower))
                 mx.eval(row.parts[-1])
                 row.tower = None
@@ -545,13 +560,17 @@ class Engine:
             self._embed(row)
         prompt, cache = row.prompt, row.cache
         end = min((row.done // row.chunk + 1) * row.chunk, prompt.length)
-        step = self._layer_step(end - row.done)
-        if step >= self._layers:
-            hidden = self.model.forward(prompt, cache, row.done, end, last_only=end == prompt.length)
-        else:  # a long chunk: a few decoder layers a piece, its hidden states kept between turns
+        last_only, step = end == prompt.length, self._layer_step(end - row.done)
+        heads = self._next_heads(row, end, prompt.length)
+        if row.decoder is None and heads is None and step >= self._layers:  # a short chunk: all of it at once
+            hidden = self.model.forward(prompt, cache, row.done, end, last_only=last_only)
+        else:  # a long one: a few decoder layers (or attention heads) a piece, its state kept between turns
             if row.decoder is None:
-                row.decoder = self.model.begin_pass(prompt, cache, row.done, end, last_only=end == prompt.length)
-            self.model.run_layers(row.decoder, cache, step)
+                row.decoder = self.model.begin_pass(prompt, cache, row.done, end, last_only=last_only)
+            if heads is not None:
+                self.model.run_heads(row.decoder, cache, *heads)
+            else:
+                self.model.run_layers(row.decoder, cache, step)
             if row.decoder.layer < self._layers:
                 return
             hidden, row.decoder = row.decoder.h, None

@@ -18,6 +18,7 @@ from mlx.utils import tree_map
 
 from .config import TextConfig
 from .errors import Glm4vError
+from .head_groups import heads_per_call, kv_heads_of
 from .mlxlm import scaled_dot_product_attention, swiglu
 
 
@@ -102,23 +103,44 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, rope, mask=None, cache=None, last_rope=None) -> mx.array:
         """Attention of the tokens `x` [B, L, dim]; with `last_rope` (the rotation of the last
         column alone), keys and values of every token but the output of the last one only."""
+        q, k, v = self.project(x, rope, last_rope)
+        if last_rope is not None:
+            mask = mask[..., -1:, :] if isinstance(mask, mx.array) else None  # the last query sees every key
+        if hasattr(cache, "attend"):  # rows of a batch, each over its own cache (rows.py)
+            return self.output(cache.attend(q, k, v, self.scale))
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        return self.output(self.attend(q, k, v, mask, cache))
+
+    def project(self, x: mx.array, rope, last_rope=None) -> tuple:
+        """Queries (of the last column alone with `last_rope`), keys and values, heads first, turned."""
         B, L, _ = x.shape
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        rope_q = rope
         if last_rope is not None:
             x, L, rope_q = x[:, -1:], 1, last_rope
-            mask = mask[..., -1:, :] if isinstance(mask, mx.array) else None  # the last query sees every key
-        else:
-            rope_q = rope
         q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
-        q, k = rope_q(q), rope(k)
-        if hasattr(cache, "attend"):  # rows of a batch, each over its own cache (rows.py)
-            out = cache.attend(q, k, v, self.scale)
-        else:
-            if cache is not None:
-                k, v = cache.update_and_fetch(k, v)
-            out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return rope_q(q), rope(k), v
+
+    def attend(self, q, k, v, mask, cache, heads=None) -> mx.array:
+        """[B, heads, L, head_dim] over the keys and values given (the cache's, quantized or not);
+        with `heads` = (first, count), those query heads alone (head_groups.py)."""
+        if heads is not None:
+            first, count = heads
+            kv = kv_heads_of(first, count, self.n_heads, self.n_kv_heads)
+            q = q[:, first:first + count]
+            k, v = tree_map(lambda t: t[:, kv], k), tree_map(lambda t: t[:, kv], v)
+        return scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+
+    def output(self, heads: mx.array) -> mx.array:
+        B, _, L, _ = heads.shape
+        return self.o_proj(heads.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def head_groups(self, queries: int, keys: int) -> list:
+        """(first, count) of each call when `queries` attend `keys` each (head_groups.py)."""
+        g = heads_per_call(self.n_heads, self.n_kv_heads, queries * keys)
+        return [(h, g) for h in range(0, self.n_heads, g)]
 
     def can_shard(self, n: int) -> bool:
         heads, kv = self.n_heads, self.n_kv_heads
@@ -181,7 +203,11 @@ class DecoderLayer(nn.Module):
 
     def __call__(self, x: mx.array, rope, mask=None, cache=None, last_rope=None) -> mx.array:
         h = self.self_attn(self.input_layernorm(x), rope, mask, cache, last_rope)
-        x = (x if last_rope is None else x[:, -1:]) + self.post_self_attn_layernorm(h)
+        return self.finish(x if last_rope is None else x[:, -1:], h)
+
+    def finish(self, x: mx.array, attended: mx.array) -> mx.array:
+        """The layer after its attention: norms, residual adds and the MLP."""
+        x = x + self.post_self_attn_layernorm(attended)
         return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
 
 

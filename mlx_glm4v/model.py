@@ -65,10 +65,12 @@ VISION_CHUNK_PATCHES = 16384
 
 # A piece of vision work the engine runs between decode steps: frames of at most about
 # VISION_PIECE_PATCHES patches (one frame at least) through blocks of the tower, as many
-# blocks as keep patches x blocks within VISION_PIECE_WORK (one block at least).
+# blocks as keep patches x blocks within VISION_PIECE_WORK (one block at least); frames
+# too large for that take a block a few attention heads a piece (head_groups.py).
 VISION_PIECE_PATCHES = 2048
 VISION_PIECE_WORK = 2048
-# Likewise a prompt chunk of n tokens runs through max(1, TEXT_PIECE_WORK // n) decoder layers a piece.
+# Likewise a prompt chunk of n tokens runs through max(1, TEXT_PIECE_WORK // n) decoder layers a
+# piece, or, when its attention is long (head_groups.py), a layer a few heads a piece.
 TEXT_PIECE_WORK = 512
 
 
@@ -78,10 +80,24 @@ class VisionPiece:
     grids: np.ndarray  # their grids, one (1, h, w) per frame or temporal group
     start: int  # tower blocks [start, end): start 0 begins the frames, end == depth finishes them
     end: int
+    heads: Optional[tuple] = None  # (first, count, of all): these attention heads of block `start` alone
+
+    @property
+    def kind(self) -> str:
+        return "vision" if self.heads is None else "attention"
 
     @property
     def work(self) -> int:
-        return int(np.prod(self.grids, axis=1).sum()) * (self.end - self.start)
+        """Patches x blocks; for a piece of heads, query-key pairs x heads (the engine's cost units)."""
+        sizes = np.prod(self.grids, axis=1)
+        if self.heads is not None:
+            return int((sizes * sizes).sum()) * self.heads[1]
+        return int(sizes.sum()) * (self.end - self.start)
+
+    @property
+    def block_done(self) -> bool:
+        """Whether block `end - 1` is complete after this piece."""
+        return self.heads is None or self.heads[0] + self.heads[1] == self.heads[2]
 
 
 @dataclass
@@ -94,6 +110,7 @@ class DecoderPass:
     last_rope: Optional[tuple]
     last_only: bool
     layer: int = 0  # the next layer to run; all of them run: h is the output
+    attention: Optional[tuple] = None  # (queries, keys, values, head outputs so far) of a layer part-way
 
 
 def _host(x):
@@ -187,21 +204,28 @@ class Model(nn.Module):
         """One media item's vision work as `VisionPiece`s, in order.
 
         A video's temporal groups never attend to each other, so they go a few at a time; each
-        group's activations are carried from block to block as in one pass. The cuts follow
-        from the item's grid alone, so every rank makes the same ones, and running the pieces
-        in order gives the whole pass's features bit for bit.
+        group's activations are carried from block to block as in one pass. Frames whose
+        attention the tower splits by heads (`VisionAttention.head_groups`) take a block a head
+        group a piece. The cuts follow from the item's grid alone, so every rank makes the same
+        ones, and running the pieces in order gives the whole pass's features bit for bit.
         """
         grids = frame_grids(item.grid) if item.kind == VIDEO else np.asarray(item.grid, np.int64)[None]
         sizes = np.prod(grids, axis=1)
         depth = len(self.visual.blocks)
+        attn = self.visual.blocks[0].attn
         pieces, first, row = [], 0, 0
         while first < len(grids):
             last, n = first + 1, int(sizes[first])
             while last < len(grids) and n + sizes[last] <= patches:
                 n, last = n + int(sizes[last]), last + 1
-            step = max(1, work // n)
-            for start in range(0, depth, step):
-                pieces.append(VisionPiece(item.rows[row:row + n], grids[first:last], start, min(depth, start + step)))
+            rows, frames = item.rows[row:row + n], grids[first:last]
+            groups = attn.head_groups(int(sizes[first]))
+            if len(groups) > 1:  # a block a head group a piece
+                pieces += [VisionPiece(rows, frames, b, b + 1, (h, g, attn.num_heads)) for b in range(depth)
+                           for h, g in groups]
+            else:
+                step = max(1, work // n)
+                pieces += [VisionPiece(rows, frames, s, min(depth, s + step)) for s in range(0, depth, step)]
             first, row = last, row + n
         return pieces
 
@@ -329,16 +353,48 @@ class Model(nn.Module):
 
     def run_layers(self, p: "DecoderPass", cache: PromptCache, count: int):
         """The pass's next `count` decoder layers, evaluated with their caches (no pipeline split)."""
-        text = self.language_model
-        layers = text.layers
+        layers = self.language_model.layers
         for i in range(p.layer, min(len(layers), p.layer + count)):
             last = i == len(layers) - 1 and p.last_rope is not None
             p.h = layers[i](p.h, p.rope, p.mask, cache[i], p.last_rope) if last else layers[i](p.h, p.rope, p.mask,
                                                                                               cache[i])
             mx.eval(p.h, cache[i].state)
             p.layer = i + 1
-        if p.layer == len(layers):
-            p.h = text.norm(p.h)
+        self._end_pass(p)
+
+    def head_groups(self, layer: int, queries: int, keys: int, last_only: bool) -> Optional[list]:
+        """(first, count) of each piece of layer `layer`'s attention when a chunk's is long enough to
+        split by heads (head_groups.py); None: the layer runs whole. Never under a pipeline split,
+        nor for a last layer that answers one column. Follows from the chunk alone: every rank cuts alike."""
+        layers = self.language_model.layers
+        if self.language_model.pipeline_group is not None or (layer == len(layers) - 1 and last_only):
+            return None
+        groups = layers[layer].self_attn.head_groups(queries, keys)
+        return groups if len(groups) > 1 else None
+
+    def run_heads(self, p: "DecoderPass", cache: PromptCache, first: int, count: int):
+        """Query heads [first, first + count) of the pass's current layer (`head_groups`): its norm,
+        projections and cache update with the first ones, the rest of the layer after the last;
+        the layer in several calls, the same operations as `run_layers`. Evaluated."""
+        layer, c = self.language_model.layers[p.layer], cache[p.layer]
+        attn = layer.self_attn
+        if p.attention is None:
+            q, k, v = attn.project(layer.input_layernorm(p.h), p.rope)
+            p.attention = (q, *c.update_and_fetch(k, v), [])
+        q, k, v, parts = p.attention
+        parts.append(attn.attend(q, k, v, p.mask, c, (first, count)))
+        if first + count < attn.n_heads:
+            mx.eval(parts[-1], c.state)
+            return
+        p.h = layer.finish(p.h, attn.output(mx.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]))
+        p.attention = None
+        mx.eval(p.h, c.state)
+        p.layer += 1
+        self._end_pass(p)
+
+    def _end_pass(self, p: "DecoderPass"):
+        if p.layer == len(self.language_model.layers):
+            p.h = self.language_model.norm(p.h)
             p.h = p.h[:, -1:] if p.last_only else p.h
 
     def logits(self, hidden: mx.array) -> mx.array:

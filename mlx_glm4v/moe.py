@@ -117,7 +117,11 @@ class DecoderLayer(nn.Module):
 
     def __call__(self, x: mx.array, rope, mask=None, cache=None, last_rope=None) -> mx.array:
         h = self.self_attn(self.input_layernorm(x), rope, mask, cache, last_rope)
-        x = (x if last_rope is None else x[:, -1:]) + h
+        return self.finish(x if last_rope is None else x[:, -1:], h)
+
+    def finish(self, x: mx.array, attended: mx.array) -> mx.array:
+        """The layer after its attention: the residual adds and the MLP."""
+        x = x + attended
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

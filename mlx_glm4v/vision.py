@@ -7,12 +7,14 @@ through one `scaled_dot_product_attention` call instead of a dense block-diagona
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from .config import VisionConfig
+from .head_groups import heads_per_call
 from .mlxlm import swiglu
 
 CUBIC_A = -0.75  # torch's bicubic kernel constant, used by grid_sample
@@ -157,23 +159,39 @@ class VisionAttention(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
     def __call__(self, x: mx.array, rope, segments) -> mx.array:
+        return self.output(self.attend(*self.project(x, rope), segments))
+
+    def project(self, x: mx.array, rope) -> tuple:
+        """Queries, keys and values [N, heads, head_dim], queries and keys turned."""
         n = x.shape[0]
         q, k, v = mx.split(self.qkv(x).reshape(n, 3, self.num_heads, -1), 3, axis=1)
         cos, sin = rope
-        q = apply_rotary(q.squeeze(1), cos, sin)
-        k = apply_rotary(k.squeeze(1), cos, sin)
-        v = v.squeeze(1)
+        return apply_rotary(q.squeeze(1), cos, sin), apply_rotary(k.squeeze(1), cos, sin), v.squeeze(1)
+
+    def head_groups(self, length: int) -> list:
+        """(first head, count) of each call for segments of `length` patches (head_groups.py)."""
+        g = heads_per_call(self.num_heads, self.num_heads, length * length)
+        return [(h, g) for h in range(0, self.num_heads, g)]
+
+    def attend(self, q, k, v, segments, heads=None) -> mx.array:
+        """[N, heads, head_dim]: every segment's patches attending to each other, a few heads a call
+        (`head_groups`); with `heads` = (first, count), those heads alone in one call."""
         out, start = [], 0
         for length, count in segments:
             end = start + length * count
+            parts = []
+            for first, g in [heads] if heads else self.head_groups(length):
+                def heads_first(t):
+                    return t[start:end, first:first + g].reshape(count, length, g, -1).transpose(0, 2, 1, 3)
 
-            def heads_first(t):
-                return t[start:end].reshape(count, length, self.num_heads, -1).transpose(0, 2, 1, 3)
-
-            o = attention(heads_first(q), heads_first(k), heads_first(v), self.scale)
-            out.append(o.transpose(0, 2, 1, 3).reshape(end - start, -1))
+                o = attention(heads_first(q), heads_first(k), heads_first(v), self.scale)
+                parts.append(o.transpose(0, 2, 1, 3).reshape(end - start, g, -1))
+            out.append(mx.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
             start = end
-        return self.proj(mx.concatenate(out, axis=0) if len(out) > 1 else out[0])
+        return mx.concatenate(out, axis=0) if len(out) > 1 else out[0]
+
+    def output(self, heads: mx.array) -> mx.array:
+        return self.proj(heads.reshape(heads.shape[0], -1))
 
 
 class VisionMLP(nn.Module):
@@ -197,7 +215,11 @@ class VisionBlock(nn.Module):
         self.mlp = VisionMLP(config.hidden_size, config.out_hidden_size)
 
     def __call__(self, x: mx.array, rope, segments) -> mx.array:
-        x = x + self.attn(self.norm1(x), rope, segments)
+        return self.finish(x, self.attn(self.norm1(x), rope, segments))
+
+    def finish(self, x: mx.array, attended: mx.array) -> mx.array:
+        """The block after its attention: the residual add and the MLP."""
+        x = x + attended
         return x + self.mlp(self.norm2(x))
 
 
@@ -253,6 +275,21 @@ class VisionModel(nn.Module):
             state.x = block(state.x, state.rope, state.segments)
             mx.eval(state.x)  # block by block: as one graph, the activations peak a third higher
 
+    def run_heads(self, state: "TowerState", index: int, first: int, count: int):
+        """Attention heads [first, first + count) of block `index` (its projections first; the rest
+        of the block after its last heads): the block in several calls, the same numbers as one."""
+        block = self.blocks[index]
+        if state.attention is None:
+            state.attention = (*block.attn.project(block.norm1(state.x), state.rope), [])
+        q, k, v, parts = state.attention
+        parts.append(block.attn.attend(q, k, v, state.segments, (first, count)))
+        if first + count < block.attn.num_heads:
+            mx.eval(q, k, v, parts[-1])
+            return
+        state.x = block.finish(state.x, block.attn.output(mx.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]))
+        state.attention = None
+        mx.eval(state.x)
+
     def finish(self, state: "TowerState") -> mx.array:
         x = self.post_layernorm(state.x)
         w = self.downsample.weight  # [O, m, m, C]: four consecutive patches form one merge block
@@ -267,3 +304,4 @@ class TowerState:
     x: mx.array
     rope: tuple
     segments: list
+    attention: Optional[tuple] = None  # (queries, keys, values, head outputs so far) of a block part-way

@@ -304,10 +304,11 @@ def first_token_at(result):
     return usage.queued + usage.time_to_first_token  # since submission
 
 
-def test_a_long_video_and_short_requests_interleave(setup, monkeypatch):
+@pytest.mark.parametrize("cut", ["layers", "heads"])
+def test_a_long_video_and_short_requests_interleave(setup, monkeypatch, cut):
     """Prefilling rows take turns piece by piece: the short requests start long before the video's
     last vision piece, and every reply is its solo run's, though here each prompt chunk also runs
-    one decoder layer a piece where alone it ran whole."""
+    one decoder layer (or, cut by heads, one attention head) a piece where alone it ran whole."""
     video = Video(clip(8, 84, 112, 6), fps=2.0)
     long_ = Request(inputs_of(setup, "What happens in this clip?", videos=[video]),
                     GenerationSettings(max_tokens=8, ignore_eos=True), seed=1, top_logprobs=1)
@@ -315,6 +316,8 @@ def test_a_long_video_and_short_requests_interleave(setup, monkeypatch):
              for i, p in enumerate(("Hi!", "What is two plus two?"))]
     expected = [run_alone(setup, r) for r in [long_] + short]
     monkeypatch.setattr("mlx_glm4v.engine.TEXT_PIECE_WORK", CHUNK)  # a 32-token chunk: one layer a piece
+    if cut == "heads":  # and its attention (the video's frames' too) one head a piece
+        monkeypatch.setattr("mlx_glm4v.head_groups.ATTENTION_PIECE_WORK", 16)
     engine = Engine(setup["model"], setup["processor"], max_concurrency=3, prefill_chunk=CHUNK,
                     max_stall_ms=0.001, vision_piece=(1, 1))  # one piece a turn: a temporal group through a block
     try:
@@ -323,17 +326,20 @@ def test_a_long_video_and_short_requests_interleave(setup, monkeypatch):
     finally:
         engine.close()
     assert all(same(a, b) for a, b in zip(results, expected))
-    assert engine.stats.vision_pieces == 4 * len(setup["model"].visual.blocks)
+    heads = setup["model"].visual.blocks[0].attn.num_heads if cut == "heads" else 1
+    assert engine.stats.vision_pieces == 4 * len(setup["model"].visual.blocks) * heads
     turns = list(engine.stats.turns)
     assert max(n for n, _ in turns) == 1
     assert sum(n for n, _ in turns) > engine.stats.vision_pieces + engine.stats.prefill_chunks  # chunks in layers
+    if cut == "heads":  # and layers in heads
+        assert sum(n for n, _ in turns) > engine.stats.vision_pieces + engine.stats.prefill_chunks * len(setup["model"].layers)
     assert all(first_token_at(r) < first_token_at(results[0]) for r in results[1:])
 
 
 class StubCosts:
     """Every piece costs what this says, on a clock the test moves: 25 ms a token-layer, 1 ms a patch-block."""
 
-    rate = {"text": 0.025, "vision": 0.001}
+    rate = {"text": 0.025, "vision": 0.001, "attention": 1e-6}
 
     def __init__(self):
         self.now = 0.0

@@ -1,10 +1,12 @@
-"""The vision tower in pieces (model.vision_pieces) and prompt chunks a few decoder layers at a time
-(model.run_layers) give the whole pass's results bit for bit."""
+"""The vision tower in pieces (model.vision_pieces), prompt chunks a few decoder layers at a time
+(model.run_layers) and attention a few heads a call (head_groups.py) give the whole pass's results
+bit for bit."""
 
 import mlx.core as mx
 import pytest
 
 from mlx_glm4v.generate import build_messages
+from mlx_glm4v.head_groups import heads_per_call, kv_heads_of
 from mlx_glm4v.loader import load
 from mlx_glm4v.media import media_items
 from mlx_glm4v.video import Video
@@ -24,20 +26,39 @@ def in_pieces(model, item, patches, work):
     pieces = model.vision_pieces(item, patches, work)
     visual, parts, state = model.visual, [], None
     for piece in pieces:
-        if piece.start == 0:
+        if piece.start == 0 and (piece.heads is None or piece.heads[0] == 0):
             state = visual.begin(piece.rows, piece.grids)
-        visual.run_blocks(state, piece.start, piece.end)
-        if piece.end == len(visual.blocks):
+        if piece.heads is None:
+            visual.run_blocks(state, piece.start, piece.end)
+        else:
+            visual.run_heads(state, piece.start, *piece.heads[:2])
+        if piece.end == len(visual.blocks) and piece.block_done:
             parts.append(visual.finish(state))
     return len(pieces), mx.concatenate(parts)
+
+
+def test_head_groups_keep_key_value_heads_whole():
+    assert heads_per_call(16, 2, 100, work=10**9) == 16
+    assert heads_per_call(16, 2, 100, work=800) == 8  # one key-value head's eight query heads
+    assert heads_per_call(16, 2, 100, work=500) == 4  # half of them
+    assert heads_per_call(16, 2, 100, work=50) == 1  # one at least
+    assert heads_per_call(12, 4, 100, work=700) == 6  # two whole groups of three, not four heads
+    assert heads_per_call(12, 4, 100, work=250) == 1  # 2 does not divide a group of three
+    assert [kv_heads_of(f, 2, 8, 2) for f in (0, 2, 4, 6)] == [slice(0, 1)] * 2 + [slice(1, 2)] * 2
+    assert kv_heads_of(0, 8, 8, 2) == slice(0, 2)
 
 
 # (patches, work): everything at once, one frame through one block at a time, and in between
 GROUPINGS = [(10**9, 10**9), (1, 1), (70, 150), (200, 10**9)]
 
 
+# query-key pairs a call: every head in one call, or one head a call for all but the smallest frames
+WORKS = {"whole": 10**12, "heads": 1000}
+
+
+@pytest.mark.parametrize("heads", sorted(WORKS))
 @pytest.mark.parametrize("family", ["glm4v", "glm4v_moe"])
-def test_pieces_equal_the_whole_pass(family, glm4v_checkpoint, glm4v_moe_checkpoint, tmp_path):
+def test_pieces_equal_the_whole_pass(family, heads, glm4v_checkpoint, glm4v_moe_checkpoint, tmp_path, monkeypatch):
     path = (glm4v_checkpoint if family == "glm4v" else glm4v_moe_checkpoint)[0]
     model, processor = load(path)
     for i, (h, w) in enumerate(((56, 84), (112, 140), (28, 196))):
@@ -46,21 +67,29 @@ def test_pieces_equal_the_whole_pass(family, glm4v_checkpoint, glm4v_moe_checkpo
                      videos=[Video(clip(8, 84, 112, 1), fps=2.0)])
     assert [int(item.grid[0]) for item in items] == [1, 1, 1, 4]  # three images, a video of four temporal groups
     for item in items:
-        image, video = model.encode_media(items=[item])
+        image, video = model.encode_media(items=[item])  # every head in one call: the pass as it was
         whole = video if item is items[-1] else image
+        monkeypatch.setattr("mlx_glm4v.head_groups.ATTENTION_PIECE_WORK", WORKS[heads])
+        image, video = model.encode_media(items=[item])  # the whole pass, its attention a head a call
+        assert mx.array_equal(video if item is items[-1] else image, whole).item()
         counts = set()
         for patches, work in GROUPINGS:
             n, features = in_pieces(model, item, patches, work)
             counts.add(n)
             assert features.shape == whole.shape and mx.array_equal(features, whole).item(), (item.grid, patches, work)
-        assert len(counts) > 1  # the groupings really cut the item differently
+        # the groupings really cut the item differently (a head a piece cuts an image alike in all)
+        assert len(counts) > 1 or (heads == "heads" and item is not items[-1])
+        monkeypatch.undo()
+    monkeypatch.setattr("mlx_glm4v.head_groups.ATTENTION_PIECE_WORK", WORKS[heads])
     n, _ = in_pieces(model, items[-1], 1, 1)
-    assert n == 4 * len(model.visual.blocks)  # a temporal group through one block a piece
+    per_block = 1 if heads == "whole" else model.visual.blocks[0].attn.num_heads
+    assert n == 4 * len(model.visual.blocks) * per_block  # a temporal group through one block (or head) a piece
 
 
 @pytest.mark.parametrize("family", ["glm4v", "glm4v_moe"])
-@pytest.mark.parametrize("step", [1, 2])
-def test_decoder_layers_in_pieces_equal_forward(family, step, glm4v_checkpoint, glm4v_moe_checkpoint, tmp_path):
+@pytest.mark.parametrize("step", [1, 2, "heads"])
+def test_decoder_layers_in_pieces_equal_forward(family, step, glm4v_checkpoint, glm4v_moe_checkpoint, tmp_path,
+                                                monkeypatch):
     path = (glm4v_checkpoint if family == "glm4v" else glm4v_moe_checkpoint)[0]
     model, processor = load(path)
     picture(56, 84, 5).save(tmp_path / "p.png")
@@ -68,7 +97,9 @@ def test_decoder_layers_in_pieces_equal_forward(family, step, glm4v_checkpoint, 
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     images, videos = processor.media_from_messages(messages)
     inputs = {k: v for k, v in processor(text, images=images, videos=videos).items() if k != "mm_token_type_ids"}
-    out = []
+    out, split = [], []
+    if step == "heads":  # a head or two a call: every chunk's attention in several pieces
+        monkeypatch.setattr("mlx_glm4v.head_groups.ATTENTION_PIECE_WORK", 16 * 16)
     for pieces in (False, True):
         cache = model.make_cache()
         prompt = model.prepare(**inputs, cache=cache)
@@ -79,12 +110,21 @@ def test_decoder_layers_in_pieces_equal_forward(family, step, glm4v_checkpoint, 
             if pieces:
                 p = model.begin_pass(prompt, cache, start, end, last_only=end == prompt.length)
                 while p.layer < len(model.layers):
-                    model.run_layers(p, cache, step)
+                    if step != "heads":
+                        model.run_layers(p, cache, step)
+                        continue
+                    groups = model.head_groups(p.layer, end - start, end, end == prompt.length)
+                    if groups is None:
+                        model.run_layers(p, cache, 1)
+                    else:
+                        split.append(len(groups))
+                        model.run_heads(p, cache, *groups[len(p.attention[3]) if p.attention else 0])
                 hidden.append(p.h)
             else:
                 hidden.append(model.forward(prompt, cache, start, end, last_only=end == prompt.length))
         mx.eval(hidden, [c.state for c in cache])
         out.append((hidden, [c.state for c in cache]))
     (a, ca), (b, cb) = out
+    assert step != "heads" or (split and min(split) > 1)
     assert len(a) > 2 and all(mx.array_equal(x, y).item() for x, y in zip(a, b))
     assert all(mx.array_equal(x, y).item() for s, t in zip(ca, cb) for x, y in zip(s, t))
