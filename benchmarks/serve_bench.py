@@ -167,11 +167,15 @@ class Server:
 
 
 def one_request(client, model: str, messages, max_tokens: int, response_format=None, arrivals=None) -> dict:
-    """One streamed request; `arrivals` (a list) gets the time each content piece arrived."""
+    """One streamed request; `arrivals` (a list) gets the time each token arrived: the request asks
+    for log-probabilities, which come one per token, also for tokens whose text is held back (the
+    random checkpoint's replies are full of partial characters and hidden control tokens)."""
     start = time.perf_counter()
     first, text, usage = None, "", None
     extra = {} if response_format is None else {"response_format": response_format,
                                                  "extra_body": {"thinking_budget": SCHEMA_THINKING}}
+    if arrivals is not None:
+        extra["logprobs"] = True
     from openai import APIError
 
     try:
@@ -185,8 +189,8 @@ def one_request(client, model: str, messages, max_tokens: int, response_format=N
                 piece = choice.delta.content or ""
                 if piece and first is None:
                     first = time.perf_counter() - start
-                if piece and arrivals is not None:
-                    arrivals.append(time.perf_counter())
+                if arrivals is not None and choice.logprobs is not None and choice.logprobs.content:
+                    arrivals.extend([time.perf_counter()] * len(choice.logprobs.content))
                 text += piece
     except APIError as e:  # a server that fails a request is counted, not a crash of the benchmark
         return dict(ttft=float("nan"), text="", tokens=0, seconds=time.perf_counter() - start,

@@ -5,8 +5,9 @@ yields `Event`s (text pieces with their token, then a final event with the finis
 the usage) to synchronous or asynchronous readers, and can be cancelled at any time.
 
 Continuous batching: each turn of the engine loop runs pieces of prefill work (a few frames
-through a few blocks of the vision tower, or a prompt chunk through a few decoder layers), the
-rows still being prefilled taking turns, for about `max_stall_ms` (each piece's cost estimated
+through a few blocks of the vision tower, or a prompt chunk through a few decoder layers; where
+attention is long, one block's or layer's attention a few heads at a time), the rows still being
+prefilled taking turns, for about `max_stall_ms` (each piece's cost estimated
 from the measured cost of earlier ones), then one decode step for every row that has a token to
 run (rows.py).
 So a long video never stalls the streams already running for more than about that budget, a
@@ -37,7 +38,7 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import mlx.core as mx
@@ -53,6 +54,10 @@ from .model import TEXT_PIECE_WORK, VISION_PIECE_PATCHES, VISION_PIECE_WORK, Mod
 from .prefix import PrefixCache, media_marks
 from .processor import Processor
 from .rows import RowSampler, RowState, decode_logits
+from .stats import EngineStats, PieceCosts
+
+
+log = logging.getLogger(__name__)
 
 
 class QueueFull(Glm4vError):
@@ -148,63 +153,6 @@ def top_logprobs(logprobs: mx.array, token: int, k: Optional[int]):
     values = logprobs[ids]
     order = mx.argsort(-values)
     return chosen, list(zip(ids[order].tolist(), values[order].tolist()))
-
-
-@dataclass
-class EngineStats:
-    """Counters for a metrics endpoint; `decode_rows / decode_steps` is the mean batch size."""
-
-    requests: int = 0  # admitted
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    cached_tokens: int = 0
-    cancelled: int = 0
-    rejected: int = 0  # refused with QueueFull
-    errors: int = 0
-    decode_steps: int = 0
-    decode_rows: int = 0
-    prefill_chunks: int = 0
-    vision_pieces: int = 0
-    vision_items: int = 0  # images and videos the engine put through the vision tower
-    vision_seconds: float = 0.0
-    time_to_first_token: deque = field(default_factory=lambda: deque(maxlen=1024))  # seconds, the latest
-    ttft: "Histogram" = field(default_factory=lambda: Histogram(LATENCY_BOUNDS))  # seconds from arrival
-    inter_token: "Histogram" = field(default_factory=lambda: Histogram(LATENCY_BOUNDS))  # seconds between tokens
-    vision_turn: "Histogram" = field(default_factory=lambda: Histogram(LATENCY_BOUNDS))  # vision seconds a turn
-    turns: deque = field(default_factory=lambda: deque(maxlen=4096))  # (prefill pieces, prefill seconds) a turn
-
-
-LATENCY_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-
-class Histogram:
-    """Counts of observations at or below each bound (Prometheus' cumulative buckets come from them)."""
-
-    def __init__(self, bounds):
-        self.bounds, self.counts = tuple(bounds), [0] * (len(bounds) + 1)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float):
-        self.counts[next((i for i, b in enumerate(self.bounds) if value <= b), len(self.bounds))] += 1
-        self.sum += value
-        self.count += 1
-
-
-class PieceCosts:
-    """Seconds a prefill piece will take, from the measured cost of earlier ones: per prompt token
-    and decoder layer for text pieces, per patch and tower block for vision pieces, per query-key
-    pair and head for pieces of attention heads (running means)."""
-
-    def __init__(self, text: float = 2e-4, vision: float = 2e-5, attention: float = 2e-8):
-        self.rate = {"text": text, "vision": vision, "attention": attention}
-
-    def estimate(self, kind: str, size: int) -> float:
-        return self.rate[kind] * size
-
-    def measured(self, kind: str, size: int, seconds: float):
-        if size > 0:
-            self.rate[kind] += 0.3 * (seconds / size - self.rate[kind])
 
 
 class _Row:
@@ -441,7 +389,7 @@ class Engine:
             if isinstance(e, Glm4vError):
                 message = str(e)
             else:
-                logging.getLogger(__name__).exception("request failed")
+                log.exception("request failed")
                 message = f"generation failed ({type(e).__name__})."
             for h in handles:
                 row = next((r for r in self._rows if r.handle is h), None)
@@ -472,18 +420,19 @@ class Engine:
                 continue
             if ran and not self._another(self.clock() - began + self.costs.estimate(kind, size) <= self.max_stall):
                 break
-            start = self.clock()
+            tower, start = bool(row.pieces), self.clock()
             self._guard([row.handle], self._prefill, row)
             seconds = self.clock() - start
             self.costs.measured(kind, size, seconds)
-            if kind == "vision":
-                vision += seconds
+            self.stats.pieces[kind] = self.stats.pieces.get(kind, 0) + 1
+            vision += seconds if tower else 0.0
             ran += 1
             self._turn_prefill += 1
         if ran:
             self.stats.turns.append((ran, self.clock() - began))
             self.stats.vision_turn.observe(vision)
             self.stats.vision_seconds += vision
+            log.debug("prefill turn: %d pieces, %.3f s (vision %.3f s)", ran, self.clock() - began, vision)
         decoding = [r for r in self._rows if not r.prefilling]
         if decoding:
             self._guard([r.handle for r in decoding], self._decode, decoding)
@@ -495,7 +444,8 @@ class Engine:
         return self.link.another(fits if self._thread is not None else None)
 
     def _next_piece(self, row: _Row) -> tuple:
-        """("vision", patches x blocks) or ("text", tokens): the row's next piece of prefill.
+        """(kind, size) of the row's next piece of prefill, in the units of `PieceCosts`: ("vision",
+        patches x blocks), ("text", tokens x layers) or ("attention", query-key pairs x heads).
 
         Follows from the row's own prompt and media (and the memo, which every rank fills alike)."""
         if row.pieces is None:
@@ -536,17 +486,9 @@ class Engine:
     def _prefill(self, row: _Row):
         """One piece of a row's prefill (see `_next_piece`): vision pieces, then prompt chunks."""
         if row.pieces:
-            piece, visual = row.pieces.pop(0), self.model.visual
-            if piece.start == 0 and (piece.heads is None or piece.heads[0] == 0):
-                row.tower = visual.begin(piece.rows, piece.grids)
-            if piece.heads is None:
-                visual.run_blocks(row.tower, piece.start, piece.end)
-            else:
-                visual.run_heads(row.tower, piece.start, *piece.heads[:2])
-            if piece.end == len(visual.blocks) and piece.block_done:
-                row.parts.append(visual.finish(row.tower))
-                mx.eval(row.parts[-1])
-                row.tower = None
+            row.tower, features = self.model.run_vision_piece(row.pieces.pop(0), row.tower)
+            if features is not None:
+                row.parts.append(features)
             self.stats.vision_pieces += 1
             if not row.pieces:  # the item is done: its features for every row, as a whole pass gives them
                 item = row.to_encode.pop(0)

@@ -229,6 +229,22 @@ class Model(nn.Module):
             first, row = last, row + n
         return pieces
 
+    def run_vision_piece(self, piece: VisionPiece, tower=None) -> tuple:
+        """Run one of `vision_pieces` on `tower`, its frames' state (None before their first piece):
+        (the state to carry to the next piece, None) or, once the frames leave the tower, (None, their features)."""
+        visual = self.visual
+        if tower is None:
+            tower = visual.begin(piece.rows, piece.grids)
+        if piece.heads is None:
+            visual.run_blocks(tower, piece.start, piece.end)
+        else:
+            visual.run_heads(tower, piece.start, *piece.heads[:2])
+        if piece.end < len(visual.blocks) or not piece.block_done:
+            return tower, None
+        features = visual.finish(tower)
+        mx.eval(features)
+        return None, features
+
     def encode_frames(self, rows: np.ndarray, grids: np.ndarray, chunk: Optional[int] = None,
                       progress=None) -> mx.array:
         """Features of frames (grids t = 1), about `chunk` patches through the tower at a time.

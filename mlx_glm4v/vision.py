@@ -286,7 +286,8 @@ class VisionModel(nn.Module):
         if first + count < block.attn.num_heads:
             mx.eval(q, k, v, parts[-1])
             return
-        state.x = block.finish(state.x, block.attn.output(mx.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]))
+        heads = mx.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+        state.x = block.finish(state.x, block.attn.output(heads))
         state.attention = None
         mx.eval(state.x)
 

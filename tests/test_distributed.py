@@ -201,6 +201,10 @@ if os.environ.get("WATCH_OPENS"):
             _log.flush()
 
     sys.addaudithook(_hook)
+if os.environ.get("ATTENTION_PIECE_WORK"):  # the engine's attention cut into a head or two a piece
+    import mlx_glm4v.head_groups
+
+    mlx_glm4v.head_groups.ATTENTION_PIECE_WORK = int(os.environ["ATTENTION_PIECE_WORK"])
 """
 
 

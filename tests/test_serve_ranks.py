@@ -109,7 +109,9 @@ def test_serve_on_two_ranks_equals_one_process(tmp_path, glm4v_moe_checkpoint, m
         alone.close()
 
     marker = f"serve-{mode}-{os.getpid()}"
-    env = cli_env(tmp_path, WATCH_OPENS=str(tmp_path / "opens"), MLX_GLM4V_PARALLEL=mode, RANK_TEST=marker)
+    # tensor parallel: each rank's share of the heads, a head a piece (prompt chunks and the tower alike)
+    pieces = {"ATTENTION_PIECE_WORK": "16"} if mode == "tensor" else {}
+    env = cli_env(tmp_path, WATCH_OPENS=str(tmp_path / "opens"), MLX_GLM4V_PARALLEL=mode, RANK_TEST=marker, **pieces)
     ranks = Server(path, args, tmp_path / "ranks.log", launcher=mlx_launch(2), env=env)
     try:
         apart = {name: reply(ranks, body) for name, body in bodies.items()}
@@ -140,7 +142,9 @@ def test_serve_on_two_ranks_equals_one_process(tmp_path, glm4v_moe_checkpoint, m
         asked = ranks.client.chat.completions.create(model=ranks.model, max_tokens=16, temperature=0,
                                                      messages=bodies["text"]["messages"])
         assert asked.choices[0].message.content == apart["text"]["content"]
-        assert ranks.metrics()["requests_cancelled_total"] >= 1
+        metrics = ranks.metrics()
+        assert metrics["requests_cancelled_total"] >= 1
+        assert (metrics['prefill_pieces_total{kind="attention"}'] > 0) == (mode == "tensor"), metrics
     finally:
         seconds, log = stop(ranks, marker)
     assert f"rank 1 of 2: {mode} parallel" in log, log

@@ -782,4 +782,7 @@ def test_latency_histograms_in_metrics(plain, tmp_path):
     assert after["inter_token_seconds_count"] == before["inter_token_seconds_count"] + 5  # 6 tokens, 5 gaps
     assert after["inter_token_seconds_sum"] > before["inter_token_seconds_sum"]
     assert after["vision_turn_seconds_count"] > before["vision_turn_seconds_count"]
+    for kind in ("text", "vision"):  # this small image and prompt: whole blocks and layers, no attention heads
+        assert after[f'prefill_pieces_total{{kind="{kind}"}}'] > before[f'prefill_pieces_total{{kind="{kind}"}}']
+    assert after['prefill_pieces_total{kind="attention"}'] == before['prefill_pieces_total{kind="attention"}']
     assert after["prefill_rows"] == 0

@@ -24,16 +24,11 @@ def items_of(processor, images=(), videos=()):
 
 def in_pieces(model, item, patches, work):
     pieces = model.vision_pieces(item, patches, work)
-    visual, parts, state = model.visual, [], None
+    parts, tower = [], None
     for piece in pieces:
-        if piece.start == 0 and (piece.heads is None or piece.heads[0] == 0):
-            state = visual.begin(piece.rows, piece.grids)
-        if piece.heads is None:
-            visual.run_blocks(state, piece.start, piece.end)
-        else:
-            visual.run_heads(state, piece.start, *piece.heads[:2])
-        if piece.end == len(visual.blocks) and piece.block_done:
-            parts.append(visual.finish(state))
+        tower, features = model.run_vision_piece(piece, tower)
+        if features is not None:
+            parts.append(features)
     return len(pieces), mx.concatenate(parts)
 
 

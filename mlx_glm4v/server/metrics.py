@@ -36,7 +36,7 @@ class Metrics:
             lines.extend(f"mlx_glm4v_{name}{labels} {value}" for labels, value in samples)
 
         def histogram(name, help_, h):
-            """Prometheus' cumulative buckets of an engine.Histogram."""
+            """Prometheus' cumulative buckets of a stats.Histogram."""
             cumulative = [sum(h.counts[:i + 1]) for i in range(len(h.bounds))]
             metric(name, "histogram", help_,
                    [(f'_bucket{{le="{b:g}"}}', n) for b, n in zip(h.bounds, cumulative)]
@@ -58,6 +58,9 @@ class Metrics:
                       s.ttft)
             histogram("inter_token_seconds", "Between two tokens of one reply.", s.inter_token)
             histogram("vision_turn_seconds", "Vision tower time in each engine turn that prefilled.", s.vision_turn)
+            metric("prefill_pieces_total", "counter", "Prefill pieces run: prompt chunks through whole decoder "
+                   "layers (text), frames through tower blocks (vision), a few attention heads of either (attention).",
+                   [(f'{{kind="{k}"}}', s.pieces.get(k, 0)) for k in ("text", "vision", "attention")])
             metric("prefill_rows", "gauge", "Requests being prefilled (prompt chunks or vision pieces to run).",
                    [("", engine.prefilling)])
             memo = engine.vision_memo
