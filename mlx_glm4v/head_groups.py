@@ -9,16 +9,23 @@ which no smaller chunk of layers can cut).
 
 from typing import Optional
 
-# Query-key pairs, summed over heads, that one call of a piece covers at most (one head at least):
-# about 0.1 s on two CPU cores, a few milliseconds on a Mac's GPU.
-ATTENTION_PIECE_WORK = 1 << 23
+import mlx.core as mx
+
+# Query-key pairs, summed over heads, one call covers at most (one head at least), by device: about
+# 0.1 s of attention on two CPU cores (MLX's CPU attention runs at some 15 GFLOP/s there). A GPU
+# attends a few hundred times faster, so there only a very large frame is cut (a 24k-patch
+# image on GLM-4.1V's 12-head tower: four heads a call), and no prompt chunk of 512 tokens
+# below about 128k tokens of context.
+ATTENTION_PIECE_WORK = {"cpu": 1 << 23, "gpu": 1 << 31}
 
 
 def heads_per_call(heads: int, kv_heads: int, pairs: int, work: Optional[int] = None) -> int:
     """Query heads one call takes when each head attends `pairs` query-key pairs: as many as fit in
-    `work`, in groups that share their key-value heads whole (a divisor of the heads each key-value
-    head serves, or a multiple of it that divides `heads`)."""
-    work = ATTENTION_PIECE_WORK if work is None else work
+    `work` (by default the device's ATTENTION_PIECE_WORK), in groups that share their key-value
+    heads whole (a divisor of the heads each key-value head serves, or a multiple of it that
+    divides `heads`)."""
+    if work is None:
+        work = ATTENTION_PIECE_WORK["gpu" if mx.default_device() == mx.gpu else "cpu"]
     serves = heads // kv_heads
     sizes = [g for g in range(1, heads + 1) if heads % g == 0 and (serves % g == 0 or g % serves == 0)]
     fitting = [g for g in sizes if g * pairs <= work]

@@ -204,7 +204,8 @@ if os.environ.get("WATCH_OPENS"):
 if os.environ.get("ATTENTION_PIECE_WORK"):  # the engine's attention cut into a head or two a piece
     import mlx_glm4v.head_groups
 
-    mlx_glm4v.head_groups.ATTENTION_PIECE_WORK = int(os.environ["ATTENTION_PIECE_WORK"])
+    _work = int(os.environ["ATTENTION_PIECE_WORK"])
+    mlx_glm4v.head_groups.ATTENTION_PIECE_WORK = {"cpu": _work, "gpu": _work}
 """
 
 

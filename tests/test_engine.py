@@ -20,6 +20,7 @@ from mlx_glm4v.prefix import PrefixCache
 from mlx_glm4v.video import Video
 from test_generate import ref_generate
 from test_model import clip, picture
+from test_vision_pieces import cut_attention
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +318,7 @@ def test_a_long_video_and_short_requests_interleave(setup, monkeypatch, cut):
     expected = [run_alone(setup, r) for r in [long_] + short]
     monkeypatch.setattr("mlx_glm4v.engine.TEXT_PIECE_WORK", CHUNK)  # a 32-token chunk: one layer a piece
     if cut == "heads":  # and its attention (the video's frames' too) one head a piece
-        monkeypatch.setattr("mlx_glm4v.head_groups.ATTENTION_PIECE_WORK", 16)
+        cut_attention(monkeypatch, 16)
     engine = Engine(setup["model"], setup["processor"], max_concurrency=3, prefill_chunk=CHUNK,
                     max_stall_ms=0.001, vision_piece=(1, 1))  # one piece a turn: a temporal group through a block
     try:

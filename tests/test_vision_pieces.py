@@ -32,6 +32,11 @@ def in_pieces(model, item, patches, work):
     return len(pieces), mx.concatenate(parts)
 
 
+def cut_attention(monkeypatch, work: int):
+    """Attention calls of at most `work` query-key pairs x heads, on any device."""
+    monkeypatch.setattr("mlx_glm4v.head_groups.ATTENTION_PIECE_WORK", dict.fromkeys(("cpu", "gpu"), work))
+
+
 def test_head_groups_keep_key_value_heads_whole():
     assert heads_per_call(16, 2, 100, work=10**9) == 16
     assert heads_per_call(16, 2, 100, work=800) == 8  # one key-value head's eight query heads
@@ -64,7 +69,7 @@ def test_pieces_equal_the_whole_pass(family, heads, glm4v_checkpoint, glm4v_moe_
     for item in items:
         image, video = model.encode_media(items=[item])  # every head in one call: the pass as it was
         whole = video if item is items[-1] else image
-        monkeypatch.setattr("mlx_glm4v.head_groups.ATTENTION_PIECE_WORK", WORKS[heads])
+        cut_attention(monkeypatch, WORKS[heads])
         image, video = model.encode_media(items=[item])  # the whole pass, its attention a head a call
         assert mx.array_equal(video if item is items[-1] else image, whole).item()
         counts = set()
@@ -75,7 +80,7 @@ def test_pieces_equal_the_whole_pass(family, heads, glm4v_checkpoint, glm4v_moe_
         # the groupings really cut the item differently (a head a piece cuts an image alike in all)
         assert len(counts) > 1 or (heads == "heads" and item is not items[-1])
         monkeypatch.undo()
-    monkeypatch.setattr("mlx_glm4v.head_groups.ATTENTION_PIECE_WORK", WORKS[heads])
+    cut_attention(monkeypatch, WORKS[heads])
     n, _ = in_pieces(model, items[-1], 1, 1)
     per_block = 1 if heads == "whole" else model.visual.blocks[0].attn.num_heads
     assert n == 4 * len(model.visual.blocks) * per_block  # a temporal group through one block (or head) a piece
@@ -94,7 +99,7 @@ def test_decoder_layers_in_pieces_equal_forward(family, step, glm4v_checkpoint, 
     inputs = {k: v for k, v in processor(text, images=images, videos=videos).items() if k != "mm_token_type_ids"}
     out, split = [], []
     if step == "heads":  # a head or two a call: every chunk's attention in several pieces
-        monkeypatch.setattr("mlx_glm4v.head_groups.ATTENTION_PIECE_WORK", 16 * 16)
+        cut_attention(monkeypatch, 16 * 16)
     for pieces in (False, True):
         cache = model.make_cache()
         prompt = model.prepare(**inputs, cache=cache)
