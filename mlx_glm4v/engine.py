@@ -6,10 +6,9 @@ the usage) to synchronous or asynchronous readers, and can be cancelled at any t
 
 Continuous batching: each turn of the engine loop runs pieces of prefill work (a few frames
 through a few blocks of the vision tower, or a prompt chunk through a few decoder layers; where
-attention is long, one block's or layer's attention a few heads at a time), the rows still being
-prefilled taking turns, for about `max_stall_ms` (each piece's cost estimated
-from the measured cost of earlier ones), then one decode step for every row that has a token to
-run (rows.py).
+attention is long, one block's or layer's attention a few heads at a time), the row with the
+least prompt left first, for about `max_stall_ms` (each piece's cost estimated from the measured
+cost of earlier ones), then one decode step for every row that has a token to run (rows.py).
 So a long video never stalls the streams already running for more than about that budget, a
 short request that arrives behind it starts within about one budget, new rows join the decode
 batch as soon as their first token is out, and finished or cancelled rows leave it at once. A
@@ -197,6 +196,13 @@ class _Row:
         return self.token is None
 
 
+def _prefill_left(row: _Row) -> tuple:
+    """Which prefilling row runs the next piece: the least prompt left (media tokens included), then
+    the first admitted. A short question behind a long video starts at the next piece, and prompts
+    alike are finished one after the other rather than all late together; every rank picks alike."""
+    return len(row.ids) - row.done, row.handle.number
+
+
 def _memory_bytes() -> int:
     info = mx.device_info()
     size = info.get("max_recommended_working_set_size") or info.get("memory_size")
@@ -224,8 +230,8 @@ class Engine:
     `max_concurrency` rows decode together and `token_budget` bounds their prompt plus
     max_tokens (defaults from free memory, see `default_limits`); `max_queue` more requests
     wait; prompts run in chunks of `prefill_chunk` tokens and media through the vision tower in
-    pieces (model.vision_pieces); each turn runs such pieces, taking the prefilling rows in
-    turn, for about `max_stall_ms` (estimated by `costs`, a `PieceCosts`), then one decode step
+    pieces (model.vision_pieces); each turn runs such pieces, the row with the least prompt left
+    first, for about `max_stall_ms` (estimated by `costs`, a `PieceCosts`), then one decode step
     (`vision_piece`: model.vision_pieces' patches and work);
     `prefix_cache_bytes` of prompt KV is kept for requests that start alike (0: none).
     Rows decode one token a step: a request's `prompt_lookup` is not used (it never changes
@@ -255,7 +261,6 @@ class Engine:
         self.costs = costs or PieceCosts()
         self.clock = clock  # what measures a turn's prefill (a test may give its own)
         self.vision_piece = tuple(vision_piece or (VISION_PIECE_PATCHES, VISION_PIECE_WORK))  # (patches, work)
-        self._turn_prefill = 0  # where the next turn's round of prefilling rows starts
         self.vision_memo = FeatureMemo(feature_cache_items, feature_cache_bytes)
         # measured for the whole model, so that every rank keeps and drops the same prefixes
         self.prefixes = PrefixCache(prefix_cache_bytes, kv_bytes_per_token(model) if group is not None else None)
@@ -404,7 +409,8 @@ class Engine:
         self.stats.prompt_tokens += row.usage.prompt_tokens
 
     def _step(self):
-        """Prefill pieces, the prefilling rows taking turns, for about the stall budget; then a decode step.
+        """Prefill pieces for about the stall budget, the row with the least prompt left first
+        (`_prefill_left`); then a decode step.
 
         At least one piece runs, so every turn moves; on several ranks rank 0 decides, from its
         own clock, whether another piece fits and tells the others (`_another`).
@@ -414,7 +420,7 @@ class Engine:
             waiting = [r for r in self._rows if r.prefilling]
             if not waiting:
                 break
-            row = waiting[self._turn_prefill % len(waiting)]
+            row = min(waiting, key=_prefill_left)
             kind, size = self._guard([row.handle], self._next_piece, row) or (None, 0)
             if kind is None:  # the row failed and ended
                 continue
@@ -427,7 +433,6 @@ class Engine:
             self.stats.pieces[kind] = self.stats.pieces.get(kind, 0) + 1
             vision += seconds if tower else 0.0
             ran += 1
-            self._turn_prefill += 1
         if ran:
             self.stats.turns.append((ran, self.clock() - began))
             self.stats.vision_turn.observe(vision)

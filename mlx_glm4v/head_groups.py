@@ -13,9 +13,9 @@ import mlx.core as mx
 
 # Query-key pairs, summed over heads, one call covers at most (one head at least), by device: about
 # 0.1 s of attention on two CPU cores (MLX's CPU attention runs at some 15 GFLOP/s there). A GPU
-# attends a few hundred times faster, so there only a very large frame is cut (a 24k-patch
-# image on GLM-4.1V's 12-head tower: four heads a call), and no prompt chunk of 512 tokens
-# below about 128k tokens of context.
+# attends a few hundred times faster, so there only a very large frame is cut (a 6,000-token
+# photo, 24,000 patches, on GLM-4.1V's 12-head tower: three heads a call), and no 512-token
+# prompt chunk with less than about 128k tokens of context before it.
 ATTENTION_PIECE_WORK = {"cpu": 1 << 23, "gpu": 1 << 31}
 
 

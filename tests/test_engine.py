@@ -352,8 +352,11 @@ class StubCosts:
         assert abs(seconds - self.estimate(kind, size)) < 1e-9  # the stub clock moved by exactly the stub cost
 
 
-def test_the_stall_budget_holds_with_a_stub_cost_model(setup, alone):
+@pytest.mark.parametrize("cut", ["layers", "heads"])
+def test_the_stall_budget_holds_with_a_stub_cost_model(setup, alone, monkeypatch, cut):
     requests, expected = alone
+    if cut == "heads":  # attention a head a piece, images and prompt chunks alike
+        cut_attention(monkeypatch, 16)
     costs = StubCosts()
     engine = Engine(setup["model"], setup["processor"], max_concurrency=8, prefill_chunk=CHUNK,
                     max_stall_ms=700, costs=costs, clock=lambda: costs.now, vision_piece=(16, 16))
@@ -374,4 +377,4 @@ def test_the_stall_budget_holds_with_a_stub_cost_model(setup, alone):
     turns = list(engine.stats.turns)
     assert all(seconds <= 0.7 + 1e-9 for n, seconds in turns if n > 1)  # the budget holds ...
     assert any(n > 1 for n, _ in turns) and any(seconds > 0.7 for n, seconds in turns if n == 1)  # ... packs, and moves
-    assert {"text", "vision"} <= set(steps)
+    assert {"text", "vision" if cut == "layers" else "attention"} <= set(steps)
