@@ -388,7 +388,7 @@ def serve(
     keepalive: float = typer.Option(10.0, "--keepalive", help="Seconds between SSE keep-alive comments while a stream waits (a long prompt)."),
     max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait for the engine (429 beyond)."),
     max_concurrency: Optional[int] = typer.Option(None, "--max-concurrency", help="Requests decoded together as one batch (default: from the memory the weights leave, at most 32)."),
-    max_stall_ms: float = typer.Option(250.0, "--max-stall-ms", help="Prefill work (prompt chunks, vision pieces) one engine turn may do before running streams get their next token, in ms."),
+    max_stall_ms: float = typer.Option(250.0, "--max-stall-ms", help="About how much prefill work (prompt chunks, vision pieces) one engine turn does before running streams get their next token, in ms."),
     feature_cache_mb: float = typer.Option(2048.0, "--feature-cache-mb", help="Memory for vision features shared across requests, in MB."),
     max_output_tokens: Optional[int] = typer.Option(None, "--max-output-tokens", help="Clamp every request's token limit to this (agents ask for tens of thousands)."),
     answer_any_model: bool = typer.Option(False, "--answer-any-model", help="Answer requests naming any model with the served one (agents' side-task models); default: 404."),

@@ -424,7 +424,8 @@ class Engine:
             kind, size = self._guard([row.handle], self._next_piece, row) or (None, 0)
             if kind is None:  # the row failed and ended
                 continue
-            if ran and not self._another(self.clock() - began + self.costs.estimate(kind, size) <= self.max_stall):
+            # another piece if it ends nearer the budget than stopping now: turns average the budget
+            if ran and not self._another(self.clock() - began + self.costs.estimate(kind, size) / 2 <= self.max_stall):
                 break
             tower, start = bool(row.pieces), self.clock()
             self._guard([row.handle], self._prefill, row)
