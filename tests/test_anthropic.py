@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 import tiny
-from test_responses import KEY, TOOL_SCRIPT, chat_twin, images, special_text
+from test_responses import KEY, THOUGHT, TOOL_SCRIPT, chat_twin, images, special_text
 from test_server import Server
 
 
@@ -106,7 +106,7 @@ def test_tool_use_streams_as_input_json_deltas(scripted):
     assert whole.stop_reason == "tool_use"
     use = whole.content[2]
     assert (use.name, use.input) == ("fox", {"city": 'Pa"r\\is'}) and use.id.startswith("toolu_")
-    assert whole.content[0].thinking == "Hm" and whole.content[0].signature
+    assert whole.content[0].thinking == THOUGHT and whole.content[0].signature
     with c.messages.stream(model=scripted.model, max_tokens=100, extra_body={"temperature": 0}, tools=[FOX],
                            messages=[{"role": "user", "content": "Where?"}]) as stream:
         fragments = [e.delta.partial_json for e in stream

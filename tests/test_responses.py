@@ -5,6 +5,7 @@
 call (tiny.scripted_checkpoint), behind an API key.
 """
 
+import base64
 import json
 
 import httpx
@@ -18,7 +19,8 @@ openai = pytest.importorskip("openai")
 KEY = "dialect-key-3b1"
 # Every token differs (a scripted reply's rule: no newline, the prompt ends with one); the argument holds
 # a quote and a backslash.
-TOOL_SCRIPT = '<think>Hm</think>OK<tool_call>fox<arg_key>city</arg_key><arg_value>Pa"r\\is</arg_value></tool_call>'
+THOUGHT = "Hm, Jug"  # a space and a comma: never part of base64, so never in a sealed blob by chance
+TOOL_SCRIPT = f'<think>{THOUGHT}</think>OK<tool_call>fox<arg_key>city</arg_key><arg_value>Pa"r\\is</arg_value></tool_call>'
 FOX = {"type": "function", "name": "fox", "description": "Look a city up.",
        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 
@@ -181,7 +183,8 @@ def test_agent_turns_read_the_prefix_cache_and_reasoning_comes_back(scripted):
     first = client.responses.create(model=scripted.model, input=first_input, tools=[FOX], temperature=0, store=False,
                                     include=["reasoning.encrypted_content"])
     reasoning = next(i for i in first.output if i.type == "reasoning")
-    assert reasoning.encrypted_content and "Hm" not in reasoning.encrypted_content
+    blob = reasoning.encrypted_content
+    assert blob and THOUGHT not in blob and THOUGHT.encode() not in base64.b64decode(blob)  # sealed, not encoded
     call = next(i for i in first.output if i.type == "function_call")
     turn = [reasoning.model_dump(exclude_none=True), *[i.model_dump(exclude_none=True) for i in first.output[1:]],
             {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny"}]
@@ -193,7 +196,7 @@ def test_agent_turns_read_the_prefix_cache_and_reasoning_comes_back(scripted):
     forged = [{**turn[0], "encrypted_content": "AAAA" + reasoning.encrypted_content[4:]}] + turn[1:]
     third = client.responses.create(model=scripted.model, input=first_input + forged, tools=[FOX], temperature=0,
                                     store=False, max_output_tokens=1)
-    plain_text = [{**turn[0], "encrypted_content": None, "content": [{"type": "reasoning_text", "text": "Hm"}]}]
+    plain_text = [{**turn[0], "encrypted_content": None, "content": [{"type": "reasoning_text", "text": THOUGHT}]}]
     fourth = client.responses.create(model=scripted.model, input=first_input + plain_text + turn[1:], tools=[FOX],
                                      temperature=0, store=False, max_output_tokens=1)
     assert fourth.usage.input_tokens == second.usage.input_tokens > third.usage.input_tokens
