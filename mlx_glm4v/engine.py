@@ -203,6 +203,11 @@ def _prefill_left(row: _Row) -> tuple:
     return len(row.ids) - row.done, row.handle.number
 
 
+def _chunk_end(row: _Row) -> int:
+    """Where the row's current prompt chunk ends: chunk boundaries fixed by its own prompt."""
+    return min((row.done // row.chunk + 1) * row.chunk, len(row.ids))
+
+
 def _memory_bytes() -> int:
     info = mx.device_info()
     size = info.get("max_recommended_working_set_size") or info.get("memory_size")
@@ -427,12 +432,12 @@ class Engine:
             # another piece if it ends nearer the budget than stopping now: turns average the budget
             if ran and not self._another(self.clock() - began + self.costs.estimate(kind, size) / 2 <= self.max_stall):
                 break
-            tower, start = bool(row.pieces), self.clock()
+            in_tower, start = bool(row.pieces), self.clock()
             self._guard([row.handle], self._prefill, row)
             seconds = self.clock() - start
             self.costs.measured(kind, size, seconds)
             self.stats.pieces[kind] = self.stats.pieces.get(kind, 0) + 1
-            vision += seconds if tower else 0.0
+            vision += seconds if in_tower else 0.0
             ran += 1
         if ran:
             self.stats.turns.append((ran, self.clock() - began))
@@ -462,21 +467,20 @@ class Engine:
                 self.vision_memo.misses += 1
         if row.pieces:
             return row.pieces[0].kind, row.pieces[0].work
-        length = row.prompt.length if row.prompt is not None else len(row.ids)
-        end = min((row.done // row.chunk + 1) * row.chunk, length)
+        end = _chunk_end(row)
         tokens = end - row.done
-        if (heads := self._next_heads(row, end, length)) is not None:
+        if (heads := self._next_heads(row, end)) is not None:
             return "attention", heads[1] * tokens * end
         first = row.decoder.layer if row.decoder is not None else 0
         return "text", tokens * (min(self._layers, first + self._layer_step(tokens)) - first)
 
-    def _next_heads(self, row: _Row, end: int, length: int) -> Optional[tuple]:
+    def _next_heads(self, row: _Row, end: int) -> Optional[tuple]:
         """The attention heads the row's next piece runs (model.head_groups), or None: whole layers."""
         p = row.decoder
-        groups = self.model.head_groups(p.layer if p else 0, end - row.done, end, end == length)
+        groups = self.model.head_groups(p.layer if p else 0, end - row.done, end, end == len(row.ids))
         if groups is None:
             return None
-        return groups[len(p.attention[3]) if p is not None and p.attention is not None else 0]
+        return groups[p.heads_run if p is not None else 0]
 
     @property
     def _layers(self) -> int:
@@ -507,9 +511,9 @@ class Engine:
         if row.prompt is None:
             self._embed(row)
         prompt, cache = row.prompt, row.cache
-        end = min((row.done // row.chunk + 1) * row.chunk, prompt.length)
+        end = _chunk_end(row)
         last_only, step = end == prompt.length, self._layer_step(end - row.done)
-        heads = self._next_heads(row, end, prompt.length)
+        heads = self._next_heads(row, end)
         if row.decoder is None and heads is None and step >= self._layers:  # a short chunk: all of it at once
             hidden = self.model.forward(prompt, cache, row.done, end, last_only=last_only)
         else:  # a long one: a few decoder layers (or attention heads) a piece, its state kept between turns

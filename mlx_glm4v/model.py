@@ -80,7 +80,7 @@ class VisionPiece:
     grids: np.ndarray  # their grids, one (1, h, w) per frame or temporal group
     start: int  # tower blocks [start, end): start 0 begins the frames, end == depth finishes them
     end: int
-    heads: Optional[tuple] = None  # (first, count, of all): these attention heads of block `start` alone
+    heads: Optional[tuple] = None  # (first, count): these attention heads of block `start` alone
 
     @property
     def kind(self) -> str:
@@ -94,11 +94,6 @@ class VisionPiece:
             return int((sizes * sizes).sum()) * self.heads[1]
         return int(sizes.sum()) * (self.end - self.start)
 
-    @property
-    def block_done(self) -> bool:
-        """Whether block `end - 1` is complete after this piece."""
-        return self.heads is None or self.heads[0] + self.heads[1] == self.heads[2]
-
 
 @dataclass
 class DecoderPass:
@@ -111,6 +106,11 @@ class DecoderPass:
     last_only: bool
     layer: int = 0  # the next layer to run; all of them run: h is the output
     attention: Optional[tuple] = None  # (queries, keys, values, head outputs so far) of a layer part-way
+
+    @property
+    def heads_run(self) -> int:
+        """Head groups of the current layer's attention already run (`Model.run_heads`)."""
+        return len(self.attention[3]) if self.attention is not None else 0
 
 
 def _host(x):
@@ -221,8 +221,7 @@ class Model(nn.Module):
             rows, frames = item.rows[row:row + n], grids[first:last]
             groups = attn.head_groups(int(sizes[first]))
             if len(groups) > 1:  # a block a head group a piece
-                pieces += [VisionPiece(rows, frames, b, b + 1, (h, g, attn.num_heads)) for b in range(depth)
-                           for h, g in groups]
+                pieces += [VisionPiece(rows, frames, b, b + 1, group) for b in range(depth) for group in groups]
             else:
                 step = max(1, work // n)
                 pieces += [VisionPiece(rows, frames, s, min(depth, s + step)) for s in range(0, depth, step)]
@@ -237,9 +236,10 @@ class Model(nn.Module):
             tower = visual.begin(piece.rows, piece.grids)
         if piece.heads is None:
             visual.run_blocks(tower, piece.start, piece.end)
+            done = True
         else:
-            visual.run_heads(tower, piece.start, *piece.heads[:2])
-        if piece.end < len(visual.blocks) or not piece.block_done:
+            done = visual.run_heads(tower, piece.start, *piece.heads)
+        if piece.end < len(visual.blocks) or not done:
             return tower, None
         features = visual.finish(tower)
         mx.eval(features)

@@ -275,9 +275,10 @@ class VisionModel(nn.Module):
             state.x = block(state.x, state.rope, state.segments)
             mx.eval(state.x)  # block by block: as one graph, the activations peak a third higher
 
-    def run_heads(self, state: "TowerState", index: int, first: int, count: int):
+    def run_heads(self, state: "TowerState", index: int, first: int, count: int) -> bool:
         """Attention heads [first, first + count) of block `index` (its projections first; the rest
-        of the block after its last heads): the block in several calls, the same numbers as one."""
+        of the block after its last heads): the block in several calls, the same numbers as one.
+        Whether the block is complete."""
         block = self.blocks[index]
         if state.attention is None:
             state.attention = (*block.attn.project(block.norm1(state.x), state.rope), [])
@@ -285,11 +286,12 @@ class VisionModel(nn.Module):
         parts.append(block.attn.attend(q, k, v, state.segments, (first, count)))
         if first + count < block.attn.num_heads:
             mx.eval(q, k, v, parts[-1])
-            return
+            return False
         heads = mx.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
         state.x = block.finish(state.x, block.attn.output(heads))
         state.attention = None
         mx.eval(state.x)
+        return True
 
     def finish(self, state: "TowerState") -> mx.array:
         x = self.post_layernorm(state.x)

@@ -118,7 +118,7 @@ def test_decoder_layers_in_pieces_equal_forward(family, step, glm4v_checkpoint, 
                         model.run_layers(p, cache, 1)
                     else:
                         split.append(len(groups))
-                        model.run_heads(p, cache, *groups[len(p.attention[3]) if p.attention else 0])
+                        model.run_heads(p, cache, *groups[p.heads_run])
                 hidden.append(p.h)
             else:
                 hidden.append(model.forward(prompt, cache, start, end, last_only=end == prompt.length))
