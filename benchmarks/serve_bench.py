@@ -326,10 +326,9 @@ def stall_run(ckpt, args, env, work, extra=()) -> dict:
         finally:
             server.close()
     server, client, model = fresh()
-    arrivals, results, sent = [], [None] * 3, [None] * 3
+    arrivals, results = [], [None] * 3
     try:
         def send(i):
-            sent[i] = time.perf_counter()
             results[i] = one_request(client, model, *requests[i][:2], arrivals=arrivals if i == 0 else None)
 
         threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]

@@ -300,6 +300,21 @@ def test_serving_benchmark_runs_in_process(tmp_path):
     assert [r["identical"] for r in rows] == [None, True, None, True]
 
 
+def test_stall_benchmark_runs(tmp_path):
+    """serve_bench.py's stall set through real servers (a tiny checkpoint; not a timed test): every
+    token of the stream timed, the three replies their solo runs'."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import serve_bench
+
+    (row,) = serve_bench.main(["--tiny", "--blas", "bundled", "--sets", "stall", "--work", str(tmp_path)])
+    assert row["identical"] is True
+    assert 0 < row["gap_p50"] <= row["gap_p99"] <= row["gap_max"]
+    assert all(row[k] > 0 for k in ("question_ttft", "question_alone", "clip_ttft", "clip_alone"))
+
+
 def first_token_at(result):
     usage = result["usage"]
     return usage.queued + usage.time_to_first_token  # since submission
