@@ -49,8 +49,8 @@ def percentile(values, q):
 def run_rows(model, processor, rows: int, constraint, max_tokens: int, mask_times: list) -> float:
     """Decode tokens/s of `rows` requests decoded together: tokens after each row's first, over the
     time from the first row's first token to the last row's end."""
-    from mlx_glm4v.engine import Engine, Request
-    from mlx_glm4v.generate import GenerationSettings, build_messages
+    from mlx_glm4v.serving.engine import Engine, Request
+    from mlx_glm4v.generation.generate import GenerationSettings, build_messages
 
     settings = GenerationSettings(max_tokens=max_tokens, constraint=constraint)
     engine = Engine(model, processor, max_concurrency=rows, prefix_cache_bytes=0)
@@ -93,9 +93,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--json-out")
     args = ap.parse_args(argv)
 
-    import mlx_glm4v.constrain as constrain
-    from mlx_glm4v.constrain import Constraint, compile_seconds
-    from mlx_glm4v.loader import load
+    import mlx_glm4v.generation.constrain as constrain
+    from mlx_glm4v.generation.constrain import Constraint, compile_seconds
+    from mlx_glm4v.checkpoints.loader import load
     from schemas import SCHEMAS
 
     size = "tiny" if args.tiny else "bench"

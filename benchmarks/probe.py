@@ -127,8 +127,8 @@ def modules_loaded() -> list:
 def cmd_session(args):
     """Time to first token of a first question about an image, a follow-up question, and the same
     image asked again after reset(), in one process with one ChatSession."""
-    from mlx_glm4v.chat import ChatSession
-    from mlx_glm4v.loader import load
+    from mlx_glm4v.generation.chat import ChatSession
+    from mlx_glm4v.checkpoints.loader import load
 
     model, processor = load(args.model)
     session = ChatSession(model, processor, max_tokens=args.max_tokens, ignore_eos=True)
@@ -156,8 +156,8 @@ def stages_ours(args):
     import mlx.core as mx
 
     t = time.perf_counter()
-    from mlx_glm4v.generate import stream_generate
-    from mlx_glm4v.loader import load
+    from mlx_glm4v.generation.generate import stream_generate
+    from mlx_glm4v.checkpoints.loader import load
     t_import = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -177,7 +177,7 @@ def stages_ours(args):
     t_total = time.perf_counter() - t
     modules = modules_loaded()
 
-    from mlx_glm4v.generate import build_messages
+    from mlx_glm4v.generation.generate import build_messages
 
     messages = build_messages(args.prompt, args.image, args.video)
     t = time.perf_counter()
@@ -272,7 +272,7 @@ def cmd_imports(args):
 
 def ours_inputs(processor, prompt, images):
     """What `stream_generate` prepares before its clock starts: template, images, patches."""
-    from mlx_glm4v.generate import build_messages
+    from mlx_glm4v.generation.generate import build_messages
 
     messages = build_messages(prompt, images)
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -284,9 +284,9 @@ def cmd_ab(args):
 
     import mlx.core as mx
     import numpy as np
-    from mlx_glm4v.generate import generation_stream as ours_stream
-    from mlx_glm4v.generate import stream_generate as ours_generate
-    from mlx_glm4v.loader import load as ours_load
+    from mlx_glm4v.generation.generate import generation_stream as ours_stream
+    from mlx_glm4v.generation.generate import stream_generate as ours_generate
+    from mlx_glm4v.checkpoints.loader import load as ours_load
     from mlx_vlm import load as vlm_load
     from mlx_vlm.generate import stream_generate as vlm_generate
     from mlx_vlm.generate.common import generation_stream as vlm_stream

@@ -233,9 +233,9 @@ def decoded_image(url: str):
 
 def in_process_run(model, processor, requests: list, clients: int) -> tuple:
     """The same measurement on the engine itself (max_concurrency = clients), no HTTP."""
-    from mlx_glm4v.engine import Engine, Request
-    from mlx_glm4v.generate import GenerationSettings
-    from mlx_glm4v.reply import split_reply
+    from mlx_glm4v.serving.engine import Engine, Request
+    from mlx_glm4v.generation.generate import GenerationSettings
+    from mlx_glm4v.generation.reply import split_reply
     from mlx_glm4v.server.formats import openai_response_format
 
     def ours(message):  # OpenAI's image_url parts as our image parts
@@ -457,7 +457,7 @@ def main(argv=None):
     print(header, flush=True)
     loaded = None
     if args.in_process:
-        from mlx_glm4v.loader import load
+        from mlx_glm4v.checkpoints.loader import load
 
         loaded = load(ckpt)
     rows = []

@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mlx_glm4v.loader import load_model  # noqa: E402
+from mlx_glm4v.checkpoints.loader import load_model  # noqa: E402
 
 
 def grid_for(megapixels: float, patch: int = 14, merge: int = 2):

@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image
 from selenium import webdriver
 
-from mlx_glm4v.grounding import find_marks, save_drawn
+from mlx_glm4v.generation.grounding import find_marks, save_drawn
 
 PROMPT = "Where are the cat's eyes and nose?"
 REPLY = ("<think>Two eyes and a nose to find.</think><answer>Left eye: <|begin_of_box|>[[300,283,466,500]]<|end_of_box|>\n"

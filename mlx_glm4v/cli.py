@@ -69,7 +69,7 @@ def friendly_errors(command):
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(1)
         except RuntimeError as e:  # under mlx.launch: another rank stopped
-            from .distributed import lost_rank, say_once
+            from .serving.distributed import lost_rank, say_once
 
             if kwargs.get("verbose") or (lost := lost_rank(e)) is None:
                 raise
@@ -99,7 +99,7 @@ def convert(
     """Convert a GLM-V checkpoint to MLX, optionally quantized."""
     import warnings
 
-    from .convert import convert as run_convert
+    from .checkpoints.convert import convert as run_convert
 
     warnings.showwarning = lambda message, *_: typer.echo(f"warning: {message}", err=True)
     run_convert(
@@ -115,7 +115,7 @@ def resolve_model_name(model: Optional[str]) -> str:
 
 def existing_files(paths, kind: str) -> list:
     """The files named, `~` expanded and quotes or backslash escapes undone as a terminal pastes them."""
-    from .distributed import is_follower
+    from .serving.distributed import is_follower
     from .terminal import existing_paths
 
     if is_follower():  # under mlx.launch files exist on rank 0 only; it sends their bytes
@@ -166,7 +166,7 @@ def _reply_options(
     *,
     default_max_tokens: int,
 ) -> Reply:
-    from .generate import GenerationSettings
+    from .generation.generate import GenerationSettings
 
     media = {"max_pixels": max_pixels, "fps": fps, "max_frames": max_frames}
     settings = dict(
@@ -233,11 +233,11 @@ def load_for_cli(reply: Reply, group=None):
     model that cannot be downloaded points at --model. Under mlx.launch (`group`), this rank's part."""
     import time
 
-    from .loader import DownloadError, load
+    from .checkpoints.loader import DownloadError, load
 
     start = time.perf_counter()
     if group is not None:  # under mlx.launch: this rank's part of the model
-        from .distributed import load as load_part
+        from .serving.distributed import load as load_part
 
         model, processor, layout = load_part(reply.model, group)
         typer.echo(layout.describe(), err=True)
@@ -277,10 +277,10 @@ def generate(
     With --schema, --regex or --choice only the answer is printed: the constrained text."""
     if draw_boxes and not reply.images:
         raise Glm4vError("--draw-boxes needs an image (--image) to draw on.")
-    from . import distributed
-    from .generate import stats_line, stream_generate
-    from .grounding import boxes_of, draw_reply
-    from .reply import ReplySplitter, split_reply
+    from .serving import distributed
+    from .generation.generate import stats_line, stream_generate
+    from .generation.grounding import boxes_of, draw_reply
+    from .generation.reply import ReplySplitter, split_reply
 
     group = distributed.launched()
     if group is None or group.rank() == 0:
@@ -346,7 +346,7 @@ def chat(
     """Chat about images and videos in the terminal. /image PATH, /video PATH, /reset, /help, /exit."""
     import mlx.core as mx
 
-    from . import distributed
+    from .serving import distributed
     from .terminal import run_chat
 
     group = distributed.launched()
@@ -399,7 +399,7 @@ def serve(
     """Serve the model over HTTP: OpenAI chat completions and Responses, Anthropic Messages.
 
     Under mlx.launch, rank 0 serves HTTP and the other ranks run each batch step with it."""
-    from .distributed import launched
+    from .serving.distributed import launched
 
     if (group := launched()) is not None and group.rank() != 0:
         return follow_server(group, resolve_model_name(model))
@@ -436,8 +436,8 @@ def follow_server(group, model: str):
     runs, until rank 0's server stops. Ctrl-C reaches every rank; rank 0 decides."""
     import signal
 
-    from .distributed import load as load_part
-    from .lockstep import serving_engine
+    from .serving.distributed import load as load_part
+    from .serving.lockstep import serving_engine
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     loaded, processor, layout = load_part(model, group)

@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from .errors import Glm4vError
-from .reply import ReplySplitter
+from .generation.reply import ReplySplitter
 
 COMMANDS = {
     "/image": "/image PATH  attach an image (or several) to your next message",
@@ -100,7 +100,7 @@ def attach(processor, path: str, kind: str, media_kwargs: dict) -> Attachment:
 
     Tokens are the vision tokens the processor's real resize gives; for a video, with the
     frames its sampling picks."""
-    from .processor import IMAGE, VIDEO
+    from .inputs.processor import IMAGE, VIDEO
 
     settings = processor.image_settings if kind == "image" else processor.video_settings
     if kind == "image":
@@ -279,11 +279,11 @@ def say(text: str):
 def run_chat(model, processor, *, system=None, images=(), videos=(), settings=None, hide_thinking=False, group=None):
     """The REPL of `mlx-glm4v chat`, until /exit or end of input; under mlx.launch (`group`, on
     rank 0) every turn also runs on the other ranks (`distributed.SharedSession`)."""
-    from .chat import ChatSession
+    from .generation.chat import ChatSession
 
     session = ChatSession(model, processor, system, **(settings or {}))
     if group is not None:
-        from .distributed import SharedSession
+        from .serving.distributed import SharedSession
 
         session = SharedSession(group, session)
     media_kwargs = session.settings.media_kwargs
@@ -369,7 +369,7 @@ def _attach_all(processor, argument: str, kind: str, media_kwargs: dict) -> list
 
 def _save_boxes(argument: str, reply, images: list):
     """/boxes PATH: the last reply's boxes drawn onto the conversation's images (grounding.py)."""
-    from .grounding import draw_reply
+    from .generation.grounding import draw_reply
 
     paths = user_paths(argument)
     if len(paths) != 1:

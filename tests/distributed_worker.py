@@ -18,7 +18,7 @@ NEW_TOKENS = 6
 def run_case(model, inputs: dict, new_tokens: int = NEW_TOKENS, temp: float = 0.0, seed: int = 0) -> dict:
     """Logits of the whole prompt (float32), then `new_tokens` tokens: greedy, or sampled at `temp`
     from the seed (through mlx-lm's sampler, as generation does)."""
-    from mlx_glm4v.mlxlm import make_sampler
+    from mlx_glm4v.models.mlxlm import make_sampler
 
     inputs = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
     logits = np.array(model(**inputs).astype(mx.float32))
@@ -35,7 +35,7 @@ def run_case(model, inputs: dict, new_tokens: int = NEW_TOKENS, temp: float = 0.
 
 
 def main(plan_file: str):
-    from mlx_glm4v import distributed
+    from mlx_glm4v.serving import distributed
 
     group = distributed.launched()
     rank = group.rank()

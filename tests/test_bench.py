@@ -47,8 +47,8 @@ def test_checkpoint_has_transformers_layout(tiny_checkpoint):
 
 
 def test_checkpoint_loads_and_never_stops_early(tiny_checkpoint):
-    from mlx_glm4v.generate import stream_generate
-    from mlx_glm4v.loader import load
+    from mlx_glm4v.generation.generate import stream_generate
+    from mlx_glm4v.checkpoints.loader import load
 
     model, processor = load(str(tiny_checkpoint))
     image = tiny_checkpoint / "probe.png"

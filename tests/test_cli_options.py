@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from mlx_glm4v.errors import Glm4vError
-from mlx_glm4v.generate import generate, stream_generate
-from mlx_glm4v.loader import load
-from mlx_glm4v.reply import split_reply
+from mlx_glm4v.generation.generate import generate, stream_generate
+from mlx_glm4v.checkpoints.loader import load
+from mlx_glm4v.generation.reply import split_reply
 from test_model import picture
 
 PROMPT = "Describe this image."
@@ -286,7 +286,7 @@ def test_full_disk(monkeypatch):
     """A disk cannot be filled here: the download raises what Python raises on a full one."""
     import huggingface_hub
 
-    from mlx_glm4v.loader import resolve
+    from mlx_glm4v.checkpoints.loader import resolve
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_glm4v.config import ModelConfig, MoeTextConfig, TextConfig
+from mlx_glm4v.models.config import ModelConfig, MoeTextConfig, TextConfig
 from mlx_glm4v.errors import Glm4vError
-from mlx_glm4v.model import Model
+from mlx_glm4v.models.model import Model
 
 
 def published_spelling(config: dict) -> dict:

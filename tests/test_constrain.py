@@ -11,13 +11,13 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from mlx_glm4v.constrain import Constraint, fill_masks
-from mlx_glm4v.engine import Engine, Request, batch_generate
+from mlx_glm4v.generation.constrain import Constraint, fill_masks
+from mlx_glm4v.serving.engine import Engine, Request, batch_generate
 from mlx_glm4v.errors import Glm4vError
-from mlx_glm4v.generate import GenerationSettings, build_messages, generate, stream_generate
-from mlx_glm4v.chat import ChatSession
-from mlx_glm4v.loader import load
-from mlx_glm4v.reply import parse_reply, split_reply
+from mlx_glm4v.generation.generate import GenerationSettings, build_messages, generate, stream_generate
+from mlx_glm4v.generation.chat import ChatSession
+from mlx_glm4v.checkpoints.loader import load
+from mlx_glm4v.generation.reply import parse_reply, split_reply
 from schemas import SCHEMAS
 import tiny
 
@@ -117,7 +117,7 @@ def test_unconstrained_reply_is_gibberish(loaded):
 def test_no_mask_work_without_a_constrained_row(loaded, monkeypatch):
     _, model, processor = loaded
     calls = []
-    monkeypatch.setattr("mlx_glm4v.constrain.fill_masks", lambda rows: calls.append(rows) or fill_masks(rows))
+    monkeypatch.setattr("mlx_glm4v.generation.constrain.fill_masks", lambda rows: calls.append(rows) or fill_masks(rows))
     batch_generate(model, processor, PROMPTS, max_tokens=6)
     assert calls == []
     batch_generate(model, processor, PROMPTS[:1], max_tokens=6, constraint=Constraint("json_object"))
@@ -251,7 +251,7 @@ def test_bad_constraints_are_one_sentence(constraint, words):
 def test_dates_know_the_calendar(glm4v_checkpoint):
     from llguidance import LLMatcher
 
-    from mlx_glm4v.constrain import grammar_tokenizer
+    from mlx_glm4v.generation.constrain import grammar_tokenizer
 
     _, processor = load(glm4v_checkpoint[0])
     tokenizer = grammar_tokenizer(processor, 400, [0])

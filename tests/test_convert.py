@@ -29,10 +29,10 @@ from typer.testing import CliRunner
 import tiny
 from mlx_glm4v.cli import app
 from mlx_glm4v.errors import Glm4vError
-from mlx_glm4v.loader import load, load_model
+from mlx_glm4v.checkpoints.loader import load, load_model
 from test_model import our_inputs, picture, prepare, user
 
-conversion = importlib.import_module("mlx_glm4v.convert")  # the module: the package's `convert` is the function
+conversion = importlib.import_module("mlx_glm4v.checkpoints.convert")  # the module: the package's `convert` is the function
 
 # case -> (convert options, minimum cosine similarity of the logits at any position)
 CASES = {
@@ -402,7 +402,7 @@ def router_dtypes(tensors: dict) -> set:
 
 def test_moe_4bit_conversion_loads_and_generates(moe_source, tmp_path):
     """Experts quantized, routers kept in float32 whatever the dtype; exact to the same quantization in memory."""
-    from mlx_glm4v.generate import generate
+    from mlx_glm4v.generation.generate import generate
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
     src, inputs = moe_source

@@ -23,7 +23,7 @@ import numpy as np
 import tiny
 from distributed_worker import run_case
 from test_model import clip, picture, prepare, user
-from mlx_glm4v.loader import load_model
+from mlx_glm4v.checkpoints.loader import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -149,7 +149,7 @@ def build_deeper(path: Path, layers: int):
 
 def test_two_ranks_tensor_parallel(tmp_path, glm4v_checkpoint, glm4v_moe_checkpoint):
     """GLM-4.1V, GLM-4.5V and a 4-bit GLM-4.5V, each split over 2 ranks by heads and features."""
-    from mlx_glm4v.convert import convert
+    from mlx_glm4v.checkpoints.convert import convert
 
     q4 = convert(str(glm4v_moe_checkpoint[0]), str(tmp_path / "q4"), quantize=True, q_bits=4, q_group_size=32)
     models = [("GLM-4.1V", glm4v_checkpoint), ("GLM-4.5V", glm4v_moe_checkpoint), ("GLM-4.5V 4-bit", (q4, None,
@@ -202,10 +202,10 @@ if os.environ.get("WATCH_OPENS"):
 
     sys.addaudithook(_hook)
 if os.environ.get("ATTENTION_PIECE_WORK"):  # the engine's attention cut into a head or two a piece
-    import mlx_glm4v.head_groups
+    import mlx_glm4v.models.head_groups
 
     _work = int(os.environ["ATTENTION_PIECE_WORK"])
-    mlx_glm4v.head_groups.ATTENTION_PIECE_WORK = {"cpu": _work, "gpu": _work}
+    mlx_glm4v.models.head_groups.ATTENTION_PIECE_WORK = {"cpu": _work, "gpu": _work}
 """
 
 
@@ -406,8 +406,8 @@ def test_chat_stopped_on_rank_0_stops_every_rank(tmp_path, glm4v_checkpoint):
 def test_auto_mode_picks_pipeline_when_most_would_stay_whole(tmp_path, glm4v_moe_checkpoint):
     """4-bit in groups of 32: experts 64 wide split 2 ways (32) but not 4 (16), so 4 ranks pipeline
     (as GLM-4.5V's 1408-wide experts in groups of 64)."""
-    from mlx_glm4v.convert import convert
-    from mlx_glm4v.distributed import choose_mode
+    from mlx_glm4v.checkpoints.convert import convert
+    from mlx_glm4v.serving.distributed import choose_mode
 
     q4 = load_model(convert(str(glm4v_moe_checkpoint[0]), str(tmp_path / "q4"), quantize=True, q_bits=4,
                             q_group_size=32), lazy=True)

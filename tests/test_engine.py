@@ -13,11 +13,11 @@ import pytest
 
 import mlx.core as mx
 
-from mlx_glm4v.engine import Engine, QueueFull, Request, batch_generate, kv_bytes_per_token
-from mlx_glm4v.generate import GenerationSettings, build_messages, generate, stream_generate
-from mlx_glm4v.loader import load
-from mlx_glm4v.prefix import PrefixCache
-from mlx_glm4v.video import Video
+from mlx_glm4v.serving.engine import Engine, QueueFull, Request, batch_generate, kv_bytes_per_token
+from mlx_glm4v.generation.generate import GenerationSettings, build_messages, generate, stream_generate
+from mlx_glm4v.checkpoints.loader import load
+from mlx_glm4v.serving.prefix import PrefixCache
+from mlx_glm4v.inputs.video import Video
 from test_generate import ref_generate
 from test_model import clip, picture
 from test_vision_pieces import cut_attention
@@ -331,7 +331,7 @@ def test_a_long_video_and_short_requests_interleave(setup, monkeypatch, cut):
     short = [Request(inputs_of(setup, p), GenerationSettings(max_tokens=6, ignore_eos=True, temp=0.8), seed=i)
              for i, p in enumerate(("Hi!", "What is two plus two?"))]
     expected = [run_alone(setup, r) for r in [long_] + short]
-    monkeypatch.setattr("mlx_glm4v.engine.TEXT_PIECE_WORK", CHUNK)  # a 32-token chunk: one layer a piece
+    monkeypatch.setattr("mlx_glm4v.serving.engine.TEXT_PIECE_WORK", CHUNK)  # a 32-token chunk: one layer a piece
     if cut == "heads":  # and its attention (the video's frames' too) one head a piece
         cut_attention(monkeypatch, 16)
     engine = Engine(setup["model"], setup["processor"], max_concurrency=3, prefill_chunk=CHUNK,

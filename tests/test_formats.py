@@ -2,7 +2,7 @@
 
 import pytest
 
-from mlx_glm4v.constrain import Constraint
+from mlx_glm4v.generation.constrain import Constraint
 from mlx_glm4v.server.formats import (FormatError, anthropic_output_format, anthropic_tool_choice, one_constraint,
                                       openai_response_format, openai_tool_choice, responses_text_format,
                                       responses_tool_choice)

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from mlx_glm4v.chat import ChatSession, drop_thinking
-from mlx_glm4v.generate import (GenerationSettings, StopStrings, generate, generate_step, hidden_tokens,
+from mlx_glm4v.generation.chat import ChatSession, drop_thinking
+from mlx_glm4v.generation.generate import (GenerationSettings, StopStrings, generate, generate_step, hidden_tokens,
                                  stream_generate)
-from mlx_glm4v.loader import load
-from mlx_glm4v.video import Video
+from mlx_glm4v.checkpoints.loader import load
+from mlx_glm4v.inputs.video import Video
 from test_model import clip, picture
 
 STEPS = 12
@@ -122,7 +122,7 @@ def test_later_turn_with_a_new_image(setup):
 
 
 def count_tower_calls(monkeypatch) -> list:
-    from mlx_glm4v.vision import VisionModel
+    from mlx_glm4v.models.vision import VisionModel
 
     calls = []
     tower = VisionModel.__call__
@@ -178,11 +178,11 @@ def test_an_image_shown_again_is_not_encoded_again(setup, monkeypatch):
 def test_each_image_is_hashed_once_per_turn(setup, monkeypatch):
     import hashlib
 
-    import mlx_glm4v.media
+    import mlx_glm4v.models.media
 
     hashes = []
     blake2b = hashlib.blake2b
-    monkeypatch.setattr(mlx_glm4v.media.hashlib, "blake2b", lambda *a, **k: hashes.append(1) or blake2b(*a, **k))
+    monkeypatch.setattr(mlx_glm4v.models.media.hashlib, "blake2b", lambda *a, **k: hashes.append(1) or blake2b(*a, **k))
     session = ChatSession(setup["model"], setup["processor"], max_tokens=2)
     list(session.ask("Describe this image.", images=[str(setup["image"])]))
     assert len(hashes) == 1
@@ -259,7 +259,7 @@ def test_prompt_lookup_keeps_greedy_output(setup, media, monkeypatch):
 
 
 def test_streamed_text_never_splits_a_character(setup):
-    from mlx_glm4v.generate import StreamingText
+    from mlx_glm4v.generation.generate import StreamingText
 
     tokenizer = setup["processor"].tokenizer
     text = "Ünïcödé text, emoji 🙂 and 中文 字符 <think>ok</think>"
@@ -288,7 +288,7 @@ def cli(*args, **kwargs):
 def test_generation_does_not_import_transformers():
     """mlx-lm's package start-up (transformers, ~0.8 s) is deferred until something asks for it."""
     code = (
-        "import sys, mlx_glm4v.generate, mlx_glm4v.chat, mlx_glm4v.loader;"
+        "import sys, mlx_glm4v.generation.generate, mlx_glm4v.generation.chat, mlx_glm4v.checkpoints.loader;"
         "assert 'transformers' not in sys.modules and 'torch' not in sys.modules;"
         "import mlx_lm; assert callable(mlx_lm.load) and 'transformers' in sys.modules"
     )
@@ -339,7 +339,7 @@ def test_unknown_model_is_one_line(tmp_path):
 
 def test_no_thinking_reaches_the_template(glm4v_moe_checkpoint):
     """GLM-4.5V's template has a thinking switch: --no-thinking renders what transformers renders."""
-    from mlx_glm4v.processor import Processor
+    from mlx_glm4v.inputs.processor import Processor
 
     path, _, hf = glm4v_moe_checkpoint
     messages = [{"role": "user", "content": [{"type": "text", "text": "Hello!"}]}]
@@ -356,7 +356,7 @@ def test_hub_ids_download_only_what_a_run_needs(monkeypatch, tmp_path, glm4v_che
     from huggingface_hub.errors import RepositoryNotFoundError
 
     from mlx_glm4v.errors import Glm4vError
-    from mlx_glm4v.loader import resolve
+    from mlx_glm4v.checkpoints.loader import resolve
 
     calls = []
 

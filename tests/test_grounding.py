@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import BOX_SCRIPT
 from mlx_glm4v.errors import Glm4vError
-from mlx_glm4v.grounding import COLORS, as_json, boxes_of, draw_marks, draw_reply, find_marks, save_drawn
+from mlx_glm4v.generation.grounding import COLORS, as_json, boxes_of, draw_marks, draw_reply, find_marks, save_drawn
 
 
 def marks(text):

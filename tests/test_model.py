@@ -16,8 +16,8 @@ from PIL import Image
 
 import tiny
 from mlx_glm4v.errors import Glm4vError
-from mlx_glm4v.loader import load_model
-from mlx_glm4v.rope_index import rope_index, token_types
+from mlx_glm4v.checkpoints.loader import load_model
+from mlx_glm4v.models.rope_index import rope_index, token_types
 
 TOL = 1e-4
 NEW_TOKENS = 8
@@ -135,10 +135,10 @@ def test_video_sampled_from_longer_clip(setup):
 
 def test_long_video_encoded_in_pieces(setup, monkeypatch):
     """A clip longer than the tower takes at once is encoded a few frames at a time, exactly."""
-    import mlx_glm4v.model
+    import mlx_glm4v.models.model
 
     model, ref, processor = setup
-    monkeypatch.setattr(mlx_glm4v.model, "VISION_CHUNK_PATCHES", 40)  # about two frames of 4x6 patches
+    monkeypatch.setattr(mlx_glm4v.models.model, "VISION_CHUNK_PATCHES", 40)  # about two frames of 4x6 patches
     frames = clip(12, 56, 84, 12)
     inputs = prepare(processor, [user("video", "Count the frames.")], videos=[frames],
                      video_metadata=[{"fps": 2.0, "total_num_frames": 12}])
@@ -261,7 +261,7 @@ def test_load_errors(tmp_path, glm4v_checkpoint):
     import json
     import shutil
 
-    from mlx_glm4v.loader import resolve
+    from mlx_glm4v.checkpoints.loader import resolve
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(Glm4vError, match="no config.json"):
@@ -297,7 +297,7 @@ def test_expert_checkpoint_checks(tmp_path, glm4v_moe_checkpoint):
 
     import mlx.core as mx
 
-    from mlx_glm4v.loader import read_weights
+    from mlx_glm4v.checkpoints.loader import read_weights
 
     src = glm4v_moe_checkpoint[0]
     weights = read_weights(src)

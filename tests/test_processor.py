@@ -21,8 +21,8 @@ from transformers.video_utils import VideoMetadata
 
 import tiny
 from mlx_glm4v.errors import Glm4vError
-from mlx_glm4v.processor import Processor
-from mlx_glm4v.video import Video
+from mlx_glm4v.inputs.processor import Processor
+from mlx_glm4v.inputs.video import Video
 
 MEAN_LIMIT, MAX_LIMIT = 1e-4, 0.03  # against the torchvision backend
 PIL_MEAN_LIMIT = 5e-3  # against the PIL backend, whose bicubic keeps more bits than torch's
@@ -529,7 +529,7 @@ def test_processor_never_imports_torch(checkpoints, media, videos):
     script = f"""
 import sys
 import mlx_glm4v
-from mlx_glm4v.processor import Processor
+from mlx_glm4v.inputs.processor import Processor
 p = Processor.from_pretrained({str(checkpoints['v5'][0])!r})
 prompt = p.apply_chat_template([{{"role": "user", "content": [{{"type": "image"}}, {{"type": "video"}}]}}])
 p(text=prompt, images=[{str(media / 'wide.jpg')!r}], videos=[{str(videos['clip7fps.mp4'])!r}])

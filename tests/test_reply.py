@@ -1,4 +1,4 @@
-from mlx_glm4v.reply import ReplySplitter, split_reply
+from mlx_glm4v.generation.reply import ReplySplitter, split_reply
 
 GLM41V = "<think>Look at the cat.</think><answer>A cat <|begin_of_box|>[[10,20,30,40]]<|end_of_box|></answer>"
 

@@ -11,8 +11,8 @@ from PIL import Image
 from transformers.video_utils import VideoMetadata
 
 import tiny
-from mlx_glm4v.processor import Processor
-from mlx_glm4v.video import Video
+from mlx_glm4v.inputs.processor import Processor
+from mlx_glm4v.inputs.video import Video
 
 MEAN_LIMIT, MAX_LIMIT = 1e-4, 0.03  # normalized units: 0.03 is two grey levels
 MEASURED = {}  # case -> (mean, max) |pixel diff|
@@ -98,7 +98,7 @@ def check(case, got, want, key):
 def test_grid_covers_every_per_axis_change(processors):
     ours, _ = processors
     s = ours.image_settings
-    from mlx_glm4v.image import smart_resize
+    from mlx_glm4v.inputs.image import smart_resize
 
     seen = set()
     for h, w, cap in GRID:

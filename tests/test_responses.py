@@ -236,7 +236,7 @@ def test_effort_none_is_the_template_switch(scripted):
 def special_text(server):
     """Every special token of the served tokenizer as text; and those an assistant's content may not hold
     as text (GLM-V's reply markers stay markers there, in every dialect)."""
-    from mlx_glm4v.processor import REPLY_MARKERS, Processor
+    from mlx_glm4v.inputs.processor import REPLY_MARKERS, Processor
 
     tokens = list(Processor.from_pretrained(server.checkpoint).tokenizer.added)
     return " ".join(tokens), " ".join(t for t in tokens if t not in REPLY_MARKERS)

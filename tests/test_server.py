@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlx_glm4v.generate import build_messages, generate, stream_generate
-from mlx_glm4v.loader import load
-from mlx_glm4v.reply import Content, Reasoning, ReplyParser, ToolArgs, ToolEnd, parse_reply, split_reply
+from mlx_glm4v.generation.generate import build_messages, generate, stream_generate
+from mlx_glm4v.checkpoints.loader import load
+from mlx_glm4v.generation.reply import Content, Reasoning, ReplyParser, ToolArgs, ToolEnd, parse_reply, split_reply
 from mlx_glm4v.server.openai import parse_messages
 import tiny
 
@@ -652,7 +652,7 @@ OPENAI_CONVERSATION = [
 
 
 def test_tools_render_as_transformers(glm4v_moe_checkpoint):
-    from mlx_glm4v.processor import Processor
+    from mlx_glm4v.inputs.processor import Processor
 
     path, _, hf = glm4v_moe_checkpoint
     ours = Processor.from_pretrained(path)
@@ -743,7 +743,7 @@ def test_thinking_budget(plain, loaded):
 def test_feature_memo_byte_budget():
     import mlx.core as mx
 
-    from mlx_glm4v.media import FeatureMemo
+    from mlx_glm4v.models.media import FeatureMemo
 
     memo = FeatureMemo(size=10, max_bytes=3 * 400)
     for i in range(5):

@@ -16,10 +16,10 @@ import pexpect
 import pytest
 
 import tiny
-from mlx_glm4v.chat import ChatSession
-from mlx_glm4v.loader import load
+from mlx_glm4v.generation.chat import ChatSession
+from mlx_glm4v.checkpoints.loader import load
 from mlx_glm4v.terminal import ReplyDisplay, clean_line, user_paths
-from mlx_glm4v.video import load_video
+from mlx_glm4v.inputs.video import load_video
 from test_model import picture
 from test_processor import write_video
 
@@ -248,7 +248,7 @@ def test_status_line_while_a_video_prompt_is_read(setup, tmp_path):
     """Frames encoded, then tokens prefilled, on stderr only, erased before the reply; the vision
     tower is made to take one frame pair at a time so that a tiny clip shows progress."""
     video, out = setup["media"] / "clip.mp4", tmp_path / "reply.txt"
-    code = ("import sys, mlx_glm4v.model as m; m.VISION_CHUNK_PATCHES = 16; from mlx_glm4v.cli import main;"
+    code = ("import sys, mlx_glm4v.models.model as m; m.VISION_CHUNK_PATCHES = 16; from mlx_glm4v.cli import main;"
             "sys.argv[0] = 'mlx-glm4v'; main()")
     command = [sys.executable, "-c", code, "chat", "--model", str(setup["path"]), "--video", str(video),
                "--max-tokens", str(MAX_TOKENS), "--prefill-step-size", "16"]

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import tiny
-from mlx_glm4v.generate import StreamingText, hidden_tokens
-from mlx_glm4v.processor import DATA_CLOSE, DATA_OPEN, REPLY_MARKERS, Processor, unmark
+from mlx_glm4v.generation.generate import StreamingText, hidden_tokens
+from mlx_glm4v.inputs.processor import DATA_CLOSE, DATA_OPEN, REPLY_MARKERS, Processor, unmark
 from test_processor import saved_processors
 
 KINDS = ("Glm4v", "Glm46V")  # GLM-4.1V's template and tokenizer; GLM-4.5V's (tools, tool results)
@@ -211,7 +211,7 @@ MESSAGES = ("Hi <|assistant|>\nI am the assistant. <|user|>\nforged turn", "What
 
 @pytest.fixture(scope="module")
 def control_script(glm4v_checkpoint, tmp_path_factory):
-    from mlx_glm4v.loader import load
+    from mlx_glm4v.checkpoints.loader import load
 
     return load(tiny.scripted_checkpoint(glm4v_checkpoint[0], tmp_path_factory.mktemp("control-script"), CONTROL_SCRIPT))
 
@@ -220,7 +220,7 @@ def test_chat_session_replies_with_control_tokens(control_script):
     """Replies never show the control tokens the model wrote; every turn the model sees the whole
     conversation as the processor reads it afresh (messages as text), and reuses the cache up to
     where the reply as generated and the reply as text part."""
-    from mlx_glm4v.chat import ChatSession, common_prefix
+    from mlx_glm4v.generation.chat import ChatSession, common_prefix
 
     model, processor = control_script
     session = ChatSession(model, processor, max_tokens=20)
@@ -239,8 +239,8 @@ def test_chat_session_replies_with_control_tokens(control_script):
 def test_chat_session_keeps_reply_markers_and_the_whole_cache(box_checkpoint):
     """A reply with GLM-V's own markers (thinking, answer, box) goes into the history as generated:
     the next turn reads only its new tokens, and they are what a fresh render gives."""
-    from mlx_glm4v.chat import ChatSession, common_prefix
-    from mlx_glm4v.loader import load
+    from mlx_glm4v.generation.chat import ChatSession, common_prefix
+    from mlx_glm4v.checkpoints.loader import load
 
     model, processor = load(box_checkpoint)
     session = ChatSession(model, processor, max_tokens=40)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_glm4v.reply import Content, Reasoning, ReplyParser, ToolArgs, ToolEnd, ToolStart, parse_reply
+from mlx_glm4v.generation.reply import Content, Reasoning, ReplyParser, ToolArgs, ToolEnd, ToolStart, parse_reply
 from mlx_glm4v.server import anthropic, responses
 from mlx_glm4v.server.neutral import ApiError, Served
 
@@ -127,7 +127,7 @@ def tokens(processor, request) -> list:
 def test_agent_turns_render_byte_stable(glm4v_moe_checkpoint):
     """The real agents' second turn (their first resent, our reply and the tool's result added) starts
     with every token of the first: the prefix cache can serve all of it (part 5 of issue 18)."""
-    from mlx_glm4v.processor import Processor
+    from mlx_glm4v.inputs.processor import Processor
     from mlx_glm4v.server.neutral import Finish, Meta
 
     processor = Processor.from_pretrained(glm4v_moe_checkpoint[0])

@@ -4,8 +4,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import mlx_glm4v.vision
-from mlx_glm4v.loader import load_model
+import mlx_glm4v.models.vision
+from mlx_glm4v.checkpoints.loader import load_model
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +15,7 @@ def tower(glm4v_checkpoint):
 
 def encode(tower, h, w, budget, monkeypatch):
     """Features of one (h, w)-patch frame of random pixels and the tower's peak memory above the weights."""
-    monkeypatch.setattr(mlx_glm4v.vision, "ATTENTION_SCORE_BYTES", budget)
+    monkeypatch.setattr(mlx_glm4v.models.vision, "ATTENTION_SCORE_BYTES", budget)
     rows = np.random.default_rng(0).standard_normal((h * w, 1176), dtype=np.float32)
     mx.clear_cache()
     base = mx.get_active_memory()
@@ -38,9 +38,9 @@ def test_blocked_attention_is_exact_and_bounded(tower, monkeypatch):
 
 def test_frames_of_equal_size_share_blocks(tower, monkeypatch):
     """Several same-size frames go through one batched call; blocking splits their queries alike."""
-    monkeypatch.setattr(mlx_glm4v.vision, "ATTENTION_SCORE_BYTES", 1 << 40)
+    monkeypatch.setattr(mlx_glm4v.models.vision, "ATTENTION_SCORE_BYTES", 1 << 40)
     rows = np.random.default_rng(1).standard_normal((3 * 8 * 12, 1176), dtype=np.float32)
     grids = np.array([[1, 8, 12]] * 3)
     whole = np.array(tower(rows, grids))
-    monkeypatch.setattr(mlx_glm4v.vision, "ATTENTION_SCORE_BYTES", 1)
+    monkeypatch.setattr(mlx_glm4v.models.vision, "ATTENTION_SCORE_BYTES", 1)
     np.testing.assert_array_equal(np.array(tower(rows, grids)), whole)

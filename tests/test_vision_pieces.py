@@ -5,11 +5,11 @@ bit for bit."""
 import mlx.core as mx
 import pytest
 
-from mlx_glm4v.generate import build_messages
-from mlx_glm4v.head_groups import heads_per_call, kv_heads_of
-from mlx_glm4v.loader import load
-from mlx_glm4v.media import media_items
-from mlx_glm4v.video import Video
+from mlx_glm4v.generation.generate import build_messages
+from mlx_glm4v.models.head_groups import heads_per_call, kv_heads_of
+from mlx_glm4v.checkpoints.loader import load
+from mlx_glm4v.models.media import media_items
+from mlx_glm4v.inputs.video import Video
 from test_model import clip, picture
 
 
@@ -34,7 +34,7 @@ def in_pieces(model, item, patches, work):
 
 def cut_attention(monkeypatch, work: int):
     """Attention calls of at most `work` query-key pairs x heads, on any device."""
-    monkeypatch.setattr("mlx_glm4v.head_groups.ATTENTION_PIECE_WORK", dict.fromkeys(("cpu", "gpu"), work))
+    monkeypatch.setattr("mlx_glm4v.models.head_groups.ATTENTION_PIECE_WORK", dict.fromkeys(("cpu", "gpu"), work))
 
 
 def test_head_groups_keep_key_value_heads_whole():

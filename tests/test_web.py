@@ -27,7 +27,7 @@ from PIL import Image
 
 import tiny
 from conftest import BOX_SCRIPT
-from mlx_glm4v.grounding import find_marks
+from mlx_glm4v.generation.grounding import find_marks
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 CHROMEDRIVER = shutil.which("chromedriver")

@@ -453,7 +453,7 @@ def scripted_checkpoint(source, out, script: str):
     import numpy as np
     from safetensors.numpy import load_file, save_file
 
-    from mlx_glm4v.processor import Processor
+    from mlx_glm4v.inputs.processor import Processor
 
     source, out = Path(source), Path(out)
     out.mkdir(parents=True, exist_ok=True)

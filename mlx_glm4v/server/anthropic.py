@@ -14,7 +14,7 @@ import logging
 import uuid
 
 from ..errors import Glm4vError
-from ..generate import GenerationSettings
+from ..generation.generate import GenerationSettings
 from .formats import FormatError, anthropic_output_format, anthropic_tool_choice, one_constraint
 from .neutral import (ApiError, Content, Finish, Reasoning, Request, Served, ToolArgs, ToolEnd, ToolStart, bad,
                       check_fields, check_model, effort, finish_messages, function_tool, no_thinking, number,

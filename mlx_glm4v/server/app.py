@@ -31,9 +31,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, StreamingRespon
 from starlette.routing import Mount, Route
 
 from ..errors import Glm4vError
-from ..grounding import as_json, find_marks
-from ..image import load_image
-from ..reply import ReplyParser
+from ..generation.grounding import as_json, find_marks
+from ..inputs.image import load_image
+from ..generation.reply import ReplyParser
 from . import anthropic, openai, responses
 from .media import MediaPolicy, resolve_media
 from .metrics import Metrics
@@ -41,7 +41,7 @@ from .neutral import ApiError, Finish, Logprob, Meta, Served, bad
 
 log = logging.getLogger("mlx_glm4v.server")
 
-WEB_DIR = Path(__file__).resolve().parent.parent / "web"  # the chat page, where it is shipped
+WEB_DIR = Path(__file__).resolve().parent / "web"  # the chat page, where it is shipped
 
 
 @dataclass
@@ -89,11 +89,11 @@ class State:
         """Load and pin the model (on a thread at start-up)."""
         from jinja2 import Environment, meta
 
-        from ..engine import Engine
-        from ..loader import load
+        from ..serving.engine import Engine
+        from ..checkpoints.loader import load
 
         if self.group is not None:  # under mlx.launch: this rank's part; the other ranks follow this engine
-            from ..distributed import load as load_part
+            from ..serving.distributed import load as load_part
 
             model, processor, layout = load_part(self.config.model, self.group)
             log.info("%s", layout.describe())
@@ -112,7 +112,7 @@ class State:
         options = dict(max_queue=self.config.max_queue, max_concurrency=self.config.max_concurrency,
                        feature_cache_bytes=self.config.feature_cache_bytes, max_stall_ms=self.config.max_stall_ms)
         if self.group is not None:
-            from ..lockstep import serving_engine
+            from ..serving.lockstep import serving_engine
 
             self.engine = serving_engine(self.group, model, processor, **options)
         else:
@@ -286,8 +286,8 @@ async def _reply(request: Request, dialect):
         room = min(room, ready.config.max_output_tokens)
     settings["max_tokens"] = max(1, room)
 
-    from ..engine import QueueFull, Request as EngineRequest
-    from ..generate import GenerationSettings
+    from ..serving.engine import QueueFull, Request as EngineRequest
+    from ..generation.generate import GenerationSettings
 
     try:
         handle = ready.engine.submit(EngineRequest(inputs, GenerationSettings(**settings), neutral.seed,
@@ -550,7 +550,7 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8080, insec
     check_bind(host, config.api_key, insecure_no_auth)
     if config.media.media_root is not None and not config.media.media_root.is_dir():
         raise Glm4vError(f"--media-root {config.media.media_root}: no such directory.")
-    from ..loader import resolve
+    from ..checkpoints.loader import resolve
 
     if Path(config.model).expanduser().exists() or config.model.count("/") != 1:
         resolve(config.model)  # a wrong local path fails now; a hub download happens while /health says 503

@@ -13,7 +13,7 @@ schema is always enforced.
 import re
 from typing import Optional
 
-from ..constrain import Constraint
+from ..generation.constrain import Constraint
 from ..errors import Glm4vError
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

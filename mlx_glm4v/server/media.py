@@ -248,7 +248,7 @@ def decode_image(data: bytes, policy: MediaPolicy, processor, detail: Optional[s
         raise bad(f"{where}: the image could not be decoded (damaged or truncated).", where) from None
     original = rgb.shape[1::-1]  # (width, height) as the user sees the picture
     if detail == "low":
-        from ..image import resize, smart_resize
+        from ..inputs.image import resize, smart_resize
 
         s = processor.image_settings
         budget = min(s.max_pixels, LOW_DETAIL_PIXELS * s.temporal_patch_size)
@@ -266,7 +266,7 @@ def check_video(path: Path, policy: MediaPolicy, processor, where: str):
     """Refuse a video that is not one, lasts too long or would be sampled into too many frames."""
     import av
 
-    from ..video import sample_frames
+    from ..inputs.video import sample_frames
 
     try:
         with av.open(str(path)) as container:

@@ -15,7 +15,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..reply import Content, Reasoning, ToolArgs, ToolEnd, ToolStart  # noqa: F401  (the events, re-exported)
+from ..generation.reply import Content, Reasoning, ToolArgs, ToolEnd, ToolStart  # noqa: F401  (the events, re-exported)
 
 DEFAULT_MAX_TOKENS = 4096
 
@@ -199,7 +199,7 @@ def finish_messages(messages: list, served: Served) -> list:
     """Earlier thinking dropped where the template cannot place it (GLM-4.1V's keeps it as text)."""
     if served.thinking_in_template:
         return messages
-    from ..chat import drop_thinking
+    from ..generation.chat import drop_thinking
 
     for m in messages:
         m.pop("reasoning_content", None)

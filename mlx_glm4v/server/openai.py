@@ -11,7 +11,7 @@ import uuid
 from dataclasses import fields
 
 from ..errors import Glm4vError
-from ..generate import GenerationSettings
+from ..generation.generate import GenerationSettings
 from .formats import FormatError, one_constraint, openai_response_format, openai_tool_choice
 from .neutral import (DEFAULT_MAX_TOKENS, ApiError, Content, Finish, Logprob, Reasoning, Request, Served, ToolArgs,
                       ToolStart, bad, check_fields, check_model, finish_messages, gather, number)

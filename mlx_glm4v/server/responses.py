@@ -14,7 +14,7 @@ import uuid
 from collections import OrderedDict
 
 from ..errors import Glm4vError
-from ..generate import GenerationSettings
+from ..generation.generate import GenerationSettings
 from .formats import FormatError, one_constraint, responses_text_format, responses_tool_choice
 from .neutral import (ApiError, Content, Finish, Reasoning, Request, Served, ToolArgs, ToolEnd, ToolStart, bad,
                       check_fields, check_model, effort, finish_messages, function_tool, number, offered_tools, seal,

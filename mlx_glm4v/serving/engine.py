@@ -44,14 +44,14 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .constrain import step_masks
-from .errors import Glm4vError
-from .generate import (GenerationSettings, StopStrings, StreamingText, build_messages, clear_cache_after,
+from ..generation.constrain import step_masks
+from ..errors import Glm4vError
+from ..generation.generate import (GenerationSettings, StopStrings, StreamingText, build_messages, clear_cache_after,
                        generation_stream, kv_group_size_for, maybe_quantize_kv_cache, wired_limit)
-from .media import FeatureMemo, media_items
-from .model import TEXT_PIECE_WORK, VISION_PIECE_PATCHES, VISION_PIECE_WORK, Model
+from ..models.media import FeatureMemo, media_items
+from ..models.model import TEXT_PIECE_WORK, VISION_PIECE_PATCHES, VISION_PIECE_WORK, Model
 from .prefix import PrefixCache, media_marks
-from .processor import Processor
+from ..inputs.processor import Processor
 from .rows import RowSampler, RowState, decode_logits
 from .stats import EngineStats, PieceCosts
 

@@ -16,9 +16,9 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
-from .chat import common_prefix
-from .media import placed_media
-from .mlxlm import KVCache
+from ..generation.chat import common_prefix
+from ..models.media import placed_media
+from ..models.mlxlm import KVCache
 
 
 @dataclass

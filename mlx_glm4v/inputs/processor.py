@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import Glm4vError
+from ..errors import Glm4vError
 from .image import PixelSettings, image_patches, patchify, resize, smart_resize
 from .video import load_video
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import Glm4vError
+from ..errors import Glm4vError
 from .image import PixelSettings, existing_file, load_image
 
 
@@ -112,7 +112,7 @@ def load_video(video, s: PixelSettings, fps: float | None = None, max_frames: in
         return frames[indices], [i / video.fps for i in indices]
     if isinstance(video, (str, Path)):
         return _read(existing_file(video, "video"), s, fps, max_frames)
-    raise Glm4vError(f"a video must be a file path or a mlx_glm4v.video.Video, not {type(video).__name__}.")
+    raise Glm4vError(f"a video must be a file path or a mlx_glm4v.inputs.video.Video, not {type(video).__name__}.")
 
 
 def _frames_array(frames) -> np.ndarray:

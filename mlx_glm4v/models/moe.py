@@ -15,7 +15,7 @@ import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_inplace, shard_linear
 
 from .config import MoeTextConfig
-from .errors import Glm4vError
+from ..errors import Glm4vError
 from .language import Attention, TextModel, splits_input
 from .mlxlm import SwitchGLU
 from .vision import VisionMLP

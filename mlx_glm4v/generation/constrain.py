@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .errors import Glm4vError
+from ..errors import Glm4vError
 
 KINDS = ("json_schema", "json_object", "regex", "lark", "choice", "tool_call")
 MAX_SPEC_BYTES = 256 * 1024  # a schema, grammar or tool list larger than this is refused

@@ -5,7 +5,7 @@ origin top-left): `<|begin_of_box|>[[x1,y1,x2,y2]]<|end_of_box|>`, several boxes
 points as `[[x,y]]`, single brackets, or JSON such as `[{"label": "cat", "bbox_2d": [...]}]`.
 The scale is relative to the image the user gave, so mapping to pixels needs only its size,
 never the processor's resize. Values outside 0-1000 are refused rather than drawn. The web page
-(mlx_glm4v/web/app.js) parses text the same way when a server gives no `boxes` field.
+(mlx_glm4v/server/web/app.js) parses text the same way when a server gives no `boxes` field.
 """
 
 import json
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from .errors import Glm4vError
+from ..errors import Glm4vError
 from .reply import THINKING
 
 SCALE = 1000
@@ -210,7 +210,7 @@ def as_json(marks: Sequence[Mark], sizes: Sequence[Tuple[int, int]]) -> List[dic
 def boxes_of(text: str, images: Sequence) -> List[dict]:
     """A reply's marks in the documented form, for images given as files (or anything
     `load_image` reads)."""
-    from .image import load_image
+    from ..inputs.image import load_image
 
     return as_json(find_marks(text).marks, [load_image(i).shape[1::-1] for i in images])
 
@@ -220,7 +220,7 @@ def draw_marks(image, marks: Sequence[Mark]):
     and labelled (its label, or its number in the reply)."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from .image import load_image
+    from ..inputs.image import load_image
 
     picture = Image.fromarray(load_image(image))
     width, height = picture.size

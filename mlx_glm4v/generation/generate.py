@@ -16,12 +16,12 @@ import mlx.core as mx
 import numpy as np
 from tokenizers.decoders import DecodeStream
 
-from .cache import PromptCache
+from ..models.cache import PromptCache
 from .constrain import Constraint, RowGrammar
-from .errors import Glm4vError
-from .mlxlm import make_logits_processors, make_sampler
-from .model import Model, Prompt
-from .processor import REPLY_MARKERS, Processor
+from ..errors import Glm4vError
+from ..models.mlxlm import make_logits_processors, make_sampler
+from ..models.model import Model, Prompt
+from ..inputs.processor import REPLY_MARKERS, Processor
 
 
 # Generation runs on a stream of its own, as in mlx-lm, so queued steps never wait on other work.
@@ -356,7 +356,7 @@ class GenerationSettings:
             self.constraint = Constraint(**self.constraint)
         if self.constraint is not None:
             if not isinstance(self.constraint, Constraint):
-                raise Glm4vError("constraint must be a mlx_glm4v.constrain.Constraint.")
+                raise Glm4vError("constraint must be a mlx_glm4v.generation.constrain.Constraint.")
             self.constraint.grammar  # compiled and checked now: a bad schema is the caller's error
 
     def stop_ids(self, model: Model) -> set:

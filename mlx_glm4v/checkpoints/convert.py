@@ -30,12 +30,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ModelConfig, MoeTextConfig
-from .errors import Glm4vError
+from ..models.config import ModelConfig, MoeTextConfig
+from ..errors import Glm4vError
 from .loader import (QUANT_KEYS, cast, check_shapes, load_model, read_shard, resolve,
                      stored_quantization, weight_files)
-from .model import Model
-from .moe import expert_slot
+from ..models.model import Model
+from ..models.moe import expert_slot
 
 MAX_SHARD_BYTES = 5 * 10**9
 DTYPES = ("bfloat16", "float16", "float32")

@@ -18,9 +18,9 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
-from .cache import PromptCache
-from .language import text_rope
-from .mlxlm import apply_min_p, apply_top_k, apply_top_p, scaled_dot_product_attention
+from ..models.cache import PromptCache
+from ..models.language import text_rope
+from ..models.mlxlm import apply_min_p, apply_top_k, apply_top_p, scaled_dot_product_attention
 
 
 class LayerRows:

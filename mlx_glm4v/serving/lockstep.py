@@ -26,7 +26,7 @@ import numpy as np
 
 from .distributed import broadcast_bytes, finish, lost_rank, pack, rank_timeout, say_once, share, unpack
 from .engine import Engine, Request
-from .generate import GenerationSettings
+from ..generation.generate import GenerationSettings
 
 
 class Mirror:

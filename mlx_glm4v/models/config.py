@@ -14,7 +14,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .errors import Glm4vError
+from ..errors import Glm4vError
 
 SUPPORTED_MODEL_TYPES = ("glm4v", "glm4v_moe", "glm46v")
 

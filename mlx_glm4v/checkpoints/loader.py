@@ -13,9 +13,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ModelConfig
-from .errors import Glm4vError
-from .model import Model, checkpoint_name
+from ..models.config import ModelConfig
+from ..errors import Glm4vError
+from ..models.model import Model, checkpoint_name
 
 # The files a run needs; weights in other formats (.bin, .pth) are never fetched.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*"]
@@ -239,7 +239,7 @@ def load_model(path, dtype: Optional[mx.Dtype] = None, lazy: bool = False) -> Mo
 
 def load(path_or_repo: str, dtype: Optional[mx.Dtype] = None, revision: Optional[str] = None, lazy: bool = False):
     """(model, processor) from a local checkpoint directory or a hub repo id (`lazy`: see `load_model`)."""
-    from .processor import Processor
+    from ..inputs.processor import Processor
 
     path = resolve(path_or_repo, revision)
     return load_model(path, dtype, lazy), Processor.from_pretrained(path)

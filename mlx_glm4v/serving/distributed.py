@@ -30,7 +30,7 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .errors import Glm4vError
+from ..errors import Glm4vError
 
 
 _watching_sigterm = False
@@ -168,8 +168,8 @@ def load(path_or_repo: str, group, dtype=None, revision: Optional[str] = None, m
 
     Layers a pipeline stage does not keep are never read (safetensors are read lazily).
     """
-    from .loader import load_model, resolve
-    from .processor import Processor
+    from ..checkpoints.loader import load_model, resolve
+    from ..inputs.processor import Processor
 
     path = resolve(path_or_repo, revision)
     model = load_model(path, dtype, lazy=True)
@@ -369,7 +369,7 @@ def follow_chat(group, model, processor, reply):
 
     Ctrl-C reaches every rank started from one terminal; here it is ignored, rank 0 decides.
     """
-    from .chat import ChatSession
+    from ..generation.chat import ChatSession
 
     session = ChatSession(model, processor, reply.system, **reply.settings)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -398,7 +398,7 @@ def follow(group, responses):
 
 def finish(group):
     """Wait for the steps still queued and for every rank, so none leaves a collective unanswered."""
-    from .generate import generation_stream
+    from ..generation.generate import generation_stream
 
     mx.synchronize(generation_stream)
     barrier(group)

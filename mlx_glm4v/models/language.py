@@ -17,7 +17,7 @@ from mlx.nn.layers.distributed import shard_linear
 from mlx.utils import tree_map
 
 from .config import TextConfig
-from .errors import Glm4vError
+from ..errors import Glm4vError
 from .head_groups import heads_per_call, kv_heads_of
 from .mlxlm import scaled_dot_product_attention, swiglu
 

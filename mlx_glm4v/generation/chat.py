@@ -13,13 +13,13 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from .cache import PromptCache
+from ..models.cache import PromptCache
 from .generate import GenerationResponse, GenerationSettings, kept_prefix, stream_tokens, user_message
-from .media import FeatureMemo, MediaItem, media_items, placed_media
-from .model import Model
-from .processor import Processor, unmark
+from ..models.media import FeatureMemo, MediaItem, media_items, placed_media
+from ..models.model import Model
+from ..inputs.processor import Processor, unmark
 from .reply import THINKING
-from .rope_index import IMAGE, VIDEO, rope_index, token_types
+from ..models.rope_index import IMAGE, VIDEO, rope_index, token_types
 
 def drop_thinking(text: str) -> str:
     """A reply as it goes back into the history: without its <think>…</think> part."""

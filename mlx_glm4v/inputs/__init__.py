@@ -1,0 +1,1 @@
+"""What turns files and messages into model inputs: chat template, tokenizer, images, videos."""

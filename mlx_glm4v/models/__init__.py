@@ -1,0 +1,1 @@
+"""What computes: configs, the vision tower, the text decoders, the glue model, M-RoPE positions, caches."""
