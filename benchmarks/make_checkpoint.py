@@ -1,4 +1,5 @@
-"""Random GLM-4.1V checkpoints for benchmarking, written with numpy alone (no torch, no transformers).
+"""Random GLM-4.1V checkpoints for benchmarking, written with numpy alone (no torch, no
+transformers).
 
 The layout is the published one (`zai-org/GLM-4.1V-9B-Thinking`): safetensors with transformers'
 names (`model.visual.*`, `model.language_model.*`, `lm_head.weight`) and channels-first
@@ -37,15 +38,29 @@ IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 
 SHAPES = {
     "bench": dict(
-        text=dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=2,
-                  intermediate_size=2752),
-        vision=dict(hidden_size=512, depth=8, num_heads=8, out_hidden_size=1024, intermediate_size=2752),
+        text=dict(
+            hidden_size=1024,
+            num_hidden_layers=8,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            intermediate_size=2752,
+        ),
+        vision=dict(
+            hidden_size=512, depth=8, num_heads=8, out_hidden_size=1024, intermediate_size=2752
+        ),
         bpe_vocab=320,
     ),
     "tiny": dict(
-        text=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=256),
-        vision=dict(hidden_size=64, depth=2, num_heads=2, out_hidden_size=128, intermediate_size=256),
+        text=dict(
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=256,
+        ),
+        vision=dict(
+            hidden_size=64, depth=2, num_heads=2, out_hidden_size=128, intermediate_size=256
+        ),
         bpe_vocab=320,
     ),
 }
@@ -73,16 +88,25 @@ def build_tokenizer(path: Path, vocab_size: int = 320) -> dict:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
     tok.add_special_tokens(SPECIAL_TOKENS)
     tok.save(str(path / "tokenizer.json"))
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     config = {
         "added_tokens_decoder": {
-            str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-                     "special": True}
+            str(i): {
+                "content": t,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            }
             for t, i in ids.items()
         },
         "clean_up_tokenization_spaces": False,
@@ -104,9 +128,12 @@ def configs(shape: dict, ids: dict) -> dict:
     mrope = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
     eos = [ids[t] for t in EOS_TOKENS]
     tokens = dict(
-        image_start_token_id=ids["<|begin_of_image|>"], image_end_token_id=ids["<|end_of_image|>"],
-        video_start_token_id=ids["<|begin_of_video|>"], video_end_token_id=ids["<|end_of_video|>"],
-        image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
+        image_start_token_id=ids["<|begin_of_image|>"],
+        image_end_token_id=ids["<|end_of_image|>"],
+        video_start_token_id=ids["<|begin_of_video|>"],
+        video_end_token_id=ids["<|end_of_video|>"],
+        image_token_id=ids["<|image|>"],
+        video_token_id=ids["<|video|>"],
     )
     return {
         "architectures": ["Glm4vForConditionalGeneration"],
@@ -170,11 +197,22 @@ def tensor_shapes(config: dict) -> dict:
     vh, vo, vi, p = v["hidden_size"], v["out_hidden_size"], v["intermediate_size"], v["patch_size"]
     shapes = {
         "model.visual.embeddings.position_embedding.weight": ((v["image_size"] // p) ** 2, vh),
-        "model.visual.patch_embed.proj.weight": (vh, v["in_channels"], v["temporal_patch_size"], p, p),
+        "model.visual.patch_embed.proj.weight": (
+            vh,
+            v["in_channels"],
+            v["temporal_patch_size"],
+            p,
+            p,
+        ),
         "model.visual.patch_embed.proj.bias": (vh,),
         "model.visual.post_conv_layernorm.weight": (vh,),
         "model.visual.post_layernorm.weight": (vh,),
-        "model.visual.downsample.weight": (vo, vh, v["spatial_merge_size"], v["spatial_merge_size"]),
+        "model.visual.downsample.weight": (
+            vo,
+            vh,
+            v["spatial_merge_size"],
+            v["spatial_merge_size"],
+        ),
         "model.visual.downsample.bias": (vo,),
         "model.visual.merger.proj.weight": (vo, vo),
         "model.visual.merger.post_projection_norm.weight": (vo,),
@@ -188,28 +226,43 @@ def tensor_shapes(config: dict) -> dict:
     }
     for i in range(v["depth"]):
         b = f"model.visual.blocks.{i}."
-        shapes.update({
-            b + "norm1.weight": (vh,), b + "norm2.weight": (vh,),
-            b + "attn.qkv.weight": (3 * vh, vh), b + "attn.proj.weight": (vh, vh),
-            # the blocks' MLP is out_hidden_size wide; intermediate_size is the merger's
-            b + "mlp.gate_proj.weight": (vo, vh), b + "mlp.up_proj.weight": (vo, vh),
-            b + "mlp.down_proj.weight": (vh, vo),
-        })
+        shapes.update(
+            {
+                b + "norm1.weight": (vh,),
+                b + "norm2.weight": (vh,),
+                b + "attn.qkv.weight": (3 * vh, vh),
+                b + "attn.proj.weight": (vh, vh),
+                # the blocks' MLP is out_hidden_size wide; intermediate_size is the merger's
+                b + "mlp.gate_proj.weight": (vo, vh),
+                b + "mlp.up_proj.weight": (vo, vh),
+                b + "mlp.down_proj.weight": (vh, vo),
+            }
+        )
     for i in range(t["num_hidden_layers"]):
         b = f"model.language_model.layers.{i}."
-        shapes.update({
-            b + "self_attn.q_proj.weight": (q, H), b + "self_attn.q_proj.bias": (q,),
-            b + "self_attn.k_proj.weight": (kv, H), b + "self_attn.k_proj.bias": (kv,),
-            b + "self_attn.v_proj.weight": (kv, H), b + "self_attn.v_proj.bias": (kv,),
-            b + "self_attn.o_proj.weight": (H, q),
-            b + "mlp.gate_up_proj.weight": (2 * I, H), b + "mlp.down_proj.weight": (H, I),
-            b + "input_layernorm.weight": (H,), b + "post_attention_layernorm.weight": (H,),
-            b + "post_self_attn_layernorm.weight": (H,), b + "post_mlp_layernorm.weight": (H,),
-        })
+        shapes.update(
+            {
+                b + "self_attn.q_proj.weight": (q, H),
+                b + "self_attn.q_proj.bias": (q,),
+                b + "self_attn.k_proj.weight": (kv, H),
+                b + "self_attn.k_proj.bias": (kv,),
+                b + "self_attn.v_proj.weight": (kv, H),
+                b + "self_attn.v_proj.bias": (kv,),
+                b + "self_attn.o_proj.weight": (H, q),
+                b + "mlp.gate_up_proj.weight": (2 * I, H),
+                b + "mlp.down_proj.weight": (H, I),
+                b + "input_layernorm.weight": (H,),
+                b + "post_attention_layernorm.weight": (H,),
+                b + "post_self_attn_layernorm.weight": (H,),
+                b + "post_mlp_layernorm.weight": (H,),
+            }
+        )
     return shapes
 
 
-def random_weights(config: dict, eos_ids, seed: int = 0, std: float = 0.02, text_std: float = 0.02) -> dict:
+def random_weights(
+    config: dict, eos_ids, seed: int = 0, std: float = 0.02, text_std: float = 0.02
+) -> dict:
     rng = np.random.default_rng(seed)
     weights = {}
     for name, shape in tensor_shapes(config).items():
@@ -225,18 +278,42 @@ def random_weights(config: dict, eos_ids, seed: int = 0, std: float = 0.02, text
 
 def processor_files(path: Path):
     common = dict(
-        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=IMAGE_MEAN, image_std=IMAGE_STD,
-        patch_size=14, temporal_patch_size=2, merge_size=2, do_convert_rgb=True, do_resize=True, resample=3,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=IMAGE_MEAN,
+        image_std=IMAGE_STD,
+        patch_size=14,
+        temporal_patch_size=2,
+        merge_size=2,
+        do_convert_rgb=True,
+        do_resize=True,
+        resample=3,
         processor_class="Glm4vProcessor",
     )
-    (path / "preprocessor_config.json").write_text(json.dumps({
-        **common, "size": {"shortest_edge": 12544, "longest_edge": 9633792},
-        "image_processor_type": "Glm4vImageProcessor",
-    }, indent=2))
-    (path / "video_preprocessor_config.json").write_text(json.dumps({
-        **common, "size": {"shortest_edge": 12544, "longest_edge": 47040000},
-        "fps": 2, "max_duration": 300, "do_sample_frames": True, "video_processor_type": "Glm4vVideoProcessor",
-    }, indent=2))
+    (path / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                **common,
+                "size": {"shortest_edge": 12544, "longest_edge": 9633792},
+                "image_processor_type": "Glm4vImageProcessor",
+            },
+            indent=2,
+        )
+    )
+    (path / "video_preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                **common,
+                "size": {"shortest_edge": 12544, "longest_edge": 47040000},
+                "fps": 2,
+                "max_duration": 300,
+                "do_sample_frames": True,
+                "video_processor_type": "Glm4vVideoProcessor",
+            },
+            indent=2,
+        )
+    )
 
 
 def build(path, size: str = "bench", seed: int = 0, text_std: float = 0.02) -> Path:
@@ -252,10 +329,17 @@ def build(path, size: str = "bench", seed: int = 0, text_std: float = 0.02) -> P
     weights = random_weights(config, eos, seed, text_std=text_std)
     save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(config, indent=2))
-    (path / "generation_config.json").write_text(json.dumps({
-        "do_sample": False, "eos_token_id": eos, "pad_token_id": ids["<|endoftext|>"],
-        "transformers_version": "4.53.0",
-    }, indent=2))
+    (path / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "do_sample": False,
+                "eos_token_id": eos,
+                "pad_token_id": ids["<|endoftext|>"],
+                "transformers_version": "4.53.0",
+            },
+            indent=2,
+        )
+    )
     (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     processor_files(path)
     return path

@@ -1,17 +1,17 @@
-"""In-process measurements for bench.py, each run in its own process and printed as one JSON line.
+"""In-process measurements for bench.py, each run in its own process and printed as one JSON
+line.
 
-    python benchmarks/probe.py env
-    python benchmarks/probe.py roofline [--rows 16384 --cols 8192 --repeats 20]
-    python benchmarks/probe.py session --model CKPT --image IMG [--max-tokens N]
-    python benchmarks/probe.py stages --tool ours|mlx-vlm --model CKPT --image IMG ... [--max-tokens N]
-    python benchmarks/probe.py imports -- -m mlx_glm4v.cli generate ...   (python -X importtime, summed)
-    python benchmarks/probe.py ab --model CKPT --image IMG [--rounds N --max-tokens N]
+python benchmarks/probe.py env python benchmarks/probe.py roofline [--rows 16384 --cols 8192
+--repeats 20] python benchmarks/probe.py session --model CKPT --image IMG [--max-tokens N] python
+benchmarks/probe.py stages --tool ours|mlx-vlm --model CKPT --image IMG ... [--max-tokens N]
+python benchmarks/probe.py imports -- -m mlx_glm4v.cli generate ...   (python -X importtime,
+summed) python benchmarks/probe.py ab --model CKPT --image IMG [--rounds N --max-tokens N]
 
 `stages` times one generation piece by piece: imports, loading, preprocessing, then the time to
 the first token (vision tower + text prefill), decoding; afterwards the vision tower alone on the
-same pixels, so that text prefill = time to first token - vision tower. It also returns the greedy
-tokens (for the cross-check between the two tools) and which heavy packages ended up imported.
-Nothing here imports mlx or either tool before it is timed.
+same pixels, so that text prefill = time to first token - vision tower. It also returns the
+greedy tokens (for the cross-check between the two tools) and which heavy packages ended up
+imported. Nothing here imports mlx or either tool before it is timed.
 
 `ab` loads both tools into one process and alternates them, round by round, on the same prompt:
 each tool's own `stream_generate`, split at the first token. The prompt's wall time is each
@@ -30,8 +30,22 @@ import platform
 import sys
 import time
 
-HEAVY_MODULES = ("torch", "torchvision", "transformers", "cv2", "scipy", "pandas", "datasets", "mlx_lm",
-                 "mlx_vlm", "PIL", "av", "jinja2", "huggingface_hub", "tokenizers")
+HEAVY_MODULES = (
+    "torch",
+    "torchvision",
+    "transformers",
+    "cv2",
+    "scipy",
+    "pandas",
+    "datasets",
+    "mlx_lm",
+    "mlx_vlm",
+    "PIL",
+    "av",
+    "jinja2",
+    "huggingface_hub",
+    "tokenizers",
+)
 
 
 def emit(obj):
@@ -49,8 +63,15 @@ def cpu_model() -> str:
         import subprocess
 
         try:
-            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
-                                  check=False).stdout.strip() or platform.processor()
+            return (
+                subprocess.run(
+                    ["sysctl", "-n", "machdep.cpu.brand_string"],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                ).stdout.strip()
+                or platform.processor()
+            )
         except OSError:
             pass
     return platform.processor() or platform.machine()
@@ -75,13 +96,24 @@ def cmd_env(args):
             return None
 
     metal = bool(getattr(mx, "metal", None) and mx.metal.is_available())
-    emit(dict(
-        cpu=cpu_model(), cores=os.cpu_count(), ram_gb=round(ram_gb(), 1), platform=platform.platform(),
-        python=platform.python_version(), mlx=mx.__version__, device=str(mx.default_device()),
-        backend="metal" if metal else "cpu", mlx_vlm=version("mlx-vlm"), mlx_lm=version("mlx-lm"),
-        mlx_glm4v=version("mlx-glm4v"), torch=version("torch"), transformers=version("transformers"),
-        ld_preload=os.environ.get("LD_PRELOAD", ""),
-    ))
+    emit(
+        dict(
+            cpu=cpu_model(),
+            cores=os.cpu_count(),
+            ram_gb=round(ram_gb(), 1),
+            platform=platform.platform(),
+            python=platform.python_version(),
+            mlx=mx.__version__,
+            device=str(mx.default_device()),
+            backend="metal" if metal else "cpu",
+            mlx_vlm=version("mlx-vlm"),
+            mlx_lm=version("mlx-lm"),
+            mlx_glm4v=version("mlx-glm4v"),
+            torch=version("torch"),
+            transformers=version("transformers"),
+            ld_preload=os.environ.get("LD_PRELOAD", ""),
+        )
+    )
 
 
 def _bandwidth(fn, nbytes: int, repeats: int) -> float:
@@ -110,9 +142,13 @@ def cmd_roofline(args):
             wq, scales, biases = mx.quantize(w.astype(mx.bfloat16), group_size=64, bits=4)
             xq = x.astype(mx.bfloat16)[None]
             mx.eval(wq, scales, biases, xq)
-            return _bandwidth(lambda: mx.quantized_matmul(xq, wq, scales, biases, transpose=True, group_size=64,
-                                                          bits=4), wq.nbytes + scales.nbytes + biases.nbytes,
-                              args.repeats)
+            return _bandwidth(
+                lambda: mx.quantized_matmul(
+                    xq, wq, scales, biases, transpose=True, group_size=64, bits=4
+                ),
+                wq.nbytes + scales.nbytes + biases.nbytes,
+                args.repeats,
+            )
         mx.eval(w, x)
         return _bandwidth(lambda: w @ x, w.nbytes, args.repeats)
 
@@ -127,8 +163,8 @@ def modules_loaded() -> list:
 def cmd_session(args):
     """Time to first token of a first question about an image, a follow-up question, and the same
     image asked again after reset(), in one process with one ChatSession."""
-    from mlx_glm4v.generation.chat import ChatSession
     from mlx_glm4v.checkpoints.loader import load
+    from mlx_glm4v.generation.chat import ChatSession
 
     model, processor = load(args.model)
     session = ChatSession(model, processor, max_tokens=args.max_tokens, ignore_eos=True)
@@ -143,8 +179,12 @@ def cmd_session(args):
                 n, last = r.generation_tokens, r
         except Exception as e:  # report, and go on with the other turns
             return dict(error=f"{type(e).__name__}: {e}")
-        return dict(ttft_s=first, prompt_tokens_run=session.tokens_processed, generation_tokens=n,
-                    generation_tps=last.generation_tps if last else None)
+        return dict(
+            ttft_s=first,
+            prompt_tokens_run=session.tokens_processed,
+            generation_tokens=n,
+            generation_tps=last.generation_tps if last else None,
+        )
 
     out = {"first": ask(args.prompt, [args.image]), "second": ask(args.followup)}
     session.reset()
@@ -156,8 +196,9 @@ def stages_ours(args):
     import mlx.core as mx
 
     t = time.perf_counter()
-    from mlx_glm4v.generation.generate import stream_generate
     from mlx_glm4v.checkpoints.loader import load
+    from mlx_glm4v.generation.generate import stream_generate
+
     t_import = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -167,8 +208,15 @@ def stages_ours(args):
 
     t = time.perf_counter()
     tokens, t_first, last = [], None, None
-    for r in stream_generate(model, processor, args.prompt, args.image, args.video, max_tokens=args.max_tokens,
-                             ignore_eos=True):
+    for r in stream_generate(
+        model,
+        processor,
+        args.prompt,
+        args.image,
+        args.video,
+        max_tokens=args.max_tokens,
+        ignore_eos=True,
+    ):
         if t_first is None:
             t_first = time.perf_counter() - t
         if r.token is not None:
@@ -188,15 +236,31 @@ def stages_ours(args):
     mx.clear_cache()
     mx.reset_peak_memory()
     t = time.perf_counter()
-    image, video = model.encode_media(inputs.get("pixel_values"), inputs.get("image_grid_thw"),
-                                      inputs.get("pixel_values_videos"), inputs.get("video_grid_thw"))
+    image, video = model.encode_media(
+        inputs.get("pixel_values"),
+        inputs.get("image_grid_thw"),
+        inputs.get("pixel_values_videos"),
+        inputs.get("video_grid_thw"),
+    )
     mx.eval([f for f in (image, video) if f is not None])
     t_vision = time.perf_counter() - t
-    return dict(import_s=t_import, load_s=t_load, first_token_s=t_first, total_generate_s=t_total,
-                preprocess_s=t_pre, vision_s=t_vision, prompt_tokens=last.prompt_tokens, prompt_tps=last.prompt_tps,
-                generation_tokens=last.generation_tokens, generation_tps=last.generation_tps,
-                peak_memory_gb=last.peak_memory, weights_gb=weights_gb,
-                vision_peak_gb=mx.get_peak_memory() / 1e9, tokens=tokens, modules=modules)
+    return dict(
+        import_s=t_import,
+        load_s=t_load,
+        first_token_s=t_first,
+        total_generate_s=t_total,
+        preprocess_s=t_pre,
+        vision_s=t_vision,
+        prompt_tokens=last.prompt_tokens,
+        prompt_tps=last.prompt_tps,
+        generation_tokens=last.generation_tokens,
+        generation_tps=last.generation_tps,
+        peak_memory_gb=last.peak_memory,
+        weights_gb=weights_gb,
+        vision_peak_gb=mx.get_peak_memory() / 1e9,
+        tokens=tokens,
+        modules=modules,
+    )
 
 
 def stages_mlx_vlm(args):
@@ -207,6 +271,7 @@ def stages_mlx_vlm(args):
     from mlx_vlm.generate import stream_generate
     from mlx_vlm.prompt_utils import apply_chat_template
     from mlx_vlm.utils import prepare_inputs
+
     t_import = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -220,7 +285,9 @@ def stages_mlx_vlm(args):
     tokens, t_first, last = [], None, None
     tokenizer = processor.tokenizer
     tokenizer.stopping_criteria.reset(model.config.eos_token_id)
-    for r in stream_generate(model, processor, prompt, images, max_tokens=args.max_tokens, temperature=0.0):
+    for r in stream_generate(
+        model, processor, prompt, images, max_tokens=args.max_tokens, temperature=0.0
+    ):
         if t_first is None:
             t_first = time.perf_counter() - t
         if r.token is not None and r.generation_tokens:
@@ -231,8 +298,12 @@ def stages_mlx_vlm(args):
     tokens = [int(x) for x in (last.token_ids or tokens)]
 
     t = time.perf_counter()
-    inputs = prepare_inputs(processor, images=images, prompts=prompt,
-                            image_token_index=getattr(model.config, "image_token_index", None))
+    inputs = prepare_inputs(
+        processor,
+        images=images,
+        prompts=prompt,
+        image_token_index=getattr(model.config, "image_token_index", None),
+    )
     t_pre = time.perf_counter() - t
     mx.clear_cache()
     mx.reset_peak_memory()
@@ -241,13 +312,24 @@ def stages_mlx_vlm(args):
     mx.eval(model.vision_tower(pixels, inputs["image_grid_thw"], output_hidden_states=False))
     t_vision = time.perf_counter() - t
     n = last.generation_tokens
-    return dict(import_s=t_import, load_s=t_load, first_token_s=t_first, total_generate_s=t_total,
-                preprocess_s=t_pre, vision_s=t_vision, prompt_tokens=last.prompt_tokens, prompt_tps=last.prompt_tps,
-                generation_tokens=n,
-                # mlx-vlm counts n tokens over the n-1 steps after the first; report (n-1)/time as ours does
-                generation_tps=last.generation_tps * (n - 1) / n if n > 1 else 0.0,
-                peak_memory_gb=last.peak_memory, weights_gb=weights_gb,
-                vision_peak_gb=mx.get_peak_memory() / 1e9, tokens=tokens, modules=modules)
+    return dict(
+        import_s=t_import,
+        load_s=t_load,
+        first_token_s=t_first,
+        total_generate_s=t_total,
+        preprocess_s=t_pre,
+        vision_s=t_vision,
+        prompt_tokens=last.prompt_tokens,
+        prompt_tps=last.prompt_tps,
+        generation_tokens=n,
+        # mlx-vlm counts n tokens over the n-1 steps after the first; report (n-1)/time as ours does
+        generation_tps=last.generation_tps * (n - 1) / n if n > 1 else 0.0,
+        peak_memory_gb=last.peak_memory,
+        weights_gb=weights_gb,
+        vision_peak_gb=mx.get_peak_memory() / 1e9,
+        tokens=tokens,
+        modules=modules,
+    )
 
 
 def cmd_imports(args):
@@ -267,7 +349,7 @@ def cmd_imports(args):
         root = name.strip().split(".")[0]
         roots[root] = roots.get(root, 0) + int(m[1]) / 1e6
     top = sorted(roots.items(), key=lambda kv: -kv[1])
-    emit({"rc": proc.returncode, "total_s": sum(roots.values()), "top": top[:args.top]})
+    emit({"rc": proc.returncode, "total_s": sum(roots.values()), "top": top[: args.top]})
 
 
 def ours_inputs(processor, prompt, images):
@@ -284,18 +366,21 @@ def cmd_ab(args):
 
     import mlx.core as mx
     import numpy as np
-    from mlx_glm4v.generation.generate import generation_stream as ours_stream
-    from mlx_glm4v.generation.generate import stream_generate as ours_generate
-    from mlx_glm4v.checkpoints.loader import load as ours_load
     from mlx_vlm import load as vlm_load
     from mlx_vlm.generate import stream_generate as vlm_generate
     from mlx_vlm.generate.common import generation_stream as vlm_stream
     from mlx_vlm.prompt_utils import apply_chat_template
     from mlx_vlm.utils import prepare_inputs
 
+    from mlx_glm4v.checkpoints.loader import load as ours_load
+    from mlx_glm4v.generation.generate import generation_stream as ours_stream
+    from mlx_glm4v.generation.generate import stream_generate as ours_generate
+
     model, processor = ours_load(args.model)
     vlm_model, vlm_processor = vlm_load(args.model)
-    vlm_prompt = apply_chat_template(vlm_processor, vlm_model.config, args.prompt, num_images=len(args.image))
+    vlm_prompt = apply_chat_template(
+        vlm_processor, vlm_model.config, args.prompt, num_images=len(args.image)
+    )
     inputs = ours_inputs(processor, args.prompt, args.image)
     pixels, grid = inputs["pixel_values"], inputs["image_grid_thw"]
     vlm_pixels = mx.array(pixels).astype(vlm_model.vision_tower.patch_embed.proj.weight.dtype)
@@ -317,8 +402,13 @@ def cmd_ab(args):
         start = clock()
         preprocess()
         _, preprocess_cpu = since(start)
-        return dict(prompt_s=last.prompt_tokens / last.prompt_tps, prompt_cpu_s=total_cpu - decode_cpu - preprocess_cpu,
-                    decode_s=decode_s, decode_cpu_s=decode_cpu, tokens=last.generation_tokens)
+        return dict(
+            prompt_s=last.prompt_tokens / last.prompt_tps,
+            prompt_cpu_s=total_cpu - decode_cpu - preprocess_cpu,
+            decode_s=decode_s,
+            decode_cpu_s=decode_cpu,
+            tokens=last.generation_tokens,
+        )
 
     def vision(fn):
         for stream in (ours_stream, vlm_stream):  # mlx-vlm queues one step more than it hands out
@@ -328,29 +418,62 @@ def cmd_ab(args):
         return dict(zip(("vision_s", "vision_cpu_s"), since(start)))
 
     def ours():
-        out = run(ours_generate(model, processor, args.prompt, args.image, max_tokens=args.max_tokens,
-                                ignore_eos=True), lambda: ours_inputs(processor, args.prompt, args.image))
+        out = run(
+            ours_generate(
+                model,
+                processor,
+                args.prompt,
+                args.image,
+                max_tokens=args.max_tokens,
+                ignore_eos=True,
+            ),
+            lambda: ours_inputs(processor, args.prompt, args.image),
+        )
         return {**out, **vision(lambda: model.visual(pixels, np.asarray(grid)))}
 
     def theirs():
         vlm_processor.tokenizer.stopping_criteria.reset(vlm_model.config.eos_token_id)
-        out = run(vlm_generate(vlm_model, vlm_processor, vlm_prompt, args.image, max_tokens=args.max_tokens,
-                               temperature=0.0),
-                  lambda: prepare_inputs(vlm_processor, images=args.image, prompts=vlm_prompt,
-                                         image_token_index=getattr(vlm_model.config, "image_token_index", None)))
-        return {**out, **vision(lambda: vlm_model.vision_tower(vlm_pixels, mx.array(grid), output_hidden_states=False))}
+        out = run(
+            vlm_generate(
+                vlm_model,
+                vlm_processor,
+                vlm_prompt,
+                args.image,
+                max_tokens=args.max_tokens,
+                temperature=0.0,
+            ),
+            lambda: prepare_inputs(
+                vlm_processor,
+                images=args.image,
+                prompts=vlm_prompt,
+                image_token_index=getattr(vlm_model.config, "image_token_index", None),
+            ),
+        )
+        return {
+            **out,
+            **vision(
+                lambda: vlm_model.vision_tower(
+                    vlm_pixels, mx.array(grid), output_hidden_states=False
+                )
+            ),
+        }
 
     tools = {"mlx-glm4v": ours, "mlx-vlm": theirs}
     runs = {name: [] for name in tools}
     for name, fn in tools.items():  # warm-up: first calls, buffers
         fn()
     for i in range(args.rounds):
-        for name in (list(tools) if i % 2 == 0 else list(tools)[::-1]):
+        for name in list(tools) if i % 2 == 0 else list(tools)[::-1]:
             runs[name].append(tools[name]())
     keys = [k for k in runs["mlx-glm4v"][0] if k != "tokens"]
-    out = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in runs.items()}
+    out = {
+        name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in runs.items()
+    }
     out["ratios"] = {k: out["mlx-glm4v"][k] / out["mlx-vlm"][k] for k in keys}
-    out["rounds"], out["tokens"] = args.rounds, {name: rs[-1]["tokens"] for name, rs in runs.items()}
+    out["rounds"], out["tokens"] = (
+        args.rounds,
+        {name: rs[-1]["tokens"] for name, rs in runs.items()},
+    )
     emit(out)
 
 
@@ -394,8 +517,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.cmd == "imports" and args.command[:1] == ["--"]:
         args.command = args.command[1:]
-    commands = {"env": cmd_env, "roofline": cmd_roofline, "session": cmd_session, "stages": cmd_stages,
-                "imports": cmd_imports, "ab": cmd_ab}
+    commands = {
+        "env": cmd_env,
+        "roofline": cmd_roofline,
+        "session": cmd_session,
+        "stages": cmd_stages,
+        "imports": cmd_imports,
+        "ab": cmd_ab,
+    }
     commands[args.cmd](args)
 
 

@@ -24,9 +24,10 @@ time from the first request to the last reply), p50/p95 time to first token, the
 resident memory, and whether each request's text equals the one that tool gave it
 sequentially (for the requests both runs sent). All greedy.
 
-    python benchmarks/serve_bench.py                         # both tools, both sets, 1 2 4 8 16 clients
-    python benchmarks/serve_bench.py --tools ours --sets decode --clients 1,8 --json-out r.json
-    python benchmarks/serve_bench.py --in-process            # the engine without HTTP (no server needed)
+python benchmarks/serve_bench.py                         # both tools, both sets, 1 2 4 8 16
+clients python benchmarks/serve_bench.py --tools ours --sets decode --clients 1,8 --json-out
+r.json python benchmarks/serve_bench.py --in-process            # the engine without HTTP (no
+server needed)
 
 Only 127.0.0.1 is used. Run it in a torch-free environment with the `bench` extra installed.
 """
@@ -53,8 +54,24 @@ sys.path.insert(0, str(HERE))
 import make_checkpoint  # noqa: E402
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
-TOPICS = ["a fox", "the sea", "a red sofa", "the time", "a cat", "a window", "the sun", "a dog", "a clock",
-          "a river", "a train", "a city", "a garden", "a storm", "a book", "a song"]
+TOPICS = [
+    "a fox",
+    "the sea",
+    "a red sofa",
+    "the time",
+    "a cat",
+    "a window",
+    "the sun",
+    "a dog",
+    "a clock",
+    "a river",
+    "a train",
+    "a city",
+    "a garden",
+    "a storm",
+    "a book",
+    "a song",
+]
 SIZES = [(140, 168), (224, 196), (168, 224), (196, 140)]
 
 
@@ -67,16 +84,43 @@ def image_url(width: int, height: int, seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-RECEIPT = {"type": "object", "additionalProperties": False, "required": ["vendor", "total", "items"], "properties": {
-    "vendor": {"type": "object", "required": ["name"], "additionalProperties": False, "properties": {
-        "name": {"type": "string", "maxLength": 16}, "date": {"type": "string", "format": "date"}}},
-    "total": {"type": "number", "minimum": 0, "maximum": 10000, "multipleOf": 0.01},
-    "items": {"type": "array", "minItems": 1, "maxItems": 4, "items": {
-        "type": "object", "additionalProperties": False, "required": ["name", "qty"], "properties": {
-            "name": {"type": "string", "maxLength": 12}, "qty": {"type": "integer", "minimum": 1, "maximum": 99},
-            "kind": {"enum": ["food", "drink", "other"]}}}}}}
+RECEIPT = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["vendor", "total", "items"],
+    "properties": {
+        "vendor": {
+            "type": "object",
+            "required": ["name"],
+            "additionalProperties": False,
+            "properties": {
+                "name": {"type": "string", "maxLength": 16},
+                "date": {"type": "string", "format": "date"},
+            },
+        },
+        "total": {"type": "number", "minimum": 0, "maximum": 10000, "multipleOf": 0.01},
+        "items": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 4,
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["name", "qty"],
+                "properties": {
+                    "name": {"type": "string", "maxLength": 12},
+                    "qty": {"type": "integer", "minimum": 1, "maximum": 99},
+                    "kind": {"enum": ["food", "drink", "other"]},
+                },
+            },
+        },
+    },
+}
 SCHEMA_THINKING = 16
-SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "receipt", "schema": RECEIPT, "strict": True}}
+SCHEMA_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {"name": "receipt", "schema": RECEIPT, "strict": True},
+}
 
 
 def request_set(name: str, n: int, tiny: bool = False) -> list:
@@ -86,15 +130,22 @@ def request_set(name: str, n: int, tiny: bool = False) -> list:
         text = f"Tell me about {TOPICS[i % len(TOPICS)]}. " + "Be detailed. " * (i % 3)
         if name == "mixed" and i % 2 == 1:
             w, h = SIZES[(i // 2) % len(SIZES)]
-            content = [{"type": "image_url", "image_url": {"url": image_url(w, h, i)}},
-                       {"type": "text", "text": f"Describe this image ({i})."}]
+            content = [
+                {"type": "image_url", "image_url": {"url": image_url(w, h, i)}},
+                {"type": "text", "text": f"Describe this image ({i})."},
+            ]
             out.append(([{"role": "user", "content": content}], 8 if tiny else 64, None))
         elif name == "schema":
             prompt = f"Make up a receipt from {TOPICS[i % len(TOPICS)]}'s shop, as JSON."
             out.append(([{"role": "user", "content": prompt}], 384, SCHEMA_FORMAT))
         else:
-            out.append(([{"role": "user", "content": text}], (8 if tiny else 64) if name == "mixed" else
-                        (16 if tiny else 256), None))
+            out.append(
+                (
+                    [{"role": "user", "content": text}],
+                    (8 if tiny else 64) if name == "mixed" else (16 if tiny else 256),
+                    None,
+                )
+            )
     return out
 
 
@@ -105,8 +156,11 @@ def valid(text: str, response_format) -> Optional[bool]:
     import jsonschema
 
     try:
-        jsonschema.validate(json.loads(text), response_format["json_schema"]["schema"],
-                            format_checker=jsonschema.FormatChecker())
+        jsonschema.validate(
+            json.loads(text),
+            response_format["json_schema"]["schema"],
+            format_checker=jsonschema.FormatChecker(),
+        )
         return True
     except (ValueError, jsonschema.ValidationError):
         return False
@@ -129,18 +183,46 @@ def peak_rss_gb(pid: int) -> float:
 
 
 class Server:
-    """A server process on 127.0.0.1, ready once /health answers 200 and a first request went through."""
+    """A server process on 127.0.0.1, ready once /health answers 200 and a first request went
+    through."""
 
     def __init__(self, tool: str, model: Path, python: str, env: dict, log: Path, extra=()):
         self.port = free_port()
         if tool == "ours":
-            cmd = [python, "-m", "mlx_glm4v.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
-                   "--port", str(self.port), "--no-ui", "--log-level", "warning", *extra]
+            cmd = [
+                python,
+                "-m",
+                "mlx_glm4v.cli",
+                "serve",
+                "--model",
+                str(model),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--no-ui",
+                "--log-level",
+                "warning",
+                *extra,
+            ]
         else:
-            cmd = [python, "-m", "mlx_vlm.server", "--model", str(model), "--host", "127.0.0.1",
-                   "--port", str(self.port), "--log-level", "WARNING"]
+            cmd = [
+                python,
+                "-m",
+                "mlx_vlm.server",
+                "--model",
+                str(model),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "WARNING",
+            ]
         self.log = open(log, "ab")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=log.parent)
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=log.parent
+        )
         self.base = f"http://127.0.0.1:{self.port}"
         deadline = time.time() + 300
         while time.time() < deadline:
@@ -166,22 +248,36 @@ class Server:
         self.log.close()
 
 
-def one_request(client, model: str, messages, max_tokens: int, response_format=None, arrivals=None) -> dict:
+def one_request(
+    client, model: str, messages, max_tokens: int, response_format=None, arrivals=None
+) -> dict:
     """One streamed request; `arrivals` (a list) gets the time each token arrived: the request asks
     for log-probabilities, which come one per token, also for tokens whose text is held back (the
     random checkpoint's replies are full of partial characters and hidden control tokens)."""
     start = time.perf_counter()
     first, text, usage = None, "", None
-    extra = {} if response_format is None else {"response_format": response_format,
-                                                 "extra_body": {"thinking_budget": SCHEMA_THINKING}}
+    extra = (
+        {}
+        if response_format is None
+        else {
+            "response_format": response_format,
+            "extra_body": {"thinking_budget": SCHEMA_THINKING},
+        }
+    )
     if arrivals is not None:
         extra["logprobs"] = True
     from openai import APIError
 
     try:
-        stream = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
-                                                temperature=0.0, stream=True, stream_options={"include_usage": True},
-                                                **extra)
+        stream = client.chat.completions.create(
+            model=model,
+            messages=messages,
+            max_tokens=max_tokens,
+            temperature=0.0,
+            stream=True,
+            stream_options={"include_usage": True},
+            **extra,
+        )
         for chunk in stream:
             if chunk.usage is not None:
                 usage = chunk.usage
@@ -193,11 +289,22 @@ def one_request(client, model: str, messages, max_tokens: int, response_format=N
                     arrivals.extend([time.perf_counter()] * len(choice.logprobs.content))
                 text += piece
     except APIError as e:  # a server that fails a request is counted, not a crash of the benchmark
-        return dict(ttft=float("nan"), text="", tokens=0, seconds=time.perf_counter() - start,
-                    valid=False if response_format is not None else None, failed=f"{type(e).__name__}: {e}")
+        return dict(
+            ttft=float("nan"),
+            text="",
+            tokens=0,
+            seconds=time.perf_counter() - start,
+            valid=False if response_format is not None else None,
+            failed=f"{type(e).__name__}: {e}",
+        )
     tokens = usage.completion_tokens if usage is not None else max_tokens
-    return dict(ttft=first if first is not None else float("nan"), text=text, tokens=tokens,
-                seconds=time.perf_counter() - start, valid=valid(text, response_format))
+    return dict(
+        ttft=first if first is not None else float("nan"),
+        text=text,
+        tokens=tokens,
+        seconds=time.perf_counter() - start,
+        valid=valid(text, response_format),
+    )
 
 
 def run_clients(send, n_requests: int, clients: int) -> tuple:
@@ -233,16 +340,23 @@ def decoded_image(url: str):
 
 def in_process_run(model, processor, requests: list, clients: int) -> tuple:
     """The same measurement on the engine itself (max_concurrency = clients), no HTTP."""
-    from mlx_glm4v.serving.engine import Engine, Request
     from mlx_glm4v.generation.generate import GenerationSettings
     from mlx_glm4v.generation.reply import split_reply
     from mlx_glm4v.server.formats import openai_response_format
+    from mlx_glm4v.serving.engine import Engine, Request
 
     def ours(message):  # OpenAI's image_url parts as our image parts
         if isinstance(message["content"], str):
             return message
-        return dict(message, content=[{"type": "image", "image": decoded_image(c["image_url"]["url"])}
-                                      if c["type"] == "image_url" else c for c in message["content"]])
+        return dict(
+            message,
+            content=[
+                {"type": "image", "image": decoded_image(c["image_url"]["url"])}
+                if c["type"] == "image_url"
+                else c
+                for c in message["content"]
+            ],
+        )
 
     prepared = []
     for messages, max_tokens, fmt in requests:
@@ -250,9 +364,16 @@ def in_process_run(model, processor, requests: list, clients: int) -> tuple:
         text = processor.apply_chat_template(messages, add_generation_prompt=True)
         images, videos = processor.media_from_messages(messages)
         inputs = processor(text, images=images, videos=videos)
-        prepared.append(Request(inputs, GenerationSettings(
-            max_tokens=max_tokens, constraint=openai_response_format(fmt),
-            thinking_budget=SCHEMA_THINKING if fmt is not None else None)))
+        prepared.append(
+            Request(
+                inputs,
+                GenerationSettings(
+                    max_tokens=max_tokens,
+                    constraint=openai_response_format(fmt),
+                    thinking_budget=SCHEMA_THINKING if fmt is not None else None,
+                ),
+            )
+        )
     engine = Engine(model, processor, max_concurrency=clients)
     list(engine.submit(Request(prepared[0].inputs, GenerationSettings(max_tokens=2))))  # warm-up
 
@@ -264,8 +385,13 @@ def in_process_run(model, processor, requests: list, clients: int) -> tuple:
                 first = first if first is not None else time.perf_counter() - start
             text += event.text
         answer = split_reply(text).answer  # the server's content
-        return dict(ttft=first, text=text, tokens=n, seconds=time.perf_counter() - start,
-                    valid=valid(answer, requests[i][2]))
+        return dict(
+            ttft=first,
+            text=text,
+            tokens=n,
+            seconds=time.perf_counter() - start,
+            valid=valid(answer, requests[i][2]),
+        )
 
     try:
         return run_clients(send, len(prepared), clients)
@@ -298,11 +424,27 @@ def clip_url(seconds: float, width: int, height: int, fps: float = 2.0) -> str:
 def stall_requests(tiny: bool) -> list:
     """(messages, max_tokens, None): the long stream, the clip, the short question."""
     clip = clip_url(2, 84, 56) if tiny else clip_url(10, 640, 480)
-    return [([{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}], 24 if tiny else 400, None),
-            ([{"role": "user", "content": [{"type": "video_url", "video_url": {"url": clip}},
-                                            {"type": "text", "text": "What happens in this video?"}]}], 8 if tiny else 16,
-             None),
-            ([{"role": "user", "content": "What is the capital of France?"}], 8 if tiny else 16, None)]
+    return [
+        (
+            [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}],
+            24 if tiny else 400,
+            None,
+        ),
+        (
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "video_url", "video_url": {"url": clip}},
+                        {"type": "text", "text": "What happens in this video?"},
+                    ],
+                }
+            ],
+            8 if tiny else 16,
+            None,
+        ),
+        ([{"role": "user", "content": "What is the capital of France?"}], 8 if tiny else 16, None),
+    ]
 
 
 def stall_run(ckpt, args, env, work, extra=()) -> dict:
@@ -328,8 +470,11 @@ def stall_run(ckpt, args, env, work, extra=()) -> dict:
     server, client, model = fresh()
     arrivals, results = [], [None] * 3
     try:
+
         def send(i):
-            results[i] = one_request(client, model, *requests[i][:2], arrivals=arrivals if i == 0 else None)
+            results[i] = one_request(
+                client, model, *requests[i][:2], arrivals=arrivals if i == 0 else None
+            )
 
         threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]
         threads[0].start()
@@ -344,36 +489,58 @@ def stall_run(ckpt, args, env, work, extra=()) -> dict:
     finally:
         server.close()
     gaps = np.diff(np.array(arrivals))
-    return dict(gap_p50=float(np.median(gaps)), gap_p99=float(np.percentile(gaps, 99)), gap_max=float(gaps.max()),
-                question_ttft=results[2]["ttft"], question_alone=alone[2]["ttft"],
-                clip_ttft=results[1]["ttft"], clip_alone=alone[1]["ttft"],
-                identical=all(r["text"] == a["text"] for r, a in zip(results, alone)))
+    return dict(
+        gap_p50=float(np.median(gaps)),
+        gap_p99=float(np.percentile(gaps, 99)),
+        gap_max=float(gaps.max()),
+        question_ttft=results[2]["ttft"],
+        question_alone=alone[2]["ttft"],
+        clip_ttft=results[1]["ttft"],
+        clip_alone=alone[1]["ttft"],
+        identical=all(r["text"] == a["text"] for r, a in zip(results, alone)),
+    )
 
 
 def stall_table(rows: list) -> str:
-    out = ["| server | stream gap p50 | p99 | max | question TTFT (alone) | clip TTFT (alone) | same as alone |",
-           "|---|---|---|---|---|---|---|"]
+    out = [
+        "| server | stream gap p50 | p99 | max | question TTFT (alone) | clip TTFT (alone) | same as alone |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        out.append(f"| {r['label']} | {r['gap_p50'] * 1000:.0f} ms | {r['gap_p99'] * 1000:.0f} ms | {r['gap_max']:.2f} s | "
-                   f"{r['question_ttft']:.2f} s ({r['question_alone']:.2f} s) | {r['clip_ttft']:.2f} s "
-                   f"({r['clip_alone']:.2f} s) | {'yes' if r['identical'] else 'NO'} |")
+        out.append(
+            f"| {r['label']} | {r['gap_p50'] * 1000:.0f} ms | {r['gap_p99'] * 1000:.0f} ms | {r['gap_max']:.2f} s | "
+            f"{r['question_ttft']:.2f} s ({r['question_alone']:.2f} s) | {r['clip_ttft']:.2f} s "
+            f"({r['clip_alone']:.2f} s) | {'yes' if r['identical'] else 'NO'} |"
+        )
     return "\n".join(out)
 
 
 def summarize(results: list, wall: float, sequential: list, rss: float) -> dict:
     ttft = np.array([r["ttft"] for r in results], dtype=float)
     tokens = sum(r["tokens"] for r in results)
-    same = None if sequential is None else all(r["text"] == s["text"] for r, s in zip(results, sequential))
+    same = (
+        None
+        if sequential is None
+        else all(r["text"] == s["text"] for r, s in zip(results, sequential))
+    )
     checked = [r["valid"] for r in results if r.get("valid") is not None]
-    return dict(requests=len(results), tokens=tokens, wall=wall, tps=tokens / wall,
-                valid=f"{sum(checked)}/{len(checked)}" if checked else None,
-                failed=sum(1 for r in results if r.get("failed")),
-                ttft_p50=float(np.nanpercentile(ttft, 50)), ttft_p95=float(np.nanpercentile(ttft, 95)),
-                peak_rss_gb=rss, identical=same)
+    return dict(
+        requests=len(results),
+        tokens=tokens,
+        wall=wall,
+        tps=tokens / wall,
+        valid=f"{sum(checked)}/{len(checked)}" if checked else None,
+        failed=sum(1 for r in results if r.get("failed")),
+        ttft_p50=float(np.nanpercentile(ttft, 50)),
+        ttft_p95=float(np.nanpercentile(ttft, 95)),
+        peak_rss_gb=rss,
+        identical=same,
+    )
 
 
 def measure(tool, reqs, n, loaded, ckpt, args, env, work) -> tuple:
-    """(results, wall seconds, peak RSS) of one run: in-process, or a fresh server warmed with one request."""
+    """(results, wall seconds, peak RSS) of one run: in-process, or a fresh server warmed with
+    one request."""
     if loaded is not None:
         results, wall = in_process_run(*loaded, reqs, n)
         return results, wall, peak_rss_gb(os.getpid())
@@ -391,49 +558,88 @@ def median_of(summaries: list) -> dict:
     keys = ("tps", "ttft_p50", "ttft_p95", "peak_rss_gb", "wall")
     out = {k: float(np.median([s[k] for s in summaries])) for k in keys}
     same = [s["identical"] for s in summaries]
-    out.update(requests=summaries[0]["requests"], tokens=summaries[0]["tokens"], valid=summaries[-1]["valid"],
-               failed=max(s["failed"] for s in summaries),
-               identical=None if same[0] is None else all(same))
+    out.update(
+        requests=summaries[0]["requests"],
+        tokens=summaries[0]["tokens"],
+        valid=summaries[-1]["valid"],
+        failed=max(s["failed"] for s in summaries),
+        identical=None if same[0] is None else all(same),
+    )
     return out
 
 
 def machine() -> str:
     import mlx.core as mx
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in open("/proc/cpuinfo")
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor()
+    )
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu}, {os.cpu_count()} cores, {ram:.0f} GB, {platform.system()}; MLX {mx.__version__} "
-            f"({'GPU' if mx.metal.is_available() else 'CPU'}); load average at start {load:.1f}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {ram:.0f} GB, {platform.system()}; MLX {mx.__version__} "
+        f"({'GPU' if mx.metal.is_available() else 'CPU'}); load average at start {load:.1f}"
+    )
 
 
 def table(rows: list) -> str:
-    out = ["| set | clients | tool | tokens/s | x own sequential | TTFT p50 | TTFT p95 | peak RSS "
-           "| same as sequential | valid | failed |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| set | clients | tool | tokens/s | x own sequential | TTFT p50 | TTFT p95 | peak RSS "
+        "| same as sequential | valid | failed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         same = "-" if r["identical"] is None else ("yes" if r["identical"] else "NO")
-        out.append(f"| {r['set']} | {r['clients']} | {r['tool']} | {r['tps']:.1f} | {r['speedup']:.2f} | "
-                   f"{r['ttft_p50']:.2f} s | {r['ttft_p95']:.2f} s | {r['peak_rss_gb']:.2f} GB | {same} | "
-                   f"{r.get('valid') or '-'} | {r.get('failed') or 0} |")
+        out.append(
+            f"| {r['set']} | {r['clients']} | {r['tool']} | {r['tps']:.1f} | {r['speedup']:.2f} | "
+            f"{r['ttft_p50']:.2f} s | {r['ttft_p95']:.2f} s | {r['peak_rss_gb']:.2f} GB | {same} | "
+            f"{r.get('valid') or '-'} | {r.get('failed') or 0} |"
+        )
     return "\n".join(out)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--tools", default="ours,mlx-vlm")
     ap.add_argument("--sets", default="mixed,decode")
     ap.add_argument("--clients", default="1,2,4,8,16")
-    ap.add_argument("--checkpoint", help="a float32 GLM-4.1V checkpoint (default: build the random one)")
+    ap.add_argument(
+        "--checkpoint", help="a float32 GLM-4.1V checkpoint (default: build the random one)"
+    )
     ap.add_argument("--work", default=str(HERE.parent / ".bench" / "work"))
     ap.add_argument("--python", default=sys.executable, help="the Python both servers run in")
-    ap.add_argument("--blas", choices=("openblas", "bundled"),
-                    default="openblas" if Path(OPENBLAS).exists() else "bundled")
-    ap.add_argument("--in-process", action="store_true", help="measure the engine without HTTP (tool 'ours' only)")
-    ap.add_argument("--sequential", type=int, default=8,
-                    help="requests sent one after another for the 1-client run (the reference for the others)")
-    ap.add_argument("--rounds", type=int, default=1, help="runs of each tool at each client count (medians)")
+    ap.add_argument(
+        "--blas",
+        choices=("openblas", "bundled"),
+        default="openblas" if Path(OPENBLAS).exists() else "bundled",
+    )
+    ap.add_argument(
+        "--in-process",
+        action="store_true",
+        help="measure the engine without HTTP (tool 'ours' only)",
+    )
+    ap.add_argument(
+        "--sequential",
+        type=int,
+        default=8,
+        help="requests sent one after another for the 1-client run (the reference for the others)",
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="runs of each tool at each client count (medians)"
+    )
     ap.add_argument("--tiny", action="store_true", help="a tiny checkpoint and a few tokens (CI)")
     ap.add_argument("--max-stall-ms", help="passed to `mlx-glm4v serve` (the stall set)")
     ap.add_argument("--label", default="ours", help="the stall set's row name")
@@ -450,7 +656,8 @@ def main(argv=None):
     if args.blas == "openblas":
         env["LD_PRELOAD"] = OPENBLAS
         if args.in_process and os.environ.get("LD_PRELOAD") != OPENBLAS:
-            os.execve(sys.executable, [sys.executable, *sys.argv], env)  # the BLAS must be there from the start
+            # the BLAS must be there from the start
+            os.execve(sys.executable, [sys.executable, *sys.argv], env)
     clients = [int(c) for c in args.clients.split(",")]
     tools = args.tools.split(",") if not args.in_process else ["ours"]
     header = f"Machine: {machine()}. BLAS: {args.blas}. Checkpoint: {ckpt.name}."
@@ -479,11 +686,26 @@ def main(argv=None):
                         sequential.setdefault(tool, runs[tool][0][0])
             for tool in tools:
                 reference = sequential[tool][:n] if tool in sequential and n > 1 else None
-                summaries = [summarize(results, wall, reference, rss) for results, wall, rss in runs[tool]]
-                row = dict(set=name, clients=n, tool=tool + (" (in-process)" if loaded else ""),
-                           rounds=len(summaries), **median_of(summaries))
-                base = next((r for r in rows if (r["set"], r["tool"], r["clients"]) == (name, row["tool"], 1)), row)
-                row["speedup"] = row["tps"] / base["tps"] if base["tps"] else float("nan")  # nothing answered
+                summaries = [
+                    summarize(results, wall, reference, rss) for results, wall, rss in runs[tool]
+                ]
+                row = dict(
+                    set=name,
+                    clients=n,
+                    tool=tool + (" (in-process)" if loaded else ""),
+                    rounds=len(summaries),
+                    **median_of(summaries),
+                )
+                base = next(
+                    (
+                        r
+                        for r in rows
+                        if (r["set"], r["tool"], r["clients"]) == (name, row["tool"], 1)
+                    ),
+                    row,
+                )
+                # nothing answered
+                row["speedup"] = row["tps"] / base["tps"] if base["tps"] else float("nan")
                 rows.append(row)
                 print(table([row]).splitlines()[-1], flush=True)
     print()

@@ -1,4 +1,5 @@
-"""Peak MLX memory and time of the vision tower on one image of a given size, one JSON line per size.
+"""Peak MLX memory and time of the vision tower on one image of a given size, one JSON line per
+size.
 
 The pixel rows are random (values do not change the cost) for a 4:3 image of about N megapixels,
 so sizes past the processor's own cap (4.8 MP with GLM-4.1V's settings) can be measured too.
@@ -46,11 +47,19 @@ def main():
         out = model.encode_frames(rows, grid)
         mx.eval(out)
         seconds = time.perf_counter() - start
-        print(json.dumps({
-            "megapixels": round(h * w * cfg.patch_size**2 / 1e6, 2), "patches": h * w, "tokens": out.shape[0],
-            "peak_gb": round(mx.get_peak_memory() / 1e9, 2), "weights_gb": round(weights / 1e9, 2),
-            "seconds": round(seconds, 1),
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "megapixels": round(h * w * cfg.patch_size**2 / 1e6, 2),
+                    "patches": h * w,
+                    "tokens": out.shape[0],
+                    "peak_gb": round(mx.get_peak_memory() / 1e9, 2),
+                    "weights_gb": round(weights / 1e9, 2),
+                    "seconds": round(seconds, 1),
+                }
+            ),
+            flush=True,
+        )
         del out
 
 

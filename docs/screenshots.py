@@ -24,9 +24,11 @@ from selenium import webdriver
 from mlx_glm4v.generation.grounding import find_marks, save_drawn
 
 PROMPT = "Where are the cat's eyes and nose?"
-REPLY = ("<think>Two eyes and a nose to find.</think><answer>Left eye: <|begin_of_box|>[[300,283,466,500]]<|end_of_box|>\n"
-         "Right eye: <|begin_of_box|>[[643,367,765,550]]<|end_of_box|>\nNose: <|begin_of_box|>[581,800]<|end_of_box|>"
-         "</answer>")
+REPLY = (
+    "<think>Two eyes and a nose to find.</think><answer>Left eye: <|begin_of_box|>[[300,283,466,500]]<|end_of_box|>\n"
+    "Right eye: <|begin_of_box|>[[643,367,765,550]]<|end_of_box|>\nNose: <|begin_of_box|>[581,800]<|end_of_box|>"
+    "</answer>"
+)
 HERE = Path(__file__).parent
 
 
@@ -43,8 +45,20 @@ def main():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "mlx_glm4v.cli", "serve", "--model", args.model,
-                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlx_glm4v.cli",
+            "serve",
+            "--model",
+            args.model,
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}/"
     try:
         for _ in range(300):
@@ -54,10 +68,19 @@ def main():
             except OSError:
                 time.sleep(0.3)
         options = webdriver.ChromeOptions()
-        options.binary_location = shutil.which("chromium")  # Debian's, with its driver: nothing is downloaded
-        for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=960,720", "--hide-scrollbars"):
+        # Debian's, with its driver: nothing is downloaded
+        options.binary_location = shutil.which("chromium")
+        for a in (
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--window-size=960,720",
+            "--hide-scrollbars",
+        ):
             options.add_argument(a)
-        driver = webdriver.Chrome(service=webdriver.ChromeService(shutil.which("chromedriver")), options=options)
+        driver = webdriver.Chrome(
+            service=webdriver.ChromeService(shutil.which("chromedriver")), options=options
+        )
         try:
             driver.get(base)
             time.sleep(1)

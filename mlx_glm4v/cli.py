@@ -27,31 +27,80 @@ app = typer.Typer(
 )
 
 VERBOSE = typer.Option(False, "--verbose", "-v", help="Show full tracebacks on errors.")
-MODEL = typer.Option(None, "--model", "-m", help=f"Hub repo id or local directory (default: $MLX_GLM4V_MODEL, else {DEFAULT_MODEL}).")
+MODEL = typer.Option(
+    None,
+    "--model",
+    "-m",
+    help=f"Hub repo id or local directory (default: $MLX_GLM4V_MODEL, else {DEFAULT_MODEL}).",
+)
 IMAGES = typer.Option(None, "--image", help="An image file; repeat for several.")
 VIDEOS = typer.Option(None, "--video", help="A video file; repeat for several.")
 SYSTEM = typer.Option(None, "--system", help="A system prompt.")
-MAX_TOKENS = typer.Option(None, "--max-tokens", help="Most tokens to generate per reply (default: 256 for generate, 2048 for chat).")
+MAX_TOKENS = typer.Option(
+    None,
+    "--max-tokens",
+    help="Most tokens to generate per reply (default: 256 for generate, 2048 for chat).",
+)
 TEMP = typer.Option(0.0, "--temp", help="Sampling temperature; 0 is greedy.")
 TOP_P = typer.Option(1.0, "--top-p", help="Nucleus sampling threshold; 1 disables it.")
 TOP_K = typer.Option(0, "--top-k", help="Sample among the k most likely tokens; 0 disables it.")
 MIN_P = typer.Option(0.0, "--min-p", help="Drop tokens below min-p times the top probability.")
-REPETITION_PENALTY = typer.Option(None, "--repetition-penalty", help="Penalty for repeating recent tokens, e.g. 1.1.")
+REPETITION_PENALTY = typer.Option(
+    None, "--repetition-penalty", help="Penalty for repeating recent tokens, e.g. 1.1."
+)
 SEED = typer.Option(None, "--seed", help="Random seed for sampling.")
-MAX_KV_SIZE = typer.Option(None, "--max-kv-size", help="Rotate the KV cache at this many tokens, keeping the system prompt and media.")
+MAX_KV_SIZE = typer.Option(
+    None,
+    "--max-kv-size",
+    help="Rotate the KV cache at this many tokens, keeping the system prompt and media.",
+)
 KV_BITS = typer.Option(None, "--kv-bits", help="Quantize the KV cache to this many bits (2-8).")
 PREFILL_STEP = typer.Option(2048, "--prefill-step-size", help="Prompt tokens per prefill chunk.")
-IGNORE_EOS = typer.Option(False, "--ignore-eos", help="Keep generating past end-of-sequence tokens.")
-PROMPT_LOOKUP = typer.Option(0, "--prompt-lookup", help="Draft this many tokens from n-grams of the conversation and verify them in one pass (pays when the reply copies the input, as in OCR).")
-NO_THINKING = typer.Option(False, "--no-thinking", help="Ask models with a thinking switch (GLM-4.5V/4.6V) not to think.")
-THINKING_BUDGET = typer.Option(None, "--thinking-budget", help="After this many tokens of thinking, close it (</think>) so the answer follows.")
-MAX_PIXELS = typer.Option(None, "--max-pixels", help="Most pixels (height x width after resizing) per image or video frame; fewer pixels, fewer tokens (28x28 pixels make one token).")
-FPS = typer.Option(None, "--fps", help="Video frames sampled per second (default: the checkpoint's, 2 for GLM-4.1V).")
-MAX_FRAMES = typer.Option(None, "--max-frames", help="Most frames sampled per video (spread over the clip; at least 2).")
-SCHEMA = typer.Option(None, "--schema", help="Answer with JSON valid against this JSON Schema (a file, or the schema itself).")
-REGEX = typer.Option(None, "--regex", help="Answer with text that matches this regular expression whole.")
-CHOICE = typer.Option(None, "--choice", help="Answer with exactly one of these comma-separated strings.")
-LAZY_LOAD = typer.Option(False, "--lazy-load", help="Read each weight when first used: the text weights after the vision tower, for a lower peak memory.")
+IGNORE_EOS = typer.Option(
+    False, "--ignore-eos", help="Keep generating past end-of-sequence tokens."
+)
+PROMPT_LOOKUP = typer.Option(
+    0,
+    "--prompt-lookup",
+    help="Draft this many tokens from n-grams of the conversation and verify them in one pass (pays when the reply copies the input, as in OCR).",
+)
+NO_THINKING = typer.Option(
+    False, "--no-thinking", help="Ask models with a thinking switch (GLM-4.5V/4.6V) not to think."
+)
+THINKING_BUDGET = typer.Option(
+    None,
+    "--thinking-budget",
+    help="After this many tokens of thinking, close it (</think>) so the answer follows.",
+)
+MAX_PIXELS = typer.Option(
+    None,
+    "--max-pixels",
+    help="Most pixels (height x width after resizing) per image or video frame; fewer pixels, fewer tokens (28x28 pixels make one token).",
+)
+FPS = typer.Option(
+    None,
+    "--fps",
+    help="Video frames sampled per second (default: the checkpoint's, 2 for GLM-4.1V).",
+)
+MAX_FRAMES = typer.Option(
+    None, "--max-frames", help="Most frames sampled per video (spread over the clip; at least 2)."
+)
+SCHEMA = typer.Option(
+    None,
+    "--schema",
+    help="Answer with JSON valid against this JSON Schema (a file, or the schema itself).",
+)
+REGEX = typer.Option(
+    None, "--regex", help="Answer with text that matches this regular expression whole."
+)
+CHOICE = typer.Option(
+    None, "--choice", help="Answer with exactly one of these comma-separated strings."
+)
+LAZY_LOAD = typer.Option(
+    False,
+    "--lazy-load",
+    help="Read each weight when first used: the text weights after the vision tower, for a lower peak memory.",
+)
 
 
 def friendly_errors(command):
@@ -82,17 +131,43 @@ def friendly_errors(command):
 @app.command()
 @friendly_errors
 def convert(
-    hf_path: str = typer.Option(..., "--hf-path", help="Hub repo id or local directory of the source checkpoint."),
-    mlx_path: str = typer.Option("mlx_model", "--mlx-path", help="Where to write the MLX checkpoint."),
+    hf_path: str = typer.Option(
+        ..., "--hf-path", help="Hub repo id or local directory of the source checkpoint."
+    ),
+    mlx_path: str = typer.Option(
+        "mlx_model", "--mlx-path", help="Where to write the MLX checkpoint."
+    ),
     quantize: bool = typer.Option(False, "-q", "--quantize", help="Quantize the weights."),
-    q_bits: Optional[int] = typer.Option(None, "--q-bits", help="Bits per weight: 2, 3, 4, 5, 6 or 8 (affine; default 4)."),
-    q_group_size: Optional[int] = typer.Option(None, "--q-group-size", help="Group size: 32, 64 or 128 (affine; default 64)."),
-    q_mode: str = typer.Option("affine", "--q-mode", help="affine, or mxfp4, nvfp4, mxfp8 (these fix bits and group size)."),
-    quant_recipe: Optional[str] = typer.Option(None, "--quant-recipe", help="mixed_LOW_HIGH, e.g. mixed_3_6 or mixed_4_8: LOW bits, HIGH for embeddings, lm_head and sensitive layers (implies -q)."),
-    quantize_vision: bool = typer.Option(False, "--quantize-vision", help="Quantize the vision tower's linear layers too (default: kept in floats)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16, float16 or float32 for what is not quantized (default: the checkpoint's)."),
-    dequantize: bool = typer.Option(False, "--dequantize", help="Turn a quantized checkpoint back into floats."),
-    upload_repo: Optional[str] = typer.Option(None, "--upload-repo", help="Hub repo to upload the result to."),
+    q_bits: Optional[int] = typer.Option(
+        None, "--q-bits", help="Bits per weight: 2, 3, 4, 5, 6 or 8 (affine; default 4)."
+    ),
+    q_group_size: Optional[int] = typer.Option(
+        None, "--q-group-size", help="Group size: 32, 64 or 128 (affine; default 64)."
+    ),
+    q_mode: str = typer.Option(
+        "affine", "--q-mode", help="affine, or mxfp4, nvfp4, mxfp8 (these fix bits and group size)."
+    ),
+    quant_recipe: Optional[str] = typer.Option(
+        None,
+        "--quant-recipe",
+        help="mixed_LOW_HIGH, e.g. mixed_3_6 or mixed_4_8: LOW bits, HIGH for embeddings, lm_head and sensitive layers (implies -q).",
+    ),
+    quantize_vision: bool = typer.Option(
+        False,
+        "--quantize-vision",
+        help="Quantize the vision tower's linear layers too (default: kept in floats).",
+    ),
+    dtype: Optional[str] = typer.Option(
+        None,
+        "--dtype",
+        help="bfloat16, float16 or float32 for what is not quantized (default: the checkpoint's).",
+    ),
+    dequantize: bool = typer.Option(
+        False, "--dequantize", help="Turn a quantized checkpoint back into floats."
+    ),
+    upload_repo: Optional[str] = typer.Option(
+        None, "--upload-repo", help="Hub repo to upload the result to."
+    ),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --mlx-path."),
     verbose: bool = VERBOSE,
 ):
@@ -103,9 +178,18 @@ def convert(
 
     warnings.showwarning = lambda message, *_: typer.echo(f"warning: {message}", err=True)
     run_convert(
-        hf_path, mlx_path, quantize=quantize, q_bits=q_bits, q_group_size=q_group_size, q_mode=q_mode,
-        quant_recipe=quant_recipe, quantize_vision=quantize_vision, dtype=dtype, dequantize=dequantize,
-        upload_repo=upload_repo, force=force,
+        hf_path,
+        mlx_path,
+        quantize=quantize,
+        q_bits=q_bits,
+        q_group_size=q_group_size,
+        q_mode=q_mode,
+        quant_recipe=quant_recipe,
+        quantize_vision=quantize_vision,
+        dtype=dtype,
+        dequantize=dequantize,
+        upload_repo=upload_repo,
+        force=force,
     )
 
 
@@ -114,7 +198,8 @@ def resolve_model_name(model: Optional[str]) -> str:
 
 
 def existing_files(paths, kind: str) -> list:
-    """The files named, `~` expanded and quotes or backslash escapes undone as a terminal pastes them."""
+    """The files named, `~` expanded and quotes or backslash escapes undone as a terminal pastes
+    them."""
     from .serving.distributed import is_follower
     from .terminal import existing_paths
 
@@ -170,24 +255,48 @@ def _reply_options(
 
     media = {"max_pixels": max_pixels, "fps": fps, "max_frames": max_frames}
     settings = dict(
-        max_tokens=default_max_tokens if max_tokens is None else max_tokens, temp=temp, top_p=top_p, top_k=top_k,
-        min_p=min_p, repetition_penalty=repetition_penalty, max_kv_size=max_kv_size, kv_bits=kv_bits,
-        prefill_step_size=prefill_step_size, ignore_eos=ignore_eos, prompt_lookup=prompt_lookup,
-        thinking_budget=thinking_budget, template_kwargs={"enable_thinking": False} if no_thinking else None,
+        max_tokens=default_max_tokens if max_tokens is None else max_tokens,
+        temp=temp,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        max_kv_size=max_kv_size,
+        kv_bits=kv_bits,
+        prefill_step_size=prefill_step_size,
+        ignore_eos=ignore_eos,
+        prompt_lookup=prompt_lookup,
+        thinking_budget=thinking_budget,
+        template_kwargs={"enable_thinking": False} if no_thinking else None,
         media_kwargs={k: v for k, v in media.items() if v is not None},
         constraint=constraint_option(schema, regex, choice),
     )
     GenerationSettings(**settings)
-    return Reply(resolve_model_name(model), existing_files(image, "image"), existing_files(video, "video"),
-                 system, seed, settings, model_is_default=model is None and not os.environ.get("MLX_GLM4V_MODEL"),
-                 lazy_load=lazy_load)
+    return Reply(
+        resolve_model_name(model),
+        existing_files(image, "image"),
+        existing_files(video, "video"),
+        system,
+        seed,
+        settings,
+        model_is_default=model is None and not os.environ.get("MLX_GLM4V_MODEL"),
+        lazy_load=lazy_load,
+    )
 
 
-def constraint_option(schema: Optional[str], regex: Optional[str], choice: Optional[str]) -> Optional[dict]:
+def constraint_option(
+    schema: Optional[str], regex: Optional[str], choice: Optional[str]
+) -> Optional[dict]:
     """--schema, --regex or --choice as a constraint (a dict: it travels to other ranks as JSON)."""
-    given = [name for name, v in (("--schema", schema), ("--regex", regex), ("--choice", choice)) if v is not None]
+    given = [
+        name
+        for name, v in (("--schema", schema), ("--regex", regex), ("--choice", choice))
+        if v is not None
+    ]
     if len(given) > 1:
-        raise Glm4vError(f"give only one of --schema, --regex and --choice, not {' and '.join(given)}.")
+        raise Glm4vError(
+            f"give only one of --schema, --regex and --choice, not {' and '.join(given)}."
+        )
     if regex is not None:
         return {"kind": "regex", "spec": regex}
     if choice is not None:
@@ -203,7 +312,9 @@ def constraint_option(schema: Optional[str], regex: Optional[str], choice: Optio
     try:
         spec = json.loads(text)
     except json.JSONDecodeError as e:
-        raise Glm4vError(f"--schema is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}.") from None
+        raise Glm4vError(
+            f"--schema is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}."
+        ) from None
     if not isinstance(spec, dict):
         raise Glm4vError("--schema must be a JSON object (a JSON Schema).")
     return {"kind": "json_schema", "spec": spec}
@@ -212,7 +323,11 @@ def constraint_option(schema: Optional[str], regex: Optional[str], choice: Optio
 def reply_options(default_max_tokens: int):
     """Give a command the options generate and chat share, declared once in `_reply_options`;
     the command receives them checked, as `reply`."""
-    shared = [p for p in inspect.signature(_reply_options).parameters.values() if p.name != "default_max_tokens"]
+    shared = [
+        p
+        for p in inspect.signature(_reply_options).parameters.values()
+        if p.name != "default_max_tokens"
+    ]
 
     def decorate(command):
         own = [p for p in inspect.signature(command).parameters.values() if p.name != "reply"]
@@ -220,7 +335,9 @@ def reply_options(default_max_tokens: int):
         @functools.wraps(command)
         def wrapper(**kwargs):
             options = {p.name: kwargs.pop(p.name) for p in shared}
-            return command(reply=_reply_options(**options, default_max_tokens=default_max_tokens), **kwargs)
+            return command(
+                reply=_reply_options(**options, default_max_tokens=default_max_tokens), **kwargs
+            )
 
         wrapper.__signature__ = inspect.Signature(shared + own)
         return wrapper
@@ -229,8 +346,9 @@ def reply_options(default_max_tokens: int):
 
 
 def load_for_cli(reply: Reply, group=None):
-    """(model, processor, seconds): weights read now (or on first use with --lazy-load); a default
-    model that cannot be downloaded points at --model. Under mlx.launch (`group`), this rank's part."""
+    """(model, processor, seconds): weights read now (or on first use with --lazy-load); a
+    default model that cannot be downloaded points at --model. Under mlx.launch (`group`), this
+    rank's part."""
     import time
 
     from .checkpoints.loader import DownloadError, load
@@ -247,7 +365,9 @@ def load_for_cli(reply: Reply, group=None):
     except DownloadError as e:
         if not reply.model_is_default:
             raise
-        raise DownloadError(f"{e} Or give a checkpoint on disk with --model LOCAL_DIR.") from e.__cause__
+        raise DownloadError(
+            f"{e} Or give a checkpoint on disk with --model LOCAL_DIR."
+        ) from e.__cause__
     return model, processor, time.perf_counter() - start
 
 
@@ -266,10 +386,22 @@ def read_prompt(prompt: str) -> str:
 @reply_options(default_max_tokens=256)
 def generate(
     reply: Reply,
-    prompt: str = typer.Option(..., "--prompt", "-p", help="The user message; - reads it from standard input."),
-    hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Print only the answer, not the model's thinking."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the text, its reasoning and answer, statistics and boxes."),
-    draw_boxes: Optional[str] = typer.Option(None, "--draw-boxes", help="Save the image with the reply's boxes and points drawn (OUT-1.png, OUT-2.png, ... for several images)."),
+    prompt: str = typer.Option(
+        ..., "--prompt", "-p", help="The user message; - reads it from standard input."
+    ),
+    hide_thinking: bool = typer.Option(
+        False, "--hide-thinking", help="Print only the answer, not the model's thinking."
+    ),
+    as_json: bool = typer.Option(
+        False,
+        "--json",
+        help="Print one JSON object with the text, its reasoning and answer, statistics and boxes.",
+    ),
+    draw_boxes: Optional[str] = typer.Option(
+        None,
+        "--draw-boxes",
+        help="Save the image with the reply's boxes and points drawn (OUT-1.png, OUT-2.png, ... for several images).",
+    ),
     verbose: bool = VERBOSE,
 ):
     """Answer one prompt about images and videos, streaming the reply.
@@ -277,10 +409,10 @@ def generate(
     With --schema, --regex or --choice only the answer is printed: the constrained text."""
     if draw_boxes and not reply.images:
         raise Glm4vError("--draw-boxes needs an image (--image) to draw on.")
-    from .serving import distributed
     from .generation.generate import stats_line, stream_generate
     from .generation.grounding import boxes_of, draw_reply
     from .generation.reply import ReplySplitter, split_reply
+    from .serving import distributed
 
     group = distributed.launched()
     if group is None or group.rank() == 0:
@@ -288,8 +420,16 @@ def generate(
     loaded_model, processor, load_s = load_for_cli(reply, group)
     if group is not None:  # rank 0's prompt, options, seed and media bytes on every rank
         prompt, reply = distributed.share_reply(group, prompt, reply)
-    responses = stream_generate(loaded_model, processor, prompt, reply.images, reply.videos, system=reply.system,
-                                seed=reply.seed, **reply.settings)
+    responses = stream_generate(
+        loaded_model,
+        processor,
+        prompt,
+        reply.images,
+        reply.videos,
+        system=reply.system,
+        seed=reply.seed,
+        **reply.settings,
+    )
     if group is not None:
         responses = distributed.watched(group, responses)
         if group.rank() != 0:
@@ -303,25 +443,30 @@ def generate(
             piece = response.text
             if hide_thinking:
                 piece = splitter.feed(piece)[1]
-                piece = piece if shown else piece.lstrip()  # the answer alone starts with its first word
+                # the answer alone starts with its first word
+                piece = piece if shown else piece.lstrip()
             shown += piece
             sys.stdout.write(piece)
             sys.stdout.flush()
     if as_json:
         parts = split_reply(text)
-        print(json.dumps({
-            "text": text,
-            "reasoning": parts.reasoning,
-            "answer": parts.answer,
-            "prompt_tokens": response.prompt_tokens,
-            "generation_tokens": response.generation_tokens,
-            "load_s": load_s,
-            "prompt_tps": response.prompt_tps,
-            "generation_tps": response.generation_tps,
-            "peak_memory_gb": response.peak_memory,
-            "finish_reason": response.finish_reason,
-            "boxes": boxes_of(text, reply.images),
-        }))
+        print(
+            json.dumps(
+                {
+                    "text": text,
+                    "reasoning": parts.reasoning,
+                    "answer": parts.answer,
+                    "prompt_tokens": response.prompt_tokens,
+                    "generation_tokens": response.generation_tokens,
+                    "load_s": load_s,
+                    "prompt_tps": response.prompt_tps,
+                    "generation_tps": response.generation_tps,
+                    "peak_memory_gb": response.peak_memory,
+                    "finish_reason": response.finish_reason,
+                    "boxes": boxes_of(text, reply.images),
+                }
+            )
+        )
     else:
         if hide_thinking:
             rest = splitter.finish()[1]
@@ -340,10 +485,13 @@ def generate(
 @reply_options(default_max_tokens=2048)
 def chat(
     reply: Reply,
-    hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Do not show the model's thinking."),
+    hide_thinking: bool = typer.Option(
+        False, "--hide-thinking", help="Do not show the model's thinking."
+    ),
     verbose: bool = VERBOSE,
 ):
-    """Chat about images and videos in the terminal. /image PATH, /video PATH, /reset, /help, /exit."""
+    """Chat about images and videos in the terminal. /image PATH, /video PATH, /reset, /help,
+    /exit."""
     import mlx.core as mx
 
     from .serving import distributed
@@ -357,8 +505,16 @@ def chat(
         mx.random.seed(reply.seed)
     if group is not None and group.rank() != 0:
         return distributed.follow_chat(group, loaded_model, processor, reply)
-    run_chat(loaded_model, processor, system=reply.system, images=reply.images, videos=reply.videos,
-             settings=reply.settings, hide_thinking=hide_thinking, group=group)
+    run_chat(
+        loaded_model,
+        processor,
+        system=reply.system,
+        images=reply.images,
+        videos=reply.videos,
+        settings=reply.settings,
+        hide_thinking=hide_thinking,
+        group=group,
+    )
     if group is not None:
         distributed.share_turn(group, "exit")
         distributed.finish(group)
@@ -368,30 +524,99 @@ def chat(
 @friendly_errors
 def serve(
     model: Optional[str] = MODEL,
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; anything but loopback needs --api-key or --insecure-no-auth."),
+    host: str = typer.Option(
+        "127.0.0.1",
+        "--host",
+        help="Address to listen on; anything but loopback needs --api-key or --insecure-no-auth.",
+    ),
     port: int = typer.Option(8080, "--port", help="Port to listen on."),
-    alias: Optional[str] = typer.Option(None, "--alias", help="The model name clients send (default: the last part of --model)."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MLX_GLM4V_API_KEY", help="Require Authorization: Bearer KEY on /v1/* and /metrics."),
-    insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help="Allow a non-loopback --host without an API key."),
-    media_root: Optional[Path] = typer.Option(None, "--media-root", help="Let requests name image and video files inside this directory (default: no file is read)."),
-    allow_url_fetch: bool = typer.Option(False, "--allow-url-fetch", help="Fetch http(s) media URLs (public addresses only, size-capped, time-limited)."),
-    cors_origin: Optional[List[str]] = typer.Option(None, "--cors-origin", help="Allow browser pages from this origin (repeat; * for any). Default: CORS off."),
-    max_body_mb: float = typer.Option(64.0, "--max-body-mb", help="Largest request body, in MB (413 beyond)."),
-    max_media_mb: float = typer.Option(64.0, "--max-media-mb", help="Largest fetched or read media file, in MB."),
+    alias: Optional[str] = typer.Option(
+        None, "--alias", help="The model name clients send (default: the last part of --model)."
+    ),
+    api_key: Optional[str] = typer.Option(
+        None,
+        "--api-key",
+        envvar="MLX_GLM4V_API_KEY",
+        help="Require Authorization: Bearer KEY on /v1/* and /metrics.",
+    ),
+    insecure_no_auth: bool = typer.Option(
+        False, "--insecure-no-auth", help="Allow a non-loopback --host without an API key."
+    ),
+    media_root: Optional[Path] = typer.Option(
+        None,
+        "--media-root",
+        help="Let requests name image and video files inside this directory (default: no file is read).",
+    ),
+    allow_url_fetch: bool = typer.Option(
+        False,
+        "--allow-url-fetch",
+        help="Fetch http(s) media URLs (public addresses only, size-capped, time-limited).",
+    ),
+    cors_origin: Optional[List[str]] = typer.Option(
+        None,
+        "--cors-origin",
+        help="Allow browser pages from this origin (repeat; * for any). Default: CORS off.",
+    ),
+    max_body_mb: float = typer.Option(
+        64.0, "--max-body-mb", help="Largest request body, in MB (413 beyond)."
+    ),
+    max_media_mb: float = typer.Option(
+        64.0, "--max-media-mb", help="Largest fetched or read media file, in MB."
+    ),
     max_images: int = typer.Option(16, "--max-images", help="Most images per request."),
     max_videos: int = typer.Option(2, "--max-videos", help="Most videos per request."),
-    max_image_pixels: int = typer.Option(50_000_000, "--max-image-pixels", help="Largest decoded image (width x height), read from its header."),
+    max_image_pixels: int = typer.Option(
+        50_000_000,
+        "--max-image-pixels",
+        help="Largest decoded image (width x height), read from its header.",
+    ),
     max_video_seconds: float = typer.Option(600.0, "--max-video-seconds", help="Longest video."),
-    max_video_frames: int = typer.Option(640, "--max-video-frames", help="Most frames the checkpoint's sampling may pick from one video."),
-    max_prompt_tokens: Optional[int] = typer.Option(None, "--max-prompt-tokens", help="Longest prompt in tokens (default: the model's context length)."),
-    request_timeout: float = typer.Option(600.0, "--request-timeout", help="End a request after this many seconds."),
-    keepalive: float = typer.Option(10.0, "--keepalive", help="Seconds between SSE keep-alive comments while a stream waits (a long prompt)."),
-    max_queue: int = typer.Option(64, "--max-queue", help="Requests that may wait for the engine (429 beyond)."),
-    max_concurrency: Optional[int] = typer.Option(None, "--max-concurrency", help="Requests decoded together as one batch (default: from the memory the weights leave, at most 32)."),
-    max_stall_ms: float = typer.Option(250.0, "--max-stall-ms", help="About how much prefill work (prompt chunks, vision pieces) one engine turn does before running streams get their next token, in ms."),
-    feature_cache_mb: float = typer.Option(2048.0, "--feature-cache-mb", help="Memory for vision features shared across requests, in MB."),
-    max_output_tokens: Optional[int] = typer.Option(None, "--max-output-tokens", help="Clamp every request's token limit to this (agents ask for tens of thousands)."),
-    answer_any_model: bool = typer.Option(False, "--answer-any-model", help="Answer requests naming any model with the served one (agents' side-task models); default: 404."),
+    max_video_frames: int = typer.Option(
+        640,
+        "--max-video-frames",
+        help="Most frames the checkpoint's sampling may pick from one video.",
+    ),
+    max_prompt_tokens: Optional[int] = typer.Option(
+        None,
+        "--max-prompt-tokens",
+        help="Longest prompt in tokens (default: the model's context length).",
+    ),
+    request_timeout: float = typer.Option(
+        600.0, "--request-timeout", help="End a request after this many seconds."
+    ),
+    keepalive: float = typer.Option(
+        10.0,
+        "--keepalive",
+        help="Seconds between SSE keep-alive comments while a stream waits (a long prompt).",
+    ),
+    max_queue: int = typer.Option(
+        64, "--max-queue", help="Requests that may wait for the engine (429 beyond)."
+    ),
+    max_concurrency: Optional[int] = typer.Option(
+        None,
+        "--max-concurrency",
+        help="Requests decoded together as one batch (default: from the memory the weights leave, at most 32).",
+    ),
+    max_stall_ms: float = typer.Option(
+        250.0,
+        "--max-stall-ms",
+        help="About how much prefill work (prompt chunks, vision pieces) one engine turn does before running streams get their next token, in ms.",
+    ),
+    feature_cache_mb: float = typer.Option(
+        2048.0,
+        "--feature-cache-mb",
+        help="Memory for vision features shared across requests, in MB.",
+    ),
+    max_output_tokens: Optional[int] = typer.Option(
+        None,
+        "--max-output-tokens",
+        help="Clamp every request's token limit to this (agents ask for tens of thousands).",
+    ),
+    answer_any_model: bool = typer.Option(
+        False,
+        "--answer-any-model",
+        help="Answer requests naming any model with the served one (agents' side-task models); default: 404.",
+    ),
     no_ui: bool = typer.Option(False, "--no-ui", help="Do not serve the chat page at /."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
     verbose: bool = VERBOSE,
@@ -403,13 +628,19 @@ def serve(
 
     if (group := launched()) is not None and group.rank() != 0:
         return follow_server(group, resolve_model_name(model))
-    from .server.app import ServerConfig, serve as run_server
+    from .server.app import ServerConfig
+    from .server.app import serve as run_server
     from .server.media import MediaPolicy
 
     mb = 1 << 20
-    for name, value in (("--max-body-mb", max_body_mb), ("--max-media-mb", max_media_mb),
-                        ("--request-timeout", request_timeout), ("--keepalive", keepalive),
-                        ("--max-video-seconds", max_video_seconds), ("--max-stall-ms", max_stall_ms)):
+    for name, value in (
+        ("--max-body-mb", max_body_mb),
+        ("--max-media-mb", max_media_mb),
+        ("--request-timeout", request_timeout),
+        ("--keepalive", keepalive),
+        ("--max-video-seconds", max_video_seconds),
+        ("--max-stall-ms", max_stall_ms),
+    ):
         if value <= 0:
             raise Glm4vError(f"{name} {value} must be positive.")
     if max_concurrency is not None and max_concurrency < 1:
@@ -417,18 +648,41 @@ def serve(
     if max_output_tokens is not None and max_output_tokens < 1:
         raise Glm4vError(f"--max-output-tokens {max_output_tokens} must be at least 1.")
     policy = MediaPolicy(
-        media_root=media_root, allow_url_fetch=allow_url_fetch, max_media_bytes=int(max_media_mb * mb),
-        max_images=max_images, max_videos=max_videos, max_image_pixels=max_image_pixels,
-        max_video_seconds=max_video_seconds, max_video_frames=max_video_frames,
+        media_root=media_root,
+        allow_url_fetch=allow_url_fetch,
+        max_media_bytes=int(max_media_mb * mb),
+        max_images=max_images,
+        max_videos=max_videos,
+        max_image_pixels=max_image_pixels,
+        max_video_seconds=max_video_seconds,
+        max_video_frames=max_video_frames,
     )
     config = ServerConfig(
-        model=resolve_model_name(model), alias=alias, api_key=api_key, cors_origins=list(cors_origin or []),
-        max_body_bytes=int(max_body_mb * mb), max_prompt_tokens=max_prompt_tokens, request_timeout=request_timeout,
-        keepalive=keepalive, max_queue=max_queue, max_concurrency=max_concurrency, max_stall_ms=max_stall_ms,
-        feature_cache_bytes=int(feature_cache_mb * mb), ui=not no_ui, media=policy,
-        max_output_tokens=max_output_tokens, answer_any_model=answer_any_model,
+        model=resolve_model_name(model),
+        alias=alias,
+        api_key=api_key,
+        cors_origins=list(cors_origin or []),
+        max_body_bytes=int(max_body_mb * mb),
+        max_prompt_tokens=max_prompt_tokens,
+        request_timeout=request_timeout,
+        keepalive=keepalive,
+        max_queue=max_queue,
+        max_concurrency=max_concurrency,
+        max_stall_ms=max_stall_ms,
+        feature_cache_bytes=int(feature_cache_mb * mb),
+        ui=not no_ui,
+        media=policy,
+        max_output_tokens=max_output_tokens,
+        answer_any_model=answer_any_model,
     )
-    run_server(config, host=host, port=port, insecure_no_auth=insecure_no_auth, log_level=log_level, group=group)
+    run_server(
+        config,
+        host=host,
+        port=port,
+        insecure_no_auth=insecure_no_auth,
+        log_level=log_level,
+        group=group,
+    )
 
 
 def follow_server(group, model: str):
@@ -443,7 +697,8 @@ def follow_server(group, model: str):
     loaded, processor, layout = load_part(model, group)
     typer.echo(layout.describe(), err=True)
     serving_engine(group, loaded, processor)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # done: mlx.launch ending this rank now is no error
+    # done: mlx.launch ending this rank now is no error
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def show_version(value: bool):
@@ -460,8 +715,9 @@ def show_version(value: bool):
 
 @app.callback()
 def options(
-    version: bool = typer.Option(False, "--version", callback=show_version, is_eager=True,
-                                 help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=show_version, is_eager=True, help="Print the version and exit."
+    ),
 ):
     """GLM-4.1V on Apple silicon with MLX: image and video chat, conversion and quantization."""
 

@@ -41,9 +41,10 @@ def clean_line(line: str) -> str:
 
 # ---- paths as typed, pasted or dropped into a terminal -------------------------------------
 
+
 def _expand(text: str) -> str:
     if text.startswith("file://"):  # some terminals drop URIs
-        text = unquote(text[len("file://"):])
+        text = unquote(text[len("file://") :])
     return os.path.expanduser(text)
 
 
@@ -75,6 +76,7 @@ def existing_paths(text: str, kind: str) -> list:
 
 # ---- attachments: opened and measured when attached, not when a question is spent ----------
 
+
 @dataclass
 class Attachment:
     kind: str  # "image" or "video"
@@ -89,7 +91,8 @@ class Attachment:
 
     @property
     def summary(self) -> str:
-        """E.g. photo.jpg (1024x768, 999 tokens) or clip.mp4 (1280x720, 24 frames, 14,352 tokens)."""
+        """E.g. photo.jpg (1024x768, 999 tokens) or clip.mp4 (1280x720, 24 frames, 14,352
+        tokens)."""
         details = [f"{self.size[0]}x{self.size[1]}"] if self.size else []
         details += [f"{self.frames:,} frames"] if self.kind == "video" else []
         return f"{self.name} ({', '.join(details + [f'{self.tokens:,} tokens'])})"
@@ -109,7 +112,7 @@ def attach(processor, path: str, kind: str, media_kwargs: dict) -> Attachment:
     else:
         out = processor(VIDEO, videos=[path], **media_kwargs)
         grid = out["video_grid_thw"][0]
-    tokens = int(grid.prod()) // settings.merge_size ** 2
+    tokens = int(grid.prod()) // settings.merge_size**2
     size = _image_size(path) if kind == "image" else _video_size(path)
     frames = int(grid[0]) * settings.temporal_patch_size if kind == "video" else 0
     return Attachment(kind, path, size, frames, tokens)
@@ -188,7 +191,7 @@ class ReplyDisplay:
             self.part, self.space = part, ""
         text = self.space + text
         body = text.rstrip()
-        self.space = text[len(body):]
+        self.space = text[len(body) :]
         return out + body
 
 
@@ -235,6 +238,7 @@ def reading_status(status: StatusLine, attachments: list):
 
 # ---- the conversation loop -----------------------------------------------------------------
 
+
 def take_ctrl_c():
     """Ctrl-C is part of the REPL (it stops a reply or clears the line), so take SIGINT even when
     whoever started us ignores it: a shell script's background job inherits SIGINT ignored, and
@@ -266,7 +270,9 @@ def _complete(text: str, state: int):
     if line.startswith("/") and " " not in line:
         options = [c + " " for c in (*COMMANDS, *ALIASES) if c.startswith(text)]
     elif line.startswith(("/image ", "/video ")):
-        options = [p + ("/" if os.path.isdir(p) else "") for p in glob.glob(os.path.expanduser(text) + "*")]
+        options = [
+            p + ("/" if os.path.isdir(p) else "") for p in glob.glob(os.path.expanduser(text) + "*")
+        ]
     else:
         options = []
     return options[state] if state < len(options) else None
@@ -276,7 +282,17 @@ def say(text: str):
     print(text, file=sys.stderr, flush=True)
 
 
-def run_chat(model, processor, *, system=None, images=(), videos=(), settings=None, hide_thinking=False, group=None):
+def run_chat(
+    model,
+    processor,
+    *,
+    system=None,
+    images=(),
+    videos=(),
+    settings=None,
+    hide_thinking=False,
+    group=None,
+):
     """The REPL of `mlx-glm4v chat`, until /exit or end of input; under mlx.launch (`group`, on
     rank 0) every turn also runs on the other ranks (`distributed.SharedSession`)."""
     from .generation.chat import ChatSession
@@ -292,7 +308,8 @@ def run_chat(model, processor, *, system=None, images=(), videos=(), settings=No
     for a in pending:
         say(f"attached {a.summary}")
     color = use_color(sys.stdout)
-    shown, last_reply = [], None  # the conversation's images so far, and the latest reply, for /boxes
+    # the conversation's images so far, and the latest reply, for /boxes
+    shown, last_reply = [], None
     take_ctrl_c()
     enable_line_editing()
     say(WELCOME)
@@ -315,7 +332,10 @@ def run_chat(model, processor, *, system=None, images=(), videos=(), settings=No
             if command == "/exit":
                 return
             if command == "/help":
-                say("\n".join(COMMANDS.values()) + "\nStart a message with // to send text beginning with /.")
+                say(
+                    "\n".join(COMMANDS.values())
+                    + "\nStart a message with // to send text beginning with /."
+                )
             elif command == "/reset":
                 session.reset()
                 pending, shown, last_reply = [], [], None
@@ -353,7 +373,9 @@ def _dropped_files(line: str) -> bool:
 
 def _attach_all(processor, argument: str, kind: str, media_kwargs: dict) -> list:
     if not argument.strip():
-        say(f"usage: {COMMANDS['/' + kind].split('  ')[0].strip()} (quote or escape spaces; ~ works)")
+        say(
+            f"usage: {COMMANDS['/' + kind].split('  ')[0].strip()} (quote or escape spaces; ~ works)"
+        )
         return []
     done = []
     try:

@@ -29,41 +29,82 @@ def sse(event: str, data: dict) -> bytes:
 def responses_stream(model: str) -> list[bytes]:
     """The OpenAI Responses event sequence for one text reply."""
     rid, mid = "resp_capture", "msg_capture"
-    base = {"id": rid, "object": "response", "created_at": int(time.time()), "model": model, "output": []}
+    base = {
+        "id": rid,
+        "object": "response",
+        "created_at": int(time.time()),
+        "model": model,
+        "output": [],
+    }
     part = {"type": "output_text", "text": REPLY, "annotations": []}
-    item = {"id": mid, "type": "message", "role": "assistant", "status": "completed", "content": [part]}
+    item = {
+        "id": mid,
+        "type": "message",
+        "role": "assistant",
+        "status": "completed",
+        "content": [part],
+    }
     usage = {
-        "input_tokens": 1, "output_tokens": 1, "total_tokens": 2,
-        "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0},
+        "input_tokens": 1,
+        "output_tokens": 1,
+        "total_tokens": 2,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": 0},
     }
     where = {"item_id": mid, "output_index": 0, "content_index": 0}
     events = [
         ("response.created", {"response": {**base, "status": "in_progress"}}),
         ("response.in_progress", {"response": {**base, "status": "in_progress"}}),
-        ("response.output_item.added", {"output_index": 0, "item": {**item, "status": "in_progress", "content": []}}),
+        (
+            "response.output_item.added",
+            {"output_index": 0, "item": {**item, "status": "in_progress", "content": []}},
+        ),
         ("response.content_part.added", {**where, "part": {**part, "text": ""}}),
         ("response.output_text.delta", {**where, "delta": REPLY}),
         ("response.output_text.done", {**where, "text": REPLY}),
         ("response.content_part.done", {**where, "part": part}),
         ("response.output_item.done", {"output_index": 0, "item": item}),
-        ("response.completed", {"response": {**base, "status": "completed", "output": [item], "usage": usage}}),
+        (
+            "response.completed",
+            {"response": {**base, "status": "completed", "output": [item], "usage": usage}},
+        ),
     ]
-    return [sse(name, {"type": name, "sequence_number": n, **data}) for n, (name, data) in enumerate(events)]
+    return [
+        sse(name, {"type": name, "sequence_number": n, **data})
+        for n, (name, data) in enumerate(events)
+    ]
 
 
 def messages_stream(model: str) -> list[bytes]:
     """The Anthropic Messages event sequence for one text reply."""
-    usage = {"input_tokens": 1, "output_tokens": 0, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
+    usage = {
+        "input_tokens": 1,
+        "output_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "cache_creation_input_tokens": 0,
+    }
     message = {
-        "id": "msg_capture", "type": "message", "role": "assistant", "model": model, "content": [],
-        "stop_reason": None, "stop_sequence": None, "usage": usage,
+        "id": "msg_capture",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": usage,
     }
     events = [
         ("message_start", {"message": message}),
         ("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
         ("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": REPLY}}),
         ("content_block_stop", {"index": 0}),
-        ("message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": 1}}),
+        (
+            "message_delta",
+            {
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": 1},
+            },
+        ),
         ("message_stop", {}),
     ]
     return [sse(name, {"type": name, **data}) for name, data in events]
@@ -120,8 +161,13 @@ class Handler(BaseHTTPRequestHandler):
             body = raw.decode(errors="replace")
         with self.server.lock:
             n = next(self.server.count)
-        record = {"n": n, "method": self.command, "path": self.path, "headers": dict(self.headers.items()),
-                  "body": body}
+        record = {
+            "n": n,
+            "method": self.command,
+            "path": self.path,
+            "headers": dict(self.headers.items()),
+            "body": body,
+        }
         path = self.server.folder / f"{n:03d}.json"
         path.write_text(json.dumps(record, indent=1))
         if self.server.upstream:
@@ -131,10 +177,15 @@ class Handler(BaseHTTPRequestHandler):
         path.write_text(json.dumps(record, indent=1))
 
     def forward(self, raw: bytes):
-        """Relay to the upstream server; returns its status and the reply's text (streams included)."""
+        """Relay to the upstream server; returns its status and the reply's text (streams
+        included)."""
         up = self.server.upstream
         conn = http.client.HTTPConnection(up.hostname, up.port, timeout=600)
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length", "connection")}
+        headers = {
+            k: v
+            for k, v in self.headers.items()
+            if k.lower() not in ("host", "content-length", "connection")
+        }
         conn.request(self.command, self.path, body=raw or None, headers=headers)
         reply = conn.getresponse()
         self.send_response(reply.status)
@@ -160,10 +211,14 @@ class Handler(BaseHTTPRequestHandler):
         if self.command == "POST" and path == "/v1/messages":
             return self.send_stream(messages_stream(model))
         if self.command in ("GET", "HEAD") and path == "/v1/models":
-            return self.send_json(200, {"object": "list", "data": [{"id": "capture", "object": "model"}]})
+            return self.send_json(
+                200, {"object": "list", "data": [{"id": "capture", "object": "model"}]}
+            )
         if self.command == "HEAD":
             return self.send_json(200, {})
-        return self.send_json(404, {"error": {"type": "not_found_error", "message": f"no route {path}"}})
+        return self.send_json(
+            404, {"error": {"type": "not_found_error", "message": f"no route {path}"}}
+        )
 
     def send_stream(self, events: list[bytes]) -> int:
         self.send_response(200)

@@ -28,7 +28,8 @@ def glm4v_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def glm4v_moe_checkpoint(tmp_path_factory):
-    """A tiny GLM-4.5V (`glm4v_moe`) checkpoint, experts stored one by one, sharded with an index."""
+    """A tiny GLM-4.5V (`glm4v_moe`) checkpoint, experts stored one by one, sharded with an
+    index."""
     path = tmp_path_factory.mktemp("glm4v-moe-tiny")
     model, processor = tiny.build_checkpoint(path, max_shard_size="400KB", family="glm4v_moe")
     return path, model, processor
@@ -36,7 +37,8 @@ def glm4v_moe_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def glm46v_checkpoint(tmp_path_factory):
-    """A tiny `glm46v` checkpoint with the experts' text model, experts fused as transformers 5 saves them."""
+    """A tiny `glm46v` checkpoint with the experts' text model, experts fused as transformers 5
+    saves them."""
     path = tmp_path_factory.mktemp("glm46v-tiny")
     model, processor = tiny.build_checkpoint(path, family="glm46v")
     return path, model, processor
@@ -48,5 +50,8 @@ BOX_SCRIPT = "<think>hm</think><answer>Nose: <|begin_of_box|>[250,600]<|end_of_b
 
 @pytest.fixture(scope="session")
 def box_checkpoint(glm4v_checkpoint, tmp_path_factory):
-    """The tiny GLM-4.1V checkpoint rewired to reply BOX_SCRIPT to anything (tiny.scripted_checkpoint)."""
-    return tiny.scripted_checkpoint(glm4v_checkpoint[0], tmp_path_factory.mktemp("box-script"), BOX_SCRIPT)
+    """The tiny GLM-4.1V checkpoint rewired to reply BOX_SCRIPT to anything
+    (tiny.scripted_checkpoint)."""
+    return tiny.scripted_checkpoint(
+        glm4v_checkpoint[0], tmp_path_factory.mktemp("box-script"), BOX_SCRIPT
+    )

@@ -15,7 +15,9 @@ import numpy as np
 NEW_TOKENS = 6
 
 
-def run_case(model, inputs: dict, new_tokens: int = NEW_TOKENS, temp: float = 0.0, seed: int = 0) -> dict:
+def run_case(
+    model, inputs: dict, new_tokens: int = NEW_TOKENS, temp: float = 0.0, seed: int = 0
+) -> dict:
     """Logits of the whole prompt (float32), then `new_tokens` tokens: greedy, or sampled at `temp`
     from the seed (through mlx-lm's sampler, as generation does)."""
     from mlx_glm4v.models.mlxlm import make_sampler
@@ -47,8 +49,9 @@ def main(plan_file: str):
         before = mx.get_active_memory()
         model, _, layout = distributed.load(item["checkpoint"], group, mode=item.get("mode"))
         peak = mx.get_peak_memory() - before
-        (out / f"rank{rank}.json").write_text(json.dumps({**layout.__dict__, "peak_load_bytes": peak,
-                                                          "describe": layout.describe()}))
+        (out / f"rank{rank}.json").write_text(
+            json.dumps({**layout.__dict__, "peak_load_bytes": peak, "describe": layout.describe()})
+        )
         results = {}
         for case in item["cases"]:
             inputs = dict(np.load(case["inputs"]))

@@ -7,8 +7,13 @@ I = {"type": "integer", "minimum": 0, "maximum": 99}
 
 
 def obj(props: dict, required=None, **extra) -> dict:
-    return {"type": "object", "properties": props, "required": list(props) if required is None else required,
-            "additionalProperties": False, **extra}
+    return {
+        "type": "object",
+        "properties": props,
+        "required": list(props) if required is None else required,
+        "additionalProperties": False,
+        **extra,
+    }
 
 
 SCHEMAS = [
@@ -44,8 +49,13 @@ SCHEMAS = [
     obj({"code": {"type": "string", "pattern": "^[0-9]{3}-[0-9]{2}$"}}),
     obj({"flag": {"type": "boolean"}, "none": {"type": "null"}}),
     obj({}, required=[]),
-    {"type": "object", "properties": {"a": I}, "required": ["a"], "additionalProperties": False,
-     "maxProperties": 1},
+    {
+        "type": "object",
+        "properties": {"a": I},
+        "required": ["a"],
+        "additionalProperties": False,
+        "maxProperties": 1,
+    },
     # nested objects
     obj({"person": obj({"name": S, "age": I})}),
     obj({"outer": obj({"inner": obj({"leaf": {"type": "boolean"}})})}),
@@ -58,33 +68,80 @@ SCHEMAS = [
     {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 4},
     {"type": "array", "prefixItems": [I, S], "items": False},
     obj({"tags": {"type": "array", "items": S, "maxItems": 2}}),
-    obj({"points": {"type": "array", "items": obj({"x": I, "y": I}), "minItems": 1, "maxItems": 2}}),
+    obj(
+        {"points": {"type": "array", "items": obj({"x": I, "y": I}), "minItems": 1, "maxItems": 2}}
+    ),
     {"type": "array", "items": {"type": "array", "items": I, "maxItems": 2}, "maxItems": 2},
     # anyOf / oneOf / allOf
     {"anyOf": [I, S]},
     {"oneOf": [obj({"cat": S}), obj({"dog": I})]},
     {"anyOf": [{"type": "null"}, obj({"v": I})]},
     obj({"value": {"anyOf": [{"type": "boolean"}, {"enum": ["x", "y"]}]}}),
-    {"allOf": [obj({"a": I}, required=["a"]),
-               {"type": "object", "properties": {"a": {"maximum": 9}}}]},
+    {
+        "allOf": [
+            obj({"a": I}, required=["a"]),
+            {"type": "object", "properties": {"a": {"maximum": 9}}},
+        ]
+    },
     # $ref and $defs, recursive
-    {"$defs": {"pt": obj({"x": I, "y": I})}, "type": "object",
-     "properties": {"from": {"$ref": "#/$defs/pt"}, "to": {"$ref": "#/$defs/pt"}},
-     "required": ["from", "to"], "additionalProperties": False},
-    {"$defs": {"node": {"type": "object", "properties": {"v": I, "next": {"$ref": "#/$defs/node"}},
-                        "required": ["v"], "additionalProperties": False}},
-     "$ref": "#/$defs/node"},
-    {"$defs": {"tree": {"type": "object", "properties": {
-        "n": I, "kids": {"type": "array", "items": {"$ref": "#/$defs/tree"}, "maxItems": 2}},
-        "required": ["n"], "additionalProperties": False}}, "$ref": "#/$defs/tree"},
-    {"definitions": {"name": S}, "type": "array", "items": {"$ref": "#/definitions/name"}, "maxItems": 2},
+    {
+        "$defs": {"pt": obj({"x": I, "y": I})},
+        "type": "object",
+        "properties": {"from": {"$ref": "#/$defs/pt"}, "to": {"$ref": "#/$defs/pt"}},
+        "required": ["from", "to"],
+        "additionalProperties": False,
+    },
+    {
+        "$defs": {
+            "node": {
+                "type": "object",
+                "properties": {"v": I, "next": {"$ref": "#/$defs/node"}},
+                "required": ["v"],
+                "additionalProperties": False,
+            }
+        },
+        "$ref": "#/$defs/node",
+    },
+    {
+        "$defs": {
+            "tree": {
+                "type": "object",
+                "properties": {
+                    "n": I,
+                    "kids": {"type": "array", "items": {"$ref": "#/$defs/tree"}, "maxItems": 2},
+                },
+                "required": ["n"],
+                "additionalProperties": False,
+            }
+        },
+        "$ref": "#/$defs/tree",
+    },
+    {
+        "definitions": {"name": S},
+        "type": "array",
+        "items": {"$ref": "#/definitions/name"},
+        "maxItems": 2,
+    },
     # a receipt, as a user would ask
-    obj({"vendor": {"type": "string", "maxLength": 8}, "date": {"type": "string", "format": "date"},
-         "total": {"type": "number", "minimum": 0, "maximum": 1000, "multipleOf": 0.01},
-         "items": {"type": "array", "maxItems": 2, "items": obj({"name": S, "qty": {"type": "integer", "minimum": 1, "maximum": 9}})}},
-        required=["vendor", "total"]),
+    obj(
+        {
+            "vendor": {"type": "string", "maxLength": 8},
+            "date": {"type": "string", "format": "date"},
+            "total": {"type": "number", "minimum": 0, "maximum": 1000, "multipleOf": 0.01},
+            "items": {
+                "type": "array",
+                "maxItems": 2,
+                "items": obj({"name": S, "qty": {"type": "integer", "minimum": 1, "maximum": 9}}),
+            },
+        },
+        required=["vendor", "total"],
+    ),
     # a GUI action
-    {"oneOf": [obj({"action": {"const": "click"}, "x": I, "y": I}),
-               obj({"action": {"const": "type"}, "text": S}),
-               obj({"action": {"const": "done"}})]},
+    {
+        "oneOf": [
+            obj({"action": {"const": "click"}, "x": I, "y": I}),
+            obj({"action": {"const": "type"}, "text": S}),
+            obj({"action": {"const": "done"}}),
+        ]
+    },
 ]

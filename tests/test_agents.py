@@ -28,10 +28,9 @@ import time
 from pathlib import Path
 
 import pytest
+import tiny
 from capture_server import Recorder
 from test_server import Server, picture
-
-import tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENTS = ROOT / ".agents" / "node_modules" / ".bin"
@@ -40,7 +39,9 @@ MODEL = "glm-tiny"
 WORDS = ["exec_command", "cmd", "Bash", "command", "echo hi"]
 HELLO = "Hello!"
 # GLM-4.5V's tool-call form, for Codex's shell tool and Claude Code's Bash tool.
-CODEX_CALL = "<tool_call>exec_command<arg_key>cmd</arg_key><arg_value>echo hi</arg_value></tool_call>"
+CODEX_CALL = (
+    "<tool_call>exec_command<arg_key>cmd</arg_key><arg_value>echo hi</arg_value></tool_call>"
+)
 CLAUDE_CALL = "<tool_call>Bash<arg_key>command</arg_key><arg_value>echo hi</arg_value></tool_call>"
 TIMEOUT = 180
 INSTRUCTIONS = "You are a coding agent. Run shell commands when asked."
@@ -53,7 +54,9 @@ def agent(name: str) -> str:
         return str(found)
     if path := shutil.which(name):
         return path
-    pytest.skip(f"`{name}` is not installed: `npm ci --prefix .agents` with .ci/agents/package*.json (.ci/run does)")
+    pytest.skip(
+        f"`{name}` is not installed: `npm ci --prefix .agents` with .ci/agents/package*.json (.ci/run does)"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +69,9 @@ def claude_bin():
     return agent("claude")
 
 
-# ---- checkpoints and servers -----------------------------------------------------------------------
+# ---- checkpoints and servers
+# -----------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def agent_checkpoint(tmp_path_factory):
@@ -82,7 +87,9 @@ def agent_checkpoint(tmp_path_factory):
 
 def scripted(agent_checkpoint, tmp_path_factory, script):
     # GLM-4.5V's generation prompt ends with "\n", with thinking on or off: the script follows it.
-    return tiny.scripted_checkpoint(agent_checkpoint, tmp_path_factory.mktemp("agents-script") / MODEL, script)
+    return tiny.scripted_checkpoint(
+        agent_checkpoint, tmp_path_factory.mktemp("agents-script") / MODEL, script
+    )
 
 
 def serve(checkpoint, tmp_path_factory, *args):
@@ -91,7 +98,9 @@ def serve(checkpoint, tmp_path_factory, *args):
 
 @pytest.fixture(scope="module")
 def hello_server(agent_checkpoint, tmp_path_factory):
-    server = serve(scripted(agent_checkpoint, tmp_path_factory, HELLO), tmp_path_factory, "--answer-any-model")
+    server = serve(
+        scripted(agent_checkpoint, tmp_path_factory, HELLO), tmp_path_factory, "--answer-any-model"
+    )
     yield server
     server.close()
 
@@ -135,23 +144,30 @@ def metric(server, name) -> float:
     return server.metrics()[name]
 
 
-# ---- running the agents -----------------------------------------------------------------------------
+# ---- running the agents
+# -----------------------------------------------------------------------------
+
 
 def agent_env(home: Path, **extra) -> dict:
     """A clean environment: a temporary HOME, no credentials or settings from the machine."""
-    keep = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TERM", "TMPDIR", "SYSTEMROOT")}
+    keep = {
+        k: v
+        for k, v in os.environ.items()
+        if k in ("PATH", "LANG", "LC_ALL", "TERM", "TMPDIR", "SYSTEMROOT")
+    }
     home.mkdir(parents=True, exist_ok=True)
     return {**keep, "HOME": str(home), "NO_COLOR": "1", **extra}
 
 
 def codex_home(tmp_path: Path, url: str) -> Path:
-    """CODEX_HOME with a config.toml naming the server as a custom Responses provider (README, Agents)."""
+    """CODEX_HOME with a config.toml naming the server as a custom Responses provider (README,
+    Agents)."""
     home = tmp_path / "codex-home"
     home.mkdir()
     (home / "instructions.md").write_text(INSTRUCTIONS)
     (home / "config.toml").write_text(f"""model = "{MODEL}"
 model_provider = "mlx-glm4v"
-model_instructions_file = "{home / 'instructions.md'}"
+model_instructions_file = "{home / "instructions.md"}"
 
 [model_providers.mlx-glm4v]
 name = "mlx-glm4v"
@@ -166,23 +182,51 @@ def codex(binary, tmp_path, url, prompt, *args):
     """`codex exec --json` as a process, in a fresh work folder; its stdout is the event stream."""
     work = tmp_path / "work"
     work.mkdir(exist_ok=True)
-    env = agent_env(tmp_path / "home", CODEX_HOME=str(codex_home(tmp_path, url)), MLX_GLM4V_API_KEY="unused")
-    command = [binary, "exec", "--json", "--skip-git-repo-check", "--ephemeral",
-               "--dangerously-bypass-approvals-and-sandbox", "-C", str(work), prompt, *args]
-    return subprocess.Popen(command, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    env = agent_env(
+        tmp_path / "home", CODEX_HOME=str(codex_home(tmp_path, url)), MLX_GLM4V_API_KEY="unused"
+    )
+    command = [
+        binary,
+        "exec",
+        "--json",
+        "--skip-git-repo-check",
+        "--ephemeral",
+        "--dangerously-bypass-approvals-and-sandbox",
+        "-C",
+        str(work),
+        prompt,
+        *args,
+    ]
+    return subprocess.Popen(
+        command,
+        cwd=work,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def claude_env(tmp_path, url, named=True) -> dict:
     """Claude Code pointed at the server (README, Agents): side tasks on the one served model, or
     (named=False) its own model names, for a server that answers any (`--answer-any-model`)."""
     models = dict(
-        ANTHROPIC_MODEL=MODEL, ANTHROPIC_DEFAULT_HAIKU_MODEL=MODEL, ANTHROPIC_DEFAULT_SONNET_MODEL=MODEL,
-        ANTHROPIC_DEFAULT_OPUS_MODEL=MODEL, CLAUDE_CODE_SUBAGENT_MODEL=MODEL,
+        ANTHROPIC_MODEL=MODEL,
+        ANTHROPIC_DEFAULT_HAIKU_MODEL=MODEL,
+        ANTHROPIC_DEFAULT_SONNET_MODEL=MODEL,
+        ANTHROPIC_DEFAULT_OPUS_MODEL=MODEL,
+        CLAUDE_CODE_SUBAGENT_MODEL=MODEL,
     )
     return agent_env(
-        tmp_path / "home", ANTHROPIC_BASE_URL=url, ANTHROPIC_AUTH_TOKEN="unused", **(models if named else {}),
-        CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", DISABLE_TELEMETRY="1", DISABLE_AUTOUPDATER="1",
+        tmp_path / "home",
+        ANTHROPIC_BASE_URL=url,
+        ANTHROPIC_AUTH_TOKEN="unused",
+        **(models if named else {}),
+        CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
+        DISABLE_TELEMETRY="1",
+        DISABLE_AUTOUPDATER="1",
         DISABLE_ERROR_REPORTING="1",
     )
 
@@ -191,9 +235,27 @@ def claude(binary, tmp_path, url, prompt, *args, named=True):
     work = tmp_path / "work"
     work.mkdir(exist_ok=True)
     model = ["--model", MODEL] if named else []
-    command = [binary, "-p", prompt, *model, "--system-prompt", INSTRUCTIONS, "--tools", "Bash", *args]
-    return subprocess.Popen(command, cwd=work, env=claude_env(tmp_path, url, named), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    command = [
+        binary,
+        "-p",
+        prompt,
+        *model,
+        "--system-prompt",
+        INSTRUCTIONS,
+        "--tools",
+        "Bash",
+        *args,
+    ]
+    return subprocess.Popen(
+        command,
+        cwd=work,
+        env=claude_env(tmp_path, url, named),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def finish(process, timeout=TIMEOUT) -> tuple:
@@ -203,7 +265,9 @@ def finish(process, timeout=TIMEOUT) -> tuple:
     except subprocess.TimeoutExpired:
         stop(process)
         out, err = process.communicate()
-        raise AssertionError(f"the agent did not finish in {timeout} s:\n{out[-3000:]}\n{err[-3000:]}")
+        raise AssertionError(
+            f"the agent did not finish in {timeout} s:\n{out[-3000:]}\n{err[-3000:]}"
+        )
     return process.returncode, out, err
 
 
@@ -221,8 +285,9 @@ def stop(process):
 def events(process, until, timeout=TIMEOUT) -> list:
     """The agent's JSON lines read until `until(events)` holds; then the agent is stopped."""
     lines = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout] + [lines.put(None)],
-                     daemon=True).start()
+    threading.Thread(
+        target=lambda: [lines.put(line) for line in process.stdout] + [lines.put(None)], daemon=True
+    ).start()
     seen, deadline = [], time.monotonic() + timeout
     try:
         while (left := deadline - time.monotonic()) > 0:
@@ -238,17 +303,24 @@ def events(process, until, timeout=TIMEOUT) -> list:
                 return seen
     finally:
         stop(process)
-    raise AssertionError(f"the agent stopped or ran out of time first:\n{json.dumps(seen, indent=1)[-4000:]}\n"
-                         f"{process.stderr.read()[-3000:]}")
+    raise AssertionError(
+        f"the agent stopped or ran out of time first:\n{json.dumps(seen, indent=1)[-4000:]}\n"
+        f"{process.stderr.read()[-3000:]}"
+    )
 
 
 def streamed(record) -> list:
     """The events of a relayed streamed reply."""
-    return [json.loads(line[6:]) for line in (record.get("reply") or "").splitlines() if line.startswith("data: {")]
+    return [
+        json.loads(line[6:])
+        for line in (record.get("reply") or "").splitlines()
+        if line.startswith("data: {")
+    ]
 
 
 def cached_share(record) -> float:
-    """The share of a streamed reply's prompt read from the prefix cache, as its final usage says."""
+    """The share of a streamed reply's prompt read from the prefix cache, as its final usage
+    says."""
     for event in reversed(streamed(record)):
         if event["type"] == "response.completed":
             usage = event["response"]["usage"]
@@ -256,24 +328,35 @@ def cached_share(record) -> float:
         if event["type"] == "message_delta":  # Anthropic's input_tokens leave out the cached ones
             usage = event["usage"]
             return usage["cache_read_input_tokens"] / (
-                usage["input_tokens"] + usage["cache_read_input_tokens"] + usage["cache_creation_input_tokens"])
+                usage["input_tokens"]
+                + usage["cache_read_input_tokens"]
+                + usage["cache_creation_input_tokens"]
+            )
     raise AssertionError(f"no usage in {record.get('reply')!r}")
 
 
 def answered(record) -> bool:
     """A relayed request answered 200 whose streamed reply ran to its last event."""
     reply = record.get("reply") or ""
-    return record.get("status") == 200 and ("response.completed" in reply or "message_stop" in reply)
+    return record.get("status") == 200 and (
+        "response.completed" in reply or "message_stop" in reply
+    )
 
 
-# ---- Codex CLI -----------------------------------------------------------------------------------------
+# ---- Codex CLI
+# -----------------------------------------------------------------------------------------
+
 
 def test_codex_exec_completes_a_turn(codex_bin, hello_server, relay, tmp_path):
     recorder = relay(hello_server)
     status, out, err = finish(codex(codex_bin, tmp_path, recorder.url, "Say hello"))
     assert status == 0, out + err
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    said = [e["item"]["text"] for e in lines if e["type"] == "item.completed" and e["item"]["type"] == "agent_message"]
+    said = [
+        e["item"]["text"]
+        for e in lines
+        if e["type"] == "item.completed" and e["item"]["type"] == "agent_message"
+    ]
     assert said == [HELLO], lines
     requests = recorder.records()
     assert [(r["method"], r["path"]) for r in requests] == [("POST", "/v1/responses")]
@@ -292,48 +375,76 @@ def test_codex_exec_with_an_image(codex_bin, hello_server, relay, tmp_path):
     parts = [p["type"] for item in request["body"]["input"] for p in item.get("content", [])]
     assert "input_image" in parts
     assert answered(request)
-    assert metric(hello_server, "vision_encodes_total") > encoded  # the picture went through the vision tower
+    # the picture went through the vision tower
+    assert metric(hello_server, "vision_encodes_total") > encoded
 
 
-def test_codex_runs_the_shell_tool_and_sends_its_output_back(codex_bin, codex_tool_server, relay, tmp_path):
+def test_codex_runs_the_shell_tool_and_sends_its_output_back(
+    codex_bin, codex_tool_server, relay, tmp_path
+):
     recorder = relay(codex_tool_server)
     process = codex(codex_bin, tmp_path, recorder.url, "Run echo hi")
 
     def commands(seen):
-        return [e["item"] for e in seen if e["type"] == "item.completed" and e["item"]["type"] == "command_execution"]
+        return [
+            e["item"]
+            for e in seen
+            if e["type"] == "item.completed" and e["item"]["type"] == "command_execution"
+        ]
 
     # The second command is what the model answered to the first one's output.
     seen = events(process, lambda seen: len(commands(seen)) >= 2)
     first = commands(seen)[0]
-    assert "echo hi" in first["command"] and first["exit_code"] == 0 and first["aggregated_output"].strip() == "hi"
+    assert (
+        "echo hi" in first["command"]
+        and first["exit_code"] == 0
+        and first["aggregated_output"].strip() == "hi"
+    )
     requests = recorder.records()
     assert len(requests) >= 2 and all(r["path"] == "/v1/responses" for r in requests)
     follow_up = requests[1]
-    outputs = [item for item in follow_up["body"]["input"] if item.get("type") == "function_call_output"]
+    outputs = [
+        item for item in follow_up["body"]["input"] if item.get("type") == "function_call_output"
+    ]
     calls = [item for item in follow_up["body"]["input"] if item.get("type") == "function_call"]
-    assert [c["name"] for c in calls] == ["exec_command"] and json.loads(calls[0]["arguments"]) == {"cmd": "echo hi"}
-    assert len(outputs) == 1 and outputs[0]["call_id"] == calls[0]["call_id"] and "hi" in json.dumps(outputs[0])
+    assert [c["name"] for c in calls] == ["exec_command"] and json.loads(calls[0]["arguments"]) == {
+        "cmd": "echo hi"
+    }
+    assert (
+        len(outputs) == 1
+        and outputs[0]["call_id"] == calls[0]["call_id"]
+        and "hi" in json.dumps(outputs[0])
+    )
     assert answered(follow_up)
     assert cached_share(follow_up) >= 0.9  # the conversation so far came from the prefix cache
 
 
-# ---- Claude Code ---------------------------------------------------------------------------------------
+# ---- Claude Code
+# ---------------------------------------------------------------------------------------
+
 
 def test_claude_completes_a_turn(claude_bin, hello_server, relay, tmp_path):
     recorder = relay(hello_server)
-    status, out, err = finish(claude(claude_bin, tmp_path, recorder.url, "Say hello", "--output-format", "json"))
+    status, out, err = finish(
+        claude(claude_bin, tmp_path, recorder.url, "Say hello", "--output-format", "json")
+    )
     assert status == 0, out + err
     result = json.loads(out)
-    assert result["subtype"] == "success" and not result["is_error"] and result["result"] == HELLO, result
+    assert (
+        result["subtype"] == "success" and not result["is_error"] and result["result"] == HELLO
+    ), result
     requests = recorder.records()
     assert [(r["method"], r["path"]) for r in requests] == [("POST", "/v1/messages?beta=true")]
     assert answered(requests[0])
 
 
 def test_claude_with_its_own_model_names(claude_bin, hello_server, relay, tmp_path):
-    """No model variables: Claude Code asks for its own default model, which `--answer-any-model` serves."""
+    """No model variables: Claude Code asks for its own default model, which `--answer-any-model`
+    serves."""
     recorder = relay(hello_server)
-    process = claude(claude_bin, tmp_path, recorder.url, "Say hello", "--output-format", "json", named=False)
+    process = claude(
+        claude_bin, tmp_path, recorder.url, "Say hello", "--output-format", "json", named=False
+    )
     status, out, err = finish(process)
     assert status == 0, out + err
     assert json.loads(out)["result"] == HELLO
@@ -341,29 +452,55 @@ def test_claude_with_its_own_model_names(claude_bin, hello_server, relay, tmp_pa
     assert request["body"]["model"] != MODEL and answered(request)
 
 
-def test_claude_second_run_reads_its_prompt_from_the_cache(claude_bin, hello_server, relay, tmp_path):
+def test_claude_second_run_reads_its_prompt_from_the_cache(
+    claude_bin, hello_server, relay, tmp_path
+):
     """Same system prompt and tools, a new session: the server's prefix cache serves the prompt."""
     recorder = relay(hello_server)
     runs = []
     for _ in range(2):
-        process = claude(claude_bin, tmp_path, recorder.url, "Say hello again", "--output-format", "json")
+        process = claude(
+            claude_bin, tmp_path, recorder.url, "Say hello again", "--output-format", "json"
+        )
         status, out, err = finish(process)
         assert status == 0, out + err
         runs.append(json.loads(out)["usage"])
     second = runs[1]  # Anthropic's input_tokens leave out the cached ones
-    prompt = second["input_tokens"] + second["cache_read_input_tokens"] + second["cache_creation_input_tokens"]
+    prompt = (
+        second["input_tokens"]
+        + second["cache_read_input_tokens"]
+        + second["cache_creation_input_tokens"]
+    )
     assert prompt > 1000 and second["cache_read_input_tokens"] >= 0.9 * prompt, runs
 
 
-def test_claude_runs_bash_and_sends_its_output_back(claude_bin, claude_tool_server, relay, tmp_path):
+def test_claude_runs_bash_and_sends_its_output_back(
+    claude_bin, claude_tool_server, relay, tmp_path
+):
     recorder = relay(claude_tool_server)
     # Two model turns: the call, then the answer to its result (the scripted model calls again).
-    process = claude(claude_bin, tmp_path, recorder.url, "Run echo hi", "--output-format", "stream-json", "--verbose",
-                     "--max-turns", "2", "--allowedTools", "Bash(echo hi)")
+    process = claude(
+        claude_bin,
+        tmp_path,
+        recorder.url,
+        "Run echo hi",
+        "--output-format",
+        "stream-json",
+        "--verbose",
+        "--max-turns",
+        "2",
+        "--allowedTools",
+        "Bash(echo hi)",
+    )
 
     def blocks(seen, role, kind):
-        return [b for e in seen if e.get("type") == role for b in e["message"]["content"]
-                if isinstance(b, dict) and b.get("type") == kind]
+        return [
+            b
+            for e in seen
+            if e.get("type") == role
+            for b in e["message"]["content"]
+            if isinstance(b, dict) and b.get("type") == kind
+        ]
 
     seen = events(process, lambda seen: any(e.get("type") == "result" for e in seen))
     uses, results = blocks(seen, "assistant", "tool_use"), blocks(seen, "user", "tool_result")

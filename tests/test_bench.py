@@ -6,8 +6,8 @@ installed, its rows and the ratios are asserted too.
 """
 
 import importlib.util
-import math
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -47,14 +47,18 @@ def test_checkpoint_has_transformers_layout(tiny_checkpoint):
 
 
 def test_checkpoint_loads_and_never_stops_early(tiny_checkpoint):
-    from mlx_glm4v.generation.generate import stream_generate
     from mlx_glm4v.checkpoints.loader import load
+    from mlx_glm4v.generation.generate import stream_generate
 
     model, processor = load(str(tiny_checkpoint))
     image = tiny_checkpoint / "probe.png"
     bench.make_image(image, 112, 84, 0)
     # end-of-sequence tokens are never chosen, so the run without --ignore-eos goes the full length
-    out = list(stream_generate(model, processor, "Describe this image in detail.", [str(image)], max_tokens=12))
+    out = list(
+        stream_generate(
+            model, processor, "Describe this image in detail.", [str(image)], max_tokens=12
+        )
+    )
     assert out[-1].generation_tokens == 12 and out[-1].finish_reason == "length"
     assert out[-1].prompt_tokens > 12
 
@@ -63,15 +67,29 @@ def test_decode_weight_bytes_counts_text_decoder_and_lm_head(tiny_checkpoint):
     config = json.loads((tiny_checkpoint / "config.json").read_text())
     shapes = make_checkpoint.tensor_shapes(config)
     decoder = ("lm_head.weight", "model.language_model.norm.weight")
-    text = sum(4 * math.prod(s) for k, s in shapes.items()
-               if k.startswith("model.language_model.layers.") or k in decoder)
+    text = sum(
+        4 * math.prod(s)
+        for k, s in shapes.items()
+        if k.startswith("model.language_model.layers.") or k in decoder
+    )
     assert bench.decode_weight_bytes(tiny_checkpoint) == text
 
 
 def test_bench_tiny(tmp_path, capsys):
     out = tmp_path / "results.json"
-    results = bench.main(["--tiny", "--work", str(tmp_path / "work"), "--rounds", "1", "--warmup", "0",
-                          "--json-out", str(out)])
+    results = bench.main(
+        [
+            "--tiny",
+            "--work",
+            str(tmp_path / "work"),
+            "--rounds",
+            "1",
+            "--warmup",
+            "0",
+            "--json-out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr()
     assert json.loads(out.read_text())["max_tokens"] == 4
 
@@ -84,7 +102,10 @@ def test_bench_tiny(tmp_path, capsys):
         assert ours["prompt_tps"] > 0 and ours["generation_tps"] > 0 and ours["wall_s"] > 0
         assert ours["max_rss_gb"] > 0 and ours["roofline_pct"] > 0
         assert f"| {case} | mlx-glm4v |" in printed.out
-    assert cases["video"]["mlx-glm4v"]["prompt_tokens"] > cases["image-f32"]["mlx-glm4v"]["prompt_tokens"]
+    assert (
+        cases["video"]["mlx-glm4v"]["prompt_tokens"]
+        > cases["image-f32"]["mlx-glm4v"]["prompt_tokens"]
+    )
     assert "mlx-vlm" not in cases["video"]  # mlx-vlm has no native GLM-4.1V video: ours alone
 
     session = results["session"]
@@ -105,11 +126,16 @@ def test_bench_tiny(tmp_path, capsys):
         ab = results["ab"]
         assert "error" not in ab, ab
         assert ab["tokens"] == {"mlx-glm4v": 4, "mlx-vlm": 4}
-        assert all(ab[tool]["prompt_s"] > 0 and ab[tool]["vision_cpu_s"] > 0 for tool in ("mlx-glm4v", "mlx-vlm"))
+        assert all(
+            ab[tool]["prompt_s"] > 0 and ab[tool]["vision_cpu_s"] > 0
+            for tool in ("mlx-glm4v", "mlx-vlm")
+        )
         assert "Both tools in one process" in printed.out
     else:
         # the explicit ours-only path: no mlx-vlm rows, no ratios, and the run says why
         assert all(set(tools) == {"mlx-glm4v"} for tools in cases.values())
         assert "Ratios" not in printed.out
         assert "mlx-vlm is not installed" in printed.err
-        assert "ab" not in results and any(n.startswith("ab: needs mlx-vlm") for n in results["notes"])
+        assert "ab" not in results and any(
+            n.startswith("ab: needs mlx-vlm") for n in results["notes"]
+        )

@@ -1,4 +1,5 @@
-"""Config reading: both rope spellings, the text model each model_type builds, per-type token defaults."""
+"""Config reading: both rope spellings, the text model each model_type builds, per-type token
+defaults."""
 
 import json
 
@@ -6,8 +7,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_glm4v.models.config import ModelConfig, MoeTextConfig, TextConfig
 from mlx_glm4v.errors import Glm4vError
+from mlx_glm4v.models.config import ModelConfig, MoeTextConfig, TextConfig
 from mlx_glm4v.models.model import Model
 
 
@@ -37,7 +38,8 @@ def test_published_spelling_builds_the_same_config(request, family):
 
 
 def test_text_model_kind_follows_transformers():
-    """glm4v and glm4v_moe fix their text model; glm46v reads text_config.model_type (default glm4v_text)."""
+    """glm4v and glm4v_moe fix their text model; glm46v reads text_config.model_type (default
+    glm4v_text)."""
     rope = {"rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [8, 12, 12]}
     kinds = {
         ("glm4v", None): TextConfig,
@@ -47,20 +49,31 @@ def test_text_model_kind_follows_transformers():
         ("glm46v", "glm4v_moe_text"): MoeTextConfig,
     }
     for (model_type, text_type), kind in kinds.items():
-        text = {"head_dim": 128, "rope_parameters": rope, **({"model_type": text_type} if text_type else {})}
-        assert type(ModelConfig.from_dict({"model_type": model_type, "text_config": text}).text_config) is kind
+        text = {
+            "head_dim": 128,
+            "rope_parameters": rope,
+            **({"model_type": text_type} if text_type else {}),
+        }
+        assert (
+            type(ModelConfig.from_dict({"model_type": model_type, "text_config": text}).text_config)
+            is kind
+        )
     with pytest.raises(Glm4vError, match="text_config.model_type 'llama' is not supported"):
         ModelConfig.from_dict({"model_type": "glm46v", "text_config": {"model_type": "llama"}})
 
 
 def test_token_defaults_per_model_type():
     """Ids a config leaves out take the defaults of that type's transformers config."""
+
     def ids(model_type):
         return ModelConfig.from_dict({"model_type": model_type, "text_config": {"head_dim": 128}})
 
     assert (ids("glm4v").image_token_id, ids("glm4v").video_start_token_id) == (151343, 151341)
     assert (ids("glm4v_moe").image_token_id, ids("glm4v_moe").video_token_id) == (151363, 151364)
-    assert (ids("glm46v").video_start_token_id, ids("glm46v").video_end_token_id) == (151361, 151362)
+    assert (ids("glm46v").video_start_token_id, ids("glm46v").video_end_token_id) == (
+        151361,
+        151362,
+    )
 
 
 def test_glm45v_config_gives_the_published_tensors():
@@ -71,20 +84,41 @@ def test_glm45v_config_gives_the_published_tensors():
         "image_token_id": 151363,
         "video_token_id": 151364,
         "text_config": {
-            "vocab_size": 151552, "hidden_size": 4096, "intermediate_size": 10944, "num_hidden_layers": 46,
-            "num_attention_heads": 96, "num_key_value_heads": 8, "head_dim": 128, "attention_bias": True,
-            "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+            "vocab_size": 151552,
+            "hidden_size": 4096,
+            "intermediate_size": 10944,
+            "num_hidden_layers": 46,
+            "num_attention_heads": 96,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "attention_bias": True,
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.5,
             "rope_scaling": {"type": "default", "mrope_section": [8, 12, 12]},
-            "moe_intermediate_size": 1408, "n_routed_experts": 128, "num_experts_per_tok": 8,
-            "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1,
-            "routed_scaling_factor": 1.0, "norm_topk_prob": True, "max_position_embeddings": 65536,
-            "eos_token_id": [151329, 151336, 151338], "pad_token_id": 151329,
+            "moe_intermediate_size": 1408,
+            "n_routed_experts": 128,
+            "num_experts_per_tok": 8,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 1,
+            "n_group": 1,
+            "topk_group": 1,
+            "routed_scaling_factor": 1.0,
+            "norm_topk_prob": True,
+            "max_position_embeddings": 65536,
+            "eos_token_id": [151329, 151336, 151338],
+            "pad_token_id": 151329,
         },
-        "vision_config": {"depth": 24, "hidden_size": 1536, "num_heads": 12, "intermediate_size": 10944},
+        "vision_config": {
+            "depth": 24,
+            "hidden_size": 1536,
+            "num_heads": 12,
+            "intermediate_size": 10944,
+        },
     }
     cfg = ModelConfig.from_dict(config)
     assert cfg.eos_token_id == [151329, 151336, 151338] and cfg.image_token_id == 151363
-    shapes = {k: v.shape for k, v in tree_flatten(Model(cfg).parameters())}  # lazy: nothing is allocated
+    # lazy: nothing is allocated
+    shapes = {k: v.shape for k, v in tree_flatten(Model(cfg).parameters())}
     stacked = [k for k in shapes if ".switch_mlp." in k]
     assert len(shapes) + len(stacked) * 127 == 18106
     assert shapes["language_model.layers.0.self_attn.q_proj.weight"] == (12288, 4096)

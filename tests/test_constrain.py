@@ -10,28 +10,37 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-
-from mlx_glm4v.generation.constrain import Constraint, fill_masks
-from mlx_glm4v.serving.engine import Engine, Request, batch_generate
-from mlx_glm4v.errors import Glm4vError
-from mlx_glm4v.generation.generate import GenerationSettings, build_messages, generate, stream_generate
-from mlx_glm4v.generation.chat import ChatSession
-from mlx_glm4v.checkpoints.loader import load
-from mlx_glm4v.generation.reply import parse_reply, split_reply
-from schemas import SCHEMAS
 import tiny
+from schemas import SCHEMAS
+
+from mlx_glm4v.checkpoints.loader import load
+from mlx_glm4v.errors import Glm4vError
+from mlx_glm4v.generation.chat import ChatSession
+from mlx_glm4v.generation.constrain import Constraint, fill_masks
+from mlx_glm4v.generation.generate import (
+    GenerationSettings,
+    build_messages,
+    generate,
+    stream_generate,
+)
+from mlx_glm4v.generation.reply import parse_reply, split_reply
+from mlx_glm4v.serving.engine import Engine, Request, batch_generate
 
 PROMPTS = ["hi", "Describe the picture.", "What is the answer?", "Fill in the form."]
 MAX_TOKENS = 120  # the corpus finishes within about 70 tokens on the tiny checkpoints
-FAMILIES = {"glm4v": "glm4v_checkpoint", "glm4v_moe": "glm4v_moe_checkpoint", "glm46v": "glm46v_checkpoint"}
+FAMILIES = {
+    "glm4v": "glm4v_checkpoint",
+    "glm4v_moe": "glm4v_moe_checkpoint",
+    "glm46v": "glm46v_checkpoint",
+}
 
 _DATE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$")
 
 
 def _rfc3339_date(value) -> bool:
-    """RFC 3339 full-date, year 0000 included (Python's date, which jsonschema uses, starts at year 1);
-    February 29th only in leap years (llguidance's own `date` lets it through in any year, so
-    constrain.py gives the schema a pattern that knows the calendar)."""
+    """RFC 3339 full-date, year 0000 included (Python's date, which jsonschema uses, starts at
+    year 1); February 29th only in leap years (llguidance's own `date` lets it through in any
+    year, so constrain.py gives the schema a pattern that knows the calendar)."""
     import calendar
 
     m = _DATE.match(value) if isinstance(value, str) else None
@@ -57,22 +66,37 @@ def loaded(request):
 
 
 def prompt_inputs(processor, prompt: str, suffix: str = "", **template):
-    text = processor.apply_chat_template(build_messages(prompt), add_generation_prompt=True, **template) + suffix
+    text = (
+        processor.apply_chat_template(
+            build_messages(prompt), add_generation_prompt=True, **template
+        )
+        + suffix
+    )
     return processor(text)
 
 
 @pytest.mark.parametrize("temp", [0.0, 1.0])
 def test_schema_corpus_alone_and_in_a_batch(loaded, temp):
-    """54 schemas; a thinking budget of 4 lets a model that opens <think> answer soon (GLM-4.5V's random
-    weights do). Batched: one engine, 8 rows at a time. Alone: stream_generate with the same seed."""
+    """54 schemas; a thinking budget of 4 lets a model that opens <think> answer soon (GLM-4.5V's
+    random weights do). Batched: one engine, 8 rows at a time. Alone: stream_generate with the
+    same seed."""
     family, model, processor = loaded
     assert len(SCHEMAS) >= 50
-    settings = [GenerationSettings(max_tokens=MAX_TOKENS, temp=temp, thinking_budget=4,
-                                   constraint=Constraint("json_schema", s)) for s in SCHEMAS]
+    settings = [
+        GenerationSettings(
+            max_tokens=MAX_TOKENS,
+            temp=temp,
+            thinking_budget=4,
+            constraint=Constraint("json_schema", s),
+        )
+        for s in SCHEMAS
+    ]
     engine = Engine(model, processor, max_concurrency=8, max_queue=len(SCHEMAS))
     try:
-        handles = [engine.submit(Request(prompt_inputs(processor, PROMPTS[i % 4]), s, seed=i))
-                   for i, s in enumerate(settings)]
+        handles = [
+            engine.submit(Request(prompt_inputs(processor, PROMPTS[i % 4]), s, seed=i))
+            for i, s in enumerate(settings)
+        ]
         batched = [list(h) for h in handles]
     finally:
         engine.close()
@@ -81,28 +105,61 @@ def test_schema_corpus_alone_and_in_a_batch(loaded, temp):
         assert events[-1].finish_reason == "stop", (i, events[-1].finish_reason)
         text = "".join(e.text for e in events)
         valid(split_reply(text).answer, schema)
-        alone = list(stream_generate(model, processor, PROMPTS[i % 4], seed=i, max_tokens=MAX_TOKENS, temp=temp,
-                                     thinking_budget=4, constraint=Constraint("json_schema", schema)))
+        alone = list(
+            stream_generate(
+                model,
+                processor,
+                PROMPTS[i % 4],
+                seed=i,
+                max_tokens=MAX_TOKENS,
+                temp=temp,
+                thinking_budget=4,
+                constraint=Constraint("json_schema", schema),
+            )
+        )
         assert [r.token for r in alone] == [e.token for e in events], i
         assert alone[-1].finish_reason == "stop"
 
 
 def test_constrained_and_free_rows_share_a_batch(loaded):
-    """Rows with a schema, a regex and none at all in one batch, sampled: each is what it gets alone."""
+    """Rows with a schema, a regex and none at all in one batch, sampled: each is what it gets
+    alone."""
     _, model, processor = loaded
-    constraints = [Constraint("json_schema", SCHEMAS[i]) if i % 3 == 0 else
-                   Constraint("regex", "[a-z]{2,6}") if i % 3 == 1 else None for i in range(8)]
-    settings = [GenerationSettings(max_tokens=40, temp=0.8, thinking_budget=4, constraint=c) for c in constraints]
+    constraints = [
+        Constraint("json_schema", SCHEMAS[i])
+        if i % 3 == 0
+        else Constraint("regex", "[a-z]{2,6}")
+        if i % 3 == 1
+        else None
+        for i in range(8)
+    ]
+    settings = [
+        GenerationSettings(max_tokens=40, temp=0.8, thinking_budget=4, constraint=c)
+        for c in constraints
+    ]
     engine = Engine(model, processor, max_concurrency=8)
     try:
-        handles = [engine.submit(Request(prompt_inputs(processor, PROMPTS[i % 4]), s, seed=10 + i))
-                   for i, s in enumerate(settings)]
+        handles = [
+            engine.submit(Request(prompt_inputs(processor, PROMPTS[i % 4]), s, seed=10 + i))
+            for i, s in enumerate(settings)
+        ]
         batched = [[e.token for e in h] for h in handles]
     finally:
         engine.close()
     for i, c in enumerate(constraints):
-        alone = [r.token for r in stream_generate(model, processor, PROMPTS[i % 4], seed=10 + i, max_tokens=40,
-                                                  temp=0.8, thinking_budget=4, constraint=c)]
+        alone = [
+            r.token
+            for r in stream_generate(
+                model,
+                processor,
+                PROMPTS[i % 4],
+                seed=10 + i,
+                max_tokens=40,
+                temp=0.8,
+                thinking_budget=4,
+                constraint=c,
+            )
+        ]
         assert alone == batched[i], i
 
 
@@ -117,25 +174,35 @@ def test_unconstrained_reply_is_gibberish(loaded):
 def test_no_mask_work_without_a_constrained_row(loaded, monkeypatch):
     _, model, processor = loaded
     calls = []
-    monkeypatch.setattr("mlx_glm4v.generation.constrain.fill_masks", lambda rows: calls.append(rows) or fill_masks(rows))
+    monkeypatch.setattr(
+        "mlx_glm4v.generation.constrain.fill_masks",
+        lambda rows: calls.append(rows) or fill_masks(rows),
+    )
     batch_generate(model, processor, PROMPTS, max_tokens=6)
     assert calls == []
-    batch_generate(model, processor, PROMPTS[:1], max_tokens=6, constraint=Constraint("json_object"))
+    batch_generate(
+        model, processor, PROMPTS[:1], max_tokens=6, constraint=Constraint("json_object")
+    )
     assert calls
 
 
 def test_regex_choice_and_lark(loaded):
     _, model, processor = loaded
     kw = dict(max_tokens=60, thinking_budget=2)
-    answer = lambda c, **more: split_reply(generate(model, processor, "hi", constraint=c, **kw, **more)).answer
+    answer = lambda c, **more: (
+        split_reply(generate(model, processor, "hi", constraint=c, **kw, **more)).answer
+    )
     assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", answer(Constraint("regex", r"[0-9]{3}-[a-z]{2}")))
     assert answer(Constraint("choice", ["yes", "no", "maybe"])) in ("yes", "no", "maybe")
     lark = 'start: "(" num ("," num)? ")"\nnum: /[0-9]{1,2}/'
-    assert re.fullmatch(r"\([0-9]{1,2}(,[0-9]{1,2})?\)", answer(Constraint("lark", lark), temp=1.0, seed=5))
+    assert re.fullmatch(
+        r"\([0-9]{1,2}(,[0-9]{1,2})?\)", answer(Constraint("lark", lark), temp=1.0, seed=5)
+    )
 
 
 def test_prompt_lookup_and_chat_give_the_same_tokens(loaded):
-    """Prompt lookup checks drafts against the mask of each position; a chat turn is a generate call."""
+    """Prompt lookup checks drafts against the mask of each position; a chat turn is a generate
+    call."""
     _, model, processor = loaded
     c = Constraint("json_schema", SCHEMAS[41])
     kw = dict(max_tokens=MAX_TOKENS, thinking_budget=4, constraint=c)
@@ -149,14 +216,16 @@ def test_prompt_lookup_and_chat_give_the_same_tokens(loaded):
 
 @pytest.mark.parametrize("budget", [0, 16])
 def test_glm41v_thinks_freely_then_answers_in_json(glm4v_checkpoint, budget):
-    """The prompt opens <think>: the grammar sleeps until the budget forces </think>; the thinking is
-    the model's own (the same tokens as unconstrained), the answer valid JSON."""
+    """The prompt opens <think>: the grammar sleeps until the budget forces </think>; the
+    thinking is the model's own (the same tokens as unconstrained), the answer valid JSON."""
     model, processor = load(glm4v_checkpoint[0])
     schema = SCHEMAS[33]
     inputs = prompt_inputs(processor, "Read the receipt.", "<think>")
     out = {}
     for name, constraint in (("free", None), ("json", Constraint("json_schema", schema))):
-        settings = GenerationSettings(max_tokens=MAX_TOKENS, thinking_budget=budget, constraint=constraint)
+        settings = GenerationSettings(
+            max_tokens=MAX_TOKENS, thinking_budget=budget, constraint=constraint
+        )
         engine = Engine(model, processor)
         try:
             out[name] = list(engine.submit(Request(inputs, settings, seed=0)))
@@ -165,7 +234,7 @@ def test_glm41v_thinks_freely_then_answers_in_json(glm4v_checkpoint, budget):
     close = processor.convert_tokens_to_ids("</think>")
     tokens = [e.token for e in out["json"]]
     assert tokens.index(close) == budget
-    assert tokens[:budget + 1] == [e.token for e in out["free"]][:budget + 1]
+    assert tokens[: budget + 1] == [e.token for e in out["free"]][: budget + 1]
     text = "<think>" + "".join(e.text for e in out["json"])
     parts = split_reply(text)
     assert len(parts.reasoning) > 0 if budget else parts.reasoning == ""
@@ -176,43 +245,78 @@ def test_glm41v_thinks_freely_then_answers_in_json(glm4v_checkpoint, budget):
 def test_glm45v_with_thinking_off_answers_at_once(glm4v_moe_checkpoint):
     model, processor = load(glm4v_moe_checkpoint[0])
     schema = SCHEMAS[20]
-    text = generate(model, processor, "hi", max_tokens=MAX_TOKENS, template_kwargs={"enable_thinking": False},
-                    constraint=Constraint("json_schema", schema))
+    text = generate(
+        model,
+        processor,
+        "hi",
+        max_tokens=MAX_TOKENS,
+        template_kwargs={"enable_thinking": False},
+        constraint=Constraint("json_schema", schema),
+    )
     assert "<think>" not in text
     valid(text, schema)
 
 
 def test_a_reply_that_already_fits_keeps_its_tokens(glm4v_checkpoint, tmp_path):
-    """A checkpoint scripted to think and then answer `[7]` in answer tags: under a schema that `[7]`
-    satisfies, and under a regex, the reply is token for token the free one."""
-    path = tiny.scripted_checkpoint(glm4v_checkpoint[0], tmp_path / "json", "<think>hm</think><answer>[7]</answer>")
+    """A checkpoint scripted to think and then answer `[7]` in answer tags: under a schema that
+    `[7]` satisfies, and under a regex, the reply is token for token the free one."""
+    path = tiny.scripted_checkpoint(
+        glm4v_checkpoint[0], tmp_path / "json", "<think>hm</think><answer>[7]</answer>"
+    )
     model, processor = load(path)
     free = [r.token for r in stream_generate(model, processor, "hi", max_tokens=30)]
     assert processor.tokenizer.decode(free[:-1]) == "<think>hm</think><answer>[7]</answer>"
-    for c in (Constraint("json_schema", {"type": "array", "items": {"type": "integer"}}),
-              Constraint("regex", r"\[[0-9]\]"), Constraint("choice", ["[7]", "[8]"])):
-        assert [r.token for r in stream_generate(model, processor, "hi", max_tokens=30, constraint=c)] == free
+    for c in (
+        Constraint("json_schema", {"type": "array", "items": {"type": "integer"}}),
+        Constraint("regex", r"\[[0-9]\]"),
+        Constraint("choice", ["[7]", "[8]"]),
+    ):
+        assert [
+            r.token for r in stream_generate(model, processor, "hi", max_tokens=30, constraint=c)
+        ] == free
     path = tiny.scripted_checkpoint(glm4v_checkpoint[0], tmp_path / "object", "<think>hm</think>{}")
     model, processor = load(path)
     free = [r.token for r in stream_generate(model, processor, "hi", max_tokens=30)]
     assert processor.tokenizer.decode(free[:-1]) == "<think>hm</think>{}"
     for c in (Constraint("json_object"), Constraint("lark", 'start: "{" "}"')):
-        assert [r.token for r in stream_generate(model, processor, "hi", max_tokens=30, constraint=c)] == free
+        assert [
+            r.token for r in stream_generate(model, processor, "hi", max_tokens=30, constraint=c)
+        ] == free
 
 
 TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "required": ["city", "days"], "properties": {
-            "city": {"type": "string", "maxLength": 10},
-            "days": {"type": "integer", "minimum": 1, "maximum": 7},
-            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-            "when": {"type": "string", "format": "date"}}}}},
-    {"type": "function", "function": {"name": "click", "parameters": {
-        "type": "object", "required": ["x", "y"], "properties": {
-            "x": {"type": "integer", "minimum": 0, "maximum": 1000},
-            "y": {"type": "integer", "minimum": 0, "maximum": 1000},
-            "double": {"type": "boolean"},
-            "keys": {"type": "array", "items": {"enum": ["ctrl", "shift"]}, "maxItems": 2}}}}},
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "required": ["city", "days"],
+                "properties": {
+                    "city": {"type": "string", "maxLength": 10},
+                    "days": {"type": "integer", "minimum": 1, "maximum": 7},
+                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                    "when": {"type": "string", "format": "date"},
+                },
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "click",
+            "parameters": {
+                "type": "object",
+                "required": ["x", "y"],
+                "properties": {
+                    "x": {"type": "integer", "minimum": 0, "maximum": 1000},
+                    "y": {"type": "integer", "minimum": 0, "maximum": 1000},
+                    "double": {"type": "boolean"},
+                    "keys": {"type": "array", "items": {"enum": ["ctrl", "shift"]}, "maxItems": 2},
+                },
+            },
+        },
+    },
 ]
 
 
@@ -221,8 +325,16 @@ TOOLS = [
 def test_forced_tool_call_has_valid_arguments(loaded, name, temp):
     _, model, processor = loaded
     c = Constraint("tool_call", TOOLS, name)
-    text = generate(model, processor, "What is the weather?", max_tokens=MAX_TOKENS, thinking_budget=4, temp=temp,
-                    seed=2, constraint=c)
+    text = generate(
+        model,
+        processor,
+        "What is the weather?",
+        max_tokens=MAX_TOKENS,
+        thinking_budget=4,
+        temp=temp,
+        seed=2,
+        constraint=c,
+    )
     reply = parse_reply(text, TOOLS)
     assert reply.content == "" and len(reply.calls) == 1, text
     call = reply.calls[0]
@@ -231,16 +343,38 @@ def test_forced_tool_call_has_valid_arguments(loaded, name, temp):
     jsonschema.validate(json.loads(call.arguments), schema, format_checker=FORMATS)
 
 
-@pytest.mark.parametrize("constraint, words", [
-    (Constraint("json_schema", {"type": "object", "unevaluatedProperties": False}), "unevaluatedProperties"),
-    (Constraint("json_schema", {"type": "string", "pattern": "(a"}), "cannot be compiled"),
-    (Constraint("regex", "[a-"), "regex cannot be compiled"),
-    (Constraint("lark", "start: nothing"), "Lark grammar cannot be compiled"),
-    (Constraint("json_schema", {"enum": ["x" * 1000] * 300}), "at most"),
-    (Constraint("tool_call", TOOLS, "nope"), "'nope'"),
-    (Constraint("tool_call", [{"type": "function", "function": {"name": "f", "parameters": {
-        "properties": {"s": {"type": "string", "format": "hostname"}}}}}], None), "hostname"),
-])
+@pytest.mark.parametrize(
+    "constraint, words",
+    [
+        (
+            Constraint("json_schema", {"type": "object", "unevaluatedProperties": False}),
+            "unevaluatedProperties",
+        ),
+        (Constraint("json_schema", {"type": "string", "pattern": "(a"}), "cannot be compiled"),
+        (Constraint("regex", "[a-"), "regex cannot be compiled"),
+        (Constraint("lark", "start: nothing"), "Lark grammar cannot be compiled"),
+        (Constraint("json_schema", {"enum": ["x" * 1000] * 300}), "at most"),
+        (Constraint("tool_call", TOOLS, "nope"), "'nope'"),
+        (
+            Constraint(
+                "tool_call",
+                [
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": "f",
+                            "parameters": {
+                                "properties": {"s": {"type": "string", "format": "hostname"}}
+                            },
+                        },
+                    }
+                ],
+                None,
+            ),
+            "hostname",
+        ),
+    ],
+)
 def test_bad_constraints_are_one_sentence(constraint, words):
     with pytest.raises(Glm4vError) as e:
         GenerationSettings(constraint=constraint)
@@ -256,10 +390,22 @@ def test_dates_know_the_calendar(glm4v_checkpoint):
     _, processor = load(glm4v_checkpoint[0])
     tokenizer = grammar_tokenizer(processor, 400, [0])
     grammar = Constraint("json_schema", {"type": "string", "format": "date"}).grammar
-    for date, ok in (("2024-02-29", True), ("2000-02-29", True), ("0000-02-29", True), ("2023-02-28", True),
-                     ("2023-02-29", False), ("1900-02-29", False), ("2023-04-31", False), ("2023-13-01", False)):
+    for date, ok in (
+        ("2024-02-29", True),
+        ("2000-02-29", True),
+        ("0000-02-29", True),
+        ("2023-02-28", True),
+        ("2023-02-29", False),
+        ("1900-02-29", False),
+        ("2023-04-31", False),
+        ("2023-13-01", False),
+    ):
         matcher, ids = LLMatcher(tokenizer, grammar), processor.tokenizer.encode(json.dumps(date))
-        assert (matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()) == ok == _rfc3339_date(date)
+        assert (
+            (matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting())
+            == ok
+            == _rfc3339_date(date)
+        )
 
 
 def test_constraint_kinds_are_checked():
@@ -274,20 +420,47 @@ def test_constraint_kinds_are_checked():
 def test_cli_schema_regex_and_choice(glm4v_checkpoint, tmp_path):
     schema = tmp_path / "schema.json"
     schema.write_text(json.dumps(SCHEMAS[19]))
-    base = [sys.executable, "-m", "mlx_glm4v", "generate", "--model", str(glm4v_checkpoint[0]), "-p", "hi",
-            "--max-tokens", str(MAX_TOKENS)]
-    runs = {"schema": ["--schema", str(schema)], "inline": ["--schema", json.dumps(SCHEMAS[2])],
-            "regex": ["--regex", "[a-z]{3}"], "choice": ["--choice", "left,right"]}
-    out = {k: subprocess.run(base + v, capture_output=True, text=True, timeout=120) for k, v in runs.items()}
+    base = [
+        sys.executable,
+        "-m",
+        "mlx_glm4v",
+        "generate",
+        "--model",
+        str(glm4v_checkpoint[0]),
+        "-p",
+        "hi",
+        "--max-tokens",
+        str(MAX_TOKENS),
+    ]
+    runs = {
+        "schema": ["--schema", str(schema)],
+        "inline": ["--schema", json.dumps(SCHEMAS[2])],
+        "regex": ["--regex", "[a-z]{3}"],
+        "choice": ["--choice", "left,right"],
+    }
+    out = {
+        k: subprocess.run(base + v, capture_output=True, text=True, timeout=120)
+        for k, v in runs.items()
+    }
     assert all(r.returncode == 0 for r in out.values()), {k: r.stderr for k, r in out.items()}
     valid(out["schema"].stdout.strip(), SCHEMAS[19])
     valid(out["inline"].stdout.strip(), SCHEMAS[2])
     assert re.fullmatch(r"[a-z]{3}", out["regex"].stdout.strip())
     assert out["choice"].stdout.strip() in ("left", "right")
-    bad = subprocess.run(base + ["--schema", '{"type": "object", "unevaluatedProperties": false}'],
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "unevaluatedProperties" in bad.stderr
-    both = subprocess.run(base + ["--regex", "a", "--choice", "a,b"], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        base + ["--schema", '{"type": "object", "unevaluatedProperties": false}'],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        bad.returncode == 1
+        and bad.stderr.count("\n") == 1
+        and "unevaluatedProperties" in bad.stderr
+    )
+    both = subprocess.run(
+        base + ["--regex", "a", "--choice", "a,b"], capture_output=True, text=True, timeout=120
+    )
     assert both.returncode == 1 and "one of" in both.stderr
 
 
@@ -296,8 +469,17 @@ def test_constrained_benchmark_tiny(tmp_path, capsys):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import constrained
 
-    results = constrained.main(["--tiny", "--work", str(tmp_path), "--rounds", "1", "--json-out",
-                                str(tmp_path / "out.json")])
+    results = constrained.main(
+        [
+            "--tiny",
+            "--work",
+            str(tmp_path),
+            "--rounds",
+            "1",
+            "--json-out",
+            str(tmp_path / "out.json"),
+        ]
+    )
     assert json.loads((tmp_path / "out.json").read_text())["max_tokens"] == 24
     for rows in (1, 8):
         r = results[f"rows_{rows}"]
@@ -308,7 +490,8 @@ def test_constrained_benchmark_tiny(tmp_path, capsys):
 
 
 def test_settings_travel_between_ranks_as_json():
-    """lockstep.py sends a request's settings as `dataclasses.asdict` through JSON; the constraint survives."""
+    """lockstep.py sends a request's settings as `dataclasses.asdict` through JSON; the
+    constraint survives."""
     import dataclasses
 
     settings = GenerationSettings(constraint=Constraint("tool_call", TOOLS, "click"))
@@ -322,6 +505,23 @@ def test_serving_benchmark_schema_set(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import serve_bench
 
-    rows = serve_bench.main(["--in-process", "--tiny", "--blas", "bundled", "--sets", "schema", "--clients", "1,4",
-                             "--sequential", "4", "--work", str(tmp_path)])
-    assert [(r["clients"], r["valid"], r["identical"]) for r in rows] == [(1, "4/4", None), (4, "4/4", True)]
+    rows = serve_bench.main(
+        [
+            "--in-process",
+            "--tiny",
+            "--blas",
+            "bundled",
+            "--sets",
+            "schema",
+            "--clients",
+            "1,4",
+            "--sequential",
+            "4",
+            "--work",
+            str(tmp_path),
+        ]
+    )
+    assert [(r["clients"], r["valid"], r["identical"]) for r in rows] == [
+        (1, "4/4", None),
+        (4, "4/4", True),
+    ]

@@ -1,4 +1,5 @@
-"""Several ranks, one model: real `mlx.launch` runs (ring backend on 127.0.0.1, CPU) against one process.
+"""Several ranks, one model: real `mlx.launch` runs (ring backend on 127.0.0.1, CPU) against one
+process.
 
 Each launch loads one or more checkpoints split over its ranks and runs a batch of cases
 (tests/distributed_worker.py); every rank's logits must be within 1e-4 of the single process
@@ -19,10 +20,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 import tiny
 from distributed_worker import run_case
 from test_model import clip, picture, prepare, user
+
 from mlx_glm4v.checkpoints.loader import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +32,8 @@ TOL = 1e-4
 
 
 def mlx_launch(n: int) -> list:
-    """`mlx.launch -n N --backend ring` run by this interpreter, its ring on free ports of 127.0.0.1.
+    """`mlx.launch -n N --backend ring` run by this interpreter, its ring on free ports of
+    127.0.0.1.
 
     The ports are taken below Linux's ephemeral range, so that no connection another process
     opens meanwhile can take one of them before its rank listens."""
@@ -45,25 +47,48 @@ def mlx_launch(n: int) -> list:
             break
         except OSError:
             continue
-    return [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; main()",
-            "-n", str(n), "--backend", "ring", "--starting-port", str(port)]
+    return [
+        sys.executable,
+        "-c",
+        "import sys; from mlx._distributed_utils.launch import main; main()",
+        "-n",
+        str(n),
+        "--backend",
+        "ring",
+        "--starting-port",
+        str(port),
+    ]
 
 
 LAUNCH_TIMEOUT = 300
 REPORT = {}  # case -> worst logit difference over ranks; checkpoint -> weight bytes per rank
 
 
-def make_cases(processor, folder: Path, which=("text", "image", "video", "batch", "sampled")) -> list:
+def make_cases(
+    processor, folder: Path, which=("text", "image", "video", "batch", "sampled")
+) -> list:
     """Processor outputs of each case saved to `folder`, as the worker reads them."""
     video_meta = [{"fps": 2.0, "total_num_frames": 4, "frames_indices": [0, 1, 2, 3]}]
     inputs = {
         "text": lambda: prepare(processor, [user("The quick brown fox jumps over the lazy dog.")]),
-        "image": lambda: prepare(processor, [user("image", "Describe this image.")], images=[picture(84, 112, 1)]),
-        "video": lambda: prepare(processor, [user("video", "What happens?")], videos=[clip(4, 56, 84, 2)],
-                                 do_sample_frames=False, video_metadata=video_meta),
-        "batch": lambda: prepare(processor, [user("image", "Describe this image."),
-                                             user("A cat sits on a red sofa next to a window.", "image", "Why?")],
-                                 images=[picture(56, 56, 7), picture(112, 84, 8)]),
+        "image": lambda: prepare(
+            processor, [user("image", "Describe this image.")], images=[picture(84, 112, 1)]
+        ),
+        "video": lambda: prepare(
+            processor,
+            [user("video", "What happens?")],
+            videos=[clip(4, 56, 84, 2)],
+            do_sample_frames=False,
+            video_metadata=video_meta,
+        ),
+        "batch": lambda: prepare(
+            processor,
+            [
+                user("image", "Describe this image."),
+                user("A cat sits on a red sofa next to a window.", "image", "Why?"),
+            ],
+            images=[picture(56, 56, 7), picture(112, 84, 8)],
+        ),
         "sampled": lambda: prepare(processor, [user("Hello! How are you today?")]),
     }
     folder.mkdir(parents=True, exist_ok=True)
@@ -78,23 +103,38 @@ def make_cases(processor, folder: Path, which=("text", "image", "video", "batch"
 
 
 def launch(n: int, plan: list, out: Path):
-    """Run the worker on `n` ranks over every model of `plan`; returns [per model: [per rank: (layout, results)]]."""
+    """Run the worker on `n` ranks over every model of `plan`; returns [per model: [per rank:
+    (layout, results)]]."""
     out.mkdir(parents=True, exist_ok=True)
     for i, item in enumerate(plan):
         item["out"] = str(out / str(i))
         Path(item["out"]).mkdir(exist_ok=True)
     (out / "plan.json").write_text(json.dumps(plan))
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    run = subprocess.run([*mlx_launch(n), "--", sys.executable, str(WORKER),
-                          str(out / "plan.json")],
-                         env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=ROOT)
+    run = subprocess.run(
+        [*mlx_launch(n), "--", sys.executable, str(WORKER), str(out / "plan.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT,
+        cwd=ROOT,
+    )
     answers = []
     for item in plan:
         folder = Path(item["out"])
         missing = [r for r in range(n) if not (folder / f"results{r}.npz").exists()]
-        assert not missing, f"ranks {missing} wrote no results:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
-        answers.append([(json.loads((folder / f"rank{r}.json").read_text()), dict(np.load(folder / f"results{r}.npz")))
-                        for r in range(n)])
+        assert not missing, (
+            f"ranks {missing} wrote no results:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+        )
+        answers.append(
+            [
+                (
+                    json.loads((folder / f"rank{r}.json").read_text()),
+                    dict(np.load(folder / f"results{r}.npz")),
+                )
+                for r in range(n)
+            ]
+        )
     return answers
 
 
@@ -103,14 +143,20 @@ def compare(label: str, checkpoint, cases, ranks):
     model = load_model(checkpoint)
     single = sum(v.nbytes for v in _leaves(model))
     layers = sum(v.nbytes for layer in model.layers for v in _leaves(layer))
-    REPORT[f"{label}: weight bytes"] = {"one process": single, "per rank": [layout["weight_bytes"] for layout, _ in ranks],
-                                        "decoder layers, one process": layers,
-                                        "decoder layers per rank": [layout["layer_bytes"] for layout, _ in ranks],
-                                        "peak while loading per rank": [layout["peak_load_bytes"] for layout, _ in ranks]}
-    # Read layer by layer: beyond its share a rank briefly holds a layer's whole tensors, never the decoder's.
+    REPORT[f"{label}: weight bytes"] = {
+        "one process": single,
+        "per rank": [layout["weight_bytes"] for layout, _ in ranks],
+        "decoder layers, one process": layers,
+        "decoder layers per rank": [layout["layer_bytes"] for layout, _ in ranks],
+        "peak while loading per rank": [layout["peak_load_bytes"] for layout, _ in ranks],
+    }
+    # Read layer by layer: beyond its share a rank briefly holds a layer's whole tensors, never the
+    # decoder's.
     for rank, (layout, _) in enumerate(ranks):
         extra = layout["peak_load_bytes"] - layout["weight_bytes"]
-        assert extra < layers, f"{label}, rank {rank}: {extra} bytes beyond its weights while loading"
+        assert extra < layers, (
+            f"{label}, rank {rank}: {extra} bytes beyond its weights while loading"
+        )
     for case in cases:
         inputs = dict(np.load(case["inputs"]))
         ref = run_case(model, inputs, temp=case.get("temp", 0.0), seed=case.get("seed", 0))
@@ -119,9 +165,14 @@ def compare(label: str, checkpoint, cases, ranks):
         for rank, (_, results) in enumerate(ranks):
             diff = float(np.abs(results[f"{case['name']}/logits"] - ref["logits"])[real].max())
             worst = max(worst, diff)
-            assert diff <= TOL, f"{label} {case['name']}, rank {rank}: max |logit difference| {diff:.2e}"
-            np.testing.assert_array_equal(results[f"{case['name']}/tokens"], ref["tokens"],
-                                          err_msg=f"{label} {case['name']}, rank {rank}: tokens differ")
+            assert diff <= TOL, (
+                f"{label} {case['name']}, rank {rank}: max |logit difference| {diff:.2e}"
+            )
+            np.testing.assert_array_equal(
+                results[f"{case['name']}/tokens"],
+                ref["tokens"],
+                err_msg=f"{label} {case['name']}, rank {rank}: tokens differ",
+            )
         REPORT[f"{label}: {case['name']}"] = worst
     return single
 
@@ -151,12 +202,21 @@ def test_two_ranks_tensor_parallel(tmp_path, glm4v_checkpoint, glm4v_moe_checkpo
     """GLM-4.1V, GLM-4.5V and a 4-bit GLM-4.5V, each split over 2 ranks by heads and features."""
     from mlx_glm4v.checkpoints.convert import convert
 
-    q4 = convert(str(glm4v_moe_checkpoint[0]), str(tmp_path / "q4"), quantize=True, q_bits=4, q_group_size=32)
-    models = [("GLM-4.1V", glm4v_checkpoint), ("GLM-4.5V", glm4v_moe_checkpoint), ("GLM-4.5V 4-bit", (q4, None,
-                                                                                                       glm4v_moe_checkpoint[2]))]
+    q4 = convert(
+        str(glm4v_moe_checkpoint[0]), str(tmp_path / "q4"), quantize=True, q_bits=4, q_group_size=32
+    )
+    models = [
+        ("GLM-4.1V", glm4v_checkpoint),
+        ("GLM-4.5V", glm4v_moe_checkpoint),
+        ("GLM-4.5V 4-bit", (q4, None, glm4v_moe_checkpoint[2])),
+    ]
     plan, cases = [], {}
     for label, (path, _, processor) in models:
-        which = ("text", "image") if "4-bit" in label else ("text", "image", "video", "batch", "sampled")
+        which = (
+            ("text", "image")
+            if "4-bit" in label
+            else ("text", "image", "video", "batch", "sampled")
+        )
         cases[label] = make_cases(processor, tmp_path / label, which)
         plan.append({"checkpoint": str(path), "cases": cases[label]})
     answers = launch(2, plan, tmp_path / "run")
@@ -165,7 +225,8 @@ def test_two_ranks_tensor_parallel(tmp_path, glm4v_checkpoint, glm4v_moe_checkpo
         for layout, _ in ranks:
             assert layout["mode"] == "tensor"
             assert layout["weight_bytes"] < single
-    # 4-bit at group 32: the dense layer's 96 features split to 48, not whole groups, so it stays whole
+    # 4-bit at group 32: the dense layer's 96 features split to 48, not whole groups, so it stays
+    # whole
     assert answers[2][0][0]["whole"] == ["language_model.layers.0.mlp"]
     assert answers[1][0][0]["whole"] == []
 
@@ -176,7 +237,9 @@ def test_four_ranks_two_kv_heads(tmp_path, glm4v_checkpoint):
     cases = make_cases(processor, tmp_path / "cases", ("image",))
     [ranks] = launch(4, [{"checkpoint": str(path), "cases": cases}], tmp_path / "run")
     single = compare("GLM-4.1V, 4 ranks", path, cases, ranks)
-    assert all(layout["mode"] == "tensor" and layout["weight_bytes"] < single for layout, _ in ranks)
+    assert all(
+        layout["mode"] == "tensor" and layout["weight_bytes"] < single for layout, _ in ranks
+    )
 
 
 def test_three_ranks_fall_back_to_pipeline(tmp_path, glm4v_checkpoint):
@@ -224,19 +287,42 @@ def test_generate_command_under_mlx_launch(tmp_path, glm4v_moe_checkpoint):
     image = tmp_path / "picture.png"
     picture(84, 112, 3).save(image)
     env = cli_env(tmp_path, WATCH_OPENS=str(tmp_path / "opens"))
-    runs = {"greedy": ["--image", str(image), "-p", "Describe this image.", "--max-tokens", "12"],
-            "sampled": ["-p", "Hello! How are you today?", "--max-tokens", "12", "--temp", "1.0", "--seed", "5"]}
+    runs = {
+        "greedy": ["--image", str(image), "-p", "Describe this image.", "--max-tokens", "12"],
+        "sampled": [
+            "-p",
+            "Hello! How are you today?",
+            "--max-tokens",
+            "12",
+            "--temp",
+            "1.0",
+            "--seed",
+            "5",
+        ],
+    }
     for name, options in runs.items():
         command = ["-m", "mlx_glm4v", "generate", "-m", str(path), *options]
-        single = subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=120)
+        single = subprocess.run(
+            [sys.executable, *command], env=env, capture_output=True, text=True, timeout=120
+        )
         assert single.returncode == 0, single.stderr
-        launched = subprocess.run([*mlx_launch(2), "--", sys.executable, *command],
-                                  env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=tmp_path)
-        assert launched.stdout == single.stdout, f"{name}: {launched.stdout!r} != {single.stdout!r}\n{launched.stderr}"
+        launched = subprocess.run(
+            [*mlx_launch(2), "--", sys.executable, *command],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=LAUNCH_TIMEOUT,
+            cwd=tmp_path,
+        )
+        assert launched.stdout == single.stdout, (
+            f"{name}: {launched.stdout!r} != {single.stdout!r}\n{launched.stderr}"
+        )
         assert len(single.stdout.strip()) > 0
         assert launched.stderr.count("Prompt:") == 1, launched.stderr
         assert "rank 1 of 2: tensor parallel" in launched.stderr
-        assert "error" not in launched.stderr.lower() and "WARN" not in launched.stderr, launched.stderr
+        assert "error" not in launched.stderr.lower() and "WARN" not in launched.stderr, (
+            launched.stderr
+        )
     opened = {p.name.split(".")[-1]: p.read_text() for p in tmp_path.glob("opens.*")}
     assert str(image) in opened["0"] and str(image) in opened["single"]
     assert "1" not in opened or str(image) not in opened["1"], opened
@@ -258,10 +344,26 @@ def test_killed_rank_stops_the_others(tmp_path, glm4v_checkpoint):
     """Rank 1 killed mid-generation: rank 0 stops within seconds with one line, no hang."""
     marker = str(os.getpid())
     env = cli_env(tmp_path, RANK_TEST=marker)
-    command = [sys.executable, "-m", "mlx_glm4v", "generate", "-m", str(glm4v_checkpoint[0]), "-p", "Hello!",
-               "--max-tokens", "1000000", "--ignore-eos"]
-    launcher = subprocess.Popen([*mlx_launch(2), "--", *command], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    command = [
+        sys.executable,
+        "-m",
+        "mlx_glm4v",
+        "generate",
+        "-m",
+        str(glm4v_checkpoint[0]),
+        "-p",
+        "Hello!",
+        "--max-tokens",
+        "1000000",
+        "--ignore-eos",
+    ]
+    launcher = subprocess.Popen(
+        [*mlx_launch(2), "--", *command],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+    )
     try:
         read_until(launcher, len, b"")  # rank 0 is printing the reply
         pid = rank_pid(marker, 1)
@@ -277,25 +379,50 @@ def test_killed_rank_stops_the_others(tmp_path, glm4v_checkpoint):
     REPORT["killed rank: seconds until the launch ended"] = elapsed
     # rank 0 notices the lost connection, or mlx.launch ends it first: either way one line
     assert err.count("error:") == 1, err
-    assert "error: rank 0 lost contact with another rank" in err or "error: mlx.launch stopped rank 0" in err, err
+    assert (
+        "error: rank 0 lost contact with another rank" in err
+        or "error: mlx.launch stopped rank 0" in err
+    ), err
     assert "Traceback" not in err, err
 
 
 def endless_generate(tmp_path, checkpoint, marker: str, rank_timeout: float):
-    """`generate` on 2 ranks that never ends by itself, its ranks findable by `marker` (rank_pid)."""
+    """`generate` on 2 ranks that never ends by itself, its ranks findable by `marker`
+    (rank_pid)."""
     env = cli_env(tmp_path, RANK_TEST=marker, MLX_GLM4V_RANK_TIMEOUT=str(rank_timeout))
-    command = [sys.executable, "-m", "mlx_glm4v", "generate", "-m", str(checkpoint), "-p", "Hello!",
-               "--max-tokens", "1000000", "--ignore-eos"]
-    return subprocess.Popen([*mlx_launch(2), "--", *command], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    command = [
+        sys.executable,
+        "-m",
+        "mlx_glm4v",
+        "generate",
+        "-m",
+        str(checkpoint),
+        "-p",
+        "Hello!",
+        "--max-tokens",
+        "1000000",
+        "--ignore-eos",
+    ]
+    return subprocess.Popen(
+        [*mlx_launch(2), "--", *command],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+    )
 
 
 def drain(launcher):
     """Read both of the launch's pipes from now on as it writes, so that no write can block a rank
     (an endless reply fills a pipe in about a second): ({name: lines}, reader threads)."""
     drained = {name: [] for name in ("stdout", "stderr")}
-    readers = [threading.Thread(target=lambda f=getattr(launcher, name), into=into: into.extend(iter(f.readline, b"")),
-                                daemon=True) for name, into in drained.items()]
+    readers = [
+        threading.Thread(
+            target=lambda f=getattr(launcher, name), into=into: into.extend(iter(f.readline, b"")),
+            daemon=True,
+        )
+        for name, into in drained.items()
+    ]
     for reader in readers:
         reader.start()
     return drained, readers
@@ -364,13 +491,16 @@ def test_sigterm_while_waiting_on_a_collective(tmp_path, glm4v_checkpoint):
 
 
 def read_until(proc, done, seen: bytes, timeout: float = 120) -> bytes:
-    """`seen` plus what `proc` prints on stdout until `done(seen)`; fails on its exit or after `timeout` s."""
+    """`seen` plus what `proc` prints on stdout until `done(seen)`; fails on its exit or after
+    `timeout` s."""
     deadline = time.monotonic() + timeout
     while not done(seen):
         ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
         assert ready, f"nothing more after {timeout} s: {seen[-500:]!r}"
         chunk = os.read(proc.stdout.fileno(), 4096)
-        assert chunk, f"the launch ended: {seen[-500:]!r} {proc.stderr.read().decode(errors='replace')}"
+        assert chunk, (
+            f"the launch ended: {seen[-500:]!r} {proc.stderr.read().decode(errors='replace')}"
+        )
         seen += chunk
     return seen
 
@@ -380,17 +510,33 @@ def test_chat_stopped_on_rank_0_stops_every_rank(tmp_path, glm4v_checkpoint):
     turn still runs in step, and /exit ends both cleanly."""
     marker = f"chat{os.getpid()}"
     env = cli_env(tmp_path, RANK_TEST=marker)
-    command = [sys.executable, "-m", "mlx_glm4v", "chat", "-m", str(glm4v_checkpoint[0]), "--ignore-eos",
-               "--max-tokens", "1000000"]
-    launcher = subprocess.Popen([*mlx_launch(2), "--", *command], env=env,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    command = [
+        sys.executable,
+        "-m",
+        "mlx_glm4v",
+        "chat",
+        "-m",
+        str(glm4v_checkpoint[0]),
+        "--ignore-eos",
+        "--max-tokens",
+        "1000000",
+    ]
+    launcher = subprocess.Popen(
+        [*mlx_launch(2), "--", *command],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+    )
     try:
         seen = b""
         for n, turn in enumerate(("Hello!\n", "Tell me more.\n"), start=1):
             launcher.stdin.write(turn.encode())
             launcher.stdin.flush()
             start = len(seen)
-            seen = read_until(launcher, lambda out: len(out) - start >= 20, seen)  # the reply streams
+            # the reply streams
+            seen = read_until(launcher, lambda out: len(out) - start >= 20, seen)
             os.kill(rank_pid(marker, 0), signal.SIGINT)
             seen = read_until(launcher, lambda out: out.count(b"(stopped)") == n, seen)
         launcher.stdin.write(b"/exit\n")
@@ -409,11 +555,21 @@ def test_auto_mode_picks_pipeline_when_most_would_stay_whole(tmp_path, glm4v_moe
     from mlx_glm4v.checkpoints.convert import convert
     from mlx_glm4v.serving.distributed import choose_mode
 
-    q4 = load_model(convert(str(glm4v_moe_checkpoint[0]), str(tmp_path / "q4"), quantize=True, q_bits=4,
-                            q_group_size=32), lazy=True)
+    q4 = load_model(
+        convert(
+            str(glm4v_moe_checkpoint[0]),
+            str(tmp_path / "q4"),
+            quantize=True,
+            q_bits=4,
+            q_group_size=32,
+        ),
+        lazy=True,
+    )
     assert q4.language_model.unsplittable(2) == ["layers.0.mlp"]
     assert choose_mode(q4, 2) == "tensor"
-    assert {"layers.0.mlp", "layers.1.mlp", "layers.2.mlp"} <= set(q4.language_model.unsplittable(4))
+    assert {"layers.0.mlp", "layers.1.mlp", "layers.2.mlp"} <= set(
+        q4.language_model.unsplittable(4)
+    )
     assert choose_mode(q4, 4) == "pipeline"
     assert choose_mode(q4, 3) == "pipeline"  # 4 heads
 

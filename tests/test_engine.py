@@ -8,19 +8,23 @@ also checked against transformers, and seeded samples against `stream_generate` 
 import threading
 import time
 
+import mlx.core as mx
 import numpy as np
 import pytest
-
-import mlx.core as mx
-
-from mlx_glm4v.serving.engine import Engine, QueueFull, Request, batch_generate, kv_bytes_per_token
-from mlx_glm4v.generation.generate import GenerationSettings, build_messages, generate, stream_generate
-from mlx_glm4v.checkpoints.loader import load
-from mlx_glm4v.serving.prefix import PrefixCache
-from mlx_glm4v.inputs.video import Video
 from test_generate import ref_generate
 from test_model import clip, picture
 from test_vision_pieces import cut_attention
+
+from mlx_glm4v.checkpoints.loader import load
+from mlx_glm4v.generation.generate import (
+    GenerationSettings,
+    build_messages,
+    generate,
+    stream_generate,
+)
+from mlx_glm4v.inputs.video import Video
+from mlx_glm4v.serving.engine import Engine, QueueFull, Request, batch_generate, kv_bytes_per_token
+from mlx_glm4v.serving.prefix import PrefixCache
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +35,15 @@ def setup(glm4v_checkpoint, tmp_path_factory):
     small, large = media / "small.png", media / "large.png"
     picture(56, 84, 3).save(small)
     picture(112, 140, 4).save(large)
-    return dict(ref=ref, hf=hf, model=model, processor=processor, small=small, large=large,
-                frames=clip(4, 56, 56, 5))
+    return dict(
+        ref=ref,
+        hf=hf,
+        model=model,
+        processor=processor,
+        small=small,
+        large=large,
+        frames=clip(4, 56, 56, 5),
+    )
 
 
 def inputs_of(s, prompt, images=(), videos=(), system=None):
@@ -44,7 +55,8 @@ def inputs_of(s, prompt, images=(), videos=(), system=None):
 
 
 def mixed_requests(s):
-    """Text, one image, two images of different sizes, a video; different lengths, temperatures and seeds."""
+    """Text, one image, two images of different sizes, a video; different lengths, temperatures
+    and seeds."""
     video = Video(s["frames"], fps=2.0)
     cases = [
         (dict(prompt="Hello! How are you today?"), dict(max_tokens=14)),
@@ -52,19 +64,31 @@ def mixed_requests(s):
         (dict(prompt="Describe this image.", images=[s["small"]]), dict(max_tokens=12)),
         (dict(prompt="Compare them.", images=[s["small"], s["large"]]), dict(max_tokens=10)),
         (dict(prompt="What happens?", videos=[video]), dict(max_tokens=11)),
-        (dict(prompt="A cat sits on a red sofa.", images=[s["large"]]), dict(max_tokens=16, temp=0.9)),
+        (
+            dict(prompt="A cat sits on a red sofa.", images=[s["large"]]),
+            dict(max_tokens=16, temp=0.9),
+        ),
         (dict(prompt="Tell me the time."), dict(max_tokens=13, temp=1.2, top_p=0.9)),
-        (dict(prompt="Count the frames.", system="Be brief."), dict(max_tokens=15, temp=0.7, top_k=20, min_p=0.05)),
+        (
+            dict(prompt="Count the frames.", system="Be brief."),
+            dict(max_tokens=15, temp=0.7, top_k=20, min_p=0.05),
+        ),
     ]
-    return [Request(inputs_of(s, **p), GenerationSettings(ignore_eos=True, **g), seed=i, top_logprobs=2)
-            for i, (p, g) in enumerate(cases)]
+    return [
+        Request(inputs_of(s, **p), GenerationSettings(ignore_eos=True, **g), seed=i, top_logprobs=2)
+        for i, (p, g) in enumerate(cases)
+    ]
 
 
 def collect(handle):
     events = list(handle)
-    return dict(tokens=[e.token for e in events if e.token is not None], text="".join(e.text for e in events),
-                logprobs=[(e.logprob, e.top_logprobs) for e in events if e.token is not None],
-                finish=events[-1].finish_reason, usage=events[-1].usage)
+    return dict(
+        tokens=[e.token for e in events if e.token is not None],
+        text="".join(e.text for e in events),
+        logprobs=[(e.logprob, e.top_logprobs) for e in events if e.token is not None],
+        finish=events[-1].finish_reason,
+        usage=events[-1].usage,
+    )
 
 
 # Prompts run in chunks of this many tokens, so long ones (the video, two images) are prefilled
@@ -73,7 +97,9 @@ CHUNK = 32
 
 
 def run_alone(s, request):
-    engine = Engine(s["model"], s["processor"], max_concurrency=1, prefix_cache_bytes=0, prefill_chunk=CHUNK)
+    engine = Engine(
+        s["model"], s["processor"], max_concurrency=1, prefix_cache_bytes=0, prefill_chunk=CHUNK
+    )
     try:
         return collect(engine.submit(request))
     finally:
@@ -117,18 +143,32 @@ def test_greedy_rows_equal_transformers(setup, alone):
     from PIL import Image
 
     requests, results = alone
-    text_tokens, _ = ref_generate(setup, [{"role": "user", "content": "Hello! How are you today?"}], steps=14)
+    text_tokens, _ = ref_generate(
+        setup, [{"role": "user", "content": "Hello! How are you today?"}], steps=14
+    )
     assert results[0]["tokens"] == text_tokens
     content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare them."}]
-    image_tokens, _ = ref_generate(setup, [{"role": "user", "content": content}], steps=10,
-                                   images=[Image.open(setup["small"]), Image.open(setup["large"])])
+    image_tokens, _ = ref_generate(
+        setup,
+        [{"role": "user", "content": content}],
+        steps=10,
+        images=[Image.open(setup["small"]), Image.open(setup["large"])],
+    )
     assert results[3]["tokens"] == image_tokens
 
 
 def test_seeded_rows_sample_as_stream_generate(setup, alone):
     requests, results = alone
-    reply = stream_generate(setup["model"], setup["processor"], "A cat sits on a red sofa.", images=[setup["large"]],
-                            seed=5, max_tokens=16, temp=0.9, ignore_eos=True)
+    reply = stream_generate(
+        setup["model"],
+        setup["processor"],
+        "A cat sits on a red sofa.",
+        images=[setup["large"]],
+        seed=5,
+        max_tokens=16,
+        temp=0.9,
+        ignore_eos=True,
+    )
     assert [r.token for r in reply if r.token is not None] == results[5]["tokens"]
 
 
@@ -154,13 +194,24 @@ def test_rows_join_and_leave_mid_batch(setup, alone):
     engine = Engine(setup["model"], setup["processor"], max_concurrency=8, prefill_chunk=CHUNK)
     try:
         first = []
-        reader = wait_for_tokens(engine.submit(requests[0]), 3, first)  # running before the others arrive
+        # running before the others arrive
+        reader = wait_for_tokens(engine.submit(requests[0]), 3, first)
         late = [engine.submit(requests[i]) for i in (2, 4)]
         stop_text = expected[6]["text"][2:5]
-        stopping = engine.submit(Request(requests[6].inputs, GenerationSettings(
-            max_tokens=13, temp=1.2, top_p=0.9, ignore_eos=True, stop=[stop_text]), seed=6, top_logprobs=2))
+        stopping = engine.submit(
+            Request(
+                requests[6].inputs,
+                GenerationSettings(
+                    max_tokens=13, temp=1.2, top_p=0.9, ignore_eos=True, stop=[stop_text]
+                ),
+                seed=6,
+                top_logprobs=2,
+            )
+        )
         cancelled_events = []
-        cancelled = engine.submit(Request(requests[1].inputs, GenerationSettings(max_tokens=200, ignore_eos=True)))
+        cancelled = engine.submit(
+            Request(requests[1].inputs, GenerationSettings(max_tokens=200, ignore_eos=True))
+        )
         cancelled_reader = wait_for_tokens(cancelled, 2, cancelled_events)
         cancelled.cancel()
         reader.join(60)
@@ -181,7 +232,9 @@ def test_rows_join_and_leave_mid_batch(setup, alone):
 
 def test_queue_limit_refuses_and_loses_nothing(setup, alone):
     requests, expected = alone
-    engine = Engine(setup["model"], setup["processor"], max_concurrency=1, max_queue=2, prefill_chunk=CHUNK)
+    engine = Engine(
+        setup["model"], setup["processor"], max_concurrency=1, max_queue=2, prefill_chunk=CHUNK
+    )
     accepted, refused = [], None
     try:
         for i in (0, 2, 6, 7, 1):
@@ -209,12 +262,18 @@ def test_queue_limit_refuses_and_loses_nothing(setup, alone):
 
 def test_a_shared_prefix_is_reused_and_changes_nothing(setup):
     system = "You describe pictures carefully. " * 8
-    first = Request(inputs_of(setup, "What is shown?", images=[setup["large"]], system=system),
-                    GenerationSettings(max_tokens=8, ignore_eos=True))
-    second = Request(inputs_of(setup, "What colour is it?", images=[setup["large"]], system=system),
-                     GenerationSettings(max_tokens=8, ignore_eos=True))
-    other_image = Request(inputs_of(setup, "What colour is it?", images=[setup["small"]], system=system),
-                          GenerationSettings(max_tokens=8, ignore_eos=True))
+    first = Request(
+        inputs_of(setup, "What is shown?", images=[setup["large"]], system=system),
+        GenerationSettings(max_tokens=8, ignore_eos=True),
+    )
+    second = Request(
+        inputs_of(setup, "What colour is it?", images=[setup["large"]], system=system),
+        GenerationSettings(max_tokens=8, ignore_eos=True),
+    )
+    other_image = Request(
+        inputs_of(setup, "What colour is it?", images=[setup["small"]], system=system),
+        GenerationSettings(max_tokens=8, ignore_eos=True),
+    )
     engine = Engine(setup["model"], setup["processor"], prefill_chunk=CHUNK)
     try:
         collect(engine.submit(first))
@@ -224,14 +283,15 @@ def test_a_shared_prefix_is_reused_and_changes_nothing(setup):
     ids = np.asarray(second.inputs["input_ids"]).reshape(-1)
     image_end = int(np.flatnonzero(ids == setup["model"].config.image_end_token_id)[0])
     assert reused["usage"].cached_tokens > image_end  # system prompt and image
-    assert different["usage"].cached_tokens < image_end  # another image of the same size: not reused
+    # another image of the same size: not reused
+    assert different["usage"].cached_tokens < image_end
     assert same(reused, run_alone(setup, second))
     assert same(different, run_alone(setup, other_image))
 
 
 def test_prefix_measured_by_tokens_as_by_arrays(setup):
-    """Several ranks size kept prefixes by tokens (the whole model's KV bytes per token), so that all
-    keep the same ones; in one process that measure is exactly the arrays' bytes."""
+    """Several ranks size kept prefixes by tokens (the whole model's KV bytes per token), so that
+    all keep the same ones; in one process that measure is exactly the arrays' bytes."""
     model, processor = setup["model"], setup["processor"]
     inputs = inputs_of(setup, "Hello! How are you today?")
     cache = GenerationSettings().new_cache(model, processor, inputs["input_ids"])
@@ -247,25 +307,36 @@ def test_batch_generate_equals_generate(setup):
     prompts = ["Describe this image.", "Compare them.", "Hello!"]
     images = [[setup["small"]], [setup["small"], setup["large"]], []]
     texts = batch_generate(setup["model"], setup["processor"], prompts, images, max_tokens=10)
-    assert texts == [generate(setup["model"], setup["processor"], p, images=i, max_tokens=10)
-                     for p, i in zip(prompts, images)]
+    assert texts == [
+        generate(setup["model"], setup["processor"], p, images=i, max_tokens=10)
+        for p, i in zip(prompts, images)
+    ]
 
 
 def test_rotating_and_quantized_caches_in_one_batch(setup, alone):
     requests, expected = alone
     inputs = requests[0].inputs
-    rotating = Request(inputs, GenerationSettings(max_tokens=30, max_kv_size=40, ignore_eos=True), top_logprobs=1)
-    quantized = Request(inputs, GenerationSettings(max_tokens=12, kv_bits=8, kv_group_size=32, ignore_eos=True),
-                        top_logprobs=1)
+    rotating = Request(
+        inputs, GenerationSettings(max_tokens=30, max_kv_size=40, ignore_eos=True), top_logprobs=1
+    )
+    quantized = Request(
+        inputs,
+        GenerationSettings(max_tokens=12, kv_bits=8, kv_group_size=32, ignore_eos=True),
+        top_logprobs=1,
+    )
     refs = [run_alone(setup, r) for r in (rotating, quantized)]
     results, _ = run_together(setup, [rotating, quantized, requests[2]], 3)
     assert same(results[0], refs[0]) and same(results[1], refs[1]) and same(results[2], expected[2])
-    assert results[1]["tokens"] != expected[0]["tokens"][:12] or results[1]["logprobs"] != expected[0]["logprobs"][:12]
+    assert (
+        results[1]["tokens"] != expected[0]["tokens"][:12]
+        or results[1]["logprobs"] != expected[0]["logprobs"][:12]
+    )
 
 
 def test_a_failing_request_leaves_the_others_alone(setup, alone):
     requests, expected = alone
-    broken = Request(requests[2].inputs, GenerationSettings(max_tokens=5, max_kv_size=2))  # smaller than the image
+    # smaller than the image
+    broken = Request(requests[2].inputs, GenerationSettings(max_tokens=5, max_kv_size=2))
     results, stats = run_together(setup, [requests[0], broken, requests[2]], 3)
     assert results[1]["finish"] == "error" and stats.errors == 1
     assert same(results[0], expected[0]) and same(results[2], expected[2])
@@ -276,26 +347,55 @@ def test_experts_model_rows_equal_their_runs_alone(glm4v_moe_checkpoint, tmp_pat
     model, processor = load(path)
     picture(56, 84, 7).save(tmp_path / "p.png")
     s = dict(model=model, processor=processor)
-    requests = [Request(inputs_of(s, p, images=i), GenerationSettings(max_tokens=10, ignore_eos=True, temp=t), seed=3,
-                        top_logprobs=1)
-                for p, i, t in (("Hello there!", (), 0.0), ("Describe it.", [tmp_path / "p.png"], 0.0),
-                                ("Tell me the time.", (), 0.8))]
+    requests = [
+        Request(
+            inputs_of(s, p, images=i),
+            GenerationSettings(max_tokens=10, ignore_eos=True, temp=t),
+            seed=3,
+            top_logprobs=1,
+        )
+        for p, i, t in (
+            ("Hello there!", (), 0.0),
+            ("Describe it.", [tmp_path / "p.png"], 0.0),
+            ("Tell me the time.", (), 0.8),
+        )
+    ]
     expected = [run_alone(s, r) for r in requests]
     results, _ = run_together(s, requests, 3)
     assert all(same(a, b) for a, b in zip(results, expected))
 
 
 def test_serving_benchmark_runs_in_process(tmp_path):
-    """benchmarks/serve_bench.py kept working (a tiny checkpoint, a few tokens; not a timed test)."""
+    """benchmarks/serve_bench.py kept working (a tiny checkpoint, a few tokens; not a timed
+    test)."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import serve_bench
 
-    rows = serve_bench.main(["--in-process", "--tiny", "--blas", "bundled", "--sets", "mixed,decode",
-                             "--clients", "1,3", "--sequential", "3", "--work", str(tmp_path)])
-    assert [(r["set"], r["clients"]) for r in rows] == [("mixed", 1), ("mixed", 3), ("decode", 1), ("decode", 3)]
+    rows = serve_bench.main(
+        [
+            "--in-process",
+            "--tiny",
+            "--blas",
+            "bundled",
+            "--sets",
+            "mixed,decode",
+            "--clients",
+            "1,3",
+            "--sequential",
+            "3",
+            "--work",
+            str(tmp_path),
+        ]
+    )
+    assert [(r["set"], r["clients"]) for r in rows] == [
+        ("mixed", 1),
+        ("mixed", 3),
+        ("decode", 1),
+        ("decode", 3),
+    ]
     assert all(r["tokens"] == r["requests"] * (8 if r["set"] == "mixed" else 16) for r in rows)
     assert [r["identical"] for r in rows] == [None, True, None, True]
 
@@ -309,7 +409,9 @@ def test_stall_benchmark_runs(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import serve_bench
 
-    (row,) = serve_bench.main(["--tiny", "--blas", "bundled", "--sets", "stall", "--work", str(tmp_path)])
+    (row,) = serve_bench.main(
+        ["--tiny", "--blas", "bundled", "--sets", "stall", "--work", str(tmp_path)]
+    )
     assert row["identical"] is True
     assert 0 < row["gap_p50"] <= row["gap_p99"] <= row["gap_max"]
     assert all(row[k] > 0 for k in ("question_ttft", "question_alone", "clip_ttft", "clip_alone"))
@@ -326,16 +428,32 @@ def test_a_long_video_and_short_requests_interleave(setup, monkeypatch, cut):
     last vision piece, and every reply is its solo run's, though here each prompt chunk also runs
     one decoder layer (or, cut by heads, one attention head) a piece where alone it ran whole."""
     video = Video(clip(8, 84, 112, 6), fps=2.0)
-    long_ = Request(inputs_of(setup, "What happens in this clip?", videos=[video]),
-                    GenerationSettings(max_tokens=8, ignore_eos=True), seed=1, top_logprobs=1)
-    short = [Request(inputs_of(setup, p), GenerationSettings(max_tokens=6, ignore_eos=True, temp=0.8), seed=i)
-             for i, p in enumerate(("Hi!", "What is two plus two?"))]
+    long_ = Request(
+        inputs_of(setup, "What happens in this clip?", videos=[video]),
+        GenerationSettings(max_tokens=8, ignore_eos=True),
+        seed=1,
+        top_logprobs=1,
+    )
+    short = [
+        Request(
+            inputs_of(setup, p), GenerationSettings(max_tokens=6, ignore_eos=True, temp=0.8), seed=i
+        )
+        for i, p in enumerate(("Hi!", "What is two plus two?"))
+    ]
     expected = [run_alone(setup, r) for r in [long_] + short]
-    monkeypatch.setattr("mlx_glm4v.serving.engine.TEXT_PIECE_WORK", CHUNK)  # a 32-token chunk: one layer a piece
+    # a 32-token chunk: one layer a piece
+    monkeypatch.setattr("mlx_glm4v.serving.engine.TEXT_PIECE_WORK", CHUNK)
     if cut == "heads":  # and its attention (the video's frames' too) one head a piece
         cut_attention(monkeypatch, 16)
-    engine = Engine(setup["model"], setup["processor"], max_concurrency=3, prefill_chunk=CHUNK,
-                    max_stall_ms=0.001, vision_piece=(1, 1))  # one piece a turn: a temporal group through a block
+    engine = Engine(
+        setup["model"],
+        setup["processor"],
+        max_concurrency=3,
+        prefill_chunk=CHUNK,
+        # one piece a turn: a temporal group through a block
+        max_stall_ms=0.001,
+        vision_piece=(1, 1),
+    )
     try:
         handles = [engine.submit(r) for r in [long_] + short]
         results = [collect(h) for h in handles]
@@ -348,12 +466,17 @@ def test_a_long_video_and_short_requests_interleave(setup, monkeypatch, cut):
     assert max(n for n, _ in turns) == 1
     pieces, layers = sum(n for n, _ in turns), len(setup["model"].layers)
     assert pieces > engine.stats.vision_pieces + engine.stats.prefill_chunks  # chunks in layers
-    assert cut == "layers" or pieces > engine.stats.vision_pieces + engine.stats.prefill_chunks * layers  # in heads
+    # in heads
+    assert (
+        cut == "layers"
+        or pieces > engine.stats.vision_pieces + engine.stats.prefill_chunks * layers
+    )
     assert all(first_token_at(r) < first_token_at(results[0]) for r in results[1:])
 
 
 class StubCosts:
-    """Every piece costs what this says, on a clock the test moves: 25 ms a token-layer, 1 ms a patch-block."""
+    """Every piece costs what this says, on a clock the test moves: 25 ms a token-layer, 1 ms a
+    patch-block."""
 
     rate = {"text": 0.025, "vision": 0.001, "attention": 1e-6}
 
@@ -364,7 +487,8 @@ class StubCosts:
         return self.rate[kind] * size
 
     def measured(self, kind, size, seconds):
-        assert abs(seconds - self.estimate(kind, size)) < 1e-9  # the stub clock moved by exactly the stub cost
+        # the stub clock moved by exactly the stub cost
+        assert abs(seconds - self.estimate(kind, size)) < 1e-9
 
 
 @pytest.mark.parametrize("cut", ["layers", "heads"])
@@ -373,8 +497,16 @@ def test_the_stall_budget_holds_with_a_stub_cost_model(setup, alone, monkeypatch
     if cut == "heads":  # attention a head a piece, images and prompt chunks alike
         cut_attention(monkeypatch, 16)
     costs = StubCosts()
-    engine = Engine(setup["model"], setup["processor"], max_concurrency=8, prefill_chunk=CHUNK,
-                    max_stall_ms=700, costs=costs, clock=lambda: costs.now, vision_piece=(16, 16))
+    engine = Engine(
+        setup["model"],
+        setup["processor"],
+        max_concurrency=8,
+        prefill_chunk=CHUNK,
+        max_stall_ms=700,
+        costs=costs,
+        clock=lambda: costs.now,
+        vision_piece=(16, 16),
+    )
     prefill, steps = engine._prefill, []
 
     def timed(row):  # a piece takes its stub cost on the stub clock
@@ -391,9 +523,11 @@ def test_the_stall_budget_holds_with_a_stub_cost_model(setup, alone, monkeypatch
     assert all(same(a, b) for a, b in zip(results, expected))
     turns, first = list(engine.stats.turns), 0
     assert sum(n for n, _ in turns) == len(steps)
-    for n, seconds in turns:  # the budget holds: a turn's last piece started where half of it still fit
+    # the budget holds: a turn's last piece started where half of it still fit
+    for n, seconds in turns:
         last = steps[first + n - 1][1]
         assert n == 1 or seconds - last / 2 <= 0.7 + 1e-9, (n, seconds, last)
         first += n
-    assert any(n > 1 for n, _ in turns) and any(seconds > 0.7 for n, seconds in turns if n == 1)  # it packs, and moves
+    # it packs, and moves
+    assert any(n > 1 for n, _ in turns) and any(seconds > 0.7 for n, seconds in turns if n == 1)
     assert {"text", "vision" if cut == "layers" else "attention"} <= {kind for kind, _ in steps}

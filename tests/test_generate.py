@@ -13,13 +13,19 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-from mlx_glm4v.generation.chat import ChatSession, drop_thinking
-from mlx_glm4v.generation.generate import (GenerationSettings, StopStrings, generate, generate_step, hidden_tokens,
-                                 stream_generate)
-from mlx_glm4v.checkpoints.loader import load
-from mlx_glm4v.inputs.video import Video
 from test_model import clip, picture
+
+from mlx_glm4v.checkpoints.loader import load
+from mlx_glm4v.generation.chat import ChatSession, drop_thinking
+from mlx_glm4v.generation.generate import (
+    GenerationSettings,
+    StopStrings,
+    generate,
+    generate_step,
+    hidden_tokens,
+    stream_generate,
+)
+from mlx_glm4v.inputs.video import Video
 
 STEPS = 12
 
@@ -35,14 +41,14 @@ def setup(glm4v_checkpoint, tmp_path_factory):
 
 
 def ref_generate(s, messages, steps=STEPS, **media):
-    """transformers' greedy generate, decoded without its stop token; the text leaves out the control
-    tokens a reply's text never shows (all but GLM-V's reply markers)."""
+    """transformers' greedy generate, decoded without its stop token; the text leaves out the
+    control tokens a reply's text never shows (all but GLM-V's reply markers)."""
     hf = s["hf"]
     text = hf.apply_chat_template(messages, add_generation_prompt=True)
     inputs = hf(text=[text], return_tensors="pt", **media)
     with torch.no_grad():
         out = s["ref"].generate(**inputs, max_new_tokens=steps, do_sample=False)
-    tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
+    tokens = out[0, inputs["input_ids"].shape[1] :].tolist()
     eos = set(s["model"].config.eos_token_id)
     if tokens and tokens[-1] in eos:
         tokens = tokens[:-1]
@@ -53,7 +59,9 @@ def ref_generate(s, messages, steps=STEPS, **media):
 def test_greedy_text_equals_transformers(setup):
     prompt = "Hello! How are you today?"
     tokens, text = ref_generate(setup, [{"role": "user", "content": prompt}])
-    ours = [r for r in stream_generate(setup["model"], setup["processor"], prompt, max_tokens=STEPS)]
+    ours = [
+        r for r in stream_generate(setup["model"], setup["processor"], prompt, max_tokens=STEPS)
+    ]
     assert [r.token for r in ours if r.token is not None and r.finish_reason != "stop"] == tokens
     assert "".join(r.text for r in ours) == text
 
@@ -61,27 +69,48 @@ def test_greedy_text_equals_transformers(setup):
 def test_greedy_image_equals_transformers(setup):
     from PIL import Image
 
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}],
+        }
+    ]
     tokens, text = ref_generate(setup, messages, images=[Image.open(setup["image"])])
-    ours = generate(setup["model"], setup["processor"], "Describe this image.", images=[str(setup["image"])],
-                    max_tokens=STEPS)
+    ours = generate(
+        setup["model"],
+        setup["processor"],
+        "Describe this image.",
+        images=[str(setup["image"])],
+        max_tokens=STEPS,
+    )
     assert ours == text
 
 
 def test_greedy_video_equals_transformers(setup):
     frames = clip(5, 56, 84, 22)
-    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
-    tokens, text = ref_generate(setup, messages, videos=[frames],
-                                video_metadata=[{"fps": 2.0, "total_num_frames": 5}])
-    ours = generate(setup["model"], setup["processor"], "What happens?", videos=[Video(frames, fps=2.0)],
-                    max_tokens=STEPS)
+    messages = [
+        {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}
+    ]
+    tokens, text = ref_generate(
+        setup, messages, videos=[frames], video_metadata=[{"fps": 2.0, "total_num_frames": 5}]
+    )
+    ours = generate(
+        setup["model"],
+        setup["processor"],
+        "What happens?",
+        videos=[Video(frames, fps=2.0)],
+        max_tokens=STEPS,
+    )
     assert ours == text
 
 
 def greedy_from_scratch(s, messages, steps):
     """Tokens of a fresh generation over a whole conversation given as messages."""
-    return [r.token for r in stream_generate(s["model"], s["processor"], messages, max_tokens=steps)
-            if r.token is not None]
+    return [
+        r.token
+        for r in stream_generate(s["model"], s["processor"], messages, max_tokens=steps)
+        if r.token is not None
+    ]
 
 
 def greedy_over(s, session, images, steps):
@@ -89,11 +118,18 @@ def greedy_over(s, session, images, steps):
     for cache reuse: earlier replies stay in the conversation as they were generated)."""
     inputs = {"input_ids": np.array([session.prompt_ids])}
     if images:
-        inputs.update({k: v for k, v in s["processor"]("<|image|>" * len(images), images=images).items()
-                       if k in ("pixel_values", "image_grid_thw")})
-    tokens = [t for t, _ in generate_step(s["model"], inputs, s["model"].make_cache(), max_tokens=steps)]
+        inputs.update(
+            {
+                k: v
+                for k, v in s["processor"]("<|image|>" * len(images), images=images).items()
+                if k in ("pixel_values", "image_grid_thw")
+            }
+        )
+    tokens = [
+        t for t, _ in generate_step(s["model"], inputs, s["model"].make_cache(), max_tokens=steps)
+    ]
     eos = set(s["model"].config.eos_token_id)
-    return next((tokens[:i + 1] for i, t in enumerate(tokens) if t in eos), tokens)
+    return next((tokens[: i + 1] for i, t in enumerate(tokens) if t in eos), tokens)
 
 
 def test_second_turn_reuses_the_cache(setup, monkeypatch):
@@ -107,7 +143,8 @@ def test_second_turn_reuses_the_cache(setup, monkeypatch):
     monkeypatch.undo()
 
     assert not encoded, "the image was encoded again"
-    assert 0 < session.tokens_processed <= len(session.prompt_ids) - first_prompt  # only the new question
+    # only the new question
+    assert 0 < session.tokens_processed <= len(session.prompt_ids) - first_prompt
     assert second == greedy_over(setup, session, [str(setup["image"])], 6)
 
 
@@ -137,7 +174,11 @@ def test_new_question_about_the_same_image_reuses_its_tokens(setup, monkeypatch)
     first = session.tokens_processed
     session.reset()
     calls = count_tower_calls(monkeypatch)
-    tokens = [r.token for r in session.ask("What colour dominates?", images=[image]) if r.token is not None]
+    tokens = [
+        r.token
+        for r in session.ask("What colour dominates?", images=[image])
+        if r.token is not None
+    ]
     monkeypatch.undo()
     assert not calls and session.tokens_processed <= first - 70  # the image's 70 tokens were reused
     assert tokens == greedy_from_scratch(setup, session.messages[:-1], 5)
@@ -146,9 +187,13 @@ def test_new_question_about_the_same_image_reuses_its_tokens(setup, monkeypatch)
 def test_the_same_prompt_again_runs_only_its_last_token(setup):
     model, processor, image = setup["model"], setup["processor"], str(setup["image"])
     session = ChatSession(model, processor, max_tokens=5)
-    first = [r.token for r in session.ask("Describe this image.", images=[image]) if r.token is not None]
+    first = [
+        r.token for r in session.ask("Describe this image.", images=[image]) if r.token is not None
+    ]
     session.reset()
-    again = [r.token for r in session.ask("Describe this image.", images=[image]) if r.token is not None]
+    again = [
+        r.token for r in session.ask("Describe this image.", images=[image]) if r.token is not None
+    ]
     assert session.tokens_processed == 1 and again == first
 
 
@@ -159,7 +204,11 @@ def test_another_image_of_the_same_size_is_not_mistaken_for_the_first(setup):
     session = ChatSession(model, processor, max_tokens=5)
     list(session.ask("Describe this image.", images=[image]))
     session.reset()
-    tokens = [r.token for r in session.ask("Describe this image.", images=[str(other)]) if r.token is not None]
+    tokens = [
+        r.token
+        for r in session.ask("Describe this image.", images=[str(other)])
+        if r.token is not None
+    ]
     assert session.tokens_processed > 70  # the new image was run, not the cached one
     assert tokens == greedy_from_scratch(setup, session.messages[:-1], 5)
 
@@ -182,14 +231,21 @@ def test_each_image_is_hashed_once_per_turn(setup, monkeypatch):
 
     hashes = []
     blake2b = hashlib.blake2b
-    monkeypatch.setattr(mlx_glm4v.models.media.hashlib, "blake2b", lambda *a, **k: hashes.append(1) or blake2b(*a, **k))
+    monkeypatch.setattr(
+        mlx_glm4v.models.media.hashlib,
+        "blake2b",
+        lambda *a, **k: hashes.append(1) or blake2b(*a, **k),
+    )
     session = ChatSession(setup["model"], setup["processor"], max_tokens=2)
     list(session.ask("Describe this image.", images=[str(setup["image"])]))
     assert len(hashes) == 1
 
 
 def test_thinking_is_dropped_from_the_history():
-    assert drop_thinking("<think>let me see</think><answer>A cat.</answer>") == "<answer>A cat.</answer>"
+    assert (
+        drop_thinking("<think>let me see</think><answer>A cat.</answer>")
+        == "<answer>A cat.</answer>"
+    )
     assert drop_thinking("<think>unfinished") == ""
 
 
@@ -197,7 +253,8 @@ def test_a_history_run_again_from_text_drops_thinking(setup):
     model, processor = setup["model"], setup["processor"]
     session = ChatSession(model, processor, max_tokens=3)
     list(session.ask("Hello! How are you today?"))
-    session.messages[-1]["content"] = "<think>hidden</think>shown"  # as if the model had thought aloud
+    # as if the model had thought aloud
+    session.messages[-1]["content"] = "<think>hidden</think>shown"
     session.cache = None  # e.g. a reply interrupted between layers: the next turn starts from text
     tokens = [r.token for r in session.ask("And then?") if r.token is not None]
     assert session.messages[1]["content"] == "shown"
@@ -212,7 +269,12 @@ def test_rotating_cache_matches_a_windowed_reference(setup):
     token exactly that: the kept prefix and the last `max_kv_size - keep` tokens.
     """
     model, processor, ref = setup["model"], setup["processor"], setup["ref"]
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}],
+        }
+    ]
     inputs = processor(processor.apply_chat_template(messages), images=[str(setup["image"])])
     n = inputs["input_ids"].shape[1]
     size, steps = n + 6, 24
@@ -223,8 +285,14 @@ def test_rotating_cache_matches_a_windowed_reference(setup):
     produced = list(generate_step(model, inputs, cache, max_tokens=steps))  # greedy
     kept = np.array(cache[0].keys[..., :keep, :])
     assert cache[0].offset == n + steps - 1 > size  # it rotated; the last token was never fed
-    assert cache.next_position[0] == model.prepare(inputs["input_ids"], inputs["pixel_values"],
-                                                   inputs["image_grid_thw"]).next_position[0] + steps - 1
+    assert (
+        cache.next_position[0]
+        == model.prepare(
+            inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_thw"]
+        ).next_position[0]
+        + steps
+        - 1
+    )
 
     ids = np.concatenate([inputs["input_ids"][0], [t for t, _ in produced[:-1]]])[None]
     t = {k: torch.tensor(v) for k, v in inputs.items()}
@@ -234,9 +302,14 @@ def test_rotating_cache_matches_a_windowed_reference(setup):
     rows, cols = np.arange(ids.shape[1])[:, None], np.arange(ids.shape[1])[None]
     visible = (cols <= rows) & ((rows < n) | (cols < keep) | (cols > rows - (size - keep)))
     with torch.no_grad():
-        logits = ref(input_ids=full, pixel_values=t["pixel_values"], image_grid_thw=t["image_grid_thw"],
-                     position_ids=positions, attention_mask=torch.tensor(visible)[None, None]).logits[0]
-    expected = torch.log_softmax(logits[n - 1:], -1).numpy()
+        logits = ref(
+            input_ids=full,
+            pixel_values=t["pixel_values"],
+            image_grid_thw=t["image_grid_thw"],
+            position_ids=positions,
+            attention_mask=torch.tensor(visible)[None, None],
+        ).logits[0]
+    expected = torch.log_softmax(logits[n - 1 :], -1).numpy()
     ours = np.stack([np.array(lp) for _, lp in produced])
     assert np.abs(ours - expected).max() <= 1e-4
     assert [tok for tok, _ in produced] == expected.argmax(-1).tolist()
@@ -248,12 +321,19 @@ def test_prompt_lookup_keeps_greedy_output(setup, media, monkeypatch):
     model, processor = setup["model"], setup["processor"]
     prompt = "Hello! How are you today? Hello! How are you today?"
     kwargs = {"images": [str(setup["image"])]} if media == "image" else {}
-    plain = [r.token for r in stream_generate(model, processor, prompt, max_tokens=40, ignore_eos=True, **kwargs)]
+    plain = [
+        r.token
+        for r in stream_generate(model, processor, prompt, max_tokens=40, ignore_eos=True, **kwargs)
+    ]
     passes = []
     forward = model.forward
     monkeypatch.setattr(model, "forward", lambda *a, **k: passes.append(1) or forward(*a, **k))
-    looked_up = [r.token for r in stream_generate(model, processor, prompt, max_tokens=40, ignore_eos=True,
-                                                  prompt_lookup=4, **kwargs)]
+    looked_up = [
+        r.token
+        for r in stream_generate(
+            model, processor, prompt, max_tokens=40, ignore_eos=True, prompt_lookup=4, **kwargs
+        )
+    ]
     assert looked_up == plain
     assert len(passes) < 40  # some drafts were accepted: fewer forward passes than tokens
 
@@ -264,7 +344,8 @@ def test_streamed_text_never_splits_a_character(setup):
     tokenizer = setup["processor"].tokenizer
     text = "Ünïcödé text, emoji 🙂 and 中文 字符 <think>ok</think>"
     ids = tokenizer.encode(text)
-    assert any("\ufffd" in tokenizer.decode(ids[:k]) for k in range(len(ids)))  # some character spans tokens
+    # some character spans tokens
+    assert any("\ufffd" in tokenizer.decode(ids[:k]) for k in range(len(ids)))
     stream = StreamingText(tokenizer.backend)
     pieces = [stream.add(i) for i in ids]
     assert all("\ufffd" not in p for p in pieces)
@@ -282,7 +363,9 @@ def test_stop_strings_hold_back_and_cut():
 
 
 def cli(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "mlx_glm4v.cli", *args], capture_output=True, text=True, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_glm4v.cli", *args], capture_output=True, text=True, **kwargs
+    )
 
 
 def test_generation_does_not_import_transformers():
@@ -297,31 +380,67 @@ def test_generation_does_not_import_transformers():
 
 
 def test_generate_json(setup):
-    out = cli("generate", "--model", str(setup["path"]), "--image", str(setup["image"]),
-              "--prompt", "Describe this image.", "--max-tokens", "7", "--json")
+    out = cli(
+        "generate",
+        "--model",
+        str(setup["path"]),
+        "--image",
+        str(setup["image"]),
+        "--prompt",
+        "Describe this image.",
+        "--max-tokens",
+        "7",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    assert set(result) >= {"text", "prompt_tokens", "generation_tokens", "prompt_tps", "generation_tps", "peak_memory_gb"}
-    expected = generate(setup["model"], setup["processor"], "Describe this image.", images=[str(setup["image"])],
-                        max_tokens=7)
+    assert set(result) >= {
+        "text",
+        "prompt_tokens",
+        "generation_tokens",
+        "prompt_tps",
+        "generation_tps",
+        "peak_memory_gb",
+    }
+    expected = generate(
+        setup["model"],
+        setup["processor"],
+        "Describe this image.",
+        images=[str(setup["image"])],
+        max_tokens=7,
+    )
     assert result["text"] == expected
-    inputs = setup["processor"](setup["processor"].apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]),
-        images=[str(setup["image"])])
+    inputs = setup["processor"](
+        setup["processor"].apply_chat_template(
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image"},
+                        {"type": "text", "text": "Describe this image."},
+                    ],
+                }
+            ]
+        ),
+        images=[str(setup["image"])],
+    )
     assert result["prompt_tokens"] == inputs["input_ids"].shape[1]
     assert 1 <= result["generation_tokens"] <= 7
     assert result["prompt_tps"] > 0 and result["peak_memory_gb"] > 0
     assert result["generation_tps"] > 0 or result["generation_tokens"] == 1
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--image", "/no/such/photo.jpg"], "no such image file"),
-    (["--video", "/no/such/clip.mp4"], "no such video file"),
-    (["--temp", "-1"], "temperature -1.0 is negative"),
-    (["--kv-bits", "7"], "kv-bits 7 is not supported"),
-    (["--max-tokens", "0"], "max-tokens 0 must be at least 1"),
-    (["--max-kv-size", "4", "--kv-bits", "4"], "cannot be combined"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--image", "/no/such/photo.jpg"], "no such image file"),
+        (["--video", "/no/such/clip.mp4"], "no such video file"),
+        (["--temp", "-1"], "temperature -1.0 is negative"),
+        (["--kv-bits", "7"], "kv-bits 7 is not supported"),
+        (["--max-tokens", "0"], "max-tokens 0 must be at least 1"),
+        (["--max-kv-size", "4", "--kv-bits", "4"], "cannot be combined"),
+    ],
+)
 def test_generate_user_errors(setup, args, message):
     out = cli("generate", "--model", str(setup["path"]), "--prompt", "hi", *args)
     assert out.returncode != 0
@@ -338,32 +457,47 @@ def test_unknown_model_is_one_line(tmp_path):
 
 
 def test_no_thinking_reaches_the_template(glm4v_moe_checkpoint):
-    """GLM-4.5V's template has a thinking switch: --no-thinking renders what transformers renders."""
+    """GLM-4.5V's template has a thinking switch: --no-thinking renders what transformers
+    renders."""
     from mlx_glm4v.inputs.processor import Processor
 
     path, _, hf = glm4v_moe_checkpoint
     messages = [{"role": "user", "content": [{"type": "text", "text": "Hello!"}]}]
     ours = Processor.from_pretrained(path).apply_chat_template(messages, enable_thinking=False)
-    assert "/nothink" in ours and ours == hf.apply_chat_template(messages, add_generation_prompt=True,
-                                                                enable_thinking=False)
-    out = cli("generate", "--model", str(path), "--prompt", "Hello!", "--max-tokens", "2", "--no-thinking", "--json")
+    assert "/nothink" in ours and ours == hf.apply_chat_template(
+        messages, add_generation_prompt=True, enable_thinking=False
+    )
+    out = cli(
+        "generate",
+        "--model",
+        str(path),
+        "--prompt",
+        "Hello!",
+        "--max-tokens",
+        "2",
+        "--no-thinking",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["prompt_tokens"] == len(Processor.from_pretrained(path)(ours)["input_ids"][0])
+    assert json.loads(out.stdout)["prompt_tokens"] == len(
+        Processor.from_pretrained(path)(ours)["input_ids"][0]
+    )
 
 
 def test_hub_ids_download_only_what_a_run_needs(monkeypatch, tmp_path, glm4v_checkpoint):
     import huggingface_hub
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    from mlx_glm4v.errors import Glm4vError
     from mlx_glm4v.checkpoints.loader import resolve
+    from mlx_glm4v.errors import Glm4vError
 
     calls = []
 
     def fake_download(repo, revision=None, allow_patterns=None):
         calls.append((repo, allow_patterns))
         if repo == "nobody/nothing":
-            error = RepositoryNotFoundError.__new__(RepositoryNotFoundError)  # as raised for a 404, sans HTTP
+            # as raised for a 404, sans HTTP
+            error = RepositoryNotFoundError.__new__(RepositoryNotFoundError)
             Exception.__init__(error, "404")
             raise error
         return str(glm4v_checkpoint[0])
@@ -371,7 +505,11 @@ def test_hub_ids_download_only_what_a_run_needs(monkeypatch, tmp_path, glm4v_che
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
     assert resolve("zai-org/GLM-4.1V-9B-Thinking") == glm4v_checkpoint[0]
     patterns = calls[0][1]
-    assert "*.safetensors" in patterns and "*.json" in patterns and not any("bin" in p or "pt" in p for p in patterns)
+    assert (
+        "*.safetensors" in patterns
+        and "*.json" in patterns
+        and not any("bin" in p or "pt" in p for p in patterns)
+    )
     with pytest.raises(Glm4vError, match="nobody/nothing was not found on the Hugging Face hub"):
         resolve("nobody/nothing")
 
@@ -379,9 +517,22 @@ def test_hub_ids_download_only_what_a_run_needs(monkeypatch, tmp_path, glm4v_che
 def test_chat_in_a_terminal(setup):
     import pexpect
 
-    child = pexpect.spawn(sys.executable, ["-m", "mlx_glm4v.cli", "chat", "--model", str(setup["path"]),
-                                           "--image", str(setup["image"]), "--max-tokens", "4"],
-                          encoding="utf-8", timeout=120)
+    child = pexpect.spawn(
+        sys.executable,
+        [
+            "-m",
+            "mlx_glm4v.cli",
+            "chat",
+            "--model",
+            str(setup["path"]),
+            "--image",
+            str(setup["image"]),
+            "--max-tokens",
+            "4",
+        ],
+        encoding="utf-8",
+        timeout=120,
+    )
     child.expect(">> ")
     child.sendline("Describe this image.")
     child.expect(">> ")
@@ -402,7 +553,9 @@ def test_chat_in_a_terminal(setup):
     assert first.strip()  # a reply was printed
 
 
-@pytest.mark.parametrize("inherited", [signal.SIG_DFL, signal.SIG_IGN], ids=["sigint-default", "sigint-ignored"])
+@pytest.mark.parametrize(
+    "inherited", [signal.SIG_DFL, signal.SIG_IGN], ids=["sigint-default", "sigint-ignored"]
+)
 def test_ctrl_c_stops_the_reply_and_keeps_the_session(setup, inherited):
     """Also when the chat inherits SIGINT ignored, as a background job of a shell script does
     (how CI may start the suite): Python then installs no KeyboardInterrupt of its own."""
@@ -410,9 +563,22 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_session(setup, inherited):
 
     import pexpect
 
-    child = pexpect.spawn(sys.executable, ["-m", "mlx_glm4v.cli", "chat", "--model", str(setup["path"]),
-                                           "--max-tokens", "1000000", "--ignore-eos"],
-                          encoding="utf-8", timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT, inherited))
+    child = pexpect.spawn(
+        sys.executable,
+        [
+            "-m",
+            "mlx_glm4v.cli",
+            "chat",
+            "--model",
+            str(setup["path"]),
+            "--max-tokens",
+            "1000000",
+            "--ignore-eos",
+        ],
+        encoding="utf-8",
+        timeout=120,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, inherited),
+    )
     child.expect(">> ")
     child.sendline("Hello! How are you today?")
     time.sleep(2)  # replying, at hundreds of tokens a second, for an hour

@@ -11,12 +11,12 @@ import json
 
 import numpy as np
 import pytest
+import tiny
 import torch
 from PIL import Image
 
-import tiny
-from mlx_glm4v.errors import Glm4vError
 from mlx_glm4v.checkpoints.loader import load_model
+from mlx_glm4v.errors import Glm4vError
 from mlx_glm4v.models.rope_index import rope_index, token_types
 
 TOL = 1e-4
@@ -42,7 +42,10 @@ def clip(frames, h, w, seed=0):
 
 
 def user(*items):
-    content = [{"type": kind} if kind in ("image", "video") else {"type": "text", "text": kind} for kind in items]
+    content = [
+        {"type": kind} if kind in ("image", "video") else {"type": "text", "text": kind}
+        for kind in items
+    ]
     return [{"role": "user", "content": content}]
 
 
@@ -69,9 +72,12 @@ def ref_greedy(ref, inputs, n=NEW_TOKENS):
     with torch.no_grad():
         out = ref.generate(
             **{k: torch.tensor(v) for k, v in inputs.items()},
-            max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None,
         )
-    return out[:, inputs["input_ids"].shape[1]:].numpy()
+    return out[:, inputs["input_ids"].shape[1] :].numpy()
 
 
 def check(name, model, ref, inputs, ref_logits=None, ref_tokens=None):
@@ -93,7 +99,12 @@ def check(name, model, ref, inputs, ref_logits=None, ref_tokens=None):
 
 def test_text(setup):
     model, ref, processor = setup
-    check("text", model, ref, prepare(processor, [[{"role": "user", "content": "Hello! How are you today?"}]]))
+    check(
+        "text",
+        model,
+        ref,
+        prepare(processor, [[{"role": "user", "content": "Hello! How are you today?"}]]),
+    )
 
 
 def test_one_image(setup):
@@ -104,8 +115,11 @@ def test_one_image(setup):
 
 def test_two_images_of_different_sizes(setup):
     model, ref, processor = setup
-    inputs = prepare(processor, [user("image", "and", "image", "compare them")],
-                     images=[picture(120, 90, 1), picture(250, 400, 2)])
+    inputs = prepare(
+        processor,
+        [user("image", "and", "image", "compare them")],
+        images=[picture(120, 90, 1), picture(250, 400, 2)],
+    )
     assert len(inputs["image_grid_thw"]) == 2 and not np.array_equal(*inputs["image_grid_thw"])
     check("two images", model, ref, inputs)
 
@@ -119,16 +133,26 @@ def test_extreme_aspect_ratio(setup, shape):
 
 def test_video_presampled_frames(setup):
     model, ref, processor = setup
-    inputs = prepare(processor, [user("video", "What happens?")], videos=[clip(4, 84, 112)],
-                     do_sample_frames=False, video_metadata=[{"fps": 2.0, "total_num_frames": 4, "frames_indices": [0, 1, 2, 3]}])
+    inputs = prepare(
+        processor,
+        [user("video", "What happens?")],
+        videos=[clip(4, 84, 112)],
+        do_sample_frames=False,
+        video_metadata=[{"fps": 2.0, "total_num_frames": 4, "frames_indices": [0, 1, 2, 3]}],
+    )
     check("video, pre-sampled frames", model, ref, inputs)
 
 
 def test_video_sampled_from_longer_clip(setup):
     model, ref, processor = setup
-    frames = clip(45, 70, 70, 5)  # 4.5 s at 10 fps: the reference samples 2 fps -> 9, padded to 10 frames
-    inputs = prepare(processor, [user("video", "Count the frames.")], videos=[frames],
-                     video_metadata=[{"fps": 10.0, "total_num_frames": 45, "duration": 4.5}])
+    # 4.5 s at 10 fps: the reference samples 2 fps -> 9, padded to 10 frames
+    frames = clip(45, 70, 70, 5)
+    inputs = prepare(
+        processor,
+        [user("video", "Count the frames.")],
+        videos=[frames],
+        video_metadata=[{"fps": 10.0, "total_num_frames": 45, "duration": 4.5}],
+    )
     assert inputs["video_grid_thw"][0][0] == 5
     check("video, sampled from a clip", model, ref, inputs)
 
@@ -138,18 +162,25 @@ def test_long_video_encoded_in_pieces(setup, monkeypatch):
     import mlx_glm4v.models.model
 
     model, ref, processor = setup
-    monkeypatch.setattr(mlx_glm4v.models.model, "VISION_CHUNK_PATCHES", 40)  # about two frames of 4x6 patches
+    # about two frames of 4x6 patches
+    monkeypatch.setattr(mlx_glm4v.models.model, "VISION_CHUNK_PATCHES", 40)
     frames = clip(12, 56, 84, 12)
-    inputs = prepare(processor, [user("video", "Count the frames.")], videos=[frames],
-                     video_metadata=[{"fps": 2.0, "total_num_frames": 12}])
+    inputs = prepare(
+        processor,
+        [user("video", "Count the frames.")],
+        videos=[frames],
+        video_metadata=[{"fps": 2.0, "total_num_frames": 12}],
+    )
     assert inputs["video_grid_thw"][0][0] == 6
     check("video in pieces", model, ref, inputs)
 
 
 def test_left_padded_batch(setup):
     model, ref, processor = setup
-    conversations = [user("image", "Describe this image."),
-                     user("A cat sits on a red sofa next to a window; the sun is shining.", "image", "Why?")]
+    conversations = [
+        user("image", "Describe this image."),
+        user("A cat sits on a red sofa next to a window; the sun is shining.", "image", "Why?"),
+    ]
     inputs = prepare(processor, conversations, images=[picture(56, 56, 7), picture(180, 120, 8)])
     assert (inputs["attention_mask"] == 0).any()
     check("left-padded batch", model, ref, inputs)
@@ -163,9 +194,13 @@ def test_last_column_alone_equals_the_whole_pass(setup, split):
     import mlx.core as mx
 
     model, _, processor = setup
-    conversations = [user("image", "Describe this image."),
-                     user("A cat sits on a red sofa next to a window; the sun is shining.", "image", "Why?")]
-    inputs = our_inputs(prepare(processor, conversations, images=[picture(56, 56, 7), picture(180, 120, 8)]))
+    conversations = [
+        user("image", "Describe this image."),
+        user("A cat sits on a red sofa next to a window; the sun is shining.", "image", "Why?"),
+    ]
+    inputs = our_inputs(
+        prepare(processor, conversations, images=[picture(56, 56, 7), picture(180, 120, 8)])
+    )
     runs = []
     for last_only in (False, True):
         cache = model.make_cache()
@@ -178,7 +213,9 @@ def test_last_column_alone_equals_the_whole_pass(setup, split):
             text = model.prepare(np.array(inputs["input_ids"])[:, -split:], cache=cache)
             cache.record(text)
             hidden = model.forward(text, cache, last_only=last_only)
-        runs.append((np.array(hidden[:, -1]), [np.array(a) for c in cache for a in (c.keys, c.values)]))
+        runs.append(
+            (np.array(hidden[:, -1]), [np.array(a) for c in cache for a in (c.keys, c.values)])
+        )
         mx.eval(hidden)
     (whole, kv_whole), (alone, kv_alone) = runs
     assert np.abs(whole - alone).max() <= 1e-5
@@ -187,26 +224,43 @@ def test_last_column_alone_equals_the_whole_pass(setup, split):
 
 
 def test_image_and_video_in_one_prompt(setup):
-    """transformers refuses this prompt; its reference is built from its own parts, scattering by token type."""
+    """transformers refuses this prompt; its reference is built from its own parts, scattering by
+    token type."""
     model, ref, processor = setup
-    texts = [processor.apply_chat_template(user("image", "video", "What do they share?"), add_generation_prompt=True)]
-    inputs = dict(processor(text=texts, images=[picture(100, 140, 9)], videos=[clip(4, 56, 84, 10)],
-                            do_sample_frames=False, video_metadata=[{"fps": 1.0, "total_num_frames": 4, "frames_indices": [0, 1, 2, 3]}],
-                            return_tensors="np"))
+    texts = [
+        processor.apply_chat_template(
+            user("image", "video", "What do they share?"), add_generation_prompt=True
+        )
+    ]
+    inputs = dict(
+        processor(
+            text=texts,
+            images=[picture(100, 140, 9)],
+            videos=[clip(4, 56, 84, 10)],
+            do_sample_frames=False,
+            video_metadata=[{"fps": 1.0, "total_num_frames": 4, "frames_indices": [0, 1, 2, 3]}],
+            return_tensors="np",
+        )
+    )
     ref_logits, ref_tokens = reference_by_parts(ref, inputs)
     check("image and video", model, ref, inputs, ref_logits, ref_tokens)
 
 
 def reference_by_parts(ref, inputs, n=NEW_TOKENS):
-    """Greedy decoding with transformers' vision features, rope index and text model, no generate()."""
+    """Greedy decoding with transformers' vision features, rope index and text model, no
+    generate()."""
     from transformers import DynamicCache
 
     t = {k: torch.tensor(v) for k, v in inputs.items()}
     inner = ref.model
     with torch.no_grad():
         embeds = inner.get_input_embeddings()(t["input_ids"])
-        image = torch.cat(inner.get_image_features(t["pixel_values"], t["image_grid_thw"]).pooler_output)
-        video = torch.cat(inner.get_video_features(t["pixel_values_videos"], t["video_grid_thw"]).pooler_output)
+        image = torch.cat(
+            inner.get_image_features(t["pixel_values"], t["image_grid_thw"]).pooler_output
+        )
+        video = torch.cat(
+            inner.get_video_features(t["pixel_values_videos"], t["video_grid_thw"]).pooler_output
+        )
         types = t["mm_token_type_ids"][0]
         embeds[0, types == 1] = image
         embeds[0, types == 2] = video
@@ -214,7 +268,9 @@ def reference_by_parts(ref, inputs, n=NEW_TOKENS):
             t["input_ids"], t["mm_token_type_ids"], t["image_grid_thw"], t["video_grid_thw"]
         )
         cache = DynamicCache(config=ref.config.text_config)
-        hidden = inner.language_model(inputs_embeds=embeds, position_ids=positions, cache=cache).last_hidden_state
+        hidden = inner.language_model(
+            inputs_embeds=embeds, position_ids=positions, cache=cache
+        ).last_hidden_state
         logits = ref.lm_head(hidden)
         first = logits.numpy()
         next_pos = int(positions.max()) + 1
@@ -224,7 +280,9 @@ def reference_by_parts(ref, inputs, n=NEW_TOKENS):
             tokens.append(int(token))
             pos = torch.full((3, 1, 1), next_pos + i)
             hidden = inner.language_model(
-                inputs_embeds=inner.get_input_embeddings()(token[:, None]), position_ids=pos, cache=cache
+                inputs_embeds=inner.get_input_embeddings()(token[:, None]),
+                position_ids=pos,
+                cache=cache,
             ).last_hidden_state
             logits = ref.lm_head(hidden)
     return first, np.array([tokens])
@@ -246,10 +304,15 @@ def test_two_conversations_share_one_model(setup):
     """Decoding state lives in the cache: interleaving two conversations changes neither."""
     model, ref, processor = setup
     a = prepare(processor, [user("image", "Describe this image.")], images=[picture(84, 84, 11)])
-    b = prepare(processor, [[{"role": "user", "content": "The quick brown fox jumps over the lazy dog."}]])
+    b = prepare(
+        processor, [[{"role": "user", "content": "The quick brown fox jumps over the lazy dog."}]]
+    )
     alone = [our_greedy(model, a), our_greedy(model, b)]
     caches = [model.make_cache(), model.make_cache()]
-    tokens = [[np.array(model(**our_inputs(x), cache=c)[:, -1].argmax(-1))] for x, c in zip((a, b), caches)]
+    tokens = [
+        [np.array(model(**our_inputs(x), cache=c)[:, -1].argmax(-1))]
+        for x, c in zip((a, b), caches)
+    ]
     for _ in range(NEW_TOKENS - 1):
         for seq, c in zip(tokens, caches):
             seq.append(np.array(model(seq[-1][:, None], cache=c)[:, -1].argmax(-1)))
@@ -314,7 +377,9 @@ def test_expert_checkpoint_checks(tmp_path, glm4v_moe_checkpoint):
         if case == "mtp":
             load_model(path)
         else:
-            with pytest.raises(Glm4vError, match=r"layers.1.mlp.switch_mlp.up_proj.weight: .* 7 of the 8 experts"):
+            with pytest.raises(
+                Glm4vError, match=r"layers.1.mlp.switch_mlp.up_proj.weight: .* 7 of the 8 experts"
+            ):
                 load_model(path)
 
 

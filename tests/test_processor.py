@@ -1,9 +1,10 @@
-"""The torch-free processor against transformers' Glm4vProcessor and Glm46VProcessor on tiny checkpoints.
+"""The torch-free processor against transformers' Glm4vProcessor and Glm46VProcessor on tiny
+checkpoints.
 
-Template strings, input_ids, masks and grids must be identical; pixels within a mean |diff| of 1e-4
-and a max of 0.03 (two grey levels) of the default torchvision backend (measured: equal). The PIL
-backend's figures are reported, not checked, except for 16-bit files, where it is the reference.
-Run with -s to see the per-case pixel figures.
+Template strings, input_ids, masks and grids must be identical; pixels within a mean |diff| of
+1e-4 and a max of 0.03 (two grey levels) of the default torchvision backend (measured: equal).
+The PIL backend's figures are reported, not checked, except for 16-bit files, where it is the
+reference. Run with -s to see the per-case pixel figures.
 """
 
 import json
@@ -16,10 +17,10 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import tiny
 from PIL import Image
 from transformers.video_utils import VideoMetadata
 
-import tiny
 from mlx_glm4v.errors import Glm4vError
 from mlx_glm4v.inputs.processor import Processor
 from mlx_glm4v.inputs.video import Video
@@ -32,7 +33,9 @@ MEASURED = {}  # (case, key) -> {reference backend: (mean, max) |pixel diff|}
 @pytest.fixture(scope="module", autouse=True)
 def pixel_report():
     yield
-    print("\nmean / max |pixel diff| per case, against transformers' torchvision (default) and PIL backends:")
+    print(
+        "\nmean / max |pixel diff| per case, against transformers' torchvision (default) and PIL backends:"
+    )
     for (case, key), figures in MEASURED.items():
         cells = [f"{backend} {m:.1e} / {x:.1e}" for backend, (m, x) in figures.items()]
         print(f"  {case + ' ' + key:48s} " + " | ".join(cells))
@@ -45,16 +48,18 @@ def record(case, key, backend, got, want):
 
 
 def saved_processors(tmp_path_factory, kind: str, layouts) -> dict:
-    """{layout: (path, reference processor loaded back from that path)} for a tiny processor of `kind`
-    (tiny.build_processor) saved as transformers 5 saves it ("v5"), as the published files are
-    ("hub"), or naming no class anywhere, only config.json's model type ("model type")."""
+    """{layout: (path, reference processor loaded back from that path)} for a tiny processor of
+    `kind` (tiny.build_processor) saved as transformers 5 saves it ("v5"), as the published files
+    are ("hub"), or naming no class anywhere, only config.json's model type ("model type")."""
     from transformers import AutoProcessor
 
     glm41v = kind == "Glm4v"
     out = {}
     for layout in layouts:
         path = tmp_path_factory.mktemp(f"processor-{kind}-{layout}")
-        tokenizer = tiny.build_tokenizer(path, special_tokens=tiny.SPECIAL_TOKENS if glm41v else tiny.SPECIAL_TOKENS_45V)
+        tokenizer = tiny.build_tokenizer(
+            path, special_tokens=tiny.SPECIAL_TOKENS if glm41v else tiny.SPECIAL_TOKENS_45V
+        )
         template = tiny.CHAT_TEMPLATE if glm41v else tiny.CHAT_TEMPLATE_45V
         processor = tiny.build_processor(tokenizer, chat_template=template, kind=kind)
         processor.save_pretrained(path)
@@ -93,15 +98,22 @@ def ref_pil(ref):
     from transformers import Glm4vImageProcessorPil, Glm4vProcessor
 
     image = Glm4vImageProcessorPil(size=dict(ref.image_processor.size))
-    return Glm4vProcessor(image, ref.tokenizer, ref.video_processor, chat_template=ref.chat_template)
+    return Glm4vProcessor(
+        image, ref.tokenizer, ref.video_processor, chat_template=ref.chat_template
+    )
 
 
 def smooth(h, w, channels=3, seed=0):
     """A photo-like uint8 image: smooth gradients plus a little noise."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:h, 0:w]
-    planes = [(np.sin(x / (7 + 3 * k) + k) * np.cos(y / (11 + k) + 2 * k) * 0.5 + 0.5) * 230 for k in range(channels)]
-    return np.clip(np.stack(planes, -1) + rng.normal(0, 12, (h, w, channels)), 0, 255).astype(np.uint8)
+    planes = [
+        (np.sin(x / (7 + 3 * k) + k) * np.cos(y / (11 + k) + 2 * k) * 0.5 + 0.5) * 230
+        for k in range(channels)
+    ]
+    return np.clip(np.stack(planes, -1) + rng.normal(0, 12, (h, w, channels)), 0, 255).astype(
+        np.uint8
+    )
 
 
 def png16(path, a):
@@ -114,10 +126,17 @@ def png16(path, a):
     raw = b"".join(b"\0" + row.tobytes() for row in a)
 
     def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     header = struct.pack(">IIBBBBB", a.shape[1], a.shape[0], 16, color, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -144,13 +163,18 @@ def media(tmp_path_factory):
 
 
 def write_video(path, codec, fps, n, pix_fmt="yuv420p", noise=False, **options):
-    """n 64x48 frames, a moving gradient (or noise: every frame the same size in the file), with PyAV."""
+    """n 64x48 frames, a moving gradient (or noise: every frame the same size in the file), with
+    PyAV."""
     with av.open(str(path), "w", options=options) as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = 64, 48, pix_fmt
         for i in range(n):
             rng = np.random.default_rng(i)
-            frame = rng.integers(0, 256, (48, 64, 3), np.uint8) if noise else np.roll(smooth(48, 64, seed=i), 3 * i, 1)
+            frame = (
+                rng.integers(0, 256, (48, 64, 3), np.uint8)
+                if noise
+                else np.roll(smooth(48, 64, seed=i), 3 * i, 1)
+            )
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
@@ -159,17 +183,23 @@ def write_video(path, codec, fps, n, pix_fmt="yuv420p", noise=False, **options):
 
 
 def reference_video(path):
-    """All frames plus metadata as transformers' PyAV reader takes them, so that the reference samples."""
+    """All frames plus metadata as transformers' PyAV reader takes them, so that the reference
+    samples."""
     from transformers.video_utils import read_video_pyav
 
     with av.open(str(path)) as container:
         counted = container.streams.video[0].frames
         fps = float(container.streams.video[0].average_rate)
-    if not counted:  # mkv/webm carry no frame count, which transformers' PyAV reader can't sample from
+    # mkv/webm carry no frame count, which transformers' PyAV reader can't sample from
+    if not counted:
         with av.open(str(path)) as container:
             frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
-        return frames, VideoMetadata(total_num_frames=len(frames), fps=fps, duration=len(frames) / fps)
-    frames, metadata = read_video_pyav(str(path), lambda metadata, **_: np.arange(metadata.total_num_frames))
+        return frames, VideoMetadata(
+            total_num_frames=len(frames), fps=fps, duration=len(frames) / fps
+        )
+    frames, metadata = read_video_pyav(
+        str(path), lambda metadata, **_: np.arange(metadata.total_num_frames)
+    )
     metadata.frames_indices = None
     return frames, metadata
 
@@ -178,7 +208,9 @@ def user(*items, text="Describe it."):
     return {"role": "user", "content": [*items, {"type": "text", "text": text}]}
 
 
-def compare(case, ours, ref, messages, images=(), videos=(), ref_videos=None, ref_pil=None, **kwargs):
+def compare(
+    case, ours, ref, messages, images=(), videos=(), ref_videos=None, ref_pil=None, **kwargs
+):
     """Render, process with both and check; returns our output."""
     prompt = ours.apply_chat_template(messages)
     assert prompt == ref.apply_chat_template(messages, add_generation_prompt=True)
@@ -188,7 +220,9 @@ def compare(case, ours, ref, messages, images=(), videos=(), ref_videos=None, re
         extra = {"videos": [v for v, _ in ref_videos], "video_metadata": [m for _, m in ref_videos]}
     backends = {"torchvision": ref, "pil": ref_pil} if ref_pil is not None else {"torchvision": ref}
     for backend, reference in backends.items():
-        want = reference(text=[prompt], images=list(images) or None, return_tensors="np", **extra, **kwargs)
+        want = reference(
+            text=[prompt], images=list(images) or None, return_tensors="np", **extra, **kwargs
+        )
         assert set(got) == set(want)
         for key in want:
             if key.startswith("pixel_values"):
@@ -196,7 +230,12 @@ def compare(case, ours, ref, messages, images=(), videos=(), ref_videos=None, re
                 mean, top = record(case, key, backend, got[key], want[key])
                 # the default backend is the reference; the PIL backend's figures are only reported,
                 # since the two backends disagree on files with a transparent palette colour
-                assert backend != "torchvision" or (mean <= MEAN_LIMIT and top <= MAX_LIMIT), (case, key, mean, top)
+                assert backend != "torchvision" or (mean <= MEAN_LIMIT and top <= MAX_LIMIT), (
+                    case,
+                    key,
+                    mean,
+                    top,
+                )
             else:
                 np.testing.assert_array_equal(got[key], want[key], err_msg=f"{case}: {key}")
     return got
@@ -212,18 +251,37 @@ def test_both_layouts_match(checkpoints, media, videos, layout):
     assert ours.image_settings.max_pixels == reference.image_processor.size["longest_edge"]
     assert ours.video_settings.max_pixels == reference.video_processor.size["longest_edge"]
     clip = videos["clip7fps.mp4"]
-    messages = [user({"type": "image", "image": str(media / "wide.jpg")}, {"type": "video", "video": str(clip)})]
+    messages = [
+        user(
+            {"type": "image", "image": str(media / "wide.jpg")},
+            {"type": "video", "video": str(clip)},
+        )
+    ]
     images, found = ours.media_from_messages(messages)
-    compare(f"image + video ({layout} layout)", ours, reference, messages, images=images, videos=found,
-            ref_videos=[reference_video(clip)])
+    compare(
+        f"image + video ({layout} layout)",
+        ours,
+        reference,
+        messages,
+        images=images,
+        videos=found,
+        ref_videos=[reference_video(clip)],
+    )
 
 
 def test_multi_turn_with_system_and_several_images(ours, ref, ref_pil, media):
     files = [str(media / f) for f in ("wide.jpg", "square.png", "tiny.png")]
     messages = [
         {"role": "system", "content": "You are a careful assistant."},
-        user({"type": "image", "image": files[0]}, {"type": "image", "path": files[1]}, text="Compare them."),
-        {"role": "assistant", "content": "<think>Two pictures.</think><answer>They differ.</answer>"},
+        user(
+            {"type": "image", "image": files[0]},
+            {"type": "image", "path": files[1]},
+            text="Compare them.",
+        ),
+        {
+            "role": "assistant",
+            "content": "<think>Two pictures.</think><answer>They differ.</answer>",
+        },
         {"role": "assistant", "metadata": "tool", "content": "ok", "reasoning_content": None},
         user({"type": "image", "url": files[2]}, text="And this one?"),
         {"role": "user", "content": "Plain text turn."},
@@ -236,7 +294,9 @@ def test_multi_turn_with_system_and_several_images(ours, ref, ref_pil, media):
 def test_batch_is_left_padded(ours, ref, media):
     prompts = [
         ours.apply_chat_template([user({"type": "image"}, text="Short.")]),
-        ours.apply_chat_template([user({"type": "image"}, {"type": "image"}, text="A much longer question here.")]),
+        ours.apply_chat_template(
+            [user({"type": "image"}, {"type": "image"}, text="A much longer question here.")]
+        ),
     ]
     images = [str(media / "square.png"), str(media / "wide.jpg"), str(media / "tiny.png")]
     got = ours(text=prompts, images=images)
@@ -244,7 +304,9 @@ def test_batch_is_left_padded(ours, ref, media):
     for key in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw"):
         np.testing.assert_array_equal(got[key], want[key])
     assert got["attention_mask"][0, 0] == 0 and got["attention_mask"][:, -1].all()
-    mean, top = record("batch of 2", "pixel_values", "torchvision", got["pixel_values"], want["pixel_values"])
+    mean, top = record(
+        "batch of 2", "pixel_values", "torchvision", got["pixel_values"], want["pixel_values"]
+    )
     assert mean <= MEAN_LIMIT and top <= MAX_LIMIT
     with pytest.raises(Glm4vError, match="padding=True"):
         ours(text=prompts, images=images, padding=False)
@@ -261,19 +323,23 @@ def test_tokenizer_matches_transformers(ours, ref):
         ids = ours.tokenizer.encode(text)
         assert ids == ref.tokenizer(text)["input_ids"]
         for skip in (False, True):
-            assert ours.tokenizer.decode(ids, skip_special_tokens=skip) == ref.tokenizer.decode(ids, skip_special_tokens=skip)
+            assert ours.tokenizer.decode(ids, skip_special_tokens=skip) == ref.tokenizer.decode(
+                ids, skip_special_tokens=skip
+            )
     assert ours.convert_tokens_to_ids("<|image|>") == ref.image_token_id
 
 
 def test_tokenizer_post_processor_decides_special_tokens(checkpoints, tmp_path):
-    """tokenizer(text) adds what tokenizer.json's post-processor adds; add_bos_token in the config is
-    dropped by transformers when a tokenizer.json exists."""
+    """tokenizer(text) adds what tokenizer.json's post-processor adds; add_bos_token in the
+    config is dropped by transformers when a tokenizer.json exists."""
     from transformers import AutoTokenizer
 
     path = tmp_path / "prefix"
     shutil.copytree(checkpoints["v5"][0], path)
     config = json.loads((path / "tokenizer_config.json").read_text())
-    (path / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": "<sop>", "add_bos_token": True}))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({**config, "bos_token": "<sop>", "add_bos_token": True})
+    )
     gmask = tiny.prefix_gmask(path)
     text = "<|user|>\nHello"
     want = AutoTokenizer.from_pretrained(path)(text)["input_ids"]
@@ -291,8 +357,9 @@ def test_template_from_other_files(checkpoints, tmp_path, source):
     data = json.loads(file.read_text()) if file.exists() else {}
     file.write_text(json.dumps({**data, "chat_template": template}))
     messages = [{"role": "system", "content": "S"}, user({"type": "video"}, text="Q")]
-    assert Processor.from_pretrained(path).apply_chat_template(messages) == checkpoints["v5"][1].apply_chat_template(
-        messages, add_generation_prompt=True)
+    assert Processor.from_pretrained(path).apply_chat_template(messages) == checkpoints["v5"][
+        1
+    ].apply_chat_template(messages, add_generation_prompt=True)
 
 
 def test_media_from_messages_order_and_keys(ours):
@@ -300,11 +367,17 @@ def test_media_from_messages_order_and_keys(ours):
     clip = Video(np.zeros((4, 28, 28, 3), np.uint8), fps=2)
     messages = [
         {"role": "system", "content": "S"},
-        {"role": "user", "content": [
-            {"type": "image", "image": "a.jpg"}, {"type": "video", "video": "v.mp4"},
-            {"type": "image_url", "image_url": {"url": "b.png"}}, {"image": pil}, {"type": "video", "path": clip},
-            {"type": "text", "text": "hi"},
-        ]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": "a.jpg"},
+                {"type": "video", "video": "v.mp4"},
+                {"type": "image_url", "image_url": {"url": "b.png"}},
+                {"image": pil},
+                {"type": "video", "path": clip},
+                {"type": "text", "text": "hi"},
+            ],
+        },
     ]
     assert ours.media_from_messages(messages) == (["a.jpg", "b.png", pil], ["v.mp4", clip])
 
@@ -346,7 +419,9 @@ def test_16_bit_png_follows_load_image(ours, ref_pil, media, name):
     got = ours(text="<|image|>", images=[str(media / name)])
     want = ref_pil(text=["<|image|>"], images=[str(media / name)], return_tensors="np")
     np.testing.assert_array_equal(got["image_grid_thw"], want["image_grid_thw"])
-    mean, _ = record(f"16-bit {name} (path)", "pixel_values", "pil", got["pixel_values"], want["pixel_values"])
+    mean, _ = record(
+        f"16-bit {name} (path)", "pixel_values", "pil", got["pixel_values"], want["pixel_values"]
+    )
     assert mean <= PIL_MEAN_LIMIT
 
 
@@ -356,9 +431,11 @@ def test_patch_rows_are_the_resized_image(ours):
     out = ours(text="<|image|>", images=[rgb.astype(np.uint8)])
     s = ours.image_settings
     rows = out["pixel_values"].reshape(-1, 3, 2, 14, 14)
-    assert np.array_equal(rows[:, :, 0], rows[:, :, 1])  # the frame repeated over temporal_patch_size
+    # the frame repeated over temporal_patch_size
+    assert np.array_equal(rows[:, :, 0], rows[:, :, 1])
     pixel = rows[1, :, 0, 0, 0] * np.asarray(s.image_std) * 255 + np.asarray(s.image_mean) * 255
-    np.testing.assert_allclose(pixel, rgb[0, 14], atol=1e-3)  # row 1: second patch of the first 2x2 block
+    # row 1: second patch of the first 2x2 block
+    np.testing.assert_allclose(pixel, rgb[0, 14], atol=1e-3)
 
 
 # ---------------------------------------------------------------- videos
@@ -391,25 +468,48 @@ def test_video_file_matches_reference(ours, ref, videos, name):
 
 def test_video_and_images_in_one_prompt(ours, ref, media, videos):
     path = videos["clip30fps.mp4"]
-    messages = [user({"type": "image", "image": str(media / "wide.jpg")}, {"type": "video", "video": str(path)},
-                     {"type": "image", "image": str(media / "tiny.png")})]
+    messages = [
+        user(
+            {"type": "image", "image": str(media / "wide.jpg")},
+            {"type": "video", "video": str(path)},
+            {"type": "image", "image": str(media / "tiny.png")},
+        )
+    ]
     images, found = ours.media_from_messages(messages)
-    got = compare("2 images + mp4", ours, ref, messages, images=images, videos=found, ref_videos=[reference_video(path)])
+    got = compare(
+        "2 images + mp4",
+        ours,
+        ref,
+        messages,
+        images=images,
+        videos=found,
+        ref_videos=[reference_video(path)],
+    )
     assert set(np.unique(got["mm_token_type_ids"])) == {0, 1, 2}
 
 
-@pytest.mark.parametrize("frames,fps,duration", [(900, 2.0, 450.0), (500, 1.25, 400.0), (37, 3.0, None)])
+@pytest.mark.parametrize(
+    "frames,fps,duration", [(900, 2.0, 450.0), (500, 1.25, 400.0), (37, 3.0, None)]
+)
 def test_decoded_frames_with_metadata(ours, ref, frames, fps, duration):
-    """Frames handed over with their fps, including clips past the 300 s cap simulated by metadata."""
+    """Frames handed over with their fps, including clips past the 300 s cap simulated by
+    metadata."""
     clip = np.stack([smooth(12, 16, seed=i % 7) for i in range(frames)])
     metadata = VideoMetadata(total_num_frames=frames, fps=fps, duration=duration)
-    compare(f"{frames} frames @{fps} fps, {duration} s", ours, ref, [user({"type": "video"})],
-            videos=[Video(clip, fps, duration)], ref_videos=[(clip, metadata)])
+    compare(
+        f"{frames} frames @{fps} fps, {duration} s",
+        ours,
+        ref,
+        [user({"type": "video"})],
+        videos=[Video(clip, fps, duration)],
+        ref_videos=[(clip, metadata)],
+    )
 
 
 def test_truncated_file_is_sampled_over_the_frames_it_holds(ours, ref, tmp_path):
     """A header promising more frames than decode: sampled as if the header had told the truth."""
-    whole = write_video(tmp_path / "whole.mp4", "mpeg4", 10, 40, noise=True, movflags="faststart")  # header first
+    # header first
+    whole = write_video(tmp_path / "whole.mp4", "mpeg4", 10, 40, noise=True, movflags="faststart")
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     with av.open(str(cut)) as container:
@@ -420,23 +520,40 @@ def test_truncated_file_is_sampled_over_the_frames_it_holds(ours, ref, tmp_path)
             pass
     assert 2 < len(frames) < 40
     metadata = VideoMetadata(total_num_frames=len(frames), fps=10.0, duration=len(frames) / 10)
-    compare("truncated mp4", ours, ref, [user({"type": "video"})], videos=[str(cut)],
-            ref_videos=[(np.stack(frames), metadata)])
+    compare(
+        "truncated mp4",
+        ours,
+        ref,
+        [user({"type": "video"})],
+        videos=[str(cut)],
+        ref_videos=[(np.stack(frames), metadata)],
+    )
 
 
 def test_video_fps_cap_matches_reference_fps(ours, ref, videos):
     path = videos["clip30fps.mp4"]
-    got = compare("mp4 at fps=1", ours, ref, [user({"type": "video"})], videos=[str(path)],
-                  ref_videos=[reference_video(path)], fps=1)
+    got = compare(
+        "mp4 at fps=1",
+        ours,
+        ref,
+        [user({"type": "video"})],
+        videos=[str(path)],
+        ref_videos=[reference_video(path)],
+        fps=1,
+    )
     assert got["video_grid_thw"][0, 0] == 1
 
 
 def test_frame_and_pixel_caps(ours, videos, media):
     path = str(videos["clip25fps.mkv"])
     full = ours(text="<|video|>", videos=[path])["video_grid_thw"][0]
-    capped = ours(text="<|video|>", videos=[path], max_frames=2, max_pixels=28 * 28)["video_grid_thw"][0]
+    capped = ours(text="<|video|>", videos=[path], max_frames=2, max_pixels=28 * 28)[
+        "video_grid_thw"
+    ][0]
     assert full[0] == 2 and capped[0] == 1 and capped[1] * capped[2] == 4
-    grid = ours(text="<|image|>", images=[str(media / "large.jpg")], max_pixels=28 * 28 * 16)["image_grid_thw"][0]
+    grid = ours(text="<|image|>", images=[str(media / "large.jpg")], max_pixels=28 * 28 * 16)[
+        "image_grid_thw"
+    ][0]
     assert grid[1] * grid[2] <= 4 * 16
 
 
@@ -446,7 +563,8 @@ def test_frame_and_pixel_caps(ours, videos, media):
 def one_sentence(error: Glm4vError, *names):
     message = str(error.value)
     assert "\n" not in message and message.endswith("."), message
-    assert error.value.__suppress_context__ or error.value.__context__ is None  # no traceback from deep inside
+    # no traceback from deep inside
+    assert error.value.__suppress_context__ or error.value.__context__ is None
     for name in names:
         assert str(name) in message, message
 
@@ -466,21 +584,32 @@ def test_bad_images(ours, media, tmp_path):
 
 
 def png_header_only(path, width, height):
-    """A PNG that claims (width, height) and holds no pixel: PIL checks the size when it opens it."""
+    """A PNG that claims (width, height) and holds no pixel: PIL checks the size when it opens
+    it."""
     import struct
     import zlib
 
     def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
-@pytest.mark.parametrize("width,height,megapixels", [(10_000, 9_000, "90.0"), (20_000, 20_000, "400.0")])
+@pytest.mark.parametrize(
+    "width,height,megapixels", [(10_000, 9_000, "90.0"), (20_000, 20_000, "400.0")]
+)
 def test_decompression_bomb_is_one_sentence(ours, tmp_path, width, height, megapixels):
-    """Past PIL's limit (a warning up to twice it, an error beyond): our error, no warning printed."""
+    """Past PIL's limit (a warning up to twice it, an error beyond): our error, no warning
+    printed."""
     import warnings
 
     path = png_header_only(tmp_path / "huge.png", width, height)
@@ -497,15 +626,26 @@ def test_bad_videos(ours, media, tmp_path):
     garbage.write_bytes(b"\x00\x01 definitely not a video" * 100)
     no_stream = tmp_path / "silence.wav"
     with wave.open(str(no_stream), "wb") as audio:
-        audio.setnchannels(1), audio.setsampwidth(2), audio.setframerate(8000), audio.writeframes(bytes(1600))
+        (
+            audio.setnchannels(1),
+            audio.setsampwidth(2),
+            audio.setframerate(8000),
+            audio.writeframes(bytes(1600)),
+        )
     zeroed = write_video(tmp_path / "zeroed.mp4", "libx264", 10, 5)
     data = bytearray(zeroed.read_bytes())
     at = data.find(b"mdat")
-    size = int.from_bytes(data[at - 4:at], "big")
-    data[at + 4:at - 4 + size] = bytes(size - 8)  # every frame's payload zeroed: the header survives
+    size = int.from_bytes(data[at - 4 : at], "big")
+    # every frame's payload zeroed: the header survives
+    data[at + 4 : at - 4 + size] = bytes(size - 8)
     zeroed.write_bytes(data)
-    for video, name in [(tmp_path / "missing.mp4", "missing.mp4"), (garbage, garbage), (no_stream, no_stream),
-                        (zeroed, zeroed), (Video(np.zeros((0, 4, 4, 3), np.uint8), 2), "no frame")]:
+    for video, name in [
+        (tmp_path / "missing.mp4", "missing.mp4"),
+        (garbage, garbage),
+        (no_stream, no_stream),
+        (zeroed, zeroed),
+        (Video(np.zeros((0, 4, 4, 3), np.uint8), 2), "no frame"),
+    ]:
         with pytest.raises(Glm4vError) as error:
             ours(text="<|video|>", videos=[video])
         one_sentence(error, name)
@@ -515,8 +655,13 @@ def test_bad_videos(ours, media, tmp_path):
 
 def test_wrong_number_of_media(ours, media):
     image = str(media / "tiny.png")
-    for text, images, videos in [("<|image|><|image|>", [image], None), ("<|image|>", [image, image], None),
-                                 ("no places", [image], None), ("<|video|>", None, None), ("x", None, ["v.mp4"])]:
+    for text, images, videos in [
+        ("<|image|><|image|>", [image], None),
+        ("<|image|>", [image, image], None),
+        ("no places", [image], None),
+        ("<|video|>", None, None),
+        ("x", None, ["v.mp4"]),
+    ]:
         with pytest.raises(Glm4vError) as error:
             ours(text=text, images=images, videos=videos)
         one_sentence(error, "place")
@@ -530,14 +675,16 @@ def test_processor_never_imports_torch(checkpoints, media, videos):
 import sys
 import mlx_glm4v
 from mlx_glm4v.inputs.processor import Processor
-p = Processor.from_pretrained({str(checkpoints['v5'][0])!r})
+p = Processor.from_pretrained({str(checkpoints["v5"][0])!r})
 prompt = p.apply_chat_template([{{"role": "user", "content": [{{"type": "image"}}, {{"type": "video"}}]}}])
-p(text=prompt, images=[{str(media / 'wide.jpg')!r}], videos=[{str(videos['clip7fps.mp4'])!r}])
+p(text=prompt, images=[{str(media / "wide.jpg")!r}], videos=[{str(videos["clip7fps.mp4"])!r}])
 heavy = [m for m in ("torch", "transformers", "mlx_lm", "mlx", "torchvision") if m in sys.modules]
 assert not heavy, heavy
 """
     root = Path(__file__).parent.parent
-    result = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -567,16 +714,30 @@ def test_glm46v_is_recognised(glm46v, checkpoints, layout):
     ours = Processor.from_pretrained(path)
     assert (ours.processor_class, ours.video_settings.sampling) == ("Glm46VProcessor", "dynamic")
     clip = np.stack([smooth(12, 16, seed=i % 7) for i in range(50)])
-    compare(f"glm46v 5 s @10 fps ({layout})", ours, reference, [user({"type": "video"})],
-            videos=[Video(clip, 10.0)], ref_videos=[(clip, VideoMetadata(total_num_frames=50, fps=10.0))])
+    compare(
+        f"glm46v 5 s @10 fps ({layout})",
+        ours,
+        reference,
+        [user({"type": "video"})],
+        videos=[Video(clip, 10.0)],
+        ref_videos=[(clip, VideoMetadata(total_num_frames=50, fps=10.0))],
+    )
     glm4v = Processor.from_pretrained(checkpoints["v5"][0])
     assert (glm4v.processor_class, glm4v.video_settings.sampling) == ("Glm4vProcessor", "fixed")
 
 
-# (frames, fps, duration): around 30 s, 300 s and 2400 s, fewer frames than wanted, past the 640-frame cap
+# (frames, fps, duration): around 30 s, 300 s and 2400 s, fewer frames than wanted, past the
+# 640-frame cap
 GLM46V_CLIPS = [
-    (13, 7.0, None), (60, 2.0, 30.0), (62, 2.0, 31.0), (1365, 30.0, 45.5), (300, 1.0, 300.0), (301, 1.0, 301.0),
-    (1000, 1.0, 1000.0), (900, 0.25, 3600.0), (599, 29.97, 599 / 29.97),
+    (13, 7.0, None),
+    (60, 2.0, 30.0),
+    (62, 2.0, 31.0),
+    (1365, 30.0, 45.5),
+    (300, 1.0, 300.0),
+    (301, 1.0, 301.0),
+    (1000, 1.0, 1000.0),
+    (900, 0.25, 3600.0),
+    (599, 29.97, 599 / 29.97),
 ]
 
 
@@ -585,23 +746,47 @@ def test_glm46v_frames_by_duration(ours46, ref46, frames, fps, duration):
     clip = np.stack([smooth(12, 16, seed=i % 7) for i in range(frames)])
     metadata = VideoMetadata(total_num_frames=frames, fps=fps, duration=duration)
     seconds = "?" if duration is None else f"{duration:g}"
-    got = compare(f"glm46v {frames} frames @{fps} fps, {seconds} s", ours46, ref46, [user({"type": "video"})],
-                  videos=[Video(clip, fps, duration)], ref_videos=[(clip, metadata)])
+    got = compare(
+        f"glm46v {frames} frames @{fps} fps, {seconds} s",
+        ours46,
+        ref46,
+        [user({"type": "video"})],
+        videos=[Video(clip, fps, duration)],
+        ref_videos=[(clip, metadata)],
+    )
     assert " seconds" in ours46.tokenizer.decode(got["input_ids"][0])
 
 
 def test_glm46v_files_images_and_template(ours46, ref46, media, videos):
     path = videos["clip30fps.mp4"]
-    messages = [{"role": "system", "content": "Be brief."},
-                user({"type": "image", "image": str(media / "wide.jpg")}, {"type": "video", "video": str(path)},
-                     {"type": "image", "image": str(media / "rgba.png")})]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        user(
+            {"type": "image", "image": str(media / "wide.jpg")},
+            {"type": "video", "video": str(path)},
+            {"type": "image", "image": str(media / "rgba.png")},
+        ),
+    ]
     images, found = ours46.media_from_messages(messages)
-    got = compare("glm46v 2 images + mp4", ours46, ref46, messages, images=images, videos=found,
-                  ref_videos=[reference_video(path)])
+    got = compare(
+        "glm46v 2 images + mp4",
+        ours46,
+        ref46,
+        messages,
+        images=images,
+        videos=found,
+        ref_videos=[reference_video(path)],
+    )
     assert set(np.unique(got["mm_token_type_ids"])) == {0, 1, 2}
     for name in ("clip25fps.mkv", "clip10fps.gif"):
-        compare(f"glm46v {name}", ours46, ref46, [user({"type": "video"})], videos=[str(videos[name])],
-                ref_videos=[reference_video(videos[name])])
+        compare(
+            f"glm46v {name}",
+            ours46,
+            ref46,
+            [user({"type": "video"})],
+            videos=[str(videos[name])],
+            ref_videos=[reference_video(videos[name])],
+        )
 
 
 def test_glm46v_fps_replaces_the_rate(ours46):

@@ -14,6 +14,8 @@ def test_split_whole_reply():
 def test_streamed_split_equals_whole_at_every_cut():
     for size in range(1, 12):
         splitter = ReplySplitter()
-        pieces = [splitter.feed(GLM41V[i:i + size]) for i in range(0, len(GLM41V), size)] + [splitter.finish()]
+        pieces = [splitter.feed(GLM41V[i : i + size]) for i in range(0, len(GLM41V), size)] + [
+            splitter.finish()
+        ]
         assert "".join(p[0] for p in pieces).strip() == split_reply(GLM41V).reasoning
         assert "".join(p[1] for p in pieces).strip() == split_reply(GLM41V).answer

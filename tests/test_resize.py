@@ -1,16 +1,18 @@
-"""Resized pixels against transformers' Glm4vProcessor (torchvision backend) for every per-axis change.
+"""Resized pixels against transformers' Glm4vProcessor (torchvision backend) for every per-axis
+change.
 
 Each case moves each axis one way (unchanged, grown or shrunk, by a small factor or a large one),
-for every image kind a file can be and for video frames. Noise images: every pixel differs from its
-neighbours, so any difference in how the two passes are done shows. Run with -s for the figures.
+for every image kind a file can be and for video frames. Noise images: every pixel differs from
+its neighbours, so any difference in how the two passes are done shows. Run with -s for the
+figures.
 """
 
 import numpy as np
 import pytest
+import tiny
 from PIL import Image
 from transformers.video_utils import VideoMetadata
 
-import tiny
 from mlx_glm4v.inputs.processor import Processor
 from mlx_glm4v.inputs.video import Video
 
@@ -20,15 +22,36 @@ MEASURED = {}  # case -> (mean, max) |pixel diff|
 # (height, width, per-frame max_pixels or None): small inputs, each axis grown or shrunk by a small
 # (< 25 %) or large factor or left alone; with their transposes every combination occurs.
 GRID = [
-    (45, 90, None), (23, 173, None), (50, 98, 6200), (49, 71, 4600), (45, 112, None),
-    (8, 23, 400), (8, 8, 400), (8, 29, 400), (8, 35, 400), (8, 28, 400),
-    (57, 98, None), (57, 98, 5400), (57, 71, 4000), (57, 112, None),
-    (71, 72, 7000), (42, 44, 3000), (71, 85, 6000), (70, 71, 3200), (71, 84, 6000),
-    (56, 98, None), (56, 98, 5600), (56, 71, 4000), (56, 112, None),
-    (30, 40, None), (20, 300, None), (250, 300, 9000),
+    (45, 90, None),
+    (23, 173, None),
+    (50, 98, 6200),
+    (49, 71, 4600),
+    (45, 112, None),
+    (8, 23, 400),
+    (8, 8, 400),
+    (8, 29, 400),
+    (8, 35, 400),
+    (8, 28, 400),
+    (57, 98, None),
+    (57, 98, 5400),
+    (57, 71, 4000),
+    (57, 112, None),
+    (71, 72, 7000),
+    (42, 44, 3000),
+    (71, 85, 6000),
+    (70, 71, 3200),
+    (71, 84, 6000),
+    (56, 98, None),
+    (56, 98, 5600),
+    (56, 71, 4000),
+    (56, 112, None),
+    (30, 40, None),
+    (20, 300, None),
+    (250, 300, 9000),
 ]
 GRID += [(w, h, cap) for h, w, cap in GRID if h != w]
-# The shapes of camera photos and screenshots (one axis shrinks while the other grows, and both ways).
+# The shapes of camera photos and screenshots (one axis shrinks while the other grows, and both
+# ways).
 PHOTOS = [(768, 1024, None), (1024, 768, None), (230, 230, None), (600, 800, 200_000)]
 
 
@@ -110,7 +133,9 @@ def test_grid_covers_every_per_axis_change(processors):
 
 
 KINDS = ["RGB", "grayscale", "RGBA", "palette", "EXIF-rotated"]
-IMAGE_CASES = [(kind, *case) for kind in KINDS for case in GRID] + [("RGB", *case) for case in PHOTOS]
+IMAGE_CASES = [(kind, *case) for kind in KINDS for case in GRID] + [
+    ("RGB", *case) for case in PHOTOS
+]
 
 
 @pytest.mark.parametrize("kind,h,w,cap", IMAGE_CASES, ids=lambda v: str(v))
@@ -126,9 +151,12 @@ def test_image_file_pixels(processors, tmp_path, kind, h, w, cap):
 @pytest.mark.parametrize("h,w,cap", GRID + PHOTOS[:2], ids=lambda v: str(v))
 def test_video_frame_pixels(processors, h, w, cap):
     ours, ref = processors
-    frames = np.stack([noise(h, w, seed=i) for i in range(2)])  # one second at 2 fps: both frames sampled
+    # one second at 2 fps: both frames sampled
+    frames = np.stack([noise(h, w, seed=i) for i in range(2)])
     metadata = VideoMetadata(total_num_frames=2, fps=2.0, duration=1.0)
     caps = {} if cap is None else {"size": {"shortest_edge": 12544, "longest_edge": 2 * cap}}
-    want = ref(text=["<|video|>"], videos=[frames], video_metadata=[metadata], return_tensors="np", **caps)
+    want = ref(
+        text=["<|video|>"], videos=[frames], video_metadata=[metadata], return_tensors="np", **caps
+    )
     got = ours(text="<|video|>", videos=[Video(frames, 2.0, 1.0)], max_pixels=cap)
     assert check(f"video {h}x{w} cap {cap}", got, want, "video_grid_thw")[0] == 1

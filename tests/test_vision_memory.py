@@ -1,4 +1,5 @@
-"""The vision tower's attention on large frames: queries in blocks, the same features, bounded scores."""
+"""The vision tower's attention on large frames: queries in blocks, the same features, bounded
+scores."""
 
 import mlx.core as mx
 import numpy as np
@@ -14,7 +15,8 @@ def tower(glm4v_checkpoint):
 
 
 def encode(tower, h, w, budget, monkeypatch):
-    """Features of one (h, w)-patch frame of random pixels and the tower's peak memory above the weights."""
+    """Features of one (h, w)-patch frame of random pixels and the tower's peak memory above the
+    weights."""
     monkeypatch.setattr(mlx_glm4v.models.vision, "ATTENTION_SCORE_BYTES", budget)
     rows = np.random.default_rng(0).standard_normal((h * w, 1176), dtype=np.float32)
     mx.clear_cache()

@@ -4,13 +4,13 @@ bit for bit."""
 
 import mlx.core as mx
 import pytest
-
-from mlx_glm4v.generation.generate import build_messages
-from mlx_glm4v.models.head_groups import heads_per_call, kv_heads_of
-from mlx_glm4v.checkpoints.loader import load
-from mlx_glm4v.models.media import media_items
-from mlx_glm4v.inputs.video import Video
 from test_model import clip, picture
+
+from mlx_glm4v.checkpoints.loader import load
+from mlx_glm4v.generation.generate import build_messages
+from mlx_glm4v.inputs.video import Video
+from mlx_glm4v.models.head_groups import heads_per_call, kv_heads_of
+from mlx_glm4v.models.media import media_items
 
 
 def items_of(processor, images=(), videos=()):
@@ -18,8 +18,12 @@ def items_of(processor, images=(), videos=()):
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     media_images, media_videos = processor.media_from_messages(messages)
     inputs = processor(text, images=media_images, videos=media_videos)
-    return media_items(*(inputs.get(k) for k in ("pixel_values", "image_grid_thw", "pixel_values_videos",
-                                                  "video_grid_thw")))
+    return media_items(
+        *(
+            inputs.get(k)
+            for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+        )
+    )
 
 
 def in_pieces(model, item, patches, work):
@@ -34,7 +38,9 @@ def in_pieces(model, item, patches, work):
 
 def cut_attention(monkeypatch, work: int):
     """Attention calls of at most `work` query-key pairs x heads, on any device."""
-    monkeypatch.setattr("mlx_glm4v.models.head_groups.ATTENTION_PIECE_WORK", dict.fromkeys(("cpu", "gpu"), work))
+    monkeypatch.setattr(
+        "mlx_glm4v.models.head_groups.ATTENTION_PIECE_WORK", dict.fromkeys(("cpu", "gpu"), work)
+    )
 
 
 def test_head_groups_keep_key_value_heads_whole():
@@ -58,45 +64,63 @@ WORKS = {"whole": 10**12, "heads": 1000}
 
 @pytest.mark.parametrize("heads", sorted(WORKS))
 @pytest.mark.parametrize("family", ["glm4v", "glm4v_moe"])
-def test_pieces_equal_the_whole_pass(family, heads, glm4v_checkpoint, glm4v_moe_checkpoint, tmp_path, monkeypatch):
+def test_pieces_equal_the_whole_pass(
+    family, heads, glm4v_checkpoint, glm4v_moe_checkpoint, tmp_path, monkeypatch
+):
     path = (glm4v_checkpoint if family == "glm4v" else glm4v_moe_checkpoint)[0]
     model, processor = load(path)
     for i, (h, w) in enumerate(((56, 84), (112, 140), (28, 196))):
         picture(h, w, i).save(tmp_path / f"{i}.png")
-    items = items_of(processor, images=[tmp_path / f"{i}.png" for i in range(3)],
-                     videos=[Video(clip(8, 84, 112, 1), fps=2.0)])
-    assert [int(item.grid[0]) for item in items] == [1, 1, 1, 4]  # three images, a video of four temporal groups
+    items = items_of(
+        processor,
+        images=[tmp_path / f"{i}.png" for i in range(3)],
+        videos=[Video(clip(8, 84, 112, 1), fps=2.0)],
+    )
+    # three images, a video of four temporal groups
+    assert [int(item.grid[0]) for item in items] == [1, 1, 1, 4]
     for item in items:
-        image, video = model.encode_media(items=[item])  # every head in one call: the pass as it was
+        # every head in one call: the pass as it was
+        image, video = model.encode_media(items=[item])
         whole = video if item is items[-1] else image
         cut_attention(monkeypatch, WORKS[heads])
-        image, video = model.encode_media(items=[item])  # the whole pass, its attention a head a call
+        # the whole pass, its attention a head a call
+        image, video = model.encode_media(items=[item])
         assert mx.array_equal(video if item is items[-1] else image, whole).item()
         counts = set()
         for patches, work in GROUPINGS:
             n, features = in_pieces(model, item, patches, work)
             counts.add(n)
-            assert features.shape == whole.shape and mx.array_equal(features, whole).item(), (item.grid, patches, work)
+            assert features.shape == whole.shape and mx.array_equal(features, whole).item(), (
+                item.grid,
+                patches,
+                work,
+            )
         # the groupings really cut the item differently (a head a piece cuts an image alike in all)
         assert len(counts) > 1 or (heads == "heads" and item is not items[-1])
         monkeypatch.undo()
     cut_attention(monkeypatch, WORKS[heads])
     n, _ = in_pieces(model, items[-1], 1, 1)
     per_block = 1 if heads == "whole" else model.visual.blocks[0].attn.num_heads
-    assert n == 4 * len(model.visual.blocks) * per_block  # a temporal group through one block (or head) a piece
+    # a temporal group through one block (or head) a piece
+    assert n == 4 * len(model.visual.blocks) * per_block
 
 
 @pytest.mark.parametrize("family", ["glm4v", "glm4v_moe"])
 @pytest.mark.parametrize("step", [1, 2, "heads"])
-def test_decoder_layers_in_pieces_equal_forward(family, step, glm4v_checkpoint, glm4v_moe_checkpoint, tmp_path,
-                                                monkeypatch):
+def test_decoder_layers_in_pieces_equal_forward(
+    family, step, glm4v_checkpoint, glm4v_moe_checkpoint, tmp_path, monkeypatch
+):
     path = (glm4v_checkpoint if family == "glm4v" else glm4v_moe_checkpoint)[0]
     model, processor = load(path)
     picture(56, 84, 5).save(tmp_path / "p.png")
     messages = build_messages("Describe it in detail.", [tmp_path / "p.png"], (), None)
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     images, videos = processor.media_from_messages(messages)
-    inputs = {k: v for k, v in processor(text, images=images, videos=videos).items() if k != "mm_token_type_ids"}
+    inputs = {
+        k: v
+        for k, v in processor(text, images=images, videos=videos).items()
+        if k != "mm_token_type_ids"
+    }
     out, split = [], []
     if step == "heads":  # a head or two a call: every chunk's attention in several pieces
         cut_attention(monkeypatch, 16 * 16)
@@ -121,7 +145,9 @@ def test_decoder_layers_in_pieces_equal_forward(family, step, glm4v_checkpoint, 
                         model.run_heads(p, cache, *groups[p.heads_run])
                 hidden.append(p.h)
             else:
-                hidden.append(model.forward(prompt, cache, start, end, last_only=end == prompt.length))
+                hidden.append(
+                    model.forward(prompt, cache, start, end, last_only=end == prompt.length)
+                )
         mx.eval(hidden, [c.state for c in cache])
         out.append((hidden, [c.state for c in cache]))
     (a, ca), (b, cb) = out

@@ -184,15 +184,44 @@ FAMILIES = ("glm4v", "glm4v_moe", "glm46v")
 
 # GLM-4's special tokens in their published order (151329 onwards in the real vocabulary).
 SPECIAL_TOKENS = [
-    "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>",
-    "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
-    "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>",
-    "<|image|>", "<|video|>", "<|begin_of_audio|>", "<|end_of_audio|>",
-    "<|begin_of_transcription|>", "<|end_of_transcription|>",
-    "<|code_prefix|>", "<|code_middle|>", "<|code_suffix|>",
-    "<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
-    "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>", "/nothink",
-    "<|begin_of_box|>", "<|end_of_box|>", "<answer>", "</answer>",
+    "<|endoftext|>",
+    "[MASK]",
+    "[gMASK]",
+    "[sMASK]",
+    "<sop>",
+    "<eop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+    "<|begin_of_image|>",
+    "<|end_of_image|>",
+    "<|begin_of_video|>",
+    "<|end_of_video|>",
+    "<|image|>",
+    "<|video|>",
+    "<|begin_of_audio|>",
+    "<|end_of_audio|>",
+    "<|begin_of_transcription|>",
+    "<|end_of_transcription|>",
+    "<|code_prefix|>",
+    "<|code_middle|>",
+    "<|code_suffix|>",
+    "<think>",
+    "</think>",
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+    "<arg_key>",
+    "</arg_key>",
+    "<arg_value>",
+    "</arg_value>",
+    "/nothink",
+    "<|begin_of_box|>",
+    "<|end_of_box|>",
+    "<answer>",
+    "</answer>",
 ]
 # GLM-4.5V's order [3P]: audio markers where GLM-4.1V has <|image|> and <|video|>, which come last
 # (151363 and 151364 in the real vocabulary), and no answer tags.
@@ -279,7 +308,9 @@ def moe_text_config(vocab_size: int, pad_id: int, eos_ids: list, **overrides) ->
     wide as hidden: narrower, their output is small beside attention's, and greedy decoding
     after a long image prefix repeats one token."""
     cfg = text_config(
-        vocab_size, pad_id, eos_ids,
+        vocab_size,
+        pad_id,
+        eos_ids,
         num_hidden_layers=3,
         head_dim=48,
         first_k_dense_replace=1,
@@ -292,7 +323,8 @@ def moe_text_config(vocab_size: int, pad_id: int, eos_ids: list, **overrides) ->
         norm_topk_prob=True,
         routed_scaling_factor=1.0,
     )
-    cfg["rope_parameters"] = {**cfg["rope_parameters"], "mrope_section": [4, 4, 4]}  # half of 48 * 0.5
+    # half of 48 * 0.5
+    cfg["rope_parameters"] = {**cfg["rope_parameters"], "mrope_section": [4, 4, 4]}
     cfg.update(overrides)
     return cfg
 
@@ -351,11 +383,16 @@ def eos_ids(tokenizer) -> list:
     return [ids("<|endoftext|>"), ids("<|user|>"), ids("<|observation|>")]
 
 
-def build_processor(tokenizer, image_kwargs=None, video_kwargs=None, chat_template=CHAT_TEMPLATE, kind="Glm4v"):
+def build_processor(
+    tokenizer, image_kwargs=None, video_kwargs=None, chat_template=CHAT_TEMPLATE, kind="Glm4v"
+):
     """transformers' processor of `kind`: "Glm4v" (GLM-4.1V, GLM-4.5V) or "Glm46V" (GLM-4.6V)."""
     import transformers as tf
 
-    image_kwargs = {"size": {"shortest_edge": 12544, "longest_edge": 9633792}, **(image_kwargs or {})}
+    image_kwargs = {
+        "size": {"shortest_edge": 12544, "longest_edge": 9633792},
+        **(image_kwargs or {}),
+    }
     video_kwargs = dict(video_kwargs or {})
     return getattr(tf, f"{kind}Processor")(
         image_processor=getattr(tf, f"{kind}ImageProcessor")(**image_kwargs),
@@ -369,26 +406,47 @@ def model_class_and_config(family: str, tokenizer):
     """transformers' model class and config of a tiny checkpoint of `family` (see FAMILIES)."""
     import transformers as tf
 
-    vocab, pad, eos = len(tokenizer), tokenizer.convert_tokens_to_ids("<|endoftext|>"), eos_ids(tokenizer)
+    vocab, pad, eos = (
+        len(tokenizer),
+        tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_ids(tokenizer),
+    )
     ids = token_ids(tokenizer)
     if family == "glm4v":
-        config = tf.Glm4vConfig(text_config=text_config(vocab, pad, eos), vision_config=vision_config(), **ids)
+        config = tf.Glm4vConfig(
+            text_config=text_config(vocab, pad, eos), vision_config=vision_config(), **ids
+        )
         return tf.Glm4vForConditionalGeneration, config
     if family == "glm4v_moe":
-        config = tf.Glm4vMoeConfig(text_config=moe_text_config(vocab, pad, eos), vision_config=vision_config(), **ids)
+        config = tf.Glm4vMoeConfig(
+            text_config=moe_text_config(vocab, pad, eos), vision_config=vision_config(), **ids
+        )
         return tf.Glm4vMoeForConditionalGeneration, config
     # glm46v takes its text model's kind from text_config.model_type; here the experts, routed
     # within the best 2 of 4 groups, scaled, with two shared experts.
     text = moe_text_config(
-        vocab, pad, eos, model_type="glm4v_moe_text",
-        n_group=4, topk_group=2, routed_scaling_factor=2.5, n_shared_experts=2,
+        vocab,
+        pad,
+        eos,
+        model_type="glm4v_moe_text",
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        n_shared_experts=2,
     )
-    return tf.Glm46VForConditionalGeneration, tf.Glm46VConfig(text_config=text, vision_config=vision_config(), **ids)
+    return tf.Glm46VForConditionalGeneration, tf.Glm46VConfig(
+        text_config=text, vision_config=vision_config(), **ids
+    )
 
 
 def build_checkpoint(
-    path, seed: int = 0, max_shard_size: str | None = None, processor_layout: str = "v5", family: str = "glm4v",
-    words=(), vocab_size: int = 320,
+    path,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    processor_layout: str = "v5",
+    family: str = "glm4v",
+    words=(),
+    vocab_size: int = 320,
 ):
     """Write a tiny checkpoint of `family` (weights, configs, tokenizer, processor) to `path`.
 
@@ -414,7 +472,9 @@ def build_checkpoint(
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
 
-    processor = build_processor(tokenizer, chat_template=CHAT_TEMPLATE if glm41v else CHAT_TEMPLATE_45V)
+    processor = build_processor(
+        tokenizer, chat_template=CHAT_TEMPLATE if glm41v else CHAT_TEMPLATE_45V
+    )
     processor.save_pretrained(path)
     if processor_layout == "hub":
         _rewrite_as_hub_layout(path, processor)
@@ -422,24 +482,50 @@ def build_checkpoint(
 
 
 def _rewrite_as_hub_layout(path: Path, processor):
-    """Replace processor_config.json by the published preprocessor_config.json + video_preprocessor_config.json."""
+    """Replace processor_config.json by the published preprocessor_config.json +
+    video_preprocessor_config.json."""
     image = processor.image_processor
     video = processor.video_processor
     common = dict(
-        do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-        image_mean=list(image.image_mean), image_std=list(image.image_std),
-        patch_size=image.patch_size, temporal_patch_size=image.temporal_patch_size,
-        merge_size=image.merge_size, do_convert_rgb=True,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(image.image_mean),
+        image_std=list(image.image_std),
+        patch_size=image.patch_size,
+        temporal_patch_size=image.temporal_patch_size,
+        merge_size=image.merge_size,
+        do_convert_rgb=True,
     )
-    (path / "preprocessor_config.json").write_text(json.dumps({
-        **common, "size": dict(image.size), "do_resize": True, "resample": 3,
-        "image_processor_type": type(image).__name__, "processor_class": type(processor).__name__,
-    }, indent=2))
-    (path / "video_preprocessor_config.json").write_text(json.dumps({
-        **common, "size": dict(video.size), "do_resize": True, "resample": 3,
-        "fps": video.fps, "max_duration": video.max_duration, "do_sample_frames": True,
-        "video_processor_type": type(video).__name__, "processor_class": type(processor).__name__,
-    }, indent=2))
+    (path / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                **common,
+                "size": dict(image.size),
+                "do_resize": True,
+                "resample": 3,
+                "image_processor_type": type(image).__name__,
+                "processor_class": type(processor).__name__,
+            },
+            indent=2,
+        )
+    )
+    (path / "video_preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                **common,
+                "size": dict(video.size),
+                "do_resize": True,
+                "resample": 3,
+                "fps": video.fps,
+                "max_duration": video.max_duration,
+                "do_sample_frames": True,
+                "video_processor_type": type(video).__name__,
+                "processor_class": type(processor).__name__,
+            },
+            indent=2,
+        )
+    )
     (path / "processor_config.json").unlink(missing_ok=True)
 
 
@@ -468,11 +554,16 @@ def scripted_checkpoint(source, out, script: str):
             weights[name] = np.zeros_like(weights[name])
     processor = Processor.from_pretrained(source)
     tokenizer = processor.tokenizer
-    prompt_end = tokenizer.encode(processor.apply_chat_template([{"role": "user", "content": "hi"}]))[-1]
+    prompt_end = tokenizer.encode(
+        processor.apply_chat_template([{"role": "user", "content": "hi"}])
+    )[-1]
     eos = json.loads((source / "config.json").read_text())["text_config"]["eos_token_id"]
     chain = [prompt_end, *tokenizer.encode(script), eos[0] if isinstance(eos, list) else eos]
     assert len(set(chain)) == len(chain), "a scripted reply's tokens must all differ"
-    embed, norm = weights["model.language_model.embed_tokens.weight"], weights["model.language_model.norm.weight"]
+    embed, norm = (
+        weights["model.language_model.embed_tokens.weight"],
+        weights["model.language_model.norm.weight"],
+    )
     head = np.zeros_like(weights["lm_head.weight"])
     for token, following in zip(chain, chain[1:]):
         direction = embed[token] * norm
@@ -489,7 +580,10 @@ def prefix_gmask(path):
     gmask = next(t["id"] for t in file["added_tokens"] if t["content"] == "[gMASK]")
     file["post_processor"] = {
         "type": "TemplateProcessing",
-        "single": [{"SpecialToken": {"id": "[gMASK]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "single": [
+            {"SpecialToken": {"id": "[gMASK]", "type_id": 0}},
+            {"Sequence": {"id": "A", "type_id": 0}},
+        ],
         "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
         "special_tokens": {"[gMASK]": {"id": "[gMASK]", "ids": [gmask], "tokens": ["[gMASK]"]}},
     }

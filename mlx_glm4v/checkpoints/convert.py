@@ -30,12 +30,20 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..models.config import ModelConfig, MoeTextConfig
 from ..errors import Glm4vError
-from .loader import (QUANT_KEYS, cast, check_shapes, load_model, read_shard, resolve,
-                     stored_quantization, weight_files)
+from ..models.config import ModelConfig, MoeTextConfig
 from ..models.model import Model
 from ..models.moe import expert_slot
+from .loader import (
+    QUANT_KEYS,
+    cast,
+    check_shapes,
+    load_model,
+    read_shard,
+    resolve,
+    stored_quantization,
+    weight_files,
+)
 
 MAX_SHARD_BYTES = 5 * 10**9
 DTYPES = ("bfloat16", "float16", "float32")
@@ -43,7 +51,8 @@ AFFINE_BITS = (2, 3, 4, 5, 6, 8)
 AFFINE_GROUP_SIZES = (32, 64, 128)
 # mode -> (group size, bits) it fixes; affine takes any of the above (default 64, 4).
 FIXED_MODES = {"mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
-# Source files copied beside the weights: tokenizer, chat template, processor and generation configs.
+# Source files copied beside the weights: tokenizer, chat template, processor and generation
+# configs.
 COPIED = ("*.json", "*.jinja", "*.txt", "tokenizer*", "*.tiktoken")
 NOT_COPIED = {"config.json", "model.safetensors.index.json"}
 
@@ -83,7 +92,8 @@ class ExpertStream(TensorStream):
     def __init__(self, model: Model):
         super().__init__(model)
         self.num_experts = model.config.text_config.n_routed_experts
-        self.held: dict[str, dict] = {}  # stacked name -> {source name: array} of the experts read so far
+        # stacked name -> {source name: array} of the experts read so far
+        self.held: dict[str, dict] = {}
 
     def push(self, tensors: dict) -> Iterator[tuple[str, mx.array]]:
         complete = {}
@@ -97,7 +107,8 @@ class ExpertStream(TensorStream):
         yield from super().push(tensors)
 
     def finish(self) -> Iterable[tuple[str, mx.array]]:
-        """An incomplete projection is named as missing experts (unless in the dropped MTP layer)."""
+        """An incomplete projection is named as missing experts (unless in the dropped MTP
+        layer)."""
         rest = {name: value for experts in self.held.values() for name, value in experts.items()}
         self.held.clear()
         return self.model.sanitize(rest).items()
@@ -109,12 +120,14 @@ STREAMS: dict[type, type] = {MoeTextConfig: ExpertStream}
 
 @dataclass(frozen=True)
 class Quantization:
-    """Which layers to quantize and how: one setting for all, more bits for sensitive layers in a mixed recipe."""
+    """Which layers to quantize and how: one setting for all, more bits for sensitive layers in a
+    mixed recipe."""
 
     group_size: int
     bits: int
     mode: str = "affine"
-    high_bits: Optional[int] = None  # mixed recipes: bits of the embeddings, lm_head, sensitive layers
+    # mixed recipes: bits of the embeddings, lm_head, sensitive layers
+    high_bits: Optional[int] = None
     vision: bool = False
     num_layers: int = 0
 
@@ -148,32 +161,46 @@ class Quantization:
         return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def quantization_options(q_bits, q_group_size, q_mode, quant_recipe, quantize_vision) -> Quantization:
+def quantization_options(
+    q_bits, q_group_size, q_mode, quant_recipe, quantize_vision
+) -> Quantization:
     """Check the quantization options as a user gave them; raise a Glm4vError naming the bad one."""
     if q_mode in FIXED_MODES:
         group_size, bits = FIXED_MODES[q_mode]
         if q_bits not in (None, bits) or q_group_size not in (None, group_size):
-            raise Glm4vError(f"--q-mode {q_mode} fixes --q-bits {bits} and --q-group-size {group_size}; leave them out.")
+            raise Glm4vError(
+                f"--q-mode {q_mode} fixes --q-bits {bits} and --q-group-size {group_size}; leave them out."
+            )
         if quant_recipe:
-            raise Glm4vError(f"--quant-recipe mixes affine bit widths and cannot be used with --q-mode {q_mode}.")
+            raise Glm4vError(
+                f"--quant-recipe mixes affine bit widths and cannot be used with --q-mode {q_mode}."
+            )
         return Quantization(group_size, bits, q_mode, vision=quantize_vision)
     if q_mode != "affine":
         raise Glm4vError(f"--q-mode {q_mode!r} is not one of affine, {', '.join(FIXED_MODES)}.")
     bits = 4 if q_bits is None else q_bits
     group_size = 64 if q_group_size is None else q_group_size
     if bits not in AFFINE_BITS:
-        raise Glm4vError(f"--q-bits {bits} is not supported; use one of {', '.join(map(str, AFFINE_BITS))}.")
+        raise Glm4vError(
+            f"--q-bits {bits} is not supported; use one of {', '.join(map(str, AFFINE_BITS))}."
+        )
     if group_size not in AFFINE_GROUP_SIZES:
-        raise Glm4vError(f"--q-group-size {group_size} is not supported; use one of {', '.join(map(str, AFFINE_GROUP_SIZES))}.")
+        raise Glm4vError(
+            f"--q-group-size {group_size} is not supported; use one of {', '.join(map(str, AFFINE_GROUP_SIZES))}."
+        )
     high = None
     if quant_recipe:
         match = re.fullmatch(r"mixed_(\d)_(\d)", quant_recipe)
         low, high = (int(match[1]), int(match[2])) if match else (0, 0)
         if not (low in AFFINE_BITS and high in AFFINE_BITS and low < high):
-            raise Glm4vError(f"--quant-recipe {quant_recipe!r} is not mixed_LOW_HIGH with bits from "
-                             f"{', '.join(map(str, AFFINE_BITS))}, e.g. mixed_3_6 or mixed_4_8.")
+            raise Glm4vError(
+                f"--quant-recipe {quant_recipe!r} is not mixed_LOW_HIGH with bits from "
+                f"{', '.join(map(str, AFFINE_BITS))}, e.g. mixed_3_6 or mixed_4_8."
+            )
         if q_bits not in (None, low):
-            raise Glm4vError(f"--quant-recipe {quant_recipe} sets the bits; leave out --q-bits {q_bits}.")
+            raise Glm4vError(
+                f"--quant-recipe {quant_recipe} sets the bits; leave out --q-bits {q_bits}."
+            )
         bits = low
     return Quantization(group_size, bits, "affine", high, quantize_vision)
 
@@ -190,7 +217,8 @@ def _save_shard(file: Path, tensors: dict):
 
 
 class ShardWriter:
-    """Collects evaluated tensors and writes them in shards of at most `max_bytes`, then the index."""
+    """Collects evaluated tensors and writes them in shards of at most `max_bytes`, then the
+    index."""
 
     def __init__(self, directory: Path, progress):
         self.directory, self.progress, self.max_bytes = directory, progress, MAX_SHARD_BYTES
@@ -222,19 +250,23 @@ class ShardWriter:
             final = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
             (self.directory / f"shard-{i}.safetensors").rename(self.directory / final)
             weight_map.update(dict.fromkeys(names, final))
-        index = {"metadata": {"total_size": self.total_bytes, "total_parameters": total_parameters},
-                 "weight_map": dict(sorted(weight_map.items()))}
+        index = {
+            "metadata": {"total_size": self.total_bytes, "total_parameters": total_parameters},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
         (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 @contextmanager
 def _atomic_directory(out: Path):
-    """A fresh hidden sibling of `out` to write into; it becomes `out` only if the block succeeds."""
+    """A fresh hidden sibling of `out` to write into; it becomes `out` only if the block
+    succeeds."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 is for the temporary; the output is like any directory made
+    # mkdtemp's 0700 is for the temporary; the output is like any directory made
+    tmp.chmod(0o777 & ~umask)
     try:
         yield tmp
         old = None
@@ -261,9 +293,11 @@ def _check_destination(out: Path, force: bool):
 
 @dataclass
 class _Source:
-    """What a conversion reads: tensors under our names, and the layers the output stores quantized."""
+    """What a conversion reads: tensors under our names, and the layers the output stores
+    quantized."""
 
-    model: Model  # for a float source a skeleton, never evaluated: its modules tell names, shapes and kinds
+    # for a float source a skeleton, never evaluated: its modules tell names, shapes and kinds
+    model: Model
     tensors: Iterator[tuple[str, mx.array]]
     layers: dict  # module path -> its quantization settings in the output
     default: Optional[dict]  # the global quantization settings of the output
@@ -281,7 +315,8 @@ def _read_floats(src: Path, raw: dict, plan: Optional[Quantization], progress) -
 
 
 def _streamed(src: Path, model: Model, progress) -> Iterator[tuple[str, mx.array]]:
-    """A float checkpoint one shard at a time, through its text model's TensorStream; checked at the end."""
+    """A float checkpoint one shard at a time, through its text model's TensorStream; checked at
+    the end."""
     stream = STREAMS.get(type(model.config.text_config), TensorStream)(model)
     files = weight_files(src)
     progress.reset(total=sum(len(read_shard(f)) for f in files))
@@ -307,8 +342,11 @@ def _read_quantized(src: Path, quantization: dict, target, dequantize: bool, pro
         from mlx_lm.utils import dequantize_model
 
         model = dequantize_model(model)
-    layers = {path: {"group_size": m.group_size, "bits": m.bits, "mode": m.mode}
-              for path, m in model.named_modules() if hasattr(m, "scales")}
+    layers = {
+        path: {"group_size": m.group_size, "bits": m.bits, "mode": m.mode}
+        for path, m in model.named_modules()
+        if hasattr(m, "scales")
+    }
     default = {"mode": "affine", **{k: quantization[k] for k in QUANT_KEYS if k in quantization}}
     return _Source(model, _loaded(model, progress), layers, default, quantize=False)
 
@@ -323,7 +361,8 @@ def _loaded(model: Model, progress) -> Iterator[tuple[str, mx.array]]:
 
 
 def _write_weights(directory: Path, source: _Source, dtype, progress) -> tuple[ShardWriter, int]:
-    """Cast, quantize and write every tensor; returns the writer (closed) and the number of weights."""
+    """Cast, quantize and write every tensor; returns the writer (closed) and the number of
+    weights."""
     keep = source.model.cast_predicate
     writer = ShardWriter(directory, progress)
     parameters = 0
@@ -348,7 +387,8 @@ def _quantization_config(layers: dict, default: dict) -> dict:
 
 
 def _parameters(name: str, value: mx.array, layers: dict) -> float:
-    """How many weights a stored tensor holds: packed ones count unpacked; scales and biases none."""
+    """How many weights a stored tensor holds: packed ones count unpacked; scales and biases
+    none."""
     path, _, leaf = name.rpartition(".")
     if path in layers:
         return value.size * 32 / layers[path]["bits"] if leaf == "weight" else 0
@@ -359,7 +399,8 @@ def _copy_side_files(src: Path, dst: Path):
     for pattern in COPIED:
         for f in src.glob(pattern):
             if f.is_file() and f.name not in NOT_COPIED and not (dst / f.name).exists():
-                shutil.copyfile(f, dst / f.name)  # new files: modes from the umask, as any the user writes
+                # new files: modes from the umask, as any the user writes
+                shutil.copyfile(f, dst / f.name)
 
 
 def _write_config(src: Path, dst: Path, dtype: Optional[str], quantization: Optional[dict]):
@@ -378,7 +419,8 @@ def _write_config(src: Path, dst: Path, dtype: Optional[str], quantization: Opti
 
 
 def _model_card(dst: Path, source: str, weights: str, model: str, upload_repo: Optional[str]):
-    """A short README.md: where the weights come from, how they are stored, how to run them (`model`: path or repo)."""
+    """A short README.md: where the weights come from, how they are stored, how to run them
+    (`model`: path or repo)."""
     base = f"base_model: {source}\n" if not Path(source).exists() else ""
     (dst / "README.md").write_text(f"""---
 library_name: mlx
@@ -441,7 +483,8 @@ def convert(
     upload_repo: Optional[str] = None,
     force: bool = False,
 ) -> Path:
-    """Write an MLX checkpoint of `hf_path` (hub repo id or directory) to `mlx_path`; returns its path.
+    """Write an MLX checkpoint of `hf_path` (hub repo id or directory) to `mlx_path`; returns its
+    path.
 
     quantize: affine `q_bits` (default 4) in groups of `q_group_size` (default 64), or a
     `q_mode` with fixed settings (mxfp4, nvfp4, mxfp8). `quant_recipe` "mixed_LOW_HIGH"
@@ -457,21 +500,32 @@ def convert(
         raise Glm4vError("--quantize-vision needs -q/--quantize (or a --quant-recipe).")
     if not quantize and (q_bits is not None or q_group_size is not None or q_mode != "affine"):
         raise Glm4vError("--q-bits, --q-group-size and --q-mode need -q/--quantize.")
-    plan = quantization_options(q_bits, q_group_size, q_mode, quant_recipe, quantize_vision) if quantize else None
+    plan = (
+        quantization_options(q_bits, q_group_size, q_mode, quant_recipe, quantize_vision)
+        if quantize
+        else None
+    )
     if dtype is not None and dtype not in DTYPES:
         raise Glm4vError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
     if dtype == "float16":
-        warnings.warn("GLM-4 models overflow in float16 and then answer garbage; use --dtype bfloat16.", stacklevel=2)
+        warnings.warn(
+            "GLM-4 models overflow in float16 and then answer garbage; use --dtype bfloat16.",
+            stacklevel=2,
+        )
     out = Path(mlx_path).expanduser()
     _check_destination(out, force)
     src = resolve(hf_path)
     if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
-        raise Glm4vError(f"--mlx-path {out} holds the source checkpoint {src}; write somewhere else.")
+        raise Glm4vError(
+            f"--mlx-path {out} holds the source checkpoint {src}; write somewhere else."
+        )
 
     raw = json.loads((src / "config.json").read_text())
     source_quantization = stored_quantization(raw, src)
     if source_quantization and quantize:
-        raise Glm4vError(f"{hf_path} is already quantized; quantize its float checkpoint, or --dequantize it first.")
+        raise Glm4vError(
+            f"{hf_path} is already quantized; quantize its float checkpoint, or --dequantize it first."
+        )
     if dequantize and not source_quantization:
         raise Glm4vError(f"{hf_path} is not quantized, so there is nothing to --dequantize.")
     target = getattr(mx, dtype) if dtype else None
@@ -482,14 +536,18 @@ def convert(
         else:
             source = _read_floats(src, raw, plan, progress)
         writer, parameters = _write_weights(tmp, source, target, progress)
-        quantization = _quantization_config(source.layers, source.default) if source.layers else None
+        quantization = (
+            _quantization_config(source.layers, source.default) if source.layers else None
+        )
         _write_config(src, tmp, dtype, quantization)
         _copy_side_files(src, tmp)
         floats = dtype or raw.get("dtype") or raw.get("torch_dtype") or "float"
         weights = _describe(quantization, floats, writer.total_bytes * 8 / parameters)
         _model_card(tmp, hf_path, weights, upload_repo or str(mlx_path), upload_repo)
     before = sum(f.stat().st_size for f in weight_files(src))
-    print(f"{hf_path} -> {out}: {_size(before)} -> {_size(writer.total_bytes)} in {len(writer.shards)} shard(s), {weights}.")
+    print(
+        f"{hf_path} -> {out}: {_size(before)} -> {_size(writer.total_bytes)} in {len(writer.shards)} shard(s), {weights}."
+    )
     if upload_repo:
         _upload(out, upload_repo)
     return out
@@ -503,4 +561,3 @@ def _describe(quantization: Optional[dict], floats: str, bits_per_weight: float)
             how += ", some layers at other settings"
         how += f", the rest {floats}"
     return f"{how}, {bits_per_weight:.2f} bits per weight"
-

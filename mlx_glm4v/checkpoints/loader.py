@@ -13,8 +13,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..models.config import ModelConfig
 from ..errors import Glm4vError
+from ..models.config import ModelConfig
 from ..models.model import Model, checkpoint_name
 
 # The files a run needs; weights in other formats (.bin, .pth) are never fetched.
@@ -31,7 +31,9 @@ def resolve(path_or_repo: str, revision: Optional[str] = None) -> Path:
             raise Glm4vError(f"{path} has no config.json, so it is not a model checkpoint.")
         return path
     if path_or_repo.count("/") != 1 or path_or_repo.startswith((".", "/", "~")):
-        raise Glm4vError(f"{path_or_repo} is neither an existing directory nor a hub repo id (owner/name).")
+        raise Glm4vError(
+            f"{path_or_repo} is neither an existing directory nor a hub repo id (owner/name)."
+        )
     from huggingface_hub import snapshot_download
 
     try:
@@ -41,7 +43,8 @@ def resolve(path_or_repo: str, revision: Optional[str] = None) -> Path:
 
 
 class DownloadError(Glm4vError):
-    """A checkpoint could not be fetched from the hub; the message says why (the cause is chained)."""
+    """A checkpoint could not be fetched from the hub; the message says why (the cause is
+    chained)."""
 
 
 LOGIN = "log in with `hf auth login` (or set HF_TOKEN)"
@@ -53,28 +56,46 @@ def download_problem(repo: str, revision: Optional[str], e: Exception) -> str:
     import errno
 
     from huggingface_hub import constants
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     cause = e.__cause__ or e.__context__
     response = getattr(e, "response", None)
     status = getattr(response, "status_code", None)
-    refused = response is not None and "Invalid credentials" in response.headers.get("X-Error-Message", "")
+    refused = response is not None and "Invalid credentials" in response.headers.get(
+        "X-Error-Message", ""
+    )
     if any(isinstance(x, OSError) and x.errno == errno.ENOSPC for x in (e, cause)):
-        return (f"{repo} could not be downloaded: the disk is full ({constants.HF_HUB_CACHE}); free some space "
-                "or point HF_HOME at a larger disk.")
-    if isinstance(cause, OfflineModeIsEnabled) or (constants.HF_HUB_OFFLINE and not isinstance(e, HfHubHTTPError)):
-        return (f"{repo} is not in the local Hugging Face cache and offline mode is set (HF_HUB_OFFLINE); "
-                "unset it to download.")
+        return (
+            f"{repo} could not be downloaded: the disk is full ({constants.HF_HUB_CACHE}); free some space "
+            "or point HF_HOME at a larger disk."
+        )
+    if isinstance(cause, OfflineModeIsEnabled) or (
+        constants.HF_HUB_OFFLINE and not isinstance(e, HfHubHTTPError)
+    ):
+        return (
+            f"{repo} is not in the local Hugging Face cache and offline mode is set (HF_HUB_OFFLINE); "
+            "unset it to download."
+        )
     if isinstance(e, GatedRepoError):
-        return f"{repo} is gated: accept its conditions on https://huggingface.co/{repo} and {LOGIN}."
+        return (
+            f"{repo} is gated: accept its conditions on https://huggingface.co/{repo} and {LOGIN}."
+        )
     if isinstance(e, RevisionNotFoundError):
         return f"{repo} has no revision {revision!r} on the Hugging Face hub."
     if status == 401 and refused:
         return f"the Hugging Face hub refused the token sent for {repo}; {LOGIN} again."
-    if isinstance(e, RepositoryNotFoundError) or status == 401:  # the hub answers 401 for private repos too
-        return (f"{repo} was not found on the Hugging Face hub; if it is private or gated, {LOGIN} "
-                "with an account that may read it.")
+    # the hub answers 401 for private repos too
+    if isinstance(e, RepositoryNotFoundError) or status == 401:
+        return (
+            f"{repo} was not found on the Hugging Face hub; if it is private or gated, {LOGIN} "
+            "with an account that may read it."
+        )
     if isinstance(e, HfHubHTTPError):
         return f"{repo} could not be downloaded: the Hugging Face hub answered HTTP {status}."
     if isinstance(e, ValueError):
@@ -82,9 +103,13 @@ def download_problem(repo: str, revision: Optional[str], e: Exception) -> str:
     if isinstance(cause, HfHubHTTPError):
         status = getattr(cause.response, "status_code", None)
         return f"{repo} could not be downloaded: the Hugging Face hub answered HTTP {status}; try again later."
-    if cause is not None and any(word in type(cause).__name__ for word in ("Connect", "Timeout", "Proxy")):
-        return (f"{repo} could not be downloaded: the Hugging Face hub cannot be reached ({type(cause).__name__}); "
-                "check the network.")
+    if cause is not None and any(
+        word in type(cause).__name__ for word in ("Connect", "Timeout", "Proxy")
+    ):
+        return (
+            f"{repo} could not be downloaded: the Hugging Face hub cannot be reached ({type(cause).__name__}); "
+            "check the network."
+        )
     return f"{repo} could not be downloaded ({type(e).__name__})."
 
 
@@ -138,26 +163,38 @@ def check_shapes(expected: dict, found: dict, path: Path):
     if missing:
         raise Glm4vError(f"{path} is missing {len(missing)} tensor(s), first {missing[0]!r}.")
     if extra:
-        raise Glm4vError(f"{path} has {len(extra)} tensor(s) this model does not use, first {extra[0]!r}.")
+        raise Glm4vError(
+            f"{path} has {len(extra)} tensor(s) this model does not use, first {extra[0]!r}."
+        )
     for key, shape in expected.items():
         if tuple(found[key]) != tuple(shape):
-            raise Glm4vError(f"{path}: tensor {key!r} has shape {list(found[key])}, expected {list(shape)}.")
+            raise Glm4vError(
+                f"{path}: tensor {key!r} has shape {list(found[key])}, expected {list(shape)}."
+            )
 
 
 def check_weights(model: nn.Module, weights: dict, path: Path):
-    check_shapes({k: v.shape for k, v in tree_flatten(model.parameters())}, {k: v.shape for k, v in weights.items()}, path)
+    check_shapes(
+        {k: v.shape for k, v in tree_flatten(model.parameters())},
+        {k: v.shape for k, v in weights.items()},
+        path,
+    )
 
 
 def stored_quantization(config: dict, path: Path) -> Optional[dict]:
-    """The checkpoint's MLX quantization settings (mlx-lm's `quantization` entry), or None for floats.
+    """The checkpoint's MLX quantization settings (mlx-lm's `quantization` entry), or None for
+    floats.
 
-    Other tools' formats (`quantization_config` with a `quant_method`: fp8, AWQ, GPTQ) are refused.
+    Other tools' formats (`quantization_config` with a `quant_method`: fp8, AWQ, GPTQ) are
+    refused.
     """
     if config.get("quantization"):
         return config["quantization"]
     method = (config.get("quantization_config") or {}).get("quant_method")
     if method:
-        raise Glm4vError(f"{path} is quantized with {method!r}, which mlx-glm4v cannot read; use its float checkpoint.")
+        raise Glm4vError(
+            f"{path} is quantized with {method!r}, which mlx-glm4v cannot read; use its float checkpoint."
+        )
     return None
 
 
@@ -165,8 +202,13 @@ QUANT_KEYS = ("group_size", "bits", "mode")
 
 
 def layer_quantization(quantization: dict) -> dict:
-    """Per-layer entries of a `quantization` config under our module paths (mlx-vlm names them its way)."""
-    return {checkpoint_name(k + ".")[:-1]: v for k, v in quantization.items() if isinstance(v, (dict, bool))}
+    """Per-layer entries of a `quantization` config under our module paths (mlx-vlm names them
+    its way)."""
+    return {
+        checkpoint_name(k + ".")[:-1]: v
+        for k, v in quantization.items()
+        if isinstance(v, (dict, bool))
+    }
 
 
 def stored_as(settings: dict, module: nn.Module, weight: mx.array, scales: mx.array) -> bool:
@@ -174,7 +216,10 @@ def stored_as(settings: dict, module: nn.Module, weight: mx.array, scales: mx.ar
     if not {"bits", "group_size"} <= settings.keys():
         return False
     inputs = module.weight.shape[-1]
-    return weight.shape[-1] * 32 == inputs * settings["bits"] and scales.shape[-1] * settings["group_size"] == inputs
+    return (
+        weight.shape[-1] * 32 == inputs * settings["bits"]
+        and scales.shape[-1] * settings["group_size"] == inputs
+    )
 
 
 def quantize_like(model: nn.Module, quantization: dict, weights: dict):
@@ -195,12 +240,15 @@ def quantize_like(model: nn.Module, quantization: dict, weights: dict):
             return {**defaults, **{k: v for k, v in entry.items() if k in QUANT_KEYS}}
         if stored_as(defaults, module, weights[f"{path}.weight"], weights[f"{path}.scales"]):
             return defaults
-        from mlx_lm.utils import infer_quant_config  # imports transformers: only for odd checkpoints
+        # imports transformers: only for odd checkpoints
+        from mlx_lm.utils import infer_quant_config
 
         try:
             return infer_quant_config(path, module, weights)
         except ValueError as e:
-            raise Glm4vError(f"the quantized layer {path!r} has settings mlx-glm4v cannot tell: {e}") from None
+            raise Glm4vError(
+                f"the quantized layer {path!r} has settings mlx-glm4v cannot tell: {e}"
+            ) from None
 
     nn.quantize(model, **defaults, class_predicate=predicate)
 
@@ -237,8 +285,14 @@ def load_model(path, dtype: Optional[mx.Dtype] = None, lazy: bool = False) -> Mo
     return model
 
 
-def load(path_or_repo: str, dtype: Optional[mx.Dtype] = None, revision: Optional[str] = None, lazy: bool = False):
-    """(model, processor) from a local checkpoint directory or a hub repo id (`lazy`: see `load_model`)."""
+def load(
+    path_or_repo: str,
+    dtype: Optional[mx.Dtype] = None,
+    revision: Optional[str] = None,
+    lazy: bool = False,
+):
+    """(model, processor) from a local checkpoint directory or a hub repo id (`lazy`: see
+    `load_model`)."""
     from ..inputs.processor import Processor
 
     path = resolve(path_or_repo, revision)

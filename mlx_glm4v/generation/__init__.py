@@ -1,1 +1,2 @@
-"""One conversation: generation settings and loops, chat sessions, the reply parser, constraints, boxes."""
+"""One conversation: generation settings and loops, chat sessions, the reply parser, constraints,
+boxes."""

@@ -13,13 +13,20 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from ..inputs.processor import Processor, unmark
 from ..models.cache import PromptCache
-from .generate import GenerationResponse, GenerationSettings, kept_prefix, stream_tokens, user_message
 from ..models.media import FeatureMemo, MediaItem, media_items, placed_media
 from ..models.model import Model
-from ..inputs.processor import Processor, unmark
-from .reply import THINKING
 from ..models.rope_index import IMAGE, VIDEO, rope_index, token_types
+from .generate import (
+    GenerationResponse,
+    GenerationSettings,
+    kept_prefix,
+    stream_tokens,
+    user_message,
+)
+from .reply import THINKING
+
 
 def drop_thinking(text: str) -> str:
     """A reply as it goes back into the history: without its <think>…</think> part."""
@@ -60,7 +67,9 @@ class ChatSession:
     `settings` (those of `GenerationSettings`: max_tokens, temp, top_p, ...) are fixed per session.
     """
 
-    def __init__(self, model: Model, processor: Processor, system: Optional[str] = None, **settings):
+    def __init__(
+        self, model: Model, processor: Processor, system: Optional[str] = None, **settings
+    ):
         self.model, self.processor, self.system = model, processor, system
         self.settings = GenerationSettings(**{"max_tokens": 1024, **settings})
         self.cache: Optional[PromptCache] = None
@@ -82,23 +91,37 @@ class ChatSession:
         self.tokens_processed = 0  # prompt tokens run through the model in the last turn
 
     def render(self, add_generation_prompt: bool) -> str:
-        return self.processor.apply_chat_template(self.messages, add_generation_prompt, **self.settings.template_kwargs)
+        return self.processor.apply_chat_template(
+            self.messages, add_generation_prompt, **self.settings.template_kwargs
+        )
 
-    def ask(self, text: str, images: Sequence = (), videos: Sequence = (),
-            progress=None) -> Iterator[GenerationResponse]:
+    def ask(
+        self, text: str, images: Sequence = (), videos: Sequence = (), progress=None
+    ) -> Iterator[GenerationResponse]:
         self.messages.append(user_message(text, images, videos))
         full, target, media, common, inputs = self._plan(list(images), list(videos))
         self.prompt_ids = target  # the whole conversation as this turn runs it
         new_ids = target[common:]
-        feed = {**inputs, "input_ids": np.array([new_ids]), "attention_mask": np.ones((1, len(new_ids)), np.int32)}
+        feed = {
+            **inputs,
+            "input_ids": np.array([new_ids]),
+            "attention_mask": np.ones((1, len(new_ids)), np.int32),
+        }
         self.tokens_processed = len(new_ids)
         before = self.cache.offset
         reply = []
         try:
-            for response in stream_tokens(self.model, self.processor, feed, self.cache,
-                                          stop_ids=self.settings.stop_ids(self.model), stop=self.settings.stop,
-                                          vision_memo=self.vision_memo, progress=progress,
-                                          **self.settings.step_options(self.processor, self.model)):
+            for response in stream_tokens(
+                self.model,
+                self.processor,
+                feed,
+                self.cache,
+                stop_ids=self.settings.stop_ids(self.model),
+                stop=self.settings.stop,
+                vision_memo=self.vision_memo,
+                progress=progress,
+                **self.settings.step_options(self.processor, self.model),
+            ):
                 reply.append(response)
                 yield response
         finally:
@@ -110,18 +133,23 @@ class ChatSession:
         still to encode."""
         full = self.render(add_generation_prompt=True)
         if self.cache is not None and full.startswith(self.rendered):
-            inputs = self._process(full[len(self.rendered):], images, videos)
+            inputs = self._process(full[len(self.rendered) :], images, videos)
             ids = inputs["input_ids"][0].tolist()
             base, base_media = self.history_ids, self.history_media
-            if not self.cache.can_trim and common_prefix(self.cache_ids, base) < len(self.cache_ids):
-                base, base_media = self.cache_ids, self.cache_media  # a rotated cache cannot forget: follow it
+            if not self.cache.can_trim and common_prefix(self.cache_ids, base) < len(
+                self.cache_ids
+            ):
+                # a rotated cache cannot forget: follow it
+                base, base_media = self.cache_ids, self.cache_media
             target, media = base + ids, base_media + self._spans(ids, inputs, len(base))
             common = self._reuse(target, media)
             if common >= max((m.end for m in base_media), default=0):
                 return full, target, media, common, self._pixels_after(media, common)
         # First turn, or earlier media must be run again: process the whole conversation.
-        self.messages = [{**m, "content": drop_thinking(m["content"])} if m["role"] == "assistant" else m
-                         for m in self.messages]
+        self.messages = [
+            {**m, "content": drop_thinking(m["content"])} if m["role"] == "assistant" else m
+            for m in self.messages
+        ]
         full = self.render(add_generation_prompt=True)
         images, videos = self.processor.media_from_messages(self.messages)
         inputs = self._process(full, images, videos)
@@ -135,10 +163,16 @@ class ChatSession:
 
     def _spans(self, ids: list, inputs: dict, offset: int) -> list:
         """The media of `ids` (processed into `inputs`) with their places in the conversation."""
-        items = media_items(inputs.get("pixel_values"), inputs.get("image_grid_thw"),
-                            inputs.get("pixel_values_videos"), inputs.get("video_grid_thw"))
-        return [MediaSpan(kind, start + offset, end + offset, item)
-                for kind, start, end, item in placed_media(self.model.config, ids, items)]
+        items = media_items(
+            inputs.get("pixel_values"),
+            inputs.get("image_grid_thw"),
+            inputs.get("pixel_values_videos"),
+            inputs.get("video_grid_thw"),
+        )
+        return [
+            MediaSpan(kind, start + offset, end + offset, item)
+            for kind, start, end, item in placed_media(self.model.config, ids, items)
+        ]
 
     def _reuse(self, target: list, media: list) -> int:
         """Trim the cache to the longest prefix it shares with `target` (the same media at the
@@ -154,7 +188,9 @@ class ChatSession:
                     break
             if common < len(self.cache_ids):
                 if self.cache.can_trim:
-                    self.cache.trim(len(self.cache_ids) - common, self._position_after(target, media, common))
+                    self.cache.trim(
+                        len(self.cache_ids) - common, self._position_after(target, media, common)
+                    )
                 else:
                     self.cache, common = None, 0
         if self.cache is None:
@@ -167,16 +203,26 @@ class ChatSession:
         """Where the conversation continues in M-RoPE space after its first n tokens."""
         cfg = self.model.config
         ids = np.array([target[:n]])
-        grids = {kind: [m.grid for m in media if m.kind == kind and m.end <= n] or None for kind in (IMAGE, VIDEO)}
-        types = token_types(ids, cfg.image_token_id, cfg.video_start_token_id, cfg.video_end_token_id)
-        return rope_index(ids, types, grids[IMAGE], grids[VIDEO], None, cfg.vision_config.spatial_merge_size)[1]
+        grids = {
+            kind: [m.grid for m in media if m.kind == kind and m.end <= n] or None
+            for kind in (IMAGE, VIDEO)
+        }
+        types = token_types(
+            ids, cfg.image_token_id, cfg.video_start_token_id, cfg.video_end_token_id
+        )
+        return rope_index(
+            ids, types, grids[IMAGE], grids[VIDEO], None, cfg.vision_config.spatial_merge_size
+        )[1]
 
     @staticmethod
     def _pixels_after(media: list, common: int) -> dict:
         """Processor outputs for the media from token `common` on (those before are in the cache),
         with the items themselves, whose digests are already taken."""
         out = {"media": []}
-        for kind, rows, grids in ((IMAGE, "pixel_values", "image_grid_thw"), (VIDEO, "pixel_values_videos", "video_grid_thw")):
+        for kind, rows, grids in (
+            (IMAGE, "pixel_values", "image_grid_thw"),
+            (VIDEO, "pixel_values_videos", "video_grid_thw"),
+        ):
             items = [m.item for m in media if m.kind == kind and m.start >= common]
             if items:
                 out[rows] = np.concatenate([i.rows for i in items])
@@ -187,12 +233,13 @@ class ChatSession:
     def _settle(self, full: str, target: list, media: list, before: int, n_new: int, reply: list):
         """Record what the cache now holds and the reply as the history renders it."""
         media = [m.without_pixels() for m in media]
-        if len({c.offset for c in self.cache}) > 1:  # interrupted between layers: start afresh next turn
+        # interrupted between layers: start afresh next turn
+        if len({c.offset for c in self.cache}) > 1:
             self.cache = None
         else:
             fed = self.cache.offset - before - n_new
             tokens = [r.token for r in reply if r.token is not None]
-            self.cache_ids, self.cache_media = target + tokens[:max(fed, 0)], media
+            self.cache_ids, self.cache_media = target + tokens[: max(fed, 0)], media
         text = "".join(r.text for r in reply)
         self.messages.append({"role": "assistant", "content": text})
         self.rendered = self.render(add_generation_prompt=False)
@@ -200,10 +247,12 @@ class ChatSession:
             # The reply as generated when it renders as generated (no stop string cut it, no
             # control token left out of its text), so the cache stays valid; else as the
             # tokenizer reads it back, message text as data.
-            tail = self.rendered[len(full):]
+            tail = self.rendered[len(full) :]
             generated = [r.token for r in reply if r.token is not None and r.finish_reason is None]
             same = self.processor.tokenizer.decode(generated) == unmark(tail)
-            self.history_ids = target + (generated if same else self.processor.tokenizer.encode(tail))
+            self.history_ids = target + (
+                generated if same else self.processor.tokenizer.encode(tail)
+            )
             self.history_media = media
         else:  # a template that rewrites earlier turns: the next turn processes everything
             self.rendered, self.history_ids, self.history_media = "\0", [], []

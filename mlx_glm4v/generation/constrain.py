@@ -28,17 +28,24 @@ KINDS = ("json_schema", "json_object", "regex", "lark", "choice", "tool_call")
 MAX_SPEC_BYTES = 256 * 1024  # a schema, grammar or tool list larger than this is refused
 # compact JSON: a model unsure what comes next cannot pad with white space until the token limit
 JSON_OPTIONS = {"whitespace_flexible": False}
-_COMPILED: "OrderedDict[str, str]" = OrderedDict()  # spec key -> validated grammar, most recent last
+# spec key -> validated grammar, most recent last
+_COMPILED: "OrderedDict[str, str]" = OrderedDict()
 _COMPILED_MAX = 256
 _COMPILED_LOCK = threading.Lock()
 
 
 def _limits():
-    """llguidance's resource bounds, tighter than its defaults where a request could make it work long."""
+    """llguidance's resource bounds, tighter than its defaults where a request could make it work
+    long."""
     from llguidance import LLParserLimits
 
-    return LLParserLimits(max_grammar_size=200_000, initial_lexer_fuel=1_000_000, step_lexer_fuel=200_000,
-                          max_lexer_states=100_000, verbose_errors=False)
+    return LLParserLimits(
+        max_grammar_size=200_000,
+        initial_lexer_fuel=1_000_000,
+        step_lexer_fuel=200_000,
+        max_lexer_states=100_000,
+        verbose_errors=False,
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,11 +64,23 @@ class Constraint:
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise Glm4vError(f"constraint kind {self.kind!r} is unknown; use one of {', '.join(KINDS)}.")
-        expect = {"json_schema": dict, "regex": str, "lark": str, "choice": list, "tool_call": list}.get(self.kind)
+            raise Glm4vError(
+                f"constraint kind {self.kind!r} is unknown; use one of {', '.join(KINDS)}."
+            )
+        expect = {
+            "json_schema": dict,
+            "regex": str,
+            "lark": str,
+            "choice": list,
+            "tool_call": list,
+        }.get(self.kind)
         if expect is not None and not isinstance(self.spec, expect):
-            raise Glm4vError(f"a {self.kind} constraint needs a {expect.__name__}, not {type(self.spec).__name__}.")
-        if self.kind == "choice" and (not self.spec or not all(isinstance(c, str) and c for c in self.spec)):
+            raise Glm4vError(
+                f"a {self.kind} constraint needs a {expect.__name__}, not {type(self.spec).__name__}."
+            )
+        if self.kind == "choice" and (
+            not self.spec or not all(isinstance(c, str) and c for c in self.spec)
+        ):
             raise Glm4vError("a choice constraint needs a non-empty list of non-empty strings.")
 
     def key(self) -> str:
@@ -74,14 +93,17 @@ class Constraint:
         return self.compiled(answer_tags=False)
 
     def compiled(self, answer_tags: bool) -> str:
-        """The grammar, with GLM-4.1V's `<answer>` ... `</answer>` allowed around it if `answer_tags`."""
+        """The grammar, with GLM-4.1V's `<answer>` ... `</answer>` allowed around it if
+        `answer_tags`."""
         key = json.dumps([answer_tags, self.key()])
         with _COMPILED_LOCK:  # the server's parsers and the engine's thread share it
             if key in _COMPILED:
                 _COMPILED.move_to_end(key)
                 return _COMPILED[key]
         if len(key) > MAX_SPEC_BYTES:
-            raise Glm4vError(f"the {self.kind} constraint is {len(key)} bytes; at most {MAX_SPEC_BYTES} are accepted.")
+            raise Glm4vError(
+                f"the {self.kind} constraint is {len(key)} bytes; at most {MAX_SPEC_BYTES} are accepted."
+            )
         grammar = _compile(self, answer_tags)
         with _COMPILED_LOCK:
             _COMPILED[key] = grammar
@@ -99,20 +121,26 @@ def compile_seconds(constraint: Constraint) -> float:
     return time.perf_counter() - start
 
 
-# RFC 3339 full-date with the calendar's days (llguidance's `date` format lets February 29th through in any year)
+# RFC 3339 full-date with the calendar's days (llguidance's `date` format lets February 29th through
+# in any year)
 _LEAP = r"([0-9]{2}(0[48]|[2468][048]|[13579][26])|([02468][048]|[13579][26])00)-02-29"
-DATE = (r"^(?:[0-9]{4}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
-        r"|02-(0[1-9]|1[0-9]|2[0-8]))|" + _LEAP + ")$")
+DATE = (
+    r"^(?:[0-9]{4}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
+    r"|02-(0[1-9]|1[0-9]|2[0-8]))|" + _LEAP + ")$"
+)
 
 
 def exact_dates(schema):
-    """The schema with each `"format": "date"` (on a string without a pattern of its own) as a pattern
-    that knows the calendar."""
+    """The schema with each `"format": "date"` (on a string without a pattern of its own) as a
+    pattern that knows the calendar."""
     if isinstance(schema, list):
         return [exact_dates(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: exact_dates(v) if k not in ("const", "enum", "default", "examples") else v for k, v in schema.items()}
+    out = {
+        k: exact_dates(v) if k not in ("const", "enum", "default", "examples") else v
+        for k, v in schema.items()
+    }
     if out.get("format") == "date" and "pattern" not in out:
         del out["format"]
         out["pattern"] = DATE
@@ -132,19 +160,24 @@ def _body(constraint: Constraint) -> str:
     if kind == "lark":
         return LLMatcher.grammar_from_lark(spec)
     if kind == "choice":
-        return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in spec))
+        return LLMatcher.grammar_from_lark(
+            "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in spec)
+        )
     return LLMatcher.grammar_from_lark(tool_call_lark(spec, constraint.name))
 
 
 def _compile(constraint: Constraint, answer_tags: bool) -> str:
-    """The answer's grammar as a sub-grammar `body`, optionally inside `<answer>` ... `</answer>`."""
+    """The answer's grammar as a sub-grammar `body`, optionally inside `<answer>` ...
+    `</answer>`."""
     from llguidance import LLMatcher
 
     try:
         body = _body(constraint)
     except ValueError as e:
         raise Glm4vError(f"the {constraint.kind} constraint cannot be read: {e}") from None
-    grammars = json.loads(body)["grammars"] if body.lstrip().startswith("{") else [{"lark_grammar": body}]
+    grammars = (
+        json.loads(body)["grammars"] if body.lstrip().startswith("{") else [{"lark_grammar": body}]
+    )
     grammars[0]["name"] = "body"
     top = "start: @body | <answer> @body </answer>" if answer_tags else "start: @body"
     grammar = json.dumps({"grammars": [{"lark_grammar": top}] + grammars})
@@ -157,14 +190,22 @@ def _compile(constraint: Constraint, answer_tags: bool) -> str:
 def _explain(kind: str, message: str) -> str:
     """llguidance's error as one sentence naming the keyword it does not support."""
     lines = [line.strip() for line in message.strip().splitlines()] or ["unknown error"]
-    detail = next((line[len("error:"):].strip() for line in lines if line.startswith("error:")), None)
+    detail = next(
+        (line[len("error:") :].strip() for line in lines if line.startswith("error:")), None
+    )
     message = f"{lines[0].rstrip(':')}: {detail}" if detail else lines[0]
     unsupported = re.search(r"Unimplemented keys: \[(.*?)\]", message)
     if unsupported:
         keys = ", ".join(k.strip().strip('"') for k in unsupported.group(1).split(","))
         return f"the JSON schema uses {keys}, which structured output does not support."
-    what = {"json_schema": "JSON schema", "json_object": "JSON object", "regex": "regex", "lark": "Lark grammar",
-            "choice": "choice", "tool_call": "tool's parameter schema"}[kind]
+    what = {
+        "json_schema": "JSON schema",
+        "json_object": "JSON object",
+        "regex": "regex",
+        "lark": "Lark grammar",
+        "choice": "choice",
+        "tool_call": "tool's parameter schema",
+    }[kind]
     return f"the {what} cannot be compiled: {message.rstrip('.')}."
 
 
@@ -197,20 +238,27 @@ def _raw_string(schema: dict, where: str) -> str:
     if "pattern" in schema:
         pattern = schema["pattern"]
         pattern = pattern[1:] if pattern.startswith("^") else ".*" + pattern
-        pattern = pattern[:-1] if pattern.endswith("$") and not pattern.endswith("\\$") else pattern + ".*"
+        pattern = (
+            pattern[:-1]
+            if pattern.endswith("$") and not pattern.endswith("\\$")
+            else pattern + ".*"
+        )
         return "/" + regex_to_lark(pattern, "dw") + "/"
     if "format" in schema:
         if schema["format"] not in _FORMATS:
-            raise Glm4vError(f"{where}: string format {schema['format']!r} is not supported in a forced tool call.")
+            raise Glm4vError(
+                f"{where}: string format {schema['format']!r} is not supported in a forced tool call."
+            )
         return "/" + _FORMATS[schema["format"]] + "/"
     lo, hi = int(schema.get("minLength", 0)), schema.get("maxLength")
     return "/(?s:.{%d,%s})/" % (lo, "" if hi is None else int(hi))
 
 
 def tool_call_lark(tools: Sequence, name: Optional[str]) -> str:
-    """A Lark grammar of one GLM tool call: `<tool_call>NAME\\n` then `<arg_key>k</arg_key>\\n<arg_value>v
-    </arg_value>\\n` per argument (required ones always, the others optional, in the schema's order)
-    and `</tool_call>`; string values raw, the others JSON, as the template writes and the server reads them."""
+    """A Lark grammar of one GLM tool call: `<tool_call>NAME\\n` then
+    `<arg_key>k</arg_key>\\n<arg_value>v </arg_value>\\n` per argument (required ones always, the
+    others optional, in the schema's order) and `</tool_call>`; string values raw, the others
+    JSON, as the template writes and the server reads them."""
     functions = [_function(t) for t in tools]
     if not functions:
         raise Glm4vError("a forced tool call needs at least one tool.")
@@ -227,7 +275,9 @@ def tool_call_lark(tools: Sequence, name: Optional[str]) -> str:
         props, required = params.get("properties") or {}, set(params.get("required") or [])
         missing = required - set(props)
         if missing:
-            raise Glm4vError(f"tool {fn['name']!r} requires {sorted(missing)[0]!r}, which its properties do not define.")
+            raise Glm4vError(
+                f"tool {fn['name']!r} requires {sorted(missing)[0]!r}, which its properties do not define."
+            )
         items = []
         for j, (key, schema) in enumerate(props.items()):
             where = f"tool {fn['name']!r} parameter {key!r}"
@@ -235,29 +285,39 @@ def tool_call_lark(tools: Sequence, name: Optional[str]) -> str:
             if schema.get("type") == "string":
                 value = _raw_string(schema, where)
             else:
-                value = "%json " + json.dumps({**schema, **defs, "x-guidance": JSON_OPTIONS}, ensure_ascii=False)
-            rules.append(f'arg_{i}_{j}: <arg_key> {json.dumps(key, ensure_ascii=False)} </arg_key> "\\n" '
-                         f'<arg_value> {value} </arg_value> "\\n"')
+                value = "%json " + json.dumps(
+                    {**schema, **defs, "x-guidance": JSON_OPTIONS}, ensure_ascii=False
+                )
+            rules.append(
+                f'arg_{i}_{j}: <arg_key> {json.dumps(key, ensure_ascii=False)} </arg_key> "\\n" '
+                f'<arg_value> {value} </arg_value> "\\n"'
+            )
             items.append(f"arg_{i}_{j}" + ("" if key in required else "?"))
-        rules.append(f"call_{i}: {json.dumps(fn['name'] + chr(10), ensure_ascii=False)} {' '.join(items)}")
+        rules.append(
+            f"call_{i}: {json.dumps(fn['name'] + chr(10), ensure_ascii=False)} {' '.join(items)}"
+        )
         calls.append(f"call_{i}")
     return "\n".join([f"start: <tool_call> ({' | '.join(calls)}) </tool_call>"] + rules)
 
 
 # ---- matching, per row --------------------------------------------------------------------------
 
-_TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # processor -> {(width, ends): LLTokenizer}
+# processor -> {(width, ends): LLTokenizer}
+_TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _EXECUTOR = None
 
 
 def grammar_tokenizer(processor, n_vocab: int, end_ids: Sequence[int]):
-    """llguidance's tokenizer from the checkpoint's tokenizer.json, built once per processor and logits width."""
+    """llguidance's tokenizer from the checkpoint's tokenizer.json, built once per processor and
+    logits width."""
     from llguidance import LLTokenizer
 
     built = _TOKENIZERS.setdefault(processor, {})
     key = (n_vocab, tuple(sorted(end_ids)))
     if key not in built:
-        built[key] = LLTokenizer(processor.tokenizer.backend.to_str(), n_vocab=n_vocab, eos_token=list(key[1]))
+        built[key] = LLTokenizer(
+            processor.tokenizer.backend.to_str(), n_vocab=n_vocab, eos_token=list(key[1])
+        )
     return built[key]
 
 
@@ -274,7 +334,8 @@ OPEN, THINKING, ANSWER = "open", "thinking", "answer"
 
 
 class RowGrammar:
-    """One reply's matcher and where the reply stands: maybe about to think (`open`), thinking, or answering.
+    """One reply's matcher and where the reply stands: maybe about to think (`open`), thinking,
+    or answering.
 
     While thinking nothing but the end tokens is masked (a reply must not end before its answer);
     in `open` the first token may also be `<think>`. Tokens go to the matcher from the answer on.
@@ -306,7 +367,7 @@ class RowGrammar:
             self.phase = ANSWER
             return self
         turn = np.flatnonzero(ids == self.assistant) if self.assistant is not None else np.array([])
-        tail = ids[int(turn[-1]) + 1:] if turn.size else ids
+        tail = ids[int(turn[-1]) + 1 :] if turn.size else ids
         opened = np.flatnonzero(tail == self.think_open)
         closed = np.flatnonzero(tail == self.think_close)
         if opened.size and (not closed.size or closed[-1] < opened[-1]):
@@ -332,16 +393,20 @@ class RowGrammar:
         if token in self.end_ids and self.matcher.is_accepting():
             return
         if not self.matcher.consume_token(token):
-            raise Glm4vError(f"structured output went wrong: {self.matcher.get_error() or 'a token the grammar refuses'}.")
+            raise Glm4vError(
+                f"structured output went wrong: {self.matcher.get_error() or 'a token the grammar refuses'}."
+            )
 
     def sync(self, history: mx.array):
-        """Feed the reply tokens in `history` (prompt and reply, as logits processors see it) not yet fed."""
-        new = history.reshape(-1)[self.prompt_length + self.fed:]
+        """Feed the reply tokens in `history` (prompt and reply, as logits processors see it) not
+        yet fed."""
+        new = history.reshape(-1)[self.prompt_length + self.fed :]
         for token in new.tolist():
             self.feed(int(token))
 
     def fill(self, bitmask: np.ndarray, index: int, matchers: list):
-        """Write this row's allowed tokens to `bitmask[index]` (the matcher's part is queued in `matchers`)."""
+        """Write this row's allowed tokens to `bitmask[index]` (the matcher's part is queued in
+        `matchers`)."""
         if self.phase == THINKING:
             bitmask[index] = -1
             _set_bits(bitmask[index], self.end_ids, False)
@@ -353,8 +418,9 @@ class RowGrammar:
             _set_bits(bitmask[index], [self.think_open], True)
 
     def processor(self):
-        """The row as a logits processor for single-stream decoding (generate_step); it waits for the
-        previous token, so the forward pass is queued first and runs while the mask is computed."""
+        """The row as a logits processor for single-stream decoding (generate_step); it waits for
+        the previous token, so the forward pass is queued first and runs while the mask is
+        computed."""
 
         def process(history: mx.array, logits: mx.array) -> mx.array:
             mx.async_eval(logits)
@@ -374,7 +440,8 @@ def _set_bits(words: np.ndarray, ids, value: bool):
 
 
 def fill_masks(rows: Sequence[RowGrammar]) -> np.ndarray:
-    """One bitmask [rows, ceil(vocab / 32)] (int32 words, bit t of word t // 32 for token t) for a step."""
+    """One bitmask [rows, ceil(vocab / 32)] (int32 words, bit t of word t // 32 for token t) for
+    a step."""
     from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask_par
 
     bitmask = allocate_token_bitmask(len(rows), rows[0].n_vocab)
@@ -401,9 +468,12 @@ def apply_masks(logits: mx.array, bitmask: np.ndarray) -> mx.array:
     return mx.where(allowed, logits, mx.array(-mx.inf, dtype=logits.dtype))
 
 
-def step_masks(grammars: Sequence[Optional[RowGrammar]], ran: Optional[mx.array], logits: mx.array) -> dict:
-    """{row: allowed tokens [1, vocab]} for the constrained rows of a decode step, whose input tokens
-    `ran` [rows] each row's matcher takes first; nothing at all when no row is constrained.
+def step_masks(
+    grammars: Sequence[Optional[RowGrammar]], ran: Optional[mx.array], logits: mx.array
+) -> dict:
+    """{row: allowed tokens [1, vocab]} for the constrained rows of a decode step, whose input
+    tokens `ran` [rows] each row's matcher takes first; nothing at all when no row is
+    constrained.
 
     The step's forward pass is queued before the host waits for those tokens, so it runs while
     the masks are computed, all into one bitmask."""
@@ -416,4 +486,4 @@ def step_masks(grammars: Sequence[Optional[RowGrammar]], ran: Optional[mx.array]
         for b, g in rows:
             g.feed(int(tokens[b]))
     allowed = allowed_tokens(fill_masks([g for _, g in rows]), logits.shape[-1])
-    return {b: allowed[i: i + 1] for i, (b, _) in enumerate(rows)}
+    return {b: allowed[i : i + 1] for i, (b, _) in enumerate(rows)}

@@ -16,13 +16,12 @@ import mlx.core as mx
 import numpy as np
 from tokenizers.decoders import DecodeStream
 
-from ..models.cache import PromptCache
-from .constrain import Constraint, RowGrammar
 from ..errors import Glm4vError
+from ..inputs.processor import REPLY_MARKERS, Processor
+from ..models.cache import PromptCache
 from ..models.mlxlm import make_logits_processors, make_sampler
 from ..models.model import Model, Prompt
-from ..inputs.processor import REPLY_MARKERS, Processor
-
+from .constrain import Constraint, RowGrammar
 
 # Generation runs on a stream of its own, as in mlx-lm, so queued steps never wait on other work.
 generation_stream = mx.new_thread_local_stream(mx.default_device())
@@ -54,12 +53,15 @@ def kv_group_size_for(model: Model, requested: int = 64) -> int:
     for size in (requested,) + tuple(g for g in KV_GROUP_SIZES if g < requested):
         if size in KV_GROUP_SIZES and head_dim % size == 0:
             return size
-    raise Glm4vError(f"kv-bits needs the attention head size ({head_dim}) to be a multiple of 32, 64 or 128, "
-                     "the group sizes MLX quantizes in; drop --kv-bits for this model.")
+    raise Glm4vError(
+        f"kv-bits needs the attention head size ({head_dim}) to be a multiple of 32, 64 or 128, "
+        "the group sizes MLX quantizes in; drop --kv-bits for this model."
+    )
 
 
 def maybe_quantize_kv_cache(cache: PromptCache, start: int, group_size: int, bits: Optional[int]):
-    """Swap each layer's cache for a quantized one once it holds `start` tokens (mlx-lm's `--kv-bits`)."""
+    """Swap each layer's cache for a quantized one once it holds `start` tokens (mlx-lm's
+    `--kv-bits`)."""
     if bits is None:
         return
     for i, c in enumerate(cache):
@@ -84,7 +86,9 @@ class GenerationResponse:
 
 def user_message(text: str = "", images: Sequence = (), videos: Sequence = ()) -> dict:
     """A user turn with its images and videos first, in the order given, then the text."""
-    content = [{"type": "image", "image": i} for i in images] + [{"type": "video", "video": v} for v in videos]
+    content = [{"type": "image", "image": i} for i in images] + [
+        {"type": "video", "video": v} for v in videos
+    ]
     if text:
         content.append({"type": "text", "text": text})
     return {"role": "user", "content": content}
@@ -96,12 +100,17 @@ def build_messages(prompt, images=(), videos=(), system: Optional[str] = None) -
         messages = [{"role": "system", "content": system}] if system else []
         return messages + [user_message(prompt, images or (), videos or ())]
     if images or videos or system:
-        raise Glm4vError("with chat messages, put images, videos and the system prompt into the messages.")
+        raise Glm4vError(
+            "with chat messages, put images, videos and the system prompt into the messages."
+        )
     return list(prompt)
 
 
-def prefill(model: Model, prompt: Prompt, cache: PromptCache, step_size: int = 2048, progress=None) -> mx.array:
-    """Run a prompt into the cache in chunks of `step_size` tokens; logits [B, vocab] of its last token.
+def prefill(
+    model: Model, prompt: Prompt, cache: PromptCache, step_size: int = 2048, progress=None
+) -> mx.array:
+    """Run a prompt into the cache in chunks of `step_size` tokens; logits [B, vocab] of its last
+    token.
 
     Chunks bound the memory of long prompts (a minute of video is thousands of tokens): the
     cache is evaluated and MLX's buffer cache released between them. `progress("prefill",
@@ -163,14 +172,23 @@ def generate_step(
     with mx.stream(generation_stream):
         prompt_ids = mx.array(inputs["input_ids"]).reshape(-1)
         if grammar is not None:
-            logits_processors = [*(logits_processors or ()), grammar.start(inputs["input_ids"]).processor()]
+            logits_processors = [
+                *(logits_processors or ()),
+                grammar.start(inputs["input_ids"]).processor(),
+            ]
         model_inputs = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
-        prompt = model.prepare(**model_inputs, cache=cache, vision_memo=vision_memo, progress=progress)
+        prompt = model.prepare(
+            **model_inputs, cache=cache, vision_memo=vision_memo, progress=progress
+        )
         first = sample(prefill(model, prompt, cache, prefill_step_size, progress), prompt_ids)
         if prompt_lookup > 0:
-            yield from lookup_decode(model, cache, first, sample, prompt_ids, max_tokens, prompt_lookup)
+            yield from lookup_decode(
+                model, cache, first, sample, prompt_ids, max_tokens, prompt_lookup
+            )
         else:
-            yield from pipelined_decode(model, cache, first, sample, prompt_ids, max_tokens, bool(logits_processors))
+            yield from pipelined_decode(
+                model, cache, first, sample, prompt_ids, max_tokens, bool(logits_processors)
+            )
 
 
 def clear_cache_after(arrays):
@@ -199,13 +217,14 @@ def pipelined_decode(model, cache, first, sample, history, max_tokens: int, keep
 
 
 def find_draft(history: np.ndarray, n_draft: int, max_ngram: int = 3) -> list:
-    """Tokens that followed the latest earlier occurrence of the history's last n-gram (longest n first)."""
+    """Tokens that followed the latest earlier occurrence of the history's last n-gram (longest n
+    first)."""
     for n in range(min(max_ngram, len(history) - 1), 0, -1):
         windows = np.lib.stride_tricks.sliding_window_view(history[:-1], n)
         hits = np.flatnonzero((windows == history[-n:]).all(axis=1))
         if hits.size:
             start = int(hits[-1]) + n
-            return history[start:start + n_draft].tolist()
+            return history[start : start + n_draft].tolist()
     return []
 
 
@@ -218,7 +237,9 @@ def lookup_decode(model, cache, first, sample, history, max_tokens: int, n_draft
     So the output is exactly what plain decoding gives, in fewer, wider forward passes.
     """
     if cache.rotating:
-        raise Glm4vError("prompt lookup drops rejected drafts from the cache, which a rotating cache cannot: drop --max-kv-size.")
+        raise Glm4vError(
+            "prompt lookup drops rejected drafts from the cache, which a rotating cache cannot: drop --max-kv-size."
+        )
     y, logprobs = first
     ids = np.asarray(history).tolist()
     emitted = 0
@@ -232,7 +253,7 @@ def lookup_decode(model, cache, first, sample, history, max_tokens: int, n_draft
         draft = find_draft(np.array(ids), min(n_draft, max_tokens - emitted - 1))
         logits = model(mx.array([[token] + draft]), cache=cache)[0]
         for i in range(len(draft) + 1):
-            y, logprobs = sample(logits[i: i + 1], mx.array(ids))  # ids: all accepted so far
+            y, logprobs = sample(logits[i : i + 1], mx.array(ids))  # ids: all accepted so far
             if i == len(draft) or y.item() != draft[i]:
                 break
             yield draft[i], logprobs
@@ -243,7 +264,8 @@ def lookup_decode(model, cache, first, sample, history, max_tokens: int, n_draft
 
 
 def thinking_budget_processor(budget: int, think_open: int, think_close: int):
-    """A logits processor that forces `</think>` once `budget` tokens follow the last unclosed `<think>`.
+    """A logits processor that forces `</think>` once `budget` tokens follow the last unclosed
+    `<think>`.
 
     It reads the token history (prompt and reply, as mlx-lm's processors get it) with array
     operations only, so decoding never waits for the host, and it holds no state: drafts
@@ -257,7 +279,9 @@ def thinking_budget_processor(budget: int, think_open: int, think_close: int):
         closed = mx.max(mx.where(tokens == think_close, at, -1), axis=-1, keepdims=True)
         spent = tokens.shape[-1] - 1 - opened
         force = (opened > closed) & (spent >= budget)
-        only_close = mx.where(mx.arange(logits.shape[-1]) == think_close, 0.0, -mx.inf).astype(logits.dtype)
+        only_close = mx.where(mx.arange(logits.shape[-1]) == think_close, 0.0, -mx.inf).astype(
+            logits.dtype
+        )
         return mx.where(force, only_close, logits)
 
     return process
@@ -278,9 +302,12 @@ class StopStrings:
             cut = min(hits)[0]
             out, self.pending = self.pending[:cut], ""
             return out, True
-        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        hold = max(
+            (k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])),
+            default=0,
+        )
         out = self.pending[: len(self.pending) - hold]
-        self.pending = self.pending[len(out):]
+        self.pending = self.pending[len(out) :]
         return out, False
 
     def flush(self) -> str:
@@ -328,24 +355,49 @@ class GenerationSettings:
             (0 < self.top_p <= 1, f"top-p {self.top_p} must be in (0, 1]."),
             (self.top_k >= 0, f"top-k {self.top_k} must be 0 (off) or positive."),
             (0 <= self.min_p <= 1, f"min-p {self.min_p} must be in [0, 1]."),
-            (self.repetition_penalty is None or self.repetition_penalty > 0,
-             f"repetition penalty {self.repetition_penalty} must be positive."),
-            (self.kv_bits in (None, 2, 3, 4, 5, 6, 8), f"kv-bits {self.kv_bits} is not supported; choose 2, 3, 4, 5, 6 or 8."),
-            (self.max_kv_size is None or self.max_kv_size >= 1, f"max-kv-size {self.max_kv_size} must be a positive number of tokens."),
-            (self.max_kv_size is None or self.kv_bits is None,
-             "kv-bits cannot be combined with max-kv-size (mlx-lm has no quantized rotating cache)."),
-            (self.prefill_step_size >= 1, f"prefill step size {self.prefill_step_size} must be at least 1."),
-            (self.prompt_lookup >= 0, f"prompt-lookup {self.prompt_lookup} must be 0 (off) or a number of draft tokens."),
-            (self.thinking_budget is None or self.thinking_budget >= 0,
-             f"thinking budget {self.thinking_budget} must be 0 or a positive number of tokens."),
+            (
+                self.repetition_penalty is None or self.repetition_penalty > 0,
+                f"repetition penalty {self.repetition_penalty} must be positive.",
+            ),
+            (
+                self.kv_bits in (None, 2, 3, 4, 5, 6, 8),
+                f"kv-bits {self.kv_bits} is not supported; choose 2, 3, 4, 5, 6 or 8.",
+            ),
+            (
+                self.max_kv_size is None or self.max_kv_size >= 1,
+                f"max-kv-size {self.max_kv_size} must be a positive number of tokens.",
+            ),
+            (
+                self.max_kv_size is None or self.kv_bits is None,
+                "kv-bits cannot be combined with max-kv-size (mlx-lm has no quantized rotating cache).",
+            ),
+            (
+                self.prefill_step_size >= 1,
+                f"prefill step size {self.prefill_step_size} must be at least 1.",
+            ),
+            (
+                self.prompt_lookup >= 0,
+                f"prompt-lookup {self.prompt_lookup} must be 0 (off) or a number of draft tokens.",
+            ),
+            (
+                self.thinking_budget is None or self.thinking_budget >= 0,
+                f"thinking budget {self.thinking_budget} must be 0 or a positive number of tokens.",
+            ),
         ]
         media = self.media_kwargs or {}
         checks += [
-            (media.get("max_pixels") is None or media["max_pixels"] >= 1,
-             f"max-pixels {media.get('max_pixels')} must be a positive number of pixels."),
-            (media.get("fps") is None or media["fps"] > 0, f"fps {media.get('fps')} must be positive."),
-            (media.get("max_frames") is None or media["max_frames"] >= 2,
-             f"max-frames {media.get('max_frames')} is too small: frames reach the model in pairs, so 2 at least."),
+            (
+                media.get("max_pixels") is None or media["max_pixels"] >= 1,
+                f"max-pixels {media.get('max_pixels')} must be a positive number of pixels.",
+            ),
+            (
+                media.get("fps") is None or media["fps"] > 0,
+                f"fps {media.get('fps')} must be positive.",
+            ),
+            (
+                media.get("max_frames") is None or media["max_frames"] >= 2,
+                f"max-frames {media.get('max_frames')} is too small: frames reach the model in pairs, so 2 at least.",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -360,42 +412,75 @@ class GenerationSettings:
             self.constraint.grammar  # compiled and checked now: a bad schema is the caller's error
 
     def stop_ids(self, model: Model) -> set:
-        """The end tokens; under a constraint always (its grammar, once complete, allows nothing else)."""
-        return set() if self.ignore_eos and self.constraint is None else set(model.config.eos_token_id)
+        """The end tokens; under a constraint always (its grammar, once complete, allows nothing
+        else)."""
+        return (
+            set() if self.ignore_eos and self.constraint is None else set(model.config.eos_token_id)
+        )
 
-    def step_options(self, processor: Optional[Processor] = None, model: Optional[Model] = None) -> dict:
+    def step_options(
+        self, processor: Optional[Processor] = None, model: Optional[Model] = None
+    ) -> dict:
         """The arguments of `generate_step`, for one request: mlx-lm's sampler and logits processors
         included, the thinking budget's (which needs the `processor` for the `<think>` ids) and the
         constraint's matcher (which needs the `model` too: its logits width and end tokens)."""
-        processors = make_logits_processors(repetition_penalty=self.repetition_penalty,
-                                            repetition_context_size=self.repetition_context_size)
+        processors = make_logits_processors(
+            repetition_penalty=self.repetition_penalty,
+            repetition_context_size=self.repetition_context_size,
+        )
         if self.thinking_budget is not None:
-            ids = [processor.convert_tokens_to_ids(t) for t in ("<think>", "</think>")] if processor else [None]
+            ids = (
+                [processor.convert_tokens_to_ids(t) for t in ("<think>", "</think>")]
+                if processor
+                else [None]
+            )
             if None in ids:
-                raise Glm4vError("a thinking budget needs a tokenizer with <think> and </think> tokens; "
-                                 "this checkpoint's has none." if processor else
-                                 "a thinking budget needs the processor: pass it to step_options.")
+                raise Glm4vError(
+                    "a thinking budget needs a tokenizer with <think> and </think> tokens; "
+                    "this checkpoint's has none."
+                    if processor
+                    else "a thinking budget needs the processor: pass it to step_options."
+                )
             processors.append(thinking_budget_processor(self.thinking_budget, *ids))
         return dict(
-            sampler=make_sampler(temp=self.temp, top_p=self.top_p if self.top_p < 1 else 0.0, min_p=self.min_p,
-                                 top_k=self.top_k),
+            sampler=make_sampler(
+                temp=self.temp,
+                top_p=self.top_p if self.top_p < 1 else 0.0,
+                min_p=self.min_p,
+                top_k=self.top_k,
+            ),
             logits_processors=processors,
-            max_tokens=self.max_tokens, prefill_step_size=self.prefill_step_size, kv_bits=self.kv_bits,
-            kv_group_size=self.kv_group_size, quantized_kv_start=self.quantized_kv_start,
-            prompt_lookup=self.prompt_lookup, grammar=self.row_grammar(processor, model),
+            max_tokens=self.max_tokens,
+            prefill_step_size=self.prefill_step_size,
+            kv_bits=self.kv_bits,
+            kv_group_size=self.kv_group_size,
+            quantized_kv_start=self.quantized_kv_start,
+            prompt_lookup=self.prompt_lookup,
+            grammar=self.row_grammar(processor, model),
         )
 
-    def row_grammar(self, processor: Optional[Processor], model: Optional[Model]) -> Optional[RowGrammar]:
+    def row_grammar(
+        self, processor: Optional[Processor], model: Optional[Model]
+    ) -> Optional[RowGrammar]:
         if self.constraint is None:
             return None
         if processor is None or model is None:
-            raise Glm4vError("a constraint needs the processor and the model: pass them to step_options.")
-        return RowGrammar(self.constraint, processor, model.config.text_config.vocab_size, model.config.eos_token_id)
+            raise Glm4vError(
+                "a constraint needs the processor and the model: pass them to step_options."
+            )
+        return RowGrammar(
+            self.constraint,
+            processor,
+            model.config.text_config.vocab_size,
+            model.config.eos_token_id,
+        )
 
     def new_cache(self, model: Model, processor: Processor, input_ids) -> PromptCache:
-        """A cache for one conversation; a rotating one keeps the system prompt and the media of `input_ids`."""
+        """A cache for one conversation; a rotating one keeps the system prompt and the media of
+        `input_ids`."""
         if self.kv_bits is not None:
-            kv_group_size_for(model, self.kv_group_size)  # a head size MLX cannot quantize: say so now
+            # a head size MLX cannot quantize: say so now
+            kv_group_size_for(model, self.kv_group_size)
         if self.max_kv_size is None:
             return model.make_cache()
         keep = kept_prefix(model, processor, input_ids)
@@ -415,7 +500,8 @@ def media_end(model: Model, input_ids) -> int:
 
 
 def kept_prefix(model: Model, processor: Processor, input_ids) -> int:
-    """Tokens a rotating cache must never drop: the system prompt, and everything up to the last image or video."""
+    """Tokens a rotating cache must never drop: the system prompt, and everything up to the last
+    image or video."""
     ids = np.asarray(input_ids).reshape(-1)
     users = np.flatnonzero(ids == processor.convert_tokens_to_ids("<|user|>"))
     return max(media_end(model, ids), int(users[0]) if users.size else 0)
@@ -440,37 +526,57 @@ def stream_generate(
     """
     settings = GenerationSettings(**settings)
     messages = build_messages(prompt, images, videos, system)
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, **settings.template_kwargs)
+    text = processor.apply_chat_template(
+        messages, add_generation_prompt=True, **settings.template_kwargs
+    )
     media_images, media_videos = processor.media_from_messages(messages)
     inputs = processor(text, images=media_images, videos=media_videos, **settings.media_kwargs)
     if seed is not None:
         mx.random.seed(seed)
     if cache is None:
         cache = settings.new_cache(model, processor, inputs["input_ids"])
-    yield from stream_tokens(model, processor, inputs, cache, stop_ids=settings.stop_ids(model), stop=settings.stop,
-                             **settings.step_options(processor, model))
+    yield from stream_tokens(
+        model,
+        processor,
+        inputs,
+        cache,
+        stop_ids=settings.stop_ids(model),
+        stop=settings.stop,
+        **settings.step_options(processor, model),
+    )
 
 
 def stream_tokens(model, processor, inputs: dict, cache, *, stop_ids=(), stop=(), **step_options):
-    """Text and statistics for processor outputs run into `cache`: the common core of generate and chat."""
+    """Text and statistics for processor outputs run into `cache`: the common core of generate
+    and chat."""
     n_prompt = int(inputs["input_ids"].shape[-1])
     decoder = StreamingText(processor.tokenizer.backend)
     stops = StopStrings(stop)
     start = time.perf_counter()
     prompt_tps = generation_tps = 0.0
     with wired_limit(model):
-        for n, (token, logprobs) in enumerate(generate_step(model, inputs, cache, **step_options), start=1):
+        for n, (token, logprobs) in enumerate(
+            generate_step(model, inputs, cache, **step_options), start=1
+        ):
             now = time.perf_counter()
             if n == 1:
                 prompt_tps = n_prompt / (now - start)
                 start = now
             else:
                 generation_tps = (n - 1) / (now - start)
-            stats = dict(prompt_tokens=n_prompt, prompt_tps=prompt_tps, generation_tokens=n,
-                         generation_tps=generation_tps, peak_memory=mx.get_peak_memory() / 1e9, logprobs=logprobs)
+            stats = dict(
+                prompt_tokens=n_prompt,
+                prompt_tps=prompt_tps,
+                generation_tokens=n,
+                generation_tps=generation_tps,
+                peak_memory=mx.get_peak_memory() / 1e9,
+                logprobs=logprobs,
+            )
             if token in stop_ids:
                 piece, _ = stops.feed(decoder.finish())
-                yield GenerationResponse(piece + stops.flush(), token, **stats, finish_reason="stop")
+                yield GenerationResponse(
+                    piece + stops.flush(), token, **stats, finish_reason="stop"
+                )
                 return
             piece, stopped = stops.feed(decoder.add(token))
             if stopped:
@@ -478,18 +584,23 @@ def stream_tokens(model, processor, inputs: dict, cache, *, stop_ids=(), stop=()
                 return
             yield GenerationResponse(piece, token, **stats)
     piece, _ = stops.feed(decoder.finish())
-    yield GenerationResponse(piece + stops.flush(), None, **{**stats, "logprobs": None}, finish_reason="length")
+    yield GenerationResponse(
+        piece + stops.flush(), None, **{**stats, "logprobs": None}, finish_reason="length"
+    )
 
 
 def hidden_tokens(tokenizer) -> frozenset:
-    """The added tokens a reply's text leaves out: all but GLM-V's reply markers (processor.REPLY_MARKERS),
-    so a turn or media marker the model emits never becomes text a client sends back."""
-    return frozenset(i for i, t in tokenizer.get_added_tokens_decoder().items() if t.content not in REPLY_MARKERS)
+    """The added tokens a reply's text leaves out: all but GLM-V's reply markers
+    (processor.REPLY_MARKERS), so a turn or media marker the model emits never becomes text a
+    client sends back."""
+    return frozenset(
+        i for i, t in tokenizer.get_added_tokens_decoder().items() if t.content not in REPLY_MARKERS
+    )
 
 
 class StreamingText:
-    """Incremental detokenization that never splits a character; in the end equal to `decode(tokens)`
-    of the tokens shown (`hidden_tokens` left out)."""
+    """Incremental detokenization that never splits a character; in the end equal to
+    `decode(tokens)` of the tokens shown (`hidden_tokens` left out)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -506,14 +617,23 @@ class StreamingText:
         return piece
 
     def finish(self) -> str:
-        """What the stream still holds back (an unfinished character decodes as the tokenizer decodes it)."""
+        """What the stream still holds back (an unfinished character decodes as the tokenizer
+        decodes it)."""
         full = self.tokenizer.decode(self.tokens, skip_special_tokens=False)
-        rest = full[len(self.text):] if full.startswith(self.text) else ""
+        rest = full[len(self.text) :] if full.startswith(self.text) else ""
         self.text += rest
         return rest
 
 
-def generate(model: Model, processor: Processor, prompt, images=(), videos=(), verbose: bool = False, **kwargs) -> str:
+def generate(
+    model: Model,
+    processor: Processor,
+    prompt,
+    images=(),
+    videos=(),
+    verbose: bool = False,
+    **kwargs,
+) -> str:
     """The whole reply as a string; `verbose` streams it to stdout with a statistics line."""
     text = ""
     response = None

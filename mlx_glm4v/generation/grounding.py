@@ -22,19 +22,46 @@ BOX_RE = re.compile(r"<\|begin_of_box\|>(.*?)<\|end_of_box\|>", re.S)
 # bare double brackets outside the markers: [[x1,y1,x2,y2]], [[x,y]], [[...],[...]]
 NUMS = r"\[[-+0-9.eE,\s]*\]"
 BARE_RE = re.compile(rf"\[\s*{NUMS}(?:\s*,\s*{NUMS})*\s*\]")
-ORDINALS = {"first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "sixth": 6, "seventh": 7,
-            "eighth": 8, "ninth": 9, "tenth": 10, "1st": 1, "2nd": 2, "3rd": 3}
+ORDINALS = {
+    "first": 1,
+    "second": 2,
+    "third": 3,
+    "fourth": 4,
+    "fifth": 5,
+    "sixth": 6,
+    "seventh": 7,
+    "eighth": 8,
+    "ninth": 9,
+    "tenth": 10,
+    "1st": 1,
+    "2nd": 2,
+    "3rd": 3,
+}
 IMAGE_REF_RE = re.compile(
     r"\b(?:(?:image|picture|photo|img)\s*#?\s*(\d+)|(first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth"
-    r"|1st|2nd|3rd|\d+th)\s+(?:image|picture|photo))\b", re.I)
+    r"|1st|2nd|3rd|\d+th)\s+(?:image|picture|photo))\b",
+    re.I,
+)
 # "Nose: [250,600]", "- **cat**: [[...]]": a short name and a colon just before the coordinates
 HEADING_RE = re.compile(r"([^\n.;:!?<>\[\]{}]{1,40}):\s*$")
 HEADING_TRIM_RE = re.compile(r"^[\s*_\-•#]+|[\s*_\-•#]+$")
 BOX_KEYS = ("bbox_2d", "box_2d", "bbox", "box")
 POINT_KEYS = ("point_2d", "point")
 LABEL_KEYS = ("label", "name", "text")
-COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324",
-          "#800000", "#469990", "#000075", "#bfef45")
+COLORS = (
+    "#e6194b",
+    "#3cb44b",
+    "#4363d8",
+    "#f58231",
+    "#911eb4",
+    "#42d4f4",
+    "#f032e6",
+    "#9a6324",
+    "#800000",
+    "#469990",
+    "#000075",
+    "#bfef45",
+)
 
 
 @dataclass
@@ -44,17 +71,22 @@ class Mark:
     kind: str  # "box" or "point"
     coords: Tuple[float, ...]
     label: Optional[str] = None
-    image: Optional[int] = None  # 1-based image the reply names ("image 2", "the second image"), if any
+    # 1-based image the reply names ("image 2", "the second image"), if any
+    image: Optional[int] = None
 
     def pixels(self, width: int, height: int) -> Tuple[int, ...]:
         """Pixel edges in an image of this size: x * width / 1000, rounded half up."""
-        return tuple(int(v * (width if i % 2 == 0 else height) / SCALE + 0.5) for i, v in enumerate(self.coords))
+        return tuple(
+            int(v * (width if i % 2 == 0 else height) / SCALE + 0.5)
+            for i, v in enumerate(self.coords)
+        )
 
 
 @dataclass
 class Grounding:
     marks: List[Mark]
-    refused: List[str]  # one sentence per piece of text that looked like coordinates but was not valid
+    # one sentence per piece of text that looked like coordinates but was not valid
+    refused: List[str]
 
 
 def find_marks(text: str) -> Grounding:
@@ -156,7 +188,10 @@ def _from_json(value, raw: str) -> list:
     for item in value:
         label = None
         if isinstance(item, dict):
-            label = next((str(item[k]) for k in LABEL_KEYS if isinstance(item.get(k), (str, int, float))), None)
+            label = next(
+                (str(item[k]) for k in LABEL_KEYS if isinstance(item.get(k), (str, int, float))),
+                None,
+            )
             key = next((k for k in BOX_KEYS + POINT_KEYS if k in item), None)
             if key is None:
                 continue  # an object without coordinates is just data
@@ -166,7 +201,11 @@ def _from_json(value, raw: str) -> list:
 
 
 def _mark(coords, label, raw: str):
-    if not isinstance(coords, list) or len(coords) not in (2, 4) or not all(_is_number(v) for v in coords):
+    if (
+        not isinstance(coords, list)
+        or len(coords) not in (2, 4)
+        or not all(_is_number(v) for v in coords)
+    ):
         return f"'{_short(json.dumps(coords, separators=(',', ':')))}' in '{_short(raw)}' is neither a box [x1,y1,x2,y2] nor a point [x,y]."
     bad = [v for v in coords if not 0 <= v <= SCALE]
     if bad:
@@ -200,10 +239,15 @@ def as_json(marks: Sequence[Mark], sizes: Sequence[Tuple[int, int]]) -> List[dic
         image = m.image if m.image is not None and 1 <= m.image <= len(sizes) else None
         if image is None and len(sizes) == 1:
             image = 1
-        out.append({
-            "type": m.kind, "label": m.label, "coords": list(m.coords), "image": image,
-            "pixels": list(m.pixels(*sizes[image - 1])) if image else None,
-        })
+        out.append(
+            {
+                "type": m.kind,
+                "label": m.label,
+                "coords": list(m.coords),
+                "image": image,
+                "pixels": list(m.pixels(*sizes[image - 1])) if image else None,
+            }
+        )
     return out
 
 
@@ -268,7 +312,9 @@ def save_drawn(path: str, images: Sequence, marks: Sequence[Mark]) -> List[str]:
         targets = [(named.pop(), path)]
     else:
         out = Path(path)
-        targets = [(i, str(out.with_name(f"{out.stem}-{i}{out.suffix}"))) for i in range(1, count + 1)]
+        targets = [
+            (i, str(out.with_name(f"{out.stem}-{i}{out.suffix}"))) for i in range(1, count + 1)
+        ]
     written = []
     for index, target in targets:
         picture = draw_marks(images[index - 1], marks_for_image(marks, index, count))

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Tuple
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-THINKING = re.compile(r"<think>.*?(</think>|$)", re.DOTALL)  # a thinking block, closed or still open
+# a thinking block, closed or still open
+THINKING = re.compile(r"<think>.*?(</think>|$)", re.DOTALL)
 MARKERS = (THINK_OPEN, THINK_CLOSE, "<answer>", "</answer>", "<|begin_of_box|>", "<|end_of_box|>")
 
 
@@ -46,7 +47,7 @@ class ReplySplitter:
                 break
             marker = next((m for m in MARKERS if self.pending.startswith(m)), None)
             if marker:
-                self.pending = self.pending[len(marker):]
+                self.pending = self.pending[len(marker) :]
                 if marker in (THINK_OPEN, THINK_CLOSE):
                     self.thinking = marker == THINK_OPEN
             elif any(m.startswith(self.pending) for m in MARKERS):
@@ -70,6 +71,7 @@ def split_reply(text: str) -> ReplyParts:
 
 
 # ---- the one streaming parser: thinking, answer and tool calls as events -------------------------
+
 
 @dataclass
 class Reasoning:
@@ -103,7 +105,8 @@ class ToolEnd:
 
 
 class Trim:
-    """Streams text without its leading and trailing white space, as `str.strip` would cut the whole."""
+    """Streams text without its leading and trailing white space, as `str.strip` would cut the
+    whole."""
 
     def __init__(self):
         self.started, self.pending = False, ""
@@ -116,12 +119,17 @@ class Trim:
             return ""
         text = self.pending + text
         body = text.rstrip()
-        self.pending = text[len(body):]
+        self.pending = text[len(body) :]
         return body
 
 
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
-KEY_OPEN, KEY_CLOSE, VALUE_OPEN, VALUE_CLOSE = "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"
+KEY_OPEN, KEY_CLOSE, VALUE_OPEN, VALUE_CLOSE = (
+    "<arg_key>",
+    "</arg_key>",
+    "<arg_value>",
+    "</arg_value>",
+)
 
 
 def call_id() -> str:
@@ -134,13 +142,21 @@ def string_params(tools, name: str) -> set:
         fn = tool.get("function", tool)
         if fn.get("name") == name:
             props = (fn.get("parameters") or {}).get("properties") or {}
-            return {k for k, v in props.items() if isinstance(v, dict) and
-                    (v.get("type") == "string" or (isinstance(v.get("type"), list) and "string" in v["type"]))}
+            return {
+                k
+                for k, v in props.items()
+                if isinstance(v, dict)
+                and (
+                    v.get("type") == "string"
+                    or (isinstance(v.get("type"), list) and "string" in v["type"])
+                )
+            }
     return set()
 
 
 def _next(text: str, markers) -> tuple:
-    """(at, marker) of the first marker in `text`; else (n, None) where text[:n] cannot begin one."""
+    """(at, marker) of the first marker in `text`; else (n, None) where text[:n] cannot begin
+    one."""
     found = [(text.find(m), m) for m in markers if m in text]
     if found:
         return min(found)
@@ -167,7 +183,10 @@ class ToolCalls:
         self.call = {"index": self.count, "id": self.new_id(), "name": name, "args": ["{"]}
         self.strings, self.key, self.value = string_params(self.tools, name), None, None
         self.count += 1
-        return [ToolStart(self.call["index"], self.call["id"], name), ToolArgs(self.call["index"], "{")]
+        return [
+            ToolStart(self.call["index"], self.call["id"], name),
+            ToolArgs(self.call["index"], "{"),
+        ]
 
     def _args(self, text: str) -> list:
         if not text:
@@ -204,7 +223,7 @@ class ToolCalls:
                 if marker is None:
                     self.pending = p[at:]
                     break
-                self.pending, self.state = p[at + len(TOOL_OPEN):], "head"
+                self.pending, self.state = p[at + len(TOOL_OPEN) :], "head"
             elif state == "head":
                 body = p.lstrip()
                 if body.startswith("{"):
@@ -213,25 +232,29 @@ class ToolCalls:
                 ends = [i for i in (p.find("\n", len(p) - len(body)), p.find("<")) if i >= 0]
                 if not ends:
                     break
-                name = p[:min(ends)].strip()
+                name = p[: min(ends)].strip()
                 if not name:
                     out.append(TOOL_OPEN)
                     self.state = "text"
                     continue
                 out += self._start(name)
-                self.pending, self.state = p[min(ends):], "args"
+                self.pending, self.state = p[min(ends) :], "args"
             elif state == "json":
                 at = p.find(TOOL_CLOSE)
                 if at < 0:
                     break
-                self.pending, self.state = p[at + len(TOOL_CLOSE):], "text"
+                self.pending, self.state = p[at + len(TOOL_CLOSE) :], "text"
                 try:
                     call = json.loads(p[:at])
-                    name, arguments = call["name"], call.get("arguments", call.get("parameters", {}))
+                    name, arguments = (
+                        call["name"],
+                        call.get("arguments", call.get("parameters", {})),
+                    )
                     if not isinstance(name, str) or not name or not isinstance(arguments, dict):
                         raise TypeError
                 except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-                    out.append(TOOL_OPEN + p[:at + len(TOOL_CLOSE)])  # not a call we can read: text as it was
+                    # not a call we can read: text as it was
+                    out.append(TOOL_OPEN + p[: at + len(TOOL_CLOSE)])
                     continue
                 out += self._start(name)
                 out += self._args(json.dumps(arguments, ensure_ascii=False)[1:-1]) + self._end()
@@ -241,7 +264,7 @@ class ToolCalls:
                 if marker is None:
                     self.pending = p[at:]  # text between the tags means nothing
                     break
-                self.pending = p[at + len(marker):]
+                self.pending = p[at + len(marker) :]
                 if marker == TOOL_CLOSE:
                     out += self._end()
                     self.state = "text"
@@ -258,10 +281,14 @@ class ToolCalls:
                 at = p.find(KEY_CLOSE)
                 if at < 0:
                     break
-                self.key, self.pending, self.state = p[:at].strip(), p[at + len(KEY_CLOSE):], "after_key"
+                self.key, self.pending, self.state = (
+                    p[:at].strip(),
+                    p[at + len(KEY_CLOSE) :],
+                    "after_key",
+                )
             else:  # "value"
                 at, marker = _next(p, [VALUE_CLOSE])
-                piece, self.pending = p[:at], p[at + len(marker or ""):]
+                piece, self.pending = p[:at], p[at + len(marker or "") :]
                 if self.value is None:
                     out += self._args(json.dumps(piece, ensure_ascii=False)[1:-1])
                 else:
@@ -275,7 +302,8 @@ class ToolCalls:
         return [x for x in out if x != ""]
 
     def _finish(self) -> list:
-        """What is still held: a call not begun is text again; a begun one is closed as it stands."""
+        """What is still held: a call not begun is text again; a begun one is closed as it
+        stands."""
         p, state = self.pending, self.state
         self.pending, self.state = "", "text"
         if state == "text":
@@ -338,6 +366,8 @@ def parse_reply(text: str, tools=None) -> ParsedReply:
     """A whole reply's thinking, answer and tool calls (the streamed events, gathered)."""
     parser = ReplyParser(tools)
     events = parser.feed(text) + parser.finish()
-    return ParsedReply("".join(e.text for e in events if isinstance(e, Reasoning)),
-                       "".join(e.text for e in events if isinstance(e, Content)),
-                       [e for e in events if isinstance(e, ToolEnd)])
+    return ParsedReply(
+        "".join(e.text for e in events if isinstance(e, Reasoning)),
+        "".join(e.text for e in events if isinstance(e, Content)),
+        [e for e in events if isinstance(e, ToolEnd)],
+    )

@@ -1,10 +1,12 @@
-"""Pixels for the vision tower: reading images, `smart_resize`, bicubic resize, normalize, patchify.
+"""Pixels for the vision tower: reading images, `smart_resize`, bicubic resize, normalize,
+patchify.
 
-Mirrors transformers' `Glm4vImageProcessor` (the torchvision backend it picks by default) with PIL and
-numpy. The resize is torch's own uint8 arithmetic (antialiased bicubic, integer weights, the
-horizontal pass first), so pixels are equal to the reference's, not merely close: PIL's filter
-is the same curve but keeps more bits of each weight, and Pillow runs the vertical pass first when
-the height shrinks by a larger factor than the width, which moved pixels by up to 25 grey levels.
+Mirrors transformers' `Glm4vImageProcessor` (the torchvision backend it picks by default) with
+PIL and numpy. The resize is torch's own uint8 arithmetic (antialiased bicubic, integer weights,
+the horizontal pass first), so pixels are equal to the reference's, not merely close: PIL's
+filter is the same curve but keeps more bits of each weight, and Pillow runs the vertical pass
+first when the height shrinks by a larger factor than the width, which moved pixels by up to 25
+grey levels.
 """
 
 import math
@@ -36,14 +38,23 @@ class PixelSettings:
     rescale_factor: float = 1 / 255
     fps: float = 2  # videos only: frames sampled per second
     max_duration: float = 300  # videos only: longer clips get a fixed number of frames
-    # videos only: "fixed" rate (Glm4vVideoProcessor) or "dynamic", by duration (Glm46VVideoProcessor)
+    # videos only: "fixed" rate (Glm4vVideoProcessor) or "dynamic", by duration
+    # (Glm46VVideoProcessor)
     sampling: str = "fixed"
 
     @classmethod
     def from_dict(cls, d: dict, default_max_pixels: int) -> "PixelSettings":
         size = d.get("size") or {}
-        keys = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std",
-                "rescale_factor", "fps", "max_duration")
+        keys = (
+            "patch_size",
+            "temporal_patch_size",
+            "merge_size",
+            "image_mean",
+            "image_std",
+            "rescale_factor",
+            "fps",
+            "max_duration",
+        )
         return cls(
             min_pixels=size.get("shortest_edge", 112 * 112),
             max_pixels=size.get("longest_edge", default_max_pixels),
@@ -55,7 +66,9 @@ def existing_file(source, kind: str) -> Path:
     """The local file behind `source`; URLs are refused because nothing is downloaded here."""
     text = str(source)
     if text.startswith(("http://", "https://")):
-        raise Glm4vError(f"{text}: only local {kind} files are read; download it and pass the path.")
+        raise Glm4vError(
+            f"{text}: only local {kind} files are read; download it and pass the path."
+        )
     path = Path(text.removeprefix("file://")).expanduser()
     if not path.is_file():
         raise Glm4vError(f"{path}: no such {kind} file.")
@@ -86,7 +99,9 @@ def load_image(image) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
     if isinstance(image, np.ndarray):
         return _array_to_rgb(image)
-    raise Glm4vError(f"an image must be a file path, a PIL image or a numpy array, not {type(image).__name__}.")
+    raise Glm4vError(
+        f"an image must be a file path, a PIL image or a numpy array, not {type(image).__name__}."
+    )
 
 
 def _bomb_message(path: Path, error: Exception) -> str:
@@ -95,12 +110,15 @@ def _bomb_message(path: Path, error: Exception) -> str:
     found = re.search(r"\((\d+) pixels\)", str(error))
     size = f" of {int(found.group(1)) / 1e6:,.1f} megapixels" if found else ""
     limit = (Image.MAX_IMAGE_PIXELS or 0) / 1e6
-    return (f"{path} is an image{size}, more than the {limit:,.1f} megapixels PIL opens safely (it could be a "
-            "decompression bomb); scale it down first.")
+    return (
+        f"{path} is an image{size}, more than the {limit:,.1f} megapixels PIL opens safely (it could be a "
+        "decompression bomb); scale it down first."
+    )
 
 
 def _array_to_rgb(a: np.ndarray) -> np.ndarray:
-    """Channels first or last (first wins when ambiguous, as in the reference), 1, 3 or 4 channels."""
+    """Channels first or last (first wins when ambiguous, as in the reference), 1, 3 or 4
+    channels."""
     if a.dtype != np.uint8:
         raise Glm4vError(f"an image array must be uint8 (0-255), not {a.dtype}.")
     if a.ndim == 2:
@@ -108,8 +126,10 @@ def _array_to_rgb(a: np.ndarray) -> np.ndarray:
     elif a.ndim == 3 and a.shape[0] in (1, 3, 4):
         a = np.moveaxis(a, 0, -1)
     if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
-        raise Glm4vError(f"an image array must be (H, W), or (H, W, C) or (C, H, W) with 1, 3 or 4 channels, "
-                         f"not {a.shape}.")
+        raise Glm4vError(
+            f"an image array must be (H, W), or (H, W, C) or (C, H, W) with 1, 3 or 4 channels, "
+            f"not {a.shape}."
+        )
     if a.shape[-1] == 1:
         return np.repeat(a, 3, axis=-1)
     if a.shape[-1] == 4:
@@ -120,7 +140,9 @@ def _array_to_rgb(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def smart_resize(num_frames: int, height: int, width: int, s: PixelSettings, max_pixels: int, name: str):
+def smart_resize(
+    num_frames: int, height: int, width: int, s: PixelSettings, max_pixels: int, name: str
+):
     """The reference's target (height, width): multiples of patch*merge, t*h*w within the budget."""
     factor = s.patch_size * s.merge_size
     if height < factor or width < factor:
@@ -128,7 +150,9 @@ def smart_resize(num_frames: int, height: int, width: int, s: PixelSettings, max
         height, width = int(height * scale), int(width * scale)
     ratio = max(height, width) / min(height, width)
     if ratio > 200:
-        raise Glm4vError(f"{name}: the aspect ratio {ratio:.0f}:1 is beyond the 200:1 the model accepts.")
+        raise Glm4vError(
+            f"{name}: the aspect ratio {ratio:.0f}:1 is beyond the 200:1 the model accepts."
+        )
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     t_bar = round(num_frames / s.temporal_patch_size) * s.temporal_patch_size
@@ -144,14 +168,16 @@ def smart_resize(num_frames: int, height: int, width: int, s: PixelSettings, max
 
 
 def resize(frames: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(T, H, W, C) uint8 -> (T, height, width, C): torchvision's antialiased bicubic on uint8 tensors."""
+    """(T, H, W, C) uint8 -> (T, height, width, C): torchvision's antialiased bicubic on uint8
+    tensors."""
     if frames.shape[1:3] == (height, width):
         return frames
     return np.stack([_resize_frame(f, height, width) for f in frames])
 
 
 def _resize_frame(frame: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Two separable passes as torch's CPU kernel runs them: columns first, rounded to uint8, then rows."""
+    """Two separable passes as torch's CPU kernel runs them: columns first, rounded to uint8,
+    then rows."""
     if frame.shape[1] != width:
         frame = _resample(frame, width, axis=1)
     if frame.shape[0] != height:
@@ -168,8 +194,9 @@ def _bicubic(x: np.ndarray) -> np.ndarray:
 
 
 def _int16_weights(n_in: int, n_out: int):
-    """Taps ([n_out, K] source indices), int16-range weights and their precision in bits, computed as
-    torch's `_compute_index_ranges_int16_weights` does (float64, normalised, then fixed point)."""
+    """Taps ([n_out, K] source indices), int16-range weights and their precision in bits,
+    computed as torch's `_compute_index_ranges_int16_weights` does (float64, normalised, then
+    fixed point)."""
     scale = n_in / n_out
     support = 2.0 * max(scale, 1.0)
     taps = int(math.ceil(support)) * 2 + 1
@@ -190,9 +217,10 @@ def _int16_weights(n_in: int, n_out: int):
 
 
 def _resample(x: np.ndarray, n_out: int, axis: int, block: int = 16) -> np.ndarray:
-    """Resize axis 0 (rows) or 1 (columns) of (H, W, C) uint8 `x`: the sum of each output's taps times
-    their integer weights, rounded, shifted and clamped. `block` rows at a time, so the int32 sums
-    stay in cache; columns gather whole pixels, channels interleaved, without a transpose."""
+    """Resize axis 0 (rows) or 1 (columns) of (H, W, C) uint8 `x`: the sum of each output's taps
+    times their integer weights, rounded, shifted and clamped. `block` rows at a time, so the
+    int32 sums stay in cache; columns gather whole pixels, channels interleaved, without a
+    transpose."""
     H, W, C = x.shape
     index, weights, bits = _int16_weights(x.shape[axis], n_out)
     flat = x.reshape(H, W * C)
@@ -225,10 +253,11 @@ def _resample(x: np.ndarray, n_out: int, axis: int, block: int = 16) -> np.ndarr
 
 
 def patchify(frames: np.ndarray, s: PixelSettings):
-    """(T, H, W, 3) uint8, T a multiple of temporal_patch_size -> (rows, C*tp*p*p) float32 and (t, h, w).
+    """(T, H, W, 3) uint8, T a multiple of temporal_patch_size -> (rows, C*tp*p*p) float32 and
+    (t, h, w).
 
-    Rows run over (t, h/merge, w/merge, merge, merge) so that each merge x merge block is contiguous;
-    features are ordered (C, tp, p, p) like the patch-embedding convolution's weight.
+    Rows run over (t, h/merge, w/merge, merge, merge) so that each merge x merge block is
+    contiguous; features are ordered (C, tp, p, p) like the patch-embedding convolution's weight.
     """
     scale = np.float32(1 / s.rescale_factor)
     mean = np.asarray(s.image_mean, np.float32) * scale
@@ -242,9 +271,14 @@ def patchify(frames: np.ndarray, s: PixelSettings):
 
 
 def image_patches(image, s: PixelSettings, max_pixels: int | None = None, name: str = "image"):
-    """pixel_values rows and grid (1, h, w) for one image, its frame repeated over temporal_patch_size."""
+    """pixel_values rows and grid (1, h, w) for one image, its frame repeated over
+    temporal_patch_size."""
     rgb = load_image(image)
-    budget = s.max_pixels if max_pixels is None else min(s.max_pixels, max_pixels * s.temporal_patch_size)
+    budget = (
+        s.max_pixels
+        if max_pixels is None
+        else min(s.max_pixels, max_pixels * s.temporal_patch_size)
+    )
     h, w = smart_resize(s.temporal_patch_size, *rgb.shape[:2], s, budget, name)
     frame = resize(rgb[None], h, w)
     return patchify(np.repeat(frame, s.temporal_patch_size, axis=0), s)

@@ -45,8 +45,20 @@ _DATA_SPAN = re.compile("\ufdd0([\ufdd0\ufdd1]|[^\ufdd0\ufdd1]+)\ufdd1")
 # message's content they stay control tokens (the reply as the model wrote it, which the cache
 # already holds and GLM-4.5V's template splits at `</think>`); a reply's text shows them (reply.py
 # reads them) and hides every other control token the model may emit.
-REPLY_MARKERS = ("<think>", "</think>", "<answer>", "</answer>", "<|begin_of_box|>", "<|end_of_box|>",
-                 "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>")
+REPLY_MARKERS = (
+    "<think>",
+    "</think>",
+    "<answer>",
+    "</answer>",
+    "<|begin_of_box|>",
+    "<|end_of_box|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<arg_key>",
+    "</arg_key>",
+    "<arg_value>",
+    "</arg_value>",
+)
 
 
 def unmark(text: str) -> str:
@@ -59,15 +71,19 @@ def _pieces(text: str):
     marked span) is dropped."""
     at = 0
     for m in _DATA_SPAN.finditer(text):
-        yield text[at:m.start()].replace(DATA_OPEN, "").replace(DATA_CLOSE, ""), False
+        yield text[at : m.start()].replace(DATA_OPEN, "").replace(DATA_CLOSE, ""), False
         yield m.group(1), True
         at = m.end()
     yield text[at:].replace(DATA_OPEN, "").replace(DATA_CLOSE, ""), False
 
+
 # Where GLM-4.6V's processors differ (images, placeholders and token types do not). transformers
 # picks the processor and the video processor each by its own class name, and so do we.
 # processor class -> the text after a video frame's tokens, from the frame's time in seconds
-FRAME_TIMES = {"Glm4vProcessor": lambda t: str(int(t)), "Glm46VProcessor": lambda t: f"{t:.1f} seconds"}
+FRAME_TIMES = {
+    "Glm4vProcessor": lambda t: str(int(t)),
+    "Glm46VProcessor": lambda t: f"{t:.1f} seconds",
+}
 # video processor class -> how it picks frames (video.sample_frames)
 SAMPLING = {"Glm4vVideoProcessor": "fixed", "Glm46VVideoProcessor": "dynamic"}
 
@@ -82,7 +98,8 @@ def _read_json(path: Path):
 
 
 def _token(config: dict, key: str):
-    """A named special token from tokenizer_config.json, stored as a string or an AddedToken dict."""
+    """A named special token from tokenizer_config.json, stored as a string or an AddedToken
+    dict."""
     value = config.get(key)
     return value.get("content") if isinstance(value, dict) else value
 
@@ -121,18 +138,24 @@ class Tokenizer:
         self._text_backend, self._prefixes = None, {}
 
     def encode(self, text: str) -> list[int]:
-        """Ids with the special tokens the post-processor adds, as `tokenizer(text)` does by default.
+        """Ids with the special tokens the post-processor adds, as `tokenizer(text)` does by
+        default.
 
-        Text marked as data (`mark`) is read as text: the control tokens are those of the unmarked
-        text alone, and a stretch between two of them that holds marked text is encoded with no
-        added token recognised."""
+        Text marked as data (`mark`) is read as text: the control tokens are those of the
+        unmarked text alone, and a stretch between two of them that holds marked text is encoded
+        with no added token recognised."""
         if DATA_OPEN not in text and DATA_CLOSE not in text:
             return self.backend.encode(text).ids
-        ids, run = [], []  # run: (text, its ids, or None for marked text) since the last control token
+        # run: (text, its ids, or None for marked text) since the last control token
+        ids, run = [], []
 
         def flush():
             if any(part is None for _, part in run):
-                ids.extend(self.text_backend.encode("".join(t for t, _ in run), add_special_tokens=False).ids)
+                ids.extend(
+                    self.text_backend.encode(
+                        "".join(t for t, _ in run), add_special_tokens=False
+                    ).ids
+                )
             else:
                 ids.extend(i for _, part in run for i in part)
             run.clear()
@@ -141,9 +164,12 @@ class Tokenizer:
             if data:
                 run.append((piece, None))
                 continue
-            found = self.backend.encode(piece, add_special_tokens=False)  # split at added tokens first
+            # split at added tokens first
+            found = self.backend.encode(piece, add_special_tokens=False)
             found_ids, at, first = found.ids, 0, 0
-            for k in np.flatnonzero(np.isin(np.array(found_ids, np.int64), self._added_array)).tolist():
+            for k in np.flatnonzero(
+                np.isin(np.array(found_ids, np.int64), self._added_array)
+            ).tolist():
                 start, end = found.token_to_chars(k)
                 run.append((piece[at:start], found_ids[first:k]))
                 flush()
@@ -156,16 +182,21 @@ class Tokenizer:
 
     @property
     def _added_around(self) -> tuple:
-        """The ids the post-processor puts before and after a text's own (none for GLM's tokenizer)."""
+        """The ids the post-processor puts before and after a text's own (none for GLM's
+        tokenizer)."""
         if self.backend.num_special_tokens_to_add(False) == 0:
             return [], []
-        inner, outer = self.backend.encode("a", add_special_tokens=False).ids, self.backend.encode("a").ids
-        at = next(i for i in range(len(outer)) if outer[i:i + len(inner)] == inner)
-        return outer[:at], outer[at + len(inner):]
+        inner, outer = (
+            self.backend.encode("a", add_special_tokens=False).ids,
+            self.backend.encode("a").ids,
+        )
+        at = next(i for i in range(len(outer)) if outer[i : i + len(inner)] == inner)
+        return outer[:at], outer[at + len(inner) :]
 
     @property
     def text_backend(self):
-        """The tokenizer with every added token taken as text (all made special, special ones encoded)."""
+        """The tokenizer with every added token taken as text (all made special, special ones
+        encoded)."""
         if self._text_backend is None:
             from tokenizers import Tokenizer as Backend
 
@@ -178,9 +209,10 @@ class Tokenizer:
         return self._text_backend
 
     def mark(self, value, keep=()):
-        """`value` (a string, or lists, tuples and dicts of them, keys included) with every added-token
-        string but those in `keep` marked as data, and so is a string's end that could begin one, so
-        that two strings rendered side by side cannot join into one; anything else is returned as is."""
+        """`value` (a string, or lists, tuples and dicts of them, keys included) with every
+        added-token string but those in `keep` marked as data, and so is a string's end that
+        could begin one, so that two strings rendered side by side cannot join into one; anything
+        else is returned as is."""
         if isinstance(value, dict):
             return {self.mark(k, keep): self.mark(v, keep) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
@@ -194,9 +226,12 @@ class Tokenizer:
         out, at = [], 0
         for m in found:
             token = m.group()
-            out += [value[at:m.start()], token if token in keep else DATA_OPEN + token + DATA_CLOSE]
+            out += [
+                value[at : m.start()],
+                token if token in keep else DATA_OPEN + token + DATA_CLOSE,
+            ]
             at = m.end()
-        out.append(value[at:len(value) - tail])
+        out.append(value[at : len(value) - tail])
         if tail:
             out.append(DATA_OPEN + value[-tail:] + DATA_CLOSE)
         return "".join(out)
@@ -204,7 +239,9 @@ class Tokenizer:
     def _starts(self, keep: tuple) -> frozenset:
         """Proper prefixes of the added tokens not in `keep`."""
         if keep not in self._prefixes:
-            self._prefixes[keep] = frozenset(t[:n] for t in self.added if t not in keep for n in range(1, len(t)))
+            self._prefixes[keep] = frozenset(
+                t[:n] for t in self.added if t not in keep for n in range(1, len(t))
+            )
         return self._prefixes[keep]
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
@@ -221,16 +258,24 @@ def _compile(template: str):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        text = json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        text = json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
         # the data marks stay marks when the template asks for ASCII
-        return text.replace("\\ufdd0", DATA_OPEN).replace("\\ufdd1", DATA_CLOSE) if ensure_ascii else text
+        return (
+            text.replace("\\ufdd0", DATA_OPEN).replace("\\ufdd1", DATA_CLOSE)
+            if ensure_ascii
+            else text
+        )
 
     def raise_exception(message):
         from jinja2.exceptions import TemplateError
 
         raise TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -249,8 +294,10 @@ def _load_template(path: Path) -> str:
     if isinstance(template, list):  # named templates
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     if not template:
-        raise Glm4vError(f"{path} has no chat template (looked in chat_template.jinja, chat_template.json "
-                         "and tokenizer_config.json).")
+        raise Glm4vError(
+            f"{path} has no chat template (looked in chat_template.jinja, chat_template.json "
+            "and tokenizer_config.json)."
+        )
     return template
 
 
@@ -300,27 +347,45 @@ def _label(source, index: int, kind: str) -> str:
     return str(source) if isinstance(source, (str, Path)) else f"{kind} {index + 1}"
 
 
-def _class_names(path: Path, combined: dict, image_file: dict | None, video_file: dict | None, video: dict):
-    """(processor class, video processor class) as transformers' AutoProcessor and AutoVideoProcessor
-    find them: in the processor files, else after config.json's model type."""
-    family = "Glm46V" if (_read_json(path / "config.json") or {}).get("model_type") == "glm46v" else "Glm4v"
-    legacy = image_file if image_file is not None else video_file  # the video file only without the image one
+def _class_names(
+    path: Path, combined: dict, image_file: dict | None, video_file: dict | None, video: dict
+):
+    """(processor class, video processor class) as transformers' AutoProcessor and
+    AutoVideoProcessor find them: in the processor files, else after config.json's model type."""
+    family = (
+        "Glm46V"
+        if (_read_json(path / "config.json") or {}).get("model_type") == "glm46v"
+        else "Glm4v"
+    )
+    # the video file only without the image one
+    legacy = image_file if image_file is not None else video_file
     places = (combined, legacy, _read_json(path / "tokenizer_config.json"))
     processor = next((c["processor_class"] for c in places if c and c.get("processor_class")), None)
-    from_image = (video.get("image_processor_type") or "").replace("ImageProcessor", "VideoProcessor")
-    video_processor = video.get("video_processor_type") or (from_image if from_image in SAMPLING else None)
+    from_image = (video.get("image_processor_type") or "").replace(
+        "ImageProcessor", "VideoProcessor"
+    )
+    video_processor = video.get("video_processor_type") or (
+        from_image if from_image in SAMPLING else None
+    )
     return processor or f"{family}Processor", video_processor or f"{family}VideoProcessor"
 
 
 class Processor:
-    """Glm4vProcessor (and Glm46VProcessor) without torch: chat template, tokenizer, image and video pixels.
+    """Glm4vProcessor (and Glm46VProcessor) without torch: chat template, tokenizer, image and
+    video pixels.
 
-    `processor_class` "Glm46VProcessor" writes frame times as GLM-4.6V's does; the video settings'
-    `sampling` picks the frames as the checkpoint's video processor does.
+    `processor_class` "Glm46VProcessor" writes frame times as GLM-4.6V's does; the video
+    settings' `sampling` picks the frames as the checkpoint's video processor does.
     """
 
-    def __init__(self, tokenizer: Tokenizer, chat_template: str, image_settings: PixelSettings,
-                 video_settings: PixelSettings, processor_class: str = "Glm4vProcessor"):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        chat_template: str,
+        image_settings: PixelSettings,
+        video_settings: PixelSettings,
+        processor_class: str = "Glm4vProcessor",
+    ):
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.image_settings = image_settings
@@ -333,9 +398,10 @@ class Processor:
 
     @classmethod
     def from_pretrained(cls, path) -> "Processor":
-        """Read a local checkpoint directory: processor_config.json (transformers 5) or the published
-        preprocessor_config.json + video_preprocessor_config.json, the tokenizer and the chat template.
-        The class names there (or config.json's model type) say whether it is GLM-4.6V's processor."""
+        """Read a local checkpoint directory: processor_config.json (transformers 5) or the
+        published preprocessor_config.json + video_preprocessor_config.json, the tokenizer and
+        the chat template. The class names there (or config.json's model type) say whether it is
+        GLM-4.6V's processor."""
         path = Path(path)
         if not path.is_dir():
             raise Glm4vError(f"{path}: no such checkpoint directory.")
@@ -358,7 +424,8 @@ class Processor:
         return self.tokenizer.convert_tokens_to_ids(token)
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:
-        """The prompt string, rendered from the checkpoint's own template; kwargs reach the template."""
+        """The prompt string, rendered from the checkpoint's own template; kwargs reach the
+        template."""
         from jinja2.exceptions import TemplateError
 
         mark = self.tokenizer.mark
@@ -381,45 +448,65 @@ class Processor:
         if "content" in message:
             keep = REPLY_MARKERS if message.get("role") == "assistant" else ()
             content = message["content"]
-            out["content"] = ([item if _media_kind(item) else mark(item, keep) for item in content]
-                              if isinstance(content, list) else mark(content, keep))
+            out["content"] = (
+                [item if _media_kind(item) else mark(item, keep) for item in content]
+                if isinstance(content, list)
+                else mark(content, keep)
+            )
         return out
 
     def media_from_messages(self, messages) -> tuple[list, list]:
-        """(images, videos) in the order the template places them. An item carries its source under
-        `image`/`video`, `url` or `path`: a local path, or for images a PIL image or array, for videos
-        a `Video`. URLs are refused when read, since nothing is downloaded."""
+        """(images, videos) in the order the template places them. An item carries its source
+        under `image`/`video`, `url` or `path`: a local path, or for images a PIL image or array,
+        for videos a `Video`. URLs are refused when read, since nothing is downloaded."""
         media = {"image": [], "video": []}
         for message in _normalize(messages):
             content = message.get("content")
             for item in content if isinstance(content, list) else []:
                 if kind := _media_kind(item):
-                    source = next((item[k] for k in (kind, "url", "path") if item.get(k) is not None), None)
+                    source = next(
+                        (item[k] for k in (kind, "url", "path") if item.get(k) is not None), None
+                    )
                     if source is not None:
                         media[kind].append(source)
         return media["image"], media["video"]
 
-    def __call__(self, text, images=None, videos=None, padding: bool = True, *, fps: float | None = None,
-                 max_frames: int | None = None, max_pixels: int | None = None) -> dict:
-        """Token ids and pixels for one prompt or a batch, as `Glm4vProcessor(text, images, videos)`.
+    def __call__(
+        self,
+        text,
+        images=None,
+        videos=None,
+        padding: bool = True,
+        *,
+        fps: float | None = None,
+        max_frames: int | None = None,
+        max_pixels: int | None = None,
+    ) -> dict:
+        """Token ids and pixels for one prompt or a batch, as `Glm4vProcessor(text, images,
+        videos)`.
 
-        `images`/`videos` are flat lists in prompt order across the batch. The caps, off by default so
-        that the output equals the reference: `fps` frames sampled per second of video (GLM-4.1V's
-        checkpoints say 2; GLM-4.6V's processor takes 6, 2 or 1 by the clip's length), `max_frames`
-        per video, `max_pixels` for the resized area (h*w) of each image and video frame.
+        `images`/`videos` are flat lists in prompt order across the batch. The caps, off by
+        default so that the output equals the reference: `fps` frames sampled per second of video
+        (GLM-4.1V's checkpoints say 2; GLM-4.6V's processor takes 6, 2 or 1 by the clip's
+        length), `max_frames` per video, `max_pixels` for the resized area (h*w) of each image
+        and video frame.
         """
         texts = [list(_pieces(t)) for t in ([text] if isinstance(text, str) else text)]
         images, videos = _flat(images), _flat(videos)
         for token, given, kind in ((IMAGE, images, "image"), (VIDEO, videos, "video")):
             places = sum(piece.count(token) for t in texts for piece, data in t if not data)
             if places != len(given):
-                raise Glm4vError(f"the prompt has {places} {kind} place(s) ({token}) "
-                                 f"but {len(given)} {kind}(s) were given.")
+                raise Glm4vError(
+                    f"the prompt has {places} {kind} place(s) ({token}) "
+                    f"but {len(given)} {kind}(s) were given."
+                )
 
         out, expansions = {}, {IMAGE: [], VIDEO: []}
         if images:
-            s, merge = self.image_settings, self.image_settings.merge_size ** 2
-            done = [image_patches(x, s, max_pixels, _label(x, i, "image")) for i, x in enumerate(images)]
+            s, merge = self.image_settings, self.image_settings.merge_size**2
+            done = [
+                image_patches(x, s, max_pixels, _label(x, i, "image")) for i, x in enumerate(images)
+            ]
             out["pixel_values"] = np.concatenate([rows for rows, _ in done])
             out["image_grid_thw"] = np.array([grid for _, grid in done], np.int32)
             expansions[IMAGE] = [IMAGE * (t * h * w // merge) for t, h, w in out["image_grid_thw"]]
@@ -432,7 +519,8 @@ class Processor:
 
         pending = {token: iter(expansion) for token, expansion in expansions.items()}
 
-        def expand(piece: str, data: bool) -> str:  # the places in the template's text, never in data
+        # the places in the template's text, never in data
+        def expand(piece: str, data: bool) -> str:
             if data:
                 return DATA_OPEN + piece + DATA_CLOSE
             return _PLACEHOLDER.sub(lambda m: next(pending[m.group()]), piece)
@@ -441,29 +529,36 @@ class Processor:
         return {**self._batch(ids, padding), **out}
 
     def _video(self, video, name: str, fps, max_frames, max_pixels):
-        """Rows, grid and the prompt text for one video: per frame pair, an image group and its second."""
+        """Rows, grid and the prompt text for one video: per frame pair, an image group and its
+        second."""
         s = self.video_settings
         frames, timestamps = load_video(video, s, fps, max_frames)
         budget = s.max_pixels if max_pixels is None else min(s.max_pixels, max_pixels * len(frames))
         h, w = smart_resize(len(frames), *frames.shape[1:3], s, budget, name)
         rows, (t, gh, gw) = patchify(resize(frames, h, w), s)  # sampling left an even frame count
-        per_frame = IMAGE * (gh * gw // s.merge_size ** 2)
+        per_frame = IMAGE * (gh * gw // s.merge_size**2)
         stamps = timestamps[::2][:t]  # one per frame pair, the reference's "mrope" stride
         text = "".join(f"{BEGIN_IMAGE}{per_frame}{END_IMAGE}{self.frame_time(ts)}" for ts in stamps)
         return rows, (t, gh, gw), text
 
     def _batch(self, ids: list[list[int]], padding: bool) -> dict:
-        """Left-padded input_ids, attention_mask and mm_token_type_ids (0 text, 1 image, 2 video frame)."""
+        """Left-padded input_ids, attention_mask and mm_token_type_ids (0 text, 1 image, 2 video
+        frame)."""
         longest = max(map(len, ids))
         if not padding and any(len(x) != longest for x in ids):
-            raise Glm4vError("the prompts tokenize to different lengths; pass padding=True to batch them.")
+            raise Glm4vError(
+                "the prompts tokenize to different lengths; pass padding=True to batch them."
+            )
         input_ids = np.full((len(ids), longest), self.tokenizer.pad_token_id, np.int32)
         mask = np.zeros_like(input_ids)
         for row, x in enumerate(ids):
-            input_ids[row, longest - len(x):] = x
-            mask[row, longest - len(x):] = 1
-        # frames use the image token too; inside <|begin_of_video|>..<|end_of_video|> they count as video
-        starts, ends = (np.cumsum(input_ids == i, axis=1) for i in (self.video_start_id, self.video_end_id))
+            input_ids[row, longest - len(x) :] = x
+            mask[row, longest - len(x) :] = 1
+        # frames use the image token too; inside <|begin_of_video|>..<|end_of_video|> they count as
+        # video
+        starts, ends = (
+            np.cumsum(input_ids == i, axis=1) for i in (self.video_start_id, self.video_end_id)
+        )
         image = input_ids == self.image_token_id
         types = np.where(image, np.where(starts > ends, 2, 1), 0).astype(np.int32)
         return {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": types}

@@ -1,9 +1,10 @@
-"""Videos: decoding with PyAV and the reference's frame sampling (`Glm4vVideoProcessor.sample_frames`,
-or `Glm46VVideoProcessor.sample_frames` for GLM-4.6V checkpoints).
+"""Videos: decoding with PyAV and the reference's frame sampling
+(`Glm4vVideoProcessor.sample_frames`, or `Glm46VVideoProcessor.sample_frames` for GLM-4.6V
+checkpoints).
 
-A video is a file path (anything FFmpeg reads: mp4, mov, mkv, webm, gif, ...) or a `Video` holding
-frames the caller decoded, with their frame rate. Only the sampled frames are converted to RGB, so
-long clips cost little memory.
+A video is a file path (anything FFmpeg reads: mp4, mov, mkv, webm, gif, ...) or a `Video`
+holding frames the caller decoded, with their frame rate. Only the sampled frames are converted
+to RGB, so long clips cost little memory.
 """
 
 import math
@@ -18,10 +19,11 @@ from .image import PixelSettings, existing_file, load_image
 
 @dataclass
 class Video:
-    """All frames of a clip, (N, H, W, 3) uint8 RGB or a list of PIL images / arrays, shown at `fps`.
+    """All frames of a clip, (N, H, W, 3) uint8 RGB or a list of PIL images / arrays, shown at
+    `fps`.
 
-    `duration` (seconds) is what a container would report; left out, the reference derives it from
-    the frame count and fps.
+    `duration` (seconds) is what a container would report; left out, the reference derives it
+    from the frame count and fps.
     """
 
     frames: object
@@ -29,8 +31,14 @@ class Video:
     duration: float | None = None
 
 
-def sample_frames(total: int, video_fps: float, duration: float | None, s: PixelSettings,
-                  fps: float | None = None, max_frames: int | None = None) -> list[int]:
+def sample_frames(
+    total: int,
+    video_fps: float,
+    duration: float | None,
+    s: PixelSettings,
+    fps: float | None = None,
+    max_frames: int | None = None,
+) -> list[int]:
     """Frame indices as the checkpoint's video processor picks them (`s.sampling`).
 
     Duplicates are dropped and the last index repeated to make the count even (frames go in pairs).
@@ -41,8 +49,10 @@ def sample_frames(total: int, video_fps: float, duration: float | None, s: Pixel
     pick = _dynamic_fps if s.sampling == "dynamic" else _fixed_fps
     indices = list(dict.fromkeys(pick(total, video_fps, duration, s, fps)))
     if not indices:
-        raise Glm4vError(f"the video lasts {duration:.3g} s: too short for the checkpoint's frame sampling "
-                         "to pick a frame.")
+        raise Glm4vError(
+            f"the video lasts {duration:.3g} s: too short for the checkpoint's frame sampling "
+            "to pick a frame."
+        )
     if max_frames is not None and len(indices) > max_frames:
         keep = np.linspace(0, len(indices) - 1, max_frames - max_frames % 2).round().astype(int)
         indices = [indices[i] for i in keep]
@@ -51,8 +61,11 @@ def sample_frames(total: int, video_fps: float, duration: float | None, s: Pixel
     return indices
 
 
-def _fixed_fps(total: int, video_fps: float, duration: float, s: PixelSettings, fps: float | None) -> list[int]:
-    """`Glm4vVideoProcessor`: `s.fps` frames per second (2), 600 spread over clips past `s.max_duration` (300 s)."""
+def _fixed_fps(
+    total: int, video_fps: float, duration: float, s: PixelSettings, fps: float | None
+) -> list[int]:
+    """`Glm4vVideoProcessor`: `s.fps` frames per second (2), 600 spread over clips past
+    `s.max_duration` (300 s)."""
     fps = s.fps if fps is None else fps
     last = total - 1
     if duration <= s.max_duration:
@@ -71,7 +84,9 @@ DYNAMIC_MAX_FRAMES = 640
 DYNAMIC_MAX_DURATION = 2400
 
 
-def _dynamic_fps(total: int, video_fps: float, duration: float, s: PixelSettings, fps: float | None) -> list[int]:
+def _dynamic_fps(
+    total: int, video_fps: float, duration: float, s: PixelSettings, fps: float | None
+) -> list[int]:
     """`Glm46VVideoProcessor`: 6 frames a second up to 30 s, 2 up to 300 s, then 1, at most 640.
 
     Frames are picked walking the clip at that rate up to its last whole second; the count is
@@ -79,7 +94,10 @@ def _dynamic_fps(total: int, video_fps: float, duration: float, s: PixelSettings
     """
     effective = min(duration, DYNAMIC_MAX_DURATION)
     pairs = next(rate for limit, rate in DYNAMIC_FPS if effective <= limit)
-    count, step = int(effective * pairs * s.temporal_patch_size), 1 / (s.temporal_patch_size * pairs)
+    count, step = (
+        int(effective * pairs * s.temporal_patch_size),
+        1 / (s.temporal_patch_size * pairs),
+    )
     if fps is not None:
         count, step = int(effective * fps), 1 / fps
     count = min(count, DYNAMIC_MAX_FRAMES)
@@ -103,7 +121,9 @@ def _dynamic_fps(total: int, video_fps: float, duration: float, s: PixelSettings
 def load_video(video, s: PixelSettings, fps: float | None = None, max_frames: int | None = None):
     """(frames (T, H, W, 3) uint8 with T even, timestamps in seconds of each sampled frame)."""
     if max_frames is not None and max_frames < 2:
-        raise Glm4vError(f"max_frames={max_frames} is too small: frames reach the model in pairs, so 2 at least.")
+        raise Glm4vError(
+            f"max_frames={max_frames} is too small: frames reach the model in pairs, so 2 at least."
+        )
     if isinstance(video, Video):
         frames = _frames_array(video.frames)
         if not video.fps or video.fps <= 0:
@@ -112,14 +132,25 @@ def load_video(video, s: PixelSettings, fps: float | None = None, max_frames: in
         return frames[indices], [i / video.fps for i in indices]
     if isinstance(video, (str, Path)):
         return _read(existing_file(video, "video"), s, fps, max_frames)
-    raise Glm4vError(f"a video must be a file path or a mlx_glm4v.inputs.video.Video, not {type(video).__name__}.")
+    raise Glm4vError(
+        f"a video must be a file path or a mlx_glm4v.inputs.video.Video, not {type(video).__name__}."
+    )
 
 
 def _frames_array(frames) -> np.ndarray:
-    if isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and frames.ndim == 4 and frames.shape[-1] == 3:
+    if (
+        isinstance(frames, np.ndarray)
+        and frames.dtype == np.uint8
+        and frames.ndim == 4
+        and frames.shape[-1] == 3
+    ):
         arr = frames
     elif isinstance(frames, (list, tuple)):
-        arr = np.stack([load_image(f) for f in frames]) if frames else np.zeros((0, 1, 1, 3), np.uint8)
+        arr = (
+            np.stack([load_image(f) for f in frames])
+            if frames
+            else np.zeros((0, 1, 1, 3), np.uint8)
+        )
     else:
         raise Glm4vError("Video.frames must be a (N, H, W, 3) uint8 array or a list of images.")
     if len(arr) == 0:
@@ -128,9 +159,9 @@ def _frames_array(frames) -> np.ndarray:
 
 
 def _read(path: Path, s: PixelSettings, fps, max_frames):
-    """Decode only the sampled frames. Metadata as transformers' PyAV reader takes it from the header
-    (frame count, average rate, duration = count / rate); containers without a count (mkv, webm) are
-    counted packet by packet, which is what torchcodec's exact scan does."""
+    """Decode only the sampled frames. Metadata as transformers' PyAV reader takes it from the
+    header (frame count, average rate, duration = count / rate); containers without a count (mkv,
+    webm) are counted packet by packet, which is what torchcodec's exact scan does."""
     import av
 
     try:
@@ -138,7 +169,8 @@ def _read(path: Path, s: PixelSettings, fps, max_frames):
             if not container.streams.video:
                 raise Glm4vError(f"{path} has no video stream.")
             stream = container.streams.video[0]
-            exact = stream.average_rate or stream.guessed_rate or 0  # a Fraction: durations as the reader divides
+            # a Fraction: durations as the reader divides
+            exact = stream.average_rate or stream.guessed_rate or 0
             rate = float(exact)
             total = stream.frames or sum(1 for p in container.demux(stream) if p.size)
         if rate <= 0 or total <= 0:
@@ -147,7 +179,8 @@ def _read(path: Path, s: PixelSettings, fps, max_frames):
         frames, decoded = _decode(path, set(indices))
         if decoded == 0:
             raise Glm4vError(f"{path}: the video has no decodable frame.")
-        if len(frames) < len(set(indices)):  # the stream ended before its header said: sample what is there
+        # the stream ended before its header said: sample what is there
+        if len(frames) < len(set(indices)):
             indices = sample_frames(decoded, rate, float(decoded / exact), s, fps, max_frames)
             frames, _ = _decode(path, set(indices))
     except av.error.FFmpegError as e:

@@ -1,1 +1,2 @@
-"""What computes: configs, the vision tower, the text decoders, the glue model, M-RoPE positions, caches."""
+"""What computes: configs, the vision tower, the text decoders, the glue model, M-RoPE positions,
+caches."""

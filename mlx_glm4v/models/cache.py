@@ -1,4 +1,5 @@
-"""Per-conversation decoding state: mlx-lm's KV caches plus where each sequence continues in M-RoPE space.
+"""Per-conversation decoding state: mlx-lm's KV caches plus where each sequence continues in
+M-RoPE space.
 
 M-RoPE positions run ahead of the token count after an image (an image of 24x24 merged tokens
 advances the position by 24, not 576), so the next position of each sequence is kept here,
@@ -7,7 +8,14 @@ conversations.
 """
 
 import numpy as np
-from .mlxlm import BatchKVCache, BatchRotatingKVCache, KVCache, RotatingKVCache, create_attention_mask
+
+from .mlxlm import (
+    BatchKVCache,
+    BatchRotatingKVCache,
+    KVCache,
+    RotatingKVCache,
+    create_attention_mask,
+)
 
 
 class PromptCache(list):
@@ -55,19 +63,22 @@ class PromptCache(list):
         self.next_position = self.next_position - n if next_position is None else next_position
 
     def protect(self, n: int):
-        """Let a rotating cache keep its first n tokens from now on, if it has not dropped any yet."""
+        """Let a rotating cache keep its first n tokens from now on, if it has not dropped any
+        yet."""
         for c in self:
             if isinstance(c, RotatingKVCache) and c.offset < c.max_size and n < c.max_size:
                 c.keep = max(c.keep, n)
 
     def record(self, prompt):
-        """Note a prompt about to be run: its padding (first call only) and where its rows continue."""
+        """Note a prompt about to be run: its padding (first call only) and where its rows
+        continue."""
         if prompt.left_pad.any():
             self.pad_left(prompt.left_pad)
         self.next_position = prompt.next_position
 
     def pad_left(self, left_padding):
-        """Turn the (still empty) per-layer caches into mlx-lm's batch caches for a left-padded batch."""
+        """Turn the (still empty) per-layer caches into mlx-lm's batch caches for a left-padded
+        batch."""
         pads = [int(p) for p in left_padding]
         for i, c in enumerate(self):
             if not c.empty():
@@ -82,7 +93,9 @@ class PromptCache(list):
 
 def make_prompt_cache(num_layers: int, max_kv_size=None, keep: int = 0) -> PromptCache:
     if max_kv_size is not None:
-        return PromptCache([RotatingKVCache(max_size=max_kv_size, keep=keep) for _ in range(num_layers)])
+        return PromptCache(
+            [RotatingKVCache(max_size=max_kv_size, keep=keep) for _ in range(num_layers)]
+        )
     return PromptCache([KVCache() for _ in range(num_layers)])
 
 
@@ -90,7 +103,9 @@ def left_padding(attention_mask, length: int) -> np.ndarray:
     """Pad count per row of a left-padded mask [B, L]; anything else is refused."""
     mask = np.asarray(attention_mask).astype(bool)
     if mask.ndim != 2 or mask.shape[1] != length:
-        raise ValueError(f"attention_mask must have shape [batch, {length}], got {list(mask.shape)}")
+        raise ValueError(
+            f"attention_mask must have shape [batch, {length}], got {list(mask.shape)}"
+        )
     pads = length - mask.sum(axis=1)
     cols = np.arange(length)[None]
     if not np.array_equal(mask, cols >= pads[:, None]):

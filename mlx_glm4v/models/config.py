@@ -129,7 +129,9 @@ class MoeTextConfig(TextConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.n_routed_experts % self.n_group:
-            raise Glm4vError(f"n_routed_experts {self.n_routed_experts} must split evenly into n_group {self.n_group}.")
+            raise Glm4vError(
+                f"n_routed_experts {self.n_routed_experts} must split evenly into n_group {self.n_group}."
+            )
 
 
 # text_config.model_type -> our config class
@@ -142,7 +144,9 @@ def text_config_class(model_type: str, text: dict):
     if kind is None:
         kind = text.get("model_type", "glm4v_text")
     if kind not in TEXT_CONFIGS:
-        raise Glm4vError(f"text_config.model_type {kind!r} is not supported; expected one of {', '.join(TEXT_CONFIGS)}.")
+        raise Glm4vError(
+            f"text_config.model_type {kind!r} is not supported; expected one of {', '.join(TEXT_CONFIGS)}."
+        )
     return TEXT_CONFIGS[kind]
 
 
@@ -173,15 +177,25 @@ class ModelConfig:
         merged: dict[str, Any] = dict(params)
         # Token ids and eos live at the top level in transformers 5 and inside text_config in
         # some published files: take the top level first, then fall back.
-        for key in ("image_token_id", "video_token_id", "image_start_token_id", "image_end_token_id",
-                    "video_start_token_id", "video_end_token_id", "eos_token_id", "pad_token_id"):
+        for key in (
+            "image_token_id",
+            "video_token_id",
+            "image_start_token_id",
+            "image_end_token_id",
+            "video_start_token_id",
+            "video_end_token_id",
+            "eos_token_id",
+            "pad_token_id",
+        ):
             if merged.get(key) is None and text.get(key) is not None:
                 merged[key] = text[key]
         for key, value in TOKEN_DEFAULTS[model_type].items():
             if merged.get(key) is None:
                 merged[key] = value
         eos = merged.get("eos_token_id")
-        merged["eos_token_id"] = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        merged["eos_token_id"] = (
+            [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        )
         if "tie_word_embeddings" not in params and "tie_word_embeddings" in text:
             merged["tie_word_embeddings"] = text["tie_word_embeddings"]
         merged["text_config"] = text_config_class(model_type, text).from_dict(text)

@@ -27,7 +27,9 @@ def heads_per_call(heads: int, kv_heads: int, pairs: int, work: Optional[int] = 
     if work is None:
         work = ATTENTION_PIECE_WORK["gpu" if mx.default_device() == mx.gpu else "cpu"]
     serves = heads // kv_heads
-    sizes = [g for g in range(1, heads + 1) if heads % g == 0 and (serves % g == 0 or g % serves == 0)]
+    sizes = [
+        g for g in range(1, heads + 1) if heads % g == 0 and (serves % g == 0 or g % serves == 0)
+    ]
     fitting = [g for g in sizes if g * pairs <= work]
     return max(fitting) if fitting else 1
 

@@ -16,8 +16,8 @@ import numpy as np
 from mlx.nn.layers.distributed import shard_linear
 from mlx.utils import tree_map
 
-from .config import TextConfig
 from ..errors import Glm4vError
+from .config import TextConfig
 from .head_groups import heads_per_call, kv_heads_of
 from .mlxlm import scaled_dot_product_attention, swiglu
 
@@ -37,16 +37,22 @@ def text_rope(config: TextConfig, offset):
 def mrope_tables(config: TextConfig, positions: np.ndarray, dtype=mx.float32):
     """cos/sin [B, 1, L, rotary_dim/2] for 3-D positions [3, B, L]."""
     dim = config.rotary_dim
-    inv = (1.0 / config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)).astype(np.float32)
+    inv = (1.0 / config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)).astype(
+        np.float32
+    )
     freqs = positions.astype(np.float32)[..., None] * inv  # [3, B, L, dim/2]
     axis_of = np.repeat(np.arange(len(config.mrope_section)) % 3, config.mrope_section)
-    freqs = np.moveaxis(freqs[axis_of, :, :, np.arange(dim // 2)], 0, -1)  # each frequency from its axis
+    # each frequency from its axis
+    freqs = np.moveaxis(freqs[axis_of, :, :, np.arange(dim // 2)], 0, -1)
     freqs = mx.array(freqs[:, None])
     return mx.cos(freqs).astype(dtype), mx.sin(freqs).astype(dtype)
 
 
-def apply_mrope(x: mx.array, cos: mx.array, sin: mx.array, rotary_dim: int, interleaved: bool) -> mx.array:
-    """Turn pairs (2i, 2i+1) if `interleaved`, else pairs (i, i + rotary_dim/2), by the angles of cos/sin."""
+def apply_mrope(
+    x: mx.array, cos: mx.array, sin: mx.array, rotary_dim: int, interleaved: bool
+) -> mx.array:
+    """Turn pairs (2i, 2i+1) if `interleaved`, else pairs (i, i + rotary_dim/2), by the angles of
+    cos/sin."""
     *lead, dim = x.shape
     half = rotary_dim // 2
     if interleaved:
@@ -77,14 +83,27 @@ def splits_input(linear: nn.Module, n: int) -> bool:
 
 
 def repeat_heads(linear: nn.Module, heads: int, times: int):
-    """Repeat each of the `heads` output heads of `linear` (weight, scales, biases, bias) `times` in place."""
-    linear.update(tree_map(lambda p: mx.repeat(p.reshape(heads, -1, *p.shape[1:]), times, axis=0).reshape(
-        -1, *p.shape[1:]), linear.parameters()))
+    """Repeat each of the `heads` output heads of `linear` (weight, scales, biases, bias) `times`
+    in place."""
+    linear.update(
+        tree_map(
+            lambda p: mx.repeat(p.reshape(heads, -1, *p.shape[1:]), times, axis=0).reshape(
+                -1, *p.shape[1:]
+            ),
+            linear.parameters(),
+        )
+    )
 
 
 def multimodal_rope(config: TextConfig, positions: np.ndarray, dtype):
     cos, sin = mrope_tables(config, positions, dtype)
-    return partial(apply_mrope, cos=cos, sin=sin, rotary_dim=config.rotary_dim, interleaved=config.rope_interleaved)
+    return partial(
+        apply_mrope,
+        cos=cos,
+        sin=sin,
+        rotary_dim=config.rotary_dim,
+        interleaved=config.rope_interleaved,
+    )
 
 
 class Attention(nn.Module):
@@ -105,7 +124,8 @@ class Attention(nn.Module):
         column alone), keys and values of every token but the output of the last one only."""
         q, k, v = self.project(x, rope, last_rope)
         if last_rope is not None:
-            mask = mask[..., -1:, :] if isinstance(mask, mx.array) else None  # the last query sees every key
+            # the last query sees every key
+            mask = mask[..., -1:, :] if isinstance(mask, mx.array) else None
         if hasattr(cache, "attend"):  # rows of a batch, each over its own cache (rows.py)
             return self.output(cache.attend(q, k, v, self.scale))
         if cache is not None:
@@ -113,7 +133,8 @@ class Attention(nn.Module):
         return self.output(self.attend(q, k, v, mask, cache))
 
     def project(self, x: mx.array, rope, last_rope=None) -> tuple:
-        """Queries (of the last column alone with `last_rope`), keys and values, heads first, turned."""
+        """Queries (of the last column alone with `last_rope`), keys and values, heads first,
+        turned."""
         B, L, _ = x.shape
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
@@ -129,7 +150,7 @@ class Attention(nn.Module):
         if heads is not None:
             first, count = heads
             kv = kv_heads_of(first, count, self.n_heads, self.n_kv_heads)
-            q = q[:, first:first + count]
+            q = q[:, first : first + count]
             k, v = tree_map(lambda t: t[:, kv], k), tree_map(lambda t: t[:, kv], v)
         return scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
 
@@ -180,10 +201,13 @@ class MLP(nn.Module):
         return splits_input(self.down_proj, n)
 
     def shard(self, group) -> bool:
-        """Split the intermediate features over `group`; the fused gate_up splits gate and up alike."""
+        """Split the intermediate features over `group`; the fused gate_up splits gate and up
+        alike."""
         if not self.can_shard(group.size()):
             return False
-        self.gate_up_proj = shard_linear(self.gate_up_proj, "all-to-sharded", segments=2, group=group)
+        self.gate_up_proj = shard_linear(
+            self.gate_up_proj, "all-to-sharded", segments=2, group=group
+        )
         self.down_proj = shard_linear(self.down_proj, "sharded-to-all", group=group)
         return True
 
@@ -223,7 +247,11 @@ class TextModel(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = layers if layers is not None else [DecoderLayer(config) for _ in range(config.num_hidden_layers)]
+        self.layers = (
+            layers
+            if layers is not None
+            else [DecoderLayer(config) for _ in range(config.num_hidden_layers)]
+        )
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.pipeline_group = None
         self.first_layer = 0
@@ -240,16 +268,22 @@ class TextModel(nn.Module):
         if group is not None:
             if group.rank() < group.size() - 1:
                 h = mx.distributed.send(h, group.rank() + 1, group=group)
-            h = mx.distributed.all_gather(h, group=group)[-h.shape[0]:]  # the last stage's, on every rank
+            # the last stage's, on every rank
+            h = mx.distributed.all_gather(h, group=group)[-h.shape[0] :]
         return self.norm(h)
 
     def unsplittable(self, n: int) -> list:
         """The sub-modules (attention, MLP) whose widths do not split `n` ways."""
-        return [f"layers.{i}.{name}" for i, layer in enumerate(self.layers) for name in ("self_attn", "mlp")
-                if not getattr(layer, name).can_shard(n)]
+        return [
+            f"layers.{i}.{name}"
+            for i, layer in enumerate(self.layers)
+            for name in ("self_attn", "mlp")
+            if not getattr(layer, name).can_shard(n)
+        ]
 
     def shard(self, group) -> list:
-        """Tensor parallelism over `group`; returns the sub-modules kept whole (widths that do not divide)."""
+        """Tensor parallelism over `group`; returns the sub-modules kept whole (widths that do
+        not divide)."""
         whole = []
         for i, layer in enumerate(self.layers):
             for name in ("self_attn", "mlp"):
@@ -262,9 +296,11 @@ class TextModel(nn.Module):
         the count does not divide; rank 0 runs the first layers."""
         n, rank, count = group.size(), group.rank(), len(self.layers)
         if count < n:
-            raise Glm4vError(f"the text model has {count} layers, fewer than the {n} ranks; use fewer machines.")
+            raise Glm4vError(
+                f"the text model has {count} layers, fewer than the {n} ranks; use fewer machines."
+            )
         base, extra = divmod(count, n)
         sizes = [base + (r < extra) for r in range(n)]
         self.first_layer = sum(sizes[:rank])
-        self.layers = self.layers[self.first_layer:self.first_layer + sizes[rank]]
+        self.layers = self.layers[self.first_layer : self.first_layer + sizes[rank]]
         self.pipeline_group = group

@@ -30,16 +30,23 @@ class MediaItem:
         return h.digest()
 
 
-def media_items(pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None) -> list:
+def media_items(
+    pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None
+) -> list:
     """The images, then the videos, each in prompt order, as separate items."""
     items = []
-    for kind, pixels, grids in ((IMAGE, pixel_values, image_grid_thw), (VIDEO, pixel_values_videos, video_grid_thw)):
+    for kind, pixels, grids in (
+        (IMAGE, pixel_values, image_grid_thw),
+        (VIDEO, pixel_values_videos, video_grid_thw),
+    ):
         if pixels is None:
             continue
         pixels = np.asarray(pixels)
         grids = np.asarray(grids).reshape(-1, 3)
         bounds = np.cumsum([0] + [int(np.prod(g)) for g in grids])
-        items += [MediaItem(kind, pixels[a:b], g) for g, a, b in zip(grids, bounds[:-1], bounds[1:])]
+        items += [
+            MediaItem(kind, pixels[a:b], g) for g, a, b in zip(grids, bounds[:-1], bounds[1:])
+        ]
     return items
 
 
@@ -51,15 +58,21 @@ def placed_media(config, input_ids, items: list) -> list:
     end-of-video token, frames and timestamps included.
     """
     ids = np.asarray(input_ids).reshape(-1)
-    types = token_types(ids[None], config.image_token_id, config.video_start_token_id,
-                        config.video_end_token_id).reshape(-1)
+    types = token_types(
+        ids[None], config.image_token_id, config.video_start_token_id, config.video_end_token_id
+    ).reshape(-1)
     is_image = np.concatenate([[0], (types == IMAGE).astype(np.int8), [0]])
     starts, ends = np.flatnonzero(np.diff(is_image) == 1), np.flatnonzero(np.diff(is_image) == -1)
     spans = [(IMAGE, int(s), int(e)) for s, e in zip(starts, ends)]
-    opens, closes = np.flatnonzero(ids == config.video_start_token_id), np.flatnonzero(ids == config.video_end_token_id)
+    opens, closes = (
+        np.flatnonzero(ids == config.video_start_token_id),
+        np.flatnonzero(ids == config.video_end_token_id),
+    )
     spans += [(VIDEO, int(s), int(e) + 1) for s, e in zip(opens, closes)]
     queues = {kind: iter([i for i in items if i.kind == kind]) for kind in (IMAGE, VIDEO)}
-    return [(kind, s, e, next(queues[kind])) for kind, s, e in sorted(spans, key=lambda span: span[1])]
+    return [
+        (kind, s, e, next(queues[kind])) for kind, s, e in sorted(spans, key=lambda span: span[1])
+    ]
 
 
 class FeatureMemo(OrderedDict):
@@ -86,6 +99,8 @@ class FeatureMemo(OrderedDict):
         self[key] = features
         self.bytes += features.nbytes
         self.move_to_end(key)
-        while len(self) > self.size or (self.max_bytes is not None and self.bytes > self.max_bytes and len(self) > 1):
+        while len(self) > self.size or (
+            self.max_bytes is not None and self.bytes > self.max_bytes and len(self) > 1
+        ):
             _, old = self.popitem(last=False)
             self.bytes -= old.nbytes

@@ -55,7 +55,7 @@ def checkpoint_name(key: str) -> str:
     """A checkpoint's tensor name (or module path followed by ".") under our module paths."""
     for old, new in WEIGHT_PREFIXES:
         if key.startswith(old):
-            return new + key[len(old):]
+            return new + key[len(old) :]
     return key
 
 
@@ -88,7 +88,8 @@ class VisionPiece:
 
     @property
     def work(self) -> int:
-        """Patches x blocks; for a piece of heads, query-key pairs x heads (the engine's cost units)."""
+        """Patches x blocks; for a piece of heads, query-key pairs x heads (the engine's cost
+        units)."""
         sizes = np.prod(self.grids, axis=1)
         if self.heads is not None:
             return int((sizes * sizes).sum()) * self.heads[1]
@@ -105,7 +106,8 @@ class DecoderPass:
     last_rope: Optional[tuple]
     last_only: bool
     layer: int = 0  # the next layer to run; all of them run: h is the output
-    attention: Optional[tuple] = None  # (queries, keys, values, head outputs so far) of a layer part-way
+    # (queries, keys, values, head outputs so far) of a layer part-way
+    attention: Optional[tuple] = None
 
     @property
     def heads_run(self) -> int:
@@ -125,7 +127,9 @@ class Model(nn.Module):
         moe = isinstance(config.text_config, MoeTextConfig)
         self.language_model = (MoeTextModel if moe else TextModel)(config.text_config)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+            self.lm_head = nn.Linear(
+                config.text_config.hidden_size, config.text_config.vocab_size, bias=False
+            )
 
     def sanitize(self, weights: dict) -> dict:
         """Checkpoint tensors under our names and layouts: known prefixes renamed, rotary
@@ -145,7 +149,9 @@ class Model(nn.Module):
         if isinstance(text, MoeTextConfig):
             # transformers skips the multi-token-prediction layer GLM-4.5 checkpoints may append
             mtp = f"language_model.layers.{text.num_hidden_layers}."
-            out = stack_experts({k: v for k, v in out.items() if not k.startswith(mtp)}, text.n_routed_experts)
+            out = stack_experts(
+                {k: v for k, v in out.items() if not k.startswith(mtp)}, text.n_routed_experts
+            )
         return out
 
     @property
@@ -172,8 +178,16 @@ class Model(nn.Module):
     def make_cache(self, max_kv_size: Optional[int] = None, keep: int = 0) -> PromptCache:
         return make_prompt_cache(len(self.layers), max_kv_size, keep)
 
-    def encode_media(self, pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
-                     memo: Optional[FeatureMemo] = None, items: Optional[list] = None, progress=None):
+    def encode_media(
+        self,
+        pixel_values=None,
+        image_grid_thw=None,
+        pixel_values_videos=None,
+        video_grid_thw=None,
+        memo: Optional[FeatureMemo] = None,
+        items: Optional[list] = None,
+        progress=None,
+    ):
         """Image features and video features (each [tokens, hidden] or None).
 
         Everything not found in `memo` (by pixel digest) goes through the tower in one pass;
@@ -187,20 +201,30 @@ class Model(nn.Module):
         found = [memo.get(k) if memo is not None else None for k in keys]
         todo = [i for i, f in enumerate(found) if f is None]
         if todo:
-            grids = [frame_grids(items[i].grid) if items[i].kind == VIDEO else items[i].grid[None] for i in todo]
+            grids = [
+                frame_grids(items[i].grid) if items[i].kind == VIDEO else items[i].grid[None]
+                for i in todo
+            ]
             merge = self.config.vision_config.spatial_merge_size**2
             sizes = [int(np.prod(g, axis=1).sum()) // merge for g in grids]
-            features = self.encode_frames(np.concatenate([items[i].rows for i in todo]), np.concatenate(grids),
-                                          progress=progress)
+            features = self.encode_frames(
+                np.concatenate([items[i].rows for i in todo]),
+                np.concatenate(grids),
+                progress=progress,
+            )
             for i, part in zip(todo, mx.split(features, np.cumsum(sizes)[:-1].tolist())):
                 found[i] = part
                 if memo is not None:
                     memo.put(keys[i], part)
         image = [f for item, f in zip(items, found) if item.kind == IMAGE]
         video = [f for item, f in zip(items, found) if item.kind == VIDEO]
-        return (mx.concatenate(image) if image else None), (mx.concatenate(video) if video else None)
+        return (mx.concatenate(image) if image else None), (
+            mx.concatenate(video) if video else None
+        )
 
-    def vision_pieces(self, item, patches: int = VISION_PIECE_PATCHES, work: int = VISION_PIECE_WORK) -> list:
+    def vision_pieces(
+        self, item, patches: int = VISION_PIECE_PATCHES, work: int = VISION_PIECE_WORK
+    ) -> list:
         """One media item's vision work as `VisionPiece`s, in order.
 
         A video's temporal groups never attend to each other, so they go a few at a time; each
@@ -209,7 +233,9 @@ class Model(nn.Module):
         group a piece. The cuts follow from the item's grid alone, so every rank makes the same
         ones, and running the pieces in order gives the whole pass's features bit for bit.
         """
-        grids = frame_grids(item.grid) if item.kind == VIDEO else np.asarray(item.grid, np.int64)[None]
+        grids = (
+            frame_grids(item.grid) if item.kind == VIDEO else np.asarray(item.grid, np.int64)[None]
+        )
         sizes = np.prod(grids, axis=1)
         depth = len(self.visual.blocks)
         attn = self.visual.blocks[0].attn
@@ -218,19 +244,27 @@ class Model(nn.Module):
             last, n = first + 1, int(sizes[first])
             while last < len(grids) and n + sizes[last] <= patches:
                 n, last = n + int(sizes[last]), last + 1
-            rows, frames = item.rows[row:row + n], grids[first:last]
+            rows, frames = item.rows[row : row + n], grids[first:last]
             groups = attn.head_groups(int(sizes[first]))
             if len(groups) > 1:  # a block a head group a piece
-                pieces += [VisionPiece(rows, frames, b, b + 1, group) for b in range(depth) for group in groups]
+                pieces += [
+                    VisionPiece(rows, frames, b, b + 1, group)
+                    for b in range(depth)
+                    for group in groups
+                ]
             else:
                 step = max(1, work // n)
-                pieces += [VisionPiece(rows, frames, s, min(depth, s + step)) for s in range(0, depth, step)]
+                pieces += [
+                    VisionPiece(rows, frames, s, min(depth, s + step))
+                    for s in range(0, depth, step)
+                ]
             first, row = last, row + n
         return pieces
 
     def run_vision_piece(self, piece: VisionPiece, tower=None) -> tuple:
-        """Run one of `vision_pieces` on `tower`, its frames' state (None before their first piece):
-        (the state to carry to the next piece, None) or, once the frames leave the tower, (None, their features)."""
+        """Run one of `vision_pieces` on `tower`, its frames' state (None before their first
+        piece): (the state to carry to the next piece, None) or, once the frames leave the tower,
+        (None, their features)."""
         visual = self.visual
         if tower is None:
             tower = visual.begin(piece.rows, piece.grids)
@@ -245,8 +279,9 @@ class Model(nn.Module):
         mx.eval(features)
         return None, features
 
-    def encode_frames(self, rows: np.ndarray, grids: np.ndarray, chunk: Optional[int] = None,
-                      progress=None) -> mx.array:
+    def encode_frames(
+        self, rows: np.ndarray, grids: np.ndarray, chunk: Optional[int] = None, progress=None
+    ) -> mx.array:
         """Features of frames (grids t = 1), about `chunk` patches through the tower at a time.
 
         Frames never attend to each other, so a long video is encoded in pieces, each
@@ -261,7 +296,9 @@ class Model(nn.Module):
         ends = np.cumsum(patches)
         parts, first = [], 0
         while first < len(grids):
-            last = max(first + 1, int(np.searchsorted(ends, ends[first] - patches[first] + chunk, "right")))
+            last = max(
+                first + 1, int(np.searchsorted(ends, ends[first] - patches[first] + chunk, "right"))
+            )
             start, stop = ends[first] - patches[first], ends[last - 1]
             parts.append(self.visual(rows[start:stop], grids[first:last]))
             mx.eval(parts[-1])
@@ -278,7 +315,9 @@ class Model(nn.Module):
             where = np.flatnonzero(types.reshape(-1) == kind)
             n = 0 if feats is None else feats.shape[0]
             if len(where) != n:
-                raise ValueError(f"the prompt has {len(where)} {name} tokens but the {name}s give {n} features")
+                raise ValueError(
+                    f"the prompt has {len(where)} {name} tokens but the {name}s give {n} features"
+                )
             if n:
                 slots.append(where)
                 features.append(feats)
@@ -321,17 +360,37 @@ class Model(nn.Module):
             return Prompt(embeds, None, start - pads, start + L - pads, pads)
         cfg = self.config
         ids = np.asarray(input_ids)
-        types = token_types(ids, cfg.image_token_id, cfg.video_start_token_id, cfg.video_end_token_id)
-        image, video = self.encode_media(pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, vision_memo,
-                                         media, progress)
+        types = token_types(
+            ids, cfg.image_token_id, cfg.video_start_token_id, cfg.video_end_token_id
+        )
+        image, video = self.encode_media(
+            pixel_values,
+            image_grid_thw,
+            pixel_values_videos,
+            video_grid_thw,
+            vision_memo,
+            media,
+            progress,
+        )
         positions, next_position = rope_index(
-            ids, types, _host(image_grid_thw), _host(video_grid_thw), _host(attention_mask),
-            cfg.vision_config.spatial_merge_size, start,
+            ids,
+            types,
+            _host(image_grid_thw),
+            _host(video_grid_thw),
+            _host(attention_mask),
+            cfg.vision_config.spatial_merge_size,
+            start,
         )
         return Prompt(self.embed(ids, types, image, video), positions, None, next_position, pads)
 
-    def forward(self, prompt: Prompt, cache: Optional[PromptCache] = None, start: int = 0, end=None,
-                last_only: bool = False) -> mx.array:
+    def forward(
+        self,
+        prompt: Prompt,
+        cache: Optional[PromptCache] = None,
+        start: int = 0,
+        end=None,
+        last_only: bool = False,
+    ) -> mx.array:
         """Hidden states (after the final norm) of the prompt's columns [start, end), or with
         `last_only` of column end - 1 alone ([B, 1, hidden]): the last layer then runs its
         queries, output and MLP for that column only, keys and values for all.
@@ -343,20 +402,29 @@ class Model(nn.Module):
         p.h = self.language_model(p.h, p.rope, p.mask, cache, p.last_rope)
         return p.h[:, -1:] if last_only else p.h
 
-    def begin_pass(self, prompt: Prompt, cache: Optional[PromptCache], start: int = 0, end=None,
-                   last_only: bool = False) -> "DecoderPass":
+    def begin_pass(
+        self,
+        prompt: Prompt,
+        cache: Optional[PromptCache],
+        start: int = 0,
+        end=None,
+        last_only: bool = False,
+    ) -> "DecoderPass":
         """A chunk's pass through the decoder before its layers: `forward`, or `run_layers` a few
         layers at a time (the same operations, so the same bits) and then `end_pass`."""
         end = prompt.length if end is None else end
         cfg = self.config.text_config
         embeds = prompt.embeds[:, start:end]
         if prompt.positions is not None:
+
             def rope_of(a, b):
                 return multimodal_rope(cfg, prompt.positions[:, :, a:b], embeds.dtype)
         else:
+
             def rope_of(a, b):
                 offsets = prompt.offsets + a
                 return text_rope(cfg, int(offsets[0]) if offsets.size == 1 else mx.array(offsets))
+
         rope = rope_of(start, end)
         last_rope = rope_of(end - 1, end) if last_only and end - start > 1 else None
         if cache is not None:
@@ -368,22 +436,29 @@ class Model(nn.Module):
         return DecoderPass(embeds, rope, mask, last_rope, last_only)
 
     def run_layers(self, p: "DecoderPass", cache: PromptCache, count: int):
-        """The pass's next `count` decoder layers, evaluated with their caches (no pipeline split)."""
+        """The pass's next `count` decoder layers, evaluated with their caches (no pipeline
+        split)."""
         layers = self.language_model.layers
         for i in range(p.layer, min(len(layers), p.layer + count)):
             last = i == len(layers) - 1 and p.last_rope is not None
-            p.h = layers[i](p.h, p.rope, p.mask, cache[i], p.last_rope) if last else layers[i](p.h, p.rope, p.mask,
-                                                                                              cache[i])
+            p.h = (
+                layers[i](p.h, p.rope, p.mask, cache[i], p.last_rope)
+                if last
+                else layers[i](p.h, p.rope, p.mask, cache[i])
+            )
             mx.eval(p.h, cache[i].state)
             p.layer = i + 1
         self._end_pass(p)
 
     def head_groups(self, layer: int, queries: int, keys: int, last_only: bool) -> Optional[list]:
-        """(first, count) of each piece of layer `layer`'s attention when a chunk's is long enough to
-        split by heads (head_groups.py); None: the layer runs whole. Never under a pipeline split,
-        nor for a last layer that answers one column. Follows from the chunk alone: every rank cuts alike."""
+        """(first, count) of each piece of layer `layer`'s attention when a chunk's is long
+        enough to split by heads (head_groups.py); None: the layer runs whole. Never under a
+        pipeline split, nor for a last layer that answers one column. Follows from the chunk
+        alone: every rank cuts alike."""
         layers = self.language_model.layers
-        if self.language_model.pipeline_group is not None or (layer == len(layers) - 1 and last_only):
+        if self.language_model.pipeline_group is not None or (
+            layer == len(layers) - 1 and last_only
+        ):
             return None
         groups = layers[layer].self_attn.head_groups(queries, keys)
         return groups if len(groups) > 1 else None
@@ -402,7 +477,9 @@ class Model(nn.Module):
         if first + count < attn.n_heads:
             mx.eval(parts[-1], c.state)
             return
-        p.h = layer.finish(p.h, attn.output(mx.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]))
+        p.h = layer.finish(
+            p.h, attn.output(mx.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
+        )
         p.attention = None
         mx.eval(p.h, c.state)
         p.layer += 1
@@ -428,9 +505,16 @@ class Model(nn.Module):
         attention_mask=None,
         cache: Optional[PromptCache] = None,
     ) -> mx.array:
-        """Logits [B, L, vocab]. With a cache, later calls take only the new tokens (see `prepare`)."""
+        """Logits [B, L, vocab]. With a cache, later calls take only the new tokens (see
+        `prepare`)."""
         prompt = self.prepare(
-            input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, attention_mask, cache
+            input_ids,
+            pixel_values,
+            image_grid_thw,
+            pixel_values_videos,
+            video_grid_thw,
+            attention_mask,
+            cache,
         )
         if cache is not None:
             cache.record(prompt)

@@ -14,8 +14,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_inplace, shard_linear
 
-from .config import MoeTextConfig
 from ..errors import Glm4vError
+from .config import MoeTextConfig
 from .language import Attention, TextModel, splits_input
 from .mlxlm import SwitchGLU
 from .vision import VisionMLP
@@ -63,7 +63,9 @@ class Router(nn.Module):
             group_scores = mx.topk(groups, 2, axis=-1).sum(axis=-1)
             dropped = self.n_group - self.topk_group
             worst = mx.argpartition(group_scores, kth=dropped - 1, axis=-1)[..., :dropped]
-            groups = mx.put_along_axis(groups, worst[..., None], mx.array(-mx.inf, mx.float32), axis=-2)
+            groups = mx.put_along_axis(
+                groups, worst[..., None], mx.array(-mx.inf, mx.float32), axis=-2
+            )
             choice = groups.reshape(choice.shape)
         chosen = mx.argpartition(-choice, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
         weights = mx.take_along_axis(scores, chosen, axis=-1)
@@ -76,8 +78,12 @@ class MoE(nn.Module):
     def __init__(self, config: MoeTextConfig):
         super().__init__()
         self.gate = Router(config)
-        self.switch_mlp = SwitchGLU(config.hidden_size, config.moe_intermediate_size, config.n_routed_experts)
-        self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+        self.switch_mlp = SwitchGLU(
+            config.hidden_size, config.moe_intermediate_size, config.n_routed_experts
+        )
+        self.shared_experts = MLP(
+            config.hidden_size, config.moe_intermediate_size * config.n_shared_experts
+        )
         self.group = None
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -130,18 +136,24 @@ class MoeTextModel(TextModel):
         super().__init__(config, [DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
 
 
-# language_model.layers.{layer}.mlp.experts.{expert}.{proj}.{weight|scales|biases}: one expert's tensor
-_EXPERT = re.compile(r"(.*\.mlp\.)experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
-# transformers 5's fused tensors: experts.gate_up_proj [E, 2I, H] (gate first), experts.down_proj [E, H, I]
+# language_model.layers.{layer}.mlp.experts.{expert}.{proj}.{weight|scales|biases}: one expert's
+# tensor
+_EXPERT = re.compile(
+    r"(.*\.mlp\.)experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$"
+)
+# transformers 5's fused tensors: experts.gate_up_proj [E, 2I, H] (gate first), experts.down_proj
+# [E, H, I]
 _FUSED = re.compile(r"(.*\.mlp\.)experts\.(gate_up_proj|down_proj)$")
 
 
-# transformers keeps the routers in float32 whatever the model's dtype (`_keep_in_fp32_modules_strict`)
+# transformers keeps the routers in float32 whatever the model's dtype
+# (`_keep_in_fp32_modules_strict`)
 _ROUTER = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")
 
 
 def cast_predicate(key: str) -> bool:
-    """mlx-lm's `cast_predicate`: whether a dtype cast may touch the tensor `key`; not the routers'."""
+    """mlx-lm's `cast_predicate`: whether a dtype cast may touch the tensor `key`; not the
+    routers'."""
     return not key.endswith(_ROUTER)
 
 
@@ -177,6 +189,8 @@ def stack_experts(weights: dict, num_experts: int) -> dict:
             out[key] = value
     for key, experts in groups.items():
         if sorted(experts) != list(range(num_experts)):
-            raise Glm4vError(f"{key}: the checkpoint holds {len(experts)} of the {num_experts} experts' tensors.")
+            raise Glm4vError(
+                f"{key}: the checkpoint holds {len(experts)} of the {num_experts} experts' tensors."
+            )
         out[key] = mx.stack([experts[e] for e in range(num_experts)])
     return out

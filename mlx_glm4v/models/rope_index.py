@@ -12,7 +12,9 @@ import numpy as np
 TEXT, IMAGE, VIDEO = 0, 1, 2
 
 
-def token_types(input_ids, image_token_id: int, video_start_id: int, video_end_id: int) -> np.ndarray:
+def token_types(
+    input_ids, image_token_id: int, video_start_id: int, video_end_id: int
+) -> np.ndarray:
     """0 for text, 1 for image tokens, 2 for image tokens inside a begin/end-of-video span."""
     ids = np.asarray(input_ids)
     in_video = np.cumsum(ids == video_start_id, axis=-1) > np.cumsum(ids == video_end_id, axis=-1)
@@ -64,10 +66,14 @@ def rope_index(
     ids = np.asarray(input_ids)
     types = np.asarray(types)
     B, L = ids.shape
-    mask = np.ones((B, L), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    mask = (
+        np.ones((B, L), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    )
     start = np.zeros(B, np.int64) if start is None else np.asarray(start, np.int64).reshape(B)
     grids = {
-        IMAGE: iter(np.asarray(image_grid_thw, np.int64).reshape(-1, 3)) if image_grid_thw is not None else iter(()),
+        IMAGE: iter(np.asarray(image_grid_thw, np.int64).reshape(-1, 3))
+        if image_grid_thw is not None
+        else iter(()),
         VIDEO: iter(frame_grids(video_grid_thw)) if video_grid_thw is not None else iter(()),
     }
     positions = np.zeros((3, B, L), np.int64)
@@ -86,12 +92,16 @@ def rope_index(
             while need > 0:
                 grid = next(grids[kind], None)
                 if grid is None:
-                    raise ValueError(f"more {'video' if kind == VIDEO else 'image'} tokens than grids were given")
+                    raise ValueError(
+                        f"more {'video' if kind == VIDEO else 'image'} tokens than grids were given"
+                    )
                 pos, cur = _vision_positions(grid, cur, spatial_merge_size)
                 chunks.append(pos)
                 need -= pos.shape[1]
             if need < 0:
-                raise ValueError("a vision grid does not match the number of its placeholder tokens")
+                raise ValueError(
+                    "a vision grid does not match the number of its placeholder tokens"
+                )
         if chunks:
             seq = np.concatenate(chunks, axis=1)
             positions[:, b, real] = seq

@@ -46,7 +46,8 @@ def cubic_resample_matrix(out_size: int, in_size: int) -> np.ndarray:
 
 
 def block_major(x: mx.array, h: int, w: int, merge: int) -> mx.array:
-    """[h, w, ...] row-major patches -> the processor's order: merge blocks row-major, then inside."""
+    """[h, w, ...] row-major patches -> the processor's order: merge blocks row-major, then
+    inside."""
     rest = x.shape[2:]
     x = x.reshape(h // merge, merge, w // merge, merge, *rest)
     return x.swapaxes(1, 2).reshape(h * w, *rest)
@@ -58,7 +59,9 @@ class PatchEmbed(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         k = (config.temporal_patch_size, config.patch_size, config.patch_size)
-        self.proj = nn.Conv3d(config.in_channels, config.hidden_size, kernel_size=k, stride=k, bias=True)
+        self.proj = nn.Conv3d(
+            config.in_channels, config.hidden_size, kernel_size=k, stride=k, bias=True
+        )
 
     def __call__(self, x: mx.array) -> mx.array:
         w = self.proj.weight  # MLX layout [O, T, P, P, C]; rows of x are ordered [C, T, P, P]
@@ -92,13 +95,16 @@ class VisionEmbeddings(nn.Module):
 
 
 def rotary_tables(frames, head_dim: int, theta: float, merge: int):
-    """cos/sin [N, 1, head_dim] of the 2-D rotary: the first half of the frequencies turn with the row, the second with the column."""
+    """cos/sin [N, 1, head_dim] of the 2-D rotary: the first half of the frequencies turn with
+    the row, the second with the column."""
     inv = 1.0 / theta ** (np.arange(0, head_dim // 2, 2, dtype=np.float32) / (head_dim // 2))
     pos = []
     for h, w in frames:
         hh, ww = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
         hw = np.stack([hh, ww], -1)
-        pos.append(hw.reshape(h // merge, merge, w // merge, merge, 2).swapaxes(1, 2).reshape(-1, 2))
+        pos.append(
+            hw.reshape(h // merge, merge, w // merge, merge, 2).swapaxes(1, 2).reshape(-1, 2)
+        )
     pos = np.concatenate(pos).astype(np.float32)
     freqs = (pos[:, :, None] * inv[None, None]).reshape(len(pos), -1)  # [N, head_dim/2]: h then w
     emb = mx.array(np.concatenate([freqs, freqs], axis=-1)[:, None])
@@ -127,17 +133,19 @@ def equal_length_runs(lengths):
     return runs
 
 
-# Bytes of attention scores one call may hold. MLX's attention on the CPU (and on Metal for head sizes
-# its fused kernel lacks) materialises [frames, heads, queries, keys] scores, quadratic in a frame's
-# patches: 77 GB for a 10-megapixel image on an 8-head tower. Longer frames take their queries in blocks,
-# each evaluated before the next; every query row is computed as before, so results do not change. Where
-# the fused GPU kernel runs (GLM-4.1V's 128-wide heads) nothing is blocked: it never builds the scores.
+# Bytes of attention scores one call may hold. MLX's attention on the CPU (and on Metal for head
+# sizes its fused kernel lacks) materialises [frames, heads, queries, keys] scores, quadratic in a
+# frame's patches: 77 GB for a 10-megapixel image on an 8-head tower. Longer frames take their
+# queries in blocks, each evaluated before the next; every query row is computed as before, so
+# results do not change. Where the fused GPU kernel runs (GLM-4.1V's 128-wide heads) nothing is
+# blocked: it never builds the scores.
 ATTENTION_SCORE_BYTES = 1 << 28
 FUSED_GPU_HEAD_SIZES = (64, 80, 128)
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    """`scaled_dot_product_attention` over [B, heads, L, D], queries in blocks when the scores are large."""
+    """`scaled_dot_product_attention` over [B, heads, L, D], queries in blocks when the scores
+    are large."""
     B, H, L, _ = q.shape
     rows = max(64, ATTENTION_SCORE_BYTES // (B * H * L * 4) // 64 * 64)
     fused = mx.default_device() == mx.gpu and q.shape[-1] in FUSED_GPU_HEAD_SIZES
@@ -145,7 +153,9 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
     parts = []
     for start in range(0, L, rows):
-        parts.append(mx.fast.scaled_dot_product_attention(q[:, :, start:start + rows], k, v, scale=scale))
+        parts.append(
+            mx.fast.scaled_dot_product_attention(q[:, :, start : start + rows], k, v, scale=scale)
+        )
         mx.eval(parts[-1])
     return mx.concatenate(parts, axis=2)
 
@@ -166,7 +176,11 @@ class VisionAttention(nn.Module):
         n = x.shape[0]
         q, k, v = mx.split(self.qkv(x).reshape(n, 3, self.num_heads, -1), 3, axis=1)
         cos, sin = rope
-        return apply_rotary(q.squeeze(1), cos, sin), apply_rotary(k.squeeze(1), cos, sin), v.squeeze(1)
+        return (
+            apply_rotary(q.squeeze(1), cos, sin),
+            apply_rotary(k.squeeze(1), cos, sin),
+            v.squeeze(1),
+        )
 
     def head_groups(self, length: int) -> list:
         """(first head, count) of each call for segments of `length` patches (head_groups.py)."""
@@ -181,8 +195,13 @@ class VisionAttention(nn.Module):
             end = start + length * count
             parts = []
             for first, g in [heads] if heads else self.head_groups(length):
+
                 def heads_first(t):
-                    return t[start:end, first:first + g].reshape(count, length, g, -1).transpose(0, 2, 1, 3)
+                    return (
+                        t[start:end, first : first + g]
+                        .reshape(count, length, g, -1)
+                        .transpose(0, 2, 1, 3)
+                    )
 
                 o = attention(heads_first(q), heads_first(k), heads_first(v), self.scale)
                 parts.append(o.transpose(0, 2, 1, 3).reshape(end - start, g, -1))
@@ -247,11 +266,14 @@ class VisionModel(nn.Module):
         self.blocks = [VisionBlock(config) for _ in range(config.depth)]
         self.post_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         m = config.spatial_merge_size
-        self.downsample = nn.Conv2d(config.hidden_size, config.out_hidden_size, kernel_size=m, stride=m, bias=True)
+        self.downsample = nn.Conv2d(
+            config.hidden_size, config.out_hidden_size, kernel_size=m, stride=m, bias=True
+        )
         self.merger = PatchMerger(config.out_hidden_size, config.intermediate_size)
 
     def __call__(self, pixel_values, grid_thw) -> mx.array:
-        """Patches [N, C*T*P*P] of frames with grids (t, h, w) -> merged tokens [N/4, out_hidden_size].
+        """Patches [N, C*T*P*P] of frames with grids (t, h, w) -> merged tokens [N/4,
+        out_hidden_size].
 
         Each row's t frames are separate segments (transformers' `get_video_features` passes
         videos frame by frame; images have t = 1).
@@ -264,7 +286,11 @@ class VisionModel(nn.Module):
         """The tower's input, before its blocks: `run_blocks` then `finish` continue it, so a
         caller may spread the blocks over time and get exactly what one call gives."""
         cfg = self.config
-        frames = [(int(h), int(w)) for t, h, w in np.asarray(grid_thw).reshape(-1, 3) for _ in range(int(t))]
+        frames = [
+            (int(h), int(w))
+            for t, h, w in np.asarray(grid_thw).reshape(-1, 3)
+            for _ in range(int(t))
+        ]
         x = self.post_conv_layernorm(self.patch_embed(mx.array(pixel_values)))
         x = self.embeddings(x, frames)
         rope = rotary_tables(frames, cfg.head_dim, cfg.rope_theta, cfg.spatial_merge_size)
@@ -307,4 +333,5 @@ class TowerState:
     x: mx.array
     rope: tuple
     segments: list
-    attention: Optional[tuple] = None  # (queries, keys, values, head outputs so far) of a block part-way
+    # (queries, keys, values, head outputs so far) of a block part-way
+    attention: Optional[tuple] = None

@@ -16,32 +16,92 @@ import uuid
 from ..errors import Glm4vError
 from ..generation.generate import GenerationSettings
 from .formats import FormatError, anthropic_output_format, anthropic_tool_choice, one_constraint
-from .neutral import (ApiError, Content, Finish, Reasoning, Request, Served, ToolArgs, ToolEnd, ToolStart, bad,
-                      check_fields, check_model, effort, finish_messages, function_tool, no_thinking, number,
-                      offered_tools, seal, unknown_fields, unseal)
+from .neutral import (
+    ApiError,
+    Content,
+    Finish,
+    Reasoning,
+    Request,
+    Served,
+    ToolArgs,
+    ToolEnd,
+    ToolStart,
+    bad,
+    check_fields,
+    check_model,
+    effort,
+    finish_messages,
+    function_tool,
+    no_thinking,
+    number,
+    offered_tools,
+    seal,
+    unknown_fields,
+    unseal,
+)
 
 log = logging.getLogger("mlx_glm4v.server")
 
-SUPPORTED = {"model", "messages", "max_tokens", "system", "stop_sequences", "stream", "temperature", "top_p",
-             "top_k", "tools", "tool_choice", "thinking", "output_config",
-             "output_format"}
+SUPPORTED = {
+    "model",
+    "messages",
+    "max_tokens",
+    "system",
+    "stop_sequences",
+    "stream",
+    "temperature",
+    "top_p",
+    "top_k",
+    "tools",
+    "tool_choice",
+    "thinking",
+    "output_config",
+    "output_format",
+}
 # Accepted, without effect on the reply.
-IGNORED = {"metadata", "context_management", "service_tier", "cache_control", "inference_geo", "speed",
-           "diagnostics", "user_profile_id", "workspace_id"}
+IGNORED = {
+    "metadata",
+    "context_management",
+    "service_tier",
+    "cache_control",
+    "inference_geo",
+    "speed",
+    "diagnostics",
+    "user_profile_id",
+    "workspace_id",
+}
 # Refused unless empty.
 REFUSED = {"mcp_servers": ([],), "container": ()}
 BILLING = "x-anthropic-billing-header:"
-STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "cancelled": "end_turn"}
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large", 429: "overloaded_error", 499: "invalid_request_error",
-               503: "overloaded_error", 504: "timeout_error"}
+STOP_REASONS = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+    "cancelled": "end_turn",
+}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "overloaded_error",
+    499: "invalid_request_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
 
 
 def error_body(e: ApiError) -> dict:
-    return {"type": "error", "error": {"type": ERROR_TYPES.get(e.status, "api_error"), "message": e.message}}
+    return {
+        "type": "error",
+        "error": {"type": ERROR_TYPES.get(e.status, "api_error"), "message": e.message},
+    }
 
 
 # ---- the request -------------------------------------------------------------------------------
+
 
 def _text(block, at: str) -> str:
     if not isinstance(block.get("text"), str):
@@ -52,7 +112,11 @@ def _text(block, at: str) -> str:
 def _image(block, at: str) -> dict:
     source = block.get("source")
     kind = source.get("type") if isinstance(source, dict) else None
-    if kind == "base64" and isinstance(source.get("data"), str) and isinstance(source.get("media_type"), str):
+    if (
+        kind == "base64"
+        and isinstance(source.get("data"), str)
+        and isinstance(source.get("media_type"), str)
+    ):
         url = f"data:{source['media_type']};base64,{source['data']}"
     elif kind == "url" and isinstance(source.get("url"), str):
         url = source["url"]
@@ -77,7 +141,8 @@ def _system(system) -> str:
 
 
 def _tool_result(block, at: str) -> tuple:
-    """(the tool message, its images): a tool result's text goes in its turn, its images after it."""
+    """(the tool message, its images): a tool result's text goes in its turn, its images after
+    it."""
     content, images = block.get("content", ""), []
     if isinstance(content, list):
         texts = []
@@ -88,8 +153,10 @@ def _tool_result(block, at: str) -> tuple:
             elif kind == "image":
                 images.append(_image(part, f"{at}.content[{j}]"))
             else:
-                raise bad(f"{at}.content[{j}]: block type {kind!r} is not supported in a tool result (text, image).",
-                          f"{at}.content[{j}]")
+                raise bad(
+                    f"{at}.content[{j}]: block type {kind!r} is not supported in a tool result (text, image).",
+                    f"{at}.content[{j}]",
+                )
         content = "\n".join(texts)
     if not isinstance(content, str):
         raise bad(f"{at}.content must be a string or a list of blocks.", at)
@@ -103,7 +170,9 @@ def _thinking(block) -> str:
     """The thinking a block carries, when its signature is one of ours; else None (dropped)."""
     text = unseal(block.get("signature"))
     if text is None or (block.get("thinking") and block["thinking"] != text):
-        log.info("a thinking block's signature is not this server's (or predates a restart): dropped")
+        log.info(
+            "a thinking block's signature is not this server's (or predates a restart): dropped"
+        )
         return None
     return text
 
@@ -129,33 +198,57 @@ def parse_messages(messages) -> list:
         if role == "assistant":
             message = {"role": "assistant", "content": ""}
             for j, block in enumerate(content):
-                at, kind = f"{where}.content[{j}]", block.get("type") if isinstance(block, dict) else None
+                at, kind = (
+                    f"{where}.content[{j}]",
+                    block.get("type") if isinstance(block, dict) else None,
+                )
                 if kind == "text":
                     message["content"] += _text(block, at)
                 elif kind == "tool_use":
-                    if not isinstance(block.get("name"), str) or not isinstance(block.get("input", {}), dict):
+                    if not isinstance(block.get("name"), str) or not isinstance(
+                        block.get("input", {}), dict
+                    ):
                         raise bad(f"{at}: a tool_use block needs a name and an input object.", at)
                     message.setdefault("tool_calls", []).append(
-                        {"id": block.get("id"), "type": "function",
-                         "function": {"name": block["name"], "arguments": block.get("input", {})}})
+                        {
+                            "id": block.get("id"),
+                            "type": "function",
+                            "function": {
+                                "name": block["name"],
+                                "arguments": block.get("input", {}),
+                            },
+                        }
+                    )
                 elif kind == "thinking":
                     if (text := _thinking(block)) is not None:
                         message["reasoning_content"] = text
                 elif kind != "redacted_thinking":
-                    raise bad(f"{at}: block type {kind!r} is not supported in an assistant turn (text, tool_use, "
-                              "thinking).", at)
+                    raise bad(
+                        f"{at}: block type {kind!r} is not supported in an assistant turn (text, tool_use, "
+                        "thinking).",
+                        at,
+                    )
             out.append(message)
             continue
         parts = []  # a user turn: tool results become tool turns, the rest a user turn in place
 
         def flush():
             if parts:
-                out.append({"role": "user", "content": list(parts) if any(p["type"] == "image" for p in parts)
-                            else "".join(p["text"] for p in parts)})
+                out.append(
+                    {
+                        "role": "user",
+                        "content": list(parts)
+                        if any(p["type"] == "image" for p in parts)
+                        else "".join(p["text"] for p in parts),
+                    }
+                )
                 parts.clear()
 
         for j, block in enumerate(content):
-            at, kind = f"{where}.content[{j}]", block.get("type") if isinstance(block, dict) else None
+            at, kind = (
+                f"{where}.content[{j}]",
+                block.get("type") if isinstance(block, dict) else None,
+            )
             if kind == "text":
                 parts.append({"type": "text", "text": _text(block, at)})
             elif kind == "image":
@@ -166,7 +259,9 @@ def parse_messages(messages) -> list:
                 out.append(message)
                 parts.extend(images)
             else:
-                raise bad(f"{at}: block type {kind!r} is not supported (text, image, tool_result).", at)
+                raise bad(
+                    f"{at}: block type {kind!r} is not supported (text, image, tool_result).", at
+                )
         flush()
     return out
 
@@ -180,7 +275,9 @@ def _tool(i: int, tool):
     if tool.get("defer_loading"):  # shown to the model only once a tool search finds it
         log.info("tools[%d]: %r is deferred (defer_loading); left out", i, tool.get("name"))
         return None
-    return function_tool(tool.get("name"), tool.get("description"), tool.get("input_schema"), f"tools[{i}]")
+    return function_tool(
+        tool.get("name"), tool.get("description"), tool.get("input_schema"), f"tools[{i}]"
+    )
 
 
 def parse(body, served: Served, counting: bool = False) -> Request:
@@ -196,9 +293,13 @@ def parse(body, served: Served, counting: bool = False) -> Request:
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise bad("stop_sequences must be a list of non-empty strings.", "stop_sequences")
     temperature, top_p = number(body, "temperature", 0, 1), number(body, "top_p", 0, 1)
-    settings = dict(max_tokens=max_tokens, temp=1.0 if temperature is None else temperature,
-                    top_p=1.0 if top_p is None else top_p, top_k=number(body, "top_k", 0, integer=True) or 0,
-                    stop=tuple(stop))
+    settings = dict(
+        max_tokens=max_tokens,
+        temp=1.0 if temperature is None else temperature,
+        top_p=1.0 if top_p is None else top_p,
+        top_k=number(body, "top_k", 0, integer=True) or 0,
+        stop=tuple(stop),
+    )
     tools, tool_choice = offered_tools(body, served, _tool)
     config = body.get("output_config") or {}
     if not isinstance(config, dict):
@@ -206,20 +307,36 @@ def parse(body, served: Served, counting: bool = False) -> Request:
     unknown_fields(config, {"effort", "format"}, "output_config")
     try:
         if config.get("format") is not None and body.get("output_format") is not None:
-            raise FormatError("give output_config.format or the beta's output_format, not both.", "output_format")
-        output = (anthropic_output_format(config.get("format"))
-                  or anthropic_output_format(body.get("output_format"), "output_format"))  # the beta's spelling
-        settings["constraint"] = one_constraint(output, anthropic_tool_choice(tool_choice, tools), "output_config.format")
+            raise FormatError(
+                "give output_config.format or the beta's output_format, not both.", "output_format"
+            )
+        output = (
+            anthropic_output_format(config.get("format"))
+            # the beta's spelling
+            or anthropic_output_format(body.get("output_format"), "output_format")
+        )
+        settings["constraint"] = one_constraint(
+            output, anthropic_tool_choice(tool_choice, tools), "output_config.format"
+        )
     except FormatError as e:
         raise bad(e.message, e.param) from None
-    request = Request(finish_messages(messages, served), settings, stream=bool(body.get("stream")), tools=tools,
-                      tool_choice=tools and "auto", constraint=settings["constraint"])
+    request = Request(
+        finish_messages(messages, served),
+        settings,
+        stream=bool(body.get("stream")),
+        tools=tools,
+        tool_choice=tools and "auto",
+        constraint=settings["constraint"],
+    )
     thinking = body.get("thinking") or {"type": "adaptive"}
     kind = thinking.get("type") if isinstance(thinking, dict) else None
     if kind == "enabled":
         budget = number(thinking, "budget_tokens", 0, integer=True, where="thinking.budget_tokens")
         if budget is None:
-            raise bad("thinking.budget_tokens is required with thinking enabled.", "thinking.budget_tokens")
+            raise bad(
+                "thinking.budget_tokens is required with thinking enabled.",
+                "thinking.budget_tokens",
+            )
         settings["thinking_budget"] = budget
     elif kind == "disabled":
         no_thinking(request, served)
@@ -227,7 +344,9 @@ def parse(body, served: Served, counting: bool = False) -> Request:
         effort(request, served, config.get("effort"), "output_config.effort")
     else:
         raise bad(f"thinking type {kind!r} must be enabled, disabled or adaptive.", "thinking")
-    request.options = {"omit_thinking": isinstance(thinking, dict) and thinking.get("display") == "omitted"}
+    request.options = {
+        "omit_thinking": isinstance(thinking, dict) and thinking.get("display") == "omitted"
+    }
     try:
         GenerationSettings(**{**settings, "max_tokens": settings["max_tokens"] or 1})
     except Glm4vError as e:
@@ -237,13 +356,18 @@ def parse(body, served: Served, counting: bool = False) -> Request:
 
 # ---- the reply ---------------------------------------------------------------------------------
 
+
 def reply_id() -> str:
     return f"msg_{uuid.uuid4().hex[:24]}"
 
 
 def usage_body(usage) -> dict:
-    return {"input_tokens": usage.prompt_tokens - usage.cached_tokens, "output_tokens": usage.completion_tokens,
-            "cache_read_input_tokens": usage.cached_tokens, "cache_creation_input_tokens": 0}
+    return {
+        "input_tokens": usage.prompt_tokens - usage.cached_tokens,
+        "output_tokens": usage.completion_tokens,
+        "cache_read_input_tokens": usage.cached_tokens,
+        "cache_creation_input_tokens": 0,
+    }
 
 
 def tool_use_id(call_id: str) -> str:
@@ -257,19 +381,35 @@ class Stream:
         self.request, self.meta = request, meta
         self.omit = request.options.get("omit_thinking", False)
         self.blocks, self.block = [], None
-        self.message = {"id": meta.id, "type": "message", "role": "assistant", "model": meta.model, "content": [],
-                        "stop_reason": None, "stop_sequence": None,
-                        "usage": {"input_tokens": meta.prompt_tokens, "output_tokens": 0,
-                                  "cache_read_input_tokens": None, "cache_creation_input_tokens": None}}
+        self.message = {
+            "id": meta.id,
+            "type": "message",
+            "role": "assistant",
+            "model": meta.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {
+                "input_tokens": meta.prompt_tokens,
+                "output_tokens": 0,
+                "cache_read_input_tokens": None,
+                "cache_creation_input_tokens": None,
+            },
+        }
 
     @staticmethod
     def event(kind: str, **fields) -> str:
-        return f"event: {kind}\ndata: {json.dumps({'type': kind, **fields}, ensure_ascii=False)}\n\n"
+        return (
+            f"event: {kind}\ndata: {json.dumps({'type': kind, **fields}, ensure_ascii=False)}\n\n"
+        )
 
     def head(self) -> list:
         """message_start goes out before the prompt is read: its usage counts the whole prompt as
         input, the cache split unknown (null); message_delta carries the split."""
-        return [self.event("message_start", message=json.loads(json.dumps(self.message))), self.event("ping")]
+        return [
+            self.event("message_start", message=json.loads(json.dumps(self.message))),
+            self.event("ping"),
+        ]
 
     def keepalive(self) -> str:
         return self.event("ping")
@@ -280,10 +420,16 @@ class Stream:
         self.message["content"].append(block)
         start = {**block, "input": {}} if block["type"] == "tool_use" else dict(block)
         start.pop("_json", None)
-        return out + [self.event("content_block_start", index=len(self.message["content"]) - 1, content_block=start)]
+        return out + [
+            self.event(
+                "content_block_start", index=len(self.message["content"]) - 1, content_block=start
+            )
+        ]
 
     def _delta(self, delta: dict) -> str:
-        return self.event("content_block_delta", index=len(self.message["content"]) - 1, delta=delta)
+        return self.event(
+            "content_block_delta", index=len(self.message["content"]) - 1, delta=delta
+        )
 
     def _close(self) -> list:
         block, self.block = self.block, None
@@ -303,7 +449,9 @@ class Stream:
             kind = self.block and self.block["type"]
             if isinstance(e, Reasoning):
                 if kind != "thinking":
-                    out += self._open({"type": "thinking", "thinking": "", "signature": "", "_text": ""})
+                    out += self._open(
+                        {"type": "thinking", "thinking": "", "signature": "", "_text": ""}
+                    )
                 self.block["_text"] += e.text
                 if not self.omit:
                     self.block["thinking"] += e.text
@@ -314,8 +462,15 @@ class Stream:
                 self.block["text"] += e.text
                 out.append(self._delta({"type": "text_delta", "text": e.text}))
             elif isinstance(e, ToolStart):
-                out += self._open({"type": "tool_use", "id": tool_use_id(e.id), "name": e.name, "input": {},
-                                   "_json": ""})
+                out += self._open(
+                    {
+                        "type": "tool_use",
+                        "id": tool_use_id(e.id),
+                        "name": e.name,
+                        "input": {},
+                        "_json": "",
+                    }
+                )
             elif isinstance(e, ToolArgs):
                 self.block["_json"] += e.text
                 out.append(self._delta({"type": "input_json_delta", "partial_json": e.text}))
@@ -323,10 +478,21 @@ class Stream:
                 out += self._close()
             elif isinstance(e, Finish):
                 out += self._close()
-                reason = "stop_sequence" if e.stop_sequence is not None else STOP_REASONS.get(e.reason, "end_turn")
-                self.message.update(stop_reason=reason, stop_sequence=e.stop_sequence, usage=usage_body(e.usage))
-                out.append(self.event("message_delta", delta={"stop_reason": reason, "stop_sequence": e.stop_sequence},
-                                      usage=usage_body(e.usage)))
+                reason = (
+                    "stop_sequence"
+                    if e.stop_sequence is not None
+                    else STOP_REASONS.get(e.reason, "end_turn")
+                )
+                self.message.update(
+                    stop_reason=reason, stop_sequence=e.stop_sequence, usage=usage_body(e.usage)
+                )
+                out.append(
+                    self.event(
+                        "message_delta",
+                        delta={"stop_reason": reason, "stop_sequence": e.stop_sequence},
+                        usage=usage_body(e.usage),
+                    )
+                )
                 out.append(self.event("message_stop"))
         return out
 

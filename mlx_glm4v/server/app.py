@@ -32,8 +32,8 @@ from starlette.routing import Mount, Route
 
 from ..errors import Glm4vError
 from ..generation.grounding import as_json, find_marks
-from ..inputs.image import load_image
 from ..generation.reply import ReplyParser
+from ..inputs.image import load_image
 from . import anthropic, openai, responses
 from .media import MediaPolicy, resolve_media
 from .metrics import Metrics
@@ -61,7 +61,8 @@ class ServerConfig:
     ui: bool = True
     media: MediaPolicy = field(default_factory=MediaPolicy)
     max_output_tokens: Optional[int] = None  # clamps every request's token limit
-    answer_any_model: bool = False  # answer any model name with the served model (agents' side-task models)
+    # answer any model name with the served model (agents' side-task models)
+    answer_any_model: bool = False
     store_count: int = 1000  # Responses kept for previous_response_id / GET, newest first
     store_bytes: int = 64 << 20
 
@@ -89,10 +90,11 @@ class State:
         """Load and pin the model (on a thread at start-up)."""
         from jinja2 import Environment, meta
 
-        from ..serving.engine import Engine
         from ..checkpoints.loader import load
+        from ..serving.engine import Engine
 
-        if self.group is not None:  # under mlx.launch: this rank's part; the other ranks follow this engine
+        # under mlx.launch: this rank's part; the other ranks follow this engine
+        if self.group is not None:
             from ..serving.distributed import load as load_part
 
             model, processor, layout = load_part(self.config.model, self.group)
@@ -107,10 +109,21 @@ class State:
         if self.max_prompt_tokens is None:
             self.max_prompt_tokens = self.context
         self.processor = processor
-        self.served = Served(self.config.name, self.names, self.tools_supported, self.thinking_in_template,
-                             "enable_thinking" in processor.chat_template, self.config.answer_any_model, self.store)
-        options = dict(max_queue=self.config.max_queue, max_concurrency=self.config.max_concurrency,
-                       feature_cache_bytes=self.config.feature_cache_bytes, max_stall_ms=self.config.max_stall_ms)
+        self.served = Served(
+            self.config.name,
+            self.names,
+            self.tools_supported,
+            self.thinking_in_template,
+            "enable_thinking" in processor.chat_template,
+            self.config.answer_any_model,
+            self.store,
+        )
+        options = dict(
+            max_queue=self.config.max_queue,
+            max_concurrency=self.config.max_concurrency,
+            feature_cache_bytes=self.config.feature_cache_bytes,
+            max_stall_ms=self.config.max_stall_ms,
+        )
         if self.group is not None:
             from ..serving.lockstep import serving_engine
 
@@ -131,14 +144,17 @@ def error_response(e: ApiError, dialect=openai) -> JSONResponse:
 
 
 def dialect_of(path: str):
-    """Whose error shape a path answers in, before its route runs (auth, body cap, unknown routes)."""
+    """Whose error shape a path answers in, before its route runs (auth, body cap, unknown
+    routes)."""
     return anthropic if path.startswith("/v1/messages") else openai
 
 
 # ---- middleware ----------------------------------------------------------------------------------
 
+
 class Guard:
-    """Auth (bearer or x-api-key, constant-time) on the API and /metrics, and the request-body cap (413).
+    """Auth (bearer or x-api-key, constant-time) on the API and /metrics, and the request-body
+    cap (413).
 
     /health and the static chat page stay open: a browser cannot send a key to load a page, and
     the page sends the key with its API calls.
@@ -194,10 +210,13 @@ class _BodyTooLarge(Exception):
 
 # ---- routes --------------------------------------------------------------------------------------
 
+
 def _state(request: Request) -> State:
     state = request.app.state.server
     if not state.ready.is_set():
-        raise ApiError(503, "the model is still loading; try again shortly.", headers={"Retry-After": "5"})
+        raise ApiError(
+            503, "the model is still loading; try again shortly.", headers={"Retry-After": "5"}
+        )
     return state
 
 
@@ -210,15 +229,29 @@ async def health(request: Request):
 
 def _model_entry(name: str) -> dict:
     """One model as both SDKs read it: OpenAI's fields and Anthropic's."""
-    return {"id": name, "object": "model", "created": 0, "owned_by": "mlx-glm4v", "type": "model",
-            "display_name": name, "created_at": "1970-01-01T00:00:00Z"}
+    return {
+        "id": name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "mlx-glm4v",
+        "type": "model",
+        "display_name": name,
+        "created_at": "1970-01-01T00:00:00Z",
+    }
 
 
 async def models(request: Request):
     state = _state(request)
     name = state.config.name
-    return JSONResponse({"object": "list", "data": [_model_entry(name)], "has_more": False, "first_id": name,
-                         "last_id": name})
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": [_model_entry(name)],
+            "has_more": False,
+            "first_id": name,
+            "last_id": name,
+        }
+    )
 
 
 async def model(request: Request):
@@ -226,8 +259,12 @@ async def model(request: Request):
     try:
         state, name = _state(request), request.path_params["name"]
         if name not in state.names and not state.config.answer_any_model:
-            raise ApiError(404, f"the model {name!r} does not exist; this server runs {state.config.name!r}.",
-                           "model", "model_not_found")
+            raise ApiError(
+                404,
+                f"the model {name!r} does not exist; this server runs {state.config.name!r}.",
+                "model",
+                "model_not_found",
+            )
         return JSONResponse(_model_entry(name))
     except ApiError as e:
         return error_response(e, anthropic if "anthropic-version" in request.headers else openai)
@@ -251,6 +288,7 @@ async def _body(request: Request):
 
 def route(handler, dialect):
     """A route of `dialect`: its refusals in its own shape, counted by status."""
+
     async def endpoint(request: Request):
         state = request.app.state.server
         try:
@@ -258,7 +296,9 @@ def route(handler, dialect):
         except ApiError as e:
             log.info("refused (%d): %s", e.status, e.message)
             response = error_response(e, dialect)
-        state.metrics.responses[response.status_code] = state.metrics.responses.get(response.status_code, 0) + 1
+        state.metrics.responses[response.status_code] = (
+            state.metrics.responses.get(response.status_code, 0) + 1
+        )
         return response
 
     return endpoint
@@ -266,7 +306,9 @@ def route(handler, dialect):
 
 async def _prepared(ready: State, neutral) -> dict:
     try:  # reading media is bounded by the limits; the timeout still answers the client in time
-        return await asyncio.wait_for(run_in_threadpool(_prepare, ready, neutral), ready.config.request_timeout)
+        return await asyncio.wait_for(
+            run_in_threadpool(_prepare, ready, neutral), ready.config.request_timeout
+        )
     except asyncio.TimeoutError:
         raise timeout_error(ready.config) from None
 
@@ -280,32 +322,47 @@ async def _reply(request: Request, dialect):
     settings = dict(neutral.settings)
     room = ready.context - n if settings.get("max_tokens") is None else settings["max_tokens"]
     if room < 1:  # only with --max-prompt-tokens over the context: no limit asked, none left
-        raise bad(f"the prompt is {n} tokens and fills the model's context of {ready.context}; give a token limit "
-                  "or a shorter prompt.", "messages", "context_length_exceeded")
+        raise bad(
+            f"the prompt is {n} tokens and fills the model's context of {ready.context}; give a token limit "
+            "or a shorter prompt.",
+            "messages",
+            "context_length_exceeded",
+        )
     if ready.config.max_output_tokens:
         room = min(room, ready.config.max_output_tokens)
     settings["max_tokens"] = max(1, room)
 
-    from ..serving.engine import QueueFull, Request as EngineRequest
     from ..generation.generate import GenerationSettings
+    from ..serving.engine import QueueFull
+    from ..serving.engine import Request as EngineRequest
 
     try:
-        handle = ready.engine.submit(EngineRequest(inputs, GenerationSettings(**settings), neutral.seed,
-                                                   neutral.top_logprobs))
+        handle = ready.engine.submit(
+            EngineRequest(
+                inputs, GenerationSettings(**settings), neutral.seed, neutral.top_logprobs
+            )
+        )
     except QueueFull as e:
-        raise ApiError(429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after)}) from None
+        raise ApiError(
+            429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after)}
+        ) from None
     meta = Meta(dialect.reply_id(), int(time.time()), ready.config.name, n, ready.served)
     run = Run(ready, neutral, settings, handle, deadline, meta)
     if neutral.stream:
-        return StreamingResponse(run.stream(dialect.Stream(neutral, meta)), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            run.stream(dialect.Stream(neutral, meta)),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     return JSONResponse(dialect.whole(neutral, await run.whole(request), meta))
 
 
 async def count_tokens(request: Request, dialect):
     """Anthropic's POST /v1/messages/count_tokens: the prompt as it would run, counted."""
     ready = _state(request)
-    inputs = await _prepared(ready, dialect.parse(await _body(request), ready.served, counting=True))
+    inputs = await _prepared(
+        ready, dialect.parse(await _body(request), ready.served, counting=True)
+    )
     return JSONResponse({"input_tokens": int(inputs["input_ids"].shape[-1])})
 
 
@@ -328,25 +385,33 @@ def _prepare(state: State, neutral) -> dict:
         text = processor.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
         images, videos = processor.media_from_messages(messages)
         inputs = processor(text, images=images, videos=videos)
-        neutral.image_sizes = [getattr(i, "info", {}).get("original_size") or load_image(i).shape[1::-1]
-                               for i in images]
+        neutral.image_sizes = [
+            getattr(i, "info", {}).get("original_size") or load_image(i).shape[1::-1]
+            for i in images
+        ]
     except Glm4vError as e:
         hide = [p for p in (resolved.dir and resolved.dir.name, config.media.media_root) if p]
         message = str(e)
         for path in hide:
-            message = message.replace(str(Path(path).resolve()), "<media>").replace(str(path), "<media>")
+            message = message.replace(str(Path(path).resolve()), "<media>").replace(
+                str(path), "<media>"
+            )
         raise bad(message, "messages") from None
     finally:
         resolved.close()
     n = int(inputs["input_ids"].shape[-1])
     if n > state.max_prompt_tokens:
-        raise bad(f"the prompt is {n} tokens, over the limit of {state.max_prompt_tokens} (--max-prompt-tokens).",
-                  "messages", "context_length_exceeded")
+        raise bad(
+            f"the prompt is {n} tokens, over the limit of {state.max_prompt_tokens} (--max-prompt-tokens).",
+            "messages",
+            "context_length_exceeded",
+        )
     return inputs
 
 
 class Run:
-    """One request on the engine: its events as neutral events (the one reply parser), whole or streamed."""
+    """One request on the engine: its events as neutral events (the one reply parser), whole or
+    streamed."""
 
     def __init__(self, state: State, neutral, settings: dict, handle, deadline: float, meta: Meta):
         self.state, self.neutral, self.handle, self.meta = state, neutral, handle, meta
@@ -365,7 +430,8 @@ class Run:
         return openai.logprob_entry(self.decode, event.token, event.logprob, event.top_logprobs)
 
     def convert(self, event) -> list:
-        """One engine event -> neutral events: its log-probability, the parser's events, the finish."""
+        """One engine event -> neutral events: its log-probability, the parser's events, the
+        finish."""
         out = []
         if (entry := self.logprob(event)) is not None:
             out.append(Logprob(entry))
@@ -378,8 +444,13 @@ class Run:
             return out
         out += self.parser.finish()
         reason, stop = event.finish_reason, None
-        if reason == "stop" and self.stops and event.token is not None and event.token not in self.eos:
-            seen = "".join(self.text)[-max(map(len, self.stops)):] + self.decode(event.token)
+        if (
+            reason == "stop"
+            and self.stops
+            and event.token is not None
+            and event.token not in self.eos
+        ):
+            seen = "".join(self.text)[-max(map(len, self.stops)) :] + self.decode(event.token)
             stop = next((s for s in self.stops if s in seen), self.stops[0])
         if self.parser.calls and reason == "stop":
             reason = "tool_calls"
@@ -408,14 +479,22 @@ class Run:
                 pending = None
                 if event.finish_reason == "error":
                     finished = True
-                    raise ApiError(500, event.error or "generation failed.", code="generation_error")
+                    raise ApiError(
+                        500, event.error or "generation failed.", code="generation_error"
+                    )
                 yield event
                 if event.finish_reason is not None:
                     finished = True
                     u = event.usage
-                    log.info("%s %s: %d prompt tokens (%d cached), %d generated, first token after %.3f s",
-                             self.meta.id, event.finish_reason, u.prompt_tokens, u.cached_tokens,
-                             u.completion_tokens, u.time_to_first_token)
+                    log.info(
+                        "%s %s: %d prompt tokens (%d cached), %d generated, first token after %.3f s",
+                        self.meta.id,
+                        event.finish_reason,
+                        u.prompt_tokens,
+                        u.cached_tokens,
+                        u.completion_tokens,
+                        u.time_to_first_token,
+                    )
                     return
         finally:
             self.state.metrics.running -= 1
@@ -426,6 +505,7 @@ class Run:
 
     async def whole(self, request: Request) -> list:
         """The reply's neutral events, all of them."""
+
         async def watch():  # a non-streamed request learns of its client leaving by asking
             while not await request.is_disconnected():
                 await asyncio.sleep(0.25)
@@ -465,10 +545,18 @@ class Run:
 
 # ---- the app ------------------------------------------------------------------------------------
 
+
 async def _http_error(request: Request, exc: HTTPException):
     codes = {404: "not_found", 405: "method_not_allowed"}
-    message = {404: f"no route {request.url.path}.", 405: f"{request.method} is not allowed on {request.url.path}."}
-    e = ApiError(exc.status_code, message.get(exc.status_code, str(exc.detail)), code=codes.get(exc.status_code))
+    message = {
+        404: f"no route {request.url.path}.",
+        405: f"{request.method} is not allowed on {request.url.path}.",
+    }
+    e = ApiError(
+        exc.status_code,
+        message.get(exc.status_code, str(exc.detail)),
+        code=codes.get(exc.status_code),
+    )
     return error_response(e, dialect_of(request.url.path))
 
 
@@ -489,7 +577,9 @@ def create_app(config: ServerConfig, loader=None, group=None) -> Starlette:
             try:
                 state.load(loader)
             except Exception as e:  # the process cannot serve: say why and stop
-                log.error("could not load %s: %s", config.model, e, exc_info=not isinstance(e, Glm4vError))
+                log.error(
+                    "could not load %s: %s", config.model, e, exc_info=not isinstance(e, Glm4vError)
+                )
                 app.state.failed = True
                 stop = getattr(app.state, "stop", None)
                 if stop is not None:
@@ -517,10 +607,21 @@ def create_app(config: ServerConfig, loader=None, group=None) -> Starlette:
         routes.append(Mount("/", StaticFiles(directory=WEB_DIR, html=True), name="ui"))
     middleware = [Middleware(Guard, config=config)]
     if config.cors_origins:
-        middleware.insert(0, Middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
-                                        allow_headers=["*"]))
-    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
-                    exception_handlers={HTTPException: _http_error, Exception: _server_error})
+        middleware.insert(
+            0,
+            Middleware(
+                CORSMiddleware,
+                allow_origins=config.cors_origins,
+                allow_methods=["*"],
+                allow_headers=["*"],
+            ),
+        )
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+    )
     app.state.server = state
     app.state.failed = False
     return app
@@ -530,7 +631,8 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def check_bind(host: str, api_key: Optional[str], insecure_no_auth: bool):
-    """A server reachable from other machines needs a key, or an explicit choice to run without one."""
+    """A server reachable from other machines needs a key, or an explicit choice to run without
+    one."""
     import ipaddress
 
     try:
@@ -538,12 +640,20 @@ def check_bind(host: str, api_key: Optional[str], insecure_no_auth: bool):
     except ValueError:
         loopback = host in LOOPBACK
     if not loopback and not api_key and not insecure_no_auth:
-        raise Glm4vError(f"--host {host} would let other machines use the server without a key: set --api-key "
-                         "(or MLX_GLM4V_API_KEY), or pass --insecure-no-auth to run it open.")
+        raise Glm4vError(
+            f"--host {host} would let other machines use the server without a key: set --api-key "
+            "(or MLX_GLM4V_API_KEY), or pass --insecure-no-auth to run it open."
+        )
 
 
-def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8080, insecure_no_auth: bool = False,
-          log_level: str = "info", group=None):
+def serve(
+    config: ServerConfig,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    insecure_no_auth: bool = False,
+    log_level: str = "info",
+    group=None,
+):
     """Run the server until interrupted (under mlx.launch, on rank 0: `group`)."""
     import uvicorn
 
@@ -553,11 +663,16 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8080, insec
     from ..checkpoints.loader import resolve
 
     if Path(config.model).expanduser().exists() or config.model.count("/") != 1:
-        resolve(config.model)  # a wrong local path fails now; a hub download happens while /health says 503
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        # a wrong local path fails now; a hub download happens while /health says 503
+        resolve(config.model)
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     app = create_app(config, group=group)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30)
+    )
     app.state.stop = lambda: setattr(server, "should_exit", True)
     server.run()
     if app.state.failed:

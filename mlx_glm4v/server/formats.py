@@ -13,8 +13,8 @@ schema is always enforced.
 import re
 from typing import Optional
 
-from ..generation.constrain import Constraint
 from ..errors import Glm4vError
+from ..generation.constrain import Constraint
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -64,7 +64,8 @@ def openai_response_format(fmt, param: str = "response_format") -> Optional[Cons
 
 
 def responses_text_format(text, param: str = "text") -> Optional[Constraint]:
-    """The Responses API's `text` ({"format": {"type", "name", "schema", "strict"}}): None for text."""
+    """The Responses API's `text` ({"format": {"type", "name", "schema", "strict"}}): None for
+    text."""
     if text is None:
         return None
     if not isinstance(text, dict):
@@ -81,13 +82,16 @@ def _text_or_json(kind: Optional[str], spec, param: str) -> Optional[Constraint]
     if kind == "json_object":
         return Constraint("json_object")
     if kind != "json_schema":
-        raise FormatError(f"{param} type {kind!r} is not supported; use text, json_object or json_schema.", param)
+        raise FormatError(
+            f"{param} type {kind!r} is not supported; use text, json_object or json_schema.", param
+        )
     _name(spec, param)
     return _schema(spec, param)
 
 
 def anthropic_output_format(fmt, param: str = "output_config.format") -> Optional[Constraint]:
-    """Anthropic's `output_config.format` (or the beta `output_format`): {"type": "json_schema", "schema"}."""
+    """Anthropic's `output_config.format` (or the beta `output_format`): {"type": "json_schema",
+    "schema"}."""
     kind = _kind(fmt, param)
     if kind is None:
         return None
@@ -101,7 +105,9 @@ def anthropic_output_format(fmt, param: str = "output_config.format") -> Optiona
 def _name(spec: dict, param: str):
     name = spec.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
-        raise FormatError(f"{param}.name must be 1-64 letters, digits, underscores or dashes.", f"{param}.name")
+        raise FormatError(
+            f"{param}.name must be 1-64 letters, digits, underscores or dashes.", f"{param}.name"
+        )
 
 
 def _forced(tools: list, name: Optional[str], param: str) -> Constraint:
@@ -113,9 +119,10 @@ def _forced(tools: list, name: Optional[str], param: str) -> Constraint:
 
 
 def _functions(tools) -> list:
-    """Tools as {"name", "parameters"}, from any dialect's form: chat completions' {"type": "function",
-    "function": {...}}, the Responses API's flat {"type": "function", "name", "parameters"}, or
-    Anthropic's {"name", "input_schema"}; other kinds (hosted tools) are left out."""
+    """Tools as {"name", "parameters"}, from any dialect's form: chat completions' {"type":
+    "function", "function": {...}}, the Responses API's flat {"type": "function", "name",
+    "parameters"}, or Anthropic's {"name", "input_schema"}; other kinds (hosted tools) are left
+    out."""
     out = []
     for tool in tools or []:
         if not isinstance(tool, dict):
@@ -132,16 +139,24 @@ def _functions(tools) -> list:
 
 
 def openai_tool_choice(choice, tools, param: str = "tool_choice") -> Optional[Constraint]:
-    """Chat completions: "required" (some tool) or {"type": "function", "function": {"name"}}; None otherwise."""
+    """Chat completions: "required" (some tool) or {"type": "function", "function": {"name"}};
+    None otherwise."""
     functions = _functions(tools)
     if choice in (None, "auto", "none"):
         return None
     if choice == "required":
         return _forced(functions, None, param)
-    fn = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    fn = (
+        choice.get("function")
+        if isinstance(choice, dict) and choice.get("type") == "function"
+        else None
+    )
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-        raise FormatError(f'{param} must be "auto", "none", "required" or {{"type": "function", '
-                          f'"function": {{"name": ...}}}}.', param)
+        raise FormatError(
+            f'{param} must be "auto", "none", "required" or {{"type": "function", '
+            f'"function": {{"name": ...}}}}.',
+            param,
+        )
     return _forced(functions, fn["name"], param)
 
 
@@ -152,8 +167,15 @@ def responses_tool_choice(choice, tools, param: str = "tool_choice") -> Optional
         return None
     if choice == "required":
         return _forced(functions, None, param)
-    if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(choice.get("name"), str):
-        raise FormatError(f'{param} must be "auto", "none", "required" or {{"type": "function", "name": ...}}.', param)
+    if (
+        not isinstance(choice, dict)
+        or choice.get("type") != "function"
+        or not isinstance(choice.get("name"), str)
+    ):
+        raise FormatError(
+            f'{param} must be "auto", "none", "required" or {{"type": "function", "name": ...}}.',
+            param,
+        )
     return _forced(functions, choice["name"], param)
 
 
@@ -167,13 +189,21 @@ def anthropic_tool_choice(choice, tools, param: str = "tool_choice") -> Optional
         return _forced(functions, None, param)
     if kind == "tool" and isinstance(choice.get("name"), str):
         return _forced(functions, choice["name"], param)
-    raise FormatError(f'{param} must be {{"type": "auto"}}, {{"type": "any"}}, {{"type": "none"}} or '
-                      f'{{"type": "tool", "name": ...}}.', param)
+    raise FormatError(
+        f'{param} must be {{"type": "auto"}}, {{"type": "any"}}, {{"type": "none"}} or '
+        f'{{"type": "tool", "name": ...}}.',
+        param,
+    )
 
 
-def one_constraint(output: Optional[Constraint], tool: Optional[Constraint], param: str) -> Optional[Constraint]:
+def one_constraint(
+    output: Optional[Constraint], tool: Optional[Constraint], param: str
+) -> Optional[Constraint]:
     """The request's constraint: a forced tool call and a response format cannot both hold."""
     if output is not None and tool is not None:
-        raise FormatError(f"{param} cannot be combined with a forced tool call: the reply is either the call "
-                          "or the formatted answer.", param)
+        raise FormatError(
+            f"{param} cannot be combined with a forced tool call: the reply is either the call "
+            "or the formatted answer.",
+            param,
+        )
     return output or tool

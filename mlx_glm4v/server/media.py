@@ -45,7 +45,8 @@ class MediaPolicy:
 
 
 class Resolved:
-    """Messages with media replaced by pixels (images) and temporary files (videos); `close` removes them."""
+    """Messages with media replaced by pixels (images) and temporary files (videos); `close`
+    removes them."""
 
     def __init__(self):
         self.dir: Optional[tempfile.TemporaryDirectory] = None
@@ -64,19 +65,31 @@ class Resolved:
 
 
 def resolve_media(messages: list, policy: MediaPolicy, processor) -> tuple:
-    """(messages for the template and processor, a `Resolved` to close once the processor is done)."""
+    """(messages for the template and processor, a `Resolved` to close once the processor is
+    done)."""
     parts = [p for m in messages if isinstance(m["content"], list) for p in m["content"]]
-    caps = (("image", policy.max_images, "--max-images"), ("video", policy.max_videos, "--max-videos"))
+    caps = (
+        ("image", policy.max_images, "--max-images"),
+        ("video", policy.max_videos, "--max-videos"),
+    )
     for kind, limit, flag in caps:
         count = sum(p["type"] == kind for p in parts)
         if count > limit:
-            raise bad(f"the request has {count} {kind}s; this server takes at most {limit} ({flag}).", "messages")
+            raise bad(
+                f"the request has {count} {kind}s; this server takes at most {limit} ({flag}).",
+                "messages",
+            )
     resolved = Resolved()
     try:
         out = []
         for m in messages:
             if isinstance(m["content"], list):
-                m = {**m, "content": [_resolve_part(p, policy, processor, resolved) for p in m["content"]]}
+                m = {
+                    **m,
+                    "content": [
+                        _resolve_part(p, policy, processor, resolved) for p in m["content"]
+                    ],
+                }
             out.append(m)
         return out, resolved
     except BaseException:
@@ -90,8 +103,16 @@ def _resolve_part(part: dict, policy: MediaPolicy, processor, resolved: Resolved
     where = part["param"]
     data, path = read_source(part["source"], policy, where)
     if part["type"] == "image":
-        return {"type": "image", "image": decode_image(data if data is not None else _read_file(path, policy, where),
-                                                       policy, processor, part.get("detail"), where)}
+        return {
+            "type": "image",
+            "image": decode_image(
+                data if data is not None else _read_file(path, policy, where),
+                policy,
+                processor,
+                part.get("detail"),
+                where,
+            ),
+        }
     if path is None:
         path = resolved.temp_file(data, ".video")
     check_video(path, policy, processor, where)
@@ -99,6 +120,7 @@ def _resolve_part(part: dict, policy: MediaPolicy, processor, resolved: Resolved
 
 
 # ---- sources -------------------------------------------------------------------------------------
+
 
 def read_source(url: str, policy: MediaPolicy, where: str) -> tuple:
     """(bytes, None) for data: and http(s) URLs, (None, path) for a file under the media root."""
@@ -113,31 +135,51 @@ def read_source(url: str, policy: MediaPolicy, where: str) -> tuple:
     scheme = urlsplit(url).scheme.lower()
     if scheme in ("http", "https"):
         if not policy.allow_url_fetch:
-            raise bad(f"{where}: http(s) URLs are not fetched; send the media as a data: URL, or start the "
-                      "server with --allow-url-fetch.", where)
+            raise bad(
+                f"{where}: http(s) URLs are not fetched; send the media as a data: URL, or start the "
+                "server with --allow-url-fetch.",
+                where,
+            )
         return fetch(url, policy, where), None
     if scheme not in ("", "file") and len(scheme) > 1:  # a one-letter scheme is a Windows drive
-        raise bad(f"{where}: URL scheme {scheme!r} is not supported (data:, file paths, http(s)).", where)
+        raise bad(
+            f"{where}: URL scheme {scheme!r} is not supported (data:, file paths, http(s)).", where
+        )
     if policy.media_root is None:
-        raise bad(f"{where}: local files are not read; send the media as a data: URL, or start the server with "
-                  "--media-root DIR.", where)
-    return None, inside_root(unquote(url[7:]) if url.startswith("file://") else url, policy.media_root, where)
+        raise bad(
+            f"{where}: local files are not read; send the media as a data: URL, or start the server with "
+            "--media-root DIR.",
+            where,
+        )
+    return None, inside_root(
+        unquote(url[7:]) if url.startswith("file://") else url, policy.media_root, where
+    )
 
 
 def inside_root(name: str, root: Path, where: str) -> Path:
     """The real path of `name` (relative to the root, or absolute) if it lies inside the root."""
     root = root.resolve()
-    path = (root / name).resolve()  # an absolute `name` replaces the root; symlinks and .. are resolved
+    # an absolute `name` replaces the root; symlinks and .. are resolved
+    path = (root / name).resolve()
     if not path.is_relative_to(root):
-        raise ApiError(403, f"{where}: the path is outside the server's --media-root.", where, "path_not_allowed")
+        raise ApiError(
+            403,
+            f"{where}: the path is outside the server's --media-root.",
+            where,
+            "path_not_allowed",
+        )
     if not path.is_file():
-        raise ApiError(404, f"{where}: no such file under the server's --media-root.", where, "file_not_found")
+        raise ApiError(
+            404, f"{where}: no such file under the server's --media-root.", where, "file_not_found"
+        )
     return path
 
 
 def _read_file(path: Path, policy: MediaPolicy, where: str) -> bytes:
     if path.stat().st_size > policy.max_media_bytes:
-        raise ApiError(413, f"{where}: the file is larger than {policy.max_media_bytes} bytes.", where)
+        raise ApiError(
+            413, f"{where}: the file is larger than {policy.max_media_bytes} bytes.", where
+        )
     return path.read_bytes()
 
 
@@ -152,8 +194,13 @@ def _public_address(host: str, port: int, where: str) -> str:
         ip = ipaddress.ip_address(info[4][0].split("%")[0])
         ip = getattr(ip, "ipv4_mapped", None) or ip
         if not ip.is_global or ip.is_multicast:
-            raise ApiError(403, f"{where}: {host!r} is a private, loopback or link-local address, which the server "
-                           "does not fetch from.", where, "address_not_allowed")
+            raise ApiError(
+                403,
+                f"{where}: {host!r} is a private, loopback or link-local address, which the server "
+                "does not fetch from.",
+                where,
+                "address_not_allowed",
+            )
         addresses.append(info[4][0])
     return addresses[0]
 
@@ -191,8 +238,11 @@ def fetch(url: str, policy: MediaPolicy, where: str) -> bytes:
         cls = _PinnedHTTPS if parts.scheme == "https" else _PinnedHTTP
         conn = cls(parts.hostname, port, address, max(0.1, deadline - time.monotonic()))
         try:
-            conn.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
-                         headers={"User-Agent": "mlx-glm4v", "Accept": "image/*, video/*"})
+            conn.request(
+                "GET",
+                (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+                headers={"User-Agent": "mlx-glm4v", "Accept": "image/*, video/*"},
+            )
             response = conn.getresponse()
             if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
                 url = urljoin(url, response.getheader("Location"))
@@ -201,24 +251,39 @@ def fetch(url: str, policy: MediaPolicy, where: str) -> bytes:
                 raise bad(f"{where}: the URL answered HTTP {response.status}.", where)
             length = response.getheader("Content-Length")
             if length and length.isdigit() and int(length) > policy.max_media_bytes:
-                raise ApiError(413, f"{where}: the URL's content is over {policy.max_media_bytes} bytes.", where)
+                raise ApiError(
+                    413,
+                    f"{where}: the URL's content is over {policy.max_media_bytes} bytes.",
+                    where,
+                )
             chunks, size = [], 0
             while chunk := response.read(1 << 16):
                 size += len(chunk)
                 if size > policy.max_media_bytes:
-                    raise ApiError(413, f"{where}: the URL's content is over {policy.max_media_bytes} bytes.", where)
+                    raise ApiError(
+                        413,
+                        f"{where}: the URL's content is over {policy.max_media_bytes} bytes.",
+                        where,
+                    )
                 if time.monotonic() > deadline:
-                    raise ApiError(400, f"{where}: fetching the URL took over {policy.fetch_timeout:g} s.", where)
+                    raise ApiError(
+                        400,
+                        f"{where}: fetching the URL took over {policy.fetch_timeout:g} s.",
+                        where,
+                    )
                 chunks.append(chunk)
             return b"".join(chunks)
         except (OSError, http.client.HTTPException) as e:
-            raise bad(f"{where}: the URL could not be fetched ({type(e).__name__}).", where) from None
+            raise bad(
+                f"{where}: the URL could not be fetched ({type(e).__name__}).", where
+            ) from None
         finally:
             conn.close()
     raise bad(f"{where}: the URL redirects more than {MAX_REDIRECTS} times.", where)
 
 
 # ---- decoding and measuring ----------------------------------------------------------------------
+
 
 def decode_image(data: bytes, policy: MediaPolicy, processor, detail: Optional[str], where: str):
     """An RGB PIL image, decoded as the CLI decodes a file (EXIF orientation, alpha dropped).
@@ -234,18 +299,29 @@ def decode_image(data: bytes, policy: MediaPolicy, processor, detail: Optional[s
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
             im = Image.open(BytesIO(data))
     except Image.DecompressionBombError:
-        raise bad(f"{where}: the image's header claims more pixels than PIL opens, {too_large}.", where,
-                  "image_too_large") from None
+        raise bad(
+            f"{where}: the image's header claims more pixels than PIL opens, {too_large}.",
+            where,
+            "image_too_large",
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError):
-        raise bad(f"{where}: the data is not an image in a format the server reads (PNG, JPEG, WebP, GIF, ...).",
-                  where) from None
+        raise bad(
+            f"{where}: the data is not an image in a format the server reads (PNG, JPEG, WebP, GIF, ...).",
+            where,
+        ) from None
     w, h = im.size
     if w * h > policy.max_image_pixels:
-        raise bad(f"{where}: the image is {w}x{h} = {w * h} pixels, {too_large}.", where, "image_too_large")
+        raise bad(
+            f"{where}: the image is {w}x{h} = {w * h} pixels, {too_large}.",
+            where,
+            "image_too_large",
+        )
     try:
         rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        raise bad(f"{where}: the image could not be decoded (damaged or truncated).", where) from None
+        raise bad(
+            f"{where}: the image could not be decoded (damaged or truncated).", where
+        ) from None
     original = rgb.shape[1::-1]  # (width, height) as the user sees the picture
     if detail == "low":
         from ..inputs.image import resize, smart_resize
@@ -278,17 +354,27 @@ def check_video(path: Path, policy: MediaPolicy, processor, where: str):
             if not total and float(container.duration or 0) / 1e6 <= policy.max_video_seconds:
                 total = sum(1 for p in container.demux(stream) if p.size)
     except av.error.FFmpegError:
-        raise bad(f"{where}: the data is not a video in a format the server reads.", where) from None
+        raise bad(
+            f"{where}: the data is not a video in a format the server reads.", where
+        ) from None
     if not exact or not total:
         raise bad(f"{where}: the video has no decodable frame.", where)
     seconds = float(total / exact)
     if seconds > policy.max_video_seconds:
-        raise bad(f"{where}: the video lasts {seconds:.1f} s, over the limit of {policy.max_video_seconds:g} s "
-                  "(--max-video-seconds).", where, "video_too_long")
+        raise bad(
+            f"{where}: the video lasts {seconds:.1f} s, over the limit of {policy.max_video_seconds:g} s "
+            "(--max-video-seconds).",
+            where,
+            "video_too_long",
+        )
     try:
         frames = len(sample_frames(total, float(exact), seconds, processor.video_settings))
     except Exception as e:
         raise bad(f"{where}: {e}", where) from None
     if frames > policy.max_video_frames:
-        raise bad(f"{where}: the video would be sampled into {frames} frames, over the limit of "
-                  f"{policy.max_video_frames} (--max-video-frames).", where, "video_too_long")
+        raise bad(
+            f"{where}: the video would be sampled into {frames} frames, over the limit of "
+            f"{policy.max_video_frames} (--max-video-frames).",
+            where,
+            "video_too_long",
+        )

@@ -1,10 +1,12 @@
-"""Counters for `/metrics` in Prometheus' text format; the engine's own statistics are read when scraped."""
+"""Counters for `/metrics` in Prometheus' text format; the engine's own statistics are read when
+scraped."""
 
 import time
 
 
 class Metrics:
-    """What the server counts itself; `render` adds the engine's statistics and its vision cache's."""
+    """What the server counts itself; `render` adds the engine's statistics and its vision
+    cache's."""
 
     def __init__(self):
         self.responses: dict = {}  # HTTP status -> count, chat completions only
@@ -37,43 +39,111 @@ class Metrics:
 
         def histogram(name, help_, h):
             """Prometheus' cumulative buckets of a stats.Histogram."""
-            cumulative = [sum(h.counts[:i + 1]) for i in range(len(h.bounds))]
-            metric(name, "histogram", help_,
-                   [(f'_bucket{{le="{b:g}"}}', n) for b, n in zip(h.bounds, cumulative)]
-                   + [('_bucket{le="+Inf"}', h.count), ("_sum", round(h.sum, 6)), ("_count", h.count)])
+            cumulative = [sum(h.counts[: i + 1]) for i in range(len(h.bounds))]
+            metric(
+                name,
+                "histogram",
+                help_,
+                [(f'_bucket{{le="{b:g}"}}', n) for b, n in zip(h.bounds, cumulative)]
+                + [('_bucket{le="+Inf"}', h.count), ("_sum", round(h.sum, 6)), ("_count", h.count)],
+            )
 
-        metric("http_responses_total", "counter", "Chat-completion responses by HTTP status.",
-               [(f'{{code="{code}"}}', n) for code, n in sorted(self.responses.items())] or [("", 0)])
+        metric(
+            "http_responses_total",
+            "counter",
+            "Chat-completion responses by HTTP status.",
+            [(f'{{code="{code}"}}', n) for code, n in sorted(self.responses.items())] or [("", 0)],
+        )
         engine = state.engine
         if engine is not None:
             s = engine.stats
             metric("requests_total", "counter", "Requests the engine ran.", [("", s.requests)])
-            metric("requests_cancelled_total", "counter", "Requests ended early (client gone, timeout).",
-                   [("", s.cancelled)])
-            metric("prompt_tokens_total", "counter", "Prompt tokens of the requests run.", [("", s.prompt_tokens)])
-            metric("cached_prompt_tokens_total", "counter", "Prompt tokens read from a cached prefix.",
-                   [("", s.cached_tokens)])
-            metric("generated_tokens_total", "counter", "Tokens generated.", [("", s.generated_tokens)])
-            histogram("time_to_first_token_seconds", "From a request's arrival at the engine to its first token.",
-                      s.ttft)
+            metric(
+                "requests_cancelled_total",
+                "counter",
+                "Requests ended early (client gone, timeout).",
+                [("", s.cancelled)],
+            )
+            metric(
+                "prompt_tokens_total",
+                "counter",
+                "Prompt tokens of the requests run.",
+                [("", s.prompt_tokens)],
+            )
+            metric(
+                "cached_prompt_tokens_total",
+                "counter",
+                "Prompt tokens read from a cached prefix.",
+                [("", s.cached_tokens)],
+            )
+            metric(
+                "generated_tokens_total", "counter", "Tokens generated.", [("", s.generated_tokens)]
+            )
+            histogram(
+                "time_to_first_token_seconds",
+                "From a request's arrival at the engine to its first token.",
+                s.ttft,
+            )
             histogram("inter_token_seconds", "Between two tokens of one reply.", s.inter_token)
-            histogram("vision_turn_seconds", "Vision tower time in each engine turn that prefilled.", s.vision_turn)
-            metric("prefill_pieces_total", "counter", "Prefill pieces run: prompt chunks through whole decoder "
-                   "layers (text), frames through tower blocks (vision), a few attention heads of either (attention).",
-                   [(f'{{kind="{k}"}}', s.pieces.get(k, 0)) for k in ("text", "vision", "attention")])
-            metric("prefill_rows", "gauge", "Requests being prefilled (prompt chunks or vision pieces to run).",
-                   [("", engine.prefilling)])
+            histogram(
+                "vision_turn_seconds",
+                "Vision tower time in each engine turn that prefilled.",
+                s.vision_turn,
+            )
+            metric(
+                "prefill_pieces_total",
+                "counter",
+                "Prefill pieces run: prompt chunks through whole decoder "
+                "layers (text), frames through tower blocks (vision), a few attention heads of either (attention).",
+                [(f'{{kind="{k}"}}', s.pieces.get(k, 0)) for k in ("text", "vision", "attention")],
+            )
+            metric(
+                "prefill_rows",
+                "gauge",
+                "Requests being prefilled (prompt chunks or vision pieces to run).",
+                [("", engine.prefilling)],
+            )
             memo = engine.vision_memo
-            metric("vision_cache_hits_total", "counter", "Images and videos whose features were cached.",
-                   [("", getattr(memo, "hits", 0))])
-            metric("vision_cache_misses_total", "counter", "Images and videos the vision tower had to encode.",
-                   [("", getattr(memo, "misses", 0))])
-            metric("vision_cache_bytes", "gauge", "Bytes of cached vision features.", [("", getattr(memo, "bytes", 0))])
-            metric("queue_depth", "gauge", "Requests waiting for the engine.", [("", engine.queue_depth)])
-        items, seconds = (engine.stats.vision_items, engine.stats.vision_seconds) if engine is not None else (0, 0.0)
-        metric("vision_encodes_total", "counter", "Images and videos through the vision tower (whole or in pieces).",
-               [("", self.vision_runs + items)])
-        metric("vision_encode_seconds_total", "counter", "Time in the vision tower.",
-               [("", round(self.vision_seconds + seconds, 6))])
+            metric(
+                "vision_cache_hits_total",
+                "counter",
+                "Images and videos whose features were cached.",
+                [("", getattr(memo, "hits", 0))],
+            )
+            metric(
+                "vision_cache_misses_total",
+                "counter",
+                "Images and videos the vision tower had to encode.",
+                [("", getattr(memo, "misses", 0))],
+            )
+            metric(
+                "vision_cache_bytes",
+                "gauge",
+                "Bytes of cached vision features.",
+                [("", getattr(memo, "bytes", 0))],
+            )
+            metric(
+                "queue_depth",
+                "gauge",
+                "Requests waiting for the engine.",
+                [("", engine.queue_depth)],
+            )
+        items, seconds = (
+            (engine.stats.vision_items, engine.stats.vision_seconds)
+            if engine is not None
+            else (0, 0.0)
+        )
+        metric(
+            "vision_encodes_total",
+            "counter",
+            "Images and videos through the vision tower (whole or in pieces).",
+            [("", self.vision_runs + items)],
+        )
+        metric(
+            "vision_encode_seconds_total",
+            "counter",
+            "Time in the vision tower.",
+            [("", round(self.vision_seconds + seconds, 6))],
+        )
         metric("requests_running", "gauge", "Chat completions in progress.", [("", self.running)])
         return "\n".join(lines) + "\n"

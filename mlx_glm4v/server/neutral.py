@@ -1,4 +1,5 @@
-"""What the three dialects share: one request, one stream of reply events, the model checks, sealing.
+"""What the three dialects share: one request, one stream of reply events, the model checks,
+sealing.
 
 A dialect (openai.py, responses.py, anthropic.py) parses its body into a `Request` and renders
 the events below in its own wire format; app.py does everything in between once (media, the
@@ -24,19 +25,38 @@ class ApiError(Exception):
     """A request the server refuses: an HTTP status and one sentence; each dialect gives it its own
     shape (`body()` is OpenAI's, which chat completions and the Responses API share)."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-             404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error",
-             503: "service_unavailable", 504: "timeout"}
+    TYPES = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        413: "invalid_request_error",
+        429: "rate_limit_error",
+        503: "service_unavailable",
+        504: "timeout",
+    }
 
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
-                 headers: Optional[dict] = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+        headers: Optional[dict] = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.headers = headers or {}
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
-                          "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.TYPES.get(self.status, "server_error"),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 def bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> ApiError:
@@ -47,16 +67,20 @@ def bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -
 class Request:
     """A checked request, the same for every dialect."""
 
-    messages: list  # the template's messages; media parts {"type": "image"|"video", "source", "detail", "param"}
+    # the template's messages; media parts {"type": "image"|"video", "source", "detail", "param"}
+    messages: list
     settings: dict  # GenerationSettings keyword arguments; max_tokens None: what the context leaves
     seed: Optional[int] = None
     stream: bool = False
-    tools: Optional[list] = None  # [{"type": "function", "function": {name, description, parameters}}]
+    # [{"type": "function", "function": {name, description, parameters}}]
+    tools: Optional[list] = None
     tool_choice: object = None
     template_kwargs: dict = field(default_factory=dict)  # e.g. enable_thinking
     top_logprobs: Optional[int] = None
-    constraint: object = None  # the one place a structured-output constraint will be set (not yet: refused)
-    options: dict = field(default_factory=dict)  # the dialect's own reply options (include_usage, store, ...)
+    # the one place a structured-output constraint will be set (not yet: refused)
+    constraint: object = None
+    # the dialect's own reply options (include_usage, store, ...)
+    options: dict = field(default_factory=dict)
     image_sizes: list = field(default_factory=list)  # (width, height) of each image, for `boxes`
 
 
@@ -130,8 +154,12 @@ def check_model(model, served: Served, field_name: str = "model"):
     if not isinstance(model, str) or not model:
         raise bad(f"{field_name} is required: the name of the model this server runs.", field_name)
     if model not in served.names and not served.answer_any_model:
-        raise ApiError(404, f"the model {model!r} does not exist; this server runs {served.name!r}.",
-                       field_name, "model_not_found")
+        raise ApiError(
+            404,
+            f"the model {model!r} does not exist; this server runs {served.name!r}.",
+            field_name,
+            "model_not_found",
+        )
 
 
 def number(body, key, lo=None, hi=None, integer=False, where=None):
@@ -144,7 +172,9 @@ def number(body, key, lo=None, hi=None, integer=False, where=None):
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
         raise bad(f"{where} must be {kind}, not {json.dumps(value)[:40]}.", where)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise bad(f"{where} {value} is out of range [{lo}, {hi if hi is not None else 'inf'}].", where)
+        raise bad(
+            f"{where} {value} is out of range [{lo}, {hi if hi is not None else 'inf'}].", where
+        )
     return value
 
 
@@ -167,7 +197,8 @@ def unknown_fields(body: dict, known: set, where: str = ""):
 
 
 def function_tool(name, description, parameters, where: str) -> dict:
-    """A tool in the one form the template renders (chat completions' form), whichever dialect sent it."""
+    """A tool in the one form the template renders (chat completions' form), whichever dialect
+    sent it."""
     if not isinstance(name, str) or not name:
         raise bad(f"{where} needs a name.", where)
     if parameters is not None and not isinstance(parameters, dict):
@@ -175,7 +206,9 @@ def function_tool(name, description, parameters, where: str) -> dict:
     fn = {"name": name}
     if description is not None:
         fn["description"] = description
-    fn["parameters"] = parameters if parameters is not None else {"type": "object", "properties": {}}
+    fn["parameters"] = (
+        parameters if parameters is not None else {"type": "object", "properties": {}}
+    )
     return {"type": "function", "function": fn}
 
 
@@ -191,7 +224,9 @@ def offered_tools(body, served: Served, one) -> tuple:
     if not out or kind == "none":
         return None, choice if kind not in (None, "auto", "none") else None
     if not served.tools_supported:
-        raise bad("tools are not supported: this model's chat template does not render them.", "tools")
+        raise bad(
+            "tools are not supported: this model's chat template does not render them.", "tools"
+        )
     return out, choice
 
 
@@ -226,13 +261,16 @@ def seal(text: str) -> str:
 
 
 def unseal(token) -> Optional[str]:
-    """The text sealed in `token`, or None when it is not one of ours (forged, altered, or older)."""
+    """The text sealed in `token`, or None when it is not one of ours (forged, altered, or
+    older)."""
     try:
         raw = base64.b64decode(token, validate=True)
     except (ValueError, TypeError):
         return None
     nonce, tag, cipher = raw[:16], raw[16:48], raw[48:]
-    if len(tag) < 32 or not hmac.compare_digest(tag, hmac.new(_KEY, b"mac" + nonce + cipher, hashlib.sha256).digest()):
+    if len(tag) < 32 or not hmac.compare_digest(
+        tag, hmac.new(_KEY, b"mac" + nonce + cipher, hashlib.sha256).digest()
+    ):
         return None
     stream = hashlib.shake_256(_KEY + b"enc" + nonce).digest(len(cipher))
     return bytes(a ^ b for a, b in zip(cipher, stream)).decode("utf-8", "replace")
@@ -242,7 +280,14 @@ def unseal(token) -> Optional[str]:
 # Responses `reasoning.effort` and Anthropic `output_config.effort`: none -> no thinking (the
 # template's switch where it has one, else a thinking budget of 0); minimal -> a budget of 256
 # tokens; low -> 1024; medium, high, xhigh, max -> the model's own thinking (no budget).
-EFFORT_BUDGETS = {"minimal": 256, "low": 1024, "medium": None, "high": None, "xhigh": None, "max": None}
+EFFORT_BUDGETS = {
+    "minimal": 256,
+    "low": 1024,
+    "medium": None,
+    "high": None,
+    "xhigh": None,
+    "max": None,
+}
 
 
 def no_thinking(request: Request, served: Served):

@@ -1,5 +1,5 @@
-"""OpenAI's chat completions <-> the neutral request: the body checked field by field, events rendered
-as a completion or its chunks (tool arguments as fragments, as the model writes them).
+"""OpenAI's chat completions <-> the neutral request: the body checked field by field, events
+rendered as a completion or its chunks (tool arguments as fragments, as the model writes them).
 
 Strict on purpose: a field we do not implement is refused with a 400 that names it (a client
 that asks for `n=2` or JSON mode must not get something else silently); only fields that
@@ -13,24 +13,76 @@ from dataclasses import fields
 from ..errors import Glm4vError
 from ..generation.generate import GenerationSettings
 from .formats import FormatError, one_constraint, openai_response_format, openai_tool_choice
-from .neutral import (DEFAULT_MAX_TOKENS, ApiError, Content, Finish, Logprob, Reasoning, Request, Served, ToolArgs,
-                      ToolStart, bad, check_fields, check_model, finish_messages, gather, number)
+from .neutral import (
+    DEFAULT_MAX_TOKENS,
+    ApiError,
+    Content,
+    Finish,
+    Logprob,
+    Reasoning,
+    Request,
+    Served,
+    ToolArgs,
+    ToolStart,
+    bad,
+    check_fields,
+    check_model,
+    finish_messages,
+    gather,
+    number,
+)
 
 # ApiError and bad live in neutral.py; media.py takes them from here.
 
 # Fields we implement (the last four are extensions vLLM's and llama.cpp's servers take too).
 SUPPORTED = {
-    "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
-    "top_p", "seed", "stop", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "tools",
-    "tool_choice", "n", "response_format",
-    "top_k", "min_p", "repetition_penalty", "chat_template_kwargs", "thinking_budget", "ignore_eos",
+    "model",
+    "messages",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "logprobs",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "n",
+    "response_format",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "chat_template_kwargs",
+    "thinking_budget",
+    "ignore_eos",
 }
 # Fields that do not change the reply: accepted and ignored.
-IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier",
-           "prompt_cache_key"}
+IGNORED = {
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "parallel_tool_calls",
+    "safety_identifier",
+    "prompt_cache_key",
+}
 # Fields we cannot honour: accepted only when they ask for nothing (null, or the default shown).
-REFUSED = {"logit_bias": ({},), "modalities": (["text"],), "audio": (), "prediction": (), "functions": (),
-           "function_call": (), "reasoning_effort": (), "web_search_options": (), "verbosity": ()}
+REFUSED = {
+    "logit_bias": ({},),
+    "modalities": (["text"],),
+    "audio": (),
+    "prediction": (),
+    "functions": (),
+    "function_call": (),
+    "reasoning_effort": (),
+    "web_search_options": (),
+    "verbosity": (),
+}
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # Template arguments a client may not set through chat_template_kwargs.
 RESERVED_TEMPLATE_ARGS = {"messages", "tools", "documents", "add_generation_prompt"}
@@ -55,7 +107,11 @@ def _text_of(content, where: str) -> str:
     if isinstance(content, list):
         texts = []
         for part in content:
-            if not isinstance(part, dict) or part.get("type") not in ("text", "input_text", "output_text"):
+            if not isinstance(part, dict) or part.get("type") not in (
+                "text",
+                "input_text",
+                "output_text",
+            ):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise bad(f"{where} may hold text parts only, not {kind!r}.", where)
             if not isinstance(part.get("text"), str):
@@ -66,9 +122,11 @@ def _text_of(content, where: str) -> str:
 
 
 def media_source(part: dict, key: str, where: str):
-    """(url, detail) of an image_url / input_image / video_url part: an object with `url` or a bare string."""
+    """(url, detail) of an image_url / input_image / video_url part: an object with `url` or a
+    bare string."""
     value = part.get(key)
-    if key == "input_image" and value is None:  # Responses-style: {"type": "input_image", "image_url": "..."}
+    # Responses-style: {"type": "input_image", "image_url": "..."}
+    if key == "input_image" and value is None:
         value = part.get("image_url")
     detail = part.get("detail")
     if isinstance(value, dict):
@@ -78,7 +136,8 @@ def media_source(part: dict, key: str, where: str):
         raise bad(f"{where}: a {part.get('type')} part needs a url string.", where)
     if detail not in (None, "auto", "low", "high", "original"):
         raise bad(f"{where}: detail {detail!r} must be auto, low, high or original.", where)
-    return value, "high" if detail == "original" else detail or "auto"  # high is the full size already
+    # high is the full size already
+    return value, "high" if detail == "original" else detail or "auto"
 
 
 def _user_content(content, where: str):
@@ -101,8 +160,11 @@ def _user_content(content, where: str):
             url, _ = media_source(part, kind, at)
             parts.append({"type": "video", "source": url, "param": at})
         else:
-            raise bad(f"{at}: content part type {kind!r} is not supported (text, image_url, input_image, "
-                      "video_url).", at)
+            raise bad(
+                f"{at}: content part type {kind!r} is not supported (text, image_url, input_image, "
+                "video_url).",
+                at,
+            )
     return parts
 
 
@@ -119,10 +181,18 @@ def _tool_calls(calls, where: str) -> list:
             try:
                 arguments = json.loads(arguments)
             except json.JSONDecodeError:
-                raise bad(f"{where}[{i}].function.arguments is not valid JSON.", f"{where}[{i}]") from None
+                raise bad(
+                    f"{where}[{i}].function.arguments is not valid JSON.", f"{where}[{i}]"
+                ) from None
         if not isinstance(arguments, dict):
             raise bad(f"{where}[{i}].function.arguments must be a JSON object.", f"{where}[{i}]")
-        out.append({"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": arguments}})
+        out.append(
+            {
+                "id": call.get("id"),
+                "type": "function",
+                "function": {"name": fn["name"], "arguments": arguments},
+            }
+        )
     return out
 
 
@@ -144,10 +214,18 @@ def parse_messages(messages) -> list:
         elif role == "user":
             out.append({"role": "user", "content": _user_content(content, f"{where}.content")})
         elif role == "tool":
-            out.append({"role": "tool", "content": _text_of(content, f"{where}.content"),
-                        **({"tool_call_id": m["tool_call_id"]} if m.get("tool_call_id") else {})})
+            out.append(
+                {
+                    "role": "tool",
+                    "content": _text_of(content, f"{where}.content"),
+                    **({"tool_call_id": m["tool_call_id"]} if m.get("tool_call_id") else {}),
+                }
+            )
         else:
-            message = {"role": "assistant", "content": "" if content is None else _text_of(content, f"{where}.content")}
+            message = {
+                "role": "assistant",
+                "content": "" if content is None else _text_of(content, f"{where}.content"),
+            }
             reasoning = m.get("reasoning_content", m.get("reasoning"))
             if isinstance(reasoning, str):
                 message["reasoning_content"] = reasoning
@@ -167,32 +245,52 @@ def _tools(body) -> tuple:
         raise bad("tools must be a list.", "tools")
     for i, tool in enumerate(tools):
         fn = tool.get("function") if isinstance(tool, dict) else None
-        if tool.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise bad(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}.", f"tools[{i}]")
+        if (
+            tool.get("type") != "function"
+            or not isinstance(fn, dict)
+            or not isinstance(fn.get("name"), str)
+        ):
+            raise bad(
+                f'tools[{i}] must be {{"type": "function", "function": {{"name": ...}}}}.',
+                f"tools[{i}]",
+            )
     if choice == "none":
         return None, None  # no tools offered, so none called
     return tools, choice  # "required" or a named function: forced by a constraint (formats.py)
 
 
 def parse(body, served: Served) -> Request:
-    """Check a chat-completions body and turn it into the neutral `Request`; an `ApiError` for the first problem."""
-    check_fields(body, SUPPORTED | IGNORED, REFUSED, {"functions": "; use tools", "function_call": "; use tools"})
+    """Check a chat-completions body and turn it into the neutral `Request`; an `ApiError` for
+    the first problem."""
+    check_fields(
+        body,
+        SUPPORTED | IGNORED,
+        REFUSED,
+        {"functions": "; use tools", "function_call": "; use tools"},
+    )
     check_model(body.get("model"), served)
     if _number(body, "n", integer=True) not in (None, 1):
         raise bad(f"n={body['n']} is not supported: one choice per request.", "n")
     messages = finish_messages(parse_messages(body.get("messages")), served)
     tools, tool_choice = _tools(body)
     if tools and not served.tools_supported:
-        raise bad("tools are not supported: this model's chat template does not render them.", "tools")
+        raise bad(
+            "tools are not supported: this model's chat template does not render them.", "tools"
+        )
     try:
-        constraint = one_constraint(openai_response_format(body.get("response_format")),
-                                    openai_tool_choice(tool_choice, tools), "response_format")
+        constraint = one_constraint(
+            openai_response_format(body.get("response_format")),
+            openai_tool_choice(tool_choice, tools),
+            "response_format",
+        )
     except FormatError as e:
         raise bad(e.message, e.param) from None
     stream = bool(_bool(body, "stream"))
     options = body.get("stream_options")
     if options is not None and (not stream or not isinstance(options, dict)):
-        raise bad("stream_options is only allowed with stream: true, as an object.", "stream_options")
+        raise bad(
+            "stream_options is only allowed with stream: true, as an object.", "stream_options"
+        )
     include_usage = bool(options and options.get("include_usage"))
 
     max_tokens = _number(body, "max_completion_tokens", 1, integer=True)
@@ -201,7 +299,9 @@ def parse(body, served: Served) -> Request:
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
-    if stop is not None and (not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop)):
+    if stop is not None and (
+        not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop)
+    ):
         raise bad("stop must be a string or a list of at most 4 strings.", "stop")
     logprobs = _bool(body, "logprobs")
     top = _number(body, "top_logprobs", 0, 20, integer=True)
@@ -210,8 +310,11 @@ def parse(body, served: Served) -> Request:
     top_k = _number(body, "top_k", -1, integer=True)
     template_kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(template_kwargs, dict) or RESERVED_TEMPLATE_ARGS & set(template_kwargs):
-        raise bad("chat_template_kwargs must be an object and may not set messages, tools, documents or "
-                  "add_generation_prompt.", "chat_template_kwargs")
+        raise bad(
+            "chat_template_kwargs must be an object and may not set messages, tools, documents or "
+            "add_generation_prompt.",
+            "chat_template_kwargs",
+        )
 
     settings = dict(
         max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
@@ -225,7 +328,11 @@ def parse(body, served: Served) -> Request:
         constraint=constraint,
     )
     supported = {f.name for f in fields(GenerationSettings)}
-    for key, lo, hi in (("presence_penalty", -2, 2), ("frequency_penalty", -2, 2), ("thinking_budget", 0, None)):
+    for key, lo, hi in (
+        ("presence_penalty", -2, 2),
+        ("frequency_penalty", -2, 2),
+        ("thinking_budget", 0, None),
+    ):
         value = _number(body, key, lo, hi, integer=key == "thinking_budget")
         if value is None or (value == 0 and key != "thinking_budget"):
             continue
@@ -236,13 +343,22 @@ def parse(body, served: Served) -> Request:
         GenerationSettings(**settings)
     except Glm4vError as e:
         raise bad(str(e)) from None
-    return Request(messages, settings, seed=_number(body, "seed", 0, 2**64 - 1, integer=True), stream=stream,
-                   top_logprobs=(top or 0) if logprobs else None, tools=tools, tool_choice=tools and "auto",
-                   constraint=constraint,
-                   template_kwargs=dict(template_kwargs), options={"include_usage": include_usage})
+    return Request(
+        messages,
+        settings,
+        seed=_number(body, "seed", 0, 2**64 - 1, integer=True),
+        stream=stream,
+        top_logprobs=(top or 0) if logprobs else None,
+        tools=tools,
+        tool_choice=tools and "auto",
+        constraint=constraint,
+        template_kwargs=dict(template_kwargs),
+        options={"include_usage": include_usage},
+    )
 
 
 # ---- replies ------------------------------------------------------------------------------------
+
 
 def reply_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
@@ -253,9 +369,12 @@ def error_body(e: ApiError) -> dict:
 
 
 def usage_body(usage) -> dict:
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
 
 
 def logprob_entry(decode, token: int, logprob: float, alternatives) -> dict:
@@ -267,22 +386,40 @@ def logprob_entry(decode, token: int, logprob: float, alternatives) -> dict:
 
 
 def tool_call(call) -> dict:
-    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    }
 
 
 def whole(request: Request, events: list, meta) -> dict:
     """The chat.completion object of a reply's events (boxes: our one extra field)."""
     reply = gather(events)
-    message = {"role": "assistant", "content": reply.content if reply.content or not reply.calls else None}
+    message = {
+        "role": "assistant",
+        "content": reply.content if reply.content or not reply.calls else None,
+    }
     if reply.reasoning:
         message["reasoning_content"] = reply.reasoning
     if reply.calls:
         message["tool_calls"] = [tool_call(c) for c in reply.calls]
     message["boxes"] = reply.finish.boxes
     logprobs = {"content": reply.logprobs} if request.top_logprobs is not None else None
-    choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": reply.finish.reason}
-    return {"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
-            "choices": [choice], "usage": usage_body(reply.finish.usage)}
+    choice = {
+        "index": 0,
+        "message": message,
+        "logprobs": logprobs,
+        "finish_reason": reply.finish.reason,
+    }
+    return {
+        "id": meta.id,
+        "object": "chat.completion",
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [choice],
+        "usage": usage_body(reply.finish.usage),
+    }
 
 
 def sse(obj) -> str:
@@ -296,23 +433,39 @@ def delta_of(event):
     if isinstance(event, Content):
         return {"content": event.text}
     if isinstance(event, ToolStart):
-        return {"tool_calls": [{"index": event.index, "id": event.id, "type": "function",
-                                "function": {"name": event.name, "arguments": ""}}]}
+        return {
+            "tool_calls": [
+                {
+                    "index": event.index,
+                    "id": event.id,
+                    "type": "function",
+                    "function": {"name": event.name, "arguments": ""},
+                }
+            ]
+        }
     if isinstance(event, ToolArgs):
         return {"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]}
     return None
 
 
 class Stream:
-    """Events -> chat.completion.chunk SSE lines; a token's log-probability rides on its first chunk."""
+    """Events -> chat.completion.chunk SSE lines; a token's log-probability rides on its first
+    chunk."""
 
     def __init__(self, request: Request, meta):
         self.request, self.meta = request, meta
 
     def chunk(self, delta, finish=None, logprobs=None) -> str:
         choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        return sse({"id": self.meta.id, "object": "chat.completion.chunk", "created": self.meta.created,
-                    "model": self.meta.model, "choices": [choice]})
+        return sse(
+            {
+                "id": self.meta.id,
+                "object": "chat.completion.chunk",
+                "created": self.meta.created,
+                "model": self.meta.model,
+                "choices": [choice],
+            }
+        )
 
     def head(self) -> list:
         return [self.chunk({"role": "assistant", "content": ""})]
@@ -330,9 +483,18 @@ class Stream:
                     out.append(self.chunk({}, logprobs=logprob))
                 out.append(self.chunk({"boxes": e.boxes}, e.reason))
                 if self.request.options.get("include_usage"):
-                    out.append(sse({"id": self.meta.id, "object": "chat.completion.chunk",
-                                    "created": self.meta.created, "model": self.meta.model, "choices": [],
-                                    "usage": usage_body(e.usage)}))
+                    out.append(
+                        sse(
+                            {
+                                "id": self.meta.id,
+                                "object": "chat.completion.chunk",
+                                "created": self.meta.created,
+                                "model": self.meta.model,
+                                "choices": [],
+                                "usage": usage_body(e.usage),
+                            }
+                        )
+                    )
             elif (delta := delta_of(e)) is not None:
                 out.append(self.chunk(delta, logprobs=logprob))
                 logprob = None

@@ -1,4 +1,5 @@
-"""OpenAI's Responses API (POST /v1/responses, GET/DELETE /v1/responses/{id}) <-> the neutral request.
+"""OpenAI's Responses API (POST /v1/responses, GET/DELETE /v1/responses/{id}) <-> the neutral
+request.
 
 What Codex CLI sends is accepted as it is: hosted tools (web_search, ...) cannot run here, so
 they are left out of the prompt and logged, never refused. Reasoning comes back as a reasoning
@@ -16,30 +17,96 @@ from collections import OrderedDict
 from ..errors import Glm4vError
 from ..generation.generate import GenerationSettings
 from .formats import FormatError, one_constraint, responses_text_format, responses_tool_choice
-from .neutral import (ApiError, Content, Finish, Reasoning, Request, Served, ToolArgs, ToolEnd, ToolStart, bad,
-                      check_fields, check_model, effort, finish_messages, function_tool, number, offered_tools, seal,
-                      unknown_fields, unseal)
+from .neutral import (
+    ApiError,
+    Content,
+    Finish,
+    Reasoning,
+    Request,
+    Served,
+    ToolArgs,
+    ToolEnd,
+    ToolStart,
+    bad,
+    check_fields,
+    check_model,
+    effort,
+    finish_messages,
+    function_tool,
+    number,
+    offered_tools,
+    seal,
+    unknown_fields,
+    unseal,
+)
 from .openai import media_source
 
 log = logging.getLogger("mlx_glm4v.server")
 
-SUPPORTED = {"model", "input", "instructions", "stream", "max_output_tokens", "temperature", "top_p", "tools",
-             "tool_choice", "reasoning", "text", "store", "previous_response_id", "include", "seed", "top_k"}
+SUPPORTED = {
+    "model",
+    "input",
+    "instructions",
+    "stream",
+    "max_output_tokens",
+    "temperature",
+    "top_p",
+    "tools",
+    "tool_choice",
+    "reasoning",
+    "text",
+    "store",
+    "previous_response_id",
+    "include",
+    "seed",
+    "top_k",
+}
 # Accepted, without effect on the reply.
-IGNORED = {"parallel_tool_calls", "prompt_cache_key", "client_metadata", "metadata", "user", "safety_identifier",
-           "service_tier", "truncation", "stream_options", "prompt_cache_retention", "background", "max_tool_calls",
-           "top_logprobs"}
+IGNORED = {
+    "parallel_tool_calls",
+    "prompt_cache_key",
+    "client_metadata",
+    "metadata",
+    "user",
+    "safety_identifier",
+    "service_tier",
+    "truncation",
+    "stream_options",
+    "prompt_cache_retention",
+    "background",
+    "max_tool_calls",
+    "top_logprobs",
+}
 # Asking for these is refused unless they ask for nothing.
 REFUSED = {"background": (False,), "top_logprobs": (0,), "conversation": (), "prompt": ()}
-HOSTED = {"web_search", "web_search_preview", "web_search_preview_2025_03_11", "file_search", "code_interpreter",
-          "computer_use_preview", "computer_use", "image_generation", "mcp", "local_shell", "custom", "shell",
-          "apply_patch"}
-INCLUDE = {"reasoning.encrypted_content", "web_search_call.action.sources", "web_search_call.results",
-           "code_interpreter_call.outputs", "computer_call_output.output.image_url", "file_search_call.results",
-           "message.input_image.image_url"}
+HOSTED = {
+    "web_search",
+    "web_search_preview",
+    "web_search_preview_2025_03_11",
+    "file_search",
+    "code_interpreter",
+    "computer_use_preview",
+    "computer_use",
+    "image_generation",
+    "mcp",
+    "local_shell",
+    "custom",
+    "shell",
+    "apply_patch",
+}
+INCLUDE = {
+    "reasoning.encrypted_content",
+    "web_search_call.action.sources",
+    "web_search_call.results",
+    "code_interpreter_call.outputs",
+    "computer_call_output.output.image_url",
+    "file_search_call.results",
+    "message.input_image.image_url",
+}
 
 
 # ---- the store ---------------------------------------------------------------------------------
+
 
 class Store:
     """Finished responses, newest last, dropped oldest first past `count` entries or `max_bytes`."""
@@ -85,6 +152,7 @@ def delete(store: Store, rid: str) -> dict:
 
 # ---- the request -------------------------------------------------------------------------------
 
+
 def _parts(content, where: str, role: str):
     """A message's content -> the template's content (a string, or parts with media references)."""
     if isinstance(content, str):
@@ -102,12 +170,17 @@ def _parts(content, where: str, role: str):
             parts.append({"type": "text", "text": text})
         elif kind == "input_image" and role == "user":
             if part.get("file_id") and not part.get("image_url"):
-                raise bad(f"{at}: file_id images are not supported; send image_url (a data: URL).", at)
+                raise bad(
+                    f"{at}: file_id images are not supported; send image_url (a data: URL).", at
+                )
             url, detail = media_source(part, kind, at)
             parts.append({"type": "image", "source": url, "detail": detail, "param": at})
         else:
-            raise bad(f"{at}: content part type {kind!r} is not supported here (input_text, input_image, "
-                      "output_text).", at)
+            raise bad(
+                f"{at}: content part type {kind!r} is not supported here (input_text, input_image, "
+                "output_text).",
+                at,
+            )
     if role != "user" or all(p["type"] == "text" for p in parts):
         return "".join(p["text"] for p in parts)
     return parts
@@ -124,11 +197,14 @@ def _arguments(value, where: str) -> dict:
 
 
 def _reasoning_of(item: dict):
-    """The thinking a reasoning item carries: ours sealed, or its plain reasoning text; None if neither."""
+    """The thinking a reasoning item carries: ours sealed, or its plain reasoning text; None if
+    neither."""
     if item.get("encrypted_content"):
         text = unseal(item["encrypted_content"])
         if text is None:
-            log.info("a reasoning item's encrypted_content is not this server's (or predates a restart): dropped")
+            log.info(
+                "a reasoning item's encrypted_content is not this server's (or predates a restart): dropped"
+            )
         return text
     texts = [c.get("text") for c in item.get("content") or [] if isinstance(c, dict)]
     return "".join(t for t in texts if isinstance(t, str)) or None
@@ -143,7 +219,8 @@ def parse_input(items) -> list:
     out, reasoning = [], None
 
     def assistant():
-        """The assistant message the next call or reasoning belongs to (a new one after anything else)."""
+        """The assistant message the next call or reasoning belongs to (a new one after anything
+        else)."""
         nonlocal reasoning
         if not out or out[-1]["role"] != "assistant" or out[-1].get("_closed"):
             out.append({"role": "assistant", "content": ""})
@@ -159,7 +236,10 @@ def parse_input(items) -> list:
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "assistant", "system", "developer"):
-                raise bad(f"{where}.role {role!r} must be user, assistant, system or developer.", f"{where}.role")
+                raise bad(
+                    f"{where}.role {role!r} must be user, assistant, system or developer.",
+                    f"{where}.role",
+                )
             content = _parts(item.get("content"), f"{where}.content", role)
             if role == "assistant":
                 message = assistant()
@@ -172,8 +252,14 @@ def parse_input(items) -> list:
         elif kind == "function_call":
             if not isinstance(item.get("name"), str):
                 raise bad(f"{where} needs a name.", where)
-            call = {"id": item.get("call_id"), "type": "function",
-                    "function": {"name": item["name"], "arguments": _arguments(item.get("arguments", "{}"), where)}}
+            call = {
+                "id": item.get("call_id"),
+                "type": "function",
+                "function": {
+                    "name": item["name"],
+                    "arguments": _arguments(item.get("arguments", "{}"), where),
+                },
+            }
             assistant().setdefault("tool_calls", []).append(call)
         elif kind == "function_call_output":
             output = item.get("output")
@@ -181,13 +267,21 @@ def parse_input(items) -> list:
                 output = _parts(output, f"{where}.output", "tool")
             if not isinstance(output, str):
                 raise bad(f"{where}.output must be a string or text parts.", f"{where}.output")
-            out.append({"role": "tool", "content": output,
-                        **({"tool_call_id": item["call_id"]} if item.get("call_id") else {})})
+            out.append(
+                {
+                    "role": "tool",
+                    "content": output,
+                    **({"tool_call_id": item["call_id"]} if item.get("call_id") else {}),
+                }
+            )
         elif kind == "reasoning":
             reasoning = _reasoning_of(item)
         else:
-            raise bad(f"{where}: input item type {kind!r} is not supported (message, function_call, "
-                      "function_call_output, reasoning).", where)
+            raise bad(
+                f"{where}: input item type {kind!r} is not supported (message, function_call, "
+                "function_call_output, reasoning).",
+                where,
+            )
     for m in out:
         m.pop("_closed", None)
     return out
@@ -197,10 +291,13 @@ def _tool(i: int, tool):
     kind = tool.get("type") if isinstance(tool, dict) else None
     if kind == "function":
         unknown_fields(tool, {"type", "name", "description", "parameters", "strict"}, f"tools[{i}]")
-        return function_tool(tool.get("name"), tool.get("description"), tool.get("parameters"), f"tools[{i}]")
+        return function_tool(
+            tool.get("name"), tool.get("description"), tool.get("parameters"), f"tools[{i}]"
+        )
     if isinstance(kind, str) and (kind in HOSTED or kind.startswith(tuple(HOSTED))):
         log.info("tools[%d]: the hosted tool %r cannot run here; left out", i, kind)
-    elif kind == "namespace":  # Codex's sub-agent tools, called by a namespaced name we cannot write
+    # Codex's sub-agent tools, called by a namespaced name we cannot write
+    elif kind == "namespace":
         log.info("tools[%d]: the tool namespace %r is left out", i, tool.get("name"))
     else:
         raise bad(f"tools[{i}]: tool type {kind!r} is not supported (function).", f"tools[{i}]")
@@ -216,7 +313,11 @@ def parse(body, served: Served) -> Request:
     unknown_fields(text, {"format", "verbosity"}, "text")
     include = body.get("include") or []
     if not isinstance(include, list) or any(i not in INCLUDE for i in include):
-        wrong = next((i for i in include if i not in INCLUDE), include) if isinstance(include, list) else include
+        wrong = (
+            next((i for i in include if i not in INCLUDE), include)
+            if isinstance(include, list)
+            else include
+        )
         raise bad(f"include {wrong!r} is not supported ({', '.join(sorted(INCLUDE))}).", "include")
     store = body.get("store", True)
     if not isinstance(store, bool):
@@ -227,7 +328,10 @@ def parse(body, served: Served) -> Request:
     if previous is not None:
         item = served.store.get(previous) if served.store is not None else None
         if item is None:
-            raise bad(f"previous_response_id {previous!r}: no such stored response.", "previous_response_id")
+            raise bad(
+                f"previous_response_id {previous!r}: no such stored response.",
+                "previous_response_id",
+            )
         history = [dict(m) for m in item[1]]
     history += parse_input(body.get("input"))
     instructions = body.get("instructions")
@@ -236,17 +340,30 @@ def parse(body, served: Served) -> Request:
     messages = ([{"role": "system", "content": instructions}] if instructions else []) + history
     tools, tool_choice = offered_tools(body, served, _tool)
     try:
-        constraint = one_constraint(responses_text_format(text), responses_tool_choice(tool_choice, tools), "text.format")
+        constraint = one_constraint(
+            responses_text_format(text), responses_tool_choice(tool_choice, tools), "text.format"
+        )
     except FormatError as e:
         raise bad(e.message, e.param) from None
 
     temperature = number(body, "temperature", 0, 2)
     top_p = number(body, "top_p", 0, 1)
-    settings = dict(max_tokens=number(body, "max_output_tokens", 1, integer=True),
-                    temp=1.0 if temperature is None else temperature, top_p=1.0 if top_p is None else top_p,
-                    top_k=number(body, "top_k", 0, integer=True) or 0, constraint=constraint)
-    request = Request(finish_messages(messages, served), settings, seed=number(body, "seed", 0, 2**64 - 1, integer=True),
-                      stream=bool(body.get("stream")), tools=tools, tool_choice=tools and "auto", constraint=constraint)
+    settings = dict(
+        max_tokens=number(body, "max_output_tokens", 1, integer=True),
+        temp=1.0 if temperature is None else temperature,
+        top_p=1.0 if top_p is None else top_p,
+        top_k=number(body, "top_k", 0, integer=True) or 0,
+        constraint=constraint,
+    )
+    request = Request(
+        finish_messages(messages, served),
+        settings,
+        seed=number(body, "seed", 0, 2**64 - 1, integer=True),
+        stream=bool(body.get("stream")),
+        tools=tools,
+        tool_choice=tools and "auto",
+        constraint=constraint,
+    )
     reasoning = body.get("reasoning") or {}
     if not isinstance(reasoning, dict):
         raise bad("reasoning must be an object.", "reasoning")
@@ -256,19 +373,31 @@ def parse(body, served: Served) -> Request:
         GenerationSettings(**{**settings, "max_tokens": settings["max_tokens"] or 1})
     except Glm4vError as e:
         raise bad(str(e)) from None
-    request.options = {"store": store, "sealed": "reasoning.encrypted_content" in include, "history": history,
-                       "echo": {"instructions": instructions, "previous_response_id": previous,
-                                "max_output_tokens": settings["max_tokens"], "temperature": settings["temp"],
-                                "top_p": settings["top_p"], "reasoning": {"effort": reasoning.get("effort"),
-                                                                          "summary": reasoning.get("summary")},
-                                "tool_choice": body.get("tool_choice") or "auto", "store": store,
-                                "parallel_tool_calls": body.get("parallel_tool_calls", True),
-                                "tools": body.get("tools") or [], "metadata": body.get("metadata") or {},
-                                "text": {"format": {"type": "text"}}, "truncation": "disabled"}}
+    request.options = {
+        "store": store,
+        "sealed": "reasoning.encrypted_content" in include,
+        "history": history,
+        "echo": {
+            "instructions": instructions,
+            "previous_response_id": previous,
+            "max_output_tokens": settings["max_tokens"],
+            "temperature": settings["temp"],
+            "top_p": settings["top_p"],
+            "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")},
+            "tool_choice": body.get("tool_choice") or "auto",
+            "store": store,
+            "parallel_tool_calls": body.get("parallel_tool_calls", True),
+            "tools": body.get("tools") or [],
+            "metadata": body.get("metadata") or {},
+            "text": {"format": {"type": "text"}},
+            "truncation": "disabled",
+        },
+    }
     return request
 
 
 # ---- the reply ---------------------------------------------------------------------------------
+
 
 def reply_id() -> str:
     return f"resp_{uuid.uuid4().hex}"
@@ -291,9 +420,18 @@ class Stream:
     def __init__(self, request: Request, meta):
         self.request, self.meta = request, meta
         self.sequence, self.output, self.item = 0, [], None
-        self.response = {"id": meta.id, "object": "response", "created_at": meta.created, "status": "in_progress",
-                         "error": None, "incomplete_details": None, "model": meta.model, "output": [],
-                         "usage": None, **request.options["echo"]}
+        self.response = {
+            "id": meta.id,
+            "object": "response",
+            "created_at": meta.created,
+            "status": "in_progress",
+            "error": None,
+            "incomplete_details": None,
+            "model": meta.model,
+            "output": [],
+            "usage": None,
+            **request.options["echo"],
+        }
 
     def event(self, kind: str, **fields) -> str:
         data = {"type": kind, "sequence_number": self.sequence, **fields}
@@ -304,8 +442,10 @@ class Stream:
         return json.loads(json.dumps(self.response))
 
     def head(self) -> list:
-        return [self.event("response.created", response=self.snapshot()),
-                self.event("response.in_progress", response=self.snapshot())]
+        return [
+            self.event("response.created", response=self.snapshot()),
+            self.event("response.in_progress", response=self.snapshot()),
+        ]
 
     def keepalive(self) -> str:
         return ": keepalive\n\n"
@@ -315,17 +455,35 @@ class Stream:
         self.item = item
         at = len(self.response["output"])
         self.response["output"].append(item)
-        out.append(self.event("response.output_item.added", output_index=at, item=self.snapshot()["output"][at]))
+        out.append(
+            self.event(
+                "response.output_item.added", output_index=at, item=self.snapshot()["output"][at]
+            )
+        )
         if item["type"] == "message":
             part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
             item["content"].append(part)
-            out.append(self.event("response.content_part.added", item_id=item["id"], output_index=at,
-                                  content_index=0, part=dict(part)))
+            out.append(
+                self.event(
+                    "response.content_part.added",
+                    item_id=item["id"],
+                    output_index=at,
+                    content_index=0,
+                    part=dict(part),
+                )
+            )
         elif item["type"] == "reasoning":
             part = {"type": "reasoning_text", "text": ""}
             item["content"].append(part)
-            out.append(self.event("response.content_part.added", item_id=item["id"], output_index=at,
-                                  content_index=0, part=dict(part)))
+            out.append(
+                self.event(
+                    "response.content_part.added",
+                    item_id=item["id"],
+                    output_index=at,
+                    content_index=0,
+                    part=dict(part),
+                )
+            )
         return out
 
     def _close(self) -> list:
@@ -337,18 +495,37 @@ class Stream:
         if item["type"] in ("message", "reasoning"):
             part = item["content"][0]
             kind = "output_text" if item["type"] == "message" else "reasoning_text"
-            out.append(self.event(f"response.{kind}.done", **ids, content_index=0, text=part["text"],
-                                  **({"logprobs": []} if kind == "output_text" else {})))
-            out.append(self.event("response.content_part.done", **ids, content_index=0, part=dict(part)))
+            out.append(
+                self.event(
+                    f"response.{kind}.done",
+                    **ids,
+                    content_index=0,
+                    text=part["text"],
+                    **({"logprobs": []} if kind == "output_text" else {}),
+                )
+            )
+            out.append(
+                self.event("response.content_part.done", **ids, content_index=0, part=dict(part))
+            )
             if item["type"] == "reasoning" and self.request.options["sealed"]:
                 item["encrypted_content"] = seal(part["text"])
         else:
-            out.append(self.event("response.function_call_arguments.done", **ids, name=item["name"],
-                                  arguments=item["arguments"]))
+            out.append(
+                self.event(
+                    "response.function_call_arguments.done",
+                    **ids,
+                    name=item["name"],
+                    arguments=item["arguments"],
+                )
+            )
         item["status"] = "completed"
         if item["type"] == "reasoning":
             del item["status"]
-        out.append(self.event("response.output_item.done", output_index=at, item=json.loads(json.dumps(item))))
+        out.append(
+            self.event(
+                "response.output_item.done", output_index=at, item=json.loads(json.dumps(item))
+            )
+        )
         return out
 
     def feed(self, events) -> list:
@@ -357,27 +534,70 @@ class Stream:
             at = len(self.response["output"]) - 1
             if isinstance(e, Reasoning):
                 if self.item is None or self.item["type"] != "reasoning":
-                    out += self._open({"type": "reasoning", "id": _item_id("rs"), "summary": [], "content": [],
-                                       "status": "in_progress"})
+                    out += self._open(
+                        {
+                            "type": "reasoning",
+                            "id": _item_id("rs"),
+                            "summary": [],
+                            "content": [],
+                            "status": "in_progress",
+                        }
+                    )
                     at += 1
                 self.item["content"][0]["text"] += e.text
-                out.append(self.event("response.reasoning_text.delta", item_id=self.item["id"], output_index=at,
-                                      content_index=0, delta=e.text))
+                out.append(
+                    self.event(
+                        "response.reasoning_text.delta",
+                        item_id=self.item["id"],
+                        output_index=at,
+                        content_index=0,
+                        delta=e.text,
+                    )
+                )
             elif isinstance(e, Content):
                 if self.item is None or self.item["type"] != "message":
-                    out += self._open({"type": "message", "id": _item_id("msg"), "status": "in_progress",
-                                       "role": "assistant", "content": []})
+                    out += self._open(
+                        {
+                            "type": "message",
+                            "id": _item_id("msg"),
+                            "status": "in_progress",
+                            "role": "assistant",
+                            "content": [],
+                        }
+                    )
                     at += 1
                 self.item["content"][0]["text"] += e.text
-                out.append(self.event("response.output_text.delta", item_id=self.item["id"], output_index=at,
-                                      content_index=0, delta=e.text, logprobs=[]))
+                out.append(
+                    self.event(
+                        "response.output_text.delta",
+                        item_id=self.item["id"],
+                        output_index=at,
+                        content_index=0,
+                        delta=e.text,
+                        logprobs=[],
+                    )
+                )
             elif isinstance(e, ToolStart):
-                out += self._open({"type": "function_call", "id": _item_id("fc"), "call_id": e.id, "name": e.name,
-                                   "arguments": "", "status": "in_progress"})
+                out += self._open(
+                    {
+                        "type": "function_call",
+                        "id": _item_id("fc"),
+                        "call_id": e.id,
+                        "name": e.name,
+                        "arguments": "",
+                        "status": "in_progress",
+                    }
+                )
             elif isinstance(e, ToolArgs):
                 self.item["arguments"] += e.text
-                out.append(self.event("response.function_call_arguments.delta", item_id=self.item["id"],
-                                      output_index=at, delta=e.text))
+                out.append(
+                    self.event(
+                        "response.function_call_arguments.delta",
+                        item_id=self.item["id"],
+                        output_index=at,
+                        delta=e.text,
+                    )
+                )
             elif isinstance(e, ToolEnd):
                 out += self._close()
             elif isinstance(e, Finish):
@@ -387,17 +607,21 @@ class Stream:
 
     def _finish(self, finish: Finish) -> list:
         u, r = finish.usage, self.response
-        r["usage"] = {"input_tokens": u.prompt_tokens,
-                      "input_tokens_details": {"cached_tokens": u.cached_tokens, "cache_write_tokens": 0},
-                      "output_tokens": u.completion_tokens,
-                      "output_tokens_details": {"reasoning_tokens": finish.reasoning_tokens},
-                      "total_tokens": u.prompt_tokens + u.completion_tokens}
+        r["usage"] = {
+            "input_tokens": u.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": u.cached_tokens, "cache_write_tokens": 0},
+            "output_tokens": u.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": finish.reasoning_tokens},
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+        }
         if finish.reason == "length":
             r["status"], r["incomplete_details"] = "incomplete", {"reason": "max_output_tokens"}
         else:
             r["status"] = "completed"
         if self.request.options["store"] and self.meta.served.store is not None:
-            self.meta.served.store.put(self.meta.id, self.snapshot(), self.request.options["history"] + [self._turn()])
+            self.meta.served.store.put(
+                self.meta.id, self.snapshot(), self.request.options["history"] + [self._turn()]
+            )
         return [self.event(f"response.{r['status']}", response=self.snapshot())]
 
     def _turn(self) -> dict:
@@ -410,16 +634,26 @@ class Stream:
                 message["content"] += item["content"][0]["text"]
             else:
                 message.setdefault("tool_calls", []).append(
-                    {"id": item["call_id"], "type": "function",
-                     "function": {"name": item["name"], "arguments": json.loads(item["arguments"])}})
+                    {
+                        "id": item["call_id"],
+                        "type": "function",
+                        "function": {
+                            "name": item["name"],
+                            "arguments": json.loads(item["arguments"]),
+                        },
+                    }
+                )
         return message
 
     def fail(self, e: ApiError) -> list:
         self.response["status"] = "failed"
-        code = "rate_limit_exceeded" if e.status == 429 else "server_error"  # the codes the API defines
+        # the codes the API defines
+        code = "rate_limit_exceeded" if e.status == 429 else "server_error"
         self.response["error"] = {"code": code, "message": e.message}
-        return [self.event("error", code=e.code, message=e.message, param=e.param),
-                self.event("response.failed", response=self.snapshot())]
+        return [
+            self.event("error", code=e.code, message=e.message, param=e.param),
+            self.event("response.failed", response=self.snapshot()),
+        ]
 
     def tail(self) -> list:
         return []

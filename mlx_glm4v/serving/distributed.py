@@ -32,7 +32,6 @@ from mlx.utils import tree_flatten
 
 from ..errors import Glm4vError
 
-
 _watching_sigterm = False
 _wakeup = None
 _last_words = threading.Lock()
@@ -53,7 +52,10 @@ def say_once(line: str):
 def launched():
     """The group of ranks when started by `mlx.launch` (or mpirun), else None: one process."""
     global _watching_sigterm
-    if not any(k in os.environ for k in ("MLX_HOSTFILE", "MLX_RANK", "OMPI_COMM_WORLD_SIZE", "MLX_JACCL_COORDINATOR")):
+    if not any(
+        k in os.environ
+        for k in ("MLX_HOSTFILE", "MLX_RANK", "OMPI_COMM_WORLD_SIZE", "MLX_JACCL_COORDINATOR")
+    ):
         return None
     group = mx.distributed.init()
     if group.size() == 1:
@@ -86,7 +88,8 @@ def _exit_on_sigterm(rank: int):
 
 
 def is_follower() -> bool:
-    """Whether this process is a rank other than 0 of a launched group (it never reads user files)."""
+    """Whether this process is a rank other than 0 of a launched group (it never reads user
+    files)."""
     group = launched()
     return group is not None and group.rank() != 0
 
@@ -109,7 +112,9 @@ class Layout:
         if self.mode == "pipeline":
             what = f"pipeline parallel, layers {self.layers[0]}-{self.layers[1] - 1}"
         else:
-            what = "tensor parallel" + (f", kept whole: {', '.join(self.whole)}" if self.whole else "")
+            what = "tensor parallel" + (
+                f", kept whole: {', '.join(self.whole)}" if self.whole else ""
+            )
         return f"rank {self.rank} of {self.ranks}: {what}; {_size(self.weight_bytes)} of weights"
 
 
@@ -118,16 +123,21 @@ def _size(n: int) -> str:
 
 
 def choose_mode(model, n: int) -> str:
-    """"tensor" when the attention heads split `n` ways and the sub-modules that would stay whole
+    """ "tensor" when the attention heads split `n` ways and the sub-modules that would stay whole
     (widths that do not divide, in whole quantization groups) hold under half of the decoder's
-    weights; else "pipeline". GLM-4.5V's experts (1408 wide) split 2 ways in groups of 64 but not 4."""
+    weights; else "pipeline". GLM-4.5V's experts (1408 wide) split 2 ways in groups of 64 but not
+    4."""
     text = model.language_model
     whole = text.unsplittable(n)
     if any(name.endswith("self_attn") for name in whole):
         return "pipeline"
     modules = dict(text.named_modules())
     whole_bytes = sum(weight_bytes(modules[name]) for name in whole)
-    return "tensor" if 2 * whole_bytes < sum(weight_bytes(layer) for layer in text.layers) else "pipeline"
+    return (
+        "tensor"
+        if 2 * whole_bytes < sum(weight_bytes(layer) for layer in text.layers)
+        else "pipeline"
+    )
 
 
 def parallelize(model, group, mode: str = "auto") -> Layout:
@@ -145,7 +155,9 @@ def parallelize(model, group, mode: str = "auto") -> Layout:
         first = model.language_model.first_layer
         layout.layers = (first, first + len(model.layers))
     else:
-        raise Glm4vError(f"parallel mode {mode!r} (MLX_GLM4V_PARALLEL) is unknown; choose auto, tensor or pipeline.")
+        raise Glm4vError(
+            f"parallel mode {mode!r} (MLX_GLM4V_PARALLEL) is unknown; choose auto, tensor or pipeline."
+        )
     return layout
 
 
@@ -162,7 +174,9 @@ def weight_bytes(module) -> int:
     return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
 
 
-def load(path_or_repo: str, group, dtype=None, revision: Optional[str] = None, mode: Optional[str] = None):
+def load(
+    path_or_repo: str, group, dtype=None, revision: Optional[str] = None, mode: Optional[str] = None
+):
     """(model, processor, layout): this rank's part of a checkpoint, read layer by layer; `mode`
     (default: $MLX_GLM4V_PARALLEL, else "auto") as in `parallelize`.
 
@@ -186,7 +200,8 @@ def barrier(group):
 
 
 def broadcast_bytes(data: Optional[bytes], group) -> bytes:
-    """Rank 0's `data` on every rank (the others pass None): a sum where all but rank 0 add zeros."""
+    """Rank 0's `data` on every rank (the others pass None): a sum where all but rank 0 add
+    zeros."""
     root = group.rank() == 0
     size = mx.array([len(data) if root else 0], dtype=mx.int64)
     size = int(mx.distributed.all_sum(size, group=group, stream=mx.cpu).item())
@@ -206,10 +221,10 @@ def pack(message, blobs: list) -> bytes:
 
 def unpack(payload: bytes) -> tuple:
     n = int.from_bytes(payload[:8], "little")
-    head = json.loads(payload[8:8 + n])
+    head = json.loads(payload[8 : 8 + n])
     blobs, at = [], 8 + n
     for size in head["sizes"]:
-        blobs.append(payload[at:at + size])
+        blobs.append(payload[at : at + size])
         at += size
     return head["message"], blobs
 
@@ -237,8 +252,11 @@ def share_request(group, request: dict, media: dict, seed: Optional[int]):
     if root:
         seed = seed if seed is not None else secrets.randbits(31)
         blobs = [_read(p) for kind in ("images", "videos") for p in media[kind]]
-        message = {"request": request, "seed": seed,
-                   "media": {k: [Path(p).suffix for p in v] for k, v in media.items()}}
+        message = {
+            "request": request,
+            "seed": seed,
+            "media": {k: [Path(p).suffix for p in v] for k, v in media.items()},
+        }
     message, blobs = share(message if root else None, blobs, group)
     if root:
         return request, media, seed
@@ -257,23 +275,40 @@ def share_request(group, request: dict, media: dict, seed: Optional[int]):
 def share_reply(group, prompt: str, reply):
     """The CLI's prompt and `Reply` (options, media, seed) as rank 0 has them, on every rank."""
     request = {"prompt": prompt, "system": reply.system, "settings": reply.settings}
-    request, media, seed = share_request(group, request, {"images": reply.images, "videos": reply.videos}, reply.seed)
-    reply = dataclasses.replace(reply, system=request["system"], settings=request["settings"], seed=seed,
-                                images=media["images"], videos=media["videos"])
+    request, media, seed = share_request(
+        group, request, {"images": reply.images, "videos": reply.videos}, reply.seed
+    )
+    reply = dataclasses.replace(
+        reply,
+        system=request["system"],
+        settings=request["settings"],
+        seed=seed,
+        images=media["images"],
+        videos=media["videos"],
+    )
     return request["prompt"], reply
 
 
 def share_options(group, reply):
-    """The CLI's `Reply` options (system prompt, settings, seed) as rank 0 has them, media left out."""
-    request, _, seed = share_request(group, {"system": reply.system, "settings": reply.settings},
-                                     {"images": [], "videos": []}, reply.seed)
-    return dataclasses.replace(reply, system=request["system"], settings=request["settings"], seed=seed)
+    """The CLI's `Reply` options (system prompt, settings, seed) as rank 0 has them, media left
+    out."""
+    request, _, seed = share_request(
+        group,
+        {"system": reply.system, "settings": reply.settings},
+        {"images": [], "videos": []},
+        reply.seed,
+    )
+    return dataclasses.replace(
+        reply, system=request["system"], settings=request["settings"], seed=seed
+    )
 
 
 def share_turn(group, op: str, text: str = "", images=(), videos=()):
-    """One chat turn from rank 0 ("ask", "reset" or "exit") with its media: (op, text, images, videos)."""
-    request, media, _ = share_request(group, {"op": op, "text": text},
-                                      {"images": list(images), "videos": list(videos)}, 0)
+    """One chat turn from rank 0 ("ask", "reset" or "exit") with its media: (op, text, images,
+    videos)."""
+    request, media, _ = share_request(
+        group, {"op": op, "text": text}, {"images": list(images), "videos": list(videos)}, 0
+    )
     return request["op"], request["text"], media["images"], media["videos"]
 
 
@@ -298,8 +333,10 @@ def watched(group, responses):
     def watch():
         while not done.wait(min(1.0, timeout / 4)):
             if time.monotonic() - last[0] > timeout:
-                say_once(f"error: rank {group.rank()} waited {timeout:g} s for the other ranks "
-                         "(MLX_GLM4V_RANK_TIMEOUT); every rank stops.")
+                say_once(
+                    f"error: rank {group.rank()} waited {timeout:g} s for the other ranks "
+                    "(MLX_GLM4V_RANK_TIMEOUT); every rank stops."
+                )
                 os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()
@@ -327,7 +364,8 @@ def in_step(group, responses, stop_asked=lambda: False):
 
 
 class CtrlC:
-    """While active on rank 0, Ctrl-C only asks the reply to stop at the next token (see `in_step`)."""
+    """While active on rank 0, Ctrl-C only asks the reply to stop at the next token (see
+    `in_step`)."""
 
     def __init__(self):
         self.asked = False
@@ -361,7 +399,9 @@ class SharedSession:
     def ask(self, text: str, images=(), videos=(), progress=None):
         share_turn(self.group, "ask", text, images, videos)
         with CtrlC() as ctrl_c:
-            yield from in_step(self.group, self.session.ask(text, images, videos, progress=progress), ctrl_c)
+            yield from in_step(
+                self.group, self.session.ask(text, images, videos, progress=progress), ctrl_c
+            )
 
 
 def follow_chat(group, model, processor, reply):
@@ -384,7 +424,8 @@ def follow_chat(group, model, processor, reply):
             for _ in in_step(group, session.ask(text, images, videos)):
                 pass
         except (KeyboardInterrupt, Glm4vError):
-            # rank 0 stopped the reply or met the same problem; it forgets a question left unanswered
+            # rank 0 stopped the reply or met the same problem; it forgets a question left
+            # unanswered
             if session.messages and session.messages[-1]["role"] == "user":
                 session.messages.pop()
 
@@ -397,7 +438,8 @@ def follow(group, responses):
 
 
 def finish(group):
-    """Wait for the steps still queued and for every rank, so none leaves a collective unanswered."""
+    """Wait for the steps still queued and for every rank, so none leaves a collective
+    unanswered."""
     from ..generation.generate import generation_stream
 
     mx.synchronize(generation_stream)
@@ -407,11 +449,17 @@ def finish(group):
 def lost_rank(error: Exception) -> Optional[Glm4vError]:
     """The one-line error for a collective that failed because another rank stopped, else None."""
     text = str(error)
-    if isinstance(error, RuntimeError) and any(s in text for s in ("[ring]", "[jaccl]", "[mpi]", "peer")):
+    if isinstance(error, RuntimeError) and any(
+        s in text for s in ("[ring]", "[jaccl]", "[mpi]", "peer")
+    ):
         # not launched(): when joining the group is what failed, trying again would fail again
         rank = os.environ.get("MLX_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or "0"
         if "connect" in text.lower() and "lost" not in text:
-            return Glm4vError(f"rank {rank} could not reach the other ranks ({text.strip()}); check the hostfile's "
-                              "addresses and that every Mac runs the command; every rank stops.")
-        return Glm4vError(f"rank {rank} lost contact with another rank ({text.strip()}); every rank stops.")
+            return Glm4vError(
+                f"rank {rank} could not reach the other ranks ({text.strip()}); check the hostfile's "
+                "addresses and that every Mac runs the command; every rank stops."
+            )
+        return Glm4vError(
+            f"rank {rank} lost contact with another rank ({text.strip()}); every rank stops."
+        )
     return None

@@ -44,17 +44,25 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..generation.constrain import step_masks
 from ..errors import Glm4vError
-from ..generation.generate import (GenerationSettings, StopStrings, StreamingText, build_messages, clear_cache_after,
-                       generation_stream, kv_group_size_for, maybe_quantize_kv_cache, wired_limit)
+from ..generation.constrain import step_masks
+from ..generation.generate import (
+    GenerationSettings,
+    StopStrings,
+    StreamingText,
+    build_messages,
+    clear_cache_after,
+    generation_stream,
+    kv_group_size_for,
+    maybe_quantize_kv_cache,
+    wired_limit,
+)
+from ..inputs.processor import Processor
 from ..models.media import FeatureMemo, media_items
 from ..models.model import TEXT_PIECE_WORK, VISION_PIECE_PATCHES, VISION_PIECE_WORK, Model
 from .prefix import PrefixCache, media_marks
-from ..inputs.processor import Processor
 from .rows import RowSampler, RowState, decode_logits
 from .stats import EngineStats, PieceCosts
-
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +80,8 @@ class Request:
     inputs: dict  # processor outputs for one prompt: input_ids [1, L], pixels and grids
     settings: GenerationSettings
     seed: Optional[int] = None
-    top_logprobs: Optional[int] = None  # None: no log-probabilities; k: the chosen token's and k alternatives
+    # None: no log-probabilities; k: the chosen token's and k alternatives
+    top_logprobs: Optional[int] = None
 
 
 @dataclass
@@ -90,7 +99,8 @@ class Event:
     token: Optional[int] = None
     logprob: Optional[float] = None
     top_logprobs: Optional[list] = None  # [(token id, log-probability)], most likely first
-    finish_reason: Optional[str] = None  # "stop", "length", "cancelled" or "error" on the last event
+    # "stop", "length", "cancelled" or "error" on the last event
+    finish_reason: Optional[str] = None
     usage: Optional[Usage] = None  # on the last event
     error: Optional[str] = None  # the user-facing sentence when finish_reason is "error"
 
@@ -133,7 +143,9 @@ class Handle:
 
     async def __aiter__(self):
         if self._async_events is None:
-            raise RuntimeError("this request was submitted outside an event loop; iterate it synchronously")
+            raise RuntimeError(
+                "this request was submitted outside an event loop; iterate it synchronously"
+            )
         while True:
             event = await self._async_events.get()
             yield event
@@ -165,29 +177,42 @@ class _Row:
         self.ids = np.asarray(request.inputs["input_ids"]).reshape(-1)
         self.usage = Usage(len(self.ids), 0, queued=self.started - handle.submitted)
         self.inputs = {k: v for k, v in request.inputs.items() if k != "mm_token_type_ids"}
-        self.media = media_items(*(self.inputs.get(k) for k in
-                                   ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")))
+        self.media = media_items(
+            *(
+                self.inputs.get(k)
+                for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+            )
+        )
         self.to_encode = list(self.media)  # media not yet through the vision tower (or in the memo)
         self.pieces = None  # the vision pieces of to_encode[0] still to run (model.VisionPiece)
         self.parts = []  # its features so far, one array per finished run of frames
         self.tower = None  # activations of the frames part-way through the tower
-        self.decoder = None  # a prompt chunk part-way through the decoder layers (model.DecoderPass)
-        self.features = {}  # digest -> features of the media this row encoded, until its prompt is embedded
+        # a prompt chunk part-way through the decoder layers (model.DecoderPass)
+        self.decoder = None
+        # digest -> features of the media this row encoded, until its prompt is embedded
+        self.features = {}
         self.last_token = None  # when the latest token was handed out
         self.cache = settings.new_cache(engine.model, engine.processor, self.ids[None])
         self.prompt = None  # the embedded prompt while its chunks run
         self.done = 0  # prompt columns in the cache
         self.chunk = min(settings.prefill_step_size, engine.prefill_chunk)
         options = settings.step_options(engine.processor, engine.model)
-        self.grammar = options["grammar"] and options["grammar"].start(self.ids)  # constrain.RowGrammar or None
-        self.kv_group_size = kv_group_size_for(engine.model, settings.kv_group_size) if settings.kv_bits else 0
-        sampler = RowSampler(settings.temp, settings.top_p, settings.min_p, settings.top_k, request.seed)
+        # constrain.RowGrammar or None
+        self.grammar = options["grammar"] and options["grammar"].start(self.ids)
+        self.kv_group_size = (
+            kv_group_size_for(engine.model, settings.kv_group_size) if settings.kv_bits else 0
+        )
+        sampler = RowSampler(
+            settings.temp, settings.top_p, settings.min_p, settings.top_k, request.seed
+        )
         self.state = RowState(self.cache, sampler, options["logits_processors"] or [], self.ids)
         self.stop_ids = settings.stop_ids(engine.model)
         self.stops = StopStrings(settings.stop)
         self.text = StreamingText(engine.processor.tokenizer.backend)
-        self.token = None  # the token the next decode step runs (an int, or the last step's lazy result)
-        self.pending = None  # (token, log-probabilities) sampled by a step still running, not yet handed out
+        # the token the next decode step runs (an int, or the last step's lazy result)
+        self.token = None
+        # (token, log-probabilities) sampled by a step still running, not yet handed out
+        self.pending = None
         self.sampled = 0  # tokens sampled, handed out or pending
         self.cost = len(self.ids) + settings.max_tokens
 
@@ -215,15 +240,20 @@ def _memory_bytes() -> int:
 
 
 def kv_bytes_per_token(model: Model) -> int:
-    """KV cache bytes one token takes in the whole model (every layer and head, whichever rank holds them)."""
+    """KV cache bytes one token takes in the whole model (every layer and head, whichever rank
+    holds them)."""
     text = model.config.text_config
-    itemsize = model.language_model.norm.weight.dtype.size  # the activations' (and so the KV cache's) dtype
+    # the activations' (and so the KV cache's) dtype
+    itemsize = model.language_model.norm.weight.dtype.size
     return 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * itemsize
 
 
 def default_limits(model: Model) -> tuple:
-    """(token budget, max concurrency) from the memory the weights leave: half of it for KV caches."""
-    per_token = kv_bytes_per_token(model) * len(model.layers) // model.config.text_config.num_hidden_layers
+    """(token budget, max concurrency) from the memory the weights leave: half of it for KV
+    caches."""
+    per_token = (
+        kv_bytes_per_token(model) * len(model.layers) // model.config.text_config.num_hidden_layers
+    )
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     budget = max(8192, (_memory_bytes() - weights) // 2 // per_token)
     return int(budget), int(min(32, max(1, budget // 4096)))
@@ -246,18 +276,34 @@ class Engine:
     follow it (`follow`); `lockstep.serving_engine` builds both.
     """
 
-    def __init__(self, model: Model, processor: Processor, *, max_queue: int = 64,
-                 max_concurrency: Optional[int] = None, token_budget: Optional[int] = None,
-                 prefill_chunk: int = 512, prefix_cache_bytes: int = 1 << 30, feature_cache_items: int = 64,
-                 feature_cache_bytes: Optional[int] = None, max_stall_ms: float = 250, costs=None,
-                 vision_piece: Optional[Sequence[int]] = None, clock=time.perf_counter, group=None, link=None):
+    def __init__(
+        self,
+        model: Model,
+        processor: Processor,
+        *,
+        max_queue: int = 64,
+        max_concurrency: Optional[int] = None,
+        token_budget: Optional[int] = None,
+        prefill_chunk: int = 512,
+        prefix_cache_bytes: int = 1 << 30,
+        feature_cache_items: int = 64,
+        feature_cache_bytes: Optional[int] = None,
+        max_stall_ms: float = 250,
+        costs=None,
+        vision_piece: Optional[Sequence[int]] = None,
+        clock=time.perf_counter,
+        group=None,
+        link=None,
+    ):
         self.model, self.processor, self.group = model, processor, group
         budget, concurrency = default_limits(model)
         self.max_concurrency = max_concurrency or concurrency
         self.token_budget = token_budget or budget
         if self.max_concurrency < 1 or self.token_budget < 1 or prefill_chunk < 1 or max_queue < 0:
-            raise Glm4vError("max-concurrency, the token budget and the prefill chunk must be positive, "
-                             "the queue length not negative.")
+            raise Glm4vError(
+                "max-concurrency, the token budget and the prefill chunk must be positive, "
+                "the queue length not negative."
+            )
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
         if max_stall_ms <= 0:
@@ -265,10 +311,13 @@ class Engine:
         self.max_stall = max_stall_ms / 1000
         self.costs = costs or PieceCosts()
         self.clock = clock  # what measures a turn's prefill (a test may give its own)
-        self.vision_piece = tuple(vision_piece or (VISION_PIECE_PATCHES, VISION_PIECE_WORK))  # (patches, work)
+        # (patches, work)
+        self.vision_piece = tuple(vision_piece or (VISION_PIECE_PATCHES, VISION_PIECE_WORK))
         self.vision_memo = FeatureMemo(feature_cache_items, feature_cache_bytes)
         # measured for the whole model, so that every rank keeps and drops the same prefixes
-        self.prefixes = PrefixCache(prefix_cache_bytes, kv_bytes_per_token(model) if group is not None else None)
+        self.prefixes = PrefixCache(
+            prefix_cache_bytes, kv_bytes_per_token(model) if group is not None else None
+        )
         self.stats = EngineStats()
         self._waiting: deque = deque()
         self._rows: list = []
@@ -276,7 +325,8 @@ class Engine:
         self._seconds_per_request = 1.0  # running mean, for Retry-After
         self._wake = threading.Condition()
         self._numbers = itertools.count()
-        self.link = link  # how rank 0's engine tells the others each turn (lockstep.Link); None on one rank
+        # how rank 0's engine tells the others each turn (lockstep.Link); None on one rank
+        self.link = link
         self._thread = None
         if group is None or group.rank() == 0:
             self._thread = threading.Thread(target=self._run, name="mlx-glm4v-engine", daemon=True)
@@ -305,14 +355,17 @@ class Engine:
             if len(self._waiting) >= self.max_queue:
                 self.stats.rejected += 1
                 retry = self._seconds_per_request * (len(self._waiting) + 1) / self.max_concurrency
-                raise QueueFull(f"the server is busy: {self.max_queue} requests are already waiting.",
-                                retry_after=int(min(60, max(1, math.ceil(retry)))))
+                raise QueueFull(
+                    f"the server is busy: {self.max_queue} requests are already waiting.",
+                    retry_after=int(min(60, max(1, math.ceil(retry)))),
+                )
             self._waiting.append(handle)
             self._wake.notify()
         return handle
 
     def close(self, cancel: bool = False):
-        """Serve what was submitted (or, with `cancel`, end it now as cancelled), then stop the thread."""
+        """Serve what was submitted (or, with `cancel`, end it now as cancelled), then stop the
+        thread."""
         with self._wake:
             self._closing = True
             if cancel:
@@ -334,7 +387,11 @@ class Engine:
                         if self._closing and not self._waiting and not self._rows:
                             break
                         admitted = self._admit()
-                    cancelled = {h.number for h in admitted + [r.handle for r in self._rows] if h.cancelled.is_set()}
+                    cancelled = {
+                        h.number
+                        for h in admitted + [r.handle for r in self._rows]
+                        if h.cancelled.is_set()
+                    }
                     with self._watched(bool(admitted or self._rows)):
                         if self.link is not None:
                             self.link.tell(admitted, cancelled)
@@ -347,10 +404,12 @@ class Engine:
             self.link.fail(e)  # ranks may no longer agree: all stop
         finally:
             mx.synchronize()
-            mx.clear_streams()  # this thread's streams go with it, not at interpreter exit (which aborts)
+            # this thread's streams go with it, not at interpreter exit (which aborts)
+            mx.clear_streams()
 
     def follow(self):
-        """A rank other than 0: run each turn rank 0's engine sends (lockstep.py), until it stops."""
+        """A rank other than 0: run each turn rank 0's engine sends (lockstep.py), until it
+        stops."""
         from .distributed import finish
 
         with mx.stream(generation_stream), wired_limit(self.model):
@@ -363,7 +422,8 @@ class Engine:
         return self.link.watched(busy) if self.link is not None else contextlib.nullcontext()
 
     def _turn(self, admitted: list, cancelled: set):
-        """Start the admitted requests, end the cancelled ones (by number), then one step of work."""
+        """Start the admitted requests, end the cancelled ones (by number), then one step of
+        work."""
         for handle in admitted:
             self._guard([handle], self._start, handle)
         for row in [r for r in self._rows if r.handle.number in cancelled]:
@@ -372,8 +432,10 @@ class Engine:
         self._step()
 
     def _admit(self) -> list:
-        """Handles to start now: first come first served, within concurrency and the token budget."""
-        for handle in [h for h in self._waiting if h.cancelled.is_set()]:  # a place in the queue freed at once
+        """Handles to start now: first come first served, within concurrency and the token
+        budget."""
+        # a place in the queue freed at once
+        for handle in [h for h in self._waiting if h.cancelled.is_set()]:
             self._waiting.remove(handle)
             out_usage = Usage(len(np.asarray(handle.request.inputs["input_ids"]).reshape(-1)), 0)
             self.stats.cancelled += 1
@@ -381,7 +443,10 @@ class Engine:
         out, used = [], sum(r.cost for r in self._rows)
         while self._waiting and len(self._rows) + len(out) < self.max_concurrency:
             handle = self._waiting[0]
-            cost = len(np.asarray(handle.request.inputs["input_ids"]).reshape(-1)) + handle.request.settings.max_tokens
+            cost = (
+                len(np.asarray(handle.request.inputs["input_ids"]).reshape(-1))
+                + handle.request.settings.max_tokens
+            )
             if (self._rows or out) and used + cost > self.token_budget:
                 break
             self._waiting.popleft()
@@ -390,7 +455,8 @@ class Engine:
         return out
 
     def _guard(self, handles, fn, *args):
-        """fn's result; on failure None, and the given requests end with an error event (the engine keeps serving)."""
+        """fn's result; on failure None, and the given requests end with an error event (the
+        engine keeps serving)."""
         try:
             return fn(*args)
         except Exception as e:
@@ -403,7 +469,11 @@ class Engine:
                 message = f"generation failed ({type(e).__name__})."
             for h in handles:
                 row = next((r for r in self._rows if r.handle is h), None)
-                usage = row.usage if row else Usage(len(np.asarray(h.request.inputs["input_ids"]).reshape(-1)), 0)
+                usage = (
+                    row.usage
+                    if row
+                    else Usage(len(np.asarray(h.request.inputs["input_ids"]).reshape(-1)), 0)
+                )
                 self._end(h, row, Event("", finish_reason="error", usage=usage, error=message))
                 self.stats.errors += 1
 
@@ -430,7 +500,9 @@ class Engine:
             if kind is None:  # the row failed and ended
                 continue
             # another piece if it ends nearer the budget than stopping now: turns average the budget
-            if ran and not self._another(self.clock() - began + self.costs.estimate(kind, size) / 2 <= self.max_stall):
+            if ran and not self._another(
+                self.clock() - began + self.costs.estimate(kind, size) / 2 <= self.max_stall
+            ):
                 break
             in_tower, start = bool(row.pieces), self.clock()
             self._guard([row.handle], self._prefill, row)
@@ -443,7 +515,9 @@ class Engine:
             self.stats.turns.append((ran, self.clock() - began))
             self.stats.vision_turn.observe(vision)
             self.stats.vision_seconds += vision
-            log.debug("prefill turn: %d pieces, %.3f s (vision %.3f s)", ran, self.clock() - began, vision)
+            log.debug(
+                "prefill turn: %d pieces, %.3f s (vision %.3f s)", ran, self.clock() - began, vision
+            )
         decoding = [r for r in self._rows if not r.prefilling]
         if decoding:
             self._guard([r.handle for r in decoding], self._decode, decoding)
@@ -475,9 +549,12 @@ class Engine:
         return "text", tokens * (min(self._layers, first + self._layer_step(tokens)) - first)
 
     def _next_heads(self, row: _Row, end: int) -> Optional[tuple]:
-        """The attention heads the row's next piece runs (model.head_groups), or None: whole layers."""
+        """The attention heads the row's next piece runs (model.head_groups), or None: whole
+        layers."""
         p = row.decoder
-        groups = self.model.head_groups(p.layer if p else 0, end - row.done, end, end == len(row.ids))
+        groups = self.model.head_groups(
+            p.layer if p else 0, end - row.done, end, end == len(row.ids)
+        )
         if groups is None:
             return None
         return groups[p.heads_run if p is not None else 0]
@@ -487,8 +564,9 @@ class Engine:
         return len(self.model.layers)
 
     def _layer_step(self, tokens: int) -> int:
-        """Decoder layers a piece of a prompt chunk runs: all of them for a short chunk, fewer for a
-        long one (cut from the chunk's size alone, the same on every rank); all under a pipeline split."""
+        """Decoder layers a piece of a prompt chunk runs: all of them for a short chunk, fewer
+        for a long one (cut from the chunk's size alone, the same on every rank); all under a
+        pipeline split."""
         if self.model.language_model.pipeline_group is not None:
             return self._layers
         return max(1, TEXT_PIECE_WORK // max(1, tokens))
@@ -500,7 +578,8 @@ class Engine:
             if features is not None:
                 row.parts.append(features)
             self.stats.vision_pieces += 1
-            if not row.pieces:  # the item is done: its features for every row, as a whole pass gives them
+            # the item is done: its features for every row, as a whole pass gives them
+            if not row.pieces:
                 item = row.to_encode.pop(0)
                 features = mx.concatenate(row.parts) if len(row.parts) > 1 else row.parts[0]
                 self.vision_memo.put(item.digest, features)
@@ -514,11 +593,16 @@ class Engine:
         end = _chunk_end(row)
         last_only, step = end == prompt.length, self._layer_step(end - row.done)
         heads = self._next_heads(row, end)
-        if row.decoder is None and heads is None and step >= self._layers:  # a short chunk: all of it at once
+        # a short chunk: all of it at once
+        if row.decoder is None and heads is None and step >= self._layers:
             hidden = self.model.forward(prompt, cache, row.done, end, last_only=last_only)
-        else:  # a long one: a few decoder layers (or attention heads) a piece, its state kept between turns
+        # a long one: a few decoder layers (or attention heads) a piece, its state kept between
+        # turns
+        else:
             if row.decoder is None:
-                row.decoder = self.model.begin_pass(prompt, cache, row.done, end, last_only=last_only)
+                row.decoder = self.model.begin_pass(
+                    prompt, cache, row.done, end, last_only=last_only
+                )
             if heads is not None:
                 self.model.run_heads(row.decoder, cache, *heads)
             else:
@@ -540,18 +624,22 @@ class Engine:
 
     def _embed(self, row: _Row):
         """The row's prompt embedded (media from the memo) and recorded; a kept prefix restored."""
-        for key, features in row.features.items():  # back in the memo if another row's media pushed them out
+        # back in the memo if another row's media pushed them out
+        for key, features in row.features.items():
             if key not in self.vision_memo:
                 self.vision_memo.put(key, features)
         row.features = {}
-        prompt = self.model.prepare(**row.inputs, cache=row.cache, vision_memo=self.vision_memo, media=row.media)
+        prompt = self.model.prepare(
+            **row.inputs, cache=row.cache, vision_memo=self.vision_memo, media=row.media
+        )
         row.cache.record(prompt)
         if prompt.positions is not None:
             mx.eval(prompt.embeds)
         row.marks = media_marks(self.model.config, row.ids, row.media)
         if self.prefixes.max_bytes > 0 and not row.cache.rotating and row.settings.kv_bits is None:
             entry, n = self.prefixes.lookup(row.ids, row.marks)
-            n = min(n, prompt.length - 1)  # the last prompt token always runs: its logits give the first token
+            # the last prompt token always runs: its logits give the first token
+            n = min(n, prompt.length - 1)
             if n > 0:
                 self.prefixes.restore(entry, n, row.cache)
                 row.done = row.usage.cached_tokens = n
@@ -571,14 +659,19 @@ class Engine:
         ready = [r for r in rows if r.pending is not None]
         step = [r for r in rows if r.sampled < r.settings.max_tokens]
         if step:
-            tokens = mx.concatenate([t.reshape(1) if isinstance(t, mx.array) else mx.array([t]) for t in
-                                     (r.token for r in step)])
+            tokens = mx.concatenate(
+                [
+                    t.reshape(1) if isinstance(t, mx.array) else mx.array([t])
+                    for t in (r.token for r in step)
+                ]
+            )
             logits = decode_logits(self.model, [r.cache for r in step], tokens)
-            masks = step_masks([r.grammar for r in step], tokens, logits)  # {} when no row is constrained
+            # {} when no row is constrained
+            masks = step_masks([r.grammar for r in step], tokens, logits)
             out = []
             for b, row in enumerate(step):
-                row.state.ran(tokens[b: b + 1])
-                out.append(self._sample(row, logits[b: b + 1], masks.get(b)))
+                row.state.ran(tokens[b : b + 1])
+                out.append(self._sample(row, logits[b : b + 1], masks.get(b)))
             mx.async_eval(out)
             self.stats.decode_steps += 1
             self.stats.decode_rows += len(step)
@@ -593,7 +686,8 @@ class Engine:
                 row.sampled += 1
 
     def _emit(self, row: _Row, token: int, logprobs: mx.array):
-        """Hand out a sampled token as text (whole characters, stop strings held back), or end the row."""
+        """Hand out a sampled token as text (whole characters, stop strings held back), or end
+        the row."""
         usage = row.usage
         usage.completion_tokens += 1
         self.stats.generated_tokens += 1
@@ -608,15 +702,24 @@ class Engine:
         logprob, alternatives = top_logprobs(logprobs, token, row.handle.request.top_logprobs)
         if token in row.stop_ids:
             piece, _ = row.stops.feed(row.text.finish())
-            return self._end(row.handle, row, Event(piece + row.stops.flush(), token, logprob, alternatives, "stop",
-                                                    usage))
+            return self._end(
+                row.handle,
+                row,
+                Event(piece + row.stops.flush(), token, logprob, alternatives, "stop", usage),
+            )
         piece, stopped = row.stops.feed(row.text.add(token))
         if stopped:
-            return self._end(row.handle, row, Event(piece, token, logprob, alternatives, "stop", usage))
+            return self._end(
+                row.handle, row, Event(piece, token, logprob, alternatives, "stop", usage)
+            )
         row.handle.put(Event(piece, token, logprob, alternatives))
         if usage.completion_tokens >= row.settings.max_tokens:
             piece, _ = row.stops.feed(row.text.finish())
-            return self._end(row.handle, row, Event(piece + row.stops.flush(), finish_reason="length", usage=usage))
+            return self._end(
+                row.handle,
+                row,
+                Event(piece + row.stops.flush(), finish_reason="length", usage=usage),
+            )
         row.token = token
 
     def _end(self, handle: Handle, row: Optional[_Row], event: Event):
@@ -627,9 +730,18 @@ class Engine:
             self._seconds_per_request += 0.2 * (seconds - self._seconds_per_request)
 
 
-def batch_generate(model: Model, processor: Processor, prompts: Sequence, images: Optional[Sequence] = None,
-                   videos: Optional[Sequence] = None, *, system: Optional[str] = None, seed: Optional[int] = None,
-                   max_concurrency: Optional[int] = None, **settings) -> list:
+def batch_generate(
+    model: Model,
+    processor: Processor,
+    prompts: Sequence,
+    images: Optional[Sequence] = None,
+    videos: Optional[Sequence] = None,
+    *,
+    system: Optional[str] = None,
+    seed: Optional[int] = None,
+    max_concurrency: Optional[int] = None,
+    **settings,
+) -> list:
     """Replies to many prompts at once (texts or chat messages), as one continuous batch.
 
     `images[i]` and `videos[i]` are the media of prompt i; `settings` are those of
@@ -639,11 +751,17 @@ def batch_generate(model: Model, processor: Processor, prompts: Sequence, images
     prompts = list(prompts)
     for name, media in (("images", images), ("videos", videos)):
         if media is not None and len(media) != len(prompts):
-            raise Glm4vError(f"{name} has {len(media)} entries for {len(prompts)} prompts; give one list per prompt.")
+            raise Glm4vError(
+                f"{name} has {len(media)} entries for {len(prompts)} prompts; give one list per prompt."
+            )
     requests = []
     for i, prompt in enumerate(prompts):
-        messages = build_messages(prompt, images[i] if images else (), videos[i] if videos else (), system)
-        text = processor.apply_chat_template(messages, add_generation_prompt=True, **settings.template_kwargs)
+        messages = build_messages(
+            prompt, images[i] if images else (), videos[i] if videos else (), system
+        )
+        text = processor.apply_chat_template(
+            messages, add_generation_prompt=True, **settings.template_kwargs
+        )
         media_images, media_videos = processor.media_from_messages(messages)
         inputs = processor(text, images=media_images, videos=media_videos, **settings.media_kwargs)
         requests.append(Request(inputs, settings, seed))

@@ -24,9 +24,18 @@ from typing import Optional
 
 import numpy as np
 
-from .distributed import broadcast_bytes, finish, lost_rank, pack, rank_timeout, say_once, share, unpack
-from .engine import Engine, Request
 from ..generation.generate import GenerationSettings
+from .distributed import (
+    broadcast_bytes,
+    finish,
+    lost_rank,
+    pack,
+    rank_timeout,
+    say_once,
+    share,
+    unpack,
+)
+from .engine import Engine, Request
 
 
 class Mirror:
@@ -41,19 +50,26 @@ class Mirror:
 
 
 def _request_message(handle) -> tuple:
-    """(JSON part, array bytes) of a submitted request; a missing seed is drawn here, once for all ranks."""
+    """(JSON part, array bytes) of a submitted request; a missing seed is drawn here, once for
+    all ranks."""
     request = handle.request
     if request.seed is None:
         request.seed = secrets.randbits(31)
     arrays = {k: np.ascontiguousarray(v) for k, v in request.inputs.items() if v is not None}
-    message = {"number": handle.number, "settings": dataclasses.asdict(request.settings), "seed": request.seed,
-               "arrays": [[k, str(a.dtype), list(a.shape)] for k, a in arrays.items()]}
+    message = {
+        "number": handle.number,
+        "settings": dataclasses.asdict(request.settings),
+        "seed": request.seed,
+        "arrays": [[k, str(a.dtype), list(a.shape)] for k, a in arrays.items()],
+    }
     return message, [a.tobytes() for a in arrays.values()]
 
 
 def _request(message: dict, blobs: list):
-    inputs = {name: np.frombuffer(blob, dtype=dtype).reshape(shape)
-              for (name, dtype, shape), blob in zip(message["arrays"], blobs)}
+    inputs = {
+        name: np.frombuffer(blob, dtype=dtype).reshape(shape)
+        for (name, dtype, shape), blob in zip(message["arrays"], blobs)
+    }
     # no log-probabilities: nobody reads a mirror's events, and they decide nothing
     request = Request(inputs, GenerationSettings(**message["settings"]), message["seed"])
     return Mirror(request, message["number"])
@@ -74,8 +90,10 @@ class Link:
             time.sleep(min(1.0, self.timeout / 4))
             since = self.busy_since
             if since is not None and time.monotonic() - since > self.timeout:
-                say_once(f"error: rank {self.group.rank()} waited {self.timeout:g} s for the other ranks "
-                         "(MLX_GLM4V_RANK_TIMEOUT); every rank stops.")
+                say_once(
+                    f"error: rank {self.group.rank()} waited {self.timeout:g} s for the other ranks "
+                    "(MLX_GLM4V_RANK_TIMEOUT); every rank stops."
+                )
                 os._exit(1)
 
     @contextlib.contextmanager
@@ -103,12 +121,14 @@ class Link:
         broadcast_bytes(payload, self.group)
 
     def another(self, fits: Optional[bool]) -> bool:
-        """Whether one more prefill piece runs this turn: rank 0 says (`fits`), the others pass None.
-        Rank 0 measures the turn on its own clock; sending its answer keeps every rank cutting alike."""
+        """Whether one more prefill piece runs this turn: rank 0 says (`fits`), the others pass
+        None. Rank 0 measures the turn on its own clock; sending its answer keeps every rank
+        cutting alike."""
         return broadcast_bytes(b"1" if fits else b"", self.group) == b"1"
 
     def hear(self, busy: bool):
-        """The others: (admitted, cancelled numbers) of rank 0's next turn, or None when it stops."""
+        """The others: (admitted, cancelled numbers) of rank 0's next turn, or None when it
+        stops."""
         with self.watched(busy):
             payload = broadcast_bytes(None, self.group)
         if not payload:
@@ -119,15 +139,18 @@ class Link:
         admitted, at = [], 0
         for m in message["admit"]:
             n = len(m["arrays"])
-            admitted.append(_request(m, blobs[at:at + n]))
+            admitted.append(_request(m, blobs[at : at + n]))
             at += n
         return admitted, set(message["cancel"])
 
     def fail(self, error: Exception):
         """Rank 0's engine failed mid-turn: the ranks may have parted ways, so every rank stops."""
         lost = lost_rank(error)
-        say_once(f"error: {lost}" if lost else
-                 f"error: the engine failed ({type(error).__name__}: {error}); every rank stops.")
+        say_once(
+            f"error: {lost}"
+            if lost
+            else f"error: the engine failed ({type(error).__name__}: {error}); every rank stops."
+        )
         os._exit(1)
 
     def close(self):

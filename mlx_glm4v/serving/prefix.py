@@ -31,8 +31,8 @@ class PrefixEntry:
 
 
 def media_marks(config, ids: np.ndarray, items: list):
-    """(start, end, digest) of each image and video in `ids`; `items` are the prompt's media (images,
-    then videos). None for a prompt without media."""
+    """(start, end, digest) of each image and video in `ids`; `items` are the prompt's media
+    (images, then videos). None for a prompt without media."""
     if not items:
         return None
     return [(start, end, item.digest) for _, start, end, item in placed_media(config, ids, items)]
@@ -53,7 +53,8 @@ def shared_length(entry: PrefixEntry, ids: np.ndarray, media: list) -> int:
 
 class PrefixCache:
     """Kept prompts up to `max_bytes`, an entry's size measured by its arrays or, given
-    `bytes_per_token`, by its length (the same on every rank, whatever part of the model each holds)."""
+    `bytes_per_token`, by its length (the same on every rank, whatever part of the model each
+    holds)."""
 
     def __init__(self, max_bytes: int, bytes_per_token: Optional[int] = None):
         self.max_bytes = max_bytes
@@ -74,7 +75,8 @@ class PrefixCache:
         return best, best_n
 
     def store(self, ids: np.ndarray, media: list, cache):
-        """Keep the prompt held by `cache` (plain KV caches only), unless an entry holds it already."""
+        """Keep the prompt held by `cache` (plain KV caches only), unless an entry holds it
+        already."""
         if self.max_bytes <= 0 or not all(type(c) is KVCache for c in cache):
             return
         entry, n = self.lookup(ids, media)
@@ -84,7 +86,11 @@ class PrefixCache:
         keys = [mx.contiguous(c.keys[..., :length, :]) for c in cache]
         values = [mx.contiguous(c.values[..., :length, :]) for c in cache]
         mx.eval(keys, values)
-        nbytes = self.bytes_per_token * length if self.bytes_per_token else sum(a.nbytes for a in keys + values)
+        nbytes = (
+            self.bytes_per_token * length
+            if self.bytes_per_token
+            else sum(a.nbytes for a in keys + values)
+        )
         if nbytes > self.max_bytes:
             return
         self.entries[self._next] = PrefixEntry(np.array(ids), media, keys, values, nbytes)

@@ -32,8 +32,12 @@ class LayerRows:
     def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
         outs = []
         for b, cache in enumerate(self.caches):
-            keys, values = cache.update_and_fetch(k[b: b + 1], v[b: b + 1])
-            outs.append(scaled_dot_product_attention(q[b: b + 1], keys, values, cache=cache, scale=scale, mask=None))
+            keys, values = cache.update_and_fetch(k[b : b + 1], v[b : b + 1])
+            outs.append(
+                scaled_dot_product_attention(
+                    q[b : b + 1], keys, values, cache=cache, scale=scale, mask=None
+                )
+            )
         return outs[0] if len(outs) == 1 else mx.concatenate(outs)
 
 
@@ -54,7 +58,14 @@ def decode_logits(model, caches: list, tokens) -> mx.array:
 class RowSampler:
     """mlx-lm's sampling chain with a PRNG key of the row's own (seeded like `mx.random.seed`)."""
 
-    def __init__(self, temp: float, top_p: float = 1.0, min_p: float = 0.0, top_k: int = 0, seed: Optional[int] = None):
+    def __init__(
+        self,
+        temp: float,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        top_k: int = 0,
+        seed: Optional[int] = None,
+    ):
         self.temp = temp
         self.filters = []
         if 0 < top_p < 1:
@@ -77,7 +88,8 @@ class RowSampler:
 
 
 class RowState:
-    """What a decoding row needs between steps: its cache, sampler, logits processors and history."""
+    """What a decoding row needs between steps: its cache, sampler, logits processors and
+    history."""
 
     def __init__(self, cache: PromptCache, sampler: RowSampler, processors: list, prompt_ids):
         self.cache = cache
@@ -96,6 +108,7 @@ class RowState:
         return self.sampler(logprobs), logprobs.squeeze(0)
 
     def ran(self, token: mx.array):
-        """Note a token fed back as input (processors see the history as single-stream decoding does)."""
+        """Note a token fed back as input (processors see the history as single-stream decoding
+        does)."""
         if self.processors:
             self.history = mx.concatenate([self.history, token.reshape(-1)])

@@ -22,19 +22,26 @@ class EngineStats:
     vision_pieces: int = 0
     vision_items: int = 0  # images and videos the engine put through the vision tower
     vision_seconds: float = 0.0
-    pieces: dict = field(default_factory=dict)  # prefill pieces run, by kind: text, vision, attention
-    time_to_first_token: deque = field(default_factory=lambda: deque(maxlen=1024))  # seconds, the latest
-    ttft: "Histogram" = field(default_factory=lambda: Histogram(LATENCY_BOUNDS))  # seconds from arrival
-    inter_token: "Histogram" = field(default_factory=lambda: Histogram(LATENCY_BOUNDS))  # seconds between tokens
-    vision_turn: "Histogram" = field(default_factory=lambda: Histogram(LATENCY_BOUNDS))  # vision seconds a turn
-    turns: deque = field(default_factory=lambda: deque(maxlen=4096))  # (prefill pieces, prefill seconds) a turn
+    # prefill pieces run, by kind: text, vision, attention
+    pieces: dict = field(default_factory=dict)
+    # seconds, the latest
+    time_to_first_token: deque = field(default_factory=lambda: deque(maxlen=1024))
+    # seconds from arrival
+    ttft: "Histogram" = field(default_factory=lambda: Histogram(LATENCY_BOUNDS))
+    # seconds between tokens
+    inter_token: "Histogram" = field(default_factory=lambda: Histogram(LATENCY_BOUNDS))
+    # vision seconds a turn
+    vision_turn: "Histogram" = field(default_factory=lambda: Histogram(LATENCY_BOUNDS))
+    # (prefill pieces, prefill seconds) a turn
+    turns: deque = field(default_factory=lambda: deque(maxlen=4096))
 
 
 LATENCY_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class Histogram:
-    """Counts of observations at or below each bound (Prometheus' cumulative buckets come from them)."""
+    """Counts of observations at or below each bound (Prometheus' cumulative buckets come from
+    them)."""
 
     def __init__(self, bounds):
         self.bounds, self.counts = tuple(bounds), [0] * (len(bounds) + 1)
@@ -42,7 +49,9 @@ class Histogram:
         self.count = 0
 
     def observe(self, value: float):
-        self.counts[next((i for i, b in enumerate(self.bounds) if value <= b), len(self.bounds))] += 1
+        self.counts[
+            next((i for i, b in enumerate(self.bounds) if value <= b), len(self.bounds))
+        ] += 1
         self.sum += value
         self.count += 1
 
