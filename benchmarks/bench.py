@@ -1,10 +1,13 @@
 """mlx-glm4v against mlx-vlm: the same checkpoint, inputs and backend, whole processes,
 interleaved.
 
-python benchmarks/bench.py                       # build a ~120M random GLM-4.1V, all cases, 3
-rounds python benchmarks/bench.py --cases image-f32 --rounds 5 --json-out results.json python
-benchmarks/bench.py --checkpoint DIR      # take an existing float32 checkpoint instead python
-benchmarks/bench.py --tiny                # a tiny checkpoint and a few tokens (what CI runs)
+    # build a ~120M random GLM-4.1V, all cases, 3 rounds
+    python benchmarks/bench.py
+    python benchmarks/bench.py --cases image-f32 --rounds 5 --json-out results.json
+    # take an existing float32 checkpoint instead
+    python benchmarks/bench.py --checkpoint DIR
+    # a tiny checkpoint and a few tokens (what CI runs)
+    python benchmarks/bench.py --tiny
 
 Each run is a fresh process: `mlx-glm4v generate --json` for ours and, when mlx-vlm is
 installed in the same Python, `python -m mlx_vlm.generate --verbose` for mlx-vlm, A and B in
@@ -526,8 +529,9 @@ def report(results: dict, header: str) -> str:
         else:
             lines += [
                 "",
-                f"Both tools in one process, alternating ({ab['rounds']} round(s), medians, seconds; "
-                f"{ab['tokens']['mlx-glm4v']} tokens decoded; CPU = user + system of the process):",
+                f"Both tools in one process, alternating ({ab['rounds']} round(s), medians, "
+                f"seconds; {ab['tokens']['mlx-glm4v']} tokens decoded; CPU = user + system of the "
+                "process):",
                 "",
                 "| | mlx-glm4v | mlx-vlm | ratio |",
                 "|---|---|---|---|",
@@ -549,9 +553,10 @@ def report(results: dict, header: str) -> str:
             "",
             "Matrix-vector bandwidth (GB/s): "
             + ", ".join(f"{k} {v:.2f}" for k, v in results["roofline"]["gb_per_s"].items())
-            + f" ([{results['roofline']['rows']} x {results['roofline']['cols']}] @ vector, median of "
-            f"{results['roofline']['repeats']}). Roofline % = decode MB/token x gen tok/s against the fastest "
-            f"({results['roofline']['reference']}); the last column against the mat-vec of the case's own format.",
+            + f" ([{results['roofline']['rows']} x {results['roofline']['cols']}] @ vector, "
+            f"median of {results['roofline']['repeats']}). Roofline % = decode MB/token x gen "
+            f"tok/s against the fastest ({results['roofline']['reference']}); the last column "
+            "against the mat-vec of the case's own format.",
         ]
     for note in results.get("notes", []):
         lines.append("Note: " + note)
@@ -576,7 +581,8 @@ def blas_env(choice: str, env: dict, log) -> str:
     env.pop("LD_PRELOAD", None)
     if choice == "auto":
         log(
-            "note: MLX's bundled reference BLAS (slow); apt-get install libopenblas0-pthread for OpenBLAS"
+            "note: MLX's bundled reference BLAS (slow); "
+            "apt-get install libopenblas0-pthread for OpenBLAS"
         )
     return "MLX bundled reference BLAS"
 
@@ -595,7 +601,9 @@ def parse_args(argv=None):
         "--warmup",
         type=int,
         default=1,
-        help="untimed one-token runs of each tool first, after reading every file once (disk cache)",
+        help=(
+            "untimed one-token runs of each tool first, after reading every file once (disk cache)"
+        ),
     )
     ap.add_argument("--max-tokens", type=int, default=100)
     ap.add_argument(
@@ -696,11 +704,11 @@ def main(argv=None) -> dict:
     except OSError:
         rev = ""
     header = (
-        f"Machine: {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB RAM, {info['platform']}; "
-        f"Python {info['python']}; MLX {info['mlx']} ({info['backend']} backend, {info['device']}); "
-        f"BLAS: {blas}; mlx-glm4v {info['mlx_glm4v']}{f' ({rev})' if rev else ''}, "
-        f"mlx-vlm {info['mlx_vlm'] or 'not installed'}, "
-        f"torch {info['torch'] or 'not installed'}.\n"
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB RAM, "
+        f"{info['platform']}; Python {info['python']}; MLX {info['mlx']} ({info['backend']} "
+        f"backend, {info['device']}); BLAS: {blas}; mlx-glm4v "
+        f"{info['mlx_glm4v']}{f' ({rev})' if rev else ''}, mlx-vlm "
+        f"{info['mlx_vlm'] or 'not installed'}, torch {info['torch'] or 'not installed'}.\n"
         f"Checkpoint: {ckpt.name}, random GLM-4.1V, {params / 1e6:.1f}M parameters; "
         f"{args.rounds} round(s), {args.max_tokens} generated tokens, greedy, medians."
     )
@@ -769,8 +777,8 @@ def main(argv=None) -> dict:
                 brief = (
                     "error"
                     if "error" in r
-                    else f"prompt {r['prompt_tps']:.1f} tok/s, gen {r['generation_tps']:.2f} tok/s, "
-                    f"wall {r['wall_s']:.2f} s"
+                    else f"prompt {r['prompt_tps']:.1f} tok/s, gen {r['generation_tps']:.2f} "
+                    f"tok/s, wall {r['wall_s']:.2f} s"
                 )
                 log(f"round {rnd + 1}/{args.rounds} {case} {tool}: {brief}")
 
@@ -962,7 +970,10 @@ def describe_match(a, b, what) -> str:
     distinct = len(set(a))
     if same == n and len(a) == len(b):
         return f"identical on {what} ({n} tokens, {distinct} distinct)"
-    return f"DIFFER on {what} from token {same} of {n} (ours {a[same : same + 5]}, mlx-vlm {b[same : same + 5]})"
+    return (
+        f"DIFFER on {what} from token {same} of {n} (ours {a[same : same + 5]}, "
+        f"mlx-vlm {b[same : same + 5]})"
+    )
 
 
 if __name__ == "__main__":

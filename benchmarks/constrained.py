@@ -1,11 +1,13 @@
-"""Structured output's cost: decode tokens/s under a nested JSON schema against the same rows
+r"""Structured output's cost: decode tokens/s under a nested JSON schema against the same rows
 free, with 1 and 8 rows in the engine; the host's mask time per token (p50, p99); compile time
 per schema.
 
-python benchmarks/constrained.py                  # the ~120M bench checkpoint (built if missing)
-python benchmarks/constrained.py --tiny           # a tiny checkpoint, a few tokens (what the
-test runs) python benchmarks/constrained.py --checkpoint DIR --max-tokens 128 --rounds 3
---json-out out.json
+    # the ~120M bench checkpoint (built if missing)
+    python benchmarks/constrained.py
+    # a tiny checkpoint, a few tokens (what the test runs)
+    python benchmarks/constrained.py --tiny
+    python benchmarks/constrained.py --checkpoint DIR --max-tokens 128 --rounds 3 \
+        --json-out out.json
 
 The schema asks for at least 40 items, so no row completes it within --max-tokens: constrained
 and free rows both run exactly --max-tokens tokens, and the figures compare like with like. The
@@ -117,7 +119,8 @@ def run_rows(model, processor, rows: int, constraint, max_tokens: int, mask_time
             last = events[-1][1]
             if last.finish_reason != "length":
                 raise SystemExit(
-                    f"a row ended with {last.finish_reason!r} before --max-tokens: {last.error or ''}"
+                    f"a row ended with {last.finish_reason!r} before --max-tokens: "
+                    f"{last.error or ''}"
                 )
             tokens += len(timed) - 1
     finally:
@@ -126,7 +129,7 @@ def run_rows(model, processor, rows: int, constraint, max_tokens: int, mask_time
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--checkpoint", help="a GLM-4.1V checkpoint (default: build the random bench one)"
     )
@@ -192,13 +195,14 @@ def main(argv=None) -> dict:
         "nested": 1e3 * compile_s[-1],
     }
     lines = [
-        f"checkpoint {path} (vocab {results['vocab']}), {max_tokens} tokens per row, {args.rounds} rounds"
+        f"checkpoint {path} (vocab {results['vocab']}), "
+        f"{max_tokens} tokens per row, {args.rounds} rounds"
     ]
     for rows in (1, 8):
         r = results[f"rows_{rows}"]
         lines.append(
-            f"{rows} row(s): free {r['free_tps']:.1f} tok/s, nested schema {r['schema_tps']:.1f} tok/s "
-            f"({r['ratio']:.2f}x)"
+            f"{rows} row(s): free {r['free_tps']:.1f} tok/s, nested schema {r['schema_tps']:.1f} "
+            f"tok/s ({r['ratio']:.2f}x)"
         )
     m, c = results["mask_ms_per_token"], results["compile_ms"]
     lines.append(

@@ -192,7 +192,7 @@ def configs(shape: dict, ids: dict) -> dict:
 def tensor_shapes(config: dict) -> dict:
     """Every tensor of transformers' Glm4vForConditionalGeneration state dict with its shape."""
     t, v = config["text_config"], config["vision_config"]
-    H, I, V, hd = t["hidden_size"], t["intermediate_size"], t["vocab_size"], t["head_dim"]
+    H, FF, V, hd = t["hidden_size"], t["intermediate_size"], t["vocab_size"], t["head_dim"]
     q, kv = t["num_attention_heads"] * hd, t["num_key_value_heads"] * hd
     vh, vo, vi, p = v["hidden_size"], v["out_hidden_size"], v["intermediate_size"], v["patch_size"]
     shapes = {
@@ -249,8 +249,8 @@ def tensor_shapes(config: dict) -> dict:
                 b + "self_attn.v_proj.weight": (kv, H),
                 b + "self_attn.v_proj.bias": (kv,),
                 b + "self_attn.o_proj.weight": (H, q),
-                b + "mlp.gate_up_proj.weight": (2 * I, H),
-                b + "mlp.down_proj.weight": (H, I),
+                b + "mlp.gate_up_proj.weight": (2 * FF, H),
+                b + "mlp.down_proj.weight": (H, FF),
                 b + "input_layernorm.weight": (H,),
                 b + "post_attention_layernorm.weight": (H,),
                 b + "post_self_attn_layernorm.weight": (H,),

@@ -1,11 +1,14 @@
-"""In-process measurements for bench.py, each run in its own process and printed as one JSON
+r"""In-process measurements for bench.py, each run in its own process and printed as one JSON
 line.
 
-python benchmarks/probe.py env python benchmarks/probe.py roofline [--rows 16384 --cols 8192
---repeats 20] python benchmarks/probe.py session --model CKPT --image IMG [--max-tokens N] python
-benchmarks/probe.py stages --tool ours|mlx-vlm --model CKPT --image IMG ... [--max-tokens N]
-python benchmarks/probe.py imports -- -m mlx_glm4v.cli generate ...   (python -X importtime,
-summed) python benchmarks/probe.py ab --model CKPT --image IMG [--rounds N --max-tokens N]
+    python benchmarks/probe.py env
+    python benchmarks/probe.py roofline [--rows 16384 --cols 8192 --repeats 20]
+    python benchmarks/probe.py session --model CKPT --image IMG [--max-tokens N]
+    python benchmarks/probe.py stages --tool ours|mlx-vlm --model CKPT --image IMG ... \
+        [--max-tokens N]
+    # python -X importtime, summed
+    python benchmarks/probe.py imports -- -m mlx_glm4v.cli generate ...
+    python benchmarks/probe.py ab --model CKPT --image IMG [--rounds N --max-tokens N]
 
 `stages` times one generation piece by piece: imports, loading, preprocessing, then the time to
 the first token (vision tower + text prefill), decoding; afterwards the vision tower alone on the
@@ -460,7 +463,7 @@ def cmd_ab(args):
 
     tools = {"mlx-glm4v": ours, "mlx-vlm": theirs}
     runs = {name: [] for name in tools}
-    for name, fn in tools.items():  # warm-up: first calls, buffers
+    for fn in tools.values():  # warm-up: first calls, buffers
         fn()
     for i in range(args.rounds):
         for name in list(tools) if i % 2 == 0 else list(tools)[::-1]:

@@ -24,10 +24,11 @@ time from the first request to the last reply), p50/p95 time to first token, the
 resident memory, and whether each request's text equals the one that tool gave it
 sequentially (for the requests both runs sent). All greedy.
 
-python benchmarks/serve_bench.py                         # both tools, both sets, 1 2 4 8 16
-clients python benchmarks/serve_bench.py --tools ours --sets decode --clients 1,8 --json-out
-r.json python benchmarks/serve_bench.py --in-process            # the engine without HTTP (no
-server needed)
+    # both tools, both sets, 1 2 4 8 16 clients
+    python benchmarks/serve_bench.py
+    python benchmarks/serve_bench.py --tools ours --sets decode --clients 1,8 --json-out r.json
+    # the engine without HTTP (no server needed)
+    python benchmarks/serve_bench.py --in-process
 
 Only 127.0.0.1 is used. Run it in a torch-free environment with the `bench` extra installed.
 """
@@ -503,14 +504,16 @@ def stall_run(ckpt, args, env, work, extra=()) -> dict:
 
 def stall_table(rows: list) -> str:
     out = [
-        "| server | stream gap p50 | p99 | max | question TTFT (alone) | clip TTFT (alone) | same as alone |",
+        "| server | stream gap p50 | p99 | max | question TTFT (alone) | clip TTFT (alone) | "
+        "same as alone |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         out.append(
-            f"| {r['label']} | {r['gap_p50'] * 1000:.0f} ms | {r['gap_p99'] * 1000:.0f} ms | {r['gap_max']:.2f} s | "
-            f"{r['question_ttft']:.2f} s ({r['question_alone']:.2f} s) | {r['clip_ttft']:.2f} s "
-            f"({r['clip_alone']:.2f} s) | {'yes' if r['identical'] else 'NO'} |"
+            f"| {r['label']} | {r['gap_p50'] * 1000:.0f} ms | {r['gap_p99'] * 1000:.0f} ms | "
+            f"{r['gap_max']:.2f} s | {r['question_ttft']:.2f} s ({r['question_alone']:.2f} s) | "
+            f"{r['clip_ttft']:.2f} s ({r['clip_alone']:.2f} s) | "
+            f"{'yes' if r['identical'] else 'NO'} |"
         )
     return "\n".join(out)
 

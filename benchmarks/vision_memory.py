@@ -29,7 +29,7 @@ def grid_for(megapixels: float, patch: int = 14, merge: int = 2):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model")
     parser.add_argument("--megapixels", type=float, nargs="+", default=[1, 4, 9.6])
     args = parser.parse_args()

@@ -25,9 +25,10 @@ from mlx_glm4v.generation.grounding import find_marks, save_drawn
 
 PROMPT = "Where are the cat's eyes and nose?"
 REPLY = (
-    "<think>Two eyes and a nose to find.</think><answer>Left eye: <|begin_of_box|>[[300,283,466,500]]<|end_of_box|>\n"
-    "Right eye: <|begin_of_box|>[[643,367,765,550]]<|end_of_box|>\nNose: <|begin_of_box|>[581,800]<|end_of_box|>"
-    "</answer>"
+    "<think>Two eyes and a nose to find.</think><answer>Left eye: "
+    "<|begin_of_box|>[[300,283,466,500]]<|end_of_box|>\n"
+    "Right eye: <|begin_of_box|>[[643,367,765,550]]<|end_of_box|>\nNose: "
+    "<|begin_of_box|>[581,800]<|end_of_box|></answer>"
 )
 HERE = Path(__file__).parent
 

@@ -62,7 +62,10 @@ IGNORE_EOS = typer.Option(
 PROMPT_LOOKUP = typer.Option(
     0,
     "--prompt-lookup",
-    help="Draft this many tokens from n-grams of the conversation and verify them in one pass (pays when the reply copies the input, as in OCR).",
+    help=(
+        "Draft this many tokens from n-grams of the conversation and verify them in one pass "
+        "(pays when the reply copies the input, as in OCR)."
+    ),
 )
 NO_THINKING = typer.Option(
     False, "--no-thinking", help="Ask models with a thinking switch (GLM-4.5V/4.6V) not to think."
@@ -75,7 +78,10 @@ THINKING_BUDGET = typer.Option(
 MAX_PIXELS = typer.Option(
     None,
     "--max-pixels",
-    help="Most pixels (height x width after resizing) per image or video frame; fewer pixels, fewer tokens (28x28 pixels make one token).",
+    help=(
+        "Most pixels (height x width after resizing) per image or video frame; fewer pixels, "
+        "fewer tokens (28x28 pixels make one token)."
+    ),
 )
 FPS = typer.Option(
     None,
@@ -99,7 +105,10 @@ CHOICE = typer.Option(
 LAZY_LOAD = typer.Option(
     False,
     "--lazy-load",
-    help="Read each weight when first used: the text weights after the vision tower, for a lower peak memory.",
+    help=(
+        "Read each weight when first used: the text weights after the vision tower, "
+        "for a lower peak memory."
+    ),
 )
 
 
@@ -111,19 +120,19 @@ def friendly_errors(command):
         try:
             return command(*args, **kwargs)
         except KeyboardInterrupt:
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
         except (Glm4vError, FileNotFoundError, ValueError) as e:
             if kwargs.get("verbose"):
                 raise
             typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(1)
+            raise typer.Exit(1) from None
         except RuntimeError as e:  # under mlx.launch: another rank stopped
             from .serving.distributed import lost_rank, say_once
 
             if kwargs.get("verbose") or (lost := lost_rank(e)) is None:
                 raise
             say_once(f"error: {lost}")
-            raise typer.Exit(1)
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -150,7 +159,10 @@ def convert(
     quant_recipe: Optional[str] = typer.Option(
         None,
         "--quant-recipe",
-        help="mixed_LOW_HIGH, e.g. mixed_3_6 or mixed_4_8: LOW bits, HIGH for embeddings, lm_head and sensitive layers (implies -q).",
+        help=(
+            "mixed_LOW_HIGH, e.g. mixed_3_6 or mixed_4_8: LOW bits, HIGH for embeddings, lm_head "
+            "and sensitive layers (implies -q)."
+        ),
     ),
     quantize_vision: bool = typer.Option(
         False,
@@ -400,7 +412,10 @@ def generate(
     draw_boxes: Optional[str] = typer.Option(
         None,
         "--draw-boxes",
-        help="Save the image with the reply's boxes and points drawn (OUT-1.png, OUT-2.png, ... for several images).",
+        help=(
+            "Save the image with the reply's boxes and points drawn (OUT-1.png, OUT-2.png, "
+            "... for several images)."
+        ),
     ),
     verbose: bool = VERBOSE,
 ):
@@ -545,7 +560,10 @@ def serve(
     media_root: Optional[Path] = typer.Option(
         None,
         "--media-root",
-        help="Let requests name image and video files inside this directory (default: no file is read).",
+        help=(
+            "Let requests name image and video files inside this directory (default: "
+            "no file is read)."
+        ),
     ),
     allow_url_fetch: bool = typer.Option(
         False,
@@ -595,12 +613,18 @@ def serve(
     max_concurrency: Optional[int] = typer.Option(
         None,
         "--max-concurrency",
-        help="Requests decoded together as one batch (default: from the memory the weights leave, at most 32).",
+        help=(
+            "Requests decoded together as one batch (default: "
+            "from the memory the weights leave, at most 32)."
+        ),
     ),
     max_stall_ms: float = typer.Option(
         250.0,
         "--max-stall-ms",
-        help="About how much prefill work (prompt chunks, vision pieces) one engine turn does before running streams get their next token, in ms.",
+        help=(
+            "About how much prefill work (prompt chunks, vision pieces) one engine turn does "
+            "before running streams get their next token, in ms."
+        ),
     ),
     feature_cache_mb: float = typer.Option(
         2048.0,
@@ -615,7 +639,10 @@ def serve(
     answer_any_model: bool = typer.Option(
         False,
         "--answer-any-model",
-        help="Answer requests naming any model with the served one (agents' side-task models); default: 404.",
+        help=(
+            "Answer requests naming any model with the served one (agents' side-task models); "
+            "default: 404."
+        ),
     ),
     no_ui: bool = typer.Option(False, "--no-ui", help="Do not serve the chat page at /."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),

@@ -27,7 +27,10 @@ COMMANDS = {
     "/exit": "/exit        quit (also /quit, Ctrl-D)",
 }
 ALIASES = {"/quit": "/exit"}
-WELCOME = "Type a message; /image PATH or /video PATH attaches media to the next one; /help lists the commands."
+WELCOME = (
+    "Type a message; /image PATH or /video PATH attaches media to the next one; "
+    "/help lists the commands."
+)
 
 # What a terminal may leave in a line when nothing interprets the keys: CSI and SS3 sequences
 # (arrows, Home, function keys, bracketed paste), other escapes, and control characters.
@@ -374,7 +377,8 @@ def _dropped_files(line: str) -> bool:
 def _attach_all(processor, argument: str, kind: str, media_kwargs: dict) -> list:
     if not argument.strip():
         say(
-            f"usage: {COMMANDS['/' + kind].split('  ')[0].strip()} (quote or escape spaces; ~ works)"
+            f"usage: {COMMANDS['/' + kind].split('  ')[0].strip()} (quote or escape spaces; "
+            "~ works)"
         )
         return []
     done = []

@@ -3,7 +3,7 @@ masked, finishes it in a bounded number of tokens: every free string has a maxLe
 array a maxItems, every recursion an optional branch."""
 
 S = {"type": "string", "maxLength": 5}
-I = {"type": "integer", "minimum": 0, "maximum": 99}
+N = {"type": "integer", "minimum": 0, "maximum": 99}
 
 
 def obj(props: dict, required=None, **extra) -> dict:
@@ -20,7 +20,7 @@ SCHEMAS = [
     # scalars
     {"type": "boolean"},
     {"type": "null"},
-    I,
+    N,
     {"type": "integer", "minimum": -50, "maximum": -10},
     {"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 5},
     {"type": "number", "minimum": 0, "maximum": 10, "multipleOf": 0.5},
@@ -38,54 +38,54 @@ SCHEMAS = [
     {"const": {"a": [1, 2]}},
     # objects
     obj({"name": S}),
-    obj({"name": S, "age": I}),
-    obj({"name": S, "age": I, "ok": {"type": "boolean"}}, required=["name"]),
+    obj({"name": S, "age": N}),
+    obj({"name": S, "age": N, "ok": {"type": "boolean"}}, required=["name"]),
     obj({"a": S, "b": S, "c": S}, required=["b"]),
     obj({"id": {"type": "string", "format": "uuid"}, "when": {"type": "string", "format": "date"}}),
     obj({"email": {"type": "string", "format": "email", "maxLength": 16}}),
     obj({"color": {"enum": ["red", "green"]}, "size": {"enum": ["S", "M", "L"]}}),
-    obj({"kind": {"const": "point"}, "x": I, "y": I}),
+    obj({"kind": {"const": "point"}, "x": N, "y": N}),
     obj({"price": {"type": "number", "minimum": 0, "maximum": 100, "multipleOf": 0.25}}),
     obj({"code": {"type": "string", "pattern": "^[0-9]{3}-[0-9]{2}$"}}),
     obj({"flag": {"type": "boolean"}, "none": {"type": "null"}}),
     obj({}, required=[]),
     {
         "type": "object",
-        "properties": {"a": I},
+        "properties": {"a": N},
         "required": ["a"],
         "additionalProperties": False,
         "maxProperties": 1,
     },
     # nested objects
-    obj({"person": obj({"name": S, "age": I})}),
+    obj({"person": obj({"name": S, "age": N})}),
     obj({"outer": obj({"inner": obj({"leaf": {"type": "boolean"}})})}),
-    obj({"box": obj({"x": I, "y": I, "w": I, "h": I}), "label": S}),
-    obj({"meta": obj({"tag": S}, required=[]), "n": I}, required=["n"]),
+    obj({"box": obj({"x": N, "y": N, "w": N, "h": N}), "label": S}),
+    obj({"meta": obj({"tag": S}, required=[]), "n": N}, required=["n"]),
     # arrays
-    {"type": "array", "items": I, "maxItems": 3},
+    {"type": "array", "items": N, "maxItems": 3},
     {"type": "array", "items": {"type": "boolean"}, "minItems": 2, "maxItems": 2},
     {"type": "array", "items": S, "minItems": 1, "maxItems": 3},
     {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 4},
-    {"type": "array", "prefixItems": [I, S], "items": False},
+    {"type": "array", "prefixItems": [N, S], "items": False},
     obj({"tags": {"type": "array", "items": S, "maxItems": 2}}),
     obj(
-        {"points": {"type": "array", "items": obj({"x": I, "y": I}), "minItems": 1, "maxItems": 2}}
+        {"points": {"type": "array", "items": obj({"x": N, "y": N}), "minItems": 1, "maxItems": 2}}
     ),
-    {"type": "array", "items": {"type": "array", "items": I, "maxItems": 2}, "maxItems": 2},
+    {"type": "array", "items": {"type": "array", "items": N, "maxItems": 2}, "maxItems": 2},
     # anyOf / oneOf / allOf
-    {"anyOf": [I, S]},
-    {"oneOf": [obj({"cat": S}), obj({"dog": I})]},
-    {"anyOf": [{"type": "null"}, obj({"v": I})]},
+    {"anyOf": [N, S]},
+    {"oneOf": [obj({"cat": S}), obj({"dog": N})]},
+    {"anyOf": [{"type": "null"}, obj({"v": N})]},
     obj({"value": {"anyOf": [{"type": "boolean"}, {"enum": ["x", "y"]}]}}),
     {
         "allOf": [
-            obj({"a": I}, required=["a"]),
+            obj({"a": N}, required=["a"]),
             {"type": "object", "properties": {"a": {"maximum": 9}}},
         ]
     },
     # $ref and $defs, recursive
     {
-        "$defs": {"pt": obj({"x": I, "y": I})},
+        "$defs": {"pt": obj({"x": N, "y": N})},
         "type": "object",
         "properties": {"from": {"$ref": "#/$defs/pt"}, "to": {"$ref": "#/$defs/pt"}},
         "required": ["from", "to"],
@@ -95,7 +95,7 @@ SCHEMAS = [
         "$defs": {
             "node": {
                 "type": "object",
-                "properties": {"v": I, "next": {"$ref": "#/$defs/node"}},
+                "properties": {"v": N, "next": {"$ref": "#/$defs/node"}},
                 "required": ["v"],
                 "additionalProperties": False,
             }
@@ -107,7 +107,7 @@ SCHEMAS = [
             "tree": {
                 "type": "object",
                 "properties": {
-                    "n": I,
+                    "n": N,
                     "kids": {"type": "array", "items": {"$ref": "#/$defs/tree"}, "maxItems": 2},
                 },
                 "required": ["n"],
@@ -139,7 +139,7 @@ SCHEMAS = [
     # a GUI action
     {
         "oneOf": [
-            obj({"action": {"const": "click"}, "x": I, "y": I}),
+            obj({"action": {"const": "click"}, "x": N, "y": N}),
             obj({"action": {"const": "type"}, "text": S}),
             obj({"action": {"const": "done"}}),
         ]

@@ -55,7 +55,8 @@ def agent(name: str) -> str:
     if path := shutil.which(name):
         return path
     pytest.skip(
-        f"`{name}` is not installed: `npm ci --prefix .agents` with .ci/agents/package*.json (.ci/run does)"
+        f"`{name}` is not installed: `npm ci --prefix .agents` with .ci/agents/package*.json "
+        "(.ci/run does)"
     )
 
 
@@ -262,12 +263,12 @@ def finish(process, timeout=TIMEOUT) -> tuple:
     """(exit status, stdout, stderr) of an agent that ends by itself."""
     try:
         out, err = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as e:
         stop(process)
         out, err = process.communicate()
         raise AssertionError(
             f"the agent did not finish in {timeout} s:\n{out[-3000:]}\n{err[-3000:]}"
-        )
+        ) from e
     return process.returncode, out, err
 
 

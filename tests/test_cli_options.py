@@ -339,15 +339,18 @@ def cli_clean(args, env, input=None):
     [
         (
             "someone/missing",
-            "someone/missing was not found on the Hugging Face hub; if it is private or gated, log in",
+            "someone/missing was not found on the Hugging Face hub; "
+            "if it is private or gated, log in",
         ),
         (
             "someone/private",
-            "someone/private was not found on the Hugging Face hub; if it is private or gated, log in",
+            "someone/private was not found on the Hugging Face hub; "
+            "if it is private or gated, log in",
         ),
         (
             "someone/gated",
-            "someone/gated is gated: accept its conditions on https://huggingface.co/someone/gated and log in",
+            "someone/gated is gated: accept its conditions on "
+            "https://huggingface.co/someone/gated and log in",
         ),
         (
             "someone/badtoken",
@@ -367,7 +370,8 @@ def test_offline_mode_and_the_default_model(tmp_path):
     out = cli_clean(["generate", "--model", "someone/not-cached", "--prompt", "hi"], env)
     one_line_error(
         out,
-        "someone/not-cached is not in the local Hugging Face cache and offline mode is set (HF_HUB_OFFLINE)",
+        "someone/not-cached is not in the local Hugging Face cache and offline mode is set "
+        "(HF_HUB_OFFLINE)",
     )
     verbose = cli_clean(
         ["generate", "--model", "someone/not-cached", "--prompt", "hi", "--verbose"], env
@@ -388,7 +392,8 @@ def test_unreachable_hub(tmp_path):
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": f"http://127.0.0.1:{port}"}
     one_line_error(
         cli_clean(["generate", "--model", "someone/model", "--prompt", "hi"], env),
-        "someone/model could not be downloaded: the Hugging Face hub cannot be reached (ConnectError)",
+        "someone/model could not be downloaded: the Hugging Face hub cannot be reached "
+        "(ConnectError)",
     )
 
 

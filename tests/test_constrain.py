@@ -189,9 +189,10 @@ def test_no_mask_work_without_a_constrained_row(loaded, monkeypatch):
 def test_regex_choice_and_lark(loaded):
     _, model, processor = loaded
     kw = dict(max_tokens=60, thinking_budget=2)
-    answer = lambda c, **more: (
-        split_reply(generate(model, processor, "hi", constraint=c, **kw, **more)).answer
-    )
+
+    def answer(c, **more):
+        return split_reply(generate(model, processor, "hi", constraint=c, **kw, **more)).answer
+
     assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", answer(Constraint("regex", r"[0-9]{3}-[a-z]{2}")))
     assert answer(Constraint("choice", ["yes", "no", "maybe"])) in ("yes", "no", "maybe")
     lark = 'start: "(" num ("," num)? ")"\nnum: /[0-9]{1,2}/'

@@ -536,9 +536,9 @@ def test_chat_stopped_on_rank_0_stops_every_rank(tmp_path, glm4v_checkpoint):
             launcher.stdin.flush()
             start = len(seen)
             # the reply streams
-            seen = read_until(launcher, lambda out: len(out) - start >= 20, seen)
+            seen = read_until(launcher, lambda out, start=start: len(out) - start >= 20, seen)
             os.kill(rank_pid(marker, 0), signal.SIGINT)
-            seen = read_until(launcher, lambda out: out.count(b"(stopped)") == n, seen)
+            seen = read_until(launcher, lambda out, n=n: out.count(b"(stopped)") == n, seen)
         launcher.stdin.write(b"/exit\n")
         launcher.stdin.flush()
         out, err = launcher.communicate(timeout=60)

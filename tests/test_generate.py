@@ -371,7 +371,8 @@ def cli(*args, **kwargs):
 def test_generation_does_not_import_transformers():
     """mlx-lm's package start-up (transformers, ~0.8 s) is deferred until something asks for it."""
     code = (
-        "import sys, mlx_glm4v.generation.generate, mlx_glm4v.generation.chat, mlx_glm4v.checkpoints.loader;"
+        "import sys, mlx_glm4v.generation.generate, mlx_glm4v.generation.chat, "
+        "mlx_glm4v.checkpoints.loader;"
         "assert 'transformers' not in sys.modules and 'torch' not in sys.modules;"
         "import mlx_lm; assert callable(mlx_lm.load) and 'transformers' in sys.modules"
     )

@@ -52,8 +52,9 @@ def test_labels_written_before_the_coordinates():
 
 def test_single_brackets_several_boxes_and_thinking_skipped():
     text = (
-        "<think>first guess [[1,2,3,4]]</think><answer>Two: <|begin_of_box|>[[10,20,30,40],[50,60,70,80]]"
-        "<|end_of_box|> and <|begin_of_box|>[5,6,7,8]<|end_of_box|></answer>"
+        "<think>first guess [[1,2,3,4]]</think><answer>Two: "
+        "<|begin_of_box|>[[10,20,30,40],[50,60,70,80]]<|end_of_box|> and "
+        "<|begin_of_box|>[5,6,7,8]<|end_of_box|></answer>"
     )
     assert marks(text) == (
         [
@@ -74,8 +75,10 @@ def test_points_bare_and_in_markers():
 
 def test_json_with_labels():
     text = (
-        'Here:\n```json\n[{"label": "cat", "bbox_2d": [10, 20, 30, 40]},\n {"label": "nose", "point_2d": [5, 6]},'
-        ' {"label": "no coordinates"}]\n```\nand also <|begin_of_box|>{"label": "dog", "bbox_2d": [1,1,2,2]}'
+        'Here:\n```json\n[{"label": "cat", "bbox_2d": [10, 20, 30, 40]},\n'
+        ' {"label": "nose", "point_2d": [5, 6]},'
+        ' {"label": "no coordinates"}]\n```\n'
+        'and also <|begin_of_box|>{"label": "dog", "bbox_2d": [1,1,2,2]}'
         "<|end_of_box|>"
     )
     assert marks(text) == (
@@ -205,7 +208,8 @@ def test_draw_reply_says_what_it_refused_and_wrote(tmp_path):
     Image.new("RGB", (50, 40), "white").save(tmp_path / "in.png")
     text = "Here [[0,0,500,500]] and there <|begin_of_box|>[[0,0,2000,10]]<|end_of_box|>"
     assert draw_reply(str(tmp_path / "out.png"), text, [str(tmp_path / "in.png")]) == [
-        "warning: not drawn: '[[0,0,2000,10]]' has 2000, outside the 0-1000 range of GLM-V coordinates.",
+        "warning: not drawn: '[[0,0,2000,10]]' has 2000, "
+        "outside the 0-1000 range of GLM-V coordinates.",
         f"saved {tmp_path / 'out.png'}",
     ]
     assert tuple(np.asarray(Image.open(tmp_path / "out.png"))[10, 0]) == rgb(COLORS[0])

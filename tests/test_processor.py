@@ -34,7 +34,8 @@ MEASURED = {}  # (case, key) -> {reference backend: (mean, max) |pixel diff|}
 def pixel_report():
     yield
     print(
-        "\nmean / max |pixel diff| per case, against transformers' torchvision (default) and PIL backends:"
+        "\nmean / max |pixel diff| per case, against transformers' torchvision (default) and PIL "
+        "backends:"
     )
     for (case, key), figures in MEASURED.items():
         cells = [f"{backend} {m:.1e} / {x:.1e}" for backend, (m, x) in figures.items()]
@@ -680,7 +681,7 @@ prompt = p.apply_chat_template([{{"role": "user", "content": [{{"type": "image"}
 p(text=prompt, images=[{str(media / "wide.jpg")!r}], videos=[{str(videos["clip7fps.mp4"])!r}])
 heavy = [m for m in ("torch", "transformers", "mlx_lm", "mlx", "torchvision") if m in sys.modules]
 assert not heavy, heavy
-"""
+"""  # noqa: E501 (the script as it runs)
     root = Path(__file__).parent.parent
     result = subprocess.run(
         [sys.executable, "-c", script], cwd=root, capture_output=True, text=True

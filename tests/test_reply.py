@@ -1,6 +1,9 @@
 from mlx_glm4v.generation.reply import ReplySplitter, split_reply
 
-GLM41V = "<think>Look at the cat.</think><answer>A cat <|begin_of_box|>[[10,20,30,40]]<|end_of_box|></answer>"
+GLM41V = (
+    "<think>Look at the cat.</think><answer>A cat "
+    "<|begin_of_box|>[[10,20,30,40]]<|end_of_box|></answer>"
+)
 
 
 def test_split_whole_reply():

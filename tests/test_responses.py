@@ -20,7 +20,10 @@ KEY = "dialect-key-3b1"
 # holds a quote and a backslash. a space and a comma: never part of base64, so never in a sealed
 # blob by chance
 THOUGHT = "Hm, Jug"
-TOOL_SCRIPT = f'<think>{THOUGHT}</think>OK<tool_call>fox<arg_key>city</arg_key><arg_value>Pa"r\\is</arg_value></tool_call>'
+TOOL_SCRIPT = (
+    f"<think>{THOUGHT}</think>OK<tool_call>fox<arg_key>city</arg_key>"
+    '<arg_value>Pa"r\\is</arg_value></tool_call>'
+)
 FOX = {
     "type": "function",
     "name": "fox",

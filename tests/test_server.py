@@ -820,7 +820,7 @@ def test_client_disconnect_stops_generation(plain):
         temperature=0,
         extra_body={"ignore_eos": True},
     ) as stream:
-        for chunk in stream:
+        for _ in stream:
             received += 1
             if received == 5:
                 break

@@ -316,7 +316,8 @@ def test_status_line_while_a_video_prompt_is_read(setup, tmp_path):
     tower is made to take one frame pair at a time so that a tiny clip shows progress."""
     video, out = setup["media"] / "clip.mp4", tmp_path / "reply.txt"
     code = (
-        "import sys, mlx_glm4v.models.model as m; m.VISION_CHUNK_PATCHES = 16; from mlx_glm4v.cli import main;"
+        "import sys, mlx_glm4v.models.model as m; m.VISION_CHUNK_PATCHES = 16; "
+        "from mlx_glm4v.cli import main;"
         "sys.argv[0] = 'mlx-glm4v'; main()"
     )
     command = [

@@ -127,7 +127,10 @@ def test_a_call_cut_short_is_closed_and_a_nameless_one_stays_text():
 
 
 def test_two_calls_have_their_own_indexes():
-    text = "<tool_call>book<arg_key>days</arg_key><arg_value>1</arg_value></tool_call>\n<tool_call>book</tool_call>"
+    text = (
+        "<tool_call>book<arg_key>days</arg_key><arg_value>1</arg_value></tool_call>\n"
+        "<tool_call>book</tool_call>"
+    )
     ends = [e for e in run(text, 4) if isinstance(e, ToolEnd)]
     assert [(e.index, e.arguments) for e in ends] == [(0, '{"days": 1}'), (1, "{}")] and ends[
         0
@@ -191,7 +194,10 @@ def test_agent_turns_render_byte_stable(glm4v_moe_checkpoint):
     from mlx_glm4v.server.neutral import Finish, Meta
 
     processor = Processor.from_pretrained(glm4v_moe_checkpoint[0])
-    reply = "<think>Look first.</think>I will list.<tool_call>Bash\n<arg_key>command</arg_key>\n<arg_value>ls -la</arg_value>\n</tool_call>"
+    reply = (
+        "<think>Look first.</think>I will list.<tool_call>Bash\n<arg_key>command</arg_key>\n"
+        "<arg_value>ls -la</arg_value>\n</tool_call>"
+    )
 
     class Usage:
         prompt_tokens, completion_tokens, cached_tokens = 1, 1, 0

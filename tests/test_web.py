@@ -206,7 +206,8 @@ def attach(driver, path: Path):
     driver.find_element(By.ID, "file").send_keys(str(path))
     WebDriverWait(driver, 10).until(
         lambda d: d.execute_script(
-            "const i = document.querySelector('#attachments img'); return i && i.complete && i.naturalWidth > 0"
+            "const i = document.querySelector('#attachments img'); "
+            "return i && i.complete && i.naturalWidth > 0"
         )
     )
 
@@ -416,7 +417,7 @@ def test_drop_and_paste_attach(page):
         const pasted = new DataTransfer();
         pasted.items.add(file('image.png', 'image/png'));
         document.getElementById('prompt').dispatchEvent(new ClipboardEvent('paste', {clipboardData: pasted, bubbles: true}));
-    """,
+    """,  # noqa: E501 (the script as the page runs it)
         base64.b64encode(png_bytes(40, 30)).decode(),
     )
     WebDriverWait(driver, 10).until(
@@ -465,7 +466,8 @@ def test_server_errors_are_shown(page, tmp_path):
 
 REPLY = (
     "The cat <|begin_of_box|>[[100,200,500,600]]<|end_of_box|> and "
-    '[{"label": "nose", "point_2d": [750, 250]}, {"label": "tail", "bbox_2d": [600, 700, 1000, 1000]}]'
+    '[{"label": "nose", "point_2d": [750, 250]}, '
+    '{"label": "tail", "bbox_2d": [600, 700, 1000, 1000]}]'
 )
 
 
@@ -478,7 +480,7 @@ def geometry(driver, figure_selector: str) -> dict:
                 points: [...f.querySelectorAll('.overlay .point')].map(r),
                 tags: [...f.querySelectorAll('.overlay .tag')].map((t) => [t.textContent, r(t)]),
                 colors: [...f.querySelectorAll('.overlay rect')].map((e) => e.getAttribute('stroke'))};
-    """,
+    """,  # noqa: E501 (the script as the page runs it)
         figure_selector,
     )
 
@@ -580,15 +582,19 @@ def test_overlay_prefers_the_server_field_and_names_images(page, tmp_path):
 
 PARITY_TEXTS = [
     "The cat: <|begin_of_box|>[[100,200,300,400]]<|end_of_box|>.",
-    "<think>first guess [[1,2,3,4]]</think><answer>Two: <|begin_of_box|>[[10,20,30,40],[50,60,70,80]]<|end_of_box|>"
-    " and <|begin_of_box|>[5,6,7,8]<|end_of_box|></answer>",
+    "<think>first guess [[1,2,3,4]]</think><answer>Two: "
+    "<|begin_of_box|>[[10,20,30,40],[50,60,70,80]]<|end_of_box|> and "
+    "<|begin_of_box|>[5,6,7,8]<|end_of_box|></answer>",
     "Click <|begin_of_box|>[500,250]<|end_of_box|>, then [[12, 7.5]].",
-    '```json\n[{"label": "cat", "bbox_2d": [10, 20, 30, 40]},\n {"label": "nose", "point_2d": [5, 6]}]\n```',
-    "In image 2 the cat [[1,2,3,4]]; the first picture has a dog <|begin_of_box|>[[9,9,10,10]]<|end_of_box|>.",
-    "<|begin_of_box|>[[100,200,1300,400]]<|end_of_box|> [[-5, 3]] <|begin_of_box|>[[1,2,3]]<|end_of_box|> "
-    "<|begin_of_box|>top left<|end_of_box|>",
+    '```json\n[{"label": "cat", "bbox_2d": [10, 20, 30, 40]},\n'
+    ' {"label": "nose", "point_2d": [5, 6]}]\n```',
+    "In image 2 the cat [[1,2,3,4]]; the first picture has a dog "
+    "<|begin_of_box|>[[9,9,10,10]]<|end_of_box|>.",
+    "<|begin_of_box|>[[100,200,1300,400]]<|end_of_box|> [[-5, 3]] "
+    "<|begin_of_box|>[[1,2,3]]<|end_of_box|> <|begin_of_box|>top left<|end_of_box|>",
     'A list [1, 2, 3, 4] and {"a": [1]} and [[not numbers]] and [[300,400,100,200]].',
-    "<answer>Nose: <|begin_of_box|>[250,600]<|end_of_box|>\n- **Left eye**: [[1,2,3,4]]\n2. ears: [[5,6,7,8],[9,9,1,1]]"
+    "<answer>Nose: <|begin_of_box|>[250,600]<|end_of_box|>\n"
+    "- **Left eye**: [[1,2,3,4]]\n2. ears: [[5,6,7,8],[9,9,1,1]]"
     "\nThis sentence is much too long to be a label: [[1,1]]. In image 2: [[2,2]]</answer>",
 ]
 

@@ -178,7 +178,7 @@ For each function call, output the function name and arguments within the follow
 <|assistant|>
 {{'<think></think>
 ' if (enable_thinking is defined and not enable_thinking) else ''}}
-{%- endif -%}"""
+{%- endif -%}"""  # noqa: E501 (GLM-4.5V's template as it is, long lines and all)
 
 FAMILIES = ("glm4v", "glm4v_moe", "glm46v")
 

@@ -169,7 +169,8 @@ def quantization_options(
         group_size, bits = FIXED_MODES[q_mode]
         if q_bits not in (None, bits) or q_group_size not in (None, group_size):
             raise Glm4vError(
-                f"--q-mode {q_mode} fixes --q-bits {bits} and --q-group-size {group_size}; leave them out."
+                f"--q-mode {q_mode} fixes --q-bits {bits} and --q-group-size {group_size}; "
+                "leave them out."
             )
         if quant_recipe:
             raise Glm4vError(
@@ -186,7 +187,8 @@ def quantization_options(
         )
     if group_size not in AFFINE_GROUP_SIZES:
         raise Glm4vError(
-            f"--q-group-size {group_size} is not supported; use one of {', '.join(map(str, AFFINE_GROUP_SIZES))}."
+            f"--q-group-size {group_size} is not supported; use one of "
+            f"{', '.join(map(str, AFFINE_GROUP_SIZES))}."
         )
     high = None
     if quant_recipe:
@@ -524,7 +526,8 @@ def convert(
     source_quantization = stored_quantization(raw, src)
     if source_quantization and quantize:
         raise Glm4vError(
-            f"{hf_path} is already quantized; quantize its float checkpoint, or --dequantize it first."
+            f"{hf_path} is already quantized; quantize its float checkpoint, "
+            "or --dequantize it first."
         )
     if dequantize and not source_quantization:
         raise Glm4vError(f"{hf_path} is not quantized, so there is nothing to --dequantize.")
@@ -546,7 +549,8 @@ def convert(
         _model_card(tmp, hf_path, weights, upload_repo or str(mlx_path), upload_repo)
     before = sum(f.stat().st_size for f in weight_files(src))
     print(
-        f"{hf_path} -> {out}: {_size(before)} -> {_size(writer.total_bytes)} in {len(writer.shards)} shard(s), {weights}."
+        f"{hf_path} -> {out}: {_size(before)} -> {_size(writer.total_bytes)} in "
+        f"{len(writer.shards)} shard(s), {weights}."
     )
     if upload_repo:
         _upload(out, upload_repo)
@@ -556,7 +560,10 @@ def convert(
 def _describe(quantization: Optional[dict], floats: str, bits_per_weight: float) -> str:
     how = floats
     if quantization:
-        how = f"{quantization['mode']} {quantization['bits']}-bit, group size {quantization['group_size']}"
+        how = (
+            f"{quantization['mode']} {quantization['bits']}-bit, group size "
+            f"{quantization['group_size']}"
+        )
         if any(isinstance(s, dict) for s in quantization.values()):
             how += ", some layers at other settings"
         how += f", the rest {floats}"

@@ -72,15 +72,15 @@ def download_problem(repo: str, revision: Optional[str], e: Exception) -> str:
     )
     if any(isinstance(x, OSError) and x.errno == errno.ENOSPC for x in (e, cause)):
         return (
-            f"{repo} could not be downloaded: the disk is full ({constants.HF_HUB_CACHE}); free some space "
-            "or point HF_HOME at a larger disk."
+            f"{repo} could not be downloaded: the disk is full ({constants.HF_HUB_CACHE}); free "
+            "some space or point HF_HOME at a larger disk."
         )
     if isinstance(cause, OfflineModeIsEnabled) or (
         constants.HF_HUB_OFFLINE and not isinstance(e, HfHubHTTPError)
     ):
         return (
-            f"{repo} is not in the local Hugging Face cache and offline mode is set (HF_HUB_OFFLINE); "
-            "unset it to download."
+            f"{repo} is not in the local Hugging Face cache and offline mode is set "
+            "(HF_HUB_OFFLINE); unset it to download."
         )
     if isinstance(e, GatedRepoError):
         return (
@@ -99,16 +99,22 @@ def download_problem(repo: str, revision: Optional[str], e: Exception) -> str:
     if isinstance(e, HfHubHTTPError):
         return f"{repo} could not be downloaded: the Hugging Face hub answered HTTP {status}."
     if isinstance(e, ValueError):
-        return f"{repo} is not a valid hub repo id: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        return (
+            f"{repo} is not a valid hub repo id: "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        )
     if isinstance(cause, HfHubHTTPError):
         status = getattr(cause.response, "status_code", None)
-        return f"{repo} could not be downloaded: the Hugging Face hub answered HTTP {status}; try again later."
+        return (
+            f"{repo} could not be downloaded: the Hugging Face hub answered HTTP {status}; "
+            "try again later."
+        )
     if cause is not None and any(
         word in type(cause).__name__ for word in ("Connect", "Timeout", "Proxy")
     ):
         return (
-            f"{repo} could not be downloaded: the Hugging Face hub cannot be reached ({type(cause).__name__}); "
-            "check the network."
+            f"{repo} could not be downloaded: the Hugging Face hub cannot be reached "
+            f"({type(cause).__name__}); check the network."
         )
     return f"{repo} could not be downloaded ({type(e).__name__})."
 
@@ -193,7 +199,8 @@ def stored_quantization(config: dict, path: Path) -> Optional[dict]:
     method = (config.get("quantization_config") or {}).get("quant_method")
     if method:
         raise Glm4vError(
-            f"{path} is quantized with {method!r}, which mlx-glm4v cannot read; use its float checkpoint."
+            f"{path} is quantized with {method!r}, which mlx-glm4v cannot read; "
+            "use its float checkpoint."
         )
     return None
 

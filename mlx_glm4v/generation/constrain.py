@@ -76,7 +76,8 @@ class Constraint:
         }.get(self.kind)
         if expect is not None and not isinstance(self.spec, expect):
             raise Glm4vError(
-                f"a {self.kind} constraint needs a {expect.__name__}, not {type(self.spec).__name__}."
+                f"a {self.kind} constraint needs a {expect.__name__}, not "
+                f"{type(self.spec).__name__}."
             )
         if self.kind == "choice" and (
             not self.spec or not all(isinstance(c, str) and c for c in self.spec)
@@ -102,7 +103,8 @@ class Constraint:
                 return _COMPILED[key]
         if len(key) > MAX_SPEC_BYTES:
             raise Glm4vError(
-                f"the {self.kind} constraint is {len(key)} bytes; at most {MAX_SPEC_BYTES} are accepted."
+                f"the {self.kind} constraint is {len(key)} bytes; "
+                f"at most {MAX_SPEC_BYTES} are accepted."
             )
         grammar = _compile(self, answer_tags)
         with _COMPILED_LOCK:
@@ -117,7 +119,7 @@ def compile_seconds(constraint: Constraint) -> float:
     with _COMPILED_LOCK:
         _COMPILED.pop(json.dumps([False, constraint.key()]), None)
     start = time.perf_counter()
-    constraint.grammar
+    _ = constraint.grammar  # the property compiles and checks it
     return time.perf_counter() - start
 
 
@@ -247,7 +249,8 @@ def _raw_string(schema: dict, where: str) -> str:
     if "format" in schema:
         if schema["format"] not in _FORMATS:
             raise Glm4vError(
-                f"{where}: string format {schema['format']!r} is not supported in a forced tool call."
+                f"{where}: string format {schema['format']!r} is not supported in a forced tool "
+                "call."
             )
         return "/" + _FORMATS[schema["format"]] + "/"
     lo, hi = int(schema.get("minLength", 0)), schema.get("maxLength")
@@ -276,7 +279,8 @@ def tool_call_lark(tools: Sequence, name: Optional[str]) -> str:
         missing = required - set(props)
         if missing:
             raise Glm4vError(
-                f"tool {fn['name']!r} requires {sorted(missing)[0]!r}, which its properties do not define."
+                f"tool {fn['name']!r} requires {sorted(missing)[0]!r}, which its properties do "
+                "not define."
             )
         items = []
         for j, (key, schema) in enumerate(props.items()):
@@ -394,7 +398,8 @@ class RowGrammar:
             return
         if not self.matcher.consume_token(token):
             raise Glm4vError(
-                f"structured output went wrong: {self.matcher.get_error() or 'a token the grammar refuses'}."
+                "structured output went wrong: "
+                f"{self.matcher.get_error() or 'a token the grammar refuses'}."
             )
 
     def sync(self, history: mx.array):

@@ -238,7 +238,8 @@ def lookup_decode(model, cache, first, sample, history, max_tokens: int, n_draft
     """
     if cache.rotating:
         raise Glm4vError(
-            "prompt lookup drops rejected drafts from the cache, which a rotating cache cannot: drop --max-kv-size."
+            "prompt lookup drops rejected drafts from the cache, "
+            "which a rotating cache cannot: drop --max-kv-size."
         )
     y, logprobs = first
     ids = np.asarray(history).tolist()
@@ -369,7 +370,8 @@ class GenerationSettings:
             ),
             (
                 self.max_kv_size is None or self.kv_bits is None,
-                "kv-bits cannot be combined with max-kv-size (mlx-lm has no quantized rotating cache).",
+                "kv-bits cannot be combined with max-kv-size (mlx-lm has no quantized rotating "
+                "cache).",
             ),
             (
                 self.prefill_step_size >= 1,
@@ -396,7 +398,8 @@ class GenerationSettings:
             ),
             (
                 media.get("max_frames") is None or media["max_frames"] >= 2,
-                f"max-frames {media.get('max_frames')} is too small: frames reach the model in pairs, so 2 at least.",
+                f"max-frames {media.get('max_frames')} is too small: "
+                "frames reach the model in pairs, so 2 at least.",
             ),
         ]
         for ok, message in checks:
@@ -409,7 +412,8 @@ class GenerationSettings:
         if self.constraint is not None:
             if not isinstance(self.constraint, Constraint):
                 raise Glm4vError("constraint must be a mlx_glm4v.generation.constrain.Constraint.")
-            self.constraint.grammar  # compiled and checked now: a bad schema is the caller's error
+            # compiled and checked now: a bad schema is the caller's error
+            _ = self.constraint.grammar
 
     def stop_ids(self, model: Model) -> set:
         """The end tokens; under a constraint always (its grammar, once complete, allows nothing
@@ -486,7 +490,8 @@ class GenerationSettings:
         keep = kept_prefix(model, processor, input_ids)
         if keep >= self.max_kv_size:
             raise Glm4vError(
-                f"max-kv-size {self.max_kv_size} is too small: the system prompt and media alone take {keep} tokens."
+                f"max-kv-size {self.max_kv_size} is too small: the system prompt and media alone "
+                f"take {keep} tokens."
             )
         return model.make_cache(max_kv_size=self.max_kv_size, keep=keep)
 

@@ -206,7 +206,10 @@ def _mark(coords, label, raw: str):
         or len(coords) not in (2, 4)
         or not all(_is_number(v) for v in coords)
     ):
-        return f"'{_short(json.dumps(coords, separators=(',', ':')))}' in '{_short(raw)}' is neither a box [x1,y1,x2,y2] nor a point [x,y]."
+        return (
+            f"'{_short(json.dumps(coords, separators=(',', ':')))}' in '{_short(raw)}' is neither "
+            "a box [x1,y1,x2,y2] nor a point [x,y]."
+        )
     bad = [v for v in coords if not 0 <= v <= SCALE]
     if bad:
         return f"'{_short(raw)}' has {bad[0]}, outside the 0-{SCALE} range of GLM-V coordinates."

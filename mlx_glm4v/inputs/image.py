@@ -111,8 +111,8 @@ def _bomb_message(path: Path, error: Exception) -> str:
     size = f" of {int(found.group(1)) / 1e6:,.1f} megapixels" if found else ""
     limit = (Image.MAX_IMAGE_PIXELS or 0) / 1e6
     return (
-        f"{path} is an image{size}, more than the {limit:,.1f} megapixels PIL opens safely (it could be a "
-        "decompression bomb); scale it down first."
+        f"{path} is an image{size}, more than the {limit:,.1f} megapixels PIL opens safely (it "
+        "could be a decompression bomb); scale it down first."
     )
 
 

@@ -133,7 +133,8 @@ def load_video(video, s: PixelSettings, fps: float | None = None, max_frames: in
     if isinstance(video, (str, Path)):
         return _read(existing_file(video, "video"), s, fps, max_frames)
     raise Glm4vError(
-        f"a video must be a file path or a mlx_glm4v.inputs.video.Video, not {type(video).__name__}."
+        "a video must be a file path or a mlx_glm4v.inputs.video.Video, not "
+        f"{type(video).__name__}."
     )
 
 

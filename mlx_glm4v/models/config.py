@@ -86,8 +86,8 @@ class TextConfig:
         half = self.rotary_dim // 2
         if sum(self.mrope_section) != half:
             raise Glm4vError(
-                f"mrope_section {self.mrope_section} must sum to half the rotary dimension ({half}); "
-                "check partial_rotary_factor in config.json."
+                f"mrope_section {self.mrope_section} must sum to half the rotary dimension "
+                f"({half}); check partial_rotary_factor in config.json."
             )
 
     @classmethod
@@ -130,7 +130,8 @@ class MoeTextConfig(TextConfig):
         super().__post_init__()
         if self.n_routed_experts % self.n_group:
             raise Glm4vError(
-                f"n_routed_experts {self.n_routed_experts} must split evenly into n_group {self.n_group}."
+                f"n_routed_experts {self.n_routed_experts} must split evenly into n_group "
+                f"{self.n_group}."
             )
 
 
@@ -145,7 +146,8 @@ def text_config_class(model_type: str, text: dict):
         kind = text.get("model_type", "glm4v_text")
     if kind not in TEXT_CONFIGS:
         raise Glm4vError(
-            f"text_config.model_type {kind!r} is not supported; expected one of {', '.join(TEXT_CONFIGS)}."
+            f"text_config.model_type {kind!r} is not supported; expected one of "
+            f"{', '.join(TEXT_CONFIGS)}."
         )
     return TEXT_CONFIGS[kind]
 
@@ -171,7 +173,8 @@ class ModelConfig:
         model_type = params.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise Glm4vError(
-                f"model_type {model_type!r} is not supported; expected one of {', '.join(SUPPORTED_MODEL_TYPES)}."
+                f"model_type {model_type!r} is not supported; expected one of "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}."
             )
         text = dict(params.get("text_config") or {})
         merged: dict[str, Any] = dict(params)

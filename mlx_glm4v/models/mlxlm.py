@@ -30,21 +30,22 @@ def _defer_package_init(name: str):
 
 _defer_package_init("mlx_lm")
 
+# imported only now, after the deferral above (hence E402)
 from mlx_lm.models.activations import swiglu  # noqa: E402
-from mlx_lm.models.base import (
+from mlx_lm.models.base import (  # noqa: E402
     create_attention_mask,
     create_causal_mask,
     scaled_dot_product_attention,
-)  # noqa: E402
+)
 from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache, RotatingKVCache  # noqa: E402
 from mlx_lm.models.switch_layers import SwitchGLU  # noqa: E402
-from mlx_lm.sample_utils import (
+from mlx_lm.sample_utils import (  # noqa: E402
     apply_min_p,
     apply_top_k,
     apply_top_p,
     make_logits_processors,
     make_sampler,
-)  # noqa: E402
+)
 
 __all__ = [
     "apply_min_p",

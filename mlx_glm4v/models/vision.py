@@ -195,15 +195,13 @@ class VisionAttention(nn.Module):
             end = start + length * count
             parts = []
             for first, g in [heads] if heads else self.head_groups(length):
-
-                def heads_first(t):
-                    return (
-                        t[start:end, first : first + g]
-                        .reshape(count, length, g, -1)
-                        .transpose(0, 2, 1, 3)
-                    )
-
-                o = attention(heads_first(q), heads_first(k), heads_first(v), self.scale)
+                qh, kh, vh = [
+                    t[start:end, first : first + g]
+                    .reshape(count, length, g, -1)
+                    .transpose(0, 2, 1, 3)
+                    for t in (q, k, v)
+                ]
+                o = attention(qh, kh, vh, self.scale)
                 parts.append(o.transpose(0, 2, 1, 3).reshape(end - start, g, -1))
             out.append(mx.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
             start = end

@@ -154,7 +154,8 @@ def _tool_result(block, at: str) -> tuple:
                 images.append(_image(part, f"{at}.content[{j}]"))
             else:
                 raise bad(
-                    f"{at}.content[{j}]: block type {kind!r} is not supported in a tool result (text, image).",
+                    f"{at}.content[{j}]: block type {kind!r} is not supported in a tool result "
+                    "(text, image).",
                     f"{at}.content[{j}]",
                 )
         content = "\n".join(texts)
@@ -181,6 +182,19 @@ def parse_messages(messages) -> list:
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty list.", "messages")
     out = []
+
+    def flush(parts):
+        if parts:
+            out.append(
+                {
+                    "role": "user",
+                    "content": list(parts)
+                    if any(p["type"] == "image" for p in parts)
+                    else "".join(p["text"] for p in parts),
+                }
+            )
+            parts.clear()
+
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         role = m.get("role") if isinstance(m, dict) else None
@@ -224,26 +238,13 @@ def parse_messages(messages) -> list:
                         message["reasoning_content"] = text
                 elif kind != "redacted_thinking":
                     raise bad(
-                        f"{at}: block type {kind!r} is not supported in an assistant turn (text, tool_use, "
-                        "thinking).",
+                        f"{at}: block type {kind!r} is not supported in an assistant turn (text, "
+                        "tool_use, thinking).",
                         at,
                     )
             out.append(message)
             continue
         parts = []  # a user turn: tool results become tool turns, the rest a user turn in place
-
-        def flush():
-            if parts:
-                out.append(
-                    {
-                        "role": "user",
-                        "content": list(parts)
-                        if any(p["type"] == "image" for p in parts)
-                        else "".join(p["text"] for p in parts),
-                    }
-                )
-                parts.clear()
-
         for j, block in enumerate(content):
             at, kind = (
                 f"{where}.content[{j}]",
@@ -254,7 +255,7 @@ def parse_messages(messages) -> list:
             elif kind == "image":
                 parts.append(_image(block, at))
             elif kind == "tool_result":
-                flush()
+                flush(parts)
                 message, images = _tool_result(block, at)
                 out.append(message)
                 parts.extend(images)
@@ -262,7 +263,7 @@ def parse_messages(messages) -> list:
                 raise bad(
                     f"{at}: block type {kind!r} is not supported (text, image, tool_result).", at
                 )
-        flush()
+        flush(parts)
     return out
 
 

@@ -135,7 +135,10 @@ class State:
 
 
 def timeout_error(config: ServerConfig) -> ApiError:
-    message = f"the request ran past the server's limit of {config.request_timeout:g} s (--request-timeout)."
+    message = (
+        f"the request ran past the server's limit of {config.request_timeout:g} s "
+        "(--request-timeout)."
+    )
     return ApiError(504, message, code="timeout")
 
 
@@ -175,7 +178,10 @@ class Guard:
             key = self.config.api_key.encode()
             bearer = hmac.compare_digest(headers.get(b"authorization", b""), b"Bearer " + key)
             if not (bearer | hmac.compare_digest(headers.get(b"x-api-key", b""), key)):
-                message = "the API key is missing or wrong (send Authorization: Bearer <key> or x-api-key: <key>)."
+                message = (
+                    "the API key is missing or wrong (send Authorization: "
+                    "Bearer <key> or x-api-key: <key>)."
+                )
                 e = ApiError(401, message, code="invalid_api_key")
                 return await error_response(e, dialect)(scope, receive, send)
         limit = self.config.max_body_bytes
@@ -199,7 +205,10 @@ class Guard:
             await self._too_large(scope, receive, send)
 
     async def _too_large(self, scope, receive, send):
-        message = f"the request body is over the limit of {self.config.max_body_bytes} bytes (--max-body-mb)."
+        message = (
+            f"the request body is over the limit of {self.config.max_body_bytes} bytes "
+            "(--max-body-mb)."
+        )
         e = ApiError(413, message, code="request_too_large")
         await error_response(e, dialect_of(scope["path"]))(scope, receive, send)
 
@@ -323,8 +332,8 @@ async def _reply(request: Request, dialect):
     room = ready.context - n if settings.get("max_tokens") is None else settings["max_tokens"]
     if room < 1:  # only with --max-prompt-tokens over the context: no limit asked, none left
         raise bad(
-            f"the prompt is {n} tokens and fills the model's context of {ready.context}; give a token limit "
-            "or a shorter prompt.",
+            f"the prompt is {n} tokens and fills the model's context of {ready.context}; give a "
+            "token limit or a shorter prompt.",
             "messages",
             "context_length_exceeded",
         )
@@ -402,7 +411,8 @@ def _prepare(state: State, neutral) -> dict:
     n = int(inputs["input_ids"].shape[-1])
     if n > state.max_prompt_tokens:
         raise bad(
-            f"the prompt is {n} tokens, over the limit of {state.max_prompt_tokens} (--max-prompt-tokens).",
+            f"the prompt is {n} tokens, "
+            f"over the limit of {state.max_prompt_tokens} (--max-prompt-tokens).",
             "messages",
             "context_length_exceeded",
         )
@@ -487,7 +497,8 @@ class Run:
                     finished = True
                     u = event.usage
                     log.info(
-                        "%s %s: %d prompt tokens (%d cached), %d generated, first token after %.3f s",
+                        "%s %s: %d prompt tokens (%d cached), %d generated, "
+                        "first token after %.3f s",
                         self.meta.id,
                         event.finish_reason,
                         u.prompt_tokens,

@@ -29,7 +29,7 @@ class FormatError(Glm4vError):
 
 def _checked(constraint: Constraint, param: str) -> Constraint:
     try:
-        constraint.grammar
+        _ = constraint.grammar  # the property compiles and checks it
     except Glm4vError as e:
         raise FormatError(f"{param}: {e}", param) from None
     return constraint

@@ -136,8 +136,8 @@ def read_source(url: str, policy: MediaPolicy, where: str) -> tuple:
     if scheme in ("http", "https"):
         if not policy.allow_url_fetch:
             raise bad(
-                f"{where}: http(s) URLs are not fetched; send the media as a data: URL, or start the "
-                "server with --allow-url-fetch.",
+                f"{where}: http(s) URLs are not fetched; send the media as a data: URL, or start "
+                "the server with --allow-url-fetch.",
                 where,
             )
         return fetch(url, policy, where), None
@@ -147,8 +147,8 @@ def read_source(url: str, policy: MediaPolicy, where: str) -> tuple:
         )
     if policy.media_root is None:
         raise bad(
-            f"{where}: local files are not read; send the media as a data: URL, or start the server with "
-            "--media-root DIR.",
+            f"{where}: local files are not read; send the media as a data: URL, or start the "
+            "server with --media-root DIR.",
             where,
         )
     return None, inside_root(
@@ -306,7 +306,8 @@ def decode_image(data: bytes, policy: MediaPolicy, processor, detail: Optional[s
         ) from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise bad(
-            f"{where}: the data is not an image in a format the server reads (PNG, JPEG, WebP, GIF, ...).",
+            f"{where}: the data is not an image in a format the server reads (PNG, JPEG, "
+            "WebP, GIF, ...).",
             where,
         ) from None
     w, h = im.size
@@ -362,8 +363,8 @@ def check_video(path: Path, policy: MediaPolicy, processor, where: str):
     seconds = float(total / exact)
     if seconds > policy.max_video_seconds:
         raise bad(
-            f"{where}: the video lasts {seconds:.1f} s, over the limit of {policy.max_video_seconds:g} s "
-            "(--max-video-seconds).",
+            f"{where}: the video lasts {seconds:.1f} s, over the limit of "
+            f"{policy.max_video_seconds:g} s (--max-video-seconds).",
             where,
             "video_too_long",
         )

@@ -93,8 +93,8 @@ class Metrics:
             metric(
                 "prefill_pieces_total",
                 "counter",
-                "Prefill pieces run: prompt chunks through whole decoder "
-                "layers (text), frames through tower blocks (vision), a few attention heads of either (attention).",
+                "Prefill pieces run: prompt chunks through whole decoder layers (text), frames "
+                "through tower blocks (vision), a few attention heads of either (attention).",
                 [(f'{{kind="{k}"}}', s.pieces.get(k, 0)) for k in ("text", "vision", "attention")],
             )
             metric(

@@ -203,7 +203,8 @@ def _reasoning_of(item: dict):
         text = unseal(item["encrypted_content"])
         if text is None:
             log.info(
-                "a reasoning item's encrypted_content is not this server's (or predates a restart): dropped"
+                "a reasoning item's encrypted_content is not this server's (or predates a "
+                "restart): dropped"
             )
         return text
     texts = [c.get("text") for c in item.get("content") or [] if isinstance(c, dict)]

@@ -156,7 +156,8 @@ def parallelize(model, group, mode: str = "auto") -> Layout:
         layout.layers = (first, first + len(model.layers))
     else:
         raise Glm4vError(
-            f"parallel mode {mode!r} (MLX_GLM4V_PARALLEL) is unknown; choose auto, tensor or pipeline."
+            f"parallel mode {mode!r} (MLX_GLM4V_PARALLEL) is unknown; choose auto, "
+            "tensor or pipeline."
         )
     return layout
 
@@ -456,8 +457,8 @@ def lost_rank(error: Exception) -> Optional[Glm4vError]:
         rank = os.environ.get("MLX_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or "0"
         if "connect" in text.lower() and "lost" not in text:
             return Glm4vError(
-                f"rank {rank} could not reach the other ranks ({text.strip()}); check the hostfile's "
-                "addresses and that every Mac runs the command; every rank stops."
+                f"rank {rank} could not reach the other ranks ({text.strip()}); check the "
+                "hostfile's addresses and that every Mac runs the command; every rank stops."
             )
         return Glm4vError(
             f"rank {rank} lost contact with another rank ({text.strip()}); every rank stops."

@@ -752,7 +752,8 @@ def batch_generate(
     for name, media in (("images", images), ("videos", videos)):
         if media is not None and len(media) != len(prompts):
             raise Glm4vError(
-                f"{name} has {len(media)} entries for {len(prompts)} prompts; give one list per prompt."
+                f"{name} has {len(media)} entries for {len(prompts)} prompts; "
+                "give one list per prompt."
             )
     requests = []
     for i, prompt in enumerate(prompts):

@@ -91,8 +91,8 @@ class Link:
             since = self.busy_since
             if since is not None and time.monotonic() - since > self.timeout:
                 say_once(
-                    f"error: rank {self.group.rank()} waited {self.timeout:g} s for the other ranks "
-                    "(MLX_GLM4V_RANK_TIMEOUT); every rank stops."
+                    f"error: rank {self.group.rank()} waited {self.timeout:g} s for the other "
+                    "ranks (MLX_GLM4V_RANK_TIMEOUT); every rank stops."
                 )
                 os._exit(1)
 
