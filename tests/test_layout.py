@@ -1,0 +1,81 @@
+"""The house in wings: each wing imports only from the wings below it (DESIGN.md)."""
+
+import ast
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "mlx_glm4v"
+
+# Lower numbers are further down the data's way; a module may import from its own wing and from
+# lower ones. Wings on the same floor know nothing of each other.
+FLOORS = {
+    "errors": 0,
+    "models": 1,
+    "inputs": 1,
+    "generation": 2,
+    "checkpoints": 2,
+    "serving": 3,
+    "server": 4,
+    "terminal": 5,
+    "cli": 6,
+    "__main__": 7,
+    "__init__": 7,
+}
+
+
+def wing_of(module: list) -> str:
+    """The wing a module (its dotted name under the package, as a list) belongs to."""
+    return module[0] if module else "__init__"
+
+
+def imports(path: Path):
+    """(line, the imported module's dotted name under the package) for each import of ours."""
+    module = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    package = module[:-1]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[: len(package) - node.level + 1]
+            target = base + (node.module.split(".") if node.module else [node.names[0].name])
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mlx_glm4v"):
+            target = node.module.split(".")[1:] or [node.names[0].name]
+        elif isinstance(node, ast.Import):
+            names = [a.name.split(".")[1:] for a in node.names if a.name.startswith("mlx_glm4v.")]
+            yield from ((node.lineno, n) for n in names)
+            continue
+        else:
+            continue
+        yield node.lineno, target
+
+
+def test_every_module_is_in_a_wing():
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+        assert wing_of(parts) in FLOORS, f"{path.relative_to(PACKAGE)} is in no wing of FLOORS"
+
+
+def test_no_wing_imports_from_above_or_beside_it():
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+        wing = "__init__" if parts == ["__init__"] else wing_of(parts)
+        for line, target in imports(path):
+            other = wing_of(target)
+            if other != wing and FLOORS[other] >= FLOORS[wing]:
+                wrong.append(
+                    f"{path.relative_to(PACKAGE)}:{line} ({wing}) imports {'.'.join(target)}"
+                )
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
+    """The rule is checked on real source: a model module importing the engine is caught."""
+    fake = tmp_path / "mlx_glm4v"
+    (fake / "models").mkdir(parents=True)
+    (fake / "models" / "bad.py").write_text("from ..serving.engine import Engine\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
+    try:
+        test_no_wing_imports_from_above_or_beside_it()
+    except AssertionError as e:
+        assert "models/bad.py:1 (models) imports serving.engine" in str(e)
+    else:
+        raise AssertionError("an upward import went unnoticed")
