@@ -5,49 +5,43 @@
     print(generate(model, processor, "Describe this image.", images=["cat.jpg"]))
 
 Names are imported on first use, so that `import mlx_glm4v` (and the processor alone) stays
-light: mlx-lm pulls in transformers, which costs most of a second to import.
+light: mlx-lm pulls in transformers, which costs most of a second to import. Each name lives in
+the wing that does its work (DESIGN.md); these are the ones to import.
 """
 
 import importlib
-import sys
-import types
 
 _EXPORTS = {
     "load": "checkpoints.loader",
+    "convert": "checkpoints.convert",
     "generate": "generation.generate",
     "stream_generate": "generation.generate",
-    "batch_generate": "serving.engine",
-    "Engine": "serving.engine",
-    "ChatSession": "generation.chat",
     "GenerationSettings": "generation.generate",
+    "ChatSession": "generation.chat",
+    "Constraint": "generation.constrain",
     "split_reply": "generation.reply",
     "ReplySplitter": "generation.reply",
     "ReplyParser": "generation.reply",
     "parse_reply": "generation.reply",
-    "convert": "checkpoints.convert",
+    "find_marks": "generation.grounding",
+    "draw_marks": "generation.grounding",
+    "batch_generate": "serving.engine",
+    "Engine": "serving.engine",
     "Model": "models.model",
     "ModelConfig": "models.config",
     "Processor": "inputs.processor",
+    "unmark": "inputs.processor",
     "Glm4vError": "errors",
 }
+# Modules used whole: `distributed.load`, `distributed.share_request` on every rank.
+_MODULES = {"distributed": "serving.distributed"}
 
-__all__ = list(_EXPORTS)
+__all__ = list(_EXPORTS) + list(_MODULES)
 
 
 def __getattr__(name):
     if name in _EXPORTS:
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    if name in _MODULES:
+        return importlib.import_module(f".{_MODULES[name]}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-class _Package(types.ModuleType):
-    """`generate` and `convert` name both a function and its module. Importing a submodule binds
-    its name on the package, which would hide the function; keep those names for the functions."""
-
-    def __setattr__(self, name, value):
-        if name in _EXPORTS and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -79,3 +79,17 @@ def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
         assert "models/bad.py:1 (models) imports serving.engine" in str(e)
     else:
         raise AssertionError("an upward import went unnoticed")
+
+
+def test_public_names_resolve_from_the_package():
+    """Every name the package offers imports from its top, whatever wing holds it; `generate` and
+    `convert` stay the functions after their modules are imported."""
+    import mlx_glm4v
+    import mlx_glm4v.checkpoints.convert  # noqa: F401
+    import mlx_glm4v.generation.generate  # noqa: F401
+
+    for name in mlx_glm4v.__all__:
+        assert getattr(mlx_glm4v, name) is not None, name
+    assert callable(mlx_glm4v.generate) and callable(mlx_glm4v.convert)
+    assert mlx_glm4v.distributed.__name__ == "mlx_glm4v.serving.distributed"
+    from mlx_glm4v import Constraint, batch_generate, generate, load, split_reply  # noqa: F401
