@@ -177,7 +177,12 @@ class ToolCalls:
     def __init__(self, tools, new_id=call_id):
         self.tools, self.new_id = tools, new_id
         self.state, self.pending = "text", ""
-        self.count = 0
+        self.count = 0  # calls started so far; the next one's index
+        self.call = None  # the call being read: {"index", "id", "name", "args": [JSON pieces]}
+        self.strings = set()  # its string parameters (streamed raw)
+        self.key = None  # the argument whose value is being read
+        # that value: None while it streams as a JSON string, else the text gathered to parse whole
+        self.value = None
 
     def _start(self, name: str) -> list:
         self.call = {"index": self.count, "id": self.new_id(), "name": name, "args": ["{"]}
