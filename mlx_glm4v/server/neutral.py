@@ -196,6 +196,25 @@ def unknown_fields(body: dict, known: set, where: str = ""):
         raise bad(f"unknown field {name!r}.", name)
 
 
+def media_source(part: dict, key: str, where: str):
+    """(url, detail) of an image_url / input_image / video_url part: an object with `url` or a
+    bare string."""
+    value = part.get(key)
+    # Responses-style: {"type": "input_image", "image_url": "..."}
+    if key == "input_image" and value is None:
+        value = part.get("image_url")
+    detail = part.get("detail")
+    if isinstance(value, dict):
+        detail = value.get("detail", detail)
+        value = value.get("url")
+    if not isinstance(value, str) or not value:
+        raise bad(f"{where}: a {part.get('type')} part needs a url string.", where)
+    if detail not in (None, "auto", "low", "high", "original"):
+        raise bad(f"{where}: detail {detail!r} must be auto, low, high or original.", where)
+    # high is the full size already
+    return value, "high" if detail == "original" else detail or "auto"
+
+
 def function_tool(name, description, parameters, where: str) -> dict:
     """A tool in the one form the template renders (chat completions' form), whichever dialect
     sent it."""

@@ -29,6 +29,7 @@ from .neutral import (
     check_model,
     finish_messages,
     gather,
+    media_source,
     number,
 )
 
@@ -119,25 +120,6 @@ def _text_of(content, where: str) -> str:
             texts.append(part["text"])
         return "".join(texts)
     raise bad(f"{where} must be a string or a list of content parts.", where)
-
-
-def media_source(part: dict, key: str, where: str):
-    """(url, detail) of an image_url / input_image / video_url part: an object with `url` or a
-    bare string."""
-    value = part.get(key)
-    # Responses-style: {"type": "input_image", "image_url": "..."}
-    if key == "input_image" and value is None:
-        value = part.get("image_url")
-    detail = part.get("detail")
-    if isinstance(value, dict):
-        detail = value.get("detail", detail)
-        value = value.get("url")
-    if not isinstance(value, str) or not value:
-        raise bad(f"{where}: a {part.get('type')} part needs a url string.", where)
-    if detail not in (None, "auto", "low", "high", "original"):
-        raise bad(f"{where}: detail {detail!r} must be auto, low, high or original.", where)
-    # high is the full size already
-    return value, "high" if detail == "original" else detail or "auto"
 
 
 def _user_content(content, where: str):

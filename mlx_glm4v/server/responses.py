@@ -33,13 +33,13 @@ from .neutral import (
     effort,
     finish_messages,
     function_tool,
+    media_source,
     number,
     offered_tools,
     seal,
     unknown_fields,
     unseal,
 )
-from .openai import media_source
 
 log = logging.getLogger("mlx_glm4v.server")
 
