@@ -33,8 +33,6 @@ from .neutral import (
     number,
 )
 
-# ApiError and bad live in neutral.py; media.py takes them from here.
-
 # Fields we implement (the last four are extensions vLLM's and llama.cpp's servers take too).
 SUPPORTED = {
     "model",
@@ -90,8 +88,6 @@ RESERVED_TEMPLATE_ARGS = {"messages", "tools", "documents", "add_generation_prom
 
 
 # ---- field checks ------------------------------------------------------------------------------
-
-_number = number
 
 
 def _bool(body, key):
@@ -251,7 +247,7 @@ def parse(body, served: Served) -> Request:
         {"functions": "; use tools", "function_call": "; use tools"},
     )
     check_model(body.get("model"), served)
-    if _number(body, "n", integer=True) not in (None, 1):
+    if number(body, "n", integer=True) not in (None, 1):
         raise bad(f"n={body['n']} is not supported: one choice per request.", "n")
     messages = finish_messages(parse_messages(body.get("messages")), served)
     tools, tool_choice = _tools(body)
@@ -275,9 +271,9 @@ def parse(body, served: Served) -> Request:
         )
     include_usage = bool(options and options.get("include_usage"))
 
-    max_tokens = _number(body, "max_completion_tokens", 1, integer=True)
+    max_tokens = number(body, "max_completion_tokens", 1, integer=True)
     if max_tokens is None:
-        max_tokens = _number(body, "max_tokens", 1, integer=True)
+        max_tokens = number(body, "max_tokens", 1, integer=True)
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -286,10 +282,10 @@ def parse(body, served: Served) -> Request:
     ):
         raise bad("stop must be a string or a list of at most 4 strings.", "stop")
     logprobs = _bool(body, "logprobs")
-    top = _number(body, "top_logprobs", 0, 20, integer=True)
+    top = number(body, "top_logprobs", 0, 20, integer=True)
     if top is not None and not logprobs:
         raise bad("top_logprobs needs logprobs: true.", "top_logprobs")
-    top_k = _number(body, "top_k", -1, integer=True)
+    top_k = number(body, "top_k", -1, integer=True)
     template_kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(template_kwargs, dict) or RESERVED_TEMPLATE_ARGS & set(template_kwargs):
         raise bad(
@@ -300,11 +296,11 @@ def parse(body, served: Served) -> Request:
 
     settings = dict(
         max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
-        temp=_number(body, "temperature", 0, 2) if body.get("temperature") is not None else 1.0,
-        top_p=_number(body, "top_p", 0, 1) if body.get("top_p") is not None else 1.0,
+        temp=number(body, "temperature", 0, 2) if body.get("temperature") is not None else 1.0,
+        top_p=number(body, "top_p", 0, 1) if body.get("top_p") is not None else 1.0,
         top_k=max(top_k or 0, 0),
-        min_p=_number(body, "min_p", 0, 1) or 0.0,
-        repetition_penalty=_number(body, "repetition_penalty", 0),
+        min_p=number(body, "min_p", 0, 1) or 0.0,
+        repetition_penalty=number(body, "repetition_penalty", 0),
         stop=stop or (),
         ignore_eos=bool(_bool(body, "ignore_eos")),
         constraint=constraint,
@@ -315,7 +311,7 @@ def parse(body, served: Served) -> Request:
         ("frequency_penalty", -2, 2),
         ("thinking_budget", 0, None),
     ):
-        value = _number(body, key, lo, hi, integer=key == "thinking_budget")
+        value = number(body, key, lo, hi, integer=key == "thinking_budget")
         if value is None or (value == 0 and key != "thinking_budget"):
             continue
         if key not in supported:
@@ -328,7 +324,7 @@ def parse(body, served: Served) -> Request:
     return Request(
         messages,
         settings,
-        seed=_number(body, "seed", 0, 2**64 - 1, integer=True),
+        seed=number(body, "seed", 0, 2**64 - 1, integer=True),
         stream=stream,
         top_logprobs=(top or 0) if logprobs else None,
         tools=tools,
