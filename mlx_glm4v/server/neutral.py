@@ -13,10 +13,14 @@ import hashlib
 import hmac
 import json
 import secrets
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..errors import Glm4vError
+from ..generation.generate import GenerationSettings
 from ..generation.reply import Content, Reasoning, ToolArgs, ToolEnd, ToolStart  # noqa: F401  (the events, re-exported)
+from .formats import FormatError
 
 DEFAULT_MAX_TOKENS = 4096
 
@@ -61,6 +65,25 @@ class ApiError(Exception):
 
 def bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> ApiError:
     return ApiError(400, message, param, code)
+
+
+@contextmanager
+def as_api_errors():
+    """What the formats (a `FormatError`, which names its field) or the settings (any other
+    `Glm4vError`) refuse, as the 400 every dialect sends."""
+    try:
+        yield
+    except FormatError as e:
+        raise bad(e.message, e.param) from None
+    except Glm4vError as e:
+        raise bad(str(e)) from None
+
+
+def check_settings(settings: dict):
+    """A request's settings as `GenerationSettings` checks them (max_tokens None, what the context
+    leaves, is checked as 1)."""
+    with as_api_errors():
+        GenerationSettings(**{**settings, "max_tokens": settings["max_tokens"] or 1})
 
 
 @dataclass

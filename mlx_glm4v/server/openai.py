@@ -10,9 +10,8 @@ import json
 import uuid
 from dataclasses import fields
 
-from ..errors import Glm4vError
 from ..generation.generate import GenerationSettings
-from .formats import FormatError, one_constraint, openai_response_format, openai_tool_choice
+from .formats import one_constraint, openai_response_format, openai_tool_choice
 from .neutral import (
     DEFAULT_MAX_TOKENS,
     ApiError,
@@ -24,9 +23,11 @@ from .neutral import (
     Served,
     ToolArgs,
     ToolStart,
+    as_api_errors,
     bad,
     check_fields,
     check_model,
+    check_settings,
     finish_messages,
     gather,
     media_source,
@@ -255,14 +256,12 @@ def parse(body, served: Served) -> Request:
         raise bad(
             "tools are not supported: this model's chat template does not render them.", "tools"
         )
-    try:
+    with as_api_errors():
         constraint = one_constraint(
             openai_response_format(body.get("response_format")),
             openai_tool_choice(tool_choice, tools),
             "response_format",
         )
-    except FormatError as e:
-        raise bad(e.message, e.param) from None
     stream = bool(_bool(body, "stream"))
     options = body.get("stream_options")
     if options is not None and (not stream or not isinstance(options, dict)):
@@ -317,10 +316,7 @@ def parse(body, served: Served) -> Request:
         if key not in supported:
             raise bad(f"{key} is not supported by this server.", key)
         settings[key] = value
-    try:
-        GenerationSettings(**settings)
-    except Glm4vError as e:
-        raise bad(str(e)) from None
+    check_settings(settings)
     return Request(
         messages,
         settings,
