@@ -376,7 +376,7 @@ class Stream:
     def __init__(self, request: Request, meta):
         self.request, self.meta = request, meta
         self.omit = request.options.get("omit_thinking", False)
-        self.blocks, self.block = [], None
+        self.block = None
         self.message = {
             "id": meta.id,
             "type": "message",

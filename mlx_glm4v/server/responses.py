@@ -415,7 +415,7 @@ class Stream:
 
     def __init__(self, request: Request, meta):
         self.request, self.meta = request, meta
-        self.sequence, self.output, self.item = 0, [], None
+        self.sequence, self.item = 0, None
         self.response = {
             "id": meta.id,
             "object": "response",
