@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..errors import Glm4vError
+from ..generation.chat import drop_thinking
 from ..generation.generate import GenerationSettings
 from ..generation.reply import Content, Reasoning, ToolArgs, ToolEnd, ToolStart  # noqa: F401  (the events, re-exported)
 from .formats import FormatError
@@ -276,8 +277,6 @@ def finish_messages(messages: list, served: Served) -> list:
     """Earlier thinking dropped where the template cannot place it (GLM-4.1V's keeps it as text)."""
     if served.thinking_in_template:
         return messages
-    from ..generation.chat import drop_thinking
-
     for m in messages:
         m.pop("reasoning_content", None)
         if m["role"] == "assistant" and isinstance(m["content"], str):
