@@ -2,8 +2,9 @@
 
 GLM-4.1V writes `<think>…</think><answer>…</answer>`; GLM-4.5V/4.6V write `<think>…</think>`
 and then the answer; all of them wrap grounding coordinates in `<|begin_of_box|>…<|end_of_box|>`.
-The CLI, the Python API and the server split a reply the same way, here, streamed or whole;
-`ReplyParser` adds GLM's tool calls and gives the server's one stream of reply events.
+The CLI, the Python API and the server split a reply the same way, here, streamed or whole
+(`ReplySplitter`, `split_reply`); `ToolCalls` reads GLM's tool calls out of the answer as it
+streams, and `ReplyParser` joins the two into the server's one stream of reply events.
 """
 
 import json

@@ -1,5 +1,6 @@
-"""What the three dialects share: one request, one stream of reply events, the model checks,
-sealing.
+"""What the three dialects share: one request, one stream of reply events, `ApiError` and the
+refusals that become one (`as_api_errors`), the checks of their fields (the model, numbers, media
+parts, tools, settings), sealed reasoning, thinking effort.
 
 A dialect (openai.py, responses.py, anthropic.py) parses its body into a `Request` and renders
 the events below in its own wire format; app.py does everything in between once (media, the
