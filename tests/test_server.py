@@ -1118,7 +1118,7 @@ def test_feature_memo_byte_budget():
 )
 def test_fetch_refuses_non_public_addresses(host):
     from mlx_glm4v.server.media import MediaPolicy, fetch
-    from mlx_glm4v.server.openai import ApiError
+    from mlx_glm4v.server.neutral import ApiError
 
     url = f"http://[{host}]/x.png" if ":" in host else f"http://{host}/x.png"
     with pytest.raises(ApiError) as refused:

@@ -2,15 +2,17 @@
 
 GLM-4.1V writes `<think>…</think><answer>…</answer>`; GLM-4.5V/4.6V write `<think>…</think>`
 and then the answer; all of them wrap grounding coordinates in `<|begin_of_box|>…<|end_of_box|>`.
-The CLI, the Python API and the server split a reply the same way, here, streamed or whole;
-`ReplyParser` adds GLM's tool calls and gives the server's one stream of reply events.
+The CLI, the Python API and the server split a reply the same way, here, streamed or whole
+(`ReplySplitter`, `split_reply`); `ToolCalls` reads GLM's tool calls out of the answer as it
+streams, and `ReplyParser` joins the two into the server's one stream of reply events.
 """
 
 import json
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Tuple
+from enum import Enum
+from typing import Optional, Tuple
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 # a thinking block, closed or still open
@@ -164,6 +166,31 @@ def _next(text: str, markers) -> tuple:
     return len(text) - hold, None
 
 
+def _json_call(text: str) -> Optional[tuple]:
+    """(name, arguments) of a call written as a JSON object {"name", "arguments"}; None if it is
+    not one."""
+    try:
+        call = json.loads(text)
+        name, arguments = call["name"], call.get("arguments", call.get("parameters", {}))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return None
+    if not isinstance(name, str) or not name or not isinstance(arguments, dict):
+        return None
+    return name, arguments
+
+
+class State(Enum):
+    """Where `ToolCalls` stands in the answer text."""
+
+    TEXT = "text"  # plain text, up to a <tool_call>
+    HEAD = "head"  # after <tool_call>: the name line, or a JSON call
+    JSON = "json"  # a JSON call, up to </tool_call>
+    ARGS = "args"  # between arguments: <arg_key> or </tool_call>
+    KEY = "key"  # an argument's name, up to </arg_key>
+    AFTER_KEY = "after_key"  # after </arg_key>: <arg_value> (or <arg_key>, </tool_call>)
+    VALUE = "value"  # an argument's value, up to </arg_value>
+
+
 class ToolCalls:
     """Answer text -> plain text pieces (str) and tool-call events, as the text streams in.
 
@@ -176,8 +203,117 @@ class ToolCalls:
 
     def __init__(self, tools, new_id=call_id):
         self.tools, self.new_id = tools, new_id
-        self.state, self.pending = "text", ""
-        self.count = 0
+        self.state, self.pending = State.TEXT, ""
+        self.count = 0  # calls started so far; the next one's index
+        self.call = None  # the call being read: {"index", "id", "name", "args": [JSON pieces]}
+        self.strings = set()  # its string parameters (streamed raw)
+        self.key = None  # the argument whose value is being read
+        # that value: None while it streams as a JSON string, else the text gathered to parse whole
+        self.value = None
+
+    def feed(self, text: str, final: bool = False) -> list:
+        """Text pieces and call events for `text` (and, when `final`, for all still held)."""
+        self.pending += text
+        out = []
+        while self._READERS[self.state](self, out):
+            pass
+        if final:
+            out += self._finish()
+        return [x for x in out if x != ""]
+
+    # ---- the states' readers: each takes what it can of `pending` into `out` and says whether
+    # to go on (False: it waits for more text)
+
+    def _read_text(self, out: list) -> bool:
+        p = self.pending
+        at, marker = _next(p, [TOOL_OPEN])
+        out.append(p[:at])
+        if marker is None:
+            self.pending = p[at:]
+            return False
+        self.pending, self.state = p[at + len(TOOL_OPEN) :], State.HEAD
+        return True
+
+    def _read_head(self, out: list) -> bool:
+        p = self.pending
+        body = p.lstrip()
+        if body.startswith("{"):
+            self.state = State.JSON
+            return True
+        ends = [i for i in (p.find("\n", len(p) - len(body)), p.find("<")) if i >= 0]
+        if not ends:
+            return False
+        name = p[: min(ends)].strip()
+        if not name:
+            out.append(TOOL_OPEN)
+            self.state = State.TEXT
+            return True
+        out.extend(self._start(name))
+        self.pending, self.state = p[min(ends) :], State.ARGS
+        return True
+
+    def _read_json(self, out: list) -> bool:
+        p = self.pending
+        at = p.find(TOOL_CLOSE)
+        if at < 0:
+            return False
+        self.pending, self.state = p[at + len(TOOL_CLOSE) :], State.TEXT
+        call = _json_call(p[:at])
+        if call is None:  # not a call we can read: text as it was
+            out.append(TOOL_OPEN + p[: at + len(TOOL_CLOSE)])
+            return True
+        name, arguments = call
+        out.extend(self._start(name))
+        out.extend(self._args(json.dumps(arguments, ensure_ascii=False)[1:-1]))
+        out.extend(self._end())
+        return True
+
+    def _read_tags(self, out: list) -> bool:
+        """ARGS and AFTER_KEY: the next tag; text between the tags means nothing."""
+        markers = [KEY_OPEN, TOOL_CLOSE] + ([VALUE_OPEN] if self.state is State.AFTER_KEY else [])
+        at, marker = _next(self.pending, markers)
+        if marker is None:
+            self.pending = self.pending[at:]
+            return False
+        self.pending = self.pending[at + len(marker) :]
+        if marker == TOOL_CLOSE:
+            out.extend(self._end())
+            self.state = State.TEXT
+        elif marker == KEY_OPEN:
+            self.state = State.KEY
+        else:
+            out.extend(self._open_value())
+        return True
+
+    def _read_key(self, out: list) -> bool:
+        at = self.pending.find(KEY_CLOSE)
+        if at < 0:
+            return False
+        self.key = self.pending[:at].strip()
+        self.pending, self.state = self.pending[at + len(KEY_CLOSE) :], State.AFTER_KEY
+        return True
+
+    def _read_value(self, out: list) -> bool:
+        at, marker = _next(self.pending, [VALUE_CLOSE])
+        piece, self.pending = self.pending[:at], self.pending[at + len(marker or "") :]
+        out.extend(self._value_piece(piece))
+        if marker is None:
+            return False
+        out.extend(self._close_value())
+        self.state = State.ARGS
+        return True
+
+    _READERS = {
+        State.TEXT: _read_text,
+        State.HEAD: _read_head,
+        State.JSON: _read_json,
+        State.ARGS: _read_tags,
+        State.AFTER_KEY: _read_tags,
+        State.KEY: _read_key,
+        State.VALUE: _read_value,
+    }
+
+    # ---- the call's arguments JSON, piece by piece
 
     def _start(self, name: str) -> list:
         self.call = {"index": self.count, "id": self.new_id(), "name": name, "args": ["{"]}
@@ -194,9 +330,26 @@ class ToolCalls:
         self.call["args"].append(text)
         return [ToolArgs(self.call["index"], text)]
 
-    def _key(self) -> str:
+    def _json_key(self) -> str:
+        """The argument's key as the arguments JSON writes it, after a comma unless it is the
+        first."""
         sep = ", " if len(self.call["args"]) > 1 else ""
         return f"{sep}{json.dumps(self.key, ensure_ascii=False)}: "
+
+    def _open_value(self) -> list:
+        """A string parameter's value opens its JSON string now; any other is gathered."""
+        self.state = State.VALUE
+        if self.key in self.strings:
+            self.value = None
+            return self._args(self._json_key() + '"')
+        self.value = ""
+        return []
+
+    def _value_piece(self, piece: str) -> list:
+        if self.value is None:
+            return self._args(json.dumps(piece, ensure_ascii=False)[1:-1])
+        self.value += piece
+        return []
 
     def _close_value(self) -> list:
         if self.value is None:  # a string, already streamed
@@ -205,117 +358,25 @@ class ToolCalls:
             value = json.dumps(json.loads(self.value), ensure_ascii=False)
         except json.JSONDecodeError:
             value = json.dumps(self.value, ensure_ascii=False)
-        return self._args(self._key() + value)
+        return self._args(self._json_key() + value)
 
     def _end(self) -> list:
         out = self._args("}")
         c = self.call
         return out + [ToolEnd(c["index"], c["id"], c["name"], "".join(c["args"]))]
 
-    def feed(self, text: str, final: bool = False) -> list:
-        self.pending += text
-        out = []
-        while True:
-            p, state = self.pending, self.state
-            if state == "text":
-                at, marker = _next(p, [TOOL_OPEN])
-                out.append(p[:at])
-                if marker is None:
-                    self.pending = p[at:]
-                    break
-                self.pending, self.state = p[at + len(TOOL_OPEN) :], "head"
-            elif state == "head":
-                body = p.lstrip()
-                if body.startswith("{"):
-                    self.state = "json"
-                    continue
-                ends = [i for i in (p.find("\n", len(p) - len(body)), p.find("<")) if i >= 0]
-                if not ends:
-                    break
-                name = p[: min(ends)].strip()
-                if not name:
-                    out.append(TOOL_OPEN)
-                    self.state = "text"
-                    continue
-                out += self._start(name)
-                self.pending, self.state = p[min(ends) :], "args"
-            elif state == "json":
-                at = p.find(TOOL_CLOSE)
-                if at < 0:
-                    break
-                self.pending, self.state = p[at + len(TOOL_CLOSE) :], "text"
-                try:
-                    call = json.loads(p[:at])
-                    name, arguments = (
-                        call["name"],
-                        call.get("arguments", call.get("parameters", {})),
-                    )
-                    if not isinstance(name, str) or not name or not isinstance(arguments, dict):
-                        raise TypeError
-                except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-                    # not a call we can read: text as it was
-                    out.append(TOOL_OPEN + p[: at + len(TOOL_CLOSE)])
-                    continue
-                out += self._start(name)
-                out += self._args(json.dumps(arguments, ensure_ascii=False)[1:-1]) + self._end()
-            elif state in ("args", "after_key"):
-                markers = [KEY_OPEN, TOOL_CLOSE] + ([VALUE_OPEN] if state == "after_key" else [])
-                at, marker = _next(p, markers)
-                if marker is None:
-                    self.pending = p[at:]  # text between the tags means nothing
-                    break
-                self.pending = p[at + len(marker) :]
-                if marker == TOOL_CLOSE:
-                    out += self._end()
-                    self.state = "text"
-                elif marker == KEY_OPEN:
-                    self.state = "key"
-                else:
-                    self.state = "value"
-                    if self.key in self.strings:
-                        self.value = None
-                        out += self._args(self._key() + '"')
-                    else:
-                        self.value = ""
-            elif state == "key":
-                at = p.find(KEY_CLOSE)
-                if at < 0:
-                    break
-                self.key, self.pending, self.state = (
-                    p[:at].strip(),
-                    p[at + len(KEY_CLOSE) :],
-                    "after_key",
-                )
-            else:  # "value"
-                at, marker = _next(p, [VALUE_CLOSE])
-                piece, self.pending = p[:at], p[at + len(marker or "") :]
-                if self.value is None:
-                    out += self._args(json.dumps(piece, ensure_ascii=False)[1:-1])
-                else:
-                    self.value += piece
-                if marker is None:
-                    break
-                out += self._close_value()
-                self.state = "args"
-        if final:
-            out += self._finish()
-        return [x for x in out if x != ""]
-
     def _finish(self) -> list:
         """What is still held: a call not begun is text again; a begun one is closed as it
         stands."""
         p, state = self.pending, self.state
-        self.pending, self.state = "", "text"
-        if state == "text":
+        self.pending, self.state = "", State.TEXT
+        if state is State.TEXT:
             return [p]
-        if state in ("head", "json"):
+        if state in (State.HEAD, State.JSON):
             return [TOOL_OPEN + p]
         out = []
-        if state == "value":
-            if self.value is None:
-                out += self._args(json.dumps(p, ensure_ascii=False)[1:-1])
-            else:
-                self.value += p
+        if state is State.VALUE:
+            out += self._value_piece(p)
             out += self._close_value()
         return out + self._end()
 

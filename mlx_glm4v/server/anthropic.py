@@ -13,8 +13,6 @@ import json
 import logging
 import uuid
 
-from ..errors import Glm4vError
-from ..generation.generate import GenerationSettings
 from .formats import FormatError, anthropic_output_format, anthropic_tool_choice, one_constraint
 from .neutral import (
     ApiError,
@@ -26,9 +24,11 @@ from .neutral import (
     ToolArgs,
     ToolEnd,
     ToolStart,
+    as_api_errors,
     bad,
     check_fields,
     check_model,
+    check_settings,
     effort,
     finish_messages,
     function_tool,
@@ -306,7 +306,7 @@ def parse(body, served: Served, counting: bool = False) -> Request:
     if not isinstance(config, dict):
         raise bad("output_config must be an object.", "output_config")
     unknown_fields(config, {"effort", "format"}, "output_config")
-    try:
+    with as_api_errors():
         if config.get("format") is not None and body.get("output_format") is not None:
             raise FormatError(
                 "give output_config.format or the beta's output_format, not both.", "output_format"
@@ -319,8 +319,6 @@ def parse(body, served: Served, counting: bool = False) -> Request:
         settings["constraint"] = one_constraint(
             output, anthropic_tool_choice(tool_choice, tools), "output_config.format"
         )
-    except FormatError as e:
-        raise bad(e.message, e.param) from None
     request = Request(
         finish_messages(messages, served),
         settings,
@@ -348,10 +346,7 @@ def parse(body, served: Served, counting: bool = False) -> Request:
     request.options = {
         "omit_thinking": isinstance(thinking, dict) and thinking.get("display") == "omitted"
     }
-    try:
-        GenerationSettings(**{**settings, "max_tokens": settings["max_tokens"] or 1})
-    except Glm4vError as e:
-        raise bad(str(e)) from None
+    check_settings(settings)
     return request
 
 
@@ -381,7 +376,7 @@ class Stream:
     def __init__(self, request: Request, meta):
         self.request, self.meta = request, meta
         self.omit = request.options.get("omit_thinking", False)
-        self.blocks, self.block = [], None
+        self.block = None
         self.message = {
             "id": meta.id,
             "type": "message",

@@ -25,7 +25,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 import numpy as np
 
-from .openai import ApiError, bad
+from .neutral import ApiError, bad
 
 LOW_DETAIL_PIXELS = 512 * 512  # `detail: low`: about OpenAI's 512 x 512 low-resolution image
 MAX_REDIRECTS = 5

@@ -1,5 +1,6 @@
-"""What the three dialects share: one request, one stream of reply events, the model checks,
-sealing.
+"""What the three dialects share: one request, one stream of reply events, `ApiError` and the
+refusals that become one (`as_api_errors`), the checks of their fields (the model, numbers, media
+parts, tools, settings), sealed reasoning, thinking effort.
 
 A dialect (openai.py, responses.py, anthropic.py) parses its body into a `Request` and renders
 the events below in its own wire format; app.py does everything in between once (media, the
@@ -13,10 +14,15 @@ import hashlib
 import hmac
 import json
 import secrets
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..errors import Glm4vError
+from ..generation.chat import drop_thinking
+from ..generation.generate import GenerationSettings
 from ..generation.reply import Content, Reasoning, ToolArgs, ToolEnd, ToolStart  # noqa: F401  (the events, re-exported)
+from .formats import FormatError
 
 DEFAULT_MAX_TOKENS = 4096
 
@@ -61,6 +67,25 @@ class ApiError(Exception):
 
 def bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> ApiError:
     return ApiError(400, message, param, code)
+
+
+@contextmanager
+def as_api_errors():
+    """What the formats (a `FormatError`, which names its field) or the settings (any other
+    `Glm4vError`) refuse, as the 400 every dialect sends."""
+    try:
+        yield
+    except FormatError as e:
+        raise bad(e.message, e.param) from None
+    except Glm4vError as e:
+        raise bad(str(e)) from None
+
+
+def check_settings(settings: dict):
+    """A request's settings as `GenerationSettings` checks them (max_tokens None, what the context
+    leaves, is checked as 1)."""
+    with as_api_errors():
+        GenerationSettings(**{**settings, "max_tokens": settings["max_tokens"] or 1})
 
 
 @dataclass
@@ -196,6 +221,25 @@ def unknown_fields(body: dict, known: set, where: str = ""):
         raise bad(f"unknown field {name!r}.", name)
 
 
+def media_source(part: dict, key: str, where: str):
+    """(url, detail) of an image_url / input_image / video_url part: an object with `url` or a
+    bare string."""
+    value = part.get(key)
+    # Responses-style: {"type": "input_image", "image_url": "..."}
+    if key == "input_image" and value is None:
+        value = part.get("image_url")
+    detail = part.get("detail")
+    if isinstance(value, dict):
+        detail = value.get("detail", detail)
+        value = value.get("url")
+    if not isinstance(value, str) or not value:
+        raise bad(f"{where}: a {part.get('type')} part needs a url string.", where)
+    if detail not in (None, "auto", "low", "high", "original"):
+        raise bad(f"{where}: detail {detail!r} must be auto, low, high or original.", where)
+    # high is the full size already
+    return value, "high" if detail == "original" else detail or "auto"
+
+
 def function_tool(name, description, parameters, where: str) -> dict:
     """A tool in the one form the template renders (chat completions' form), whichever dialect
     sent it."""
@@ -234,8 +278,6 @@ def finish_messages(messages: list, served: Served) -> list:
     """Earlier thinking dropped where the template cannot place it (GLM-4.1V's keeps it as text)."""
     if served.thinking_in_template:
         return messages
-    from ..generation.chat import drop_thinking
-
     for m in messages:
         m.pop("reasoning_content", None)
         if m["role"] == "assistant" and isinstance(m["content"], str):

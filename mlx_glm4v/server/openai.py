@@ -10,9 +10,8 @@ import json
 import uuid
 from dataclasses import fields
 
-from ..errors import Glm4vError
 from ..generation.generate import GenerationSettings
-from .formats import FormatError, one_constraint, openai_response_format, openai_tool_choice
+from .formats import one_constraint, openai_response_format, openai_tool_choice
 from .neutral import (
     DEFAULT_MAX_TOKENS,
     ApiError,
@@ -24,15 +23,16 @@ from .neutral import (
     Served,
     ToolArgs,
     ToolStart,
+    as_api_errors,
     bad,
     check_fields,
     check_model,
+    check_settings,
     finish_messages,
     gather,
+    media_source,
     number,
 )
-
-# ApiError and bad live in neutral.py; media.py takes them from here.
 
 # Fields we implement (the last four are extensions vLLM's and llama.cpp's servers take too).
 SUPPORTED = {
@@ -90,8 +90,6 @@ RESERVED_TEMPLATE_ARGS = {"messages", "tools", "documents", "add_generation_prom
 
 # ---- field checks ------------------------------------------------------------------------------
 
-_number = number
-
 
 def _bool(body, key):
     value = body.get(key)
@@ -119,25 +117,6 @@ def _text_of(content, where: str) -> str:
             texts.append(part["text"])
         return "".join(texts)
     raise bad(f"{where} must be a string or a list of content parts.", where)
-
-
-def media_source(part: dict, key: str, where: str):
-    """(url, detail) of an image_url / input_image / video_url part: an object with `url` or a
-    bare string."""
-    value = part.get(key)
-    # Responses-style: {"type": "input_image", "image_url": "..."}
-    if key == "input_image" and value is None:
-        value = part.get("image_url")
-    detail = part.get("detail")
-    if isinstance(value, dict):
-        detail = value.get("detail", detail)
-        value = value.get("url")
-    if not isinstance(value, str) or not value:
-        raise bad(f"{where}: a {part.get('type')} part needs a url string.", where)
-    if detail not in (None, "auto", "low", "high", "original"):
-        raise bad(f"{where}: detail {detail!r} must be auto, low, high or original.", where)
-    # high is the full size already
-    return value, "high" if detail == "original" else detail or "auto"
 
 
 def _user_content(content, where: str):
@@ -235,7 +214,21 @@ def parse_messages(messages) -> list:
     return out
 
 
-def _tools(body) -> tuple:
+def _check_body(body, served: Served):
+    """Every field known and none refused, the served model, one choice."""
+    check_fields(
+        body,
+        SUPPORTED | IGNORED,
+        REFUSED,
+        {"functions": "; use tools", "function_call": "; use tools"},
+    )
+    check_model(body.get("model"), served)
+    if number(body, "n", integer=True) not in (None, 1):
+        raise bad(f"n={body['n']} is not supported: one choice per request.", "n")
+
+
+def _tools(body, served: Served) -> tuple:
+    """(tools, tool_choice): None, None when no tool may be called."""
     tools, choice = body.get("tools"), body.get("tool_choice")
     if tools is None or tools == []:
         if choice not in (None, "none", "auto"):
@@ -256,46 +249,43 @@ def _tools(body) -> tuple:
             )
     if choice == "none":
         return None, None  # no tools offered, so none called
-    return tools, choice  # "required" or a named function: forced by a constraint (formats.py)
-
-
-def parse(body, served: Served) -> Request:
-    """Check a chat-completions body and turn it into the neutral `Request`; an `ApiError` for
-    the first problem."""
-    check_fields(
-        body,
-        SUPPORTED | IGNORED,
-        REFUSED,
-        {"functions": "; use tools", "function_call": "; use tools"},
-    )
-    check_model(body.get("model"), served)
-    if _number(body, "n", integer=True) not in (None, 1):
-        raise bad(f"n={body['n']} is not supported: one choice per request.", "n")
-    messages = finish_messages(parse_messages(body.get("messages")), served)
-    tools, tool_choice = _tools(body)
-    if tools and not served.tools_supported:
+    if not served.tools_supported:
         raise bad(
             "tools are not supported: this model's chat template does not render them.", "tools"
         )
-    try:
-        constraint = one_constraint(
+    return tools, choice  # "required" or a named function: forced by a constraint (formats.py)
+
+
+def _constraint(body, tools, tool_choice):
+    """The one structured-output constraint: response_format's, or a forced tool call's."""
+    with as_api_errors():
+        return one_constraint(
             openai_response_format(body.get("response_format")),
             openai_tool_choice(tool_choice, tools),
             "response_format",
         )
-    except FormatError as e:
-        raise bad(e.message, e.param) from None
+
+
+def _streaming(body) -> tuple:
+    """(stream, include_usage)."""
     stream = bool(_bool(body, "stream"))
     options = body.get("stream_options")
     if options is not None and (not stream or not isinstance(options, dict)):
         raise bad(
             "stream_options is only allowed with stream: true, as an object.", "stream_options"
         )
-    include_usage = bool(options and options.get("include_usage"))
+    return stream, bool(options and options.get("include_usage"))
 
-    max_tokens = _number(body, "max_completion_tokens", 1, integer=True)
+
+def _max_tokens(body):
+    """max_completion_tokens, or the older max_tokens (None: neither)."""
+    max_tokens = number(body, "max_completion_tokens", 1, integer=True)
     if max_tokens is None:
-        max_tokens = _number(body, "max_tokens", 1, integer=True)
+        max_tokens = number(body, "max_tokens", 1, integer=True)
+    return max_tokens
+
+
+def _stop(body) -> list:
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -303,11 +293,19 @@ def parse(body, served: Served) -> Request:
         not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop)
     ):
         raise bad("stop must be a string or a list of at most 4 strings.", "stop")
+    return stop
+
+
+def _top_logprobs(body):
+    """How many alternatives each token's log-probability comes with; None: no log-probabilities."""
     logprobs = _bool(body, "logprobs")
-    top = _number(body, "top_logprobs", 0, 20, integer=True)
+    top = number(body, "top_logprobs", 0, 20, integer=True)
     if top is not None and not logprobs:
         raise bad("top_logprobs needs logprobs: true.", "top_logprobs")
-    top_k = _number(body, "top_k", -1, integer=True)
+    return (top or 0) if logprobs else None
+
+
+def _template_kwargs(body) -> dict:
     template_kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(template_kwargs, dict) or RESERVED_TEMPLATE_ARGS & set(template_kwargs):
         raise bad(
@@ -315,14 +313,18 @@ def parse(body, served: Served) -> Request:
             "add_generation_prompt.",
             "chat_template_kwargs",
         )
+    return dict(template_kwargs)
 
+
+def _settings(body, max_tokens, stop, top_k, constraint) -> dict:
+    """GenerationSettings' keyword arguments, OpenAI's defaults for the fields not given."""
     settings = dict(
         max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
-        temp=_number(body, "temperature", 0, 2) if body.get("temperature") is not None else 1.0,
-        top_p=_number(body, "top_p", 0, 1) if body.get("top_p") is not None else 1.0,
+        temp=number(body, "temperature", 0, 2) if body.get("temperature") is not None else 1.0,
+        top_p=number(body, "top_p", 0, 1) if body.get("top_p") is not None else 1.0,
         top_k=max(top_k or 0, 0),
-        min_p=_number(body, "min_p", 0, 1) or 0.0,
-        repetition_penalty=_number(body, "repetition_penalty", 0),
+        min_p=number(body, "min_p", 0, 1) or 0.0,
+        repetition_penalty=number(body, "repetition_penalty", 0),
         stop=stop or (),
         ignore_eos=bool(_bool(body, "ignore_eos")),
         constraint=constraint,
@@ -333,26 +335,39 @@ def parse(body, served: Served) -> Request:
         ("frequency_penalty", -2, 2),
         ("thinking_budget", 0, None),
     ):
-        value = _number(body, key, lo, hi, integer=key == "thinking_budget")
+        value = number(body, key, lo, hi, integer=key == "thinking_budget")
         if value is None or (value == 0 and key != "thinking_budget"):
             continue
         if key not in supported:
             raise bad(f"{key} is not supported by this server.", key)
         settings[key] = value
-    try:
-        GenerationSettings(**settings)
-    except Glm4vError as e:
-        raise bad(str(e)) from None
+    check_settings(settings)
+    return settings
+
+
+def parse(body, served: Served) -> Request:
+    """Check a chat-completions body and turn it into the neutral `Request`; an `ApiError` for
+    the first problem (the steps run in this order, which decides the problem named first)."""
+    _check_body(body, served)
+    messages = finish_messages(parse_messages(body.get("messages")), served)
+    tools, tool_choice = _tools(body, served)
+    constraint = _constraint(body, tools, tool_choice)
+    stream, include_usage = _streaming(body)
+    max_tokens, stop = _max_tokens(body), _stop(body)
+    top_logprobs = _top_logprobs(body)
+    top_k = number(body, "top_k", -1, integer=True)
+    template_kwargs = _template_kwargs(body)
+    settings = _settings(body, max_tokens, stop, top_k, constraint)
     return Request(
         messages,
         settings,
-        seed=_number(body, "seed", 0, 2**64 - 1, integer=True),
+        seed=number(body, "seed", 0, 2**64 - 1, integer=True),
         stream=stream,
-        top_logprobs=(top or 0) if logprobs else None,
+        top_logprobs=top_logprobs,
         tools=tools,
         tool_choice=tools and "auto",
         constraint=constraint,
-        template_kwargs=dict(template_kwargs),
+        template_kwargs=template_kwargs,
         options={"include_usage": include_usage},
     )
 

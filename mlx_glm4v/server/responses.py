@@ -14,9 +14,7 @@ import logging
 import uuid
 from collections import OrderedDict
 
-from ..errors import Glm4vError
-from ..generation.generate import GenerationSettings
-from .formats import FormatError, one_constraint, responses_text_format, responses_tool_choice
+from .formats import one_constraint, responses_text_format, responses_tool_choice
 from .neutral import (
     ApiError,
     Content,
@@ -27,19 +25,21 @@ from .neutral import (
     ToolArgs,
     ToolEnd,
     ToolStart,
+    as_api_errors,
     bad,
     check_fields,
     check_model,
+    check_settings,
     effort,
     finish_messages,
     function_tool,
+    media_source,
     number,
     offered_tools,
     seal,
     unknown_fields,
     unseal,
 )
-from .openai import media_source
 
 log = logging.getLogger("mlx_glm4v.server")
 
@@ -340,12 +340,10 @@ def parse(body, served: Served) -> Request:
         raise bad("instructions must be a string.", "instructions")
     messages = ([{"role": "system", "content": instructions}] if instructions else []) + history
     tools, tool_choice = offered_tools(body, served, _tool)
-    try:
+    with as_api_errors():
         constraint = one_constraint(
             responses_text_format(text), responses_tool_choice(tool_choice, tools), "text.format"
         )
-    except FormatError as e:
-        raise bad(e.message, e.param) from None
 
     temperature = number(body, "temperature", 0, 2)
     top_p = number(body, "top_p", 0, 1)
@@ -370,10 +368,7 @@ def parse(body, served: Served) -> Request:
         raise bad("reasoning must be an object.", "reasoning")
     unknown_fields(reasoning, {"effort", "summary", "generate_summary"}, "reasoning")
     effort(request, served, reasoning.get("effort"), "reasoning.effort")
-    try:
-        GenerationSettings(**{**settings, "max_tokens": settings["max_tokens"] or 1})
-    except Glm4vError as e:
-        raise bad(str(e)) from None
+    check_settings(settings)
     request.options = {
         "store": store,
         "sealed": "reasoning.encrypted_content" in include,
@@ -420,7 +415,7 @@ class Stream:
 
     def __init__(self, request: Request, meta):
         self.request, self.meta = request, meta
-        self.sequence, self.output, self.item = 0, [], None
+        self.sequence, self.item = 0, None
         self.response = {
             "id": meta.id,
             "object": "response",
