@@ -424,9 +424,6 @@ def generate(
     With --schema, --regex or --choice only the answer is printed: the constrained text."""
     if draw_boxes and not reply.images:
         raise Glm4vError("--draw-boxes needs an image (--image) to draw on.")
-    from .generation.generate import stats_line, stream_generate
-    from .generation.grounding import boxes_of, draw_reply
-    from .generation.reply import ReplySplitter, split_reply
     from .serving import distributed
 
     group = distributed.launched()
@@ -435,8 +432,30 @@ def generate(
     loaded_model, processor, load_s = load_for_cli(reply, group)
     if group is not None:  # rank 0's prompt, options, seed and media bytes on every rank
         prompt, reply = distributed.share_reply(group, prompt, reply)
-    responses = stream_generate(
-        loaded_model,
+    responses = stream_reply(loaded_model, processor, prompt, reply)
+    if group is not None:
+        responses = distributed.watched(group, responses)
+        if group.rank() != 0:
+            return distributed.follow(group, responses)
+    if as_json:
+        text, response = read_reply(responses)
+        print_json(text, response, load_s, reply.images)
+    else:
+        hide_thinking = hide_thinking or reply.settings.get("constraint") is not None
+        text, response = print_reply(responses, hide_thinking)
+        print_stats(response, load_s)
+    if draw_boxes:
+        save_boxes(draw_boxes, text, reply.images)
+    if group is not None:
+        distributed.finish(group)
+
+
+def stream_reply(model, processor, prompt: str, reply: Reply):
+    """The reply's responses as they are generated, with the options the command was given."""
+    from .generation.generate import stream_generate
+
+    return stream_generate(
+        model,
         processor,
         prompt,
         reply.images,
@@ -445,54 +464,79 @@ def generate(
         seed=reply.seed,
         **reply.settings,
     )
-    if group is not None:
-        responses = distributed.watched(group, responses)
-        if group.rank() != 0:
-            return distributed.follow(group, responses)
-    text, shown, response = "", "", None
-    splitter = ReplySplitter()
-    hide_thinking = hide_thinking or reply.settings.get("constraint") is not None
+
+
+def read_reply(responses) -> tuple:
+    """(text, last response): the whole reply, nothing printed while it comes (for --json)."""
+    text, response = "", None
     for response in responses:
         text += response.text
-        if not as_json:
-            piece = response.text
-            if hide_thinking:
-                piece = splitter.feed(piece)[1]
-                # the answer alone starts with its first word
-                piece = piece if shown else piece.lstrip()
-            shown += piece
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-    if as_json:
-        parts = split_reply(text)
-        print(
-            json.dumps(
-                {
-                    "text": text,
-                    "reasoning": parts.reasoning,
-                    "answer": parts.answer,
-                    "prompt_tokens": response.prompt_tokens,
-                    "generation_tokens": response.generation_tokens,
-                    "load_s": load_s,
-                    "prompt_tps": response.prompt_tps,
-                    "generation_tps": response.generation_tps,
-                    "peak_memory_gb": response.peak_memory,
-                    "finish_reason": response.finish_reason,
-                    "boxes": boxes_of(text, reply.images),
-                }
-            )
-        )
-    else:
+    return text, response
+
+
+def print_reply(responses, hide_thinking: bool) -> tuple:
+    """Print the reply as it streams, the answer alone with `hide_thinking`, then end the line;
+    returns (text, last response)."""
+    from .generation.reply import ReplySplitter
+
+    text, shown, response = "", "", None
+    splitter = ReplySplitter()
+    for response in responses:
+        text += response.text
+        piece = response.text
         if hide_thinking:
-            rest = splitter.finish()[1]
-            sys.stdout.write(rest if shown else rest.lstrip())
-        print()
-        print(stats_line(response, load_s), file=sys.stderr)
-    if draw_boxes:
-        for line in draw_reply(draw_boxes, text, reply.images):
-            typer.echo(line, err=True)
-    if group is not None:
-        distributed.finish(group)
+            piece = splitter.feed(piece)[1]
+            # the answer alone starts with its first word
+            piece = piece if shown else piece.lstrip()
+        shown += piece
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    if hide_thinking:
+        rest = splitter.finish()[1]
+        sys.stdout.write(rest if shown else rest.lstrip())
+    print()
+    return text, response
+
+
+def print_stats(response, load_s: float):
+    """Token counts, speeds and memory on stderr, so that stdout holds the reply alone."""
+    from .generation.generate import stats_line
+
+    print(stats_line(response, load_s), file=sys.stderr)
+
+
+def print_json(text: str, response, load_s: float, images: list):
+    """The reply as one JSON object on stdout: text, reasoning and answer, statistics, boxes."""
+    from .generation.grounding import boxes_of
+    from .generation.reply import split_reply
+
+    parts = split_reply(text)
+    print(
+        json.dumps(
+            {
+                "text": text,
+                "reasoning": parts.reasoning,
+                "answer": parts.answer,
+                "prompt_tokens": response.prompt_tokens,
+                "generation_tokens": response.generation_tokens,
+                "load_s": load_s,
+                "prompt_tps": response.prompt_tps,
+                "generation_tps": response.generation_tps,
+                "peak_memory_gb": response.peak_memory,
+                "finish_reason": response.finish_reason,
+                "boxes": boxes_of(text, images),
+            }
+        )
+    )
+
+
+def save_boxes(out: str, text: str, images: list):
+    """--draw-boxes: each image with the reply's boxes and points drawn; where it went on
+    stderr."""
+    from .generation.grounding import draw_reply
+
+    for line in draw_reply(out, text, images):
+        typer.echo(line, err=True)
 
 
 @app.command()
