@@ -701,46 +701,44 @@ def serve(
         return follow_server(group, resolve_model_name(model))
     from .server.app import ServerConfig
     from .server.app import serve as run_server
-    from .server.media import MediaPolicy
 
-    mb = 1 << 20
-    for name, value in (
-        ("--max-body-mb", max_body_mb),
-        ("--max-media-mb", max_media_mb),
-        ("--request-timeout", request_timeout),
-        ("--keepalive", keepalive),
-        ("--max-video-seconds", max_video_seconds),
-        ("--max-stall-ms", max_stall_ms),
-    ):
-        if value <= 0:
-            raise Glm4vError(f"{name} {value} must be positive.")
-    if max_concurrency is not None and max_concurrency < 1:
-        raise Glm4vError(f"--max-concurrency {max_concurrency} must be at least 1.")
-    if max_output_tokens is not None and max_output_tokens < 1:
-        raise Glm4vError(f"--max-output-tokens {max_output_tokens} must be at least 1.")
-    policy = MediaPolicy(
-        media_root=media_root,
-        allow_url_fetch=allow_url_fetch,
-        max_media_bytes=int(max_media_mb * mb),
-        max_images=max_images,
-        max_videos=max_videos,
-        max_image_pixels=max_image_pixels,
-        max_video_seconds=max_video_seconds,
-        max_video_frames=max_video_frames,
+    check_limits(
+        positive={
+            "--max-body-mb": max_body_mb,
+            "--max-media-mb": max_media_mb,
+            "--request-timeout": request_timeout,
+            "--keepalive": keepalive,
+            "--max-video-seconds": max_video_seconds,
+            "--max-stall-ms": max_stall_ms,
+        },
+        at_least_one={
+            "--max-concurrency": max_concurrency,
+            "--max-output-tokens": max_output_tokens,
+        },
+    )
+    policy = media_policy(
+        media_root,
+        allow_url_fetch,
+        max_media_mb,
+        max_images,
+        max_videos,
+        max_image_pixels,
+        max_video_seconds,
+        max_video_frames,
     )
     config = ServerConfig(
         model=resolve_model_name(model),
         alias=alias,
         api_key=api_key,
         cors_origins=list(cors_origin or []),
-        max_body_bytes=int(max_body_mb * mb),
+        max_body_bytes=megabytes(max_body_mb),
         max_prompt_tokens=max_prompt_tokens,
         request_timeout=request_timeout,
         keepalive=keepalive,
         max_queue=max_queue,
         max_concurrency=max_concurrency,
         max_stall_ms=max_stall_ms,
-        feature_cache_bytes=int(feature_cache_mb * mb),
+        feature_cache_bytes=megabytes(feature_cache_mb),
         ui=not no_ui,
         media=policy,
         max_output_tokens=max_output_tokens,
@@ -753,6 +751,47 @@ def serve(
         insecure_no_auth=insecure_no_auth,
         log_level=log_level,
         group=group,
+    )
+
+
+def check_limits(positive: dict, at_least_one: dict):
+    """A limit that can never be met ends `serve` before a model is read, named as typed; the
+    `at_least_one` limits may be left out (None)."""
+    for name, value in positive.items():
+        if value <= 0:
+            raise Glm4vError(f"{name} {value} must be positive.")
+    for name, value in at_least_one.items():
+        if value is not None and value < 1:
+            raise Glm4vError(f"{name} {value} must be at least 1.")
+
+
+def megabytes(mb: float) -> int:
+    """Bytes in `mb` MB as the options count them (MiB)."""
+    return int(mb * (1 << 20))
+
+
+def media_policy(
+    media_root: Optional[Path],
+    allow_url_fetch: bool,
+    max_media_mb: float,
+    max_images: int,
+    max_videos: int,
+    max_image_pixels: int,
+    max_video_seconds: float,
+    max_video_frames: int,
+):
+    """What the server may read for a request: which files and URLs, how large, how many."""
+    from .server.media import MediaPolicy
+
+    return MediaPolicy(
+        media_root=media_root,
+        allow_url_fetch=allow_url_fetch,
+        max_media_bytes=megabytes(max_media_mb),
+        max_images=max_images,
+        max_videos=max_videos,
+        max_image_pixels=max_image_pixels,
+        max_video_seconds=max_video_seconds,
+        max_video_frames=max_video_frames,
     )
 
 
