@@ -424,9 +424,6 @@ def generate(
     With --schema, --regex or --choice only the answer is printed: the constrained text."""
     if draw_boxes and not reply.images:
         raise Glm4vError("--draw-boxes needs an image (--image) to draw on.")
-    from .generation.generate import stats_line, stream_generate
-    from .generation.grounding import boxes_of, draw_reply
-    from .generation.reply import ReplySplitter, split_reply
     from .serving import distributed
 
     group = distributed.launched()
@@ -435,8 +432,30 @@ def generate(
     loaded_model, processor, load_s = load_for_cli(reply, group)
     if group is not None:  # rank 0's prompt, options, seed and media bytes on every rank
         prompt, reply = distributed.share_reply(group, prompt, reply)
-    responses = stream_generate(
-        loaded_model,
+    responses = stream_reply(loaded_model, processor, prompt, reply)
+    if group is not None:
+        responses = distributed.watched(group, responses)
+        if group.rank() != 0:
+            return distributed.follow(group, responses)
+    if as_json:
+        text, response = read_reply(responses)
+        print_json(text, response, load_s, reply.images)
+    else:
+        hide_thinking = hide_thinking or reply.settings.get("constraint") is not None
+        text, response = print_reply(responses, hide_thinking)
+        print_stats(response, load_s)
+    if draw_boxes:
+        save_boxes(draw_boxes, text, reply.images)
+    if group is not None:
+        distributed.finish(group)
+
+
+def stream_reply(model, processor, prompt: str, reply: Reply):
+    """The reply's responses as they are generated, with the options the command was given."""
+    from .generation.generate import stream_generate
+
+    return stream_generate(
+        model,
         processor,
         prompt,
         reply.images,
@@ -445,54 +464,79 @@ def generate(
         seed=reply.seed,
         **reply.settings,
     )
-    if group is not None:
-        responses = distributed.watched(group, responses)
-        if group.rank() != 0:
-            return distributed.follow(group, responses)
-    text, shown, response = "", "", None
-    splitter = ReplySplitter()
-    hide_thinking = hide_thinking or reply.settings.get("constraint") is not None
+
+
+def read_reply(responses) -> tuple:
+    """(text, last response): the whole reply, nothing printed while it comes (for --json)."""
+    text, response = "", None
     for response in responses:
         text += response.text
-        if not as_json:
-            piece = response.text
-            if hide_thinking:
-                piece = splitter.feed(piece)[1]
-                # the answer alone starts with its first word
-                piece = piece if shown else piece.lstrip()
-            shown += piece
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-    if as_json:
-        parts = split_reply(text)
-        print(
-            json.dumps(
-                {
-                    "text": text,
-                    "reasoning": parts.reasoning,
-                    "answer": parts.answer,
-                    "prompt_tokens": response.prompt_tokens,
-                    "generation_tokens": response.generation_tokens,
-                    "load_s": load_s,
-                    "prompt_tps": response.prompt_tps,
-                    "generation_tps": response.generation_tps,
-                    "peak_memory_gb": response.peak_memory,
-                    "finish_reason": response.finish_reason,
-                    "boxes": boxes_of(text, reply.images),
-                }
-            )
-        )
-    else:
+    return text, response
+
+
+def print_reply(responses, hide_thinking: bool) -> tuple:
+    """Print the reply as it streams, the answer alone with `hide_thinking`, then end the line;
+    returns (text, last response)."""
+    from .generation.reply import ReplySplitter
+
+    text, shown, response = "", "", None
+    splitter = ReplySplitter()
+    for response in responses:
+        text += response.text
+        piece = response.text
         if hide_thinking:
-            rest = splitter.finish()[1]
-            sys.stdout.write(rest if shown else rest.lstrip())
-        print()
-        print(stats_line(response, load_s), file=sys.stderr)
-    if draw_boxes:
-        for line in draw_reply(draw_boxes, text, reply.images):
-            typer.echo(line, err=True)
-    if group is not None:
-        distributed.finish(group)
+            piece = splitter.feed(piece)[1]
+            # the answer alone starts with its first word
+            piece = piece if shown else piece.lstrip()
+        shown += piece
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    if hide_thinking:
+        rest = splitter.finish()[1]
+        sys.stdout.write(rest if shown else rest.lstrip())
+    print()
+    return text, response
+
+
+def print_stats(response, load_s: float):
+    """Token counts, speeds and memory on stderr, so that stdout holds the reply alone."""
+    from .generation.generate import stats_line
+
+    print(stats_line(response, load_s), file=sys.stderr)
+
+
+def print_json(text: str, response, load_s: float, images: list):
+    """The reply as one JSON object on stdout: text, reasoning and answer, statistics, boxes."""
+    from .generation.grounding import boxes_of
+    from .generation.reply import split_reply
+
+    parts = split_reply(text)
+    print(
+        json.dumps(
+            {
+                "text": text,
+                "reasoning": parts.reasoning,
+                "answer": parts.answer,
+                "prompt_tokens": response.prompt_tokens,
+                "generation_tokens": response.generation_tokens,
+                "load_s": load_s,
+                "prompt_tps": response.prompt_tps,
+                "generation_tps": response.generation_tps,
+                "peak_memory_gb": response.peak_memory,
+                "finish_reason": response.finish_reason,
+                "boxes": boxes_of(text, images),
+            }
+        )
+    )
+
+
+def save_boxes(out: str, text: str, images: list):
+    """--draw-boxes: each image with the reply's boxes and points drawn; where it went on
+    stderr."""
+    from .generation.grounding import draw_reply
+
+    for line in draw_reply(out, text, images):
+        typer.echo(line, err=True)
 
 
 @app.command()
@@ -657,46 +701,44 @@ def serve(
         return follow_server(group, resolve_model_name(model))
     from .server.app import ServerConfig
     from .server.app import serve as run_server
-    from .server.media import MediaPolicy
 
-    mb = 1 << 20
-    for name, value in (
-        ("--max-body-mb", max_body_mb),
-        ("--max-media-mb", max_media_mb),
-        ("--request-timeout", request_timeout),
-        ("--keepalive", keepalive),
-        ("--max-video-seconds", max_video_seconds),
-        ("--max-stall-ms", max_stall_ms),
-    ):
-        if value <= 0:
-            raise Glm4vError(f"{name} {value} must be positive.")
-    if max_concurrency is not None and max_concurrency < 1:
-        raise Glm4vError(f"--max-concurrency {max_concurrency} must be at least 1.")
-    if max_output_tokens is not None and max_output_tokens < 1:
-        raise Glm4vError(f"--max-output-tokens {max_output_tokens} must be at least 1.")
-    policy = MediaPolicy(
-        media_root=media_root,
-        allow_url_fetch=allow_url_fetch,
-        max_media_bytes=int(max_media_mb * mb),
-        max_images=max_images,
-        max_videos=max_videos,
-        max_image_pixels=max_image_pixels,
-        max_video_seconds=max_video_seconds,
-        max_video_frames=max_video_frames,
+    check_limits(
+        positive={
+            "--max-body-mb": max_body_mb,
+            "--max-media-mb": max_media_mb,
+            "--request-timeout": request_timeout,
+            "--keepalive": keepalive,
+            "--max-video-seconds": max_video_seconds,
+            "--max-stall-ms": max_stall_ms,
+        },
+        at_least_one={
+            "--max-concurrency": max_concurrency,
+            "--max-output-tokens": max_output_tokens,
+        },
+    )
+    policy = media_policy(
+        media_root,
+        allow_url_fetch,
+        max_media_mb,
+        max_images,
+        max_videos,
+        max_image_pixels,
+        max_video_seconds,
+        max_video_frames,
     )
     config = ServerConfig(
         model=resolve_model_name(model),
         alias=alias,
         api_key=api_key,
         cors_origins=list(cors_origin or []),
-        max_body_bytes=int(max_body_mb * mb),
+        max_body_bytes=megabytes(max_body_mb),
         max_prompt_tokens=max_prompt_tokens,
         request_timeout=request_timeout,
         keepalive=keepalive,
         max_queue=max_queue,
         max_concurrency=max_concurrency,
         max_stall_ms=max_stall_ms,
-        feature_cache_bytes=int(feature_cache_mb * mb),
+        feature_cache_bytes=megabytes(feature_cache_mb),
         ui=not no_ui,
         media=policy,
         max_output_tokens=max_output_tokens,
@@ -709,6 +751,47 @@ def serve(
         insecure_no_auth=insecure_no_auth,
         log_level=log_level,
         group=group,
+    )
+
+
+def check_limits(positive: dict, at_least_one: dict):
+    """A limit that can never be met ends `serve` before a model is read, named as typed; the
+    `at_least_one` limits may be left out (None)."""
+    for name, value in positive.items():
+        if value <= 0:
+            raise Glm4vError(f"{name} {value} must be positive.")
+    for name, value in at_least_one.items():
+        if value is not None and value < 1:
+            raise Glm4vError(f"{name} {value} must be at least 1.")
+
+
+def megabytes(mb: float) -> int:
+    """Bytes in `mb` MB as the options count them (MiB)."""
+    return int(mb * (1 << 20))
+
+
+def media_policy(
+    media_root: Optional[Path],
+    allow_url_fetch: bool,
+    max_media_mb: float,
+    max_images: int,
+    max_videos: int,
+    max_image_pixels: int,
+    max_video_seconds: float,
+    max_video_frames: int,
+):
+    """What the server may read for a request: which files and URLs, how large, how many."""
+    from .server.media import MediaPolicy
+
+    return MediaPolicy(
+        media_root=media_root,
+        allow_url_fetch=allow_url_fetch,
+        max_media_bytes=megabytes(max_media_mb),
+        max_images=max_images,
+        max_videos=max_videos,
+        max_image_pixels=max_image_pixels,
+        max_video_seconds=max_video_seconds,
+        max_video_frames=max_video_frames,
     )
 
 

@@ -306,6 +306,16 @@ class _Source:
     quantize: bool  # whether `layers` are still to be quantized here (or are read quantized)
 
 
+def _read_source(
+    src: Path, raw: dict, source_quantization, plan, target, dequantize: bool, progress
+) -> _Source:
+    """A quantized source loaded whole (written again, or dequantized); a float one streamed,
+    to be quantized by `plan`."""
+    if source_quantization:
+        return _read_quantized(src, source_quantization, target, dequantize, progress)
+    return _read_floats(src, raw, plan, progress)
+
+
 def _read_floats(src: Path, raw: dict, plan: Optional[Quantization], progress) -> _Source:
     model = Model(ModelConfig.from_dict(raw))
     layers, default = {}, None
@@ -383,8 +393,11 @@ def _write_weights(directory: Path, source: _Source, dtype, progress) -> tuple[S
     return writer, int(parameters)
 
 
-def _quantization_config(layers: dict, default: dict) -> dict:
-    """mlx-lm's `quantization` entry: the global settings, then each layer whose settings differ."""
+def _quantization_config(layers: dict, default: Optional[dict]) -> Optional[dict]:
+    """mlx-lm's `quantization` entry: the global settings, then each layer whose settings differ;
+    None when no layer is stored quantized."""
+    if not layers:
+        return None
     return {**default, **{path: s for path, s in sorted(layers.items()) if s != default}}
 
 
@@ -496,6 +509,34 @@ def convert(
     float16, float32) is the float type of what is not quantized; default: the source's.
     """
     quantize = quantize or bool(quant_recipe)
+    plan = _check_options(
+        quantize, q_bits, q_group_size, q_mode, quant_recipe, quantize_vision, dtype, dequantize
+    )
+    out, src = _locations(hf_path, mlx_path, force)
+    raw = json.loads((src / "config.json").read_text())
+    source_quantization = _check_source(hf_path, src, raw, quantize, dequantize)
+    target = getattr(mx, dtype) if dtype else None
+
+    with _progress() as progress, _atomic_directory(out) as tmp:
+        source = _read_source(src, raw, source_quantization, plan, target, dequantize, progress)
+        writer, parameters = _write_weights(tmp, source, target, progress)
+        quantization = _quantization_config(source.layers, source.default)
+        _write_config(src, tmp, dtype, quantization)
+        _copy_side_files(src, tmp)
+        floats = dtype or raw.get("dtype") or raw.get("torch_dtype") or "float"
+        weights = _describe(quantization, floats, writer.total_bytes * 8 / parameters)
+        _model_card(tmp, hf_path, weights, upload_repo or str(mlx_path), upload_repo)
+    _summary(hf_path, src, out, writer, weights)
+    if upload_repo:
+        _upload(out, upload_repo)
+    return out
+
+
+def _check_options(
+    quantize, q_bits, q_group_size, q_mode, quant_recipe, quantize_vision, dtype, dequantize
+) -> Optional[Quantization]:
+    """The options checked against each other before anything is read (a mistake costs no
+    download); returns the quantization plan, None when not quantizing."""
     if quantize and dequantize:
         raise Glm4vError("--quantize and --dequantize exclude each other; choose one.")
     if quantize_vision and not quantize:
@@ -512,8 +553,14 @@ def convert(
     if dtype == "float16":
         warnings.warn(
             "GLM-4 models overflow in float16 and then answer garbage; use --dtype bfloat16.",
-            stacklevel=2,
+            stacklevel=3,  # at the line that called convert
         )
+    return plan
+
+
+def _locations(hf_path: str, mlx_path: str, force: bool) -> tuple[Path, Path]:
+    """(output directory, source directory): the output checked before the source is
+    downloaded, and never the source or a directory holding it."""
     out = Path(mlx_path).expanduser()
     _check_destination(out, force)
     src = resolve(hf_path)
@@ -521,8 +568,14 @@ def convert(
         raise Glm4vError(
             f"--mlx-path {out} holds the source checkpoint {src}; write somewhere else."
         )
+    return out, src
 
-    raw = json.loads((src / "config.json").read_text())
+
+def _check_source(
+    hf_path: str, src: Path, raw: dict, quantize: bool, dequantize: bool
+) -> Optional[dict]:
+    """The source's stored quantization (None for floats), checked against what was asked: a
+    quantized source is not quantized again, a float one not dequantized."""
     source_quantization = stored_quantization(raw, src)
     if source_quantization and quantize:
         raise Glm4vError(
@@ -531,30 +584,16 @@ def convert(
         )
     if dequantize and not source_quantization:
         raise Glm4vError(f"{hf_path} is not quantized, so there is nothing to --dequantize.")
-    target = getattr(mx, dtype) if dtype else None
+    return source_quantization
 
-    with _progress() as progress, _atomic_directory(out) as tmp:
-        if source_quantization:
-            source = _read_quantized(src, source_quantization, target, dequantize, progress)
-        else:
-            source = _read_floats(src, raw, plan, progress)
-        writer, parameters = _write_weights(tmp, source, target, progress)
-        quantization = (
-            _quantization_config(source.layers, source.default) if source.layers else None
-        )
-        _write_config(src, tmp, dtype, quantization)
-        _copy_side_files(src, tmp)
-        floats = dtype or raw.get("dtype") or raw.get("torch_dtype") or "float"
-        weights = _describe(quantization, floats, writer.total_bytes * 8 / parameters)
-        _model_card(tmp, hf_path, weights, upload_repo or str(mlx_path), upload_repo)
+
+def _summary(hf_path: str, src: Path, out: Path, writer: ShardWriter, weights: str):
+    """One line on stdout: sizes before and after, shards, how the weights are stored."""
     before = sum(f.stat().st_size for f in weight_files(src))
     print(
         f"{hf_path} -> {out}: {_size(before)} -> {_size(writer.total_bytes)} in "
         f"{len(writer.shards)} shard(s), {weights}."
     )
-    if upload_repo:
-        _upload(out, upload_repo)
-    return out
 
 
 def _describe(quantization: Optional[dict], floats: str, bits_per_weight: float) -> str:
