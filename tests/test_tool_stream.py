@@ -17,7 +17,7 @@ from mlx_glm4v.generation.reply import (
     ToolStart,
     parse_reply,
 )
-from mlx_glm4v.server import anthropic, responses
+from mlx_glm4v.server import anthropic, openai, responses
 from mlx_glm4v.server.neutral import ApiError, Served
 
 CAPTURES = Path(__file__).parent / "captures"
@@ -176,6 +176,24 @@ def test_claude_code_request_parses():
     assert refused.value.status == 404
     anyone = Served(**{**SERVED.__dict__, "answer_any_model": True})
     assert anthropic.parse({**body, "model": "claude-haiku-4-5"}, anyone).tools
+
+
+@pytest.mark.parametrize("tools", [[3], ["book"], [None]])
+def test_a_tool_that_is_not_an_object_is_refused_in_every_dialect(tools):
+    """A 400 naming the tool, never a crash (chat completions read `.get` off any tool once)."""
+    bodies = {
+        openai: {"model": "glm-tiny", "messages": [{"role": "user", "content": "Hi"}]},
+        responses: {"model": "glm-tiny", "input": "Hi"},
+        anthropic: {
+            "model": "glm-tiny",
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": "Hi"}],
+        },
+    }
+    for dialect, body in bodies.items():
+        with pytest.raises(ApiError) as refused:
+            dialect.parse({**body, "tools": tools}, SERVED)
+        assert (refused.value.status, refused.value.param) == (400, "tools[0]"), dialect.__name__
 
 
 def tokens(processor, request) -> list:
@@ -339,7 +357,6 @@ def test_whole_replies_validate_as_the_sdks_types():
     from openai.types.chat import ChatCompletion, ChatCompletionChunk
     from openai.types.responses import Response
 
-    from mlx_glm4v.server import openai
     from mlx_glm4v.server.neutral import Finish, Meta
 
     class Usage:
