@@ -228,7 +228,7 @@ def stages_ours(args):
     t_total = time.perf_counter() - t
     modules = modules_loaded()
 
-    from mlx_glm4v.generation.generate import build_messages
+    from mlx_glm4v.generation.messages import build_messages
 
     messages = build_messages(args.prompt, args.image, args.video)
     t = time.perf_counter()
@@ -357,7 +357,7 @@ def cmd_imports(args):
 
 def ours_inputs(processor, prompt, images):
     """What `stream_generate` prepares before its clock starts: template, images, patches."""
-    from mlx_glm4v.generation.generate import build_messages
+    from mlx_glm4v.generation.messages import build_messages
 
     messages = build_messages(prompt, images)
     text = processor.apply_chat_template(messages, add_generation_prompt=True)

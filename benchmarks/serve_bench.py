@@ -341,8 +341,8 @@ def decoded_image(url: str):
 
 def in_process_run(model, processor, requests: list, clients: int) -> tuple:
     """The same measurement on the engine itself (max_concurrency = clients), no HTTP."""
-    from mlx_glm4v.generation.generate import GenerationSettings
     from mlx_glm4v.generation.reply import split_reply
+    from mlx_glm4v.generation.settings import GenerationSettings
     from mlx_glm4v.server.formats import openai_response_format
     from mlx_glm4v.serving.engine import Engine, Request
 

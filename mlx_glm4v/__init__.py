@@ -19,7 +19,7 @@ _EXPORTS = {
     "batch_generate": "serving.engine",
     "Engine": "serving.engine",
     "ChatSession": "generation.chat",
-    "GenerationSettings": "generation.generate",
+    "GenerationSettings": "generation.settings",
     "split_reply": "generation.reply",
     "ReplySplitter": "generation.reply",
     "ReplyParser": "generation.reply",

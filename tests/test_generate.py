@@ -17,14 +17,9 @@ from test_model import clip, picture
 
 from mlx_glm4v.checkpoints.loader import load
 from mlx_glm4v.generation.chat import ChatSession, drop_thinking
-from mlx_glm4v.generation.generate import (
-    GenerationSettings,
-    StopStrings,
-    generate,
-    generate_step,
-    hidden_tokens,
-    stream_generate,
-)
+from mlx_glm4v.generation.generate import generate, generate_step, stream_generate
+from mlx_glm4v.generation.settings import GenerationSettings
+from mlx_glm4v.generation.streaming import StopStrings, hidden_tokens
 from mlx_glm4v.inputs.video import Video
 
 STEPS = 12
@@ -339,7 +334,7 @@ def test_prompt_lookup_keeps_greedy_output(setup, media, monkeypatch):
 
 
 def test_streamed_text_never_splits_a_character(setup):
-    from mlx_glm4v.generation.generate import StreamingText
+    from mlx_glm4v.generation.streaming import StreamingText
 
     tokenizer = setup["processor"].tokenizer
     text = "Ünïcödé text, emoji 🙂 and 中文 字符 <think>ok</think>"

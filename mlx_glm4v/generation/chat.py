@@ -18,14 +18,10 @@ from ..models.cache import PromptCache
 from ..models.media import FeatureMemo, MediaItem, media_items, placed_media
 from ..models.model import Model
 from ..models.rope_index import IMAGE, VIDEO, rope_index, token_types
-from .generate import (
-    GenerationResponse,
-    GenerationSettings,
-    kept_prefix,
-    stream_tokens,
-    user_message,
-)
+from .generate import GenerationResponse, stream_tokens
+from .messages import user_message
 from .reply import THINKING
+from .settings import GenerationSettings, kept_prefix
 
 
 def drop_thinking(text: str) -> str:

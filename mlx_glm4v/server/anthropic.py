@@ -14,7 +14,7 @@ import logging
 import uuid
 
 from ..errors import Glm4vError
-from ..generation.generate import GenerationSettings
+from ..generation.settings import GenerationSettings
 from .formats import FormatError, anthropic_output_format, anthropic_tool_choice, one_constraint
 from .neutral import (
     ApiError,

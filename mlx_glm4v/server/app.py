@@ -341,7 +341,7 @@ async def _reply(request: Request, dialect):
         room = min(room, ready.config.max_output_tokens)
     settings["max_tokens"] = max(1, room)
 
-    from ..generation.generate import GenerationSettings
+    from ..generation.settings import GenerationSettings
     from ..serving.engine import QueueFull
     from ..serving.engine import Request as EngineRequest
 

@@ -11,7 +11,7 @@ import uuid
 from dataclasses import fields
 
 from ..errors import Glm4vError
-from ..generation.generate import GenerationSettings
+from ..generation.settings import GenerationSettings
 from .formats import FormatError, one_constraint, openai_response_format, openai_tool_choice
 from .neutral import (
     DEFAULT_MAX_TOKENS,

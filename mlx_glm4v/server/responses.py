@@ -15,7 +15,7 @@ import uuid
 from collections import OrderedDict
 
 from ..errors import Glm4vError
-from ..generation.generate import GenerationSettings
+from ..generation.settings import GenerationSettings
 from .formats import FormatError, one_constraint, responses_text_format, responses_tool_choice
 from .neutral import (
     ApiError,

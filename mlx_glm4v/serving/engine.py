@@ -47,16 +47,14 @@ from mlx.utils import tree_flatten
 from ..errors import Glm4vError
 from ..generation.constrain import step_masks
 from ..generation.generate import (
-    GenerationSettings,
-    StopStrings,
-    StreamingText,
-    build_messages,
     clear_cache_after,
     generation_stream,
-    kv_group_size_for,
     maybe_quantize_kv_cache,
     wired_limit,
 )
+from ..generation.messages import build_messages
+from ..generation.settings import GenerationSettings, kv_group_size_for
+from ..generation.streaming import StopStrings, StreamingText
 from ..inputs.processor import Processor
 from ..models.media import FeatureMemo, media_items
 from ..models.model import TEXT_PIECE_WORK, VISION_PIECE_PATCHES, VISION_PIECE_WORK, Model
