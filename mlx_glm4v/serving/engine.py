@@ -57,12 +57,22 @@ from ..generation.settings import GenerationSettings, kv_group_size_for
 from ..generation.streaming import StopStrings, StreamingText
 from ..inputs.processor import Processor
 from ..models.media import FeatureMemo, media_items
-from ..models.model import TEXT_PIECE_WORK, VISION_PIECE_PATCHES, VISION_PIECE_WORK, Model
+from ..models.model import Model
 from .prefix import PrefixCache, media_marks
 from .rows import RowSampler, RowState, decode_logits
 from .stats import EngineStats, PieceCosts
 
 log = logging.getLogger(__name__)
+
+# A piece of vision work the engine runs between decode steps: frames of at most about
+# VISION_PIECE_PATCHES patches (one frame at least) through blocks of the tower, as many
+# blocks as keep patches x blocks within VISION_PIECE_WORK (one block at least); frames
+# too large for that take a block a few attention heads a piece (head_groups.py).
+VISION_PIECE_PATCHES = 2048
+VISION_PIECE_WORK = 2048
+# Likewise a prompt chunk of n tokens runs through max(1, TEXT_PIECE_WORK // n) decoder layers a
+# piece, or, when its attention is long (head_groups.py), a layer a few heads a piece.
+TEXT_PIECE_WORK = 512
 
 
 class QueueFull(Glm4vError):
