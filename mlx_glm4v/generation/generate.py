@@ -20,7 +20,7 @@ from ..models.model import Model, Prompt
 from .drafting import lookup_decode
 from .messages import build_messages
 from .settings import GenerationSettings, kv_group_size_for
-from .streaming import StopStrings, StreamingText
+from .streaming import ReplyText
 
 # Generation runs on a stream of its own, as in mlx-lm, so queued steps never wait on other work.
 generation_stream = mx.new_thread_local_stream(mx.default_device())
@@ -220,8 +220,7 @@ def stream_tokens(model, processor, inputs: dict, cache, *, stop_ids=(), stop=()
     """Text and statistics for processor outputs run into `cache`: the common core of generate
     and chat."""
     n_prompt = int(inputs["input_ids"].shape[-1])
-    decoder = StreamingText(processor.tokenizer.backend)
-    stops = StopStrings(stop)
+    reply = ReplyText(processor.tokenizer.backend, stop_ids, stop)
     start = time.perf_counter()
     prompt_tps = generation_tps = 0.0
     with wired_limit(model):
@@ -242,20 +241,12 @@ def stream_tokens(model, processor, inputs: dict, cache, *, stop_ids=(), stop=()
                 peak_memory=mx.get_peak_memory() / 1e9,
                 logprobs=logprobs,
             )
-            if token in stop_ids:
-                piece, _ = stops.feed(decoder.finish())
-                yield GenerationResponse(
-                    piece + stops.flush(), token, **stats, finish_reason="stop"
-                )
+            text, finish = reply.add(token)
+            yield GenerationResponse(text, token, **stats, finish_reason=finish)
+            if finish:
                 return
-            piece, stopped = stops.feed(decoder.add(token))
-            if stopped:
-                yield GenerationResponse(piece, token, **stats, finish_reason="stop")
-                return
-            yield GenerationResponse(piece, token, **stats)
-    piece, _ = stops.feed(decoder.finish())
     yield GenerationResponse(
-        piece + stops.flush(), None, **{**stats, "logprobs": None}, finish_reason="length"
+        reply.finish(), None, **{**stats, "logprobs": None}, finish_reason="length"
     )
 
 

@@ -70,3 +70,26 @@ class StreamingText:
         rest = full[len(self.text) :] if full.startswith(self.text) else ""
         self.text += rest
         return rest
+
+
+class ReplyText:
+    """A reply's tokens -> the text it shows, and whether a token ends it: a stop token ends it
+    after what the decoder still holds, a stop string where the string starts. The one place
+    `stream_generate` and the engine's rows decide both."""
+
+    def __init__(self, tokenizer, stop_ids=(), stops: Sequence[str] = ()):
+        self.decoder = StreamingText(tokenizer)
+        self.stops = StopStrings(stops)
+        self.stop_ids = stop_ids
+
+    def add(self, token: int) -> tuple:
+        """(text to show, "stop" when the token ends the reply, else None)."""
+        if token in self.stop_ids:
+            return self.finish(), "stop"
+        text, stopped = self.stops.feed(self.decoder.add(token))
+        return text, "stop" if stopped else None
+
+    def finish(self) -> str:
+        """The text still held back, shown when the reply ends (a stop token, or its length)."""
+        text, _ = self.stops.feed(self.decoder.finish())
+        return text + self.stops.flush()

@@ -54,7 +54,7 @@ from ..generation.generate import (
 )
 from ..generation.messages import build_messages
 from ..generation.settings import GenerationSettings, kv_group_size_for
-from ..generation.streaming import StopStrings, StreamingText
+from ..generation.streaming import ReplyText
 from ..inputs.processor import Processor
 from ..models.media import FeatureMemo, media_items
 from ..models.model import Model
@@ -214,9 +214,9 @@ class _Row:
             settings.temp, settings.top_p, settings.min_p, settings.top_k, request.seed
         )
         self.state = RowState(self.cache, sampler, options["logits_processors"] or [], self.ids)
-        self.stop_ids = settings.stop_ids(engine.model)
-        self.stops = StopStrings(settings.stop)
-        self.text = StreamingText(engine.processor.tokenizer.backend)
+        self.reply = ReplyText(
+            engine.processor.tokenizer.backend, settings.stop_ids(engine.model), settings.stop
+        )
         # the token the next decode step runs (an int, or the last step's lazy result)
         self.token = None
         # (token, log-probabilities) sampled by a step still running, not yet handed out
@@ -708,25 +708,15 @@ class Engine:
             self.stats.inter_token.observe(now - row.last_token)
         row.last_token = now
         logprob, alternatives = top_logprobs(logprobs, token, row.handle.request.top_logprobs)
-        if token in row.stop_ids:
-            piece, _ = row.stops.feed(row.text.finish())
+        text, finish = row.reply.add(token)
+        if finish:
             return self._end(
-                row.handle,
-                row,
-                Event(piece + row.stops.flush(), token, logprob, alternatives, "stop", usage),
+                row.handle, row, Event(text, token, logprob, alternatives, finish, usage)
             )
-        piece, stopped = row.stops.feed(row.text.add(token))
-        if stopped:
-            return self._end(
-                row.handle, row, Event(piece, token, logprob, alternatives, "stop", usage)
-            )
-        row.handle.put(Event(piece, token, logprob, alternatives))
+        row.handle.put(Event(text, token, logprob, alternatives))
         if usage.completion_tokens >= row.settings.max_tokens:
-            piece, _ = row.stops.feed(row.text.finish())
             return self._end(
-                row.handle,
-                row,
-                Event(piece + row.stops.flush(), finish_reason="length", usage=usage),
+                row.handle, row, Event(row.reply.finish(), finish_reason="length", usage=usage)
             )
         row.token = token
 
