@@ -357,6 +357,18 @@ def test_stop_strings_hold_back_and_cut():
     assert stops.feed("go") == ("Ego", False)
 
 
+def test_stop_strings_say_which_one_cut():
+    """The server reports the stop string that ended a reply, even one that began in text held
+    back, and the earliest one where two are in the text."""
+    stops = StopStrings(["never-seen", "hello world"])
+    assert stops.feed("say hello") == ("say ", False)
+    assert stops.feed(" world!") == ("", True)
+    assert stops.found == "hello world"
+    stops = StopStrings(["b", "ab"])
+    assert stops.feed("xab") == ("x", True)
+    assert stops.found == "ab"
+
+
 def cli(*args, **kwargs):
     return subprocess.run(
         [sys.executable, "-m", "mlx_glm4v.cli", *args], capture_output=True, text=True, **kwargs

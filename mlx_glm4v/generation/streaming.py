@@ -1,7 +1,7 @@
 """Token ids -> the text a reply shows: incremental detokenization (control tokens but GLM-V's
 reply markers left out) and stop strings held back and cut."""
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 from tokenizers.decoders import DecodeStream
 
@@ -14,13 +14,14 @@ class StopStrings:
     def __init__(self, stops: Sequence[str]):
         self.stops = [s for s in stops if s]
         self.pending = ""
+        self.found: Optional[str] = None  # the stop string reached
 
     def feed(self, text: str) -> tuple:
         """(text safe to show, whether a stop string was reached)."""
         self.pending += text
         hits = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
         if hits:
-            cut = min(hits)[0]
+            cut, self.found = min(hits)
             out, self.pending = self.pending[:cut], ""
             return out, True
         hold = max(
@@ -74,19 +75,22 @@ class StreamingText:
 
 class ReplyText:
     """A reply's tokens -> the text it shows, and whether a token ends it: a stop token ends it
-    after what the decoder still holds, a stop string where the string starts. The one place
-    `stream_generate` and the engine's rows decide both."""
+    after what the decoder still holds, a stop string where the string starts (`stop` then says
+    which). The one place `stream_generate` and the engine's rows decide both."""
 
     def __init__(self, tokenizer, stop_ids=(), stops: Sequence[str] = ()):
         self.decoder = StreamingText(tokenizer)
         self.stops = StopStrings(stops)
         self.stop_ids = stop_ids
+        self.stop: Optional[str] = None  # the stop string that ended the reply, if one did
 
     def add(self, token: int) -> tuple:
         """(text to show, "stop" when the token ends the reply, else None)."""
         if token in self.stop_ids:
             return self.finish(), "stop"
         text, stopped = self.stops.feed(self.decoder.add(token))
+        if stopped:
+            self.stop = self.stops.found
         return text, "stop" if stopped else None
 
     def finish(self) -> str:

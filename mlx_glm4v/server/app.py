@@ -426,9 +426,8 @@ class Run:
     def __init__(self, state: State, neutral, settings: dict, handle, deadline: float, meta: Meta):
         self.state, self.neutral, self.handle, self.meta = state, neutral, handle, meta
         self.deadline = deadline
-        self.stops = list(settings.get("stop") or ())
-        self.eos = set(state.engine.model.config.eos_token_id)
-        self.skip_logprob = self.eos if not settings.get("ignore_eos") else set()
+        eos = set(state.engine.model.config.eos_token_id)
+        self.skip_logprob = eos if not settings.get("ignore_eos") else set()
         self.decode = lambda t: state.processor.tokenizer.decode([t])
         self.parser, self.text, self.reasoning_tokens = ReplyParser(neutral.tools), [], 0
 
@@ -453,19 +452,11 @@ class Run:
         if event.finish_reason is None:
             return out
         out += self.parser.finish()
-        reason, stop = event.finish_reason, None
-        if (
-            reason == "stop"
-            and self.stops
-            and event.token is not None
-            and event.token not in self.eos
-        ):
-            seen = "".join(self.text)[-max(map(len, self.stops)) :] + self.decode(event.token)
-            stop = next((s for s in self.stops if s in seen), self.stops[0])
+        reason = event.finish_reason
         if self.parser.calls and reason == "stop":
             reason = "tool_calls"
         boxes = as_json(find_marks("".join(self.text)).marks, self.neutral.image_sizes)
-        return out + [Finish(reason, event.usage, stop, boxes, self.reasoning_tokens)]
+        return out + [Finish(reason, event.usage, event.stop, boxes, self.reasoning_tokens)]
 
     async def events(self, tick: float):
         """The handle's events, and None after each `tick` seconds without one; the request is

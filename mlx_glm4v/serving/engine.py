@@ -111,6 +111,7 @@ class Event:
     finish_reason: Optional[str] = None
     usage: Optional[Usage] = None  # on the last event
     error: Optional[str] = None  # the user-facing sentence when finish_reason is "error"
+    stop: Optional[str] = None  # the stop string that ended the reply, if one did
 
 
 class Handle:
@@ -711,7 +712,9 @@ class Engine:
         text, finish = row.reply.add(token)
         if finish:
             return self._end(
-                row.handle, row, Event(text, token, logprob, alternatives, finish, usage)
+                row.handle,
+                row,
+                Event(text, token, logprob, alternatives, finish, usage, stop=row.reply.stop),
             )
         row.handle.put(Event(text, token, logprob, alternatives))
         if usage.completion_tokens >= row.settings.max_tokens:
