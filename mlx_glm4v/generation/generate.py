@@ -196,11 +196,7 @@ def stream_generate(
     """
     settings = GenerationSettings(**settings)
     messages = build_messages(prompt, images, videos, system)
-    text = processor.apply_chat_template(
-        messages, add_generation_prompt=True, **settings.template_kwargs
-    )
-    media_images, media_videos = processor.media_from_messages(messages)
-    inputs = processor(text, images=media_images, videos=media_videos, **settings.media_kwargs)
+    inputs = processor.process_messages(messages, settings.template_kwargs, settings.media_kwargs)
     if seed is not None:
         mx.random.seed(seed)
     if cache is None:

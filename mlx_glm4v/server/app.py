@@ -391,12 +391,10 @@ def _prepare(state: State, neutral) -> dict:
         kwargs = dict(neutral.template_kwargs)
         if neutral.tools:
             kwargs.update(tools=neutral.tools, tool_choice=neutral.tool_choice)
-        text = processor.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
-        images, videos = processor.media_from_messages(messages)
-        inputs = processor(text, images=images, videos=videos)
+        inputs = processor.process_messages(messages, kwargs)
         neutral.image_sizes = [
             getattr(i, "info", {}).get("original_size") or load_image(i).shape[1::-1]
-            for i in images
+            for i in processor.media_from_messages(messages)[0]
         ]
     except Glm4vError as e:
         hide = [p for p in (resolved.dir and resolved.dir.name, config.media.media_root) if p]

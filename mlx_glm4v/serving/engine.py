@@ -761,11 +761,9 @@ def batch_generate(
         messages = build_messages(
             prompt, images[i] if images else (), videos[i] if videos else (), system
         )
-        text = processor.apply_chat_template(
-            messages, add_generation_prompt=True, **settings.template_kwargs
+        inputs = processor.process_messages(
+            messages, settings.template_kwargs, settings.media_kwargs
         )
-        media_images, media_videos = processor.media_from_messages(messages)
-        inputs = processor(text, images=media_images, videos=media_videos, **settings.media_kwargs)
         requests.append(Request(inputs, settings, seed))
     engine = Engine(model, processor, max_queue=len(requests), max_concurrency=max_concurrency)
     try:
