@@ -117,8 +117,6 @@ class Event:
 class Handle:
     """A submitted request: iterate (or `async for`) over its events; `cancel()` ends it early."""
 
-    _END = object()
-
     def __init__(self, request: Request, number: int = 0):
         self.request = request
         self.number = number  # the order of submission: how ranks name a request to each other
@@ -203,6 +201,7 @@ class _Row:
         self.last_token = None  # when the latest token was handed out
         self.cache = settings.new_cache(engine.model, engine.processor, self.ids[None])
         self.prompt = None  # the embedded prompt while its chunks run
+        self.marks = None  # (start, end, digest) of its media in ids, once embedded (prefix.py)
         self.done = 0  # prompt columns in the cache
         self.chunk = min(settings.prefill_step_size, engine.prefill_chunk)
         options = settings.step_options(engine.processor, engine.model)
