@@ -72,6 +72,7 @@ class ChatSession:
         self.cache_ids: list = []  # the tokens the cache holds, in order
         self.cache_media: list = []  # and its images and videos (MediaSpan)
         self.vision_memo = FeatureMemo()
+        self.prompt_ids: list = []  # the whole conversation as the last turn ran it
         self.reset()
 
     def reset(self):
