@@ -1,4 +1,6 @@
-"""Generation: prefill a prompt in chunks, then sample token by token and stream text.
+"""The decode loops: prefill a prompt in chunks, then sample token by token (or check drafts,
+drafting.py); `stream_generate` and `generate` on top, and mlx-lm's statistics line. The options
+and what they build are settings.py's, token ids -> text is streaming.py's.
 
 The decode loop follows mlx-lm's `generate_step`: the next step is queued with
 `mx.async_eval` before the current token is handed out, so the device never waits for the

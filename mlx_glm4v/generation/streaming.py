@@ -1,5 +1,6 @@
 """Token ids -> the text a reply shows: incremental detokenization (control tokens but GLM-V's
-reply markers left out) and stop strings held back and cut."""
+reply markers left out), stop strings held back and cut, and where a reply ends (`ReplyText`, for
+`stream_generate` and the engine's rows alike)."""
 
 from typing import Optional, Sequence
 

@@ -1,22 +1,23 @@
 """The serving engine: one thread owns MLX and runs every active request as a row of one batch.
 
 Requests arrive as processor outputs plus their `GenerationSettings`; each gets a `Handle` that
-yields `Event`s (text pieces with their token, then a final event with the finish reason and
-the usage) to synchronous or asynchronous readers, and can be cancelled at any time.
+yields `Event`s (text pieces with their token, then a final event with the finish reason, the
+stop string if one ended it, and the usage) to synchronous or asynchronous readers, and can be
+cancelled at any time.
 
-Continuous batching: each turn of the engine loop runs pieces of prefill work (a few frames
-through a few blocks of the vision tower, or a prompt chunk through a few decoder layers; where
-attention is long, one block's or layer's attention a few heads at a time), the row with the
-least prompt left first, for about `max_stall_ms` (each piece's cost estimated from the measured
-cost of earlier ones), then one decode step for every row that has a token to run (rows.py).
-So a long video never stalls the streams already running for more than about that budget, a
-short request that arrives behind it starts within about one budget, new rows join the decode
-batch as soon as their first token is out, and finished or cancelled rows leave it at once. A
-row's prefill, sampling and attention are its own, its chunk and vision cuts fixed by its own
-prompt and media: its output does not depend on which rows share the batch or the turns.
-Admission is first come, first served, bounded by `max_concurrency` rows and a budget of tokens
-(prompt, media tokens included, plus max_tokens: what the KV caches will hold); beyond them a
-bounded queue, and past it `QueueFull`.
+Continuous batching: each turn of the engine loop runs pieces of prefill work (a few frames through
+a few blocks of the vision tower, or a prompt chunk through a few decoder layers; where attention is
+long, one block's or layer's attention a few heads at a time), the row with the least prompt left
+first, for about `max_stall_ms` (each piece's cost estimated from the measured cost of earlier ones;
+their sizes are the constants below), then one decode step for every row that has a token to run
+(rows.py). So a long video never stalls the streams already running for more than about that budget,
+a short request that arrives behind it starts within about one budget, new rows join the decode
+batch as soon as their first token is out, and finished or cancelled rows leave it at once. A row's
+prefill, sampling and attention are its own, its chunk and vision cuts fixed by its own prompt and
+media: its output does not depend on which rows share the batch or the turns. Admission is first
+come, first served, bounded by `max_concurrency` rows and a budget of tokens (prompt, media tokens
+included, plus max_tokens: what the KV caches will hold); beyond them a bounded queue, and past it
+`QueueFull`.
 
 Vision features are shared across requests by pixel digest, never by URL or file name; prompts
 are kept after their prefill (prefix.py) so a request that starts like one starts from it.
