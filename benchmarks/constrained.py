@@ -93,11 +93,7 @@ def run_rows(model, processor, rows: int, constraint, max_tokens: int, mask_time
     engine = Engine(model, processor, max_concurrency=rows, prefix_cache_bytes=0)
     try:
         inputs = [
-            processor(
-                processor.apply_chat_template(
-                    build_messages(PROMPTS[i % len(PROMPTS)]), add_generation_prompt=True
-                )
-            )
+            processor.process_messages(build_messages(PROMPTS[i % len(PROMPTS)]))
             for i in range(rows)
         ]
         # all rows prefilled before decoding starts, so that every step carries them all

@@ -362,9 +362,7 @@ def in_process_run(model, processor, requests: list, clients: int) -> tuple:
     prepared = []
     for messages, max_tokens, fmt in requests:
         messages = [ours(m) for m in messages]
-        text = processor.apply_chat_template(messages, add_generation_prompt=True)
-        images, videos = processor.media_from_messages(messages)
-        inputs = processor(text, images=images, videos=videos)
+        inputs = processor.process_messages(messages)
         prepared.append(
             Request(
                 inputs,
