@@ -85,18 +85,15 @@ def percentile(values, q):
 def run_rows(model, processor, rows: int, constraint, max_tokens: int, mask_times: list) -> float:
     """Decode tokens/s of `rows` requests decoded together: tokens after each row's first, over the
     time from the first row's first token to the last row's end."""
-    from mlx_glm4v.generation.generate import GenerationSettings, build_messages
+    from mlx_glm4v.generation.messages import build_messages
+    from mlx_glm4v.generation.settings import GenerationSettings
     from mlx_glm4v.serving.engine import Engine, Request
 
     settings = GenerationSettings(max_tokens=max_tokens, constraint=constraint)
     engine = Engine(model, processor, max_concurrency=rows, prefix_cache_bytes=0)
     try:
         inputs = [
-            processor(
-                processor.apply_chat_template(
-                    build_messages(PROMPTS[i % len(PROMPTS)]), add_generation_prompt=True
-                )
-            )
+            processor.process_messages(build_messages(PROMPTS[i % len(PROMPTS)]))
             for i in range(rows)
         ]
         # all rows prefilled before decoding starts, so that every step carries them all

@@ -228,13 +228,11 @@ def stages_ours(args):
     t_total = time.perf_counter() - t
     modules = modules_loaded()
 
-    from mlx_glm4v.generation.generate import build_messages
+    from mlx_glm4v.generation.messages import build_messages
 
     messages = build_messages(args.prompt, args.image, args.video)
     t = time.perf_counter()
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    images, videos = processor.media_from_messages(messages)
-    inputs = processor(text, images=images, videos=videos)
+    inputs = processor.process_messages(messages)
     t_pre = time.perf_counter() - t
     mx.clear_cache()
     mx.reset_peak_memory()
@@ -357,11 +355,9 @@ def cmd_imports(args):
 
 def ours_inputs(processor, prompt, images):
     """What `stream_generate` prepares before its clock starts: template, images, patches."""
-    from mlx_glm4v.generation.generate import build_messages
+    from mlx_glm4v.generation.messages import build_messages
 
-    messages = build_messages(prompt, images)
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    return processor(text, images=processor.media_from_messages(messages)[0])
+    return processor.process_messages(build_messages(prompt, images))
 
 
 def cmd_ab(args):

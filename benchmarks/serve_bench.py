@@ -341,8 +341,8 @@ def decoded_image(url: str):
 
 def in_process_run(model, processor, requests: list, clients: int) -> tuple:
     """The same measurement on the engine itself (max_concurrency = clients), no HTTP."""
-    from mlx_glm4v.generation.generate import GenerationSettings
     from mlx_glm4v.generation.reply import split_reply
+    from mlx_glm4v.generation.settings import GenerationSettings
     from mlx_glm4v.server.formats import openai_response_format
     from mlx_glm4v.serving.engine import Engine, Request
 
@@ -362,9 +362,7 @@ def in_process_run(model, processor, requests: list, clients: int) -> tuple:
     prepared = []
     for messages, max_tokens, fmt in requests:
         messages = [ours(m) for m in messages]
-        text = processor.apply_chat_template(messages, add_generation_prompt=True)
-        images, videos = processor.media_from_messages(messages)
-        inputs = processor(text, images=images, videos=videos)
+        inputs = processor.process_messages(messages)
         prepared.append(
             Request(
                 inputs,

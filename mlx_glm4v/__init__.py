@@ -16,7 +16,7 @@ _EXPORTS = {
     "convert": "checkpoints.convert",
     "generate": "generation.generate",
     "stream_generate": "generation.generate",
-    "GenerationSettings": "generation.generate",
+    "GenerationSettings": "generation.settings",
     "ChatSession": "generation.chat",
     "Constraint": "generation.constrain",
     "split_reply": "generation.reply",

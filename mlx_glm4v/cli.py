@@ -263,7 +263,7 @@ def _reply_options(
     *,
     default_max_tokens: int,
 ) -> Reply:
-    from .generation.generate import GenerationSettings
+    from .generation.settings import GenerationSettings
 
     media = {"max_pixels": max_pixels, "fps": fps, "max_frames": max_frames}
     settings = dict(

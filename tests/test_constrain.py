@@ -17,13 +17,10 @@ from mlx_glm4v.checkpoints.loader import load
 from mlx_glm4v.errors import Glm4vError
 from mlx_glm4v.generation.chat import ChatSession
 from mlx_glm4v.generation.constrain import Constraint, fill_masks
-from mlx_glm4v.generation.generate import (
-    GenerationSettings,
-    build_messages,
-    generate,
-    stream_generate,
-)
+from mlx_glm4v.generation.generate import generate, stream_generate
+from mlx_glm4v.generation.messages import build_messages
 from mlx_glm4v.generation.reply import parse_reply, split_reply
+from mlx_glm4v.generation.settings import GenerationSettings
 from mlx_glm4v.serving.engine import Engine, Request, batch_generate
 
 PROMPTS = ["hi", "Describe the picture.", "What is the answer?", "Fill in the form."]

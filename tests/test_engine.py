@@ -16,12 +16,9 @@ from test_model import clip, picture
 from test_vision_pieces import cut_attention
 
 from mlx_glm4v.checkpoints.loader import load
-from mlx_glm4v.generation.generate import (
-    GenerationSettings,
-    build_messages,
-    generate,
-    stream_generate,
-)
+from mlx_glm4v.generation.generate import generate, stream_generate
+from mlx_glm4v.generation.messages import build_messages
+from mlx_glm4v.generation.settings import GenerationSettings
 from mlx_glm4v.inputs.video import Video
 from mlx_glm4v.serving.engine import Engine, QueueFull, Request, batch_generate, kv_bytes_per_token
 from mlx_glm4v.serving.prefix import PrefixCache

@@ -17,14 +17,9 @@ from test_model import clip, picture
 
 from mlx_glm4v.checkpoints.loader import load
 from mlx_glm4v.generation.chat import ChatSession, drop_thinking
-from mlx_glm4v.generation.generate import (
-    GenerationSettings,
-    StopStrings,
-    generate,
-    generate_step,
-    hidden_tokens,
-    stream_generate,
-)
+from mlx_glm4v.generation.generate import generate, generate_step, stream_generate
+from mlx_glm4v.generation.settings import GenerationSettings
+from mlx_glm4v.generation.streaming import StopStrings, hidden_tokens
 from mlx_glm4v.inputs.video import Video
 
 STEPS = 12
@@ -339,7 +334,7 @@ def test_prompt_lookup_keeps_greedy_output(setup, media, monkeypatch):
 
 
 def test_streamed_text_never_splits_a_character(setup):
-    from mlx_glm4v.generation.generate import StreamingText
+    from mlx_glm4v.generation.streaming import StreamingText
 
     tokenizer = setup["processor"].tokenizer
     text = "Ünïcödé text, emoji 🙂 and 中文 字符 <think>ok</think>"
@@ -360,6 +355,18 @@ def test_stop_strings_hold_back_and_cut():
     stops = StopStrings(["END"])
     assert stops.feed("E") == ("", False)
     assert stops.feed("go") == ("Ego", False)
+
+
+def test_stop_strings_say_which_one_cut():
+    """The server reports the stop string that ended a reply, even one that began in text held
+    back, and the earliest one where two are in the text."""
+    stops = StopStrings(["never-seen", "hello world"])
+    assert stops.feed("say hello") == ("say ", False)
+    assert stops.feed(" world!") == ("", True)
+    assert stops.found == "hello world"
+    stops = StopStrings(["b", "ab"])
+    assert stops.feed("xab") == ("x", True)
+    assert stops.found == "ab"
 
 
 def cli(*args, **kwargs):

@@ -12,7 +12,8 @@ import torch
 from mlx_glm4v.checkpoints.loader import load
 from mlx_glm4v.errors import Glm4vError
 from mlx_glm4v.generation.chat import ChatSession
-from mlx_glm4v.generation.generate import GenerationSettings, stream_generate
+from mlx_glm4v.generation.generate import stream_generate
+from mlx_glm4v.generation.settings import GenerationSettings
 
 PROMPT = "Hello! How are you today?"
 
@@ -150,7 +151,7 @@ def test_thinking_budget_needs_think_tokens_and_a_sane_value(thinking):
 def test_kv_bits_picks_a_group_size_the_head_size_allows(glm4v_checkpoint, glm4v_moe_checkpoint):
     """The tiny GLM-4.1V has 32-wide heads (MLX's default group, 64, does not divide them); the tiny
     GLM-4.5V 48-wide ones (no group size MLX supports does)."""
-    from mlx_glm4v.generation.generate import kv_group_size_for
+    from mlx_glm4v.generation.settings import kv_group_size_for
 
     model, processor = load(glm4v_checkpoint[0])
     assert model.config.text_config.head_dim == 32 and kv_group_size_for(model, 64) == 32

@@ -292,6 +292,18 @@ def test_multi_turn_with_system_and_several_images(ours, ref, ref_pil, media):
     compare("three images, multi-turn", ours, ref, messages, images=images, ref_pil=ref_pil)
 
 
+def test_process_messages_is_template_media_and_processor(ours, media):
+    """The one call the generate loop, the engine and the server make equals its three steps."""
+    messages = [user({"type": "image", "image": str(media / "wide.jpg")}, text="What is it?")]
+    template, caps = {"enable_thinking": False}, {"max_pixels": 28 * 28 * 64}
+    images, videos = ours.media_from_messages(messages)
+    want = ours(ours.apply_chat_template(messages, **template), images, videos, **caps)
+    got = ours.process_messages(messages, template, caps)
+    assert set(got) == set(want)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
 def test_batch_is_left_padded(ours, ref, media):
     prompts = [
         ours.apply_chat_template([user({"type": "image"}, text="Short.")]),

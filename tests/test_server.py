@@ -27,7 +27,8 @@ import tiny
 from PIL import Image
 
 from mlx_glm4v.checkpoints.loader import load
-from mlx_glm4v.generation.generate import build_messages, generate, stream_generate
+from mlx_glm4v.generation.generate import generate, stream_generate
+from mlx_glm4v.generation.messages import build_messages
 from mlx_glm4v.generation.reply import (
     Content,
     Reasoning,

@@ -14,7 +14,7 @@ import pytest
 import tiny
 from test_processor import saved_processors
 
-from mlx_glm4v.generation.generate import StreamingText, hidden_tokens
+from mlx_glm4v.generation.streaming import StreamingText, hidden_tokens
 from mlx_glm4v.inputs.processor import DATA_CLOSE, DATA_OPEN, REPLY_MARKERS, Processor, unmark
 
 KINDS = ("Glm4v", "Glm46V")  # GLM-4.1V's template and tokenizer; GLM-4.5V's (tools, tool results)

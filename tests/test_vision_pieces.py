@@ -7,7 +7,7 @@ import pytest
 from test_model import clip, picture
 
 from mlx_glm4v.checkpoints.loader import load
-from mlx_glm4v.generation.generate import build_messages
+from mlx_glm4v.generation.messages import build_messages
 from mlx_glm4v.inputs.video import Video
 from mlx_glm4v.models.head_groups import heads_per_call, kv_heads_of
 from mlx_glm4v.models.media import media_items

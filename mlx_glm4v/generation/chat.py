@@ -18,14 +18,10 @@ from ..models.cache import PromptCache
 from ..models.media import FeatureMemo, MediaItem, media_items, placed_media
 from ..models.model import Model
 from ..models.rope_index import IMAGE, VIDEO, rope_index, token_types
-from .generate import (
-    GenerationResponse,
-    GenerationSettings,
-    kept_prefix,
-    stream_tokens,
-    user_message,
-)
+from .generate import GenerationResponse, stream_tokens
+from .messages import user_message
 from .reply import THINKING
+from .settings import GenerationSettings, kept_prefix
 
 
 def drop_thinking(text: str) -> str:
@@ -76,6 +72,7 @@ class ChatSession:
         self.cache_ids: list = []  # the tokens the cache holds, in order
         self.cache_media: list = []  # and its images and videos (MediaSpan)
         self.vision_memo = FeatureMemo()
+        self.prompt_ids: list = []  # the whole conversation as the last turn ran it
         self.reset()
 
     def reset(self):

@@ -10,6 +10,7 @@ No torch, transformers or mlx: the chat template renders with jinja2, text goes 
     prompt = processor.apply_chat_template(messages)
     images, videos = processor.media_from_messages(messages)
     inputs = processor(text=prompt, images=images, videos=videos)
+    inputs = processor.process_messages(messages)  # the same, in one call
 
 Message text is data: a special-token string inside it (`<|image|>`, `<|assistant|>`, ...) reaches
 the model as plain text, never as a control token; only the template's own structure and real
@@ -470,6 +471,19 @@ class Processor:
                     if source is not None:
                         media[kind].append(source)
         return media["image"], media["video"]
+
+    def process_messages(
+        self, messages, template_kwargs: dict | None = None, media_kwargs: dict | None = None
+    ) -> dict:
+        """Processor outputs for chat messages ending in a generation prompt: the template
+        rendered (`template_kwargs` reach it), their images and videos read (`media_kwargs`:
+        fps, max_frames, max_pixels), as transformers' `apply_chat_template(..., tokenize=True,
+        return_dict=True)`."""
+        text = self.apply_chat_template(
+            messages, add_generation_prompt=True, **(template_kwargs or {})
+        )
+        images, videos = self.media_from_messages(messages)
+        return self(text, images=images, videos=videos, **(media_kwargs or {}))
 
     def __call__(
         self,

@@ -63,17 +63,6 @@ def checkpoint_name(key: str) -> str:
 VISION_CHUNK_PATCHES = 16384
 
 
-# A piece of vision work the engine runs between decode steps: frames of at most about
-# VISION_PIECE_PATCHES patches (one frame at least) through blocks of the tower, as many
-# blocks as keep patches x blocks within VISION_PIECE_WORK (one block at least); frames
-# too large for that take a block a few attention heads a piece (head_groups.py).
-VISION_PIECE_PATCHES = 2048
-VISION_PIECE_WORK = 2048
-# Likewise a prompt chunk of n tokens runs through max(1, TEXT_PIECE_WORK // n) decoder layers a
-# piece, or, when its attention is long (head_groups.py), a layer a few heads a piece.
-TEXT_PIECE_WORK = 512
-
-
 @dataclass
 class VisionPiece:
     rows: np.ndarray  # pixel rows of the frames
@@ -222,10 +211,10 @@ class Model(nn.Module):
             mx.concatenate(video) if video else None
         )
 
-    def vision_pieces(
-        self, item, patches: int = VISION_PIECE_PATCHES, work: int = VISION_PIECE_WORK
-    ) -> list:
-        """One media item's vision work as `VisionPiece`s, in order.
+    def vision_pieces(self, item, patches: int, work: int) -> list:
+        """One media item's vision work as `VisionPiece`s, in order: frames of at most about
+        `patches` patches (one frame at least) through as many blocks as keep patches x blocks
+        within `work` (one block at least).
 
         A video's temporal groups never attend to each other, so they go a few at a time; each
         group's activations are carried from block to block as in one pass. Frames whose

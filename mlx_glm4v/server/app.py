@@ -341,7 +341,7 @@ async def _reply(request: Request, dialect):
         room = min(room, ready.config.max_output_tokens)
     settings["max_tokens"] = max(1, room)
 
-    from ..generation.generate import GenerationSettings
+    from ..generation.settings import GenerationSettings
     from ..serving.engine import QueueFull
     from ..serving.engine import Request as EngineRequest
 
@@ -391,12 +391,10 @@ def _prepare(state: State, neutral) -> dict:
         kwargs = dict(neutral.template_kwargs)
         if neutral.tools:
             kwargs.update(tools=neutral.tools, tool_choice=neutral.tool_choice)
-        text = processor.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
-        images, videos = processor.media_from_messages(messages)
-        inputs = processor(text, images=images, videos=videos)
+        inputs = processor.process_messages(messages, kwargs)
         neutral.image_sizes = [
             getattr(i, "info", {}).get("original_size") or load_image(i).shape[1::-1]
-            for i in images
+            for i in processor.media_from_messages(messages)[0]
         ]
     except Glm4vError as e:
         hide = [p for p in (resolved.dir and resolved.dir.name, config.media.media_root) if p]
@@ -426,9 +424,8 @@ class Run:
     def __init__(self, state: State, neutral, settings: dict, handle, deadline: float, meta: Meta):
         self.state, self.neutral, self.handle, self.meta = state, neutral, handle, meta
         self.deadline = deadline
-        self.stops = list(settings.get("stop") or ())
-        self.eos = set(state.engine.model.config.eos_token_id)
-        self.skip_logprob = self.eos if not settings.get("ignore_eos") else set()
+        eos = set(state.engine.model.config.eos_token_id)
+        self.skip_logprob = eos if not settings.get("ignore_eos") else set()
         self.decode = lambda t: state.processor.tokenizer.decode([t])
         self.parser, self.text, self.reasoning_tokens = ReplyParser(neutral.tools), [], 0
 
@@ -453,19 +450,11 @@ class Run:
         if event.finish_reason is None:
             return out
         out += self.parser.finish()
-        reason, stop = event.finish_reason, None
-        if (
-            reason == "stop"
-            and self.stops
-            and event.token is not None
-            and event.token not in self.eos
-        ):
-            seen = "".join(self.text)[-max(map(len, self.stops)) :] + self.decode(event.token)
-            stop = next((s for s in self.stops if s in seen), self.stops[0])
+        reason = event.finish_reason
         if self.parser.calls and reason == "stop":
             reason = "tool_calls"
         boxes = as_json(find_marks("".join(self.text)).marks, self.neutral.image_sizes)
-        return out + [Finish(reason, event.usage, stop, boxes, self.reasoning_tokens)]
+        return out + [Finish(reason, event.usage, event.stop, boxes, self.reasoning_tokens)]
 
     async def events(self, tick: float):
         """The handle's events, and None after each `tick` seconds without one; the request is

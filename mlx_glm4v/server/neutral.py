@@ -20,8 +20,8 @@ from typing import Optional
 
 from ..errors import Glm4vError
 from ..generation.chat import drop_thinking
-from ..generation.generate import GenerationSettings
 from ..generation.reply import Content, Reasoning, ToolArgs, ToolEnd, ToolStart  # noqa: F401  (the events, re-exported)
+from ..generation.settings import GenerationSettings
 from .formats import FormatError
 
 DEFAULT_MAX_TOKENS = 4096

@@ -10,7 +10,7 @@ import json
 import uuid
 from dataclasses import fields
 
-from ..generation.generate import GenerationSettings
+from ..generation.settings import GenerationSettings
 from .formats import one_constraint, openai_response_format, openai_tool_choice
 from .neutral import (
     DEFAULT_MAX_TOKENS,

@@ -1,22 +1,23 @@
 """The serving engine: one thread owns MLX and runs every active request as a row of one batch.
 
 Requests arrive as processor outputs plus their `GenerationSettings`; each gets a `Handle` that
-yields `Event`s (text pieces with their token, then a final event with the finish reason and
-the usage) to synchronous or asynchronous readers, and can be cancelled at any time.
+yields `Event`s (text pieces with their token, then a final event with the finish reason, the
+stop string if one ended it, and the usage) to synchronous or asynchronous readers, and can be
+cancelled at any time.
 
-Continuous batching: each turn of the engine loop runs pieces of prefill work (a few frames
-through a few blocks of the vision tower, or a prompt chunk through a few decoder layers; where
-attention is long, one block's or layer's attention a few heads at a time), the row with the
-least prompt left first, for about `max_stall_ms` (each piece's cost estimated from the measured
-cost of earlier ones), then one decode step for every row that has a token to run (rows.py).
-So a long video never stalls the streams already running for more than about that budget, a
-short request that arrives behind it starts within about one budget, new rows join the decode
-batch as soon as their first token is out, and finished or cancelled rows leave it at once. A
-row's prefill, sampling and attention are its own, its chunk and vision cuts fixed by its own
-prompt and media: its output does not depend on which rows share the batch or the turns.
-Admission is first come, first served, bounded by `max_concurrency` rows and a budget of tokens
-(prompt, media tokens included, plus max_tokens: what the KV caches will hold); beyond them a
-bounded queue, and past it `QueueFull`.
+Continuous batching: each turn of the engine loop runs pieces of prefill work (a few frames through
+a few blocks of the vision tower, or a prompt chunk through a few decoder layers; where attention is
+long, one block's or layer's attention a few heads at a time), the row with the least prompt left
+first, for about `max_stall_ms` (each piece's cost estimated from the measured cost of earlier ones;
+their sizes are the constants below), then one decode step for every row that has a token to run
+(rows.py). So a long video never stalls the streams already running for more than about that budget,
+a short request that arrives behind it starts within about one budget, new rows join the decode
+batch as soon as their first token is out, and finished or cancelled rows leave it at once. A row's
+prefill, sampling and attention are its own, its chunk and vision cuts fixed by its own prompt and
+media: its output does not depend on which rows share the batch or the turns. Admission is first
+come, first served, bounded by `max_concurrency` rows and a budget of tokens (prompt, media tokens
+included, plus max_tokens: what the KV caches will hold); beyond them a bounded queue, and past it
+`QueueFull`.
 
 Vision features are shared across requests by pixel digest, never by URL or file name; prompts
 are kept after their prefill (prefix.py) so a request that starts like one starts from it.
@@ -47,24 +48,32 @@ from mlx.utils import tree_flatten
 from ..errors import Glm4vError
 from ..generation.constrain import step_masks
 from ..generation.generate import (
-    GenerationSettings,
-    StopStrings,
-    StreamingText,
-    build_messages,
     clear_cache_after,
     generation_stream,
-    kv_group_size_for,
     maybe_quantize_kv_cache,
     wired_limit,
 )
+from ..generation.messages import build_messages
+from ..generation.settings import GenerationSettings, kv_group_size_for
+from ..generation.streaming import ReplyText
 from ..inputs.processor import Processor
 from ..models.media import FeatureMemo, media_items
-from ..models.model import TEXT_PIECE_WORK, VISION_PIECE_PATCHES, VISION_PIECE_WORK, Model
+from ..models.model import Model
 from .prefix import PrefixCache, media_marks
 from .rows import RowSampler, RowState, decode_logits
 from .stats import EngineStats, PieceCosts
 
 log = logging.getLogger(__name__)
+
+# A piece of vision work the engine runs between decode steps: frames of at most about
+# VISION_PIECE_PATCHES patches (one frame at least) through blocks of the tower, as many
+# blocks as keep patches x blocks within VISION_PIECE_WORK (one block at least); frames
+# too large for that take a block a few attention heads a piece (head_groups.py).
+VISION_PIECE_PATCHES = 2048
+VISION_PIECE_WORK = 2048
+# Likewise a prompt chunk of n tokens runs through max(1, TEXT_PIECE_WORK // n) decoder layers a
+# piece, or, when its attention is long (head_groups.py), a layer a few heads a piece.
+TEXT_PIECE_WORK = 512
 
 
 class QueueFull(Glm4vError):
@@ -103,12 +112,11 @@ class Event:
     finish_reason: Optional[str] = None
     usage: Optional[Usage] = None  # on the last event
     error: Optional[str] = None  # the user-facing sentence when finish_reason is "error"
+    stop: Optional[str] = None  # the stop string that ended the reply, if one did
 
 
 class Handle:
     """A submitted request: iterate (or `async for`) over its events; `cancel()` ends it early."""
-
-    _END = object()
 
     def __init__(self, request: Request, number: int = 0):
         self.request = request
@@ -194,6 +202,7 @@ class _Row:
         self.last_token = None  # when the latest token was handed out
         self.cache = settings.new_cache(engine.model, engine.processor, self.ids[None])
         self.prompt = None  # the embedded prompt while its chunks run
+        self.marks = None  # (start, end, digest) of its media in ids, once embedded (prefix.py)
         self.done = 0  # prompt columns in the cache
         self.chunk = min(settings.prefill_step_size, engine.prefill_chunk)
         options = settings.step_options(engine.processor, engine.model)
@@ -206,9 +215,9 @@ class _Row:
             settings.temp, settings.top_p, settings.min_p, settings.top_k, request.seed
         )
         self.state = RowState(self.cache, sampler, options["logits_processors"] or [], self.ids)
-        self.stop_ids = settings.stop_ids(engine.model)
-        self.stops = StopStrings(settings.stop)
-        self.text = StreamingText(engine.processor.tokenizer.backend)
+        self.reply = ReplyText(
+            engine.processor.tokenizer.backend, settings.stop_ids(engine.model), settings.stop
+        )
         # the token the next decode step runs (an int, or the last step's lazy result)
         self.token = None
         # (token, log-probabilities) sampled by a step still running, not yet handed out
@@ -700,25 +709,17 @@ class Engine:
             self.stats.inter_token.observe(now - row.last_token)
         row.last_token = now
         logprob, alternatives = top_logprobs(logprobs, token, row.handle.request.top_logprobs)
-        if token in row.stop_ids:
-            piece, _ = row.stops.feed(row.text.finish())
+        text, finish = row.reply.add(token)
+        if finish:
             return self._end(
                 row.handle,
                 row,
-                Event(piece + row.stops.flush(), token, logprob, alternatives, "stop", usage),
+                Event(text, token, logprob, alternatives, finish, usage, stop=row.reply.stop),
             )
-        piece, stopped = row.stops.feed(row.text.add(token))
-        if stopped:
-            return self._end(
-                row.handle, row, Event(piece, token, logprob, alternatives, "stop", usage)
-            )
-        row.handle.put(Event(piece, token, logprob, alternatives))
+        row.handle.put(Event(text, token, logprob, alternatives))
         if usage.completion_tokens >= row.settings.max_tokens:
-            piece, _ = row.stops.feed(row.text.finish())
             return self._end(
-                row.handle,
-                row,
-                Event(piece + row.stops.flush(), finish_reason="length", usage=usage),
+                row.handle, row, Event(row.reply.finish(), finish_reason="length", usage=usage)
             )
         row.token = token
 
@@ -760,11 +761,9 @@ def batch_generate(
         messages = build_messages(
             prompt, images[i] if images else (), videos[i] if videos else (), system
         )
-        text = processor.apply_chat_template(
-            messages, add_generation_prompt=True, **settings.template_kwargs
+        inputs = processor.process_messages(
+            messages, settings.template_kwargs, settings.media_kwargs
         )
-        media_images, media_videos = processor.media_from_messages(messages)
-        inputs = processor(text, images=media_images, videos=media_videos, **settings.media_kwargs)
         requests.append(Request(inputs, settings, seed))
     engine = Engine(model, processor, max_queue=len(requests), max_concurrency=max_concurrency)
     try:

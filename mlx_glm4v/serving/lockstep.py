@@ -24,7 +24,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..generation.generate import GenerationSettings
+from ..generation.settings import GenerationSettings
 from .distributed import (
     broadcast_bytes,
     finish,
