@@ -1,5 +1,5 @@
 """The decode loops: prefill a prompt in chunks, then sample token by token (or check drafts,
-drafting.py); `stream_generate` and `generate` on top, and mlx-lm's statistics line. The options
+speculative.py); `stream_generate` and `generate` on top, and mlx-lm's statistics line. The options
 and what they build are settings.py's, token ids -> text is streaming.py's.
 
 The decode loop follows mlx-lm's `generate_step`: the next step is queued with
@@ -19,9 +19,9 @@ import mlx.core as mx
 from ..inputs.processor import Processor
 from ..models.cache import PromptCache
 from ..models.model import Model, Prompt
-from .drafting import lookup_decode
 from .messages import build_messages
 from .settings import GenerationSettings, kv_group_size_for
+from .speculative import lookup_decode
 from .streaming import ReplyText
 
 # Generation runs on a stream of its own, as in mlx-lm, so queued steps never wait on other work.
