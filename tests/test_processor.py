@@ -48,39 +48,9 @@ def record(case, key, backend, got, want):
     return float(diff.mean()), float(diff.max())
 
 
-def saved_processors(tmp_path_factory, kind: str, layouts) -> dict:
-    """{layout: (path, reference processor loaded back from that path)} for a tiny processor of
-    `kind` (tiny.build_processor) saved as transformers 5 saves it ("v5"), as the published files
-    are ("hub"), or naming no class anywhere, only config.json's model type ("model type")."""
-    from transformers import AutoProcessor
-
-    glm41v = kind == "Glm4v"
-    out = {}
-    for layout in layouts:
-        path = tmp_path_factory.mktemp(f"processor-{kind}-{layout}")
-        tokenizer = tiny.build_tokenizer(
-            path, special_tokens=tiny.SPECIAL_TOKENS if glm41v else tiny.SPECIAL_TOKENS_45V
-        )
-        template = tiny.CHAT_TEMPLATE if glm41v else tiny.CHAT_TEMPLATE_45V
-        processor = tiny.build_processor(tokenizer, chat_template=template, kind=kind)
-        processor.save_pretrained(path)
-        if layout == "hub":
-            tiny._rewrite_as_hub_layout(path, processor)
-        if layout == "model type":
-            for file in ("processor_config.json", "tokenizer_config.json"):
-                config = json.loads((path / file).read_text())
-                config.pop("processor_class")
-                for part in ("image_processor", "video_processor"):
-                    config.get(part, {}).pop(f"{part}_type", None)
-                (path / file).write_text(json.dumps(config))
-            (path / "config.json").write_text(json.dumps({"model_type": kind.lower()}))
-        out[layout] = (path, AutoProcessor.from_pretrained(path))
-    return out
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    return saved_processors(tmp_path_factory, "Glm4v", ("v5", "hub"))
+    return tiny.saved_processors(tmp_path_factory, "Glm4v", ("v5", "hub"))
 
 
 @pytest.fixture(scope="module")
@@ -694,7 +664,7 @@ assert not heavy, heavy
 
 @pytest.fixture(scope="module")
 def glm46v(tmp_path_factory):
-    return saved_processors(tmp_path_factory, "Glm46V", ("v5", "hub", "model type"))
+    return tiny.saved_processors(tmp_path_factory, "Glm46V", ("v5", "hub", "model type"))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import json
 import numpy as np
 import pytest
 import tiny
-from test_processor import saved_processors
 
 from mlx_glm4v.generation.generate import StreamingText, hidden_tokens
 from mlx_glm4v.inputs.processor import DATA_CLOSE, DATA_OPEN, REPLY_MARKERS, Processor, unmark
@@ -23,7 +22,7 @@ KINDS = ("Glm4v", "Glm46V")  # GLM-4.1V's template and tokenizer; GLM-4.5V's (to
 @pytest.fixture(scope="module", params=KINDS)
 def pair(request, tmp_path_factory):
     """(our processor, transformers' processor) of one kind, saved and loaded back."""
-    path, ref = saved_processors(tmp_path_factory, request.param, ("v5",))["v5"]
+    path, ref = tiny.saved_processors(tmp_path_factory, request.param, ("v5",))["v5"]
     ours = Processor.from_pretrained(path)
     ours.tokenizer_path = path
     return ours, ref
