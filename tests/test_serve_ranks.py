@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_distributed import REPORT, TOL, cli_env, mlx_launch, rank_pid, seconds_until_gone
+from ranks import REPORT, TOL, cli_env, mlx_launch, rank_pid, seconds_until_gone
 from test_server import Server, data_url, picture, png_bytes, write_video
 
 openai = pytest.importorskip("openai")
