@@ -21,7 +21,8 @@ import numpy as np
 import tiny
 from distributed_worker import run_case
 from ranks import REPORT, TOL, cli_env, mlx_launch, rank_pid, seconds_until_gone
-from test_model import clip, picture, prepare, user
+from reference import prepare, user
+from test_model import clip, picture
 
 from mlx_glm4v.checkpoints.loader import load_model
 

@@ -11,7 +11,7 @@ import time
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_generate import ref_generate
+from reference import ref_generate
 from test_model import clip, picture
 from test_vision_pieces import cut_attention
 
