@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 import tiny
 import torch
+from helpers import picture
 from reference import our_inputs, prepare, user
-from test_model import picture
 from typer.testing import CliRunner
 
 from mlx_glm4v.checkpoints.loader import load, load_model

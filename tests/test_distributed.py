@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import tiny
 from distributed_worker import run_case
+from helpers import clip, picture
 from ranks import REPORT, TOL, cli_env, mlx_launch, rank_pid, seconds_until_gone
 from reference import prepare, user
-from test_model import clip, picture
 
 from mlx_glm4v.checkpoints.loader import load_model
 

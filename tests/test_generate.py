@@ -13,8 +13,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import clip, picture
 from reference import ref_generate
-from test_model import clip, picture
 
 from mlx_glm4v.checkpoints.loader import load
 from mlx_glm4v.generation.chat import ChatSession, drop_thinking

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tiny
 import torch
-from PIL import Image
+from helpers import clip, picture
 from reference import our_inputs, prepare, user
 
 from mlx_glm4v.checkpoints.loader import load_model
@@ -30,16 +30,6 @@ TOKENS = {}
 def setup(request):
     path, ref, processor = request.getfixturevalue(f"{request.param}_checkpoint")
     return load_model(path), ref, processor
-
-
-def picture(h, w, seed=0):
-    rng = np.random.RandomState(seed)
-    return Image.fromarray((rng.rand(h, w, 3) * 255).astype(np.uint8))
-
-
-def clip(frames, h, w, seed=0):
-    rng = np.random.RandomState(seed)
-    return (rng.rand(frames, h, w, 3) * 255).astype(np.uint8)
 
 
 def our_greedy(model, inputs, n=NEW_TOKENS):

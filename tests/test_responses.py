@@ -11,7 +11,8 @@ import json
 import httpx
 import pytest
 import tiny
-from test_server import Server, data_url, picture, png_bytes
+from helpers import data_url, picture, png_bytes
+from test_server import Server
 
 openai = pytest.importorskip("openai")
 

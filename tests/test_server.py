@@ -6,12 +6,9 @@ Greedy replies are compared with `generate` (what `mlx-glm4v generate` prints), 
 with transformers in test_generate.py.
 """
 
-import base64
-import io
 import json
 import os
 import re
-import socket
 import struct
 import subprocess
 import sys
@@ -24,6 +21,7 @@ import httpx
 import numpy as np
 import pytest
 import tiny
+from helpers import data_url, free_port, picture, png_bytes, write_scrolling_video
 from PIL import Image
 
 from mlx_glm4v.checkpoints.loader import load
@@ -40,42 +38,12 @@ from mlx_glm4v.generation.reply import (
 from mlx_glm4v.server.openai import parse_messages
 
 openai = pytest.importorskip("openai")
-av = pytest.importorskip("av")
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-key-7f3a"
 
 
 # ---- media ---------------------------------------------------------------------------------------
-
-
-def picture(h, w, seed):
-    rng = np.random.RandomState(seed)
-    return Image.fromarray((rng.rand(h, w, 3) * 255).astype(np.uint8))
-
-
-def png_bytes(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def data_url(data: bytes, mime="image/png") -> str:
-    return f"data:{mime};base64," + base64.b64encode(data).decode()
-
-
-def write_video(path, frames=6, fps=2):
-    """A 3-second clip by default (6 frames at 2 fps, all sampled by GLM-4.1V's processor)."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = 84, 56, "yuv420p"
-        for i in range(frames):
-            frame = np.roll(np.asarray(picture(56, 84, 40)), 5 * i, axis=1)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
 
 
 def png_bomb(width, height) -> bytes:
@@ -102,17 +70,11 @@ def media(tmp_path_factory):
     }
     for name, image in files.items():
         image.save(d / name)
-    write_video(d / "clip.mp4")
+    write_scrolling_video(d / "clip.mp4")
     return d
 
 
 # ---- servers -------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -652,7 +614,7 @@ def test_refusals_plain(plain, media):
     refused(s, {"model": s.model, "messages": [{"role": "wizard", "content": "Hi"}]}, 400, "role")
     refused(s, body(s, [{"type": "input_audio", "input_audio": {}}]), 400, "not supported")
     refused(s, {**body(s, "Hi"), "max_tokens": 0}, 400, "max_tokens")
-    long_clip = write_video(media / "long.mp4", frames=12)  # 6 s
+    long_clip = write_scrolling_video(media / "long.mp4", frames=12)  # 6 s
     refused(
         s,
         body(s, [video_part(long_clip)]),
