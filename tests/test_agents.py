@@ -31,7 +31,7 @@ import pytest
 import tiny
 from capture_server import Recorder
 from helpers import picture
-from test_server import Server
+from servers import Server
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENTS = ROOT / ".agents" / "node_modules" / ".bin"

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from helpers import data_url, picture, png_bytes, write_scrolling_video
 from ranks import REPORT, TOL, cli_env, mlx_launch, rank_pid, seconds_until_gone
-from test_server import Server
+from servers import Server
 
 openai = pytest.importorskip("openai")
 

@@ -23,6 +23,7 @@ import pytest
 import tiny
 from helpers import data_url, free_port, picture, png_bytes, write_scrolling_video
 from PIL import Image
+from servers import Server
 
 from mlx_glm4v.checkpoints.loader import load
 from mlx_glm4v.generation.generate import build_messages, generate, stream_generate
@@ -75,71 +76,6 @@ def media(tmp_path_factory):
 
 
 # ---- servers -------------------------------------------------------------------------------------
-
-
-class Server:
-    """`serve` in a process of its own (`launcher`: a command that starts it, e.g. mlx.launch)."""
-
-    def __init__(self, checkpoint, args, log_path, key=None, launcher=(), env=None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.key = key
-        self.log_path = log_path
-        env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-        env.pop("MLX_GLM4V_API_KEY", None)
-        self.log = open(log_path, "w")
-        self.process = subprocess.Popen(
-            [
-                *launcher,
-                sys.executable,
-                "-m",
-                "mlx_glm4v",
-                "serve",
-                "--model",
-                str(checkpoint),
-                "--port",
-                str(self.port),
-                *args,
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, Path(log_path).read_text()
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        else:
-            raise AssertionError("the server did not become ready: " + Path(log_path).read_text())
-        self.model = Path(checkpoint).name
-        self.client = openai.OpenAI(
-            base_url=f"{self.url}/v1", api_key=key or "unused", max_retries=0, timeout=60
-        )
-
-    def post(self, body, key="default", **kwargs):
-        key = self.key if key == "default" else key
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        kwargs.setdefault("timeout", 60)
-        return httpx.post(f"{self.url}/v1/chat/completions", json=body, headers=headers, **kwargs)
-
-    def metrics(self) -> dict:
-        headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
-        text = httpx.get(f"{self.url}/metrics", headers=headers, timeout=10).text
-        return {k: float(v) for k, v in re.findall(r"^mlx_glm4v_(\S+) (\S+)$", text, re.M)}
-
-    def close(self):
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self.log.close()
 
 
 @pytest.fixture(scope="module")

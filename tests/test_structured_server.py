@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 from helpers import FORMATS
 from schemas import SCHEMAS
-from test_server import Server
+from servers import Server
 
 openai = pytest.importorskip("openai")
 

@@ -374,7 +374,7 @@ def test_chat_session_keeps_reply_markers_and_the_whole_cache(box_checkpoint):
 @pytest.fixture(scope="module")
 def served(glm4v_moe_checkpoint, tmp_path_factory):
     """`mlx-glm4v serve` on the GLM-4.5V checkpoint (template with tools and tool results)."""
-    from test_server import Server
+    from servers import Server
 
     server = Server(
         glm4v_moe_checkpoint[0], [], tmp_path_factory.mktemp("text-is-data") / "server.log"
