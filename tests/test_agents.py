@@ -33,6 +33,8 @@ from capture_server import Recorder
 from helpers import picture
 from servers import Server
 
+pytestmark = pytest.mark.agents
+
 ROOT = Path(__file__).resolve().parent.parent
 AGENTS = ROOT / ".agents" / "node_modules" / ".bin"
 MODEL = "glm-tiny"

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tiny
 from distributed_worker import run_case
 from helpers import clip, picture
@@ -25,6 +26,8 @@ from ranks import REPORT, TOL, cli_env, mlx_launch, rank_pid, seconds_until_gone
 from reference import prepare, user
 
 from mlx_glm4v.checkpoints.loader import load_model
+
+pytestmark = pytest.mark.distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")

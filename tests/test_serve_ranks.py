@@ -19,6 +19,7 @@ from ranks import REPORT, TOL, cli_env, mlx_launch, rank_pid, seconds_until_gone
 from servers import Server
 
 openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.distributed
 
 
 def requests(media: Path) -> dict:

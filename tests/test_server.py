@@ -738,6 +738,7 @@ def test_disconnect_stops_a_whole_reply(plain):
     assert after["requests_cancelled_total"] == before["requests_cancelled_total"] + 1
 
 
+@pytest.mark.slow
 def test_request_timeout(plain):
     """Past --request-timeout (6 s here) a whole reply is a 504; a stream ends with an error
     event in OpenAI's format, then [DONE]. The two run at once (queued or batched, the deadline

@@ -383,6 +383,7 @@ def served(glm4v_moe_checkpoint, tmp_path_factory):
     server.close()
 
 
+@pytest.mark.slow
 def test_server_takes_special_tokens_as_text(served, glm4v_moe_checkpoint):
     """Every special token in system, user, assistant (content, reasoning, a call's arguments), tool
     text and a tool's schema: 200, with the prompt tokens of the processor, whose control tokens are

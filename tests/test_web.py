@@ -29,6 +29,8 @@ from PIL import Image
 
 from mlx_glm4v.generation.grounding import find_marks
 
+pytestmark = pytest.mark.browser
+
 CHROMIUM = (
     shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 )
