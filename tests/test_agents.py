@@ -30,7 +30,10 @@ from pathlib import Path
 import pytest
 import tiny
 from capture_server import Recorder
-from test_server import Server, picture
+from helpers import picture
+from servers import Server
+
+pytestmark = pytest.mark.agents
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENTS = ROOT / ".agents" / "node_modules" / ".bin"

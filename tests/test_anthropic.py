@@ -12,8 +12,7 @@ import anthropic
 import httpx
 import pytest
 import tiny
-from test_responses import KEY, THOUGHT, TOOL_SCRIPT, chat_twin, images, special_text
-from test_server import Server
+from servers import SCRIPTED_KEY, THOUGHT, TOOL_SCRIPT, Server, chat_twin, images, special_text
 
 FOX = {
     "name": "fox",
@@ -51,11 +50,11 @@ def scripted(glm4v_moe_checkpoint, tmp_path_factory):
     )
     server = Server(
         path,
-        ["--api-key", KEY, "--answer-any-model"],
+        ["--api-key", SCRIPTED_KEY, "--answer-any-model"],
         tmp_path_factory.mktemp("anthropic") / "s.log",
-        key=KEY,
+        key=SCRIPTED_KEY,
     )
-    server.anthropic, server.checkpoint = client_of(server, KEY), path
+    server.anthropic, server.checkpoint = client_of(server, SCRIPTED_KEY), path
     yield server
     server.close()
 
@@ -364,7 +363,7 @@ def test_refusals_in_anthropic_shape(plain, scripted):
     )
     with pytest.raises(anthropic.AuthenticationError):
         client_of(s, "wrong").messages.create(model=s.model, max_tokens=1, messages=hi)
-    bearer = anthropic.Anthropic(base_url=s.url, auth_token=KEY, max_retries=0, timeout=60)
+    bearer = anthropic.Anthropic(base_url=s.url, auth_token=SCRIPTED_KEY, max_retries=0, timeout=60)
     assert bearer.messages.create(model=s.model, max_tokens=1, messages=hi).usage.output_tokens == 1
 
 

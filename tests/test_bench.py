@@ -75,6 +75,7 @@ def test_decode_weight_bytes_counts_text_decoder_and_lm_head(tiny_checkpoint):
     assert bench.decode_weight_bytes(tiny_checkpoint) == text
 
 
+@pytest.mark.slow
 def test_bench_tiny(tmp_path, capsys):
     out = tmp_path / "results.json"
     results = bench.main(

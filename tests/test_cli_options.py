@@ -14,9 +14,8 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import numpy as np
 import pytest
-from test_model import picture
+from helpers import picture, write_noise_video
 
 from mlx_glm4v.checkpoints.loader import load
 from mlx_glm4v.errors import Glm4vError
@@ -51,24 +50,8 @@ def tiny(glm4v_checkpoint, tmp_path_factory):
     image = media / "photo.png"
     picture(420, 588, 5).save(image)  # 15 x 21 patches of 28 pixels: 315 tokens at full size
     video = media / "clip.mp4"
-    write_video(video, seconds=4, fps=8, size=56)
+    write_noise_video(video, seconds=4, fps=8, size=56)
     return dict(path=path, model=model, processor=processor, image=image, video=video)
-
-
-def write_video(path, seconds, fps, size):
-    import av
-
-    rng = np.random.RandomState(0)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for _ in range(seconds * fps):
-            frame = (rng.rand(size, size, 3) * 255).astype(np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
 
 
 def prompt_tokens(s, images=(), videos=(), **caps):

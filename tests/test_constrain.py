@@ -11,6 +11,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import tiny
+from helpers import FORMATS, rfc3339_date
 from schemas import SCHEMAS
 
 from mlx_glm4v.checkpoints.loader import load
@@ -30,25 +31,6 @@ FAMILIES = {
     "glm4v_moe": "glm4v_moe_checkpoint",
     "glm46v": "glm46v_checkpoint",
 }
-
-_DATE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$")
-
-
-def _rfc3339_date(value) -> bool:
-    """RFC 3339 full-date, year 0000 included (Python's date, which jsonschema uses, starts at
-    year 1); February 29th only in leap years (llguidance's own `date` lets it through in any
-    year, so constrain.py gives the schema a pattern that knows the calendar)."""
-    import calendar
-
-    m = _DATE.match(value) if isinstance(value, str) else None
-    if m is None:
-        return not isinstance(value, str)
-    year, month, day = (int(g) for g in m.groups())
-    return 1 <= month <= 12 and 1 <= day <= calendar.monthrange(year or 2000, month)[1]
-
-
-FORMATS = jsonschema.FormatChecker()
-FORMATS.checks("date")(_rfc3339_date)
 
 
 def valid(answer: str, schema: dict):
@@ -402,7 +384,7 @@ def test_dates_know_the_calendar(glm4v_checkpoint):
         assert (
             (matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting())
             == ok
-            == _rfc3339_date(date)
+            == rfc3339_date(date)
         )
 
 

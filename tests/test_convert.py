@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 import tiny
 import torch
-from test_model import our_inputs, picture, prepare, user
+from helpers import picture
+from reference import our_inputs, prepare, user
 from typer.testing import CliRunner
 
 from mlx_glm4v.checkpoints.loader import load, load_model

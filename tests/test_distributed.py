@@ -9,10 +9,8 @@ file is checked for.
 
 import json
 import os
-import random
 import select
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,48 +18,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tiny
 from distributed_worker import run_case
-from test_model import clip, picture, prepare, user
+from helpers import clip, picture
+from ranks import REPORT, TOL, cli_env, mlx_launch, rank_pid, seconds_until_gone
+from reference import prepare, user
 
 from mlx_glm4v.checkpoints.loader import load_model
 
+pytestmark = pytest.mark.distributed
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")
-TOL = 1e-4
-
-
-def mlx_launch(n: int) -> list:
-    """`mlx.launch -n N --backend ring` run by this interpreter, its ring on free ports of
-    127.0.0.1.
-
-    The ports are taken below Linux's ephemeral range, so that no connection another process
-    opens meanwhile can take one of them before its rank listens."""
-    rng = random.Random()
-    while True:
-        port = rng.randrange(20000, 32000 - n)
-        try:
-            for i in range(n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port + i))
-            break
-        except OSError:
-            continue
-    return [
-        sys.executable,
-        "-c",
-        "import sys; from mlx._distributed_utils.launch import main; main()",
-        "-n",
-        str(n),
-        "--backend",
-        "ring",
-        "--starting-port",
-        str(port),
-    ]
-
-
 LAUNCH_TIMEOUT = 300
-REPORT = {}  # case -> worst logit difference over ranks; checkpoint -> weight bytes per rank
 
 
 def make_cases(
@@ -252,34 +222,6 @@ def test_three_ranks_fall_back_to_pipeline(tmp_path, glm4v_checkpoint):
     compare("GLM-4.1V 5 layers, 3 ranks pipeline", path, cases, ranks)
 
 
-# Logs, per rank, every file a process opens whose name holds "picture" (Python's audit hook).
-WATCH_OPENS = """
-import os, sys
-if os.environ.get("WATCH_OPENS"):
-    _log = open(os.environ["WATCH_OPENS"] + "." + os.environ.get("MLX_RANK", "single"), "a")
-
-    def _hook(event, args):
-        if event == "open" and isinstance(args[0], str) and "picture" in args[0]:
-            _log.write(args[0] + "\\n")
-            _log.flush()
-
-    sys.addaudithook(_hook)
-if os.environ.get("ATTENTION_PIECE_WORK"):  # the engine's attention cut into a head or two a piece
-    import mlx_glm4v.models.head_groups
-
-    _work = int(os.environ["ATTENTION_PIECE_WORK"])
-    mlx_glm4v.models.head_groups.ATTENTION_PIECE_WORK = {"cpu": _work, "gpu": _work}
-"""
-
-
-def cli_env(tmp_path, **extra):
-    hooks = tmp_path / "hooks"
-    hooks.mkdir(exist_ok=True)
-    (hooks / "sitecustomize.py").write_text(WATCH_OPENS)
-    path = os.pathsep.join([str(hooks), str(ROOT), os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path, **extra}
-
-
 def test_generate_command_under_mlx_launch(tmp_path, glm4v_moe_checkpoint):
     """`python -m mlx_glm4v generate` on 2 ranks prints the single-process reply once; only rank 0
     opens the image; a sampled reply with a seed is the same too."""
@@ -326,18 +268,6 @@ def test_generate_command_under_mlx_launch(tmp_path, glm4v_moe_checkpoint):
     opened = {p.name.split(".")[-1]: p.read_text() for p in tmp_path.glob("opens.*")}
     assert str(image) in opened["0"] and str(image) in opened["single"]
     assert "1" not in opened or str(image) not in opened["1"], opened
-
-
-def rank_pid(marker: str, rank: int):
-    """The process launched with MLX_RANK=`rank` and our marker in its environment, if running."""
-    for proc in Path("/proc").iterdir():
-        try:
-            environ = (proc / "environ").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            continue
-        if f"RANK_TEST={marker}".encode() in environ and f"MLX_RANK={rank}".encode() in environ:
-            return int(proc.name)
-    return None
 
 
 def test_killed_rank_stops_the_others(tmp_path, glm4v_checkpoint):
@@ -426,13 +356,6 @@ def drain(launcher):
     for reader in readers:
         reader.start()
     return drained, readers
-
-
-def seconds_until_gone(marker: str, rank: int, since: float, limit: float) -> float:
-    """Seconds from `since` until the rank's process is gone (or `limit`, if it lives on)."""
-    while rank_pid(marker, rank) is not None and time.monotonic() - since < limit:
-        time.sleep(0.1)
-    return time.monotonic() - since
 
 
 def test_hung_rank_times_out(tmp_path, glm4v_checkpoint):

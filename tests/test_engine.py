@@ -11,9 +11,8 @@ import time
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_generate import ref_generate
-from test_model import clip, picture
-from test_vision_pieces import cut_attention
+from helpers import clip, cut_attention, picture
+from reference import ref_generate
 
 from mlx_glm4v.checkpoints.loader import load
 from mlx_glm4v.generation.generate import generate, stream_generate

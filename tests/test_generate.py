@@ -13,13 +13,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_model import clip, picture
+from helpers import clip, picture
+from reference import ref_generate
 
 from mlx_glm4v.checkpoints.loader import load
 from mlx_glm4v.generation.chat import ChatSession, drop_thinking
 from mlx_glm4v.generation.generate import generate, generate_step, stream_generate
 from mlx_glm4v.generation.settings import GenerationSettings
-from mlx_glm4v.generation.streaming import StopStrings, hidden_tokens
+from mlx_glm4v.generation.streaming import StopStrings
 from mlx_glm4v.inputs.video import Video
 
 STEPS = 12
@@ -35,25 +36,9 @@ def setup(glm4v_checkpoint, tmp_path_factory):
     return dict(path=path, ref=ref, hf=hf_processor, model=model, processor=processor, image=image)
 
 
-def ref_generate(s, messages, steps=STEPS, **media):
-    """transformers' greedy generate, decoded without its stop token; the text leaves out the
-    control tokens a reply's text never shows (all but GLM-V's reply markers)."""
-    hf = s["hf"]
-    text = hf.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = hf(text=[text], return_tensors="pt", **media)
-    with torch.no_grad():
-        out = s["ref"].generate(**inputs, max_new_tokens=steps, do_sample=False)
-    tokens = out[0, inputs["input_ids"].shape[1] :].tolist()
-    eos = set(s["model"].config.eos_token_id)
-    if tokens and tokens[-1] in eos:
-        tokens = tokens[:-1]
-    hidden = hidden_tokens(s["processor"].tokenizer.backend)
-    return tokens, s["processor"].tokenizer.decode([t for t in tokens if t not in hidden])
-
-
 def test_greedy_text_equals_transformers(setup):
     prompt = "Hello! How are you today?"
-    tokens, text = ref_generate(setup, [{"role": "user", "content": prompt}])
+    tokens, text = ref_generate(setup, [{"role": "user", "content": prompt}], STEPS)
     ours = [
         r for r in stream_generate(setup["model"], setup["processor"], prompt, max_tokens=STEPS)
     ]
@@ -70,7 +55,7 @@ def test_greedy_image_equals_transformers(setup):
             "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}],
         }
     ]
-    tokens, text = ref_generate(setup, messages, images=[Image.open(setup["image"])])
+    tokens, text = ref_generate(setup, messages, STEPS, images=[Image.open(setup["image"])])
     ours = generate(
         setup["model"],
         setup["processor"],
@@ -87,7 +72,11 @@ def test_greedy_video_equals_transformers(setup):
         {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}
     ]
     tokens, text = ref_generate(
-        setup, messages, videos=[frames], video_metadata=[{"fps": 2.0, "total_num_frames": 5}]
+        setup,
+        messages,
+        STEPS,
+        videos=[frames],
+        video_metadata=[{"fps": 2.0, "total_num_frames": 5}],
     )
     ours = generate(
         setup["model"],

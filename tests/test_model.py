@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import tiny
 import torch
-from PIL import Image
+from helpers import clip, picture
+from reference import our_inputs, prepare, user
 
 from mlx_glm4v.checkpoints.loader import load_model
 from mlx_glm4v.errors import Glm4vError
@@ -29,33 +30,6 @@ TOKENS = {}
 def setup(request):
     path, ref, processor = request.getfixturevalue(f"{request.param}_checkpoint")
     return load_model(path), ref, processor
-
-
-def picture(h, w, seed=0):
-    rng = np.random.RandomState(seed)
-    return Image.fromarray((rng.rand(h, w, 3) * 255).astype(np.uint8))
-
-
-def clip(frames, h, w, seed=0):
-    rng = np.random.RandomState(seed)
-    return (rng.rand(frames, h, w, 3) * 255).astype(np.uint8)
-
-
-def user(*items):
-    content = [
-        {"type": kind} if kind in ("image", "video") else {"type": "text", "text": kind}
-        for kind in items
-    ]
-    return [{"role": "user", "content": content}]
-
-
-def prepare(processor, conversations, **kwargs):
-    texts = [processor.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
-    return dict(processor(text=texts, padding=True, return_tensors="np", **kwargs))
-
-
-def our_inputs(inputs):
-    return {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
 
 
 def our_greedy(model, inputs, n=NEW_TOKENS):

@@ -18,6 +18,7 @@ import av
 import numpy as np
 import pytest
 import tiny
+from helpers import smooth, write_gradient_video
 from PIL import Image
 from transformers.video_utils import VideoMetadata
 
@@ -48,39 +49,9 @@ def record(case, key, backend, got, want):
     return float(diff.mean()), float(diff.max())
 
 
-def saved_processors(tmp_path_factory, kind: str, layouts) -> dict:
-    """{layout: (path, reference processor loaded back from that path)} for a tiny processor of
-    `kind` (tiny.build_processor) saved as transformers 5 saves it ("v5"), as the published files
-    are ("hub"), or naming no class anywhere, only config.json's model type ("model type")."""
-    from transformers import AutoProcessor
-
-    glm41v = kind == "Glm4v"
-    out = {}
-    for layout in layouts:
-        path = tmp_path_factory.mktemp(f"processor-{kind}-{layout}")
-        tokenizer = tiny.build_tokenizer(
-            path, special_tokens=tiny.SPECIAL_TOKENS if glm41v else tiny.SPECIAL_TOKENS_45V
-        )
-        template = tiny.CHAT_TEMPLATE if glm41v else tiny.CHAT_TEMPLATE_45V
-        processor = tiny.build_processor(tokenizer, chat_template=template, kind=kind)
-        processor.save_pretrained(path)
-        if layout == "hub":
-            tiny._rewrite_as_hub_layout(path, processor)
-        if layout == "model type":
-            for file in ("processor_config.json", "tokenizer_config.json"):
-                config = json.loads((path / file).read_text())
-                config.pop("processor_class")
-                for part in ("image_processor", "video_processor"):
-                    config.get(part, {}).pop(f"{part}_type", None)
-                (path / file).write_text(json.dumps(config))
-            (path / "config.json").write_text(json.dumps({"model_type": kind.lower()}))
-        out[layout] = (path, AutoProcessor.from_pretrained(path))
-    return out
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    return saved_processors(tmp_path_factory, "Glm4v", ("v5", "hub"))
+    return tiny.saved_processors(tmp_path_factory, "Glm4v", ("v5", "hub"))
 
 
 @pytest.fixture(scope="module")
@@ -101,19 +72,6 @@ def ref_pil(ref):
     image = Glm4vImageProcessorPil(size=dict(ref.image_processor.size))
     return Glm4vProcessor(
         image, ref.tokenizer, ref.video_processor, chat_template=ref.chat_template
-    )
-
-
-def smooth(h, w, channels=3, seed=0):
-    """A photo-like uint8 image: smooth gradients plus a little noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w]
-    planes = [
-        (np.sin(x / (7 + 3 * k) + k) * np.cos(y / (11 + k) + 2 * k) * 0.5 + 0.5) * 230
-        for k in range(channels)
-    ]
-    return np.clip(np.stack(planes, -1) + rng.normal(0, 12, (h, w, channels)), 0, 255).astype(
-        np.uint8
     )
 
 
@@ -161,26 +119,6 @@ def media(tmp_path_factory):
     Image.fromarray(smooth(1, 250)).save(d / "strip.png")
     (d / "garbage.jpg").write_bytes(b"this is not a JPEG at all" * 40)
     return d
-
-
-def write_video(path, codec, fps, n, pix_fmt="yuv420p", noise=False, **options):
-    """n 64x48 frames, a moving gradient (or noise: every frame the same size in the file), with
-    PyAV."""
-    with av.open(str(path), "w", options=options) as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, pix_fmt
-        for i in range(n):
-            rng = np.random.default_rng(i)
-            frame = (
-                rng.integers(0, 256, (48, 64, 3), np.uint8)
-                if noise
-                else np.roll(smooth(48, 64, seed=i), 3 * i, 1)
-            )
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
 
 
 def reference_video(path):
@@ -467,7 +405,7 @@ VIDEO_FILES = {  # name: (codec, fps, frames, pixel format)
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
     d = tmp_path_factory.mktemp("videos")
-    return {name: write_video(d / name, *spec) for name, spec in VIDEO_FILES.items()}
+    return {name: write_gradient_video(d / name, *spec) for name, spec in VIDEO_FILES.items()}
 
 
 @pytest.mark.parametrize("name", VIDEO_FILES)
@@ -522,7 +460,9 @@ def test_decoded_frames_with_metadata(ours, ref, frames, fps, duration):
 def test_truncated_file_is_sampled_over_the_frames_it_holds(ours, ref, tmp_path):
     """A header promising more frames than decode: sampled as if the header had told the truth."""
     # header first
-    whole = write_video(tmp_path / "whole.mp4", "mpeg4", 10, 40, noise=True, movflags="faststart")
+    whole = write_gradient_video(
+        tmp_path / "whole.mp4", "mpeg4", 10, 40, noise=True, movflags="faststart"
+    )
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     with av.open(str(cut)) as container:
@@ -645,7 +585,7 @@ def test_bad_videos(ours, media, tmp_path):
             audio.setframerate(8000),
             audio.writeframes(bytes(1600)),
         )
-    zeroed = write_video(tmp_path / "zeroed.mp4", "libx264", 10, 5)
+    zeroed = write_gradient_video(tmp_path / "zeroed.mp4", "libx264", 10, 5)
     data = bytearray(zeroed.read_bytes())
     at = data.find(b"mdat")
     size = int.from_bytes(data[at - 4 : at], "big")
@@ -706,7 +646,7 @@ assert not heavy, heavy
 
 @pytest.fixture(scope="module")
 def glm46v(tmp_path_factory):
-    return saved_processors(tmp_path_factory, "Glm46V", ("v5", "hub", "model type"))
+    return tiny.saved_processors(tmp_path_factory, "Glm46V", ("v5", "hub", "model type"))
 
 
 @pytest.fixture(scope="module")

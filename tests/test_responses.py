@@ -11,29 +11,9 @@ import json
 import httpx
 import pytest
 import tiny
-from test_server import Server, data_url, picture, png_bytes
+from servers import FOX, SCRIPTED_KEY, THOUGHT, TOOL_SCRIPT, Server, chat_twin, images, special_text
 
 openai = pytest.importorskip("openai")
-
-KEY = "dialect-key-3b1"
-# Every token differs (a scripted reply's rule: no newline, the prompt ends with one); the argument
-# holds a quote and a backslash. a space and a comma: never part of base64, so never in a sealed
-# blob by chance
-THOUGHT = "Hm, Jug"
-TOOL_SCRIPT = (
-    f"<think>{THOUGHT}</think>OK<tool_call>fox<arg_key>city</arg_key>"
-    '<arg_value>Pa"r\\is</arg_value></tool_call>'
-)
-FOX = {
-    "type": "function",
-    "name": "fox",
-    "description": "Look a city up.",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string"}},
-        "required": ["city"],
-    },
-}
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +34,14 @@ def scripted(glm4v_moe_checkpoint, tmp_path_factory):
         glm4v_moe_checkpoint[0], tmp_path_factory.mktemp("fox-script"), TOOL_SCRIPT
     )
     server = Server(
-        path, ["--api-key", KEY], tmp_path_factory.mktemp("responses") / "scripted.log", key=KEY
+        path,
+        ["--api-key", SCRIPTED_KEY],
+        tmp_path_factory.mktemp("responses") / "scripted.log",
+        key=SCRIPTED_KEY,
     )
     server.checkpoint = path
     yield server
     server.close()
-
-
-def images(n):
-    return [data_url(png_bytes(picture(112 + 28 * i, 140, 50 + i))) for i in range(n)]
 
 
 @pytest.mark.parametrize("count", [0, 1, 2])
@@ -404,45 +383,6 @@ def test_effort_none_is_the_template_switch(scripted):
         model=scripted.model, input="Hi", max_output_tokens=1
     )
     assert out.usage.input_tokens == chat.usage.prompt_tokens > default.usage.input_tokens
-
-
-def special_text(server):
-    """Every special token of the served tokenizer as text; and those an assistant's content may
-    not hold as text (GLM-V's reply markers stay markers there, in every dialect)."""
-    from mlx_glm4v.inputs.processor import REPLY_MARKERS, Processor
-
-    tokens = list(Processor.from_pretrained(server.checkpoint).tokenizer.added)
-    return " ".join(tokens), " ".join(t for t in tokens if t not in REPLY_MARKERS)
-
-
-def chat_twin(server, text, assistant, reasoning=True):
-    """The same conversation through chat completions: its prompt tokens (test_text_is_data
-    checks them)."""
-    tool = {
-        "type": "function",
-        "function": {"name": "fox", "description": f"Look {text}", "parameters": FOX["parameters"]},
-    }
-    messages = [
-        {"role": "system", "content": f"Rules {text}"},
-        {"role": "user", "content": f"Hi {text}"},
-        {
-            "role": "assistant",
-            "content": f"Calling {assistant}",
-            **({"reasoning_content": f"Think {text}"} if reasoning else {}),
-            "tool_calls": [
-                {
-                    "id": "call_1",
-                    "type": "function",
-                    "function": {"name": "fox", "arguments": json.dumps({"city": text})},
-                }
-            ],
-        },
-        {"role": "tool", "tool_call_id": "call_1", "content": f"Found {text}"},
-    ]
-    out = server.client.chat.completions.create(
-        model=server.model, messages=messages, tools=[tool], max_completion_tokens=1
-    )
-    return out.usage.prompt_tokens
 
 
 def test_special_tokens_in_messages_are_text(scripted):

@@ -14,17 +14,19 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_distributed import REPORT, TOL, cli_env, mlx_launch, rank_pid, seconds_until_gone
-from test_server import Server, data_url, picture, png_bytes, write_video
+from helpers import data_url, picture, png_bytes, write_scrolling_video
+from ranks import REPORT, TOL, cli_env, mlx_launch, rank_pid, seconds_until_gone
+from servers import Server
 
 openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.distributed
 
 
 def requests(media: Path) -> dict:
     """OpenAI request bodies: greedy text, images (sent inline and named in the media root), a
     video, sampled."""
     inline = data_url(png_bytes(picture(84, 112, 3)))
-    clip = data_url(write_video(media / "clip.mp4").read_bytes(), "video/mp4")
+    clip = data_url(write_scrolling_video(media / "clip.mp4").read_bytes(), "video/mp4")
     return {
         "text": {"messages": [{"role": "user", "content": "Hello! How are you today?"}]},
         "image": {

@@ -6,12 +6,9 @@ Greedy replies are compared with `generate` (what `mlx-glm4v generate` prints), 
 with transformers in test_generate.py.
 """
 
-import base64
-import io
 import json
 import os
 import re
-import socket
 import struct
 import subprocess
 import sys
@@ -24,7 +21,9 @@ import httpx
 import numpy as np
 import pytest
 import tiny
+from helpers import data_url, free_port, picture, png_bytes, write_scrolling_video
 from PIL import Image
+from servers import Server
 
 from mlx_glm4v.checkpoints.loader import load
 from mlx_glm4v.generation.generate import generate, stream_generate
@@ -41,42 +40,12 @@ from mlx_glm4v.generation.reply import (
 from mlx_glm4v.server.openai import parse_messages
 
 openai = pytest.importorskip("openai")
-av = pytest.importorskip("av")
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-key-7f3a"
 
 
 # ---- media ---------------------------------------------------------------------------------------
-
-
-def picture(h, w, seed):
-    rng = np.random.RandomState(seed)
-    return Image.fromarray((rng.rand(h, w, 3) * 255).astype(np.uint8))
-
-
-def png_bytes(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def data_url(data: bytes, mime="image/png") -> str:
-    return f"data:{mime};base64," + base64.b64encode(data).decode()
-
-
-def write_video(path, frames=6, fps=2):
-    """A 3-second clip by default (6 frames at 2 fps, all sampled by GLM-4.1V's processor)."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = 84, 56, "yuv420p"
-        for i in range(frames):
-            frame = np.roll(np.asarray(picture(56, 84, 40)), 5 * i, axis=1)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
 
 
 def png_bomb(width, height) -> bytes:
@@ -103,82 +72,11 @@ def media(tmp_path_factory):
     }
     for name, image in files.items():
         image.save(d / name)
-    write_video(d / "clip.mp4")
+    write_scrolling_video(d / "clip.mp4")
     return d
 
 
 # ---- servers -------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`serve` in a process of its own (`launcher`: a command that starts it, e.g. mlx.launch)."""
-
-    def __init__(self, checkpoint, args, log_path, key=None, launcher=(), env=None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.key = key
-        self.log_path = log_path
-        env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-        env.pop("MLX_GLM4V_API_KEY", None)
-        self.log = open(log_path, "w")
-        self.process = subprocess.Popen(
-            [
-                *launcher,
-                sys.executable,
-                "-m",
-                "mlx_glm4v",
-                "serve",
-                "--model",
-                str(checkpoint),
-                "--port",
-                str(self.port),
-                *args,
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, Path(log_path).read_text()
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        else:
-            raise AssertionError("the server did not become ready: " + Path(log_path).read_text())
-        self.model = Path(checkpoint).name
-        self.client = openai.OpenAI(
-            base_url=f"{self.url}/v1", api_key=key or "unused", max_retries=0, timeout=60
-        )
-
-    def post(self, body, key="default", **kwargs):
-        key = self.key if key == "default" else key
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        kwargs.setdefault("timeout", 60)
-        return httpx.post(f"{self.url}/v1/chat/completions", json=body, headers=headers, **kwargs)
-
-    def metrics(self) -> dict:
-        headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
-        text = httpx.get(f"{self.url}/metrics", headers=headers, timeout=10).text
-        return {k: float(v) for k, v in re.findall(r"^mlx_glm4v_(\S+) (\S+)$", text, re.M)}
-
-    def close(self):
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -653,7 +551,7 @@ def test_refusals_plain(plain, media):
     refused(s, {"model": s.model, "messages": [{"role": "wizard", "content": "Hi"}]}, 400, "role")
     refused(s, body(s, [{"type": "input_audio", "input_audio": {}}]), 400, "not supported")
     refused(s, {**body(s, "Hi"), "max_tokens": 0}, 400, "max_tokens")
-    long_clip = write_video(media / "long.mp4", frames=12)  # 6 s
+    long_clip = write_scrolling_video(media / "long.mp4", frames=12)  # 6 s
     refused(
         s,
         body(s, [video_part(long_clip)]),
@@ -841,6 +739,7 @@ def test_disconnect_stops_a_whole_reply(plain):
     assert after["requests_cancelled_total"] == before["requests_cancelled_total"] + 1
 
 
+@pytest.mark.slow
 def test_request_timeout(plain):
     """Past --request-timeout (6 s here) a whole reply is a 504; a stream ends with an error
     event in OpenAI's format, then [DONE]. The two run at once (queued or batched, the deadline

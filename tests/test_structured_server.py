@@ -9,9 +9,9 @@ import anthropic
 import httpx
 import jsonschema
 import pytest
+from helpers import FORMATS
 from schemas import SCHEMAS
-from test_constrain import FORMATS
-from test_server import Server
+from servers import Server
 
 openai = pytest.importorskip("openai")
 

@@ -15,8 +15,7 @@ import sys
 import pexpect
 import pytest
 import tiny
-from test_model import picture
-from test_processor import write_video
+from helpers import picture, write_gradient_video
 
 from mlx_glm4v.checkpoints.loader import load
 from mlx_glm4v.generation.chat import ChatSession
@@ -33,7 +32,7 @@ def setup(glm4v_checkpoint, tmp_path_factory):
     model, processor = load(path)
     media = tmp_path_factory.mktemp("media")
     picture(196, 280, 21).save(media / "my photo.png")
-    write_video(media / "clip.mp4", "libx264", 5, 30)  # 6 s: 12 frames sampled at 2 fps
+    write_gradient_video(media / "clip.mp4", "libx264", 5, 30)  # 6 s: 12 frames sampled at 2 fps
     (media / "broken.png").write_bytes(b"not a PNG at all" * 50)
     (media / "broken.mp4").write_bytes(b"not a video at all" * 50)
     return dict(path=path, model=model, processor=processor, media=media)

@@ -12,7 +12,6 @@ import json
 import numpy as np
 import pytest
 import tiny
-from test_processor import saved_processors
 
 from mlx_glm4v.generation.streaming import StreamingText, hidden_tokens
 from mlx_glm4v.inputs.processor import DATA_CLOSE, DATA_OPEN, REPLY_MARKERS, Processor, unmark
@@ -23,7 +22,7 @@ KINDS = ("Glm4v", "Glm46V")  # GLM-4.1V's template and tokenizer; GLM-4.5V's (to
 @pytest.fixture(scope="module", params=KINDS)
 def pair(request, tmp_path_factory):
     """(our processor, transformers' processor) of one kind, saved and loaded back."""
-    path, ref = saved_processors(tmp_path_factory, request.param, ("v5",))["v5"]
+    path, ref = tiny.saved_processors(tmp_path_factory, request.param, ("v5",))["v5"]
     ours = Processor.from_pretrained(path)
     ours.tokenizer_path = path
     return ours, ref
@@ -375,7 +374,7 @@ def test_chat_session_keeps_reply_markers_and_the_whole_cache(box_checkpoint):
 @pytest.fixture(scope="module")
 def served(glm4v_moe_checkpoint, tmp_path_factory):
     """`mlx-glm4v serve` on the GLM-4.5V checkpoint (template with tools and tool results)."""
-    from test_server import Server
+    from servers import Server
 
     server = Server(
         glm4v_moe_checkpoint[0], [], tmp_path_factory.mktemp("text-is-data") / "server.log"
@@ -384,6 +383,7 @@ def served(glm4v_moe_checkpoint, tmp_path_factory):
     server.close()
 
 
+@pytest.mark.slow
 def test_server_takes_special_tokens_as_text(served, glm4v_moe_checkpoint):
     """Every special token in system, user, assistant (content, reasoning, a call's arguments), tool
     text and a tool's schema: 200, with the prompt tokens of the processor, whose control tokens are

@@ -4,7 +4,7 @@ bit for bit."""
 
 import mlx.core as mx
 import pytest
-from test_model import clip, picture
+from helpers import clip, cut_attention, picture
 
 from mlx_glm4v.checkpoints.loader import load
 from mlx_glm4v.generation.messages import build_messages
@@ -34,13 +34,6 @@ def in_pieces(model, item, patches, work):
         if features is not None:
             parts.append(features)
     return len(pieces), mx.concatenate(parts)
-
-
-def cut_attention(monkeypatch, work: int):
-    """Attention calls of at most `work` query-key pairs x heads, on any device."""
-    monkeypatch.setattr(
-        "mlx_glm4v.models.head_groups.ATTENTION_PIECE_WORK", dict.fromkeys(("cpu", "gpu"), work)
-    )
 
 
 def test_head_groups_keep_key_value_heads_whole():

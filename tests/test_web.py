@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,9 +24,12 @@ import numpy as np
 import pytest
 import tiny
 from conftest import BOX_SCRIPT
+from helpers import free_port, write_gradient_video
 from PIL import Image
 
 from mlx_glm4v.generation.grounding import find_marks
+
+pytestmark = pytest.mark.browser
 
 CHROMIUM = (
     shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -46,12 +48,6 @@ webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def api(base: str, path: str, body=None, timeout=60):
@@ -374,11 +370,9 @@ def metric(base: str, name: str) -> float:
 def test_video_and_image_in_one_message(page, tmp_path):
     """A video attached by the file input goes to the server with an image; the reply's prompt
     counts both (the API's own count of the same message)."""
-    from test_processor import write_video
-
     driver, base, _ = page
     driver.execute_script("glm4v.state.options = {temperature: 0, max_tokens: 4}")
-    video = write_video(tmp_path / "clip.mp4", "libx264", 4, 8)
+    video = write_gradient_video(tmp_path / "clip.mp4", "libx264", 4, 8)
     driver.find_element(By.ID, "file").send_keys(str(video))
     attach(driver, photo(tmp_path / "photo.png", 64, 48))
     assert (

@@ -529,6 +529,36 @@ def _rewrite_as_hub_layout(path: Path, processor):
     (path / "processor_config.json").unlink(missing_ok=True)
 
 
+def saved_processors(tmp_path_factory, kind: str, layouts) -> dict:
+    """{layout: (path, reference processor loaded back from that path)} for a tiny processor of
+    `kind` (build_processor) saved as transformers 5 saves it ("v5"), as the published files
+    are ("hub"), or naming no class anywhere, only config.json's model type ("model type")."""
+    from transformers import AutoProcessor
+
+    glm41v = kind == "Glm4v"
+    out = {}
+    for layout in layouts:
+        path = tmp_path_factory.mktemp(f"processor-{kind}-{layout}")
+        tokenizer = build_tokenizer(
+            path, special_tokens=SPECIAL_TOKENS if glm41v else SPECIAL_TOKENS_45V
+        )
+        template = CHAT_TEMPLATE if glm41v else CHAT_TEMPLATE_45V
+        processor = build_processor(tokenizer, chat_template=template, kind=kind)
+        processor.save_pretrained(path)
+        if layout == "hub":
+            _rewrite_as_hub_layout(path, processor)
+        if layout == "model type":
+            for file in ("processor_config.json", "tokenizer_config.json"):
+                config = json.loads((path / file).read_text())
+                config.pop("processor_class")
+                for part in ("image_processor", "video_processor"):
+                    config.get(part, {}).pop(f"{part}_type", None)
+                (path / file).write_text(json.dumps(config))
+            (path / "config.json").write_text(json.dumps({"model_type": kind.lower()}))
+        out[layout] = (path, AutoProcessor.from_pretrained(path))
+    return out
+
+
 def scripted_checkpoint(source, out, script: str):
     """A copy of the tiny checkpoint at `source` that replies `script` to any prompt:
     the decoder's attention and MLP outputs are zeroed, so the last hidden state is the last
