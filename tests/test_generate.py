@@ -338,24 +338,22 @@ def test_streamed_text_never_splits_a_character(setup):
 
 def test_stop_strings_hold_back_and_cut():
     stops = StopStrings(["END"])
-    assert stops.feed("abc E") == ("abc ", False)
-    assert stops.feed("N") == ("", False)
-    assert stops.feed("Dxyz") == ("", True)
+    assert stops.feed("abc E") == ("abc ", None)
+    assert stops.feed("N") == ("", None)
+    assert stops.feed("Dxyz") == ("", "END")
     stops = StopStrings(["END"])
-    assert stops.feed("E") == ("", False)
-    assert stops.feed("go") == ("Ego", False)
+    assert stops.feed("E") == ("", None)
+    assert stops.feed("go") == ("Ego", None)
 
 
 def test_stop_strings_say_which_one_cut():
     """The server reports the stop string that ended a reply, even one that began in text held
     back, and the earliest one where two are in the text."""
     stops = StopStrings(["never-seen", "hello world"])
-    assert stops.feed("say hello") == ("say ", False)
-    assert stops.feed(" world!") == ("", True)
-    assert stops.found == "hello world"
+    assert stops.feed("say hello") == ("say ", None)
+    assert stops.feed(" world!") == ("", "hello world")
     stops = StopStrings(["b", "ab"])
-    assert stops.feed("xab") == ("x", True)
-    assert stops.found == "ab"
+    assert stops.feed("xab") == ("x", "ab")
 
 
 def cli(*args, **kwargs):

@@ -15,23 +15,23 @@ class StopStrings:
     def __init__(self, stops: Sequence[str]):
         self.stops = [s for s in stops if s]
         self.pending = ""
-        self.found: Optional[str] = None  # the stop string reached
 
     def feed(self, text: str) -> tuple:
-        """(text safe to show, whether a stop string was reached)."""
+        """(text safe to show, the stop string reached or None): where two are in the text, the
+        one that starts first."""
         self.pending += text
         hits = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
         if hits:
-            cut, self.found = min(hits)
+            cut, found = min(hits)
             out, self.pending = self.pending[:cut], ""
-            return out, True
+            return out, found
         hold = max(
             (k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])),
             default=0,
         )
         out = self.pending[: len(self.pending) - hold]
         self.pending = self.pending[len(out) :]
-        return out, False
+        return out, None
 
     def flush(self) -> str:
         out, self.pending = self.pending, ""
@@ -89,10 +89,8 @@ class ReplyText:
         """(text to show, "stop" when the token ends the reply, else None)."""
         if token in self.stop_ids:
             return self.finish(), "stop"
-        text, stopped = self.stops.feed(self.decoder.add(token))
-        if stopped:
-            self.stop = self.stops.found
-        return text, "stop" if stopped else None
+        text, self.stop = self.stops.feed(self.decoder.add(token))
+        return text, "stop" if self.stop is not None else None
 
     def finish(self) -> str:
         """The text still held back, shown when the reply ends (a stop token, or its length)."""
