@@ -6,6 +6,7 @@ on the same server, text and images); `scripted`: a GLM-4.5V-family checkpoint w
 has tools, rewired to reply with a tool call, behind an API key, answering any model name.
 """
 
+import itertools
 import json
 
 import anthropic
@@ -377,8 +378,10 @@ def test_stop_sequences(plain):
     )
     text = "".join(b.text for b in blocks(full, "text"))
     start = next(i for i in range(1, len(text) - 2) if text[i : i + 2].isalnum())
-    stop = text[start : start + 2]
-    for streamed in (False, True):
+    # Two characters, and most of the rest: a stop that spans tokens begins in text held back,
+    # and the reply still names it, not the first of the stop sequences.
+    long = text[start : start + max(3, (len(text) - start) * 2 // 3)]
+    for stop, streamed in itertools.product((text[start : start + 2], long), (False, True)):
         options = dict(
             model=plain.model,
             messages=messages,
