@@ -150,7 +150,7 @@ class GenerationSettings:
             self.constraint = Constraint(**self.constraint)
         if self.constraint is not None:
             if not isinstance(self.constraint, Constraint):
-                raise Glm4vError("constraint must be a mlx_glm4v.generation.constrain.Constraint.")
+                raise Glm4vError("constraint must be a mlx_glm4v.Constraint.")
             # compiled and checked now: a bad schema is the caller's error
             _ = self.constraint.grammar
 

@@ -86,7 +86,8 @@ class ReplyText:
         self.stop: Optional[str] = None  # the stop string that ended the reply, if one did
 
     def add(self, token: int) -> tuple:
-        """(text to show, "stop" when the token ends the reply, else None)."""
+        """(text to show, "stop" when the token ends the reply, else None); after a stop string,
+        `stop` names it for the reply's finish."""
         if token in self.stop_ids:
             return self.finish(), "stop"
         text, self.stop = self.stops.feed(self.decoder.add(token))
