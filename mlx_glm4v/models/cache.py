@@ -111,3 +111,11 @@ def left_padding(attention_mask, length: int) -> np.ndarray:
     if not np.array_equal(mask, cols >= pads[:, None]):
         raise ValueError("attention_mask must be left padding (zeros first, then ones)")
     return pads.astype(np.int64)
+
+
+def right_padding(attention_mask, length: int) -> bool:
+    """Whether a mask [B, length] is right padding (ones first, then zeros) with some padding."""
+    mask = np.asarray(attention_mask).astype(bool)
+    if mask.ndim != 2 or mask.shape[1] != length or mask.all():
+        return False
+    return np.array_equal(mask, np.arange(length)[None] < mask.sum(axis=1)[:, None])

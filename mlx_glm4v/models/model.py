@@ -15,9 +15,10 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .cache import PromptCache, left_padding, make_prompt_cache
+from .cache import PromptCache, left_padding, make_prompt_cache, right_padding
 from .config import ModelConfig, MoeTextConfig
 from .language import TextModel, multimodal_rope, text_rope
+from .loss import CausalLMOutput, causal_lm_loss
 from .media import FeatureMemo, media_items
 from .mlxlm import create_causal_mask
 from .moe import MoeTextModel, stack_experts
@@ -333,15 +334,19 @@ class Model(nn.Module):
         """Embeddings and positions for new tokens, continuing the sequences held in `cache`.
 
         `attention_mask` describes the given tokens only and must be left padding, allowed on
-        the first call into a cache. Without pixels every token is text and no host copy of
-        `input_ids` is made, so decoding stays asynchronous. Media found in `vision_memo` are
-        not encoded again; `media`, the same pixels already split into `MediaItem`s (images,
-        then videos), spares hashing them twice. `progress` hears how a long video's encoding goes.
+        the first call into a cache; without a cache it may be right padding too (as batches are
+        padded for training), whose pad columns no real column sees. Without pixels every token
+        is text and no host copy of `input_ids` is made, so decoding stays asynchronous. Media
+        found in `vision_memo` are not encoded again; `media`, the same pixels already split into
+        `MediaItem`s (images, then videos), spares hashing them twice. `progress` hears how a long
+        video's encoding goes.
         """
         B, L = input_ids.shape
         fresh = cache is None or cache.empty
         start = np.zeros(B, np.int64) if fresh else cache.next_position
-        pads = np.zeros(B, np.int64) if attention_mask is None else left_padding(attention_mask, L)
+        pads = np.zeros(B, np.int64)
+        if attention_mask is not None and not (cache is None and right_padding(attention_mask, L)):
+            pads = left_padding(attention_mask, L)
         if pads.any() and not fresh:
             raise ValueError("padding is only allowed on the first call into a cache")
         if pixel_values is None and pixel_values_videos is None:
@@ -493,9 +498,14 @@ class Model(nn.Module):
         video_grid_thw=None,
         attention_mask=None,
         cache: Optional[PromptCache] = None,
-    ) -> mx.array:
+        labels=None,
+    ):
         """Logits [B, L, vocab]. With a cache, later calls take only the new tokens (see
-        `prepare`)."""
+        `prepare`). With `labels` [B, L] (-100 where nothing is learnt; transformers' convention)
+        a `CausalLMOutput`: the loss (loss.py) and the logits. Training takes the pass without a
+        cache, the one `mlx.nn.value_and_grad` differentiates."""
+        if labels is not None and cache is not None:
+            raise ValueError("labels are for a pass without a cache")
         prompt = self.prepare(
             input_ids,
             pixel_values,
@@ -507,4 +517,7 @@ class Model(nn.Module):
         )
         if cache is not None:
             cache.record(prompt)
-        return self.logits(self.forward(prompt, cache))
+        logits = self.logits(self.forward(prompt, cache))
+        if labels is None:
+            return logits
+        return CausalLMOutput(causal_lm_loss(logits, labels), logits)

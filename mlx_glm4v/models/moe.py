@@ -67,7 +67,10 @@ class Router(nn.Module):
                 groups, worst[..., None], mx.array(-mx.inf, mx.float32), axis=-2
             )
             choice = groups.reshape(choice.shape)
-        chosen = mx.argpartition(-choice, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
+        # a choice, not a function of the weights: gradients reach the router through the scores
+        chosen = mx.stop_gradient(
+            mx.argpartition(-choice, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
+        )
         weights = mx.take_along_axis(scores, chosen, axis=-1)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
