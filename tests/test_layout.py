@@ -15,6 +15,7 @@ FLOORS = {
     "generation": 2,
     "checkpoints": 2,
     "serving": 3,
+    "tuning": 3,
     "server": 4,
     "terminal": 5,
     "cli": 6,

@@ -1,0 +1,1 @@
+"""Fine-tuning: conversations to training examples (data.py)."""
