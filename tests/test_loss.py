@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten
 from reference import our_inputs, prepare, user
 
 from mlx_glm4v.checkpoints.loader import load_model
+from mlx_glm4v.errors import Glm4vError
 from mlx_glm4v.models.loss import IGNORE_INDEX, CausalLMOutput, causal_lm_loss
 
 LOSS_TOL = 1e-5
@@ -140,6 +141,14 @@ def test_no_router_loss_by_default(setup):
     logits; the families' configs do not, so the loss above is all of it."""
     model, ref, processor = setup
     assert not getattr(ref.config.text_config, "output_router_logits", False)
+    text = model.config.text_config
+    if hasattr(text, "output_router_logits"):  # a config that asks for it is refused
+        text.output_router_logits = True
+        try:
+            with pytest.raises(Glm4vError, match="output_router_logits"):
+                model(np.array([[1, 2, 3]]), labels=np.array([[1, 2, 3]]))
+        finally:
+            text.output_router_logits = False
 
 
 def test_labels_refuse_a_cache(setup):

@@ -125,6 +125,8 @@ class MoeTextConfig(TextConfig):
     topk_group: int = 1
     first_k_dense_replace: int = 1
     norm_topk_prob: bool = True
+    # transformers then adds its load-balancing loss to the training loss (loss.py has none)
+    output_router_logits: bool = False
 
     def __post_init__(self):
         super().__post_init__()

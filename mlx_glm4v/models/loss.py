@@ -5,7 +5,8 @@ predict label j + 1, the last column predicts nothing), labels equal to `IGNORE_
 and the mean of the cross-entropy over the tokens counted, or its sum over `num_items` given (the
 count of a whole accumulated batch, as the reference's `num_items_in_batch`).
 GLM-4.5V's load-balancing loss joins it in transformers only when the config asks for router
-logits (`output_router_logits`, off in the published configs), so it has no counterpart here.
+logits (`output_router_logits`, off by default); it has no counterpart here, and the model refuses
+labels under a config that asks for it.
 """
 
 from dataclasses import dataclass

@@ -15,6 +15,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from ..errors import Glm4vError
 from .cache import PromptCache, left_padding, make_prompt_cache, right_padding
 from .config import ModelConfig, MoeTextConfig
 from .language import TextModel, multimodal_rope, text_rope
@@ -506,6 +507,12 @@ class Model(nn.Module):
         cache, the one `mlx.nn.value_and_grad` differentiates."""
         if labels is not None and cache is not None:
             raise ValueError("labels are for a pass without a cache")
+        if labels is not None and getattr(self.config.text_config, "output_router_logits", False):
+            raise Glm4vError(
+                "config.json's text_config.output_router_logits is true, which adds transformers' "
+                "load-balancing loss; mlx-glm4v computes the language-model loss alone, so set it "
+                "to false."
+            )
         prompt = self.prepare(
             input_ids,
             pixel_values,
