@@ -688,11 +688,20 @@ def serve(
             "default: 404."
         ),
     ),
+    drain_timeout: float = typer.Option(
+        30.0,
+        "--drain-timeout",
+        help=(
+            "On SIGTERM, seconds running requests get to finish (new ones get 503) before the "
+            "rest are cut and the server exits."
+        ),
+    ),
     no_ui: bool = typer.Option(False, "--no-ui", help="Do not serve the chat page at /."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
     verbose: bool = VERBOSE,
 ):
-    """Serve the model over HTTP: OpenAI chat completions and Responses, Anthropic Messages.
+    """Serve the model over HTTP: OpenAI chat completions and Responses, Anthropic Messages,
+    Ollama's API.
 
     Under mlx.launch, rank 0 serves HTTP and the other ranks run each batch step with it."""
     from .serving.distributed import launched
@@ -716,6 +725,8 @@ def serve(
             "--max-output-tokens": max_output_tokens,
         },
     )
+    if drain_timeout < 0:
+        raise Glm4vError(f"--drain-timeout {drain_timeout} must be 0 or more.")
     policy = media_policy(
         media_root,
         allow_url_fetch,
@@ -743,6 +754,7 @@ def serve(
         media=policy,
         max_output_tokens=max_output_tokens,
         answer_any_model=answer_any_model,
+        drain_timeout=drain_timeout,
     )
     run_server(
         config,

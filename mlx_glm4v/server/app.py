@@ -12,15 +12,18 @@ client reads never holds a traceback or a local path: those go to the log.
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -34,10 +37,11 @@ from ..errors import Glm4vError
 from ..generation.grounding import as_json, find_marks
 from ..generation.reply import ReplyParser
 from ..inputs.image import load_image
-from . import anthropic, openai, responses
+from . import anthropic, ollama, openai, responses
+from .drain import RETRY_AFTER, Drain
 from .media import MediaPolicy, resolve_media
 from .metrics import Metrics
-from .neutral import ApiError, Finish, Logprob, Meta, Served, bad
+from .neutral import ApiError, Finish, Logprob, Meta, Served, bad, check_model
 
 log = logging.getLogger("mlx_glm4v.server")
 
@@ -65,6 +69,7 @@ class ServerConfig:
     answer_any_model: bool = False
     store_count: int = 1000  # Responses kept for previous_response_id / GET, newest first
     store_bytes: int = 64 << 20
+    drain_timeout: float = 30.0  # seconds running requests get to finish after SIGTERM
 
     @property
     def name(self) -> str:
@@ -85,6 +90,14 @@ class State:
         self.context = None  # the model's context length, once loaded
         self.store = responses.Store(config.store_count, config.store_bytes)
         self.served = None
+        self.drain = Drain(config.drain_timeout)
+        self.started = datetime.now(timezone.utc)
+
+    def keep_alive(self, name: str, seconds):
+        """A request's wish for how long its model stays loaded (Ollama's keep_alive): one pinned
+        model stays whatever it asks; the models registry will act on it here."""
+        if seconds is not None:
+            log.debug("keep_alive %s s asked for %s; the one model stays loaded", seconds, name)
 
     def load(self, loader=None):
         """Load and pin the model (on a thread at start-up)."""
@@ -148,7 +161,11 @@ def error_response(e: ApiError, dialect=openai) -> JSONResponse:
 
 def dialect_of(path: str):
     """Whose error shape a path answers in, before its route runs (auth, body cap, unknown
-    routes)."""
+    routes, a drain)."""
+    if path.startswith("/api/"):
+        return ollama
+    if path.startswith("/v1/responses"):
+        return responses
     return anthropic if path.startswith("/v1/messages") else openai
 
 
@@ -172,8 +189,18 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        protected = scope["path"].startswith("/v1/") or scope["path"] == "/metrics"
+        api = scope["path"].startswith(("/v1/", "/api/"))
+        protected = api or scope["path"] == "/metrics"
         dialect = dialect_of(scope["path"])
+        drain = scope["app"].state.server.drain
+        if api and drain.draining and scope["method"] != "OPTIONS":
+            e = ApiError(
+                503,
+                "the server is shutting down; send the request again shortly.",
+                code="shutting_down",
+                headers={"Retry-After": RETRY_AFTER},
+            )
+            return await error_response(e, dialect)(scope, receive, send)
         if self.config.api_key and protected and scope["method"] != "OPTIONS":
             key = self.config.api_key.encode()
             bearer = hmac.compare_digest(headers.get(b"authorization", b""), b"Bearer " + key)
@@ -199,10 +226,13 @@ class Guard:
                     raise _BodyTooLarge()
             return message
 
+        drain.active += api
         try:
             await self.app(scope, counted, send)
         except _BodyTooLarge:
             await self._too_large(scope, receive, send)
+        finally:
+            drain.active -= api
 
     async def _too_large(self, scope, receive, send):
         message = (
@@ -231,6 +261,8 @@ def _state(request: Request) -> State:
 
 async def health(request: Request):
     state = request.app.state.server
+    if state.drain.draining:
+        return JSONResponse({"status": "draining"}, status_code=503)
     if not state.ready.is_set():
         return JSONResponse({"status": "loading"}, status_code=503)
     return JSONResponse({"status": "ok"})
@@ -322,14 +354,27 @@ async def _prepared(ready: State, neutral) -> dict:
         raise timeout_error(ready.config) from None
 
 
-async def _reply(request: Request, dialect):
+async def _reply(request: Request, dialect, parse=None):
     ready = _state(request)
-    neutral = dialect.parse(await _body(request), ready.served)
+    parse = parse or dialect.parse
+    neutral = parse(await _body(request), ready.served)
+    ready.keep_alive(ready.config.name, neutral.keep_alive)
+    if not neutral.messages:  # Ollama's way to load a model: nothing to run
+        meta = Meta(dialect.reply_id(), int(time.time()), ready.config.name, 0, ready.served)
+        return JSONResponse(dialect.loaded(neutral, meta))
     deadline = time.monotonic() + ready.config.request_timeout
     inputs = await _prepared(ready, neutral)
     n = int(inputs["input_ids"].shape[-1])
     settings = dict(neutral.settings)
-    room = ready.context - n if settings.get("max_tokens") is None else settings["max_tokens"]
+    context = min(ready.context, neutral.context or ready.context)
+    if neutral.context and n >= context:
+        raise bad(
+            f"the prompt is {n} tokens, over the context of {context} the request allows "
+            "(options.num_ctx).",
+            "options.num_ctx",
+            "context_length_exceeded",
+        )
+    room = context - n if settings.get("max_tokens") is None else settings["max_tokens"]
     if room < 1:  # only with --max-prompt-tokens over the context: no limit asked, none left
         raise bad(
             f"the prompt is {n} tokens and fills the model's context of {ready.context}; give a "
@@ -337,6 +382,8 @@ async def _reply(request: Request, dialect):
             "messages",
             "context_length_exceeded",
         )
+    if neutral.context:
+        room = min(room, context - n)
     if ready.config.max_output_tokens:
         room = min(room, ready.config.max_output_tokens)
     settings["max_tokens"] = max(1, room)
@@ -360,7 +407,7 @@ async def _reply(request: Request, dialect):
     if neutral.stream:
         return StreamingResponse(
             run.stream(dialect.Stream(neutral, meta)),
-            media_type="text/event-stream",
+            media_type=getattr(dialect, "MEDIA_TYPE", "text/event-stream"),
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     return JSONResponse(dialect.whole(neutral, await run.whole(request), meta))
@@ -381,6 +428,43 @@ async def stored_response(request: Request, dialect):
     if request.method == "DELETE":
         return JSONResponse(dialect.delete(store, rid))
     return JSONResponse(dialect.retrieve(store, rid))
+
+
+# ---- Ollama's descriptions of the model ---------------------------------------------------------
+
+
+def ollama_route(handler):
+    """An Ollama GET/POST that describes the served model, its refusals in Ollama's shape."""
+
+    async def endpoint(request: Request):
+        try:
+            return JSONResponse(await handler(request))
+        except ApiError as e:
+            return error_response(e, ollama)
+
+    return endpoint
+
+
+async def ollama_version(request: Request):
+    return {"version": ollama.VERSION}
+
+
+async def ollama_tags(request: Request):
+    state = _state(request)
+    return {"models": [ollama.entry(state.config.name, state.engine.model, state.started)]}
+
+
+async def ollama_ps(request: Request):
+    state = _state(request)
+    model, expires = state.engine.model, datetime.now(timezone.utc) + ollama.PINNED
+    return {"models": [ollama.running(state.config.name, model, state.context, expires)]}
+
+
+async def ollama_show(request: Request):
+    state = _state(request)
+    name = ollama.show_name(await _body(request))
+    check_model(name, state.served)
+    return ollama.show(name, state.engine.model, state.processor, state.served, state.started)
 
 
 def _prepare(state: State, neutral) -> dict:
@@ -428,6 +512,12 @@ class Run:
         self.skip_logprob = eos if not settings.get("ignore_eos") else set()
         self.decode = lambda t: state.processor.tokenizer.decode([t])
         self.parser, self.text, self.reasoning_tokens = ReplyParser(neutral.tools), [], 0
+        self.was_cut = False
+
+    def cut(self):
+        """End the run at the drain's deadline: its client is told (an error, not a finish)."""
+        self.was_cut = True
+        self.handle.cancel()
 
     def logprob(self, event):
         if self.neutral.top_logprobs is None or event.token is None or event.logprob is None:
@@ -463,6 +553,7 @@ class Run:
         pending = None
         finished = False
         self.state.metrics.running += 1
+        self.state.drain.runs.add(self)
         try:
             while True:
                 if pending is None:
@@ -476,6 +567,15 @@ class Run:
                     continue
                 event = pending.result()
                 pending = None
+                if event.finish_reason == "cancelled" and self.was_cut:
+                    finished = True
+                    raise ApiError(
+                        503,
+                        "the server shut down before this reply was finished (--drain-timeout); "
+                        "send the request again.",
+                        code="shutting_down",
+                        headers={"Retry-After": RETRY_AFTER},
+                    )
                 if event.finish_reason == "error":
                     finished = True
                     raise ApiError(
@@ -498,6 +598,7 @@ class Run:
                     return
         finally:
             self.state.metrics.running -= 1
+            self.state.drain.runs.discard(self)
             if not finished:
                 self.handle.cancel()
             if pending is not None and not pending.done():
@@ -529,7 +630,8 @@ class Run:
         try:
             async for event in self.events(tick=self.state.config.keepalive):
                 if event is None:
-                    yield renderer.keepalive()
+                    if line := renderer.keepalive():
+                        yield line
                     continue
                 if event.finish_reason == "cancelled":
                     return
@@ -585,6 +687,7 @@ def create_app(config: ServerConfig, loader=None, group=None) -> Starlette:
                 if stop is not None:
                     stop()
 
+        state.drain.loop = asyncio.get_running_loop()
         threading.Thread(target=load, name="mlx-glm4v-load", daemon=True).start()
         yield
         if state.engine is not None:
@@ -600,6 +703,16 @@ def create_app(config: ServerConfig, loader=None, group=None) -> Starlette:
         Route("/v1/responses/{rid}", route(stored_response, responses), methods=["GET", "DELETE"]),
         Route("/v1/messages", route(_reply, anthropic), methods=["POST"]),
         Route("/v1/messages/count_tokens", route(count_tokens, anthropic), methods=["POST"]),
+        Route("/api/chat", route(_reply, ollama), methods=["POST"]),
+        Route(
+            "/api/generate",
+            route(functools.partial(_reply, parse=ollama.parse_generate), ollama),
+            methods=["POST"],
+        ),
+        Route("/api/tags", ollama_route(ollama_tags)),
+        Route("/api/show", ollama_route(ollama_show), methods=["POST"]),
+        Route("/api/ps", ollama_route(ollama_ps)),
+        Route("/api/version", ollama_route(ollama_version)),
     ]
     if config.ui and WEB_DIR.is_dir():  # the chat page, when the package ships one
         from starlette.staticfiles import StaticFiles
@@ -646,6 +759,19 @@ def check_bind(host: str, api_key: Optional[str], insecure_no_auth: bool):
         )
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server whose first SIGTERM or Ctrl-C drains (drain.py) before it exits; a second
+    one is uvicorn's own shutdown. The signal is handled, not re-raised: the process exits 0."""
+
+    def __init__(self, config: uvicorn.Config, drain: Drain):
+        super().__init__(config)
+        self.drain = drain
+
+    def handle_exit(self, sig, frame):
+        if self.should_exit or not self.drain.begin(lambda: setattr(self, "should_exit", True)):
+            super().handle_exit(sig, frame)
+
+
 def serve(
     config: ServerConfig,
     host: str = "127.0.0.1",
@@ -655,8 +781,6 @@ def serve(
     group=None,
 ):
     """Run the server until interrupted (under mlx.launch, on rank 0: `group`)."""
-    import uvicorn
-
     check_bind(host, config.api_key, insecure_no_auth)
     if config.media.media_root is not None and not config.media.media_root.is_dir():
         raise Glm4vError(f"--media-root {config.media.media_root}: no such directory.")
@@ -670,8 +794,9 @@ def serve(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     app = create_app(config, group=group)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30)
+    server = DrainingServer(
+        uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=30),
+        app.state.server.drain,
     )
     app.state.stop = lambda: setattr(server, "should_exit", True)
     server.run()

@@ -4,7 +4,8 @@ Chat completions: `response_format` json_object / json_schema {name, schema, str
 `tool_choice` "required" or {"type": "function", "function": {"name"}}. Responses: `text.format`
 (the same formats, flattened) and `tool_choice` "required" or {"type": "function", "name"}.
 Anthropic Messages: `output_config.format` (and the older beta `output_format`) json_schema
-{schema}, and `tool_choice` {"type": "any"} or {"type": "tool", "name"}. Every constraint is
+{schema}, and `tool_choice` {"type": "any"} or {"type": "tool", "name"}. Ollama: `format` "json" or
+a schema. Every constraint is
 compiled here, so a schema the engine cannot take is a `FormatError` (a 400) naming the field
 and the keyword before the request reaches the engine. `strict` is accepted either way: the
 schema is always enforced.
@@ -100,6 +101,18 @@ def anthropic_output_format(fmt, param: str = "output_config.format") -> Optiona
     if "schema" not in fmt:
         raise FormatError(f"{param}.schema is required.", f"{param}.schema")
     return _schema(fmt, param)
+
+
+def ollama_format(fmt, param: str = "format") -> Optional[Constraint]:
+    """Ollama's `format`: "json" (any JSON object), a JSON Schema object, or nothing ("" or
+    null)."""
+    if fmt in (None, ""):
+        return None
+    if fmt == "json":
+        return Constraint("json_object")
+    if not isinstance(fmt, dict):
+        raise FormatError(f'{param} must be "json" or a JSON Schema object.', param)
+    return _checked(Constraint("json_schema", fmt), param)
 
 
 def _name(spec: dict, param: str):

@@ -1,12 +1,12 @@
-"""What the three dialects share: one request, one stream of reply events, `ApiError` and the
+"""What the dialects share: one request, one stream of reply events, `ApiError` and the
 refusals that become one (`as_api_errors`), the checks of their fields (the model, numbers, media
 parts, tools, settings), sealed reasoning, thinking effort.
 
-A dialect (openai.py, responses.py, anthropic.py) parses its body into a `Request` and renders
-the events below in its own wire format; app.py does everything in between once (media, the
-processor, the engine, timeouts, disconnects, keep-alives, metrics). The reply events come from
-the one parser of GLM's output (`reply.ReplyParser`): Reasoning, Content, ToolStart, ToolArgs,
-ToolEnd; app.py adds Logprob (before a token's text) and Finish (last).
+A dialect (openai.py, responses.py, anthropic.py, ollama.py) parses its body into a `Request`
+and renders the events below in its own wire format; app.py does everything in between once
+(media, the processor, the engine, timeouts, disconnects, keep-alives, metrics). The reply events
+come from the one parser of GLM's output (`reply.ReplyParser`): Reasoning, Content, ToolStart,
+ToolArgs, ToolEnd; app.py adds Logprob (before a token's text) and Finish (last).
 """
 
 import base64
@@ -107,6 +107,10 @@ class Request:
     # the dialect's own reply options (include_usage, store, ...)
     options: dict = field(default_factory=dict)
     image_sizes: list = field(default_factory=list)  # (width, height) of each image, for `boxes`
+    # seconds the model should stay loaded after this request (Ollama's keep_alive; -1: forever,
+    # None: the server's default); one pinned model only records it, the models registry obeys it
+    keep_alive: Optional[float] = None
+    context: Optional[int] = None  # a smaller context than the model's (Ollama's num_ctx)
 
 
 @dataclass
