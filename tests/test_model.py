@@ -2,9 +2,9 @@
 
 The cases run once per family (tiny.FAMILIES): Glm4vForConditionalGeneration,
 Glm4vMoeForConditionalGeneration, Glm46VForConditionalGeneration (with the experts' text
-model; and as `glmga`, with the dense one) and GlmOcrForConditionalGeneration. Inputs come from transformers' own processor so that these tests isolate the model.
-Each case checks the logits on every real (unpadded) position and 8 greedy tokens decoded
-with the cache.
+model; and as `glmga`, with the dense one) and GlmOcrForConditionalGeneration. Inputs come
+from transformers' own processor so that these tests isolate the model. Each case checks
+the logits on every real (unpadded) position and 8 greedy tokens decoded with the cache.
 """
 
 import json
