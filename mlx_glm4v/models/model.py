@@ -144,6 +144,8 @@ class Model(nn.Module):
             return stack_experts(
                 {k: v for k, v in out.items() if not k.startswith(mtp)}, text.n_routed_experts
             )
+        if self.holds_mtp(out):
+            self.add_mtp()
         kept = {}
         for key, value in out.items():
             if key.startswith(mtp):
@@ -152,10 +154,29 @@ class Model(nn.Module):
                     continue
                 key = "mtp." + key
             kept[key] = value
-        if "mtp" not in self and any(k.startswith("mtp.") for k in kept):
-            # the layer exists when the checkpoint carries it
-            self.mtp = MTPLayer(text)
         return kept
+
+    def holds_mtp(self, names) -> bool:
+        """Whether checkpoint tensors `names` (any layout) carry a multi-token-prediction layer
+        this model runs: GLM-OCR's after its last decoder layer, or one we wrote (`mtp.`).
+        Mixture-of-experts models drop theirs, as transformers does."""
+        text = self.config.text_config
+        if isinstance(text, MoeTextConfig):
+            return False
+        prefix = f"language_model.layers.{text.num_hidden_layers}."
+        for name in names:
+            name = checkpoint_name(name)
+            if name.startswith("mtp.") or (
+                name.startswith(prefix) and mtp_name(name[len(prefix) :]) is not None
+            ):
+                return True
+        return False
+
+    def add_mtp(self):
+        """Give the model its multi-token-prediction layer (mtp.py); it exists when the
+        checkpoint carries it."""
+        if "mtp" not in self:
+            self.mtp = MTPLayer(self.config.text_config)
 
     @property
     def cast_predicate(self):
