@@ -55,3 +55,21 @@ def box_checkpoint(glm4v_checkpoint, tmp_path_factory):
     return tiny.scripted_checkpoint(
         glm4v_checkpoint[0], tmp_path_factory.mktemp("box-script"), BOX_SCRIPT
     )
+
+
+@pytest.fixture(scope="session")
+def glm_ocr_checkpoint(tmp_path_factory):
+    """A tiny GLM-OCR (`glm_ocr`) checkpoint in the hub's layout: one file, the
+    multi-token-prediction layer appended after the last decoder layer."""
+    path = tmp_path_factory.mktemp("glm-ocr-tiny")
+    model, processor = tiny.build_checkpoint(path, family="glm_ocr")
+    return path, model, processor
+
+
+@pytest.fixture(scope="session")
+def glmga_checkpoint(tmp_path_factory):
+    """A tiny `glmga` checkpoint: GLM-4.6V's model (here its dense text model) under its own
+    model type."""
+    path = tmp_path_factory.mktemp("glmga-tiny")
+    model, processor = tiny.build_checkpoint(path, family="glmga")
+    return path, model, processor

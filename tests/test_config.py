@@ -8,7 +8,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_glm4v.errors import Glm4vError
-from mlx_glm4v.models.config import ModelConfig, MoeTextConfig, TextConfig
+from mlx_glm4v.models.config import ModelConfig, MoeTextConfig, OcrTextConfig, TextConfig
 from mlx_glm4v.models.model import Model
 
 
@@ -47,11 +47,16 @@ def test_text_model_kind_follows_transformers():
         ("glm46v", None): TextConfig,
         ("glm46v", "glm4v_text"): TextConfig,
         ("glm46v", "glm4v_moe_text"): MoeTextConfig,
+        ("glmga", "glm4v_text"): TextConfig,
+        ("glmga", "glm4v_moe_text"): MoeTextConfig,
+        ("glm_ocr", None): OcrTextConfig,
     }
     for (model_type, text_type), kind in kinds.items():
         text = {
-            "head_dim": 128,
-            "rope_parameters": rope,
+            "head_dim": 64 if model_type == "glm_ocr" else 128,
+            "rope_parameters": rope
+            if model_type != "glm_ocr"
+            else {**rope, "partial_rotary_factor": 1.0},
             **({"model_type": text_type} if text_type else {}),
         }
         assert (
@@ -66,7 +71,11 @@ def test_token_defaults_per_model_type():
     """Ids a config leaves out take the defaults of that type's transformers config."""
 
     def ids(model_type):
-        return ModelConfig.from_dict({"model_type": model_type, "text_config": {"head_dim": 128}})
+        # GLM-OCR turns the whole head: 64 wide for the default sections
+        head_dim = 64 if model_type == "glm_ocr" else 128
+        return ModelConfig.from_dict(
+            {"model_type": model_type, "text_config": {"head_dim": head_dim}}
+        )
 
     assert (ids("glm4v").image_token_id, ids("glm4v").video_start_token_id) == (151343, 151341)
     assert (ids("glm4v_moe").image_token_id, ids("glm4v_moe").video_token_id) == (151363, 151364)
@@ -74,6 +83,70 @@ def test_token_defaults_per_model_type():
         151361,
         151362,
     )
+    assert ids("glmga").video_start_token_id == 151361
+    ocr = ids("glm_ocr")
+    assert (ocr.image_token_id, ocr.video_token_id, ocr.image_start_token_id) == (
+        59280,
+        59281,
+        59256,
+    )
+    assert (ocr.video_start_token_id, ocr.video_end_token_id) == (59258, 59259)
+
+
+def test_unsupported_model_type_lists_every_family():
+    with pytest.raises(Glm4vError) as info:
+        ModelConfig.from_dict({"model_type": "llava", "text_config": {}})
+    assert str(info.value) == (
+        "model_type 'llava' is not supported; expected one of glm4v, glm4v_moe, glm46v, "
+        "glm_ocr, glmga."
+    )
+
+
+def test_glm_ocr_config_gives_its_shapes():
+    """GLM-OCR's published sizes: head_dim 128 against 1536/16, full rotary over [16, 24, 24],
+    q/k/v without bias whatever attention_bias says; the tower with per-head q/k norms, biases
+    on its output projection and MLP, no position table, a merger 3 x 1536 wide."""
+    config = {
+        "model_type": "glm_ocr",
+        "text_config": {
+            "model_type": "glm_ocr_text",
+            "vocab_size": 59392,
+            "hidden_size": 1536,
+            "intermediate_size": 4608,
+            "num_hidden_layers": 16,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "attention_bias": True,
+            "num_nextn_predict_layers": 1,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000,
+                "partial_rotary_factor": 1.0,
+                "mrope_section": [16, 24, 24],
+            },
+            "eos_token_id": [59246, 59253],
+        },
+        "vision_config": {
+            "model_type": "glm_ocr_vision",
+            "depth": 24,
+            "hidden_size": 1024,
+            "num_heads": 16,
+            "intermediate_size": 4096,
+            "out_hidden_size": 1536,
+            "attention_bias": True,
+        },
+    }
+    cfg = ModelConfig.from_dict(config)
+    assert cfg.text_config.rotary_dim == 128 and cfg.eos_token_id == [59246, 59253]
+    shapes = {k: v.shape for k, v in tree_flatten(Model(cfg).parameters())}
+    assert shapes["language_model.layers.0.self_attn.q_proj.weight"] == (2048, 1536)
+    assert "language_model.layers.0.self_attn.q_proj.bias" not in shapes
+    assert shapes["visual.blocks.0.attn.q_norm.weight"] == (64,)
+    assert shapes["visual.blocks.0.attn.proj.bias"] == (1024,)
+    assert shapes["visual.blocks.0.mlp.gate_proj.bias"] == (4096,)
+    assert shapes["visual.merger.gate_proj.weight"] == (4608, 1536)
+    assert not any("embeddings" in k or "post_conv" in k for k in shapes)
 
 
 def test_glm45v_config_gives_the_published_tensors():

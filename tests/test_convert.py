@@ -600,3 +600,69 @@ def test_moe_stream_holds_at_most_one_layer(glm4v_moe_checkpoint, tmp_path, monk
         glm4v_moe_checkpoint[2], [user("image", "Describe this image.")], images=[picture(200, 300)]
     )
     np.testing.assert_array_equal(run(load_model(out), inputs), run(load_model(src), inputs))
+
+
+# ---------------------------------------------------------------- GLM-OCR and its MTP layer
+
+
+@pytest.fixture(scope="module")
+def ocr_source(glm_ocr_checkpoint):
+    """(hub-layout GLM-OCR checkpoint with its MTP layer, image-prompt inputs)."""
+    path, _, processor = glm_ocr_checkpoint
+    return path, prepare(processor, [user("image", "Text Recognition:")], images=[picture(120, 90)])
+
+
+def run_with_mtp(model, inputs) -> tuple:
+    """(logits, the MTP layer's logits over the prompt, the next tokens being the prompt's own
+    shifted and the first greedy token)."""
+    logits, hidden = model(**our_inputs(inputs), return_hidden=True)
+    ids = inputs["input_ids"]
+    following = np.concatenate([ids[:, 1:], np.array(logits[:, -1:].argmax(-1))], axis=1)
+    drafts = model.mtp_forward(model.prepare(**our_inputs(inputs)), following, hidden)
+    return np.array(logits.astype(mx.float32)), np.array(drafts.astype(mx.float32))
+
+
+@pytest.mark.parametrize("case", ["float32", "4-bit"])
+def test_ocr_conversion_keeps_the_mtp_layer(ocr_source, tmp_path, capsys, case):
+    """convert keeps GLM-OCR's MTP layer (its copies of the embeddings and the head left out),
+    quantized like the rest, says so, and the result loads back to the same numbers as the
+    source treated alike in memory."""
+    src, inputs = ocr_source
+    options = {} if case == "float32" else dict(quantize=True, q_bits=4, q_group_size=32)
+    out = conversion.convert(str(src), str(tmp_path / "out"), **options)
+    assert "multi-token-prediction layer kept" in capsys.readouterr().out
+    names = set(all_tensors(out))
+    assert "mtp.eh_proj.weight" in names and "mtp.shared_head.norm.weight" in names
+    assert not any(n.startswith("language_model.layers.2.") for n in names)
+    assert not any("embed_tokens" in n or "shared_head.head" in n for n in names if "mtp" in n)
+    model = load_model(out)
+    if case == "4-bit":
+        for path in ("mtp.eh_proj", "mtp.mtp_block.self_attn.q_proj", "lm_head"):
+            assert bits_of(model, path) == 4, path
+        reference = in_memory(src, {**options, "dtype": "float32"})
+    else:
+        reference = load_model(src)
+    for ours, theirs in zip(run_with_mtp(model, inputs), run_with_mtp(reference, inputs)):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_ocr_mlx_vlm_layout_without_mtp_loads_exactly(ocr_source, tmp_path):
+    """mlx-community's GLM-OCR conversions: mlx-vlm's names, the MTP layer deleted. The model
+    loads without one and computes what the hub layout does."""
+    src, inputs = ocr_source
+    layers = json.loads((src / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    tensors = {}
+    for key, value in all_tensors(src).items():
+        if key.startswith(f"model.language_model.layers.{layers}."):
+            continue
+        key = key.replace("model.visual.", "vision_tower.").replace(
+            "model.language_model.", "language_model.model."
+        )
+        key = "language_model.lm_head.weight" if key == "lm_head.weight" else key
+        if key.endswith(("patch_embed.proj.weight", "downsample.weight")):
+            value = value.transpose(0, *range(2, value.ndim), 1)
+        tensors[key] = value
+    as_mlx_vlm(src, tmp_path / "vlm", tensors)
+    model = load_model(tmp_path / "vlm")
+    assert "mtp" not in model
+    np.testing.assert_array_equal(run(model, inputs), run(load_model(src), inputs))

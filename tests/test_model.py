@@ -1,10 +1,10 @@
 """The MLX model against transformers, in float32, for each family of tiny checkpoint.
 
 The cases run once per family (tiny.FAMILIES): Glm4vForConditionalGeneration,
-Glm4vMoeForConditionalGeneration and Glm46VForConditionalGeneration (with the experts' text
-model). Inputs come from transformers' own processor so that these tests isolate the model.
-Each case checks the logits on every real (unpadded) position and 8 greedy tokens decoded
-with the cache.
+Glm4vMoeForConditionalGeneration, Glm46VForConditionalGeneration (with the experts' text
+model; and as `glmga`, with the dense one) and GlmOcrForConditionalGeneration. Inputs come
+from transformers' own processor so that these tests isolate the model. Each case checks
+the logits on every real (unpadded) position and 8 greedy tokens decoded with the cache.
 """
 
 import json
@@ -127,7 +127,9 @@ def test_video_sampled_from_longer_clip(setup):
         videos=[frames],
         video_metadata=[{"fps": 10.0, "total_num_frames": 45, "duration": 4.5}],
     )
-    assert inputs["video_grid_thw"][0][0] == 5
+    # GLM-4.6V's processor (GLM-OCR's) samples by duration, more frames
+    expected = 5 if type(processor.video_processor).__name__ == "Glm4vVideoProcessor" else 14
+    assert inputs["video_grid_thw"][0][0] == expected
     check("video, sampled from a clip", model, ref, inputs)
 
 

@@ -1,7 +1,10 @@
 """Tiny random GLM-V checkpoints, built with transformers itself, for parity tests.
 
-Three families: `glm4v` (GLM-4.1V), `glm4v_moe` (GLM-4.5V: experts behind the same vision
-tower) and `glm46v` (here with the mixture-of-experts text model and group-limited routing).
+Five families: `glm4v` (GLM-4.1V), `glm4v_moe` (GLM-4.5V: experts behind the same vision
+tower), `glm46v` (here with the mixture-of-experts text model and group-limited routing),
+`glmga` (GLM-4.6V's model under its own name, here with the dense text model) and `glm_ocr`
+(GLM-OCR: its own tower and text model, plus the multi-token-prediction layer the published
+checkpoint appends, `model.language_model.layers.N.*`).
 Nothing here is downloaded: the tokenizer is trained on the spot with `tokenizers` and
 carries GLM's special tokens in the family's order; the chat templates render the same
 strings as the published ones; the weights are transformers' random init, perturbed so that
@@ -180,7 +183,29 @@ For each function call, output the function name and arguments within the follow
 ' if (enable_thinking is defined and not enable_thinking) else ''}}
 {%- endif -%}"""  # noqa: E501 (GLM-4.5V's template as it is, long lines and all)
 
-FAMILIES = ("glm4v", "glm4v_moe", "glm46v")
+# GLM-OCR's template: GLM-4.5V's above with a tool response that may hold images (each image
+# part between the response markers where the tool returned it). Re-typed from the published
+# file's behaviour; not checked verbatim against the hub file, which is not reachable here.
+CHAT_TEMPLATE_OCR = CHAT_TEMPLATE_45V.replace(
+    """<|observation|>{% for tr in m.content %}
+
+<tool_response>
+{{ tr.output if tr.output is defined else tr }}
+</tool_response>{% endfor -%}""",
+    """<|observation|>
+<tool_response>{% for tr in m.content %}
+{%- if tr is mapping and (tr.type == 'image' or 'image' in tr) %}
+<|begin_of_image|><|image|><|end_of_image|>
+{%- elif tr is mapping and tr.type == 'text' %}
+{{ tr.text }}
+{%- else %}
+{{ tr.output if tr.output is defined else tr }}
+{%- endif %}
+{%- endfor %}
+</tool_response>""",
+)
+
+FAMILIES = ("glm4v", "glm4v_moe", "glm46v", "glm_ocr", "glmga")
 
 # GLM-4's special tokens in their published order (151329 onwards in the real vocabulary).
 SPECIAL_TOKENS = [
@@ -348,6 +373,19 @@ def vision_config(out_hidden_size: int = 128, **overrides) -> dict:
     return cfg
 
 
+def ocr_text_config(vocab_size: int, pad_id: int, eos_ids: list, **overrides) -> dict:
+    """GLM-OCR's shape in small: head_dim wider than hidden/heads (the real 128 against
+    1536/16), full rotary, one multi-token-prediction layer."""
+    cfg = text_config(vocab_size, pad_id, eos_ids, head_dim=48, num_nextn_predict_layers=1)
+    cfg["rope_parameters"] = {
+        **cfg["rope_parameters"],
+        "partial_rotary_factor": 1.0,
+        "mrope_section": [6, 9, 9],
+    }
+    cfg.update(overrides)
+    return cfg
+
+
 def perturb_(model, seed: int = 0, scale: float = 0.1):
     """Move every norm weight off 1 and every bias off 0, so a port that drops one is caught.
 
@@ -422,6 +460,18 @@ def model_class_and_config(family: str, tokenizer):
             text_config=moe_text_config(vocab, pad, eos), vision_config=vision_config(), **ids
         )
         return tf.Glm4vMoeForConditionalGeneration, config
+    if family == "glm_ocr":
+        config = tf.GlmOcrConfig(
+            text_config=ocr_text_config(vocab, pad, eos),
+            vision_config=vision_config(attention_bias=True),
+            **ids,
+        )
+        return tf.GlmOcrForConditionalGeneration, config
+    if family == "glmga":
+        text = text_config(vocab, pad, eos, model_type="glm4v_text")
+        return tf.Glm46VForConditionalGeneration, tf.GlmgaConfig(
+            text_config=text, vision_config=vision_config(), **ids
+        )
     # glm46v takes its text model's kind from text_config.model_type; here the experts, routed
     # within the best 2 of 4 groups, scaled, with two shared experts.
     text = moe_text_config(
@@ -471,14 +521,69 @@ def build_checkpoint(
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad, do_sample=False)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
+    if family == "glm_ocr":
+        append_mtp_layer(path, model, seed)
 
+    template = {"glm4v": CHAT_TEMPLATE, "glm_ocr": CHAT_TEMPLATE_OCR}.get(family, CHAT_TEMPLATE_45V)
     processor = build_processor(
-        tokenizer, chat_template=CHAT_TEMPLATE if glm41v else CHAT_TEMPLATE_45V
+        tokenizer, chat_template=template, kind="Glm4v" if family != "glm_ocr" else "Glm46V"
     )
     processor.save_pretrained(path)
     if processor_layout == "hub":
         _rewrite_as_hub_layout(path, processor)
     return model, processor
+
+
+def mtp_tensors(model, seed: int = 0) -> dict:
+    """The multi-token-prediction layer as the published GLM-OCR checkpoint stores it, named
+    after its `layers.N.`: a GLM-4 decoder block (transformers' own, random and perturbed),
+    `enorm`, `hnorm`, `eh_proj` [h, 2h], `shared_head.norm`, and copies of the embeddings
+    (`embed_tokens`) and the head (`shared_head.head`)."""
+    import torch
+    from transformers.models.glm_ocr.modeling_glm_ocr import (
+        GlmOcrRMSNorm,
+        GlmOcrTextDecoderLayer,
+    )
+
+    text = model.config.text_config
+    n, h = text.num_hidden_layers, text.hidden_size
+    torch.manual_seed(seed + 1)
+    layer = torch.nn.Module()
+    layer.block = GlmOcrTextDecoderLayer(text, n)
+    for name in ("enorm", "hnorm", "shared_norm"):
+        setattr(layer, name, GlmOcrRMSNorm(h, eps=text.rms_norm_eps))
+    layer.eh_proj = torch.nn.Linear(2 * h, h, bias=False)
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.ndim == 2:
+                p.normal_(0, TEXT_INIT_RANGE)
+    perturb_(layer, seed)
+    out = {f"{k}": v for k, v in layer.block.state_dict().items()}
+    out.update(
+        {
+            "enorm.weight": layer.enorm.weight,
+            "hnorm.weight": layer.hnorm.weight,
+            "eh_proj.weight": layer.eh_proj.weight,
+            "shared_head.norm.weight": layer.shared_norm.weight,
+            "embed_tokens.weight": model.model.language_model.embed_tokens.weight,
+            "shared_head.head.weight": model.lm_head.weight,
+        }
+    )
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def append_mtp_layer(path: Path, model, seed: int = 0):
+    """Add the MTP layer (`mtp_tensors`) to the saved checkpoint at
+    `model.language_model.layers.N.*`, where the published checkpoint keeps it and transformers
+    skips it on load."""
+    from safetensors.torch import load_file, save_file
+
+    n = model.config.text_config.num_hidden_layers
+    file = path / "model.safetensors"
+    weights = load_file(file)
+    for key, value in mtp_tensors(model, seed).items():
+        weights[f"model.language_model.layers.{n}.{key}"] = value
+    save_file(weights, str(file), metadata={"format": "pt"})
 
 
 def _rewrite_as_hub_layout(path: Path, processor):

@@ -318,6 +318,8 @@ def _read_source(
 
 def _read_floats(src: Path, raw: dict, plan: Optional[Quantization], progress) -> _Source:
     model = Model(ModelConfig.from_dict(raw))
+    if model.holds_mtp(name for f in weight_files(src) for name in read_shard(f)):
+        model.add_mtp()  # before the plan, which quantizes its layers like the others
     layers, default = {}, None
     if plan:
         plan = replace(plan, num_layers=len(model.layers))
@@ -526,7 +528,7 @@ def convert(
         floats = dtype or raw.get("dtype") or raw.get("torch_dtype") or "float"
         weights = _describe(quantization, floats, writer.total_bytes * 8 / parameters)
         _model_card(tmp, hf_path, weights, upload_repo or str(mlx_path), upload_repo)
-    _summary(hf_path, src, out, writer, weights)
+    _summary(hf_path, src, out, writer, weights, "mtp" in source.model)
     if upload_repo:
         _upload(out, upload_repo)
     return out
@@ -587,12 +589,16 @@ def _check_source(
     return source_quantization
 
 
-def _summary(hf_path: str, src: Path, out: Path, writer: ShardWriter, weights: str):
-    """One line on stdout: sizes before and after, shards, how the weights are stored."""
+def _summary(
+    hf_path: str, src: Path, out: Path, writer: ShardWriter, weights: str, mtp: bool = False
+):
+    """One line on stdout: sizes before and after, shards, how the weights are stored, and
+    whether the multi-token-prediction layer was kept."""
     before = sum(f.stat().st_size for f in weight_files(src))
+    kept = "; the multi-token-prediction layer kept" if mtp else ""
     print(
         f"{hf_path} -> {out}: {_size(before)} -> {_size(writer.total_bytes)} in "
-        f"{len(writer.shards)} shard(s), {weights}."
+        f"{len(writer.shards)} shard(s), {weights}{kept}."
     )
 
 

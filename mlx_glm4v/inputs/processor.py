@@ -353,11 +353,9 @@ def _class_names(
 ):
     """(processor class, video processor class) as transformers' AutoProcessor and
     AutoVideoProcessor find them: in the processor files, else after config.json's model type."""
-    family = (
-        "Glm46V"
-        if (_read_json(path / "config.json") or {}).get("model_type") == "glm46v"
-        else "Glm4v"
-    )
+    model_type = (_read_json(path / "config.json") or {}).get("model_type")
+    # GLM-OCR's processor is GLM-4.6V's (transformers' auto mapping)
+    family = "Glm46V" if model_type in ("glm46v", "glm_ocr") else "Glm4v"
     # the video file only without the image one
     legacy = image_file if image_file is not None else video_file
     places = (combined, legacy, _read_json(path / "tokenizer_config.json"))

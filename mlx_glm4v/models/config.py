@@ -7,7 +7,9 @@ Both are read here, so nothing downstream cares which one a checkpoint uses.
 
 Three model types share the vision tower: `glm4v` (GLM-4.1V, GLM-4.6V-Flash) with a dense
 text model, `glm4v_moe` (GLM-4.5V, GLM-4.6V) with a mixture-of-experts one, and `glm46v`,
-whose text config names its own kind, as transformers' `Glm46VConfig` resolves it.
+whose text config names its own kind, as transformers' `Glm46VConfig` resolves it; `glmga` is
+`glm46v` under another name (its processors differ, not its model). `glm_ocr` (GLM-OCR) has a
+variant of the tower (`VisionConfig.variant`) and a dense text model with its own defaults.
 """
 
 import inspect
@@ -16,13 +18,22 @@ from typing import Any, Optional
 
 from ..errors import Glm4vError
 
-SUPPORTED_MODEL_TYPES = ("glm4v", "glm4v_moe", "glm46v")
+SUPPORTED_MODEL_TYPES = ("glm4v", "glm4v_moe", "glm46v", "glm_ocr", "glmga")
 
 # Token ids each type's transformers config assumes when a checkpoint leaves them out.
 TOKEN_DEFAULTS = {
     "glm4v": {},
     "glm4v_moe": {"image_token_id": 151363, "video_token_id": 151364},
     "glm46v": {"video_start_token_id": 151361, "video_end_token_id": 151362},
+    "glmga": {"video_start_token_id": 151361, "video_end_token_id": 151362},
+    "glm_ocr": {
+        "image_token_id": 59280,
+        "video_token_id": 59281,
+        "image_start_token_id": 59256,
+        "image_end_token_id": 59257,
+        "video_start_token_id": 59258,
+        "video_end_token_id": 59259,
+    },
 }
 
 
@@ -47,17 +58,35 @@ class VisionConfig:
     hidden_act: str = "silu"
     attention_bias: bool = False
     rope_theta: float = 10000.0
+    # "glm4v", or "glm_ocr": GLM-OCR's tower has no learned position table and no norm after the
+    # patch convolution, RMS-norms queries and keys per head, puts `attention_bias` on the
+    # output projection and the block MLP as well as on qkv, and widens the block MLP to
+    # `intermediate_size` and the merger to `out_hidden_size * in_channels`.
+    variant: str = "glm4v"
 
     @classmethod
-    def from_dict(cls, params: dict) -> "VisionConfig":
+    def from_dict(cls, params: dict, variant: str = "glm4v") -> "VisionConfig":
         params = dict(params)
         rope = params.get("rope_parameters") or {}
         params.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+        params["variant"] = variant
         return cls(**_known_fields(cls, params))
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def ocr(self) -> bool:
+        return self.variant == "glm_ocr"
+
+    @property
+    def block_mlp_width(self) -> int:
+        return self.intermediate_size if self.ocr else self.out_hidden_size
+
+    @property
+    def merger_width(self) -> int:
+        return self.out_hidden_size * self.in_channels if self.ocr else self.intermediate_size
 
 
 @dataclass
@@ -77,6 +106,8 @@ class TextConfig:
     attention_bias: bool = True
     # GLM-4.1V turns pairs (2i, 2i+1); GLM-4.5V turns (i, i + rotary_dim/2), GPT-NeoX style.
     rope_interleaved: bool = True
+    # multi-token-prediction layers stored after the last decoder layer (GLM-OCR has one)
+    num_nextn_predict_layers: int = 0
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -137,13 +168,40 @@ class MoeTextConfig(TextConfig):
             )
 
 
+@dataclass
+class OcrTextConfig(TextConfig):
+    """GLM-OCR's text model (transformers' `GlmOcrTextConfig`, whose defaults these are): full
+    rotary unless told otherwise, and query/key/value projections without bias whatever
+    `attention_bias` says (transformers builds them so)."""
+
+    vocab_size: int = 59392
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 16
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8
+    max_position_embeddings: int = 131072
+    partial_rotary_factor: float = 1.0
+
+    def __post_init__(self):
+        self.attention_bias = False
+        super().__post_init__()
+
+
 # text_config.model_type -> our config class
-TEXT_CONFIGS = {"glm4v_text": TextConfig, "glm4v_moe_text": MoeTextConfig}
+TEXT_CONFIGS = {
+    "glm4v_text": TextConfig,
+    "glm4v_moe_text": MoeTextConfig,
+    "glm_ocr_text": OcrTextConfig,
+}
 
 
 def text_config_class(model_type: str, text: dict):
-    """`glm4v` and `glm4v_moe` fix their text kind; `glm46v` reads it from the text config."""
-    kind = {"glm4v": "glm4v_text", "glm4v_moe": "glm4v_moe_text"}.get(model_type)
+    """`glm4v`, `glm4v_moe` and `glm_ocr` fix their text kind; `glm46v` (and `glmga`) read it from
+    the text config."""
+    kind = {"glm4v": "glm4v_text", "glm4v_moe": "glm4v_moe_text", "glm_ocr": "glm_ocr_text"}.get(
+        model_type
+    )
     if kind is None:
         kind = text.get("model_type", "glm4v_text")
     if kind not in TEXT_CONFIGS:
@@ -204,5 +262,7 @@ class ModelConfig:
         if "tie_word_embeddings" not in params and "tie_word_embeddings" in text:
             merged["tie_word_embeddings"] = text["tie_word_embeddings"]
         merged["text_config"] = text_config_class(model_type, text).from_dict(text)
-        merged["vision_config"] = VisionConfig.from_dict(params.get("vision_config") or {})
+        merged["vision_config"] = VisionConfig.from_dict(
+            params.get("vision_config") or {}, "glm_ocr" if model_type == "glm_ocr" else "glm4v"
+        )
         return cls(**_known_fields(cls, merged))

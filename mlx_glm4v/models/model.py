@@ -4,7 +4,9 @@ Mirrors transformers' `Glm4vForConditionalGeneration`; `Glm4vMoeForConditionalGe
 `Glm46VForConditionalGeneration` differ only in the text decoder, which the config picks
 (language.py for GLM-4.1V's, moe.py for GLM-4.5V's experts). Vision features replace the image
 tokens in the embeddings; an image token inside a begin/end-of-video span takes video
-features instead, so a prompt may carry images and videos together.
+features instead, so a prompt may carry images and videos together. `GlmOcrForConditionalGeneration`
+is the same glue over GLM-OCR's tower and text model; its multi-token-prediction layer, when the
+checkpoint carries one, is `Model.mtp` (mtp.py).
 """
 
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from .media import FeatureMemo, media_items
 from .mlxlm import create_causal_mask
 from .moe import MoeTextModel, stack_experts
 from .moe import cast_predicate as moe_cast_predicate
+from .mtp import MTPLayer, mtp_name
 from .rope_index import IMAGE, VIDEO, frame_grids, rope_index, token_types
 from .vision import VisionModel
 
@@ -137,13 +140,45 @@ class Model(nn.Module):
                 value = value.transpose(0, *range(2, value.ndim), 1)
             out[key] = value
         text = self.config.text_config
+        mtp = f"language_model.layers.{text.num_hidden_layers}."
         if isinstance(text, MoeTextConfig):
             # transformers skips the multi-token-prediction layer GLM-4.5 checkpoints may append
-            mtp = f"language_model.layers.{text.num_hidden_layers}."
-            out = stack_experts(
+            return stack_experts(
                 {k: v for k, v in out.items() if not k.startswith(mtp)}, text.n_routed_experts
             )
-        return out
+        if self.holds_mtp(out):
+            self.add_mtp()
+        kept = {}
+        for key, value in out.items():
+            if key.startswith(mtp):
+                key = mtp_name(key[len(mtp) :])
+                if key is None:  # the layer's copy of the embeddings or the head
+                    continue
+                key = "mtp." + key
+            kept[key] = value
+        return kept
+
+    def holds_mtp(self, names) -> bool:
+        """Whether checkpoint tensors `names` (any layout) carry a multi-token-prediction layer
+        this model runs: GLM-OCR's after its last decoder layer, or one we wrote (`mtp.`).
+        Mixture-of-experts models drop theirs, as transformers does."""
+        text = self.config.text_config
+        if isinstance(text, MoeTextConfig):
+            return False
+        prefix = f"language_model.layers.{text.num_hidden_layers}."
+        for name in names:
+            name = checkpoint_name(name)
+            if name.startswith("mtp.") or (
+                name.startswith(prefix) and mtp_name(name[len(prefix) :]) is not None
+            ):
+                return True
+        return False
+
+    def add_mtp(self):
+        """Give the model its multi-token-prediction layer (mtp.py); it exists when the
+        checkpoint carries it."""
+        if "mtp" not in self:
+            self.mtp = MTPLayer(self.config.text_config)
 
     @property
     def cast_predicate(self):
@@ -408,27 +443,65 @@ class Model(nn.Module):
         """A chunk's pass through the decoder before its layers: `forward`, or `run_layers` a few
         layers at a time (the same operations, so the same bits) and then `end_pass`."""
         end = prompt.length if end is None else end
-        cfg = self.config.text_config
         embeds = prompt.embeds[:, start:end]
-        if prompt.positions is not None:
-
-            def rope_of(a, b):
-                return multimodal_rope(cfg, prompt.positions[:, :, a:b], embeds.dtype)
-        else:
-
-            def rope_of(a, b):
-                offsets = prompt.offsets + a
-                return text_rope(cfg, int(offsets[0]) if offsets.size == 1 else mx.array(offsets))
-
-        rope = rope_of(start, end)
-        last_rope = rope_of(end - 1, end) if last_only and end - start > 1 else None
-        if cache is not None:
-            mask = cache.make_mask(embeds)
-        elif prompt.left_pad.any():
-            mask = create_causal_mask(end - start, start, left_padding=mx.array(prompt.left_pad))
-        else:
-            mask = "causal" if end - start > 1 else None
+        rope = self._rope(prompt, start, end, embeds.dtype)
+        mask = self._mask(prompt, cache, embeds, start)
+        last_rope = (
+            self._rope(prompt, end - 1, end, embeds.dtype)
+            if last_only and end - start > 1
+            else None
+        )
         return DecoderPass(embeds, rope, mask, last_rope, last_only)
+
+    def _rope(self, prompt: Prompt, start: int, end: int, dtype):
+        """The rotation of the prompt's columns [start, end)."""
+        cfg = self.config.text_config
+        if prompt.positions is not None:
+            return multimodal_rope(cfg, prompt.positions[:, :, start:end], dtype)
+        offsets = prompt.offsets + start
+        return text_rope(cfg, int(offsets[0]) if offsets.size == 1 else mx.array(offsets))
+
+    @staticmethod
+    def _mask(prompt: Prompt, cache, embeds: mx.array, start: int = 0):
+        """The attention mask of `embeds`, the prompt's columns from `start`, entering `cache`."""
+        if cache is not None:
+            return cache.make_mask(embeds)
+        length = embeds.shape[1]
+        if prompt.left_pad.any():
+            return create_causal_mask(length, start, left_padding=mx.array(prompt.left_pad))
+        return "causal" if length > 1 else None
+
+    def make_mtp_cache(self, max_kv_size: Optional[int] = None, keep: int = 0) -> PromptCache:
+        """The multi-token-prediction layer's own KV cache (one layer)."""
+        return make_prompt_cache(1, max_kv_size, keep)
+
+    def mtp_forward(
+        self,
+        prompt: Prompt,
+        next_tokens,
+        hidden: mx.array,
+        cache: Optional[PromptCache] = None,
+        start: int = 0,
+        end=None,
+    ) -> mx.array:
+        """The MTP layer's logits [B, L, vocab] for the prompt's columns [start, end): each
+        column's main hidden state `hidden` (what `__call__(return_hidden=True)` gives) and
+        `next_tokens` [B, L], the token after each column. The layer runs at the main model's
+        positions of those columns and zeroes the embedding where the position is 0 (mtp.py).
+        `cache` (`make_mtp_cache`) follows the prompt as the model's does: the caller records the
+        prompt in it first."""
+        end = prompt.length if end is None else end
+        embeds = self.language_model.embed_tokens(mx.array(next_tokens))
+        rope, mask = (
+            self._rope(prompt, start, end, embeds.dtype),
+            self._mask(prompt, cache, embeds, start),
+        )
+        if prompt.positions is not None:
+            at_zero = prompt.positions[0, :, start:end] == 0
+        else:
+            at_zero = (prompt.offsets[:, None] + np.arange(start, end)[None]) == 0
+        h = self.mtp(embeds, hidden, rope, mask, cache[0] if cache else None, mx.array(at_zero))
+        return self.logits(h)
 
     def run_layers(self, p: "DecoderPass", cache: PromptCache, count: int):
         """The pass's next `count` decoder layers, evaluated with their caches (no pipeline
@@ -500,11 +573,13 @@ class Model(nn.Module):
         attention_mask=None,
         cache: Optional[PromptCache] = None,
         labels=None,
+        return_hidden: bool = False,
     ):
         """Logits [B, L, vocab]. With a cache, later calls take only the new tokens (see
         `prepare`). With `labels` [B, L] (-100 where nothing is learnt; transformers' convention)
         a `CausalLMOutput`: the loss (loss.py) and the logits. Training takes the pass without a
-        cache, the one `mlx.nn.value_and_grad` differentiates."""
+        cache, the one `mlx.nn.value_and_grad` differentiates. With `return_hidden`, (logits,
+        hidden states after the final norm): what the MTP layer drafts from, at no extra cost."""
         if labels is not None and cache is not None:
             raise ValueError("labels are for a pass without a cache")
         if labels is not None and getattr(self.config.text_config, "output_router_logits", False):
@@ -524,7 +599,8 @@ class Model(nn.Module):
         )
         if cache is not None:
             cache.record(prompt)
-        logits = self.logits(self.forward(prompt, cache))
-        if labels is None:
-            return logits
-        return CausalLMOutput(causal_lm_loss(logits, labels), logits)
+        hidden = self.forward(prompt, cache)
+        logits = self.logits(hidden)
+        if labels is not None:
+            return CausalLMOutput(causal_lm_loss(logits, labels), logits)
+        return (logits, hidden) if return_hidden else logits

@@ -1,8 +1,11 @@
 """The GLM-4.1V vision tower: pixel patches -> merged image tokens in the text model's width.
 
-Mirrors transformers' `Glm4vVisionModel`. Every image or video frame is one attention segment:
-patches attend to the patches of their own frame only, so frames of equal size are batched
-through one `scaled_dot_product_attention` call instead of a dense block-diagonal mask.
+Mirrors transformers' `Glm4vVisionModel`, and `GlmOcrVisionModel` where `config.ocr` (no
+position table, no norm after the patch convolution, per-head query/key norms, biases on the
+output projection and the block MLP, other widths). Every image or video frame is one
+attention segment: patches attend to the patches of their own frame only, so frames of equal
+size are batched through one `scaled_dot_product_attention` call instead of a dense
+block-diagonal mask.
 """
 
 from dataclasses import dataclass
@@ -165,8 +168,12 @@ class VisionAttention(nn.Module):
         super().__init__()
         self.num_heads = config.num_heads
         self.scale = config.head_dim**-0.5
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
-        self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        bias = config.attention_bias
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=bias)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=bias and config.ocr)
+        if config.ocr:
+            self.q_norm = nn.RMSNorm(config.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(config.head_dim, eps=config.rms_norm_eps)
 
     def __call__(self, x: mx.array, rope, segments) -> mx.array:
         return self.output(self.attend(*self.project(x, rope), segments))
@@ -174,13 +181,13 @@ class VisionAttention(nn.Module):
     def project(self, x: mx.array, rope) -> tuple:
         """Queries, keys and values [N, heads, head_dim], queries and keys turned."""
         n = x.shape[0]
-        q, k, v = mx.split(self.qkv(x).reshape(n, 3, self.num_heads, -1), 3, axis=1)
+        q, k, v = [
+            t.squeeze(1) for t in mx.split(self.qkv(x).reshape(n, 3, self.num_heads, -1), 3, axis=1)
+        ]
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
-        return (
-            apply_rotary(q.squeeze(1), cos, sin),
-            apply_rotary(k.squeeze(1), cos, sin),
-            v.squeeze(1),
-        )
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def head_groups(self, length: int) -> list:
         """(first head, count) of each call for segments of `length` patches (head_groups.py)."""
@@ -212,11 +219,11 @@ class VisionAttention(nn.Module):
 
 
 class VisionMLP(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
@@ -228,8 +235,9 @@ class VisionBlock(nn.Module):
         self.norm1 = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.norm2 = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.attn = VisionAttention(config)
-        # The block MLP is out_hidden_size wide; intermediate_size belongs to the merger.
-        self.mlp = VisionMLP(config.hidden_size, config.out_hidden_size)
+        # GLM-4.1V's block MLP is out_hidden_size wide (intermediate_size belongs to its merger)
+        bias = config.attention_bias and config.ocr
+        self.mlp = VisionMLP(config.hidden_size, config.block_mlp_width, bias)
 
     def __call__(self, x: mx.array, rope, segments) -> mx.array:
         return self.finish(x, self.attn(self.norm1(x), rope, segments))
@@ -259,15 +267,16 @@ class VisionModel(nn.Module):
         super().__init__()
         self.config = config
         self.patch_embed = PatchEmbed(config)
-        self.post_conv_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.embeddings = VisionEmbeddings(config)
+        if not config.ocr:
+            self.post_conv_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.embeddings = VisionEmbeddings(config)
         self.blocks = [VisionBlock(config) for _ in range(config.depth)]
         self.post_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         m = config.spatial_merge_size
         self.downsample = nn.Conv2d(
             config.hidden_size, config.out_hidden_size, kernel_size=m, stride=m, bias=True
         )
-        self.merger = PatchMerger(config.out_hidden_size, config.intermediate_size)
+        self.merger = PatchMerger(config.out_hidden_size, config.merger_width)
 
     def __call__(self, pixel_values, grid_thw) -> mx.array:
         """Patches [N, C*T*P*P] of frames with grids (t, h, w) -> merged tokens [N/4,
@@ -289,8 +298,9 @@ class VisionModel(nn.Module):
             for t, h, w in np.asarray(grid_thw).reshape(-1, 3)
             for _ in range(int(t))
         ]
-        x = self.post_conv_layernorm(self.patch_embed(mx.array(pixel_values)))
-        x = self.embeddings(x, frames)
+        x = self.patch_embed(mx.array(pixel_values))
+        if not cfg.ocr:
+            x = self.embeddings(self.post_conv_layernorm(x), frames)
         rope = rotary_tables(frames, cfg.head_dim, cfg.rope_theta, cfg.spatial_merge_size)
         return TowerState(x, rope, equal_length_runs([h * w for h, w in frames]))
 
