@@ -1,0 +1,1 @@
+"""Fine-tuning: training data, adapters, the trainer (DESIGN.md)."""
