@@ -11,6 +11,7 @@ import copy
 import json
 import shutil
 
+import httpx
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -21,6 +22,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from reference import our_inputs, prepare, user
 from typer.testing import CliRunner
 
+import mlx_glm4v
 from mlx_glm4v.checkpoints.adapters import fuse, load_adapter, read_adapter
 from mlx_glm4v.checkpoints.convert import convert
 from mlx_glm4v.checkpoints.loader import load_model
@@ -91,6 +93,24 @@ def test_peft_adapter_matches_transformers_peft(base, tmp_path, case):
     assert adapter.layers and any(n.startswith("visual.") for n in adapter.layers)
     worst = float(np.abs(our_logits(model, inputs) - want).max())
     assert worst <= TOL, f"{case}: max |logit difference| {worst:.2e}"
+
+
+def test_peft_adapter_on_the_experts_model(glm4v_moe_checkpoint, tmp_path):
+    """GLM-4.5V's decoder. Its routed experts are parameters, not layers, in transformers; peft
+    adapts them through `target_parameters` (MLP names are turned into those), which is
+    refused in one sentence."""
+    path, ref, processor = glm4v_moe_checkpoint
+    inputs = prepare(processor, [user("image", "What is this?")], images=[picture(56, 84)])
+    targets = ["q_proj", "k_proj", "o_proj"]
+    reference = peft_adapter(ref, tmp_path, r=4, lora_alpha=8, target_modules=targets)
+    model = load_model(path)
+    adapter = load_adapter(model, tmp_path)
+    assert len(adapter.layers) == 3 * len(model.layers)
+    worst = float(np.abs(our_logits(model, inputs) - torch_logits(reference, inputs)).max())
+    assert worst <= TOL, f"max |logit difference| {worst:.2e}"
+    peft_adapter(ref, tmp_path / "experts", r=4, target_modules=["q_proj", "down_proj"])
+    with pytest.raises(Glm4vError, match="target_parameters .* is not supported"):
+        load_adapter(load_model(path), tmp_path / "experts")
 
 
 def trained(path, settings, seed=1):
@@ -188,8 +208,7 @@ def test_convert_fuses_the_adapter(base, our_adapter, tmp_path):
         ["convert", "--hf-path", str(path), "--mlx-path", str(out), "--adapter", str(our_adapter)],
     )
     assert result.exit_code == 0, result.output
-    adapted = load_model(path)
-    load_adapter(adapted, our_adapter)
+    adapted, _ = mlx_glm4v.load(str(path), adapter_path=str(our_adapter))  # the Python API
     np.testing.assert_allclose(
         our_logits(load_model(out), inputs), our_logits(adapted, inputs), atol=TOL, rtol=0
     )
@@ -275,3 +294,40 @@ def test_adapter_digest_tells_adapters_apart(our_adapter, tmp_path):
     config["lora_parameters"]["scale"] *= 2
     (other / "adapter_config.json").write_text(json.dumps(config))
     assert read_adapter(other).digest != read_adapter(our_adapter).digest
+
+
+def test_serve_with_an_adapter(base, our_adapter, tmp_path):
+    """`serve --adapter` names the model with its adapter and replies as the fused checkpoint
+    does; a missing adapter directory ends `serve` before it listens."""
+    from servers import Server
+
+    path = base[0]
+    fused = convert(str(path), str(tmp_path / "fused"), adapter=str(our_adapter))
+    body = {
+        "messages": [{"role": "user", "content": "Say something."}],
+        "max_tokens": 8,
+        "temperature": 0,
+    }
+    replies = {}
+    for name, checkpoint, args in [
+        ("adapter", path, ["--adapter", str(our_adapter)]),
+        ("fused", fused, []),
+    ]:
+        server = Server(checkpoint, args, tmp_path / f"{name}.log")
+        try:
+            models = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"]
+            served = models[0]["id"]
+            body["model"] = served
+            response = server.post(body)
+            assert response.status_code == 200, response.text
+            replies[name] = response.json()["choices"][0]["message"]["content"]
+        finally:
+            server.close()
+        if name == "adapter":
+            assert served == f"{path.name}+{our_adapter.name}"
+    assert replies["adapter"] == replies["fused"]
+    result = CliRunner().invoke(
+        app, ["serve", "--model", str(path), "--adapter", str(tmp_path / "nowhere")]
+    )
+    assert result.exit_code != 0 and "does not exist" in result.output
+    assert len(result.output.strip().splitlines()) == 1

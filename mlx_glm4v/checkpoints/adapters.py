@@ -146,6 +146,11 @@ def _peft(path: Path, config: dict, tensors: dict) -> Adapter:
         raise Glm4vError(f"{file}: peft_type {config['peft_type']!r} is not LORA.")
     if config.get("fan_in_fan_out"):
         raise Glm4vError(f"{file}: fan_in_fan_out adapters (GPT-2's Conv1D) do not fit GLM-V.")
+    if config.get("target_parameters"):
+        raise Glm4vError(
+            f"{file}: target_parameters (LoRA on the routed experts' tensors: "
+            f"{', '.join(config['target_parameters'])}) is not supported; adapt layers only."
+        )
     targets = config.get("target_modules") or []
     regex = isinstance(targets, str)
     adapter = Adapter(path, targets=[targets] if regex else list(targets), regex=regex)
@@ -261,11 +266,14 @@ def apply_adapter(model: nn.Module, adapter: Adapter) -> nn.Module:
     ]
     if swapped:
         model.update_modules(tree_unflatten(swapped))
-    if adapter.tensors:
-        params = dict(tree_flatten(model.parameters()))
-        model.load_weights(
-            [(k, v.astype(params[k].dtype)) for k, v in adapter.tensors.items()], strict=False
-        )
+    params = dict(tree_flatten(model.parameters()))
+    tensors = [(k, v.astype(params[k].dtype)) for k, v in adapter.tensors.items()]
+    if tensors:
+        model.load_weights(tensors, strict=False)
+    # read now, on this thread: the adapter is small, and an array left to be read from its file
+    # cannot be evaluated on another thread's stream (the server loads on one, runs on another)
+    factors = [(layer.lora_a, layer.lora_b, getattr(layer, "m", None)) for _, layer in swapped]
+    mx.eval(factors, [v for _, v in tensors])
     return model
 
 
