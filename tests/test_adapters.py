@@ -40,6 +40,7 @@ PEFT_CASES = {
         lora_alpha=8,
         target_modules=["q_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj", "qkv"],
         modules_to_save=["lm_head"],
+        lora_dropout=0.5,  # off when generating
     ),
     "dora, rslora, regex targets, alpha pattern": dict(
         r=8,
@@ -294,6 +295,20 @@ def test_adapter_digest_tells_adapters_apart(our_adapter, tmp_path):
     config["lora_parameters"]["scale"] *= 2
     (other / "adapter_config.json").write_text(json.dumps(config))
     assert read_adapter(other).digest != read_adapter(our_adapter).digest
+
+
+def test_convert_fuses_then_quantizes(base, our_adapter, tmp_path):
+    """`convert --adapter -q` quantizes the fused weights: the same bits as quantizing the fused
+    float checkpoint."""
+    path = base[0]
+    fused = convert(str(path), str(tmp_path / "fused"), adapter=str(our_adapter))
+    options = dict(quantize=True, q_group_size=32)
+    one = convert(str(path), str(tmp_path / "one"), adapter=str(our_adapter), **options)
+    two = convert(str(fused), str(tmp_path / "two"), **options)
+    a, b = mx.load(str(one / "model.safetensors")), mx.load(str(two / "model.safetensors"))
+    assert a.keys() == b.keys() and any(k.endswith(".scales") for k in a)
+    for key in a:
+        assert mx.array_equal(a[key], b[key]), key
 
 
 def test_serve_with_an_adapter(base, our_adapter, tmp_path):

@@ -264,6 +264,8 @@ def apply_adapter(model: nn.Module, adapter: Adapter) -> nn.Module:
         (name, low_rank_layer(modules[name], low, adapter.dropout))
         for name, low in adapter.layers.items()
     ]
+    for _, layer in swapped:  # dropout on only where the model trains
+        layer.train(model.training)
     if swapped:
         model.update_modules(tree_unflatten(swapped))
     params = dict(tree_flatten(model.parameters()))
