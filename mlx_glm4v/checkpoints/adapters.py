@@ -163,7 +163,9 @@ def _peft(path: Path, config: dict, tensors: dict) -> Adapter:
         )
         if match is None:
             if ".lora_" in key:
-                raise Glm4vError(f"{path / PEFT}: {name!r} is a kind of LoRA tensor not supported.")
+                raise Glm4vError(
+                    f"{path / PEFT}: {name!r} is a LoRA tensor of a kind mlx-glm4v does not read."
+                )
             adapter.tensors[checkpoint_name(key)] = value
             continue
         module, leaf = match[1], match[2].split(".")[0]
