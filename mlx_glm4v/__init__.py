@@ -14,6 +14,13 @@ import importlib
 _EXPORTS = {
     "load": "checkpoints.loader",
     "convert": "checkpoints.convert",
+    "load_adapter": "checkpoints.adapters",
+    "read_adapter": "checkpoints.adapters",
+    "fuse": "checkpoints.adapters",
+    "LoraSettings": "tuning.adapters",
+    "apply_lora": "tuning.adapters",
+    "save_adapters": "tuning.adapters",
+    "export_peft": "tuning.adapters",
     "generate": "generation.generate",
     "stream_generate": "generation.generate",
     "GenerationSettings": "generation.settings",
