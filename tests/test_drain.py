@@ -102,14 +102,14 @@ def test_drain_timeout_cuts_and_tells_the_client(glm4v_checkpoint, tmp_path):
         outs, threads = start_streams(server, 4000)
         whole = {}
 
-        def ask():
+        def ask():  # a whole reply; ignore_eos, so only the cut can end it early
             r = httpx.post(
-                f"{server.url}/api/chat",
+                f"{server.url}/v1/chat/completions",
                 json={
                     "model": server.model,
-                    "stream": False,
                     "messages": [{"role": "user", "content": "Hi"}],
-                    "options": {"num_predict": 4000},
+                    "max_tokens": 4000,
+                    "ignore_eos": True,
                 },
                 timeout=60,
             )
@@ -117,7 +117,10 @@ def test_drain_timeout_cuts_and_tells_the_client(glm4v_checkpoint, tmp_path):
 
         asker = threading.Thread(target=ask, daemon=True)
         asker.start()
-        time.sleep(0.5)  # the whole request reaches the engine
+        deadline = time.monotonic() + 60
+        while server.metrics()["requests_running"] < CLIENTS + 1:  # the whole request is running
+            assert time.monotonic() < deadline, "the whole request did not start"
+            time.sleep(0.05)
         server.process.send_signal(signal.SIGTERM)
         for t in [*threads, asker]:
             t.join(60)
@@ -127,4 +130,5 @@ def test_drain_timeout_cuts_and_tells_the_client(glm4v_checkpoint, tmp_path):
     for out in outs:
         assert out["status"] == 200 and out["error"]["code"] == "shutting_down", out
         assert out.get("tokens") is None  # no finish: the reply was cut
-    assert whole["status"] == 503 and "--drain-timeout" in whole["body"]["error"], whole
+    assert whole["status"] == 503, whole
+    assert "--drain-timeout" in whole["body"]["error"]["message"], whole
