@@ -79,7 +79,12 @@ def pad_bottom_right(x):
 class Embeddings(nn.Module):
     def __init__(self, c: BackboneConfig):
         super().__init__()
-        ch, s, act, lab = c.stem_channels, c.stem_strides, c.hidden_act, c.use_learnable_affine_block
+        ch, s, act, lab = (
+            c.stem_channels,
+            c.stem_strides,
+            c.hidden_act,
+            c.use_learnable_affine_block,
+        )
         self.stem1 = HGConv(ch[0], ch[1], 3, s[0], act=act, lab=lab)
         self.stem2a = HGConv(ch[1], ch[1] // 2, 2, s[1], act=act, lab=lab)
         self.stem2b = HGConv(ch[1] // 2, ch[1], 2, s[2], act=act, lab=lab)
@@ -101,12 +106,18 @@ class BasicLayer(nn.Module):
         super().__init__()
         self.residual = residual
         self.layers = [
-            (HGConvLight(cin if i == 0 else mid, mid, k, lab) if light else
-             HGConv(cin if i == 0 else mid, mid, k, lab=lab))
+            (
+                HGConvLight(cin if i == 0 else mid, mid, k, lab)
+                if light
+                else HGConv(cin if i == 0 else mid, mid, k, lab=lab)
+            )
             for i in range(n)
         ]
         total = cin + n * mid
-        self.aggregation = [HGConv(total, cout // 2, 1, lab=lab), HGConv(cout // 2, cout, 1, lab=lab)]
+        self.aggregation = [
+            HGConv(total, cout // 2, 1, lab=lab),
+            HGConv(cout // 2, cout, 1, lab=lab),
+        ]
 
     def __call__(self, x):
         outputs = [x]
@@ -130,8 +141,13 @@ class Stage(nn.Module):
             self.downsample = HGConv(cin, cin, 3, stride=stride, groups=cin, act=None)
         self.blocks = [
             BasicLayer(
-                cin if b == 0 else cout, mid, cout, c.stage_numb_of_layers[i],
-                c.stage_kernel_size[i], b != 0, c.stage_light_block[i],
+                cin if b == 0 else cout,
+                mid,
+                cout,
+                c.stage_numb_of_layers[i],
+                c.stage_kernel_size[i],
+                b != 0,
+                c.stage_light_block[i],
                 c.use_learnable_affine_block,
             )
             for b in range(c.stage_num_blocks[i])
@@ -162,7 +178,9 @@ class HGNetV2(nn.Module):
 
     @property
     def channels(self) -> list:
-        return [s.blocks[-1].aggregation[-1].convolution.weight.shape[0] for s in self.encoder.stages]
+        return [
+            s.blocks[-1].aggregation[-1].convolution.weight.shape[0] for s in self.encoder.stages
+        ]
 
     def __call__(self, x) -> list:
         h = self.embedder(x)

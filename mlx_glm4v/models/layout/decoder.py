@@ -97,8 +97,9 @@ class DeformableAttention(nn.Module):
         out, start = None, 0
         for level, (hl, wl) in enumerate(shapes):
             loc = locations[:, :, level].reshape(b, h, q * p, 2)
-            sampled = sample_bilinear(value[:, :, start : start + hl * wl], hl, wl,
-                                      loc[..., 0], loc[..., 1])
+            sampled = sample_bilinear(
+                value[:, :, start : start + hl * wl], hl, wl, loc[..., 0], loc[..., 1]
+            )
             sampled = sampled.reshape(b, h, q, p, -1) * weights[:, :, level, :, :, None]
             part = sampled.sum(axis=3)
             out = part if out is None else out + part

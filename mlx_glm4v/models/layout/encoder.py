@@ -44,8 +44,9 @@ def sine_positions(height: int, width: int, dim: int, temperature: float) -> mx.
     transformers builds it, then float32: a constant per feature-map size."""
     quarter = dim // 4
     omega = 1.0 / temperature ** (np.arange(quarter, dtype=np.float64) / quarter)
-    gh, gw = np.meshgrid(np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64),
-                         indexing="ij")
+    gh, gw = np.meshgrid(
+        np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64), indexing="ij"
+    )
     eh, ew = np.outer(gh.ravel(), omega), np.outer(gw.ravel(), omega)
     table = np.concatenate([np.sin(eh), np.cos(eh), np.sin(ew), np.cos(ew)], axis=1)
     return mx.array(table.astype(np.float32))[None]
@@ -222,7 +223,9 @@ class HybridEncoder(nn.Module):
         self.aifi = [AIFI(c) for _ in c.encode_proj_layers]
         self.lateral_convs = [ConvNormLayer(d, d, 1, act=act, eps=eps) for _ in range(n)]
         self.fpn_blocks = [CSPRep(c) for _ in range(n)]
-        self.downsample_convs = [ConvNormLayer(d, d, 3, stride=2, act=act, eps=eps) for _ in range(n)]
+        self.downsample_convs = [
+            ConvNormLayer(d, d, 3, stride=2, act=act, eps=eps) for _ in range(n)
+        ]
         self.pan_blocks = [CSPRep(c) for _ in range(n)]
         mc = c.mask_feature_channels
         self.mask_feature_head = MaskFeatFPN(d, list(c.feat_strides), mc[0], mc[1])

@@ -25,8 +25,10 @@ RENAMES = [
     (r"encoder\.encoder\.(\d+)\.layers", r"encoder.aifi.\1.layers"),
 ]
 # heads transformers ties to the encoder's when `tie_word_embeddings` (its default)
-TIED = {"model.decoder.class_embed": "model.enc_score_head",
-        "model.decoder.bbox_embed": "model.enc_bbox_head"}
+TIED = {
+    "model.decoder.class_embed": "model.enc_score_head",
+    "model.decoder.bbox_embed": "model.enc_bbox_head",
+}
 
 
 @dataclass
@@ -52,8 +54,9 @@ def make_anchors(shapes: list, grid_size: float = 0.05):
     largest value) and which are valid."""
     anchors = []
     for level, (h, w) in enumerate(shapes):
-        gy, gx = mx.meshgrid(mx.arange(h, dtype=mx.float32), mx.arange(w, dtype=mx.float32),
-                             indexing="ij")
+        gy, gx = mx.meshgrid(
+            mx.arange(h, dtype=mx.float32), mx.arange(w, dtype=mx.float32), indexing="ij"
+        )
         xy = mx.stack([(gx + 0.5) / w, (gy + 0.5) / h], axis=-1)
         wh = mx.full(xy.shape, grid_size * 2.0**level, dtype=mx.float32)
         anchors.append(mx.concatenate([xy, wh], axis=-1).reshape(1, h * w, 4))
@@ -78,8 +81,15 @@ def mask_boxes(mask):
     box = mx.stack([x_min, y_min, x_max, y_max], axis=-1)
     box = box * mx.any(mask.reshape(flat), axis=-1, keepdims=True)
     box = box / mx.array([w, h, w, h], dtype=mx.float32)
-    return mx.stack([(box[..., 0] + box[..., 2]) / 2, (box[..., 1] + box[..., 3]) / 2,
-                     box[..., 2] - box[..., 0], box[..., 3] - box[..., 1]], axis=-1)
+    return mx.stack(
+        [
+            (box[..., 0] + box[..., 2]) / 2,
+            (box[..., 1] + box[..., 3]) / 2,
+            box[..., 2] - box[..., 0],
+            box[..., 3] - box[..., 1],
+        ],
+        axis=-1,
+    )
 
 
 class Model(nn.Module):
@@ -88,7 +98,9 @@ class Model(nn.Module):
         self.config = c
         d, bb = c.d_model, c.backbone
         self.backbone = ConvEncoder(bb)
-        channels = [bb.stage_out_channels[int(n.removeprefix("stage")) - 1] for n in bb.out_features]
+        channels = [
+            bb.stage_out_channels[int(n.removeprefix("stage")) - 1] for n in bb.out_features
+        ]
         self.encoder_input_proj = [projection(ch, c.encoder_hidden_dim) for ch in channels[1:]]
         self.encoder = HybridEncoder(c)
         self.enc_output = [nn.Linear(d, d), nn.LayerNorm(d, eps=c.layer_norm_eps)]
@@ -122,7 +134,7 @@ class Model(nn.Module):
         pyramid, prototypes = self.encoder(projected, x4)
 
         sources = [run(proj, f) for proj, f in zip(self.decoder_input_proj, pyramid)]
-        for proj in self.decoder_input_proj[len(sources):]:
+        for proj in self.decoder_input_proj[len(sources) :]:
             sources.append(run(proj, pyramid[-1]))
         shapes = [(s.shape[1], s.shape[2]) for s in sources]
         b = pixels.shape[0]
@@ -130,8 +142,9 @@ class Model(nn.Module):
 
         if c.anchor_image_size:
             size = c.anchor_image_size
-            anchors, valid = make_anchors([(int(size[0] / s), int(size[1] / s))
-                                           for s in c.feat_strides])
+            anchors, valid = make_anchors(
+                [(int(size[0] / s), int(size[1] / s)) for s in c.feat_strides]
+            )
         else:
             anchors, valid = make_anchors(shapes)
         output_memory = run(self.enc_output, valid.astype(memory.dtype) * memory)
@@ -147,9 +160,10 @@ class Model(nn.Module):
 
         hidden, boxes = self.decoder(target, memory, shapes, reference)
         out = self.decoder_norm(hidden)
-        order = self.decoder_global_pointer(self.decoder_order_head[-1](out[:, -c.num_queries:]))
-        return LayoutOutput(self.decoder.class_embed(out), boxes, order,
-                            self.masks(hidden, prototypes))
+        order = self.decoder_global_pointer(self.decoder_order_head[-1](out[:, -c.num_queries :]))
+        return LayoutOutput(
+            self.decoder.class_embed(out), boxes, order, self.masks(hidden, prototypes)
+        )
 
 
 class LayoutDetector(nn.Module):
@@ -177,5 +191,5 @@ class LayoutDetector(nn.Module):
         if self.config.tie_word_embeddings:
             for target, source in TIED.items():
                 for name in [n for n in out if n.startswith(source + ".")]:
-                    out[target + name[len(source):]] = out[name]
+                    out[target + name[len(source) :]] = out[name]
         return out
