@@ -39,6 +39,8 @@ _EXPORTS = {
     "Processor": "inputs.processor",
     "unmark": "inputs.processor",
     "Glm4vError": "errors",
+    "load_layout": "documents.layout",
+    "Layout": "documents.layout",
 }
 # Modules used whole: `distributed.load`, `distributed.share_request` on every rank.
 _MODULES = {"distributed": "serving.distributed"}

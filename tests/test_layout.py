@@ -16,6 +16,7 @@ FLOORS = {
     "checkpoints": 2,
     "tuning": 3,
     "serving": 3,
+    "documents": 3.5,  # above the engine (regions become its requests), below the server
     "server": 4,
     "terminal": 5,
     "cli": 6,

@@ -1,0 +1,1 @@
+"""Documents: pages -> layout regions (-> task prompts, engine rows, Markdown and JSON)."""
