@@ -23,6 +23,7 @@ from PIL import Image
 from transformers.video_utils import VideoMetadata
 
 from mlx_glm4v.errors import Glm4vError
+from mlx_glm4v.inputs.image import smart_resize
 from mlx_glm4v.inputs.processor import Processor
 from mlx_glm4v.inputs.video import Video
 
@@ -148,11 +149,23 @@ def user(*items, text="Describe it."):
 
 
 def compare(
-    case, ours, ref, messages, images=(), videos=(), ref_videos=None, ref_pil=None, **kwargs
+    case,
+    ours,
+    ref,
+    messages,
+    images=(),
+    videos=(),
+    ref_videos=None,
+    ref_pil=None,
+    template_kwargs=None,
+    **kwargs,
 ):
     """Render, process with both and check; returns our output."""
-    prompt = ours.apply_chat_template(messages)
-    assert prompt == ref.apply_chat_template(messages, add_generation_prompt=True)
+    template_kwargs = template_kwargs or {}
+    prompt = ours.apply_chat_template(messages, **template_kwargs)
+    assert prompt == ref.apply_chat_template(
+        messages, add_generation_prompt=True, **template_kwargs
+    )
     got = ours(text=prompt, images=list(images) or None, videos=list(videos) or None, **kwargs)
     extra = {}
     if ref_videos is not None:
@@ -627,6 +640,7 @@ def test_processor_never_imports_torch(checkpoints, media, videos):
     script = f"""
 import sys
 import mlx_glm4v
+from mlx_glm4v.inputs.image import smart_resize
 from mlx_glm4v.inputs.processor import Processor
 p = Processor.from_pretrained({str(checkpoints["v5"][0])!r})
 prompt = p.apply_chat_template([{{"role": "user", "content": [{{"type": "image"}}, {{"type": "video"}}]}}])
@@ -754,3 +768,206 @@ def test_glm46v_too_short_clip(ours46, videos):
     with pytest.raises(Glm4vError) as error:
         ours46(text="<|video|>", videos=[str(videos["one-frame.mov"])])
     one_sentence(error, "too short")
+
+
+# ---------------------------------------------------------------- glmga (GlmgaImage/VideoProcessor)
+
+
+@pytest.fixture(scope="module")
+def glmga(tmp_path_factory):
+    """glmga's processors at their own defaults, saved in each layout."""
+    return tiny.saved_processors(tmp_path_factory, "Glmga", ("v5", "hub"))
+
+
+@pytest.fixture(scope="module")
+def glmga_expanded(tmp_path_factory):
+    """glmga's processors with a patch_expand_factor of 2 and small budgets, so that tiny inputs
+    exercise the expanded resize rule and a modest image goes past the budget."""
+    small = {"shortest_edge": 12544, "longest_edge": 28 * 28 * 40}
+    kwargs = {"size": small, "patch_expand_factor": 2}
+    return tiny.saved_processors(
+        tmp_path_factory, "Glmga", ("v5",), image_kwargs=kwargs, video_kwargs=kwargs
+    )["v5"]
+
+
+def test_glmga_by_model_type_alone(tmp_path_factory):
+    """No class named anywhere: transformers maps the model type to glmga's video processor (it
+    has no processor of its own to map to), and so do we."""
+    from transformers import AutoVideoProcessor
+
+    path = tiny.saved_processors(tmp_path_factory, "Glmga", ("v5",))["v5"][0]
+    for file in ("processor_config.json", "tokenizer_config.json"):
+        config = json.loads((path / file).read_text())
+        config.pop("processor_class")
+        for part in ("image_processor", "video_processor"):
+            config.get(part, {}).pop(f"{part}_type", None)
+        (path / file).write_text(json.dumps(config))
+    (path / "config.json").write_text(json.dumps({"model_type": "glmga"}))
+    assert type(AutoVideoProcessor.from_pretrained(path)).__name__ == "GlmgaVideoProcessor"
+    ours = Processor.from_pretrained(path)
+    assert (ours.processor_class, ours.video_settings.sampling) == ("Glm46VProcessor", "glmga")
+
+
+@pytest.mark.parametrize("layout", ["v5", "hub"])
+def test_glmga_is_recognised(glmga, layout):
+    path, reference = glmga[layout]
+    assert type(reference).__name__ == "Glm46VProcessor"
+    assert type(reference.image_processor).__name__ == "GlmgaImageProcessor"
+    assert type(reference.video_processor).__name__ == "GlmgaVideoProcessor"
+    ours = Processor.from_pretrained(path)
+    assert (ours.processor_class, ours.video_settings.sampling) == ("Glm46VProcessor", "glmga")
+    video = reference.video_processor
+    assert ours.video_settings.max_pixels == video.size["longest_edge"] == 28 * 28 * 2 * 55790
+    assert ours.image_settings.max_pixels == reference.image_processor.size["longest_edge"]
+    assert ours.video_settings.max_frames == video.max_frames == 640
+    clip = np.stack([smooth(12, 16, seed=i % 7) for i in range(50)])
+    compare(
+        f"glmga 5 s @10 fps ({layout})",
+        ours,
+        reference,
+        [user({"type": "video"})],
+        videos=[Video(clip, 10.0)],
+        ref_videos=[(clip, VideoMetadata(total_num_frames=50, fps=10.0))],
+    )
+
+
+GLMGA_IMAGES = {  # name: (height, width)
+    "tall": (700, 60),
+    "wide": (50, 640),
+    "tiny": (9, 13),
+    "square": (300, 300),
+}
+
+
+@pytest.mark.parametrize("name", GLMGA_IMAGES)
+def test_glmga_images(glmga, glmga_expanded, name):
+    rgb = smooth(*GLMGA_IMAGES[name], seed=3)
+    for label, (path, reference) in {"defaults": glmga["v5"], "expanded": glmga_expanded}.items():
+        ours = Processor.from_pretrained(path)
+        got = compare(
+            f"glmga {name} image ({label})",
+            ours,
+            reference,
+            [user({"type": "image"})],
+            images=[rgb],
+        )
+        _, h, w = got["image_grid_thw"][0]
+        unit = ours.image_settings.merge_size * ours.image_settings.patch_expand_factor
+        assert h % unit == 0 and w % unit == 0
+
+
+def test_glmga_image_past_the_budget(glmga_expanded):
+    """A 600x900 image against a 31,360-pixel budget: shrunk to multiples of 56 within it."""
+    path, reference = glmga_expanded
+    ours = Processor.from_pretrained(path)
+    got = compare(
+        "glmga 600x900 past the budget",
+        ours,
+        reference,
+        [user({"type": "image"}, {"type": "image"})],
+        images=[smooth(600, 900, seed=4), smooth(900, 600, seed=5)],
+    )
+    for _, h, w in got["image_grid_thw"]:
+        assert h * w * 14 * 14 <= ours.image_settings.max_pixels / 2 and h % 4 == w % 4 == 0
+
+
+@pytest.mark.parametrize(
+    "height,width", [(4000, 3000), (3000, 6000), (20000, 150), (30, 5000), (5, 5), (1700, 2200)]
+)
+def test_glmga_token_counts_of_large_images(glmga, height, width):
+    """Patches for images too large to run through both here, as the reference counts them
+    (its count ignores patch_expand_factor, so the defaults' factor 1 only)."""
+    ours = Processor.from_pretrained(glmga["v5"][0])
+    want = glmga["v5"][1].image_processor.get_number_of_image_patches(height, width)
+    s = ours.image_settings
+    h, w = smart_resize(2, height, width, s, s.max_pixels, "image")
+    assert (h // 14) * (w // 14) == want
+
+
+# (frames, fps, duration): fewer frames than the rate asks, short clips, a frame rate that does
+# not divide, long clips past the 640-frame cap
+GLMGA_CLIPS = [
+    (13, 7.0, None),
+    (5, 1.0, 10.0),
+    (60, 2.0, 30.0),
+    (1365, 30.0, 45.5),
+    (599, 29.97, 599 / 29.97),
+    (700, 1.0, 700.0),
+    (1500, 0.5, 3000.0),
+]
+
+
+@pytest.mark.parametrize("frames,fps,duration", GLMGA_CLIPS)
+def test_glmga_frames(glmga, frames, fps, duration):
+    path, reference = glmga["v5"]
+    ours = Processor.from_pretrained(path)
+    clip = np.stack([smooth(12, 16, seed=i % 7) for i in range(frames)])
+    metadata = VideoMetadata(total_num_frames=frames, fps=fps, duration=duration)
+    got = compare(
+        f"glmga {frames} frames @{fps} fps",
+        ours,
+        reference,
+        [user({"type": "video"})],
+        videos=[Video(clip, fps, duration)],
+        ref_videos=[(clip, metadata)],
+    )
+    assert got["video_grid_thw"][0, 0] <= 320  # 640 frames at most, in pairs
+    assert " seconds" in ours.tokenizer.decode(got["input_ids"][0])
+
+
+def test_glmga_long_clip_is_capped(glmga):
+    ours = Processor.from_pretrained(glmga["v5"][0])
+    clip = Video(np.stack([smooth(12, 16, seed=i % 7) for i in range(700)]), 1.0)
+    assert ours(text="<|video|>", videos=[clip])["video_grid_thw"][0, 0] == 320
+
+
+def test_glmga_fps_is_the_references_argument(glmga):
+    path, reference = glmga["v5"]
+    ours = Processor.from_pretrained(path)
+    clip = np.stack([smooth(12, 16, seed=i % 7) for i in range(120)])
+    metadata = VideoMetadata(total_num_frames=120, fps=2.0, duration=60.0)
+    for fps in (0.5, 3.0):
+        compare(
+            f"glmga 60 s at fps={fps}",
+            ours,
+            reference,
+            [user({"type": "video"})],
+            videos=[Video(clip, 2.0, 60.0)],
+            ref_videos=[(clip, metadata)],
+            fps=fps,
+        )
+
+
+def test_glmga_files_images_and_expanded_video(glmga, glmga_expanded, media, videos):
+    path, reference = glmga["v5"]
+    ours = Processor.from_pretrained(path)
+    clip = videos["clip30fps.mp4"]
+    messages = [
+        user(
+            {"type": "image", "image": str(media / "wide.jpg")},
+            {"type": "video", "video": str(clip)},
+            {"type": "image", "image": str(media / "rgba.png")},
+        )
+    ]
+    images, found = ours.media_from_messages(messages)
+    got = compare(
+        "glmga 2 images + mp4",
+        ours,
+        reference,
+        messages,
+        images=images,
+        videos=found,
+        ref_videos=[reference_video(clip)],
+    )
+    assert set(np.unique(got["mm_token_type_ids"])) == {0, 1, 2}
+    path, reference = glmga_expanded
+    frames = np.stack([smooth(100, 150, seed=i % 5) for i in range(24)])
+    got = compare(
+        "glmga expanded 3 s video",
+        Processor.from_pretrained(path),
+        reference,
+        [user({"type": "video"})],
+        videos=[Video(frames, 8.0)],
+        ref_videos=[(frames, VideoMetadata(total_num_frames=24, fps=8.0))],
+    )
+    assert got["video_grid_thw"][0, 1] % 4 == got["video_grid_thw"][0, 2] % 4 == 0
