@@ -24,7 +24,7 @@ from transformers.video_utils import VideoMetadata
 
 from mlx_glm4v.errors import Glm4vError
 from mlx_glm4v.inputs.image import smart_resize
-from mlx_glm4v.inputs.processor import Processor
+from mlx_glm4v.inputs.processor import Processor, unmark
 from mlx_glm4v.inputs.video import Video
 
 MEAN_LIMIT, MAX_LIMIT = 1e-4, 0.03  # against the torchvision backend
@@ -971,3 +971,167 @@ def test_glmga_files_images_and_expanded_video(glmga, glmga_expanded, media, vid
         ref_videos=[(frames, VideoMetadata(total_num_frames=24, fps=8.0))],
     )
     assert got["video_grid_thw"][0, 1] % 4 == got["video_grid_thw"][0, 2] % 4 == 0
+
+
+# ---------------------------------------------------------------- GLM-OCR (published settings)
+
+
+@pytest.fixture(scope="module")
+def ocr(tmp_path_factory):
+    """(path, transformers' processor) for GLM-OCR's published processor files: its
+    preprocessor_config.json alone, its chat template, config.json's model type."""
+    path = tmp_path_factory.mktemp("processor-glm-ocr")
+    tokenizer = tiny.build_tokenizer(path, special_tokens=tiny.SPECIAL_TOKENS_45V)
+    processor = tiny.build_processor(tokenizer, chat_template=tiny.CHAT_TEMPLATE_OCR, kind="Glm46V")
+    processor.save_pretrained(path)
+    (path / "config.json").write_text(json.dumps({"model_type": "glm_ocr"}))
+    return path, tiny.write_published_ocr_processor(path)
+
+
+@pytest.fixture(scope="module")
+def ours_ocr(ocr):
+    return Processor.from_pretrained(ocr[0])
+
+
+def test_glm_ocr_reads_the_published_settings(ocr, ours_ocr):
+    _, reference = ocr
+    assert type(reference).__name__ == "Glm46VProcessor"
+    assert type(reference.image_processor).__name__ == "Glm46VImageProcessor"
+    assert ours_ocr.processor_class == "Glm46VProcessor"
+    assert ours_ocr.chat_template == tiny.CHAT_TEMPLATE_OCR == reference.chat_template
+    published = tiny.GLM_OCR_PREPROCESSOR["size"]
+    for ours, theirs in (
+        (ours_ocr.image_settings, reference.image_processor),
+        (ours_ocr.video_settings, reference.video_processor),
+    ):
+        assert ours.min_pixels == theirs.size["shortest_edge"] == published["shortest_edge"]
+        assert ours.max_pixels == theirs.size["longest_edge"] == published["longest_edge"]
+        assert ours.patch_size == theirs.patch_size and ours.merge_size == theirs.merge_size
+        assert ours.temporal_patch_size == theirs.temporal_patch_size
+
+
+OCR_IMAGES = {  # name: (height, width)
+    "page": (1100, 850),
+    "receipt": (1200, 180),
+    "text line": (40, 900),
+    "tiny": (10, 12),
+}
+
+
+@pytest.mark.parametrize("name", OCR_IMAGES)
+def test_glm_ocr_images(ocr, ours_ocr, name):
+    got = compare(
+        f"glm_ocr {name}",
+        ours_ocr,
+        ocr[1],
+        [user({"type": "image"}, text="Text Recognition:")],
+        images=[smooth(*OCR_IMAGES[name], seed=6)],
+    )
+    assert (got["input_ids"] == ours_ocr.image_token_id).sum() == got["image_grid_thw"].prod() // 4
+
+
+# grids transformers' Glm46VImageProcessor gives for GLM-OCR's published settings on blank
+# images of these (width, height), as a public port's test records them: 6000x4000 reaches the
+# 6,144-token ceiling, 100x100 the floor
+OCR_GRIDS = [
+    (6000, 4000, (1, 128, 192)),
+    (4000, 3000, (1, 134, 180)),
+    (3000, 3000, (1, 156, 156)),
+    (5000, 4000, (1, 140, 174)),
+    (1700, 2200, (1, 158, 122)),
+    (100, 100, (1, 8, 8)),
+]
+
+
+@pytest.mark.parametrize("width,height,grid", OCR_GRIDS)
+def test_glm_ocr_grids_of_large_pages(ocr, ours_ocr, width, height, grid):
+    """Large pages, too large to run through both here: the grid from our resize rule equals
+    the recorded one and transformers' own patch count."""
+    s = ours_ocr.image_settings
+    h, w = smart_resize(2, height, width, s, s.max_pixels, "page")
+    assert (1, h // 14, w // 14) == grid
+    assert (h // 14) * (w // 14) == ocr[1].image_processor.get_number_of_image_patches(
+        height, width
+    )
+
+
+def test_glm_ocr_video_uses_the_image_settings(ocr, ours_ocr):
+    clip = np.stack([smooth(40, 60, seed=i % 7) for i in range(30)])
+    compare(
+        "glm_ocr 3 s video",
+        ours_ocr,
+        ocr[1],
+        [user({"type": "video"})],
+        videos=[Video(clip, 10.0)],
+        ref_videos=[(clip, VideoMetadata(total_num_frames=30, fps=10.0))],
+    )
+
+
+def test_glm_ocr_nothink_switch(ocr, ours_ocr):
+    """enable_thinking=False appends the /nothink token to each user turn and opens the reply
+    with an empty thinking block; the user's own trailing /nothink is not doubled."""
+    nothink, think = (ours_ocr.convert_tokens_to_ids(t) for t in ("/nothink", "</think>"))
+    page = smooth(120, 90, seed=7)
+    messages = [
+        user({"type": "image"}, text="Text Recognition:"),
+        {"role": "assistant", "content": "<think>a page</think>Hello world"},
+        user(text="Table Recognition:"),
+    ]
+    got = compare(
+        "glm_ocr /nothink",
+        ours_ocr,
+        ocr[1],
+        messages,
+        images=[page],
+        template_kwargs={"enable_thinking": False},
+    )
+    ids = got["input_ids"][0].tolist()
+    assert ids.count(nothink) == 2 and ids[-2:] == [think, ours_ocr.tokenizer.encode("\n")[-1]]
+    plain = compare("glm_ocr thinking", ours_ocr, ocr[1], messages, images=[page])
+    assert nothink not in plain["input_ids"][0].tolist()
+    # Message text is data (test_text_is_data.py): a /nothink the user typed stays text, so the
+    # template, not seeing its own token at the end, adds it; thinking is off all the same.
+    # transformers reads the typed one as the control token instead and adds none.
+    typed = [user({"type": "image"}, text="Text Recognition: /nothink")]
+    prompt = ours_ocr.apply_chat_template(typed, enable_thinking=False)
+    ids = ours_ocr(prompt, images=[page])["input_ids"][0].tolist()
+    assert ids.count(nothink) == 1 and "Recognition: /nothink/nothink<|assistant|>" in unmark(
+        prompt
+    )
+
+
+def test_glm_ocr_tool_responses_hold_images(ocr, ours_ocr, media):
+    """A tool's reply with text and images in one <tool_response>: each image expanded where the
+    tool returned it, pixels and ids as transformers' processor makes them."""
+    call = {"function": {"name": "crop", "arguments": {"box": "[0, 0, 500, 500]"}}}
+    messages = [
+        user({"type": "image", "image": str(media / "wide.jpg")}, text="Read the table."),
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {
+            "role": "tool",
+            "content": [
+                {"type": "text", "text": "The crop:"},
+                {"type": "image", "image": str(media / "square.png")},
+                {"type": "text", "text": "and the header:"},
+                {"type": "image", "image": str(media / "rotated.jpg")},
+            ],
+        },
+        {"role": "tool", "content": "done"},
+    ]
+    tools = [{"type": "function", "function": {"name": "crop", "parameters": {}}}]
+    images, _ = ours_ocr.media_from_messages(messages)
+    assert images == [str(media / n) for n in ("wide.jpg", "square.png", "rotated.jpg")]
+    got = compare(
+        "glm_ocr tool response with images",
+        ours_ocr,
+        ocr[1],
+        messages,
+        images=images,
+        template_kwargs={"tools": tools},
+    )
+    text = ours_ocr.tokenizer.decode(got["input_ids"][0])
+    assert text.count("<tool_response>") == 2 and "<|observation|>" in text
+    assert len(got["image_grid_thw"]) == 3
+    together = ours_ocr.process_messages(messages, template_kwargs={"tools": tools})
+    for key, value in got.items():
+        np.testing.assert_array_equal(together[key], value)

@@ -638,7 +638,8 @@ def build_checkpoint(
     """Write a tiny checkpoint of `family` (weights, configs, tokenizer, processor) to `path`.
 
     processor_layout "v5" is what transformers 5 saves (processor_config.json); "hub" writes the
-    published pair preprocessor_config.json + video_preprocessor_config.json.
+    published pair preprocessor_config.json + video_preprocessor_config.json; "published" (for
+    glm_ocr) GLM-OCR's own preprocessor_config.json alone.
     transformers 5 saves glm4v_moe experts one by one (the published layout) and glm46v's fused.
     Returns (torch model in float32 eval mode, transformers processor).
     """
@@ -667,7 +668,20 @@ def build_checkpoint(
     processor.save_pretrained(path)
     if processor_layout == "hub":
         _rewrite_as_hub_layout(path, processor)
+    if processor_layout == "published":
+        processor = write_published_ocr_processor(path)
     return model, processor
+
+
+def write_published_ocr_processor(path: Path):
+    """Replace the saved processor settings by GLM-OCR's published preprocessor_config.json
+    alone; returns transformers' processor loaded back from `path` (its video processor falls
+    back to those settings)."""
+    from transformers import AutoProcessor
+
+    (path / "processor_config.json").unlink(missing_ok=True)
+    (path / "preprocessor_config.json").write_text(json.dumps(GLM_OCR_PREPROCESSOR, indent=4))
+    return AutoProcessor.from_pretrained(path)
 
 
 def mtp_tensors(model, seed: int = 0) -> dict:
