@@ -60,9 +60,10 @@ def box_checkpoint(glm4v_checkpoint, tmp_path_factory):
 @pytest.fixture(scope="session")
 def glm_ocr_checkpoint(tmp_path_factory):
     """A tiny GLM-OCR (`glm_ocr`) checkpoint in the hub's layout: one file, the
-    multi-token-prediction layer appended after the last decoder layer."""
+    multi-token-prediction layer appended after the last decoder layer, the published
+    preprocessor_config.json and chat template."""
     path = tmp_path_factory.mktemp("glm-ocr-tiny")
-    model, processor = tiny.build_checkpoint(path, family="glm_ocr")
+    model, processor = tiny.build_checkpoint(path, family="glm_ocr", processor_layout="published")
     return path, model, processor
 
 

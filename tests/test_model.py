@@ -127,8 +127,9 @@ def test_video_sampled_from_longer_clip(setup):
         videos=[frames],
         video_metadata=[{"fps": 10.0, "total_num_frames": 45, "duration": 4.5}],
     )
-    # GLM-4.6V's processor (GLM-OCR's) samples by duration, more frames
-    expected = 5 if type(processor.video_processor).__name__ == "Glm4vVideoProcessor" else 14
+    # GLM-4.6V's processor (GLM-OCR's) samples by duration, more frames; glmga's samples 2 fps
+    # up to a step short of the end, spread to 9, padded to 10
+    expected = 14 if type(processor.video_processor).__name__ == "Glm46VVideoProcessor" else 5
     assert inputs["video_grid_thw"][0][0] == expected
     check("video, sampled from a clip", model, ref, inputs)
 

@@ -23,7 +23,8 @@ from PIL import Image
 from transformers.video_utils import VideoMetadata
 
 from mlx_glm4v.errors import Glm4vError
-from mlx_glm4v.inputs.processor import Processor
+from mlx_glm4v.inputs.image import smart_resize
+from mlx_glm4v.inputs.processor import Processor, unmark
 from mlx_glm4v.inputs.video import Video
 
 MEAN_LIMIT, MAX_LIMIT = 1e-4, 0.03  # against the torchvision backend
@@ -148,11 +149,23 @@ def user(*items, text="Describe it."):
 
 
 def compare(
-    case, ours, ref, messages, images=(), videos=(), ref_videos=None, ref_pil=None, **kwargs
+    case,
+    ours,
+    ref,
+    messages,
+    images=(),
+    videos=(),
+    ref_videos=None,
+    ref_pil=None,
+    template_kwargs=None,
+    **kwargs,
 ):
     """Render, process with both and check; returns our output."""
-    prompt = ours.apply_chat_template(messages)
-    assert prompt == ref.apply_chat_template(messages, add_generation_prompt=True)
+    template_kwargs = template_kwargs or {}
+    prompt = ours.apply_chat_template(messages, **template_kwargs)
+    assert prompt == ref.apply_chat_template(
+        messages, add_generation_prompt=True, **template_kwargs
+    )
     got = ours(text=prompt, images=list(images) or None, videos=list(videos) or None, **kwargs)
     extra = {}
     if ref_videos is not None:
@@ -627,6 +640,7 @@ def test_processor_never_imports_torch(checkpoints, media, videos):
     script = f"""
 import sys
 import mlx_glm4v
+from mlx_glm4v.inputs.image import smart_resize
 from mlx_glm4v.inputs.processor import Processor
 p = Processor.from_pretrained({str(checkpoints["v5"][0])!r})
 prompt = p.apply_chat_template([{{"role": "user", "content": [{{"type": "image"}}, {{"type": "video"}}]}}])
@@ -754,3 +768,370 @@ def test_glm46v_too_short_clip(ours46, videos):
     with pytest.raises(Glm4vError) as error:
         ours46(text="<|video|>", videos=[str(videos["one-frame.mov"])])
     one_sentence(error, "too short")
+
+
+# ---------------------------------------------------------------- glmga (GlmgaImage/VideoProcessor)
+
+
+@pytest.fixture(scope="module")
+def glmga(tmp_path_factory):
+    """glmga's processors at their own defaults, saved in each layout."""
+    return tiny.saved_processors(tmp_path_factory, "Glmga", ("v5", "hub"))
+
+
+@pytest.fixture(scope="module")
+def glmga_expanded(tmp_path_factory):
+    """glmga's processors with a patch_expand_factor of 2 and small budgets, so that tiny inputs
+    exercise the expanded resize rule and a modest image goes past the budget."""
+    small = {"shortest_edge": 12544, "longest_edge": 28 * 28 * 40}
+    kwargs = {"size": small, "patch_expand_factor": 2}
+    return tiny.saved_processors(
+        tmp_path_factory, "Glmga", ("v5",), image_kwargs=kwargs, video_kwargs=kwargs
+    )["v5"]
+
+
+def test_glmga_by_model_type_alone(tmp_path_factory):
+    """No class named anywhere: transformers maps the model type to glmga's video processor (it
+    has no processor of its own to map to), and so do we."""
+    from transformers import AutoVideoProcessor
+
+    path = tiny.saved_processors(tmp_path_factory, "Glmga", ("v5",))["v5"][0]
+    for file in ("processor_config.json", "tokenizer_config.json"):
+        config = json.loads((path / file).read_text())
+        config.pop("processor_class")
+        for part in ("image_processor", "video_processor"):
+            config.get(part, {}).pop(f"{part}_type", None)
+        (path / file).write_text(json.dumps(config))
+    (path / "config.json").write_text(json.dumps({"model_type": "glmga"}))
+    assert type(AutoVideoProcessor.from_pretrained(path)).__name__ == "GlmgaVideoProcessor"
+    ours = Processor.from_pretrained(path)
+    assert (ours.processor_class, ours.video_settings.sampling) == ("Glm46VProcessor", "glmga")
+
+
+@pytest.mark.parametrize("layout", ["v5", "hub"])
+def test_glmga_is_recognised(glmga, layout):
+    path, reference = glmga[layout]
+    assert type(reference).__name__ == "Glm46VProcessor"
+    assert type(reference.image_processor).__name__ == "GlmgaImageProcessor"
+    assert type(reference.video_processor).__name__ == "GlmgaVideoProcessor"
+    ours = Processor.from_pretrained(path)
+    assert (ours.processor_class, ours.video_settings.sampling) == ("Glm46VProcessor", "glmga")
+    video = reference.video_processor
+    assert ours.video_settings.max_pixels == video.size["longest_edge"] == 28 * 28 * 2 * 55790
+    assert ours.image_settings.max_pixels == reference.image_processor.size["longest_edge"]
+    assert ours.video_settings.max_frames == video.max_frames == 640
+    clip = np.stack([smooth(12, 16, seed=i % 7) for i in range(50)])
+    compare(
+        f"glmga 5 s @10 fps ({layout})",
+        ours,
+        reference,
+        [user({"type": "video"})],
+        videos=[Video(clip, 10.0)],
+        ref_videos=[(clip, VideoMetadata(total_num_frames=50, fps=10.0))],
+    )
+
+
+GLMGA_IMAGES = {  # name: (height, width)
+    "tall": (700, 60),
+    "wide": (50, 640),
+    "tiny": (9, 13),
+    "square": (300, 300),
+}
+
+
+@pytest.mark.parametrize("name", GLMGA_IMAGES)
+def test_glmga_images(glmga, glmga_expanded, name):
+    rgb = smooth(*GLMGA_IMAGES[name], seed=3)
+    for label, (path, reference) in {"defaults": glmga["v5"], "expanded": glmga_expanded}.items():
+        ours = Processor.from_pretrained(path)
+        got = compare(
+            f"glmga {name} image ({label})",
+            ours,
+            reference,
+            [user({"type": "image"})],
+            images=[rgb],
+        )
+        _, h, w = got["image_grid_thw"][0]
+        unit = ours.image_settings.merge_size * ours.image_settings.patch_expand_factor
+        assert h % unit == 0 and w % unit == 0
+
+
+def test_glmga_image_past_the_budget(glmga_expanded):
+    """A 600x900 image against a 31,360-pixel budget: shrunk to multiples of 56 within it."""
+    path, reference = glmga_expanded
+    ours = Processor.from_pretrained(path)
+    got = compare(
+        "glmga 600x900 past the budget",
+        ours,
+        reference,
+        [user({"type": "image"}, {"type": "image"})],
+        images=[smooth(600, 900, seed=4), smooth(900, 600, seed=5)],
+    )
+    for _, h, w in got["image_grid_thw"]:
+        assert h * w * 14 * 14 <= ours.image_settings.max_pixels / 2 and h % 4 == w % 4 == 0
+
+
+@pytest.mark.parametrize(
+    "height,width", [(4000, 3000), (3000, 6000), (20000, 150), (30, 5000), (5, 5), (1700, 2200)]
+)
+def test_glmga_token_counts_of_large_images(glmga, height, width):
+    """Patches for images too large to run through both here, as the reference counts them
+    (its count ignores patch_expand_factor, so the defaults' factor 1 only)."""
+    ours = Processor.from_pretrained(glmga["v5"][0])
+    want = glmga["v5"][1].image_processor.get_number_of_image_patches(height, width)
+    s = ours.image_settings
+    h, w = smart_resize(2, height, width, s, s.max_pixels, "image")
+    assert (h // 14) * (w // 14) == want
+
+
+# (frames, fps, duration): fewer frames than the rate asks, short clips, a frame rate that does
+# not divide, long clips past the 640-frame cap
+GLMGA_CLIPS = [
+    (13, 7.0, None),
+    (5, 1.0, 10.0),
+    (60, 2.0, 30.0),
+    (1365, 30.0, 45.5),
+    (599, 29.97, 599 / 29.97),
+    (700, 1.0, 700.0),
+    (1500, 0.5, 3000.0),
+]
+
+
+@pytest.mark.parametrize("frames,fps,duration", GLMGA_CLIPS)
+def test_glmga_frames(glmga, frames, fps, duration):
+    path, reference = glmga["v5"]
+    ours = Processor.from_pretrained(path)
+    clip = np.stack([smooth(12, 16, seed=i % 7) for i in range(frames)])
+    metadata = VideoMetadata(total_num_frames=frames, fps=fps, duration=duration)
+    got = compare(
+        f"glmga {frames} frames @{fps} fps",
+        ours,
+        reference,
+        [user({"type": "video"})],
+        videos=[Video(clip, fps, duration)],
+        ref_videos=[(clip, metadata)],
+    )
+    assert got["video_grid_thw"][0, 0] <= 320  # 640 frames at most, in pairs
+    assert " seconds" in ours.tokenizer.decode(got["input_ids"][0])
+
+
+def test_glmga_long_clip_is_capped(glmga):
+    ours = Processor.from_pretrained(glmga["v5"][0])
+    clip = Video(np.stack([smooth(12, 16, seed=i % 7) for i in range(700)]), 1.0)
+    assert ours(text="<|video|>", videos=[clip])["video_grid_thw"][0, 0] == 320
+
+
+def test_glmga_fps_is_the_references_argument(glmga):
+    path, reference = glmga["v5"]
+    ours = Processor.from_pretrained(path)
+    clip = np.stack([smooth(12, 16, seed=i % 7) for i in range(120)])
+    metadata = VideoMetadata(total_num_frames=120, fps=2.0, duration=60.0)
+    for fps in (0.5, 3.0):
+        compare(
+            f"glmga 60 s at fps={fps}",
+            ours,
+            reference,
+            [user({"type": "video"})],
+            videos=[Video(clip, 2.0, 60.0)],
+            ref_videos=[(clip, metadata)],
+            fps=fps,
+        )
+
+
+def test_glmga_files_images_and_expanded_video(glmga, glmga_expanded, media, videos):
+    path, reference = glmga["v5"]
+    ours = Processor.from_pretrained(path)
+    clip = videos["clip30fps.mp4"]
+    messages = [
+        user(
+            {"type": "image", "image": str(media / "wide.jpg")},
+            {"type": "video", "video": str(clip)},
+            {"type": "image", "image": str(media / "rgba.png")},
+        )
+    ]
+    images, found = ours.media_from_messages(messages)
+    got = compare(
+        "glmga 2 images + mp4",
+        ours,
+        reference,
+        messages,
+        images=images,
+        videos=found,
+        ref_videos=[reference_video(clip)],
+    )
+    assert set(np.unique(got["mm_token_type_ids"])) == {0, 1, 2}
+    path, reference = glmga_expanded
+    frames = np.stack([smooth(100, 150, seed=i % 5) for i in range(24)])
+    got = compare(
+        "glmga expanded 3 s video",
+        Processor.from_pretrained(path),
+        reference,
+        [user({"type": "video"})],
+        videos=[Video(frames, 8.0)],
+        ref_videos=[(frames, VideoMetadata(total_num_frames=24, fps=8.0))],
+    )
+    assert got["video_grid_thw"][0, 1] % 4 == got["video_grid_thw"][0, 2] % 4 == 0
+
+
+# ---------------------------------------------------------------- GLM-OCR (published settings)
+
+
+@pytest.fixture(scope="module")
+def ocr(tmp_path_factory):
+    """(path, transformers' processor) for GLM-OCR's published processor files: its
+    preprocessor_config.json alone, its chat template, config.json's model type."""
+    path = tmp_path_factory.mktemp("processor-glm-ocr")
+    tokenizer = tiny.build_tokenizer(path, special_tokens=tiny.SPECIAL_TOKENS_45V)
+    processor = tiny.build_processor(tokenizer, chat_template=tiny.CHAT_TEMPLATE_OCR, kind="Glm46V")
+    processor.save_pretrained(path)
+    (path / "config.json").write_text(json.dumps({"model_type": "glm_ocr"}))
+    return path, tiny.write_published_ocr_processor(path)
+
+
+@pytest.fixture(scope="module")
+def ours_ocr(ocr):
+    return Processor.from_pretrained(ocr[0])
+
+
+def test_glm_ocr_reads_the_published_settings(ocr, ours_ocr):
+    _, reference = ocr
+    assert type(reference).__name__ == "Glm46VProcessor"
+    assert type(reference.image_processor).__name__ == "Glm46VImageProcessor"
+    assert ours_ocr.processor_class == "Glm46VProcessor"
+    assert ours_ocr.chat_template == tiny.CHAT_TEMPLATE_OCR == reference.chat_template
+    published = tiny.GLM_OCR_PREPROCESSOR["size"]
+    for ours, theirs in (
+        (ours_ocr.image_settings, reference.image_processor),
+        (ours_ocr.video_settings, reference.video_processor),
+    ):
+        assert ours.min_pixels == theirs.size["shortest_edge"] == published["shortest_edge"]
+        assert ours.max_pixels == theirs.size["longest_edge"] == published["longest_edge"]
+        assert ours.patch_size == theirs.patch_size and ours.merge_size == theirs.merge_size
+        assert ours.temporal_patch_size == theirs.temporal_patch_size
+
+
+OCR_IMAGES = {  # name: (height, width)
+    "page": (1100, 850),
+    "receipt": (1200, 180),
+    "text line": (40, 900),
+    "tiny": (10, 12),
+}
+
+
+@pytest.mark.parametrize("name", OCR_IMAGES)
+def test_glm_ocr_images(ocr, ours_ocr, name):
+    got = compare(
+        f"glm_ocr {name}",
+        ours_ocr,
+        ocr[1],
+        [user({"type": "image"}, text="Text Recognition:")],
+        images=[smooth(*OCR_IMAGES[name], seed=6)],
+    )
+    assert (got["input_ids"] == ours_ocr.image_token_id).sum() == got["image_grid_thw"].prod() // 4
+
+
+# grids transformers' Glm46VImageProcessor gives for GLM-OCR's published settings on blank
+# images of these (width, height), as a public port's test records them: 6000x4000 reaches the
+# 6,144-token ceiling, 100x100 the floor
+OCR_GRIDS = [
+    (6000, 4000, (1, 128, 192)),
+    (4000, 3000, (1, 134, 180)),
+    (3000, 3000, (1, 156, 156)),
+    (5000, 4000, (1, 140, 174)),
+    (1700, 2200, (1, 158, 122)),
+    (100, 100, (1, 8, 8)),
+]
+
+
+@pytest.mark.parametrize("width,height,grid", OCR_GRIDS)
+def test_glm_ocr_grids_of_large_pages(ocr, ours_ocr, width, height, grid):
+    """Large pages, too large to run through both here: the grid from our resize rule equals
+    the recorded one and transformers' own patch count."""
+    s = ours_ocr.image_settings
+    h, w = smart_resize(2, height, width, s, s.max_pixels, "page")
+    assert (1, h // 14, w // 14) == grid
+    assert (h // 14) * (w // 14) == ocr[1].image_processor.get_number_of_image_patches(
+        height, width
+    )
+
+
+def test_glm_ocr_video_uses_the_image_settings(ocr, ours_ocr):
+    clip = np.stack([smooth(40, 60, seed=i % 7) for i in range(30)])
+    compare(
+        "glm_ocr 3 s video",
+        ours_ocr,
+        ocr[1],
+        [user({"type": "video"})],
+        videos=[Video(clip, 10.0)],
+        ref_videos=[(clip, VideoMetadata(total_num_frames=30, fps=10.0))],
+    )
+
+
+def test_glm_ocr_nothink_switch(ocr, ours_ocr):
+    """enable_thinking=False appends the /nothink token to each user turn and opens the reply
+    with an empty thinking block; the user's own trailing /nothink is not doubled."""
+    nothink, think = (ours_ocr.convert_tokens_to_ids(t) for t in ("/nothink", "</think>"))
+    page = smooth(120, 90, seed=7)
+    messages = [
+        user({"type": "image"}, text="Text Recognition:"),
+        {"role": "assistant", "content": "<think>a page</think>Hello world"},
+        user(text="Table Recognition:"),
+    ]
+    got = compare(
+        "glm_ocr /nothink",
+        ours_ocr,
+        ocr[1],
+        messages,
+        images=[page],
+        template_kwargs={"enable_thinking": False},
+    )
+    ids = got["input_ids"][0].tolist()
+    assert ids.count(nothink) == 2 and ids[-2:] == [think, ours_ocr.tokenizer.encode("\n")[-1]]
+    plain = compare("glm_ocr thinking", ours_ocr, ocr[1], messages, images=[page])
+    assert nothink not in plain["input_ids"][0].tolist()
+    # Message text is data (test_text_is_data.py): a /nothink the user typed stays text, so the
+    # template, not seeing its own token at the end, adds it; thinking is off all the same.
+    # transformers reads the typed one as the control token instead and adds none.
+    typed = [user({"type": "image"}, text="Text Recognition: /nothink")]
+    prompt = ours_ocr.apply_chat_template(typed, enable_thinking=False)
+    ids = ours_ocr(prompt, images=[page])["input_ids"][0].tolist()
+    assert ids.count(nothink) == 1 and "Recognition: /nothink/nothink<|assistant|>" in unmark(
+        prompt
+    )
+
+
+def test_glm_ocr_tool_responses_hold_images(ocr, ours_ocr, media):
+    """A tool's reply with text and images in one <tool_response>: each image expanded where the
+    tool returned it, pixels and ids as transformers' processor makes them."""
+    call = {"function": {"name": "crop", "arguments": {"box": "[0, 0, 500, 500]"}}}
+    messages = [
+        user({"type": "image", "image": str(media / "wide.jpg")}, text="Read the table."),
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {
+            "role": "tool",
+            "content": [
+                {"type": "text", "text": "The crop:"},
+                {"type": "image", "image": str(media / "square.png")},
+                {"type": "text", "text": "and the header:"},
+                {"type": "image", "image": str(media / "rotated.jpg")},
+            ],
+        },
+        {"role": "tool", "content": "done"},
+    ]
+    tools = [{"type": "function", "function": {"name": "crop", "parameters": {}}}]
+    images, _ = ours_ocr.media_from_messages(messages)
+    assert images == [str(media / n) for n in ("wide.jpg", "square.png", "rotated.jpg")]
+    got = compare(
+        "glm_ocr tool response with images",
+        ours_ocr,
+        ocr[1],
+        messages,
+        images=images,
+        template_kwargs={"tools": tools},
+    )
+    text = ours_ocr.tokenizer.decode(got["input_ids"][0])
+    assert text.count("<tool_response>") == 2 and "<|observation|>" in text
+    assert len(got["image_grid_thw"]) == 3
+    together = ours_ocr.process_messages(messages, template_kwargs={"tools": tools})
+    for key, value in got.items():
+        np.testing.assert_array_equal(together[key], value)

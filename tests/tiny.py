@@ -183,27 +183,163 @@ For each function call, output the function name and arguments within the follow
 ' if (enable_thinking is defined and not enable_thinking) else ''}}
 {%- endif -%}"""  # noqa: E501 (GLM-4.5V's template as it is, long lines and all)
 
-# GLM-OCR's template: GLM-4.5V's above with a tool response that may hold images (each image
-# part between the response markers where the tool returned it). Re-typed from the published
-# file's behaviour; not checked verbatim against the hub file, which is not reachable here.
-CHAT_TEMPLATE_OCR = CHAT_TEMPLATE_45V.replace(
-    """<|observation|>{% for tr in m.content %}
+# GLM-OCR's chat template, re-typed from the published chat_template.jinja (zai-org/GLM-OCR, as
+# quoted verbatim in public test sources): GLM-4.5V's above, written with '\n' escapes, plus a
+# tool response holding a list of parts (text, images, videos) in one <tool_response>.
+CHAT_TEMPLATE_OCR = r"""[gMASK]<sop>
+{%- if tools -%}
+<|system|>
+# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{% for tool in tools %}
+{{ tool | tojson(ensure_ascii=False) }}
+{% endfor %}
+</tools>
+
+For each function call, output the function name and arguments within the following XML format:
+<tool_call>{function-name}
+<arg_key>{arg-key-1}</arg_key>
+<arg_value>{arg-value-1}</arg_value>
+<arg_key>{arg-key-2}</arg_key>
+<arg_value>{arg-value-2}</arg_value>
+...
+</tool_call>{%- endif -%}
+{%- macro visible_text(content) -%}
+    {%- if content is string -%}
+        {{- content }}
+    {%- elif content is iterable and content is not mapping -%}
+        {%- for item in content -%}
+            {%- if item is mapping and item.type == 'text' -%}
+                {{- item.text }}
+            {%- elif item is mapping and (item.type == 'image' or 'image' in item) -%}
+                <|begin_of_image|><|image|><|end_of_image|>
+            {%- elif item is mapping and (item.type == 'video' or 'video' in item) -%}
+                <|begin_of_video|><|video|><|end_of_video|>
+            {%- elif item is string -%}
+                {{- item }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{- content }}
+    {%- endif -%}
+{%- endmacro -%}
+{%- set ns = namespace(last_user_index=-1) %}
+{%- for m in messages %}
+    {%- if m.role == 'user' %}
+        {% set ns.last_user_index = loop.index0 -%}
+    {%- endif %}
+{%- endfor %}
+{% for m in messages %}
+{%- if m.role == 'user' -%}<|user|>
+{% if m.content is string %}
+{{ m.content }}
+{%- else %}
+{%- for item in m.content %}
+{% if item.type == 'video' or 'video' in item %}
+<|begin_of_video|><|video|><|end_of_video|>{% elif item.type == 'image' or 'image' in item %}
+<|begin_of_image|><|image|><|end_of_image|>{% elif item.type == 'text' %}
+{{ item.text }}
+{%- endif %}
+{%- endfor %}
+{%- endif %}
+{{- '/nothink' if (enable_thinking is defined and not enable_thinking and not visible_text(m.content).endswith("/nothink")) else '' -}}
+{%- elif m.role == 'assistant' -%}
+<|assistant|>
+{%- set reasoning_content = '' %}
+{%- set content = visible_text(m.content) %}
+{%- if m.reasoning_content is string %}
+    {%- set reasoning_content = m.reasoning_content %}
+{%- else %}
+    {%- if '</think>' in content %}
+        {%- set reasoning_content = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+        {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+    {%- endif %}
+{%- endif %}
+{%- if loop.index0 > ns.last_user_index and reasoning_content -%}
+{{ '\n<think>' + reasoning_content.strip() +  '</think>'}}
+{%- else -%}
+{{ '\n<think></think>' }}
+{%- endif -%}
+{%- if content.strip() -%}
+{{ '\n' + content.strip() }}
+{%- endif -%}
+{% if m.tool_calls %}
+{% for tc in m.tool_calls %}
+{%- if tc.function %}
+    {%- set tc = tc.function %}
+{%- endif %}
+{{ '\n<tool_call>' + tc.name }}
+{% set _args = tc.arguments %}
+{% for k, v in _args.items() %}
+<arg_key>{{ k }}</arg_key>
+<arg_value>{{ v | tojson(ensure_ascii=False) if v is not string else v }}</arg_value>
+{% endfor %}
+</tool_call>{% endfor %}
+{% endif %}
+{%- elif m.role == 'tool' -%}
+{%- if m.content is string -%}
+{%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+    {{- '<|observation|>' }}
+{%- endif %}
+{{- '\n<tool_response>\n' }}
+{{- m.content }}
+{{- '\n</tool_response>' }}
+{% elif m.content is iterable and m.content is not mapping %}
+{%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+{{- '<|observation|>' }}
+{%- endif %}
+{{- '\n<tool_response>\n' }}
+{%- for tr in m.content -%}
+  {%- if tr is mapping and tr.type is defined -%}
+    {%- set t = tr.type | lower -%}
+    {%- if t == 'text' and tr.text is defined -%}
+{{ tr.text }}
+    {%- elif t in ['image', 'image_url'] -%}
+<|begin_of_image|><|image|><|end_of_image|>
+    {%- elif t in ['video', 'video_url'] -%}
+<|begin_of_video|><|video|><|end_of_video|>
+    {%- else -%}
+{{ tr | tojson(ensure_ascii=False) }}
+    {%- endif -%}
+  {%- else -%}
+{{ tr.output if tr.output is defined else tr }}
+  {%- endif -%}
+{%- endfor -%}
+{{- '\n</tool_response>' }}
+{%- else -%}
+<|observation|>{% for tr in m.content %}
 
 <tool_response>
 {{ tr.output if tr.output is defined else tr }}
-</tool_response>{% endfor -%}""",
-    """<|observation|>
-<tool_response>{% for tr in m.content %}
-{%- if tr is mapping and (tr.type == 'image' or 'image' in tr) %}
-<|begin_of_image|><|image|><|end_of_image|>
-{%- elif tr is mapping and tr.type == 'text' %}
-{{ tr.text }}
-{%- else %}
-{{ tr.output if tr.output is defined else tr }}
-{%- endif %}
-{%- endfor %}
-</tool_response>""",
-)
+</tool_response>{% endfor -%}
+{% endif -%}
+{%- elif m.role == 'system' -%}
+<|system|>
+{{ visible_text(m.content) }}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+<|assistant|>
+{{'<think></think>\n' if (enable_thinking is defined and not enable_thinking) else ''}}
+{%- endif -%}"""  # noqa: E501 (the published file as it is, long lines and all)
+
+# GLM-OCR's published preprocessor_config.json (zai-org/GLM-OCR), the only processor file it
+# ships: no video settings (the video processor falls back to these).
+GLM_OCR_PREPROCESSOR = {
+    "size": {"shortest_edge": 12544, "longest_edge": 9633792},
+    "do_rescale": True,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "image_processor_type": "Glm46VImageProcessor",
+    "processor_class": "Glm46VProcessor",
+}
 
 FAMILIES = ("glm4v", "glm4v_moe", "glm46v", "glm_ocr", "glmga")
 
@@ -424,15 +560,16 @@ def eos_ids(tokenizer) -> list:
 def build_processor(
     tokenizer, image_kwargs=None, video_kwargs=None, chat_template=CHAT_TEMPLATE, kind="Glm4v"
 ):
-    """transformers' processor of `kind`: "Glm4v" (GLM-4.1V, GLM-4.5V) or "Glm46V" (GLM-4.6V)."""
+    """transformers' processor of `kind`: "Glm4v" (GLM-4.1V, GLM-4.5V), "Glm46V" (GLM-4.6V,
+    GLM-OCR) or "Glmga" (GLM-4.6V's processor with glmga's image and video processors, at their
+    own defaults)."""
     import transformers as tf
 
-    image_kwargs = {
-        "size": {"shortest_edge": 12544, "longest_edge": 9633792},
-        **(image_kwargs or {}),
-    }
+    size = {} if kind == "Glmga" else {"size": {"shortest_edge": 12544, "longest_edge": 9633792}}
+    image_kwargs = {**size, **(image_kwargs or {})}
     video_kwargs = dict(video_kwargs or {})
-    return getattr(tf, f"{kind}Processor")(
+    processor = "Glm46V" if kind == "Glmga" else kind
+    return getattr(tf, f"{processor}Processor")(
         image_processor=getattr(tf, f"{kind}ImageProcessor")(**image_kwargs),
         tokenizer=tokenizer,
         video_processor=getattr(tf, f"{kind}VideoProcessor")(**video_kwargs),
@@ -501,7 +638,8 @@ def build_checkpoint(
     """Write a tiny checkpoint of `family` (weights, configs, tokenizer, processor) to `path`.
 
     processor_layout "v5" is what transformers 5 saves (processor_config.json); "hub" writes the
-    published pair preprocessor_config.json + video_preprocessor_config.json.
+    published pair preprocessor_config.json + video_preprocessor_config.json; "published" (for
+    glm_ocr) GLM-OCR's own preprocessor_config.json alone.
     transformers 5 saves glm4v_moe experts one by one (the published layout) and glm46v's fused.
     Returns (torch model in float32 eval mode, transformers processor).
     """
@@ -525,13 +663,25 @@ def build_checkpoint(
         append_mtp_layer(path, model, seed)
 
     template = {"glm4v": CHAT_TEMPLATE, "glm_ocr": CHAT_TEMPLATE_OCR}.get(family, CHAT_TEMPLATE_45V)
-    processor = build_processor(
-        tokenizer, chat_template=template, kind="Glm4v" if family != "glm_ocr" else "Glm46V"
-    )
+    kind = {"glm_ocr": "Glm46V", "glmga": "Glmga"}.get(family, "Glm4v")
+    processor = build_processor(tokenizer, chat_template=template, kind=kind)
     processor.save_pretrained(path)
     if processor_layout == "hub":
         _rewrite_as_hub_layout(path, processor)
+    if processor_layout == "published":
+        processor = write_published_ocr_processor(path)
     return model, processor
+
+
+def write_published_ocr_processor(path: Path):
+    """Replace the saved processor settings by GLM-OCR's published preprocessor_config.json
+    alone; returns transformers' processor loaded back from `path` (its video processor falls
+    back to those settings)."""
+    from transformers import AutoProcessor
+
+    (path / "processor_config.json").unlink(missing_ok=True)
+    (path / "preprocessor_config.json").write_text(json.dumps(GLM_OCR_PREPROCESSOR, indent=4))
+    return AutoProcessor.from_pretrained(path)
 
 
 def mtp_tensors(model, seed: int = 0) -> dict:
@@ -602,6 +752,8 @@ def _rewrite_as_hub_layout(path: Path, processor):
         merge_size=image.merge_size,
         do_convert_rgb=True,
     )
+    if hasattr(image, "patch_expand_factor"):  # glmga's
+        common["patch_expand_factor"] = image.patch_expand_factor
     (path / "preprocessor_config.json").write_text(
         json.dumps(
             {
@@ -624,6 +776,7 @@ def _rewrite_as_hub_layout(path: Path, processor):
                 "resample": 3,
                 "fps": video.fps,
                 "max_duration": video.max_duration,
+                **({"max_frames": video.max_frames} if hasattr(video, "max_frames") else {}),
                 "do_sample_frames": True,
                 "video_processor_type": type(video).__name__,
                 "processor_class": type(processor).__name__,
@@ -634,7 +787,9 @@ def _rewrite_as_hub_layout(path: Path, processor):
     (path / "processor_config.json").unlink(missing_ok=True)
 
 
-def saved_processors(tmp_path_factory, kind: str, layouts) -> dict:
+def saved_processors(
+    tmp_path_factory, kind: str, layouts, image_kwargs=None, video_kwargs=None
+) -> dict:
     """{layout: (path, reference processor loaded back from that path)} for a tiny processor of
     `kind` (build_processor) saved as transformers 5 saves it ("v5"), as the published files
     are ("hub"), or naming no class anywhere, only config.json's model type ("model type")."""
@@ -648,7 +803,9 @@ def saved_processors(tmp_path_factory, kind: str, layouts) -> dict:
             path, special_tokens=SPECIAL_TOKENS if glm41v else SPECIAL_TOKENS_45V
         )
         template = CHAT_TEMPLATE if glm41v else CHAT_TEMPLATE_45V
-        processor = build_processor(tokenizer, chat_template=template, kind=kind)
+        processor = build_processor(
+            tokenizer, image_kwargs, video_kwargs, chat_template=template, kind=kind
+        )
         processor.save_pretrained(path)
         if layout == "hub":
             _rewrite_as_hub_layout(path, processor)

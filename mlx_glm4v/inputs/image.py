@@ -36,10 +36,14 @@ class PixelSettings:
     image_mean: tuple = CLIP_MEAN
     image_std: tuple = CLIP_STD
     rescale_factor: float = 1 / 255
+    # glmga: target sizes are multiples of patch*merge*patch_expand_factor (the patches stay
+    # patch_size wide, so the grid grows by that factor)
+    patch_expand_factor: int = 1
     fps: float = 2  # videos only: frames sampled per second
     max_duration: float = 300  # videos only: longer clips get a fixed number of frames
-    # videos only: "fixed" rate (Glm4vVideoProcessor) or "dynamic", by duration
-    # (Glm46VVideoProcessor)
+    max_frames: int = 640  # videos only (glmga): the most frames sampled from a clip
+    # videos only: "fixed" rate (Glm4vVideoProcessor), "dynamic", by duration
+    # (Glm46VVideoProcessor), or "glmga" (GlmgaVideoProcessor: `fps` up to `max_frames`)
     sampling: str = "fixed"
 
     @classmethod
@@ -52,8 +56,10 @@ class PixelSettings:
             "image_mean",
             "image_std",
             "rescale_factor",
+            "patch_expand_factor",
             "fps",
             "max_duration",
+            "max_frames",
         )
         return cls(
             min_pixels=size.get("shortest_edge", 112 * 112),
@@ -143,8 +149,9 @@ def _array_to_rgb(a: np.ndarray) -> np.ndarray:
 def smart_resize(
     num_frames: int, height: int, width: int, s: PixelSettings, max_pixels: int, name: str
 ):
-    """The reference's target (height, width): multiples of patch*merge, t*h*w within the budget."""
-    factor = s.patch_size * s.merge_size
+    """The reference's target (height, width): multiples of patch*merge (times glmga's
+    patch_expand_factor), t*h*w within the budget."""
+    factor = s.patch_size * s.merge_size * s.patch_expand_factor
     if height < factor or width < factor:
         scale = max(factor / height, factor / width)
         height, width = int(height * scale), int(width * scale)

@@ -86,7 +86,20 @@ FRAME_TIMES = {
     "Glm46VProcessor": lambda t: f"{t:.1f} seconds",
 }
 # video processor class -> how it picks frames (video.sample_frames)
-SAMPLING = {"Glm4vVideoProcessor": "fixed", "Glm46VVideoProcessor": "dynamic"}
+SAMPLING = {
+    "Glm4vVideoProcessor": "fixed",
+    "Glm46VVideoProcessor": "dynamic",
+    "GlmgaVideoProcessor": "glmga",
+}
+# video processor class -> its pixel budget when the saved settings leave it out
+VIDEO_MAX_PIXELS = {"GlmgaVideoProcessor": 28 * 28 * 2 * 55790}
+# model type -> (processor, video processor) when no file names them (transformers' auto
+# mappings: GLM-OCR's processor is GLM-4.6V's; glmga's is GLM-4.6V's with its own media ones)
+FAMILY_CLASSES = {
+    "glm46v": ("Glm46VProcessor", "Glm46VVideoProcessor"),
+    "glm_ocr": ("Glm46VProcessor", "Glm46VVideoProcessor"),
+    "glmga": ("Glm46VProcessor", "GlmgaVideoProcessor"),
+}
 
 
 def _read_json(path: Path):
@@ -354,8 +367,7 @@ def _class_names(
     """(processor class, video processor class) as transformers' AutoProcessor and
     AutoVideoProcessor find them: in the processor files, else after config.json's model type."""
     model_type = (_read_json(path / "config.json") or {}).get("model_type")
-    # GLM-OCR's processor is GLM-4.6V's (transformers' auto mapping)
-    family = "Glm46V" if model_type in ("glm46v", "glm_ocr") else "Glm4v"
+    family = FAMILY_CLASSES.get(model_type, ("Glm4vProcessor", "Glm4vVideoProcessor"))
     # the video file only without the image one
     legacy = image_file if image_file is not None else video_file
     places = (combined, legacy, _read_json(path / "tokenizer_config.json"))
@@ -366,7 +378,7 @@ def _class_names(
     video_processor = video.get("video_processor_type") or (
         from_image if from_image in SAMPLING else None
     )
-    return processor or f"{family}Processor", video_processor or f"{family}VideoProcessor"
+    return processor or family[0], video_processor or family[1]
 
 
 class Processor:
@@ -410,7 +422,9 @@ class Processor:
         image = combined.get("image_processor") or image_file or {}
         video = combined.get("video_processor") or video_file or image_file or {}
         processor_class, video_class = _class_names(path, combined, image_file, video_file, video)
-        video_settings = PixelSettings.from_dict(video, default_max_pixels=28 * 28 * 2 * 30000)
+        video_settings = PixelSettings.from_dict(
+            video, default_max_pixels=VIDEO_MAX_PIXELS.get(video_class, 28 * 28 * 2 * 30000)
+        )
         return cls(
             Tokenizer(path),
             _load_template(path),

@@ -1,6 +1,6 @@
 """Videos: decoding with PyAV and the reference's frame sampling
-(`Glm4vVideoProcessor.sample_frames`, or `Glm46VVideoProcessor.sample_frames` for GLM-4.6V
-checkpoints).
+(`Glm4vVideoProcessor.sample_frames`, `Glm46VVideoProcessor.sample_frames` for GLM-4.6V
+checkpoints, `GlmgaVideoProcessor.sample_frames` for glmga's).
 
 A video is a file path (anything FFmpeg reads: mp4, mov, mkv, webm, gif, ...) or a `Video`
 holding frames the caller decoded, with their frame rate. Only the sampled frames are converted
@@ -46,7 +46,7 @@ def sample_frames(
     indices evenly. Both are off by default.
     """
     duration = duration or round((total - 1) / video_fps) + 1
-    pick = _dynamic_fps if s.sampling == "dynamic" else _fixed_fps
+    pick = {"dynamic": _dynamic_fps, "glmga": _glmga_fps}.get(s.sampling, _fixed_fps)
     indices = list(dict.fromkeys(pick(total, video_fps, duration, s, fps)))
     if not indices:
         raise Glm4vError(
@@ -110,6 +110,35 @@ def _dynamic_fps(
             indices.append(i)
             if second >= int(duration):
                 break
+    return _spread(indices, count, total)
+
+
+def _glmga_fps(
+    total: int, video_fps: float, duration: float, s: PixelSettings, fps: float | None
+) -> list[int]:
+    """`GlmgaVideoProcessor`: `s.fps` frames a second (the reference's `fps` argument replaces
+    it), at most `s.max_frames`.
+
+    Clips with fewer frames than that repeat frames; otherwise frames are picked walking the clip
+    at that rate until a step short of its end, then spread evenly to the count as GLM-4.6V's.
+    """
+    rate = s.fps if fps is None else fps
+    count = min(int(duration * rate), s.max_frames)
+    if total < count:
+        return [math.floor(i * total / count) for i in range(count)]
+    indices, second, step, frame_time = [], 0, 1 / rate, 1 / video_fps
+    for i in range(total):
+        if i * frame_time >= second:
+            second += step
+            indices.append(i)
+            if second >= duration - step:
+                break
+    return _spread(indices, count, total)
+
+
+def _spread(indices: list[int], count: int, total: int) -> list[int]:
+    """The picked indices brought to `count`: spread over the picked span when short, over the
+    clip when over."""
     if len(indices) < count:
         start, end = (indices[0], indices[-1]) if indices else (0, total - 1)
         return np.linspace(start, end, count, dtype=int).tolist()
