@@ -688,6 +688,27 @@ def serve(
             "default: 404."
         ),
     ),
+    prompt_cache_dir: Optional[Path] = typer.Option(
+        None,
+        "--prompt-cache-dir",
+        help=(
+            "Keep prompts' KV caches in this directory too, so they outlive a restart (and keep "
+            "the key that seals reasoning there)."
+        ),
+    ),
+    prompt_cache_size: str = typer.Option(
+        "4GB",
+        "--prompt-cache-size",
+        help="Most the prompt cache directory holds (e.g. 4GB, 512MB); least recently used out.",
+    ),
+    warm_prompt: Optional[List[Path]] = typer.Option(
+        None,
+        "--warm-prompt",
+        help=(
+            "A JSON file with chat-completion `messages` (and optionally `tools`) to prefill at "
+            "start-up, so the first request that starts like it starts from its cache (repeat)."
+        ),
+    ),
     no_ui: bool = typer.Option(False, "--no-ui", help="Do not serve the chat page at /."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
     verbose: bool = VERBOSE,
@@ -701,6 +722,7 @@ def serve(
         return follow_server(group, resolve_model_name(model))
     from .server.app import ServerConfig
     from .server.app import serve as run_server
+    from .serving.disk_cache import parse_size
 
     check_limits(
         positive={
@@ -743,6 +765,9 @@ def serve(
         media=policy,
         max_output_tokens=max_output_tokens,
         answer_any_model=answer_any_model,
+        prompt_cache_dir=prompt_cache_dir,
+        prompt_cache_bytes=parse_size(prompt_cache_size),
+        warm_prompts=[read_warm_prompt(p) for p in warm_prompt or []],
     )
     run_server(
         config,
@@ -752,6 +777,17 @@ def serve(
         log_level=log_level,
         group=group,
     )
+
+
+def read_warm_prompt(path: Path) -> dict:
+    """A --warm-prompt file: a JSON object with a list of `messages` and optionally `tools`."""
+    try:
+        body = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise Glm4vError(f"--warm-prompt {path} could not be read as JSON: {e}.") from None
+    if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+        raise Glm4vError(f"--warm-prompt {path} is not a JSON object with a list of messages.")
+    return {k: body[k] for k in ("messages", "tools") if k in body}
 
 
 def check_limits(positive: dict, at_least_one: dict):

@@ -7,6 +7,9 @@ chunk grid a fresh run uses, so the reused rows are the ones that run would have
 Prompts with media turn their text with M-RoPE tables, text-only prompts with `mx.fast.rope`;
 the two round differently, so an entry serves only prompts of its own kind. Entries are dropped
 least recently used first, by bytes.
+
+With a disk tier (disk_cache.py) every kept prompt is also written to disk, and a prompt that
+starts longer like a file there than like any entry in memory reads that file back.
 """
 
 from collections import OrderedDict
@@ -56,15 +59,26 @@ class PrefixCache:
     `bytes_per_token`, by its length (the same on every rank, whatever part of the model each
     holds)."""
 
-    def __init__(self, max_bytes: int, bytes_per_token: Optional[int] = None):
+    def __init__(self, max_bytes: int, bytes_per_token: Optional[int] = None, disk=None):
         self.max_bytes = max_bytes
+        self.disk = disk  # a disk_cache.DiskCache, or None
         self.bytes_per_token = bytes_per_token
         self.entries: "OrderedDict[int, PrefixEntry]" = OrderedDict()
         self.nbytes = 0
         self._next = 0
 
     def lookup(self, ids: np.ndarray, media: list):
-        """(entry, shared token count) of the longest match, or (None, 0)."""
+        """(entry, shared token count) of the longest match in memory or, where longer, on disk;
+        or (None, 0)."""
+        best, best_n = self._lookup_memory(ids, media)
+        if self.disk is not None and best_n < len(ids):
+            entry, n = self.disk.lookup(ids, media)
+            if n > best_n:
+                self._keep(entry)
+                return entry, n
+        return best, best_n
+
+    def _lookup_memory(self, ids: np.ndarray, media: list):
         best, best_n = None, 0
         for key, entry in self.entries.items():
             n = shared_length(entry, ids, media)
@@ -74,12 +88,17 @@ class PrefixCache:
             self.entries.move_to_end(best_key)
         return best, best_n
 
+    def flush(self):
+        """Wait until every kept prompt is on disk (a disk tier's pending writes)."""
+        if self.disk is not None:
+            self.disk.flush()
+
     def store(self, ids: np.ndarray, media: list, cache):
         """Keep the prompt held by `cache` (plain KV caches only), unless an entry holds it
         already."""
         if self.max_bytes <= 0 or not all(type(c) is KVCache for c in cache):
             return
-        entry, n = self.lookup(ids, media)
+        entry, n = self._lookup_memory(ids, media)
         if entry is not None and n == len(ids):
             return
         length = len(ids)
@@ -93,7 +112,14 @@ class PrefixCache:
         )
         if nbytes > self.max_bytes:
             return
-        self.entries[self._next] = PrefixEntry(np.array(ids), media, keys, values, nbytes)
+        entry = PrefixEntry(np.array(ids), media, keys, values, nbytes)
+        self._keep(entry)
+        if self.disk is not None and not self.disk.holds(entry.ids, media):
+            self.disk.save(entry)
+
+    def _keep(self, entry: PrefixEntry):
+        self.entries[self._next] = entry
+        nbytes = entry.nbytes
         self._next += 1
         self.nbytes += nbytes
         while self.nbytes > self.max_bytes:
