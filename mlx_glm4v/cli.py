@@ -55,6 +55,12 @@ MAX_KV_SIZE = typer.Option(
     help="Rotate the KV cache at this many tokens, keeping the system prompt and media.",
 )
 KV_BITS = typer.Option(None, "--kv-bits", help="Quantize the KV cache to this many bits (2-8).")
+PROMPT_CACHE = typer.Option(
+    None,
+    "--prompt-cache",
+    "--prompt-cache-file",
+    help="Start from the KV cache `cache-prompt` saved, as far as the prompt starts like its own.",
+)
 PREFILL_STEP = typer.Option(2048, "--prefill-step-size", help="Prompt tokens per prefill chunk.")
 IGNORE_EOS = typer.Option(
     False, "--ignore-eos", help="Keep generating past end-of-sequence tokens."
@@ -417,6 +423,7 @@ def generate(
             "... for several images)."
         ),
     ),
+    prompt_cache: Optional[Path] = PROMPT_CACHE,
     verbose: bool = VERBOSE,
 ):
     """Answer one prompt about images and videos, streaming the reply.
@@ -427,12 +434,21 @@ def generate(
     from .serving import distributed
 
     group = distributed.launched()
+    if group is not None and prompt_cache is not None:
+        raise Glm4vError("--prompt-cache is for one process; leave it out under mlx.launch.")
     if group is None or group.rank() == 0:
         prompt = read_prompt(prompt)
     loaded_model, processor, load_s = load_for_cli(reply, group)
+    reuse = None
+    if prompt_cache is not None:
+        from .serving.disk_cache import prompt_file_reuse
+
+        reuse = prompt_file_reuse(
+            prompt_cache, cli_cache_key(loaded_model, reply), loaded_model.config
+        )
     if group is not None:  # rank 0's prompt, options, seed and media bytes on every rank
         prompt, reply = distributed.share_reply(group, prompt, reply)
-    responses = stream_reply(loaded_model, processor, prompt, reply)
+    responses = stream_reply(loaded_model, processor, prompt, reply, reuse)
     if group is not None:
         responses = distributed.watched(group, responses)
         if group.rank() != 0:
@@ -450,8 +466,9 @@ def generate(
         distributed.finish(group)
 
 
-def stream_reply(model, processor, prompt: str, reply: Reply):
-    """The reply's responses as they are generated, with the options the command was given."""
+def stream_reply(model, processor, prompt: str, reply: Reply, reuse=None):
+    """The reply's responses as they are generated, with the options the command was given
+    (`reuse`: a kept prefix to start from, see `generate.prefill`)."""
     from .generation.generate import stream_generate
 
     return stream_generate(
@@ -462,8 +479,67 @@ def stream_reply(model, processor, prompt: str, reply: Reply):
         reply.videos,
         system=reply.system,
         seed=reply.seed,
+        reuse=reuse,
         **reply.settings,
     )
+
+
+def cli_cache_key(model, reply: Reply):
+    """What a prompt cache file of generate's must have been made with: these weights, their
+    dtype and the prefill chunk (its KV is plain; --kv-bits quantizes only after the prompt)."""
+    from .checkpoints.loader import resolve
+    from .serving.disk_cache import CacheKey
+
+    return CacheKey.of(model, resolve(reply.model), reply.settings["prefill_step_size"])
+
+
+@app.command("cache-prompt")
+@friendly_errors
+@reply_options(default_max_tokens=1)
+def cache_prompt(
+    reply: Reply,
+    prompt: str = typer.Option(
+        ..., "--prompt", "-p", help="The user message; - reads it from standard input."
+    ),
+    prompt_cache_file: Path = typer.Option(
+        ...,
+        "--prompt-cache-file",
+        "--prompt-cache",
+        help="Where to save the prompt's KV cache (safetensors).",
+    ),
+    verbose: bool = VERBOSE,
+):
+    """Run a prompt (its system prompt, images and videos too) once and save its KV cache, so that
+    `generate --prompt-cache FILE` with a prompt that starts the same way starts from it (as
+    mlx-lm's cache_prompt)."""
+    import dataclasses
+
+    from .serving import distributed
+    from .serving.disk_cache import save_prompt_file
+
+    if distributed.launched() is not None:
+        raise Glm4vError("cache-prompt runs in one process; leave out mlx.launch.")
+    if reply.settings["max_kv_size"] is not None or reply.settings["kv_bits"] is not None:
+        raise Glm4vError(
+            "a prompt cache file holds a plain KV cache: leave out --max-kv-size and --kv-bits."
+        )
+    prompt = read_prompt(prompt)
+    loaded_model, processor, load_s = load_for_cli(reply)
+    ran = {}
+
+    def keep(inputs, cache):  # the prompt and its cache, run from the start
+        ran.update(inputs=inputs, cache=cache)
+        return 0
+
+    once = dataclasses.replace(reply, settings={**reply.settings, "max_tokens": 1})
+    for _ in stream_reply(loaded_model, processor, prompt, once, keep):
+        pass
+    key = cli_cache_key(loaded_model, reply)
+    path = save_prompt_file(
+        prompt_cache_file, key, loaded_model.config, ran["inputs"], ran["cache"]
+    )
+    n = int(ran["inputs"]["input_ids"].shape[-1])
+    typer.echo(f"saved the KV cache of the prompt's {n} tokens to {path}", err=True)
 
 
 def read_reply(responses) -> tuple:

@@ -2,7 +2,10 @@
 damaged and foreign files skipped, the size cap, media told apart by pixels, sealed reasoning
 that opens after a restart."""
 
+import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -240,3 +243,73 @@ def test_a_new_directory_gets_a_private_key(tmp_path):
     assert neutral.unseal(sealed) is None  # another server's
     neutral.use_key_in(tmp_path / "k")
     assert neutral.unseal(sealed) == "thought"  # the same directory's key again
+
+
+# ---- prompt cache files: cache-prompt, generate --prompt-cache ----------------------------------
+
+
+def cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_glm4v", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_a_prompt_cache_file_round_trip(glm4v_checkpoint, glm4v_moe_checkpoint, tmp_path):
+    """generate from a file cache-prompt saved prints the plain run's bytes, with the prompt's
+    shared part not run again; a file of another model is refused in one sentence."""
+    image = tmp_path / "a.png"
+    picture(112, 140, 7).save(image)
+    model = str(glm4v_checkpoint[0])
+    common = ["--model", model, "--image", str(image), "--system", "Look carefully. " * 20]
+    saved = tmp_path / "prompt.safetensors"
+    made = cli(
+        "cache-prompt", *common, "--prompt", "What is it?", "--prompt-cache-file", str(saved)
+    )
+    assert made.returncode == 0, made.stderr
+    ask = [*common, "--prompt", "What is it, then?", "--max-tokens", "8", "--json"]
+    plain = cli("generate", *ask)
+    cached = cli("generate", *ask, "--prompt-cache", str(saved))
+    assert plain.returncode == 0 and cached.returncode == 0, cached.stderr
+    assert json.loads(cached.stdout)["text"] == json.loads(plain.stdout)["text"]
+    # the same run, in process, counts what the file held
+    from mlx_glm4v.checkpoints.loader import load
+    from mlx_glm4v.cli import Reply, cli_cache_key
+    from mlx_glm4v.generation.generate import stream_generate
+    from mlx_glm4v.serving.disk_cache import prompt_file_reuse
+
+    loaded, processor = load(model)
+    reply = Reply(model, [str(image)], [], None, None, {"prefill_step_size": 2048})
+    reuse = prompt_file_reuse(saved, cli_cache_key(loaded, reply), loaded.config)
+    held = []
+
+    def counted(inputs, cache):
+        held.append(reuse(inputs, cache))
+        return held[-1]
+
+    for _ in stream_generate(
+        loaded,
+        processor,
+        "What is it, then?",
+        [str(image)],
+        system="Look carefully. " * 20,
+        max_tokens=1,
+        reuse=counted,
+    ):
+        pass
+    assert held[0] > 100  # the system prompt and the image at least
+    # another model's file
+    other = cli(
+        "generate",
+        "--model",
+        str(glm4v_moe_checkpoint[0]),
+        "--prompt",
+        "Hi",
+        "--prompt-cache",
+        str(saved),
+    )
+    assert other.returncode == 1 and "Traceback" not in other.stderr
+    assert other.stderr.strip().count("\n") == 0
+    assert "cannot be used: it was made with another model" in other.stderr
+    # another prefill chunk changes the bits too
+    chunk = cli("generate", *ask, "--prefill-step-size", "64", "--prompt-cache", str(saved))
+    assert chunk.returncode == 1 and "prefill_chunk" in chunk.stderr

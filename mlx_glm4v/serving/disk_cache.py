@@ -29,7 +29,9 @@ from mlx.utils import tree_flatten
 
 from ..checkpoints.loader import weight_files
 from ..errors import Glm4vError
-from .prefix import PrefixEntry, shared_length
+from ..models.media import media_items
+from ..models.mlxlm import KVCache
+from .prefix import PrefixCache, PrefixEntry, media_marks, shared_length
 
 log = logging.getLogger(__name__)
 
@@ -297,6 +299,58 @@ class DiskCache:
             with self._lock:
                 self.entries = [e for e in self.entries if e.path != file]
             log.info("prompt cache: %s dropped (least recently used)", file.name)
+
+
+# ---- one prompt in a file of its own: `cache-prompt`, `generate --prompt-cache` -----------------
+
+
+def prompt_of(config, inputs: dict):
+    """(token ids, media marks) of processor outputs for one prompt."""
+    ids = np.asarray(inputs["input_ids"]).reshape(-1)
+    items = media_items(
+        inputs.get("pixel_values"),
+        inputs.get("image_grid_thw"),
+        inputs.get("pixel_values_videos"),
+        inputs.get("video_grid_thw"),
+    )
+    return ids, media_marks(config, ids, items)
+
+
+def save_prompt_file(path, key: CacheKey, config, inputs: dict, cache) -> Path:
+    """Write the prompt of `inputs`, run into `cache` (plain KV caches), to `path`."""
+    if not all(type(c) is KVCache for c in cache):
+        raise Glm4vError("a prompt cache file holds a plain KV cache: leave out --kv-bits.")
+    ids, marks = prompt_of(config, inputs)
+    n = len(ids)
+    keys = [c.keys[..., :n, :] for c in cache]
+    values = [c.values[..., :n, :] for c in cache]
+    mx.eval(keys, values)
+    entry = PrefixEntry(ids, marks, keys, values, sum(a.nbytes for a in keys + values))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_entry(path.parent, entry, key, path)
+
+
+def prompt_file_reuse(path, key: CacheKey, config):
+    """A `reuse(inputs, cache)` for generate: the part of a prompt that the prompt cache file at
+    `path` holds put into the cache. The file is read and checked now: a file made by another
+    model or other settings, or no prompt cache at all, is refused in one sentence."""
+    try:
+        entry = read_entry(Path(path), key, check_name=False)
+    except OSError as e:
+        raise Glm4vError(f"--prompt-cache {path} could not be read: {e.strerror}.") from None
+    except ValueError as e:
+        raise Glm4vError(f"--prompt-cache {path} cannot be used: {e}.") from None
+
+    def reuse(inputs: dict, cache) -> int:
+        if not all(type(c) is KVCache for c in cache):
+            raise Glm4vError("--prompt-cache needs a plain KV cache: leave out --max-kv-size.")
+        n = shared_length(entry, *prompt_of(config, inputs))
+        if n:
+            PrefixCache.restore(entry, n, cache)
+        return n
+
+    return reuse
 
 
 def parse_size(text: str) -> int:
