@@ -21,20 +21,24 @@ FILES = "*-*.safetensors"
 FOX = {"name": TOOL["name"], "description": TOOL["description"], "input_schema": TOOL["parameters"]}
 
 
+def messages(image, text):
+    return [
+        {"role": "system", "content": "You look at pictures carefully. " * 8},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": image}},
+                {"type": "text", "text": text},
+            ],
+        },
+    ]
+
+
 def ask(server, image, text="Describe it."):
     """A greedy request with one image; (reply content, usage)."""
     body = {
         "model": server.model,
-        "messages": [
-            {"role": "system", "content": "You look at pictures carefully. " * 8},
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": image}},
-                    {"type": "text", "text": text},
-                ],
-            },
-        ],
+        "messages": messages(image, text),
         "max_tokens": 6,
         "temperature": 0,
     }
@@ -142,25 +146,39 @@ def read_metadata_key(file):
     return read_metadata(file)["key"]
 
 
-def test_a_tiny_cap_keeps_the_most_recent_prompt(glm4v_checkpoint, cold, tmp_path):
+def test_a_warm_prompt_and_a_tiny_cap(glm4v_checkpoint, cold, tmp_path):
+    """--warm-prompt prefills at start-up (the first request like it reads it whole); a cap with
+    room for one prompt keeps the most recently used."""
     good = cold[1]
     cap = good.stat().st_size * 3 // 2  # room for one prompt, not two
     capped = tmp_path / "cache"
+    warm = tmp_path / "warm.json"
+    warm.write_text(json.dumps({"messages": messages(IMAGE_A, "One.")}))
     server = Server(
         glm4v_checkpoint[0],
-        ["--prompt-cache-dir", str(capped), "--prompt-cache-size", str(cap)],
+        [
+            *("--prompt-cache-dir", str(capped), "--prompt-cache-size", str(cap)),
+            *("--warm-prompt", str(warm)),
+        ],
         tmp_path / "4.log",
     )
     try:
-        ask(server, IMAGE_A, "One.")
         written(server, 1)
         (first,) = cache_files(capped)
+        _, usage = ask(server, IMAGE_A, "One.")
+        assert usage["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"] - 1
         ask(server, IMAGE_A, "Two, please.")
         written(server, 2)
         files = cache_files(capped)
         assert len(files) == 1 and files != [first]
     finally:
         server.close()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"messages": "hi"}')
+    out = cli("serve", "--model", str(glm4v_checkpoint[0]), "--warm-prompt", str(bad))
+    assert out.returncode == 1 and "is not a JSON object with a list of messages" in out.stderr
+    out = cli("serve", "--model", str(glm4v_checkpoint[0]), "--prompt-cache-size", "lots")
+    assert out.returncode == 1 and "is not a size such as 4GB" in out.stderr
 
 
 def test_sealed_reasoning_opens_after_a_restart(glm4v_moe_checkpoint, tmp_path):
