@@ -434,18 +434,11 @@ def generate(
     from .serving import distributed
 
     group = distributed.launched()
-    if group is not None and prompt_cache is not None:
-        raise Glm4vError("--prompt-cache is for one process; leave it out under mlx.launch.")
+    check_prompt_cache(prompt_cache, reply, group)
     if group is None or group.rank() == 0:
         prompt = read_prompt(prompt)
     loaded_model, processor, load_s = load_for_cli(reply, group)
-    reuse = None
-    if prompt_cache is not None:
-        from .serving.disk_cache import prompt_file_reuse
-
-        reuse = prompt_file_reuse(
-            prompt_cache, cli_cache_key(loaded_model, reply), loaded_model.config
-        )
+    reuse = prompt_cache_reuse(prompt_cache, loaded_model, reply)
     if group is not None:  # rank 0's prompt, options, seed and media bytes on every rank
         prompt, reply = distributed.share_reply(group, prompt, reply)
     responses = stream_reply(loaded_model, processor, prompt, reply, reuse)
@@ -482,6 +475,25 @@ def stream_reply(model, processor, prompt: str, reply: Reply, reuse=None):
         reuse=reuse,
         **reply.settings,
     )
+
+
+def check_prompt_cache(prompt_cache: Optional[Path], reply: Reply, group):
+    """--prompt-cache's limits, before a model is read."""
+    if prompt_cache is None:
+        return
+    if group is not None:
+        raise Glm4vError("--prompt-cache is for one process; leave it out under mlx.launch.")
+    if reply.settings["max_kv_size"] is not None:
+        raise Glm4vError("--prompt-cache needs a plain KV cache: leave out --max-kv-size.")
+
+
+def prompt_cache_reuse(prompt_cache: Optional[Path], model, reply: Reply):
+    """What puts the prompt cache file's prefix into a prompt's cache (None without a file)."""
+    if prompt_cache is None:
+        return None
+    from .serving.disk_cache import prompt_file_reuse
+
+    return prompt_file_reuse(prompt_cache, cli_cache_key(model, reply), model.config)
 
 
 def cli_cache_key(model, reply: Reply):
@@ -623,6 +635,7 @@ def chat(
     hide_thinking: bool = typer.Option(
         False, "--hide-thinking", help="Do not show the model's thinking."
     ),
+    prompt_cache: Optional[Path] = PROMPT_CACHE,
     verbose: bool = VERBOSE,
 ):
     """Chat about images and videos in the terminal. /image PATH, /video PATH, /reset, /help,
@@ -633,7 +646,9 @@ def chat(
     from .terminal import run_chat
 
     group = distributed.launched()
+    check_prompt_cache(prompt_cache, reply, group)
     loaded_model, processor, _ = load_for_cli(reply, group)
+    reuse = prompt_cache_reuse(prompt_cache, loaded_model, reply)
     if group is not None:
         reply = distributed.share_options(group, reply)
     if reply.seed is not None:
@@ -649,6 +664,7 @@ def chat(
         settings=reply.settings,
         hide_thinking=hide_thinking,
         group=group,
+        reuse=reuse,
     )
     if group is not None:
         distributed.share_turn(group, "exit")

@@ -266,9 +266,13 @@ def test_a_new_directory_gets_a_private_key(tmp_path):
 # ---- prompt cache files: cache-prompt, generate --prompt-cache ----------------------------------
 
 
-def cli(*args):
+def cli(*args, input=None):
     return subprocess.run(
-        [sys.executable, "-m", "mlx_glm4v", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "mlx_glm4v", *args],
+        capture_output=True,
+        text=True,
+        input=input,
+        timeout=300,
     )
 
 
@@ -315,6 +319,26 @@ def test_a_prompt_cache_file_round_trip(glm4v_checkpoint, glm4v_moe_checkpoint, 
     ):
         pass
     assert held[0] > 100  # the system prompt and the image at least
+    # chat: the first turn starts from the file, later turns from the session's own cache
+    from mlx_glm4v.generation.chat import ChatSession
+
+    turns = {}
+    for name, hook in (("plain", None), ("cached", counted)):
+        session = ChatSession(
+            loaded, processor, "Look carefully. " * 20, hook, max_tokens=6, temp=0.0
+        )
+        turns[name] = [
+            "".join(r.text for r in session.ask("What is it, then?", [str(image)])),
+            "".join(r.text for r in session.ask("And its colour?")),
+        ]
+    assert turns["cached"] == turns["plain"] and held[-1] == held[0]
+    typed = "What is it, then?\n"
+    plain_chat = cli("chat", *common, "--max-tokens", "6", input=typed)
+    cached_chat = cli(
+        "chat", *common, "--max-tokens", "6", "--prompt-cache", str(saved), input=typed
+    )
+    assert plain_chat.returncode == 0 and cached_chat.returncode == 0, cached_chat.stderr
+    assert cached_chat.stdout == plain_chat.stdout and plain_chat.stdout.strip()
     # another model's file
     other = cli(
         "generate",
