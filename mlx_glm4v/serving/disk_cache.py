@@ -235,7 +235,8 @@ class DiskCache:
             try:
                 entry = read_entry(disk.path, self.key)
             except (OSError, ValueError) as e:
-                self._skip(disk.path, e)
+                if not isinstance(e, FileNotFoundError):  # gone: dropped or superseded meanwhile
+                    self._skip(disk.path, e)
                 with self._lock:
                     if disk in self.entries:
                         self.entries.remove(disk)
