@@ -147,10 +147,10 @@ def read_metadata_key(file):
 
 
 def test_a_warm_prompt_and_a_tiny_cap(glm4v_checkpoint, cold, tmp_path):
-    """--warm-prompt prefills at start-up (the first request like it reads it whole); a cap with
-    room for one prompt keeps the most recently used."""
+    """--warm-prompt prefills at start-up (a request like it reads it whole); a cap with room
+    for two prompts keeps the two most recently used."""
     good = cold[1]
-    cap = good.stat().st_size * 3 // 2  # room for one prompt, not two
+    cap = good.stat().st_size * 5 // 2  # room for two prompts, not three
     capped = tmp_path / "cache"
     warm = tmp_path / "warm.json"
     warm.write_text(json.dumps({"messages": messages(IMAGE_A, "One.")}))
@@ -165,12 +165,16 @@ def test_a_warm_prompt_and_a_tiny_cap(glm4v_checkpoint, cold, tmp_path):
     try:
         written(server, 1)
         (first,) = cache_files(capped)
-        _, usage = ask(server, IMAGE_A, "One.")
-        assert usage["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"] - 1
         ask(server, IMAGE_A, "Two, please.")
         written(server, 2)
+        (second,) = set(cache_files(capped)) - {first}
+        # the warm prompt again, from memory: its file is used too
+        _, usage = ask(server, IMAGE_A, "One.")
+        assert usage["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"] - 1
+        ask(server, IMAGE_A, "Three, at last.")
+        written(server, 3)
         files = cache_files(capped)
-        assert len(files) == 1 and files != [first]
+        assert len(files) == 2 and first in files and second not in files
     finally:
         server.close()
     bad = tmp_path / "bad.json"

@@ -241,10 +241,19 @@ class DiskCache:
                     if disk in self.entries:
                         self.entries.remove(disk)
                 continue
-            os.utime(disk.path)  # recently used
+            self.touch(disk.path)
+            entry.path = disk.path
             self.reads += 1
             self.read_tokens += n
             return entry, n
+
+    @staticmethod
+    def touch(path):
+        """Mark a file used now (its modification time is its place in the LRU order)."""
+        try:
+            os.utime(path)
+        except OSError:
+            pass  # dropped meanwhile
 
     def holds(self, ids: np.ndarray, media) -> bool:
         """Whether a file holds this whole prompt (from the index, no file read)."""
@@ -271,6 +280,7 @@ class DiskCache:
 
     def _write(self, entry: PrefixEntry):
         path = write_entry(self.directory, entry, self.key)
+        entry.path = path
         self.writes += 1
         new = DiskEntry(path, entry.ids, entry.media)
         with self._lock:

@@ -31,6 +31,7 @@ class PrefixEntry:
     keys: list  # per layer [1, heads, L, dim]
     values: list
     nbytes: int
+    path: Optional[str] = None  # its disk tier file, once written (disk_cache.py)
 
 
 def media_marks(config, ids: np.ndarray, items: list):
@@ -86,6 +87,8 @@ class PrefixCache:
                 best, best_n, best_key = entry, n, key
         if best is not None:
             self.entries.move_to_end(best_key)
+            if self.disk is not None and best.path is not None:
+                self.disk.touch(best.path)  # used: the last to leave the disk too
         return best, best_n
 
     def flush(self):
