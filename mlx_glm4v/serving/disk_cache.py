@@ -110,8 +110,11 @@ def read_metadata(file: Path) -> dict:
 
 
 def file_digest(file: Path) -> str:
+    h = hashlib.sha256()
     with open(file, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_entry(directory: Path, entry: PrefixEntry, key: CacheKey, path: Optional[Path] = None):
