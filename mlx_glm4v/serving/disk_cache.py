@@ -105,8 +105,7 @@ def read_header_bytes(file: Path) -> bytes:
 def read_metadata(file: Path) -> dict:
     """The file's own metadata (what `write_entry` put there), from its header alone."""
     header = json.loads(read_header_bytes(file))
-    meta = json.loads(header["__metadata__"]["mlx_glm4v"])
-    return meta
+    return json.loads(header["__metadata__"]["mlx_glm4v"])
 
 
 def file_digest(file: Path) -> str:
