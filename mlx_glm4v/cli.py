@@ -55,6 +55,12 @@ MAX_KV_SIZE = typer.Option(
     help="Rotate the KV cache at this many tokens, keeping the system prompt and media.",
 )
 KV_BITS = typer.Option(None, "--kv-bits", help="Quantize the KV cache to this many bits (2-8).")
+PROMPT_CACHE = typer.Option(
+    None,
+    "--prompt-cache",
+    "--prompt-cache-file",
+    help="Start from the KV cache `cache-prompt` saved, as far as the prompt starts like its own.",
+)
 PREFILL_STEP = typer.Option(2048, "--prefill-step-size", help="Prompt tokens per prefill chunk.")
 IGNORE_EOS = typer.Option(
     False, "--ignore-eos", help="Keep generating past end-of-sequence tokens."
@@ -440,6 +446,7 @@ def generate(
             "... for several images)."
         ),
     ),
+    prompt_cache: Optional[Path] = PROMPT_CACHE,
     verbose: bool = VERBOSE,
 ):
     """Answer one prompt about images and videos, streaming the reply.
@@ -450,12 +457,14 @@ def generate(
     from .serving import distributed
 
     group = distributed.launched()
+    check_prompt_cache(prompt_cache, reply, group)
     if group is None or group.rank() == 0:
         prompt = read_prompt(prompt)
     loaded_model, processor, load_s = load_for_cli(reply, group)
+    reuse = prompt_cache_reuse(prompt_cache, loaded_model, reply)
     if group is not None:  # rank 0's prompt, options, seed and media bytes on every rank
         prompt, reply = distributed.share_reply(group, prompt, reply)
-    responses = stream_reply(loaded_model, processor, prompt, reply)
+    responses = stream_reply(loaded_model, processor, prompt, reply, reuse)
     if group is not None:
         responses = distributed.watched(group, responses)
         if group.rank() != 0:
@@ -473,8 +482,9 @@ def generate(
         distributed.finish(group)
 
 
-def stream_reply(model, processor, prompt: str, reply: Reply):
-    """The reply's responses as they are generated, with the options the command was given."""
+def stream_reply(model, processor, prompt: str, reply: Reply, reuse=None):
+    """The reply's responses as they are generated, with the options the command was given
+    (`reuse`: a kept prefix to start from, see `generate.prefill`)."""
     from .generation.generate import stream_generate
 
     return stream_generate(
@@ -485,8 +495,91 @@ def stream_reply(model, processor, prompt: str, reply: Reply):
         reply.videos,
         system=reply.system,
         seed=reply.seed,
+        reuse=reuse,
         **reply.settings,
     )
+
+
+def check_prompt_cache(prompt_cache: Optional[Path], reply: Reply, group):
+    """--prompt-cache's limits, before a model is read."""
+    if prompt_cache is None:
+        return
+    if group is not None:
+        raise Glm4vError("--prompt-cache is for one process; leave it out under mlx.launch.")
+    if reply.settings["max_kv_size"] is not None:
+        raise Glm4vError("--prompt-cache needs a plain KV cache: leave out --max-kv-size.")
+
+
+def prompt_cache_reuse(prompt_cache: Optional[Path], model, reply: Reply):
+    """What puts the prompt cache file's prefix into a prompt's cache (None without a file)."""
+    if prompt_cache is None:
+        return None
+    from .serving.disk_cache import prompt_file_reuse
+
+    return prompt_file_reuse(prompt_cache, cli_cache_key(model, reply), model.config)
+
+
+def cli_cache_key(model, reply: Reply):
+    """What a prompt cache file of generate's must have been made with: these weights, their
+    dtype, the adapter and the prefill chunk (its KV is plain; --kv-bits quantizes only after
+    the prompt)."""
+    from .checkpoints.adapters import read_adapter
+    from .checkpoints.loader import resolve
+    from .serving.disk_cache import CacheKey
+
+    adapter = read_adapter(reply.adapter).digest if reply.adapter else ""
+    return CacheKey.of(
+        model, resolve(reply.model), reply.settings["prefill_step_size"], adapter=adapter
+    )
+
+
+@app.command("cache-prompt")
+@friendly_errors
+@reply_options(default_max_tokens=1)
+def cache_prompt(
+    reply: Reply,
+    prompt: str = typer.Option(
+        ..., "--prompt", "-p", help="The user message; - reads it from standard input."
+    ),
+    prompt_cache_file: Path = typer.Option(
+        ...,
+        "--prompt-cache-file",
+        "--prompt-cache",
+        help="Where to save the prompt's KV cache (safetensors).",
+    ),
+    verbose: bool = VERBOSE,
+):
+    """Run a prompt (its system prompt, images and videos too) once and save its KV cache, so that
+    `generate --prompt-cache FILE` with a prompt that starts the same way starts from it (as
+    mlx-lm's cache_prompt)."""
+    import dataclasses
+
+    from .serving import distributed
+    from .serving.disk_cache import save_prompt_file
+
+    if distributed.launched() is not None:
+        raise Glm4vError("cache-prompt runs in one process; leave out mlx.launch.")
+    if reply.settings["max_kv_size"] is not None or reply.settings["kv_bits"] is not None:
+        raise Glm4vError(
+            "a prompt cache file holds a plain KV cache: leave out --max-kv-size and --kv-bits."
+        )
+    prompt = read_prompt(prompt)
+    loaded_model, processor, load_s = load_for_cli(reply)
+    ran = {}
+
+    def keep(inputs, cache):  # the prompt and its cache, run from the start
+        ran.update(inputs=inputs, cache=cache)
+        return 0
+
+    once = dataclasses.replace(reply, settings={**reply.settings, "max_tokens": 1})
+    for _ in stream_reply(loaded_model, processor, prompt, once, keep):
+        pass
+    key = cli_cache_key(loaded_model, reply)
+    path = save_prompt_file(
+        prompt_cache_file, key, loaded_model.config, ran["inputs"], ran["cache"]
+    )
+    n = int(ran["inputs"]["input_ids"].shape[-1])
+    typer.echo(f"saved the KV cache of the prompt's {n} tokens to {path}", err=True)
 
 
 def read_reply(responses) -> tuple:
@@ -570,6 +663,7 @@ def chat(
     hide_thinking: bool = typer.Option(
         False, "--hide-thinking", help="Do not show the model's thinking."
     ),
+    prompt_cache: Optional[Path] = PROMPT_CACHE,
     verbose: bool = VERBOSE,
 ):
     """Chat about images and videos in the terminal. /image PATH, /video PATH, /reset, /help,
@@ -580,7 +674,9 @@ def chat(
     from .terminal import run_chat
 
     group = distributed.launched()
+    check_prompt_cache(prompt_cache, reply, group)
     loaded_model, processor, _ = load_for_cli(reply, group)
+    reuse = prompt_cache_reuse(prompt_cache, loaded_model, reply)
     if group is not None:
         reply = distributed.share_options(group, reply)
     if reply.seed is not None:
@@ -596,6 +692,7 @@ def chat(
         settings=reply.settings,
         hide_thinking=hide_thinking,
         group=group,
+        reuse=reuse,
     )
     if group is not None:
         distributed.share_turn(group, "exit")
@@ -720,6 +817,27 @@ def serve(
         ),
     ),
     adapter: Optional[str] = ADAPTER,
+    prompt_cache_dir: Optional[Path] = typer.Option(
+        None,
+        "--prompt-cache-dir",
+        help=(
+            "Keep prompts' KV caches in this directory too, so they outlive a restart (and keep "
+            "the key that seals reasoning there)."
+        ),
+    ),
+    prompt_cache_size: str = typer.Option(
+        "4GB",
+        "--prompt-cache-size",
+        help="Most the prompt cache directory holds (e.g. 4GB, 512MB); least recently used out.",
+    ),
+    warm_prompt: Optional[List[Path]] = typer.Option(
+        None,
+        "--warm-prompt",
+        help=(
+            "A JSON file with chat-completion `messages` (and optionally `tools`) to prefill at "
+            "start-up, so the first request that starts like it starts from its cache (repeat)."
+        ),
+    ),
     no_ui: bool = typer.Option(False, "--no-ui", help="Do not serve the chat page at /."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
     verbose: bool = VERBOSE,
@@ -736,6 +854,7 @@ def serve(
         return follow_server(group, resolve_model_name(model))
     from .server.app import ServerConfig
     from .server.app import serve as run_server
+    from .serving.disk_cache import parse_size
 
     check_limits(
         positive={
@@ -782,6 +901,9 @@ def serve(
         answer_any_model=answer_any_model,
         drain_timeout=drain_timeout,
         adapter=adapter,
+        prompt_cache_dir=prompt_cache_dir,
+        prompt_cache_bytes=parse_size(prompt_cache_size),
+        warm_prompts=[read_warm_prompt(p) for p in warm_prompt or []],
     )
     run_server(
         config,
@@ -791,6 +913,17 @@ def serve(
         log_level=log_level,
         group=group,
     )
+
+
+def read_warm_prompt(path: Path) -> dict:
+    """A --warm-prompt file: a JSON object with a list of `messages` and optionally `tools`."""
+    try:
+        body = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise Glm4vError(f"--warm-prompt {path} could not be read as JSON: {e}.") from None
+    if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+        raise Glm4vError(f"--warm-prompt {path} is not a JSON object with a list of messages.")
+    return {k: body[k] for k in ("messages", "tools") if k in body}
 
 
 def check_limits(positive: dict, at_least_one: dict):

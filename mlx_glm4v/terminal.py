@@ -295,12 +295,14 @@ def run_chat(
     settings=None,
     hide_thinking=False,
     group=None,
+    reuse=None,
 ):
     """The REPL of `mlx-glm4v chat`, until /exit or end of input; under mlx.launch (`group`, on
-    rank 0) every turn also runs on the other ranks (`distributed.SharedSession`)."""
+    rank 0) every turn also runs on the other ranks (`distributed.SharedSession`). `reuse`: a
+    prompt cache file's prefix to start from (see `ChatSession`)."""
     from .generation.chat import ChatSession
 
-    session = ChatSession(model, processor, system, **(settings or {}))
+    session = ChatSession(model, processor, system, reuse, **(settings or {}))
     if group is not None:
         from .serving.distributed import SharedSession
 

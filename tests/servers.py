@@ -29,7 +29,9 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.key = key
         self.log_path = log_path
-        env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        # this checkout first; what the caller's PYTHONPATH adds (packages installed aside) after
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+        env = {**os.environ, "PYTHONPATH": path, **(env or {})}
         env.pop("MLX_GLM4V_API_KEY", None)
         self.log = open(log_path, "w")
         self.process = subprocess.Popen(

@@ -577,8 +577,9 @@ def build_processor(
     )
 
 
-def model_class_and_config(family: str, tokenizer):
-    """transformers' model class and config of a tiny checkpoint of `family` (see FAMILIES)."""
+def model_class_and_config(family: str, tokenizer, text_overrides=None):
+    """transformers' model class and config of a tiny checkpoint of `family` (see FAMILIES);
+    `text_overrides` change the text model's shape (a benchmark's larger model)."""
     import transformers as tf
 
     vocab, pad, eos = (
@@ -589,7 +590,9 @@ def model_class_and_config(family: str, tokenizer):
     ids = token_ids(tokenizer)
     if family == "glm4v":
         config = tf.Glm4vConfig(
-            text_config=text_config(vocab, pad, eos), vision_config=vision_config(), **ids
+            text_config=text_config(vocab, pad, eos, **(text_overrides or {})),
+            vision_config=vision_config(),
+            **ids,
         )
         return tf.Glm4vForConditionalGeneration, config
     if family == "glm4v_moe":
@@ -634,6 +637,7 @@ def build_checkpoint(
     family: str = "glm4v",
     words=(),
     vocab_size: int = 320,
+    text_overrides=None,
 ):
     """Write a tiny checkpoint of `family` (weights, configs, tokenizer, processor) to `path`.
 
@@ -652,7 +656,7 @@ def build_checkpoint(
     specials = SPECIAL_TOKENS if glm41v else SPECIAL_TOKENS_45V
     tokenizer = build_tokenizer(path, vocab_size, special_tokens=specials, words=words)
     pad, eos = tokenizer.convert_tokens_to_ids("<|endoftext|>"), eos_ids(tokenizer)
-    model_class, config = model_class_and_config(family, tokenizer)
+    model_class, config = model_class_and_config(family, tokenizer, text_overrides)
     torch.manual_seed(seed)
     model = model_class(config).eval()
     perturb_(model, seed)

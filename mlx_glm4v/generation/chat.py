@@ -64,9 +64,17 @@ class ChatSession:
     """
 
     def __init__(
-        self, model: Model, processor: Processor, system: Optional[str] = None, **settings
+        self,
+        model: Model,
+        processor: Processor,
+        system: Optional[str] = None,
+        reuse=None,
+        **settings,
     ):
         self.model, self.processor, self.system = model, processor, system
+        # puts a kept prefix (a prompt cache file's) into a turn's cache when none of it is
+        # reused from the session's own: `reuse(inputs, cache)`, see generate.prefill
+        self.reuse = reuse
         self.settings = GenerationSettings(**{"max_tokens": 1024, **settings})
         self.cache: Optional[PromptCache] = None
         self.cache_ids: list = []  # the tokens the cache holds, in order
@@ -117,6 +125,7 @@ class ChatSession:
                 stop=self.settings.stop,
                 vision_memo=self.vision_memo,
                 progress=progress,
+                reuse=self.reuse if common == 0 else None,
                 **self.settings.step_options(self.processor, self.model),
             ):
                 reply.append(response)

@@ -70,14 +70,21 @@ class GenerationResponse:
 
 
 def prefill(
-    model: Model, prompt: Prompt, cache: PromptCache, step_size: int = 2048, progress=None
+    model: Model,
+    prompt: Prompt,
+    cache: PromptCache,
+    step_size: int = 2048,
+    progress=None,
+    reuse=None,
 ) -> mx.array:
     """Run a prompt into the cache in chunks of `step_size` tokens; logits [B, vocab] of its last
     token.
 
     Chunks bound the memory of long prompts (a minute of video is thousands of tokens): the
     cache is evaluated and MLX's buffer cache released between them. `progress("prefill",
-    done, total)`, if given, is called before each chunk.
+    done, total)`, if given, is called before each chunk. `reuse(cache)`, if given, puts a kept
+    prefix of the prompt into the (recorded, empty) cache and returns its length; the rest runs
+    in the chunks a fresh run would end where they end.
     """
     cache.record(prompt)
     if prompt.positions is not None:
@@ -85,8 +92,10 @@ def prefill(
         # decoder starts (and, loaded lazily, before its weights are read).
         mx.eval(prompt.embeds)
     length = prompt.length
-    for start in range(0, length, step_size):
-        end = min(start + step_size, length)
+    done = min(reuse(cache), length - 1) if reuse is not None else 0
+    for start in range(done - done % step_size, length, step_size):
+        start = max(start, done)
+        end = min(start - start % step_size + step_size, length)
         if progress is not None:
             progress("prefill", start, length)
         hidden = model.forward(prompt, cache, start, end, last_only=end == length)
@@ -111,6 +120,7 @@ def generate_step(
     grammar=None,
     vision_memo=None,
     progress=None,
+    reuse=None,
 ) -> Iterator[tuple]:
     """Yield (token id, log-probabilities) for a prompt given as processor outputs (batch of one).
 
@@ -118,7 +128,8 @@ def generate_step(
     conversation are checked in one forward pass (see `lookup_decode`). Media whose features
     are in `vision_memo` (a `FeatureMemo`) are not encoded again. `progress(stage, done, total)`
     hears how reading the prompt goes: "vision" in frames (images and frame pairs) encoded,
-    "prefill" in prompt tokens. A `grammar` (constrain.RowGrammar) masks what its constraint
+    "prefill" in prompt tokens. `reuse(inputs, cache)` restores a kept prefix (see `prefill`).
+    A `grammar` (constrain.RowGrammar) masks what its constraint
     refuses; each step's mask needs the token before it, so the loop waits for each token.
     """
     sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
@@ -143,7 +154,8 @@ def generate_step(
         prompt = model.prepare(
             **model_inputs, cache=cache, vision_memo=vision_memo, progress=progress
         )
-        first = sample(prefill(model, prompt, cache, prefill_step_size, progress), prompt_ids)
+        kept = None if reuse is None else (lambda c: reuse(inputs, c))
+        first = sample(prefill(model, prompt, cache, prefill_step_size, progress, kept), prompt_ids)
         if prompt_lookup > 0:
             yield from lookup_decode(
                 model, cache, first, sample, prompt_ids, max_tokens, prompt_lookup
@@ -189,12 +201,14 @@ def stream_generate(
     system: Optional[str] = None,
     seed: Optional[int] = None,
     cache: Optional[PromptCache] = None,
+    reuse=None,
     **settings,
 ) -> Iterator[GenerationResponse]:
     """Stream a reply to a prompt (text with `images`/`videos`, or chat messages) piece by piece.
 
     `settings` are those of `GenerationSettings` (max_tokens, temp, top_p, ...). Text comes
     out whole characters at a time; the stop token and stop strings are not part of it.
+    `reuse(inputs, cache)` puts a kept prefix of the prompt into the cache (see `prefill`).
     """
     settings = GenerationSettings(**settings)
     messages = build_messages(prompt, images, videos, system)
@@ -210,6 +224,7 @@ def stream_generate(
         cache,
         stop_ids=settings.stop_ids(model),
         stop=settings.stop,
+        reuse=reuse,
         **settings.step_options(processor, model),
     )
 

@@ -3,9 +3,9 @@
 Built for what Claude Code sends: system text blocks, tools with `input_schema`, `thinking`,
 `output_config`, `context_management`, `cache_control` (our prefix cache is automatic), server
 tools (left out and logged). Thinking comes back as thinking blocks whose `signature` seals
-their text for this process only; thinking blocks sent back are restored from it (GLM-4.5V
-places thinking after the last user turn), foreign or stale ones dropped. Usage counts the
-prompt tokens read from the prefix cache as `cache_read_input_tokens`, the rest as
+their text for this server only (neutral.py's key); thinking blocks sent back are restored from
+it (GLM-4.5V places thinking after the last user turn), foreign or stale ones dropped. Usage
+counts the prompt tokens read from the prefix cache as `cache_read_input_tokens`, the rest as
 `input_tokens` (`cache_creation_input_tokens` is 0: caching costs nothing extra here).
 """
 

@@ -42,7 +42,7 @@ from . import anthropic, ollama, openai, responses
 from .drain import RETRY_AFTER, Drain
 from .media import MediaPolicy, resolve_media
 from .metrics import Metrics
-from .neutral import ApiError, Finish, Logprob, Meta, Served, bad, check_model
+from .neutral import ApiError, Finish, Logprob, Meta, Served, bad, check_model, use_key_in
 
 log = logging.getLogger("mlx_glm4v.server")
 
@@ -72,6 +72,10 @@ class ServerConfig:
     store_bytes: int = 64 << 20
     drain_timeout: float = 30.0  # seconds running requests get to finish after SIGTERM
     adapter: Optional[str] = None  # an adapter directory applied to the model (--adapter)
+    # the prefix cache's disk tier (and the sealing key's home), its cap, prompts run at start-up
+    prompt_cache_dir: Optional[Path] = None
+    prompt_cache_bytes: int = 4 << 30
+    warm_prompts: list = field(default_factory=list)  # parsed --warm-prompt files
 
     @property
     def name(self) -> str:
@@ -150,6 +154,7 @@ class State:
             self.store,
         )
         options = dict(
+            prompt_cache=self.prompt_cache(model),
             max_queue=self.config.max_queue,
             max_concurrency=self.config.max_concurrency,
             feature_cache_bytes=self.config.feature_cache_bytes,
@@ -162,8 +167,49 @@ class State:
             self.engine = serving_engine(self.group, model, processor, **options)
         else:
             self.engine = Engine(model, processor, **options)
+        self.drain.flushers.append(self.engine.flush)  # the disk tier's writes, before the exit
+        for i, body in enumerate(self.config.warm_prompts):
+            self.warm(body, i)
         self.ready.set()
         log.info("model %s loaded; serving it as %r", self.config.model, self.config.name)
+
+    def prompt_cache(self, model):
+        """The disk tier for this model and the engine's settings, or None."""
+        from ..checkpoints.loader import resolve
+        from ..serving.disk_cache import CacheKey, DiskCache
+        from ..serving.engine import PREFILL_CHUNK
+
+        if self.config.prompt_cache_dir is None:
+            return None
+        if self.group is not None:
+            log.warning("--prompt-cache-dir is not used under mlx.launch: each rank holds a part")
+            return None
+        adapter = read_adapter(self.config.adapter).digest if self.config.adapter else ""
+        key = CacheKey.of(model, resolve(self.config.model), PREFILL_CHUNK, adapter=adapter)
+        return DiskCache(self.config.prompt_cache_dir, self.config.prompt_cache_bytes, key)
+
+    def warm(self, body: dict, i: int):
+        """Prefill a --warm-prompt (its prompt kept like any other) before serving."""
+        from ..generation.settings import GenerationSettings
+        from ..serving.engine import Request as EngineRequest
+
+        started = time.monotonic()
+        try:
+            neutral = openai.parse({**body, "model": self.config.name}, self.served)
+            inputs = _prepare(self, neutral)
+        except ApiError as e:
+            raise Glm4vError(f"--warm-prompt number {i + 1} is refused: {e.message}") from None
+        settings = GenerationSettings(**{**neutral.settings, "max_tokens": 1})
+        for event in self.engine.submit(EngineRequest(inputs, settings)):
+            if event.finish_reason is not None:
+                usage = event.usage
+        log.info(
+            "warm prompt %d: %d tokens (%d from the cache) in %.1f s",
+            i + 1,
+            usage.prompt_tokens,
+            usage.cached_tokens,
+            time.monotonic() - started,
+        )
 
 
 def timeout_error(config: ServerConfig) -> ApiError:
@@ -691,6 +737,8 @@ def create_app(config: ServerConfig, loader=None, group=None) -> Starlette:
     """The app; the model loads on a thread at start-up (`loader(model)` -> (model, processor));
     under mlx.launch (`group`, on rank 0) its engine leads the other ranks'."""
     state = State(config, group)
+    if config.prompt_cache_dir is not None:  # reasoning sealed before a restart opens after it
+        use_key_in(config.prompt_cache_dir)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -76,6 +76,23 @@ class Metrics:
                 "Prompt tokens read from a cached prefix.",
                 [("", s.cached_tokens)],
             )
+            disk = getattr(engine.prefixes, "disk", None)
+            if disk is not None:
+                for name, value, what in (
+                    ("prompt_cache_disk_reads_total", disk.reads, "Prompts read from disk."),
+                    (
+                        "prompt_cache_disk_tokens_total",
+                        disk.read_tokens,
+                        "Prompt tokens read from disk.",
+                    ),
+                    ("prompt_cache_disk_writes_total", disk.writes, "Prompts written to disk."),
+                    (
+                        "prompt_cache_disk_skipped_total",
+                        disk.skipped,
+                        "Prompt cache files skipped (damaged, truncated, foreign).",
+                    ),
+                ):
+                    metric(name, "counter", what, [("", value)])
             metric(
                 "generated_tokens_total", "counter", "Tokens generated.", [("", s.generated_tokens)]
             )

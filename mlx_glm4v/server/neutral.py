@@ -10,13 +10,16 @@ ToolArgs, ToolEnd; app.py adds Logprob (before a token's text) and Finish (last)
 """
 
 import base64
-import hashlib
-import hmac
 import json
+import os
 import secrets
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..errors import Glm4vError
 from ..generation.chat import drop_thinking
@@ -289,37 +292,50 @@ def finish_messages(messages: list, served: Served) -> list:
     return messages
 
 
-# ---- sealed text: reasoning given out that only this process can read back ----------------------
-# Responses' `encrypted_content` and Anthropic's thinking `signature`. Encrypt-then-MAC from the
-# standard library: a SHAKE-256 keystream keyed by (key, nonce), then HMAC-SHA256 over nonce and
-# ciphertext. The key lives in this process only, so what a restarted server gave out is
-# unreadable to it (and then dropped, as any foreign reasoning is).
+# ---- sealed text: reasoning given out that only this server can read back ----------------------
+# Responses' `encrypted_content` and Anthropic's thinking `signature`: AES-256-GCM (cryptography's
+# AEAD) with a random 96-bit nonce. The key lives in the prompt cache directory when there is one
+# (`use_key_in`), so a restarted server reads back what it gave out and an agent's conversation
+# keeps its cached prefix; otherwise in this process only. What does not open (forged, altered,
+# another server's, or sealed before the key changed) is dropped, as any foreign reasoning is.
 
-_KEY = secrets.token_bytes(32)
+KEY_FILE = "sealing.key"
+_SEALED = b"mlx-glm4v sealed text 1"  # bound to every seal as associated data
+_aead = AESGCM(AESGCM.generate_key(bit_length=256))
+
+
+def use_key_in(directory) -> Path:
+    """Seal with the key kept in `directory` (made, readable by its owner only, if missing)."""
+    global _aead
+    path = Path(directory) / KEY_FILE
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        key = path.read_bytes()
+    else:
+        key = AESGCM.generate_key(bit_length=256)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+    if len(key) != 32:
+        raise Glm4vError(f"{path} holds {len(key)} bytes, not a 32-byte sealing key.")
+    _aead = AESGCM(key)
+    return path
 
 
 def seal(text: str) -> str:
-    data, nonce = text.encode(), secrets.token_bytes(16)
-    stream = hashlib.shake_256(_KEY + b"enc" + nonce).digest(len(data))
-    cipher = bytes(a ^ b for a, b in zip(data, stream))
-    tag = hmac.new(_KEY, b"mac" + nonce + cipher, hashlib.sha256).digest()
-    return base64.b64encode(nonce + tag + cipher).decode()
+    nonce = secrets.token_bytes(12)
+    return base64.b64encode(nonce + _aead.encrypt(nonce, text.encode(), _SEALED)).decode()
 
 
 def unseal(token) -> Optional[str]:
     """The text sealed in `token`, or None when it is not one of ours (forged, altered, or
-    older)."""
+    sealed with another key)."""
     try:
         raw = base64.b64decode(token, validate=True)
-    except (ValueError, TypeError):
+        return _aead.decrypt(raw[:12], raw[12:], _SEALED).decode("utf-8", "replace")
+    except (ValueError, TypeError, InvalidTag):
         return None
-    nonce, tag, cipher = raw[:16], raw[16:48], raw[48:]
-    if len(tag) < 32 or not hmac.compare_digest(
-        tag, hmac.new(_KEY, b"mac" + nonce + cipher, hashlib.sha256).digest()
-    ):
-        return None
-    stream = hashlib.shake_256(_KEY + b"enc" + nonce).digest(len(cipher))
-    return bytes(a ^ b for a, b in zip(cipher, stream)).decode("utf-8", "replace")
 
 
 # ---- thinking: how much, from each dialect's knob ------------------------------------------------

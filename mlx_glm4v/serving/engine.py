@@ -74,6 +74,8 @@ VISION_PIECE_WORK = 2048
 # Likewise a prompt chunk of n tokens runs through max(1, TEXT_PIECE_WORK // n) decoder layers a
 # piece, or, when its attention is long (head_groups.py), a layer a few heads a piece.
 TEXT_PIECE_WORK = 512
+# Prompt tokens a prefill chunk holds, unless the engine is told otherwise.
+PREFILL_CHUNK = 512
 
 
 class QueueFull(Glm4vError):
@@ -278,7 +280,8 @@ class Engine:
     first, for about `max_stall_ms` (estimated by `costs`, a `PieceCosts`), then one decode step
     (`vision_piece`: model.vision_pieces' patches and work);
     `prefix_cache_bytes` of prompt KV is kept for requests that start alike (0: none), keyed
-    by the model's `identity` (checkpoint and adapter).
+    by the model's `identity` (checkpoint and adapter), and with a `prompt_cache`
+    (disk_cache.DiskCache) on disk too; `flush` waits for its writes.
     Rows decode one token a step: a request's `prompt_lookup` is not used (it never changes
     the output, only how many passes a single stream takes).
 
@@ -294,8 +297,9 @@ class Engine:
         max_queue: int = 64,
         max_concurrency: Optional[int] = None,
         token_budget: Optional[int] = None,
-        prefill_chunk: int = 512,
+        prefill_chunk: int = PREFILL_CHUNK,
         prefix_cache_bytes: int = 1 << 30,
+        prompt_cache=None,
         feature_cache_items: int = 64,
         feature_cache_bytes: Optional[int] = None,
         max_stall_ms: float = 250,
@@ -330,6 +334,7 @@ class Engine:
             prefix_cache_bytes,
             kv_bytes_per_token(model) if group is not None else None,
             identity,
+            disk=prompt_cache,
         )
         self.stats = EngineStats()
         self._waiting: deque = deque()
@@ -344,6 +349,10 @@ class Engine:
         if group is None or group.rank() == 0:
             self._thread = threading.Thread(target=self._run, name="mlx-glm4v-engine", daemon=True)
             self._thread.start()
+
+    def flush(self):
+        """Wait until every prompt kept so far is written to the disk tier (if there is one)."""
+        self.prefixes.flush()
 
     @property
     def queue_depth(self) -> int:
@@ -387,6 +396,7 @@ class Engine:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
+        self.flush()
 
     # ---- the engine thread ----
 

@@ -8,6 +8,9 @@ Prompts with media turn their text with M-RoPE tables, text-only prompts with `m
 the two round differently, so an entry serves only prompts of its own kind. Entries are dropped
 least recently used first, by bytes. An entry's key includes the identity of the model that
 computed it (checkpoint and adapter), so no entry outlives the model it belongs to.
+
+With a disk tier (disk_cache.py) every kept prompt is also written to disk, and a prompt that
+starts longer like a file there than like any entry in memory reads that file back.
 """
 
 from collections import OrderedDict
@@ -30,6 +33,7 @@ class PrefixEntry:
     values: list
     nbytes: int
     identity: str = ""  # the model that computed it: checkpoint and adapter (PrefixCache)
+    path: Optional[str] = None  # its disk tier file, once written (disk_cache.py)
 
 
 def media_marks(config, ids: np.ndarray, items: list):
@@ -58,16 +62,30 @@ class PrefixCache:
     `bytes_per_token`, by its length (the same on every rank, whatever part of the model each
     holds)."""
 
-    def __init__(self, max_bytes: int, bytes_per_token: Optional[int] = None, identity: str = ""):
+    def __init__(
+        self, max_bytes: int, bytes_per_token: Optional[int] = None, identity: str = "", disk=None
+    ):
         self.max_bytes = max_bytes
         self.identity = identity  # the model whose entries these are (checkpoint and adapter)
+        self.disk = disk  # a disk_cache.DiskCache keyed by the same identity, or None
         self.bytes_per_token = bytes_per_token
         self.entries: "OrderedDict[int, PrefixEntry]" = OrderedDict()
         self.nbytes = 0
         self._next = 0
 
     def lookup(self, ids: np.ndarray, media: list):
-        """(entry, shared token count) of the longest match, or (None, 0)."""
+        """(entry, shared token count) of the longest match in memory or, where longer, on disk;
+        or (None, 0)."""
+        best, best_n = self._lookup_memory(ids, media)
+        if self.disk is not None and best_n < len(ids):
+            entry, n = self.disk.lookup(ids, media)
+            if n > best_n:
+                entry.identity = self.identity  # the file's key named this model
+                self._keep(entry)
+                return entry, n
+        return best, best_n
+
+    def _lookup_memory(self, ids: np.ndarray, media: list):
         best, best_n = None, 0
         for key, entry in self.entries.items():
             if entry.identity != self.identity:
@@ -77,14 +95,21 @@ class PrefixCache:
                 best, best_n, best_key = entry, n, key
         if best is not None:
             self.entries.move_to_end(best_key)
+            if self.disk is not None and best.path is not None:
+                self.disk.touch(best.path)  # used: the last to leave the disk too
         return best, best_n
+
+    def flush(self):
+        """Wait until every kept prompt is on disk (a disk tier's pending writes)."""
+        if self.disk is not None:
+            self.disk.flush()
 
     def store(self, ids: np.ndarray, media: list, cache):
         """Keep the prompt held by `cache` (plain KV caches only), unless an entry holds it
         already."""
         if self.max_bytes <= 0 or not all(type(c) is KVCache for c in cache):
             return
-        entry, n = self.lookup(ids, media)
+        entry, n = self._lookup_memory(ids, media)
         if entry is not None and n == len(ids):
             return
         length = len(ids)
@@ -98,9 +123,14 @@ class PrefixCache:
         )
         if nbytes > self.max_bytes:
             return
-        self.entries[self._next] = PrefixEntry(
-            np.array(ids), media, keys, values, nbytes, self.identity
-        )
+        entry = PrefixEntry(np.array(ids), media, keys, values, nbytes, self.identity)
+        self._keep(entry)
+        if self.disk is not None and not self.disk.holds(entry.ids, media):
+            self.disk.save(entry)
+
+    def _keep(self, entry: PrefixEntry):
+        self.entries[self._next] = entry
+        nbytes = entry.nbytes
         self._next += 1
         self.nbytes += nbytes
         while self.nbytes > self.max_bytes:
