@@ -33,7 +33,9 @@ MODEL = typer.Option(
     "-m",
     help=f"Hub repo id or local directory (default: $MLX_GLM4V_MODEL, else {DEFAULT_MODEL}).",
 )
-IMAGES = typer.Option(None, "--image", help="An image file; repeat for several.")
+IMAGES = typer.Option(
+    None, "--image", help="An image file, or a PDF (its pages, each an image); repeat for several."
+)
 VIDEOS = typer.Option(None, "--video", help="A video file; repeat for several.")
 SYSTEM = typer.Option(None, "--system", help="A system prompt.")
 MAX_TOKENS = typer.Option(
@@ -90,6 +92,13 @@ FPS = typer.Option(
 )
 MAX_FRAMES = typer.Option(
     None, "--max-frames", help="Most frames sampled per video (spread over the clip; at least 2)."
+)
+PAGES = typer.Option(
+    None, "--pages", help="The pages of each PDF to read, e.g. 1-3,5 (default: all); 4- to the end."
+)
+PDF_DPI = typer.Option(200.0, "--pdf-dpi", help="Dots per inch PDF pages are rendered at.")
+MAX_PDF_PAGES = typer.Option(
+    32, "--max-pdf-pages", help="Most pages read from one PDF; more selected is an error."
 )
 SCHEMA = typer.Option(
     None,
@@ -268,6 +277,9 @@ def _reply_options(
     max_pixels: Optional[int] = MAX_PIXELS,
     fps: Optional[float] = FPS,
     max_frames: Optional[int] = MAX_FRAMES,
+    pages: Optional[str] = PAGES,
+    pdf_dpi: float = PDF_DPI,
+    max_pdf_pages: int = MAX_PDF_PAGES,
     lazy_load: bool = LAZY_LOAD,
     adapter: Optional[str] = ADAPTER,
     schema: Optional[str] = SCHEMA,
@@ -278,7 +290,8 @@ def _reply_options(
 ) -> Reply:
     from .generation.settings import GenerationSettings
 
-    media = {"max_pixels": max_pixels, "fps": fps, "max_frames": max_frames}
+    media = {"max_pixels": max_pixels, "fps": fps, "max_frames": max_frames, "pages": pages}
+    media.update(dpi=pdf_dpi, max_pdf_pages=max_pdf_pages)
     settings = dict(
         max_tokens=default_max_tokens if max_tokens is None else max_tokens,
         temp=temp,
@@ -460,15 +473,16 @@ def generate(
         responses = distributed.watched(group, responses)
         if group.rank() != 0:
             return distributed.follow(group, responses)
+    images = page_images(reply)
     if as_json:
         text, response = read_reply(responses)
-        print_json(text, response, load_s, reply.images)
+        print_json(text, response, load_s, images)
     else:
         hide_thinking = hide_thinking or reply.settings.get("constraint") is not None
         text, response = print_reply(responses, hide_thinking)
         print_stats(response, load_s)
     if draw_boxes:
-        save_boxes(draw_boxes, text, reply.images)
+        save_boxes(draw_boxes, text, images)
     if group is not None:
         distributed.finish(group)
 
@@ -487,6 +501,15 @@ def stream_reply(model, processor, prompt: str, reply: Reply):
         seed=reply.seed,
         **reply.settings,
     )
+
+
+def page_images(reply: Reply) -> list:
+    """The images as the model saw them, for boxes: a PDF's pages in its place."""
+    from .inputs.processor import expand_pdfs, split_media_kwargs
+
+    pdf, _ = split_media_kwargs(reply.settings["media_kwargs"])
+    message = {"role": "user", "content": [{"type": "image", "image": i} for i in reply.images]}
+    return [item["image"] for item in expand_pdfs([message], pdf)[0]["content"]]
 
 
 def read_reply(responses) -> tuple:
@@ -661,6 +684,14 @@ def serve(
         "--max-video-frames",
         help="Most frames the checkpoint's sampling may pick from one video.",
     ),
+    pdf_dpi: float = typer.Option(
+        200.0,
+        "--pdf-dpi",
+        help="Dots per inch PDF pages are rendered at, and the most a request may ask for.",
+    ),
+    max_pdf_pages: int = typer.Option(
+        32, "--max-pdf-pages", help="Most PDF pages per request (each page is an image)."
+    ),
     max_prompt_tokens: Optional[int] = typer.Option(
         None,
         "--max-prompt-tokens",
@@ -745,8 +776,10 @@ def serve(
             "--keepalive": keepalive,
             "--max-video-seconds": max_video_seconds,
             "--max-stall-ms": max_stall_ms,
+            "--pdf-dpi": pdf_dpi,
         },
         at_least_one={
+            "--max-pdf-pages": max_pdf_pages,
             "--max-concurrency": max_concurrency,
             "--max-output-tokens": max_output_tokens,
         },
@@ -762,6 +795,8 @@ def serve(
         max_image_pixels,
         max_video_seconds,
         max_video_frames,
+        pdf_dpi,
+        max_pdf_pages,
     )
     config = ServerConfig(
         model=resolve_model_name(model),
@@ -818,6 +853,8 @@ def media_policy(
     max_image_pixels: int,
     max_video_seconds: float,
     max_video_frames: int,
+    pdf_dpi: float,
+    max_pdf_pages: int,
 ):
     """What the server may read for a request: which files and URLs, how large, how many."""
     from .server.media import MediaPolicy
@@ -831,6 +868,8 @@ def media_policy(
         max_image_pixels=max_image_pixels,
         max_video_seconds=max_video_seconds,
         max_video_frames=max_video_frames,
+        pdf_dpi=pdf_dpi,
+        max_pdf_pages=max_pdf_pages,
     )
 
 
