@@ -892,6 +892,8 @@ def ocr(
             for error in document.errors:
                 bar.write(f"error: {error}")
                 failed = True
+            if not document.pages:  # nothing of it could be read: reported, nothing written
+                continue
             if out is not None:
                 save(document, out, formats)
             elif format == "json":
