@@ -41,6 +41,9 @@ _EXPORTS = {
     "Glm4vError": "errors",
     "load_layout": "documents.layout",
     "Layout": "documents.layout",
+    "ocr": "documents.pipeline",
+    "OcrSettings": "documents.pipeline",
+    "Reader": "documents.pipeline",
 }
 # Modules used whole: `distributed.load`, `distributed.share_request` on every rank.
 _MODULES = {"distributed": "serving.distributed"}

@@ -33,7 +33,9 @@ MODEL = typer.Option(
     "-m",
     help=f"Hub repo id or local directory (default: $MLX_GLM4V_MODEL, else {DEFAULT_MODEL}).",
 )
-IMAGES = typer.Option(None, "--image", help="An image file; repeat for several.")
+IMAGES = typer.Option(
+    None, "--image", help="An image file, or a PDF (its pages, each an image); repeat for several."
+)
 VIDEOS = typer.Option(None, "--video", help="A video file; repeat for several.")
 SYSTEM = typer.Option(None, "--system", help="A system prompt.")
 MAX_TOKENS = typer.Option(
@@ -96,6 +98,13 @@ FPS = typer.Option(
 )
 MAX_FRAMES = typer.Option(
     None, "--max-frames", help="Most frames sampled per video (spread over the clip; at least 2)."
+)
+PAGES = typer.Option(
+    None, "--pages", help="The pages of each PDF to read, e.g. 1-3,5 (default: all); 4- to the end."
+)
+PDF_DPI = typer.Option(200.0, "--pdf-dpi", help="Dots per inch PDF pages are rendered at.")
+MAX_PDF_PAGES = typer.Option(
+    32, "--max-pdf-pages", help="Most pages read from one PDF; more selected is an error."
 )
 SCHEMA = typer.Option(
     None,
@@ -274,6 +283,9 @@ def _reply_options(
     max_pixels: Optional[int] = MAX_PIXELS,
     fps: Optional[float] = FPS,
     max_frames: Optional[int] = MAX_FRAMES,
+    pages: Optional[str] = PAGES,
+    pdf_dpi: float = PDF_DPI,
+    max_pdf_pages: int = MAX_PDF_PAGES,
     lazy_load: bool = LAZY_LOAD,
     adapter: Optional[str] = ADAPTER,
     schema: Optional[str] = SCHEMA,
@@ -284,7 +296,8 @@ def _reply_options(
 ) -> Reply:
     from .generation.settings import GenerationSettings
 
-    media = {"max_pixels": max_pixels, "fps": fps, "max_frames": max_frames}
+    media = {"max_pixels": max_pixels, "fps": fps, "max_frames": max_frames, "pages": pages}
+    media.update(dpi=pdf_dpi, max_pdf_pages=max_pdf_pages)
     settings = dict(
         max_tokens=default_max_tokens if max_tokens is None else max_tokens,
         temp=temp,
@@ -469,15 +482,16 @@ def generate(
         responses = distributed.watched(group, responses)
         if group.rank() != 0:
             return distributed.follow(group, responses)
+    images = page_images(reply)
     if as_json:
         text, response = read_reply(responses)
-        print_json(text, response, load_s, reply.images)
+        print_json(text, response, load_s, images)
     else:
         hide_thinking = hide_thinking or reply.settings.get("constraint") is not None
         text, response = print_reply(responses, hide_thinking)
         print_stats(response, load_s)
     if draw_boxes:
-        save_boxes(draw_boxes, text, reply.images)
+        save_boxes(draw_boxes, text, images)
     if group is not None:
         distributed.finish(group)
 
@@ -580,6 +594,15 @@ def cache_prompt(
     )
     n = int(ran["inputs"]["input_ids"].shape[-1])
     typer.echo(f"saved the KV cache of the prompt's {n} tokens to {path}", err=True)
+
+
+def page_images(reply: Reply) -> list:
+    """The images as the model saw them, for boxes: a PDF's pages in its place."""
+    from .inputs.processor import expand_pdfs, split_media_kwargs
+
+    pdf, _ = split_media_kwargs(reply.settings["media_kwargs"])
+    message = {"role": "user", "content": [{"type": "image", "image": i} for i in reply.images]}
+    return [item["image"] for item in expand_pdfs([message], pdf)[0]["content"]]
 
 
 def read_reply(responses) -> tuple:
@@ -758,6 +781,14 @@ def serve(
         "--max-video-frames",
         help="Most frames the checkpoint's sampling may pick from one video.",
     ),
+    pdf_dpi: float = typer.Option(
+        200.0,
+        "--pdf-dpi",
+        help="Dots per inch PDF pages are rendered at, and the most a request may ask for.",
+    ),
+    max_pdf_pages: int = typer.Option(
+        32, "--max-pdf-pages", help="Most PDF pages per request (each page is an image)."
+    ),
     max_prompt_tokens: Optional[int] = typer.Option(
         None,
         "--max-prompt-tokens",
@@ -864,8 +895,10 @@ def serve(
             "--keepalive": keepalive,
             "--max-video-seconds": max_video_seconds,
             "--max-stall-ms": max_stall_ms,
+            "--pdf-dpi": pdf_dpi,
         },
         at_least_one={
+            "--max-pdf-pages": max_pdf_pages,
             "--max-concurrency": max_concurrency,
             "--max-output-tokens": max_output_tokens,
         },
@@ -881,6 +914,8 @@ def serve(
         max_image_pixels,
         max_video_seconds,
         max_video_frames,
+        pdf_dpi,
+        max_pdf_pages,
     )
     config = ServerConfig(
         model=resolve_model_name(model),
@@ -926,6 +961,82 @@ def read_warm_prompt(path: Path) -> dict:
     return {k: body[k] for k in ("messages", "tools") if k in body}
 
 
+@app.command()
+@friendly_errors
+def ocr(
+    files: List[str] = typer.Argument(..., help="Images and PDFs to read."),
+    out: Optional[Path] = typer.Option(
+        None, "-o", "--output", help="Write NAME.md / NAME.json here (default: Markdown to stdout)."
+    ),
+    format: str = typer.Option("both", "--format", help="markdown, json or both (with -o)."),
+    layout: bool = typer.Option(
+        True, "--layout/--no-layout", help="Find regions first, or read each page whole."
+    ),
+    pages: Optional[str] = typer.Option(None, "--pages", help="PDF pages, e.g. 1-3,5."),
+    model: str = typer.Option("zai-org/GLM-OCR", "--model", help="GLM-OCR: hub id or directory."),
+    layout_model: str = typer.Option(
+        "PaddlePaddle/PP-DocLayoutV3_safetensors", "--layout-model", help="The layout detector."
+    ),
+    pdf_dpi: float = typer.Option(200.0, "--pdf-dpi", help="PDF rendering resolution."),
+    threshold: float = typer.Option(0.3, "--threshold", help="Layout score threshold."),
+    max_tokens: int = typer.Option(8192, "--max-tokens", help="Longest answer per region."),
+    temperature: float = typer.Option(0.0, "--temperature"),
+    top_p: float = typer.Option(0.00001, "--top-p"),
+    top_k: int = typer.Option(1, "--top-k"),
+    repetition_penalty: float = typer.Option(1.1, "--repetition-penalty"),
+    polygon: bool = typer.Option(False, "--polygon", help="Cut regions by their outline."),
+    raw_crops: bool = typer.Option(
+        False, "--raw-crops", help="Send crops as pixels, not JPEG-encoded as the SDK does."
+    ),
+    verbose: bool = typer.Option(False, "--verbose", help="Tracebacks for errors."),
+):
+    """Documents to Markdown and JSON: GLM-OCR's layout pipeline in one process."""
+    from .documents.pipeline import OcrSettings, Reader, save
+    from .documents.progress import ProgressBar
+
+    if format not in ("markdown", "json", "both"):
+        raise Glm4vError(f"--format {format!r} must be markdown, json or both.")
+    settings = OcrSettings(
+        layout=layout,
+        threshold=threshold,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        polygon=polygon,
+        image_format=None if raw_crops else "JPEG",
+        pdf_dpi=pdf_dpi,
+        pages=pages,
+    )
+    paths = existing_files(files, "document")
+    from .checkpoints.loader import load
+    from .documents.layout import load_layout
+
+    loaded, processor = load(model)
+    detector = load_layout(layout_model) if layout else None
+    formats = ("markdown", "json") if format == "both" else (format,)
+    failed = False
+    with (
+        ProgressBar() as bar,
+        Reader(loaded, processor, detector, settings, progress=bar) as reader,
+    ):
+        for document in reader.stream(paths):
+            for error in document.errors:
+                bar.write(f"error: {error}")
+                failed = True
+            if not document.pages:  # nothing of it could be read: reported, nothing written
+                continue
+            if out is not None:
+                save(document, out, formats)
+            elif format == "json":
+                typer.echo(json.dumps(document.pages, ensure_ascii=False))
+            else:
+                typer.echo(document.markdown)
+    if failed:
+        raise typer.Exit(1)
+
+
 def check_limits(positive: dict, at_least_one: dict):
     """A limit that can never be met ends `serve` before a model is read, named as typed; the
     `at_least_one` limits may be left out (None)."""
@@ -951,6 +1062,8 @@ def media_policy(
     max_image_pixels: int,
     max_video_seconds: float,
     max_video_frames: int,
+    pdf_dpi: float,
+    max_pdf_pages: int,
 ):
     """What the server may read for a request: which files and URLs, how large, how many."""
     from .server.media import MediaPolicy
@@ -964,6 +1077,8 @@ def media_policy(
         max_image_pixels=max_image_pixels,
         max_video_seconds=max_video_seconds,
         max_video_frames=max_video_frames,
+        pdf_dpi=pdf_dpi,
+        max_pdf_pages=max_pdf_pages,
     )
 
 

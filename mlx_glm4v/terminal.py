@@ -87,10 +87,17 @@ class Attachment:
     size: tuple  # (width, height) of the file, or ()
     frames: int  # frames the processor samples (videos), else 0
     tokens: int  # vision tokens
+    page: int = 0  # a PDF's page (1-based), else 0
+    image: object = None  # the rendered page (PIL) for a PDF's page, else None: the path is read
 
     @property
     def name(self) -> str:
-        return Path(self.path).name
+        return Path(self.path).name + (f" page {self.page}" if self.page else "")
+
+    @property
+    def source(self):
+        """What the processor reads: the file, or the rendered page."""
+        return self.image if self.image is not None else self.path
 
     @property
     def summary(self) -> str:
@@ -101,14 +108,24 @@ class Attachment:
         return f"{self.name} ({', '.join(details + [f'{self.tokens:,} tokens'])})"
 
 
-def attach(processor, path: str, kind: str, media_kwargs: dict) -> Attachment:
-    """Decode a file as the processor will and say what it costs; a bad file raises here.
+def attach(processor, path: str, kind: str, media_kwargs: dict) -> list:
+    """Decode a file as the processor will and say what it costs; a bad file raises here. A PDF
+    given as an image is its selected pages, rendered now, one attachment each.
 
     Tokens are the vision tokens the processor's real resize gives; for a video, with the
     frames its sampling picks."""
-    from .inputs.processor import IMAGE, VIDEO
+    from .inputs.pdf import is_pdf_file, render_pages
+    from .inputs.processor import IMAGE, VIDEO, split_media_kwargs
 
+    pdf, media_kwargs = split_media_kwargs(media_kwargs)
     settings = processor.image_settings if kind == "image" else processor.video_settings
+    if kind == "image" and is_pdf_file(path):
+        out = []
+        for page in render_pages(path, pdf, path):
+            grid = processor(IMAGE, images=[page], **media_kwargs)["image_grid_thw"][0]
+            tokens = int(grid.prod()) // settings.merge_size**2
+            out.append(Attachment(kind, path, page.size, 0, tokens, page.info["page"], page))
+        return out
     if kind == "image":
         out = processor(IMAGE, images=[path], **media_kwargs)
         grid = out["image_grid_thw"][0]
@@ -118,7 +135,7 @@ def attach(processor, path: str, kind: str, media_kwargs: dict) -> Attachment:
     tokens = int(grid.prod()) // settings.merge_size**2
     size = _image_size(path) if kind == "image" else _video_size(path)
     frames = int(grid[0]) * settings.temporal_patch_size if kind == "video" else 0
-    return Attachment(kind, path, size, frames, tokens)
+    return [Attachment(kind, path, size, frames, tokens)]
 
 
 def _image_size(path: str):
@@ -308,8 +325,8 @@ def run_chat(
 
         session = SharedSession(group, session)
     media_kwargs = session.settings.media_kwargs
-    pending = [attach(processor, p, "image", media_kwargs) for p in images]
-    pending += [attach(processor, p, "video", media_kwargs) for p in videos]
+    pending = [a for p in images for a in attach(processor, p, "image", media_kwargs)]
+    pending += [a for p in videos for a in attach(processor, p, "video", media_kwargs)]
     for a in pending:
         say(f"attached {a.summary}")
     color = use_color(sys.stdout)
@@ -356,7 +373,7 @@ def run_chat(
             line = line.replace("/", "", 1)
         if not stripped and not pending:
             continue
-        shown += [a.path for a in pending if a.kind == "image"]
+        shown += [a.source for a in pending if a.kind == "image"]
         last_reply = _reply(session, line, pending, hide_thinking, color)
         pending = []
 
@@ -386,8 +403,9 @@ def _attach_all(processor, argument: str, kind: str, media_kwargs: dict) -> list
     done = []
     try:
         for path in existing_paths(argument, kind):
-            done.append(attach(processor, path, kind, media_kwargs))
-            say(f"attached {done[-1].summary}")
+            for a in attach(processor, path, kind, media_kwargs):
+                done.append(a)
+                say(f"attached {a.summary}")
     except Glm4vError as e:
         say(f"error: {e}")
     except KeyboardInterrupt:
@@ -419,7 +437,7 @@ def _reply(session, line: str, attachments: list, hide_thinking: bool, color: bo
     status = StatusLine()
     if attachments:
         status.show(f"reading {', '.join(a.name for a in attachments)}")
-    images = [a.path for a in attachments if a.kind == "image"]
+    images = [a.source for a in attachments if a.kind == "image"]
     videos = [a.path for a in attachments if a.kind == "video"]
     reply = session.ask(line, images, videos, progress=reading_status(status, attachments))
     thought, raw = 0, []

@@ -1135,3 +1135,26 @@ def test_glm_ocr_tool_responses_hold_images(ocr, ours_ocr, media):
     together = ours_ocr.process_messages(messages, template_kwargs={"tools": tools})
     for key, value in got.items():
         np.testing.assert_array_equal(together[key], value)
+
+
+def test_pixel_budget_per_call_is_the_reference_size(ours, ref, media):
+    """`min_pixels`/`max_pixels` per call (the server's `mm_processor_kwargs`) count one frame's
+    pixels; they are transformers' `size` shortest/longest edge over the temporal patch."""
+    t = ours.image_settings.temporal_patch_size
+    prompt = ours.apply_chat_template([user({"type": "image"})])
+    grids = {}
+    for name, budget in [("tiny.png", {"min_pixels": 28 * 28 * 30}), ("wide.jpg", {})]:
+        budget = {**budget, "max_pixels": 28 * 28 * 40}
+        got = ours(text=prompt, images=[str(media / name)], **budget)
+        size = {
+            "shortest_edge": budget.get("min_pixels", 0) * t
+            or ref.image_processor.size["shortest_edge"],
+            "longest_edge": budget["max_pixels"] * t,
+        }
+        want = ref(text=[prompt], images=[str(media / name)], return_tensors="np", size=size)
+        np.testing.assert_array_equal(got["image_grid_thw"], want["image_grid_thw"])
+        np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+        assert np.abs(got["pixel_values"] - want["pixel_values"]).max() <= MAX_LIMIT
+        grids[name] = got["image_grid_thw"][0]
+    plain = ours(text=prompt, images=[str(media / "tiny.png")])["image_grid_thw"][0]
+    assert plain.prod() < grids["tiny.png"].prod()  # the request's min_pixels took effect

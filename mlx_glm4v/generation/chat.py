@@ -13,7 +13,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from ..inputs.processor import Processor, unmark
+from ..inputs.processor import Processor, expand_pdfs, split_media_kwargs, unmark
 from ..models.cache import PromptCache
 from ..models.media import FeatureMemo, MediaItem, media_items, placed_media
 from ..models.model import Model
@@ -103,8 +103,11 @@ class ChatSession:
     def ask(
         self, text: str, images: Sequence = (), videos: Sequence = (), progress=None
     ) -> Iterator[GenerationResponse]:
-        self.messages.append(user_message(text, images, videos))
-        full, target, media, common, inputs = self._plan(list(images), list(videos))
+        pdf, _ = split_media_kwargs(self.settings.media_kwargs)
+        message = expand_pdfs([user_message(text, images, videos)], pdf)[0]
+        self.messages.append(message)
+        images = [i["image"] for i in message["content"] if i["type"] == "image"]
+        full, target, media, common, inputs = self._plan(images, list(videos))
         self.prompt_ids = target  # the whole conversation as this turn runs it
         new_ids = target[common:]
         feed = {
@@ -165,7 +168,8 @@ class ChatSession:
         return full, target, media, common, self._pixels_after(media, common)
 
     def _process(self, text: str, images: list, videos: list) -> dict:
-        return self.processor(text, images=images, videos=videos, **self.settings.media_kwargs)
+        _, media_kwargs = split_media_kwargs(self.settings.media_kwargs)
+        return self.processor(text, images=images, videos=videos, **media_kwargs)
 
     def _spans(self, ids: list, inputs: dict, offset: int) -> list:
         """The media of `ids` (processed into `inputs`) with their places in the conversation."""

@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import Glm4vError
-from ..inputs.processor import Processor
+from ..inputs.processor import Processor, split_media_kwargs
 from ..models.cache import PromptCache
 from ..models.mlxlm import make_logits_processors, make_sampler
 from ..models.model import Model
@@ -63,7 +63,8 @@ class GenerationSettings:
     the system prompt and the media), `kv_bits` quantizes it, `prompt_lookup` drafts that
     many tokens from n-grams of the conversation. `thinking_budget` forces `</think>` after that
     many tokens of thinking, so the answer follows. `template_kwargs` reach the chat template
-    (e.g. `enable_thinking`), `media_kwargs` the processor (`fps`, `max_frames`, `max_pixels`).
+    (e.g. `enable_thinking`), `media_kwargs` the processor (`fps`, `max_frames`, `max_pixels`,
+    `min_pixels`; for PDFs `dpi`, `pages`, `max_pdf_pages`).
     A `constraint` (constrain.Constraint) holds the answer to a grammar; it is compiled here, so
     a schema it cannot take is refused before any work.
     """
@@ -132,6 +133,16 @@ class GenerationSettings:
                 f"max-pixels {media.get('max_pixels')} must be a positive number of pixels.",
             ),
             (
+                media.get("min_pixels") is None or media["min_pixels"] >= 1,
+                f"min-pixels {media.get('min_pixels')} must be a positive number of pixels.",
+            ),
+            (
+                None in (media.get("min_pixels"), media.get("max_pixels"))
+                or media["min_pixels"] <= media["max_pixels"],
+                f"min-pixels {media.get('min_pixels')} is over max-pixels "
+                f"{media.get('max_pixels')}.",
+            ),
+            (
                 media.get("fps") is None or media["fps"] > 0,
                 f"fps {media.get('fps')} must be positive.",
             ),
@@ -144,6 +155,7 @@ class GenerationSettings:
         for ok, message in checks:
             if not ok:
                 raise Glm4vError(message)
+        split_media_kwargs(media)  # the PDF options (dpi, pages, max_pdf_pages) checked
         self.template_kwargs = dict(self.template_kwargs or {})
         self.media_kwargs = dict(self.media_kwargs or {})
         if isinstance(self.constraint, dict):  # as sent between ranks (dataclasses.asdict, JSON)

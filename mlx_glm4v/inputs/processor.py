@@ -28,6 +28,7 @@ import numpy as np
 
 from ..errors import Glm4vError
 from .image import PixelSettings, image_patches, patchify, resize, smart_resize
+from .pdf import PdfOptions, is_pdf_file, render_pages
 from .video import load_video
 
 IMAGE, VIDEO = "<|image|>", "<|video|>"
@@ -331,6 +332,41 @@ def _normalize(messages) -> list[dict]:
     return out
 
 
+PDF_KEYS = {"dpi": "dpi", "pages": "pages", "max_pdf_pages": "max_pages"}
+
+
+def split_media_kwargs(media_kwargs: dict | None) -> tuple:
+    """(the PDF options, the processor's own keyword arguments) of a `media_kwargs`."""
+    media = dict(media_kwargs or {})
+    given = {PDF_KEYS[k]: media.pop(k) for k in list(media) if k in PDF_KEYS}
+    return PdfOptions(**{k: v for k, v in given.items() if v is not None}), media
+
+
+def expand_pdfs(messages, options: PdfOptions) -> list:
+    """Messages with each image item that is a PDF file replaced by its rendered pages."""
+    out = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and any(_pdf_item(item) for item in content):
+            items = []
+            for item in content:
+                source = _pdf_item(item)
+                pages = render_pages(source, options, str(source)) if source else [item]
+                items += [{"type": "image", "image": p} for p in pages] if source else pages
+            message = {**message, "content": items}
+        out.append(message)
+    return out
+
+
+def _pdf_item(item):
+    """The path of an image item whose file is a PDF, else None."""
+    item = _from_openai(item)
+    if _media_kind(item) != "image":
+        return None
+    source = next((item[k] for k in ("image", "url", "path") if item.get(k) is not None), None)
+    return source if is_pdf_file(source) else None
+
+
 def _from_openai(item):
     """{"type": "image_url", "image_url": {"url": u}} -> {"type": "image", "url": u}."""
     if not (isinstance(item, dict) and item.get("type") == "image_url" and "image_url" in item):
@@ -489,13 +525,16 @@ class Processor:
     ) -> dict:
         """Processor outputs for chat messages ending in a generation prompt: the template
         rendered (`template_kwargs` reach it), their images and videos read (`media_kwargs`:
-        fps, max_frames, max_pixels), as transformers' `apply_chat_template(..., tokenize=True,
-        return_dict=True)`."""
+        fps, max_frames, max_pixels, min_pixels; for PDFs dpi, pages, max_pdf_pages), as
+        transformers' `apply_chat_template(..., tokenize=True, return_dict=True)`. An image
+        that is a PDF file stands for its pages, each one image."""
+        pdf, media_kwargs = split_media_kwargs(media_kwargs)
+        messages = expand_pdfs(messages, pdf)
         text = self.apply_chat_template(
             messages, add_generation_prompt=True, **(template_kwargs or {})
         )
         images, videos = self.media_from_messages(messages)
-        return self(text, images=images, videos=videos, **(media_kwargs or {}))
+        return self(text, images=images, videos=videos, **media_kwargs)
 
     def __call__(
         self,
@@ -507,6 +546,7 @@ class Processor:
         fps: float | None = None,
         max_frames: int | None = None,
         max_pixels: int | None = None,
+        min_pixels: int | None = None,
     ) -> dict:
         """Token ids and pixels for one prompt or a batch, as `Glm4vProcessor(text, images,
         videos)`.
@@ -515,7 +555,8 @@ class Processor:
         default so that the output equals the reference: `fps` frames sampled per second of video
         (GLM-4.1V's checkpoints say 2; GLM-4.6V's processor takes 6, 2 or 1 by the clip's
         length), `max_frames` per video, `max_pixels` for the resized area (h*w) of each image
-        and video frame.
+        and video frame (never above the checkpoint's), `min_pixels` the least area (never above
+        `max_pixels`).
         """
         texts = [list(_pieces(t)) for t in ([text] if isinstance(text, str) else text)]
         images, videos = _flat(images), _flat(videos)
@@ -530,6 +571,8 @@ class Processor:
         out, expansions = {}, {IMAGE: [], VIDEO: []}
         if images:
             s, merge = self.image_settings, self.image_settings.merge_size**2
+            if min_pixels is not None:  # per frame, as max_pixels: the checkpoint's counts t*h*w
+                s = replace(s, min_pixels=min_pixels * s.temporal_patch_size)
             done = [
                 image_patches(x, s, max_pixels, _label(x, i, "image")) for i, x in enumerate(images)
             ]
@@ -537,7 +580,7 @@ class Processor:
             out["image_grid_thw"] = np.array([grid for _, grid in done], np.int32)
             expansions[IMAGE] = [IMAGE * (t * h * w // merge) for t, h, w in out["image_grid_thw"]]
         if videos:
-            caps = fps, max_frames, max_pixels
+            caps = fps, max_frames, max_pixels, min_pixels
             done = [self._video(x, _label(x, i, "video"), *caps) for i, x in enumerate(videos)]
             out["pixel_values_videos"] = np.concatenate([rows for rows, _, _ in done])
             out["video_grid_thw"] = np.array([grid for _, grid, _ in done], np.int32)
@@ -554,11 +597,13 @@ class Processor:
         ids = [self.tokenizer.encode("".join(expand(*p) for p in t)) for t in texts]
         return {**self._batch(ids, padding), **out}
 
-    def _video(self, video, name: str, fps, max_frames, max_pixels):
+    def _video(self, video, name: str, fps, max_frames, max_pixels, min_pixels):
         """Rows, grid and the prompt text for one video: per frame pair, an image group and its
         second."""
         s = self.video_settings
         frames, timestamps = load_video(video, s, fps, max_frames)
+        if min_pixels is not None:
+            s = replace(s, min_pixels=min_pixels * len(frames))
         budget = s.max_pixels if max_pixels is None else min(s.max_pixels, max_pixels * len(frames))
         h, w = smart_resize(len(frames), *frames.shape[1:3], s, budget, name)
         rows, (t, gh, gw) = patchify(resize(frames, h, w), s)  # sampling left an even frame count

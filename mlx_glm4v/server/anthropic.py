@@ -29,9 +29,11 @@ from .neutral import (
     check_fields,
     check_model,
     check_settings,
+    document_part,
     effort,
     finish_messages,
     function_tool,
+    media_budget,
     no_thinking,
     number,
     offered_tools,
@@ -57,6 +59,7 @@ SUPPORTED = {
     "thinking",
     "output_config",
     "output_format",
+    "mm_processor_kwargs",
 }
 # Accepted, without effect on the reply.
 IGNORED = {
@@ -125,6 +128,37 @@ def _image(block, at: str) -> dict:
     return {"type": "image", "source": url, "detail": "auto", "param": at}
 
 
+def _document(block, at: str) -> dict:
+    """A document block: a PDF (a base64 source with media_type application/pdf, or a url
+    source), each page an image; plain text (a text source) as text. `pages` and `dpi` on the
+    block choose the pages and their resolution."""
+    source = block.get("source")
+    kind = source.get("type") if isinstance(source, dict) else None
+    if kind == "text" and isinstance(source.get("data"), str):
+        return {"type": "text", "text": source["data"]}
+    if kind == "base64" and isinstance(source.get("data"), str):
+        if source.get("media_type") != "application/pdf":
+            raise bad(
+                f"{at}: a base64 document must have media_type application/pdf, not "
+                f"{source.get('media_type')!r}.",
+                at,
+            )
+        return document_part(f"data:application/pdf;base64,{source['data']}", at, block)
+    if kind == "url" and isinstance(source.get("url"), str):
+        return document_part(source["url"], at, block)
+    if kind == "file":
+        raise bad(
+            f"{at}: file sources are not supported (this server keeps no files); send the PDF "
+            "as a base64 source.",
+            at,
+        )
+    raise bad(
+        f"{at}: a document needs a base64 PDF source (media_type application/pdf, data), a url "
+        "source or a text source.",
+        at,
+    )
+
+
 def _system(system) -> str:
     if system is None or isinstance(system, str):
         return system or ""
@@ -189,7 +223,7 @@ def parse_messages(messages) -> list:
                 {
                     "role": "user",
                     "content": list(parts)
-                    if any(p["type"] == "image" for p in parts)
+                    if any(p["type"] in ("image", "document") for p in parts)
                     else "".join(p["text"] for p in parts),
                 }
             )
@@ -254,6 +288,8 @@ def parse_messages(messages) -> list:
                 parts.append({"type": "text", "text": _text(block, at)})
             elif kind == "image":
                 parts.append(_image(block, at))
+            elif kind == "document":
+                parts.append(_document(block, at))
             elif kind == "tool_result":
                 flush(parts)
                 message, images = _tool_result(block, at)
@@ -261,7 +297,9 @@ def parse_messages(messages) -> list:
                 parts.extend(images)
             else:
                 raise bad(
-                    f"{at}: block type {kind!r} is not supported (text, image, tool_result).", at
+                    f"{at}: block type {kind!r} is not supported (text, image, document, "
+                    "tool_result).",
+                    at,
                 )
         flush(parts)
     return out
@@ -326,6 +364,7 @@ def parse(body, served: Served, counting: bool = False) -> Request:
         tools=tools,
         tool_choice=tools and "auto",
         constraint=settings["constraint"],
+        media_budget=media_budget(body),
     )
     thinking = body.get("thinking") or {"type": "adaptive"}
     kind = thinking.get("type") if isinstance(thinking, dict) else None

@@ -40,7 +40,7 @@ from ..generation.reply import ReplyParser
 from ..inputs.image import load_image
 from . import anthropic, ollama, openai, responses
 from .drain import RETRY_AFTER, Drain
-from .media import MediaPolicy, resolve_media
+from .media import MediaPolicy, processor_budget, resolve_media
 from .metrics import Metrics
 from .neutral import ApiError, Finish, Logprob, Meta, Served, bad, check_model, use_key_in
 
@@ -535,12 +535,15 @@ async def ollama_show(request: Request):
 def _prepare(state: State, neutral) -> dict:
     """Media read and checked, the template rendered, the processor run: the engine's inputs."""
     processor, config = state.processor, state.config
-    messages, resolved = resolve_media(neutral.messages, config.media, processor)
+    media_kwargs = processor_budget(neutral.media_budget, config.media, processor)
+    messages, resolved = resolve_media(
+        neutral.messages, config.media, processor, neutral.media_budget
+    )
     try:
         kwargs = dict(neutral.template_kwargs)
         if neutral.tools:
             kwargs.update(tools=neutral.tools, tool_choice=neutral.tool_choice)
-        inputs = processor.process_messages(messages, kwargs)
+        inputs = processor.process_messages(messages, kwargs, media_kwargs)
         neutral.image_sizes = [
             getattr(i, "info", {}).get("original_size") or load_image(i).shape[1::-1]
             for i in processor.media_from_messages(messages)[0]

@@ -5,7 +5,10 @@ paths, so neither `..` nor a symlink leads out); `http(s)` URLs only with `--all
 then size-capped, time-limited and never to a private, loopback or link-local address (checked
 for every hop of a redirect, and the checked address is the one connected to). Images are
 decoded here, their size read from the header before any pixel is; videos go to a temporary
-file and are measured before they are decoded. Refusals are `ApiError`s naming the part.
+file and are measured before they are decoded. A document (a PDF) becomes its selected pages,
+each an image part, rendered within `--pdf-dpi` and `--max-pdf-pages` (inputs/pdf.py). The
+request's media budget (`mm_processor_kwargs`, and `dpi`/`pages` on a document part) is checked
+against the operator's caps here. Refusals are `ApiError`s naming the part or field.
 """
 
 import base64
@@ -25,6 +28,8 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 import numpy as np
 
+from ..errors import Glm4vError
+from ..inputs.pdf import PdfOptions, is_pdf, render_pages
 from .neutral import ApiError, bad
 
 LOW_DETAIL_PIXELS = 512 * 512  # `detail: low`: about OpenAI's 512 x 512 low-resolution image
@@ -42,6 +47,8 @@ class MediaPolicy:
     max_image_pixels: int = 50_000_000  # decoded size of one image, read from its header
     max_video_seconds: float = 600.0
     max_video_frames: int = 640  # frames the checkpoint's sampling picks from one video
+    pdf_dpi: float = 200.0  # the DPI pages are rendered at, and the most a request may ask for
+    max_pdf_pages: int = 32  # pages of all a request's documents together
 
 
 class Resolved:
@@ -64,9 +71,10 @@ class Resolved:
             self.dir = None
 
 
-def resolve_media(messages: list, policy: MediaPolicy, processor) -> tuple:
+def resolve_media(messages: list, policy: MediaPolicy, processor, budget: dict = None) -> tuple:
     """(messages for the template and processor, a `Resolved` to close once the processor is
-    done)."""
+    done). `budget`: the request's checked media budget (`media_budget`)."""
+    budget = budget or {}
     parts = [p for m in messages if isinstance(m["content"], list) for p in m["content"]]
     caps = (
         ("image", policy.max_images, "--max-images"),
@@ -80,16 +88,15 @@ def resolve_media(messages: list, policy: MediaPolicy, processor) -> tuple:
                 "messages",
             )
     resolved = Resolved()
+    pages_left = [policy.max_pdf_pages]
     try:
         out = []
         for m in messages:
             if isinstance(m["content"], list):
-                m = {
-                    **m,
-                    "content": [
-                        _resolve_part(p, policy, processor, resolved) for p in m["content"]
-                    ],
-                }
+                content = []
+                for p in m["content"]:
+                    content += _resolve_part(p, policy, processor, resolved, budget, pages_left)
+                m = {**m, "content": content}
             out.append(m)
         return out, resolved
     except BaseException:
@@ -97,26 +104,85 @@ def resolve_media(messages: list, policy: MediaPolicy, processor) -> tuple:
         raise
 
 
-def _resolve_part(part: dict, policy: MediaPolicy, processor, resolved: Resolved) -> dict:
-    if part["type"] not in ("image", "video"):
-        return part
+def processor_budget(budget: dict, policy: MediaPolicy, processor) -> dict:
+    """The processor's keyword arguments for a request's media budget, refused beyond the
+    operator's caps (named): `max_frames` over --max-video-frames, `dpi` over --pdf-dpi,
+    `min_pixels` over `max_pixels` (the request's, else the checkpoint's). `max_pixels` above
+    the checkpoint's own is clamped to it (by the processor), as `fps` is capped by the frames
+    it gives (--max-video-frames, checked per video)."""
+    where = "mm_processor_kwargs"
+    if budget.get("max_frames", 0) > policy.max_video_frames:
+        raise bad(
+            f"{where}.max_frames {budget['max_frames']} is over this server's limit of "
+            f"{policy.max_video_frames} (--max-video-frames).",
+            f"{where}.max_frames",
+        )
+    if budget.get("dpi", 0) > policy.pdf_dpi:
+        raise bad(
+            f"{where}.dpi {budget['dpi']:g} is over this server's limit of {policy.pdf_dpi:g} "
+            "(--pdf-dpi).",
+            f"{where}.dpi",
+        )
+    s = processor.image_settings
+    ceiling = min(budget.get("max_pixels", s.max_pixels), s.max_pixels // s.temporal_patch_size)
+    if budget.get("min_pixels", 0) > ceiling:
+        raise bad(
+            f"{where}.min_pixels {budget['min_pixels']} is over max_pixels {ceiling} (the "
+            f"{'request' if 'max_pixels' in budget else 'model'}'s).",
+            f"{where}.min_pixels",
+        )
+    keys = ("max_pixels", "min_pixels", "fps", "max_frames")
+    return {k: budget[k] for k in keys if k in budget}
+
+
+def _resolve_part(
+    part: dict, policy: MediaPolicy, processor, resolved: Resolved, budget: dict, pages_left: list
+) -> list:
+    """A part -> the parts the processor reads: an image decoded, a video in a file measured, a
+    document (or a PDF sent where an image goes) as its pages."""
+    if part["type"] not in ("image", "video", "document"):
+        return [part]
     where = part["param"]
     data, path = read_source(part["source"], policy, where)
-    if part["type"] == "image":
-        return {
-            "type": "image",
-            "image": decode_image(
-                data if data is not None else _read_file(path, policy, where),
-                policy,
-                processor,
-                part.get("detail"),
-                where,
-            ),
-        }
-    if path is None:
-        path = resolved.temp_file(data, ".video")
-    check_video(path, policy, processor, where)
-    return {"type": "video", "video": str(path)}
+    if part["type"] == "video":
+        if path is None:
+            path = resolved.temp_file(data, ".video")
+        check_video(path, policy, processor, where, budget)
+        return [{"type": "video", "video": str(path)}]
+    if data is None:
+        data = _read_file(path, policy, where)
+    if is_pdf(data):
+        return _pages(data, part, policy, budget, pages_left)
+    if part["type"] == "document":
+        raise bad(f"{where}: the document is not a PDF (it does not start with %PDF-).", where)
+    image = decode_image(data, policy, processor, part.get("detail"), where)
+    return [{"type": "image", "image": image}]
+
+
+def _pages(data: bytes, part: dict, policy: MediaPolicy, budget: dict, pages_left: list) -> list:
+    """A PDF's selected pages as image parts; the pages of all the request's PDFs count against
+    --max-pdf-pages together."""
+    where = part["param"]
+    dpi = part.get("dpi") or budget.get("dpi") or policy.pdf_dpi
+    if dpi > policy.pdf_dpi:
+        raise bad(
+            f"{where}.dpi {dpi:g} is over this server's limit of {policy.pdf_dpi:g} (--pdf-dpi).",
+            where,
+        )
+    hint = f"(this server's --max-pdf-pages, {policy.max_pdf_pages} a request)"
+    if pages_left[0] < policy.max_pdf_pages:
+        hint = (
+            f"(the pages left of this server's --max-pdf-pages, {policy.max_pdf_pages} a request)"
+        )
+    try:
+        options = PdfOptions(dpi, part.get("pages"), max(pages_left[0], 1), policy.max_image_pixels)
+        pages = render_pages(data, options, where)
+    except Glm4vError as e:
+        raise bad(str(e).replace("(--max-pdf-pages)", hint), where) from None
+    if len(pages) > pages_left[0]:  # none were left
+        raise bad(f"{where}: the request's PDFs have more pages than {hint[1:-1]}.", where)
+    pages_left[0] -= len(pages)
+    return [{"type": "image", "image": page} for page in pages]
 
 
 # ---- sources -------------------------------------------------------------------------------------
@@ -339,7 +405,7 @@ def decode_image(data: bytes, policy: MediaPolicy, processor, detail: Optional[s
     return out
 
 
-def check_video(path: Path, policy: MediaPolicy, processor, where: str):
+def check_video(path: Path, policy: MediaPolicy, processor, where: str, budget: dict = None):
     """Refuse a video that is not one, lasts too long or would be sampled into too many frames."""
     import av
 
@@ -368,8 +434,18 @@ def check_video(path: Path, policy: MediaPolicy, processor, where: str):
             where,
             "video_too_long",
         )
+    budget = budget or {}
     try:
-        frames = len(sample_frames(total, float(exact), seconds, processor.video_settings))
+        frames = len(
+            sample_frames(
+                total,
+                float(exact),
+                seconds,
+                processor.video_settings,
+                budget.get("fps"),
+                budget.get("max_frames"),
+            )
+        )
     except Exception as e:
         raise bad(f"{where}: {e}", where) from None
     if frames > policy.max_video_frames:

@@ -95,7 +95,8 @@ def check_settings(settings: dict):
 class Request:
     """A checked request, the same for every dialect."""
 
-    # the template's messages; media parts {"type": "image"|"video", "source", "detail", "param"}
+    # the template's messages; media parts {"type": "image"|"video", "source", "detail", "param"},
+    # documents {"type": "document", "source", "param", "pages", "dpi"} (each page an image)
     messages: list
     settings: dict  # GenerationSettings keyword arguments; max_tokens None: what the context leaves
     seed: Optional[int] = None
@@ -114,6 +115,9 @@ class Request:
     # None: the server's default); one pinned model only records it, the models registry obeys it
     keep_alive: Optional[float] = None
     context: Optional[int] = None  # a smaller context than the model's (Ollama's num_ctx)
+    # the request's media budget (vLLM's `mm_processor_kwargs`): max_pixels, min_pixels, fps,
+    # max_frames, dpi; checked against the operator's caps where media are read (media.py)
+    media_budget: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -245,6 +249,46 @@ def media_source(part: dict, key: str, where: str):
         raise bad(f"{where}: detail {detail!r} must be auto, low, high or original.", where)
     # high is the full size already
     return value, "high" if detail == "original" else detail or "auto"
+
+
+MEDIA_BUDGET = "mm_processor_kwargs"  # vLLM's name for the request's media settings
+
+
+def media_budget(body: dict) -> dict:
+    """The request's `mm_processor_kwargs`, each value checked for its type and range (the
+    operator's caps are media.py's to check)."""
+    value = body.get(MEDIA_BUDGET)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise bad(f"{MEDIA_BUDGET} must be an object.", MEDIA_BUDGET)
+    unknown_fields(value, {"max_pixels", "min_pixels", "fps", "max_frames", "dpi"}, MEDIA_BUDGET)
+    checks = {"max_pixels": (1, True), "min_pixels": (1, True), "max_frames": (2, True)}
+    out = {}
+    for key, (lo, integer) in checks.items():
+        out[key] = number(value, key, lo, integer=integer, where=f"{MEDIA_BUDGET}.{key}")
+    for key in ("fps", "dpi"):
+        out[key] = number(value, key, where=f"{MEDIA_BUDGET}.{key}")
+        if out[key] is not None and out[key] <= 0:
+            raise bad(f"{MEDIA_BUDGET}.{key} {out[key]} must be positive.", f"{MEDIA_BUDGET}.{key}")
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def document_part(source, where: str, part: dict) -> dict:
+    """A document (a PDF) in the neutral form, with the page selection and DPI the part may
+    carry (`pages`: "1-3,5", `dpi`)."""
+    pages = part.get("pages")
+    if pages is not None and (not isinstance(pages, str) or not pages.strip()):
+        raise bad(f'{where}.pages must be a page selection string like "1-3,5".', where)
+    dpi = number(part, "dpi", where=f"{where}.dpi")
+    if dpi is not None and dpi <= 0:
+        raise bad(f"{where}.dpi {dpi} must be positive.", f"{where}.dpi")
+    return {"type": "document", "source": source, "param": where, "pages": pages, "dpi": dpi}
+
+
+def pdf_data_url(data: str) -> str:
+    """`file_data` as sent: a data: URL, or bare base64 (then taken for a PDF)."""
+    return data if data.startswith("data:") else f"data:application/pdf;base64,{data}"
 
 
 def function_tool(name, description, parameters, where: str) -> dict:

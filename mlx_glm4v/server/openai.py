@@ -28,13 +28,16 @@ from .neutral import (
     check_fields,
     check_model,
     check_settings,
+    document_part,
     finish_messages,
     gather,
+    media_budget,
     media_source,
     number,
+    pdf_data_url,
 )
 
-# Fields we implement (the last four are extensions vLLM's and llama.cpp's servers take too).
+# Fields we implement (the last five are extensions vLLM's and llama.cpp's servers take too).
 SUPPORTED = {
     "model",
     "messages",
@@ -60,6 +63,7 @@ SUPPORTED = {
     "chat_template_kwargs",
     "thinking_budget",
     "ignore_eos",
+    "mm_processor_kwargs",
 }
 # Fields that do not change the reply: accepted and ignored.
 IGNORED = {
@@ -138,13 +142,33 @@ def _user_content(content, where: str):
         elif kind == "video_url":
             url, _ = media_source(part, kind, at)
             parts.append({"type": "video", "source": url, "param": at})
+        elif kind == "file":
+            parts.append(_file(part, at))
         else:
             raise bad(
                 f"{at}: content part type {kind!r} is not supported (text, image_url, input_image, "
-                "video_url).",
+                "video_url, file).",
                 at,
             )
     return parts
+
+
+def _file(part: dict, at: str) -> dict:
+    """A `file` part: a PDF as `file.file_data` (a data: URL or base64); `pages` and `dpi` on
+    the part choose its pages and their resolution."""
+    file = part.get("file")
+    if not isinstance(file, dict):
+        raise bad(f"{at}: a file part needs a file object with file_data.", at)
+    if file.get("file_data") is None and file.get("file_id") is not None:
+        raise bad(
+            f"{at}: file_id is not supported (this server keeps no files); send the PDF as "
+            "file.file_data.",
+            at,
+        )
+    data = file.get("file_data")
+    if not isinstance(data, str) or not data:
+        raise bad(f"{at}: a file part needs file.file_data (a base64 PDF).", at)
+    return document_part(pdf_data_url(data), at, part)
 
 
 def _tool_calls(calls, where: str) -> list:
@@ -370,6 +394,7 @@ def parse(body, served: Served) -> Request:
         constraint=constraint,
         template_kwargs=template_kwargs,
         options={"include_usage": include_usage},
+        media_budget=media_budget(body),
     )
 
 

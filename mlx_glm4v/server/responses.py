@@ -30,12 +30,15 @@ from .neutral import (
     check_fields,
     check_model,
     check_settings,
+    document_part,
     effort,
     finish_messages,
     function_tool,
+    media_budget,
     media_source,
     number,
     offered_tools,
+    pdf_data_url,
     seal,
     unknown_fields,
     unseal,
@@ -60,6 +63,7 @@ SUPPORTED = {
     "include",
     "seed",
     "top_k",
+    "mm_processor_kwargs",
 }
 # Accepted, without effect on the reply.
 IGNORED = {
@@ -175,15 +179,34 @@ def _parts(content, where: str, role: str):
                 )
             url, detail = media_source(part, kind, at)
             parts.append({"type": "image", "source": url, "detail": detail, "param": at})
+        elif kind == "input_file" and role == "user":
+            parts.append(_input_file(part, at))
         else:
             raise bad(
                 f"{at}: content part type {kind!r} is not supported here (input_text, input_image, "
-                "output_text).",
+                "input_file, output_text).",
                 at,
             )
     if role != "user" or all(p["type"] == "text" for p in parts):
         return "".join(p["text"] for p in parts)
     return parts
+
+
+def _input_file(part: dict, at: str) -> dict:
+    """An `input_file` part: a PDF as `file_data` (a data: URL or base64) or `file_url` (read as
+    an image URL is); `pages` and `dpi` choose its pages and their resolution."""
+    data, url = part.get("file_data"), part.get("file_url")
+    if data is None and url is None and part.get("file_id") is not None:
+        raise bad(
+            f"{at}: file_id is not supported (this server keeps no files); send the PDF as "
+            "file_data.",
+            at,
+        )
+    if isinstance(data, str) and data:
+        return document_part(pdf_data_url(data), at, part)
+    if isinstance(url, str) and url:
+        return document_part(url, at, part)
+    raise bad(f"{at}: an input_file part needs file_data (a base64 PDF) or file_url.", at)
 
 
 def _arguments(value, where: str) -> dict:
@@ -362,6 +385,7 @@ def parse(body, served: Served) -> Request:
         tools=tools,
         tool_choice=tools and "auto",
         constraint=constraint,
+        media_budget=media_budget(body),
     )
     reasoning = body.get("reasoning") or {}
     if not isinstance(reasoning, dict):
