@@ -725,7 +725,39 @@ def chat(
 @app.command()
 @friendly_errors
 def serve(
-    model: Optional[str] = MODEL,
+    model: Optional[List[str]] = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help=(
+            "Hub repo id or local directory (default: $MLX_GLM4V_MODEL, else "
+            f"{DEFAULT_MODEL}); repeat to serve several, each loaded on its first request."
+        ),
+    ),
+    models_file: Optional[Path] = typer.Option(
+        None,
+        "--models",
+        help=(
+            "A JSON list of models to serve: {name, path, pin, keep_alive, kv_bits} each "
+            "(with or instead of --model)."
+        ),
+    ),
+    keep_alive: Optional[str] = typer.Option(
+        None,
+        "--keep-alive",
+        help=(
+            'How long an idle model stays loaded: seconds or a duration such as "5m"; -1: '
+            "forever (default: 5m; one --model alone is pinned unless this is given)."
+        ),
+    ),
+    max_memory_gb: Optional[float] = typer.Option(
+        None,
+        "--max-memory-gb",
+        help=(
+            "Memory the loaded models may take, weights plus KV caches; idle ones unload to make "
+            "room (default: 80% of what MLX may use)."
+        ),
+    ),
     host: str = typer.Option(
         "127.0.0.1",
         "--host",
@@ -879,10 +911,13 @@ def serve(
     Under mlx.launch, rank 0 serves HTTP and the other ranks run each batch step with it."""
     from .serving.distributed import launched
 
+    specs = model_specs(model, models_file, alias, adapter)
     if (group := launched()) is not None and adapter is not None:
         raise Glm4vError(NO_DISTRIBUTED_ADAPTER)
+    if group is not None and len(specs) > 1:
+        raise Glm4vError("under mlx.launch the server runs one model; give one --model.")
     if group is not None and group.rank() != 0:
-        return follow_server(group, resolve_model_name(model))
+        return follow_server(group, specs[0].path)
     from .server.app import ServerConfig
     from .server.app import serve as run_server
     from .serving.disk_cache import parse_size
@@ -905,6 +940,9 @@ def serve(
     )
     if drain_timeout < 0:
         raise Glm4vError(f"--drain-timeout {drain_timeout} must be 0 or more.")
+    if max_memory_gb is not None and max_memory_gb <= 0:
+        raise Glm4vError(f"--max-memory-gb {max_memory_gb} must be positive.")
+    keep = None if keep_alive is None else keep_alive_seconds(keep_alive)
     policy = media_policy(
         media_root,
         allow_url_fetch,
@@ -917,8 +955,9 @@ def serve(
         pdf_dpi,
         max_pdf_pages,
     )
+    several = models_file is not None or len(specs) > 1
     config = ServerConfig(
-        model=resolve_model_name(model),
+        model=specs[0].path,
         alias=alias,
         api_key=api_key,
         cors_origins=list(cors_origin or []),
@@ -939,6 +978,9 @@ def serve(
         prompt_cache_dir=prompt_cache_dir,
         prompt_cache_bytes=parse_size(prompt_cache_size),
         warm_prompts=[read_warm_prompt(p) for p in warm_prompt or []],
+        models=specs if several else [],
+        keep_alive=keep,
+        max_memory_bytes=None if max_memory_gb is None else int(max_memory_gb * 1e9),
     )
     run_server(
         config,
@@ -1035,6 +1077,40 @@ def ocr(
                 typer.echo(document.markdown)
     if failed:
         raise typer.Exit(1)
+
+
+def model_specs(
+    models: Optional[List[str]], models_file: Optional[Path], alias, adapter: Optional[str]
+) -> list:
+    """The models `serve` runs: each --model (--adapter applied to the one), then the models
+    file's."""
+    from .serving.registry import ModelSpec, check_specs, default_name, read_models_file
+
+    paths = list(models or [])
+    if not paths and models_file is None:
+        paths = [resolve_model_name(None)]
+    if alias is not None and len(paths) + (models_file is not None) > 1:
+        raise Glm4vError("--alias names one model; with several, give names in a --models file.")
+    if adapter is not None and len(paths) + (models_file is not None) > 1:
+        raise Glm4vError(
+            "--adapter applies to one --model; with several, give adapters in a --models file."
+        )
+    specs = [ModelSpec(alias or default_name(p, adapter), p, adapter=adapter) for p in paths]
+    if models_file is not None:
+        specs += read_models_file(models_file)
+    check_specs(specs)
+    return specs
+
+
+def keep_alive_seconds(value: str) -> float:
+    from .serving.registry import duration
+
+    try:
+        return duration(value)
+    except ValueError:
+        raise Glm4vError(
+            f'--keep-alive {value!r} is not seconds or a duration such as "5m" or "1h30m".'
+        ) from None
 
 
 def check_limits(positive: dict, at_least_one: dict):

@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class Server:
-    """`serve` in a process of its own (`launcher`: a command that starts it, e.g. mlx.launch)."""
+    """`serve` in a process of its own (`launcher`: a command that starts it, e.g. mlx.launch;
+    `checkpoint` None: the models come from `args`, e.g. --models)."""
 
     def __init__(self, checkpoint, args, log_path, key=None, launcher=(), env=None):
         self.port = free_port()
@@ -41,8 +42,7 @@ class Server:
                 "-m",
                 "mlx_glm4v",
                 "serve",
-                "--model",
-                str(checkpoint),
+                *(["--model", str(checkpoint)] if checkpoint is not None else []),
                 "--port",
                 str(self.port),
                 *args,
@@ -63,7 +63,7 @@ class Server:
             time.sleep(0.1)
         else:
             raise AssertionError("the server did not become ready: " + Path(log_path).read_text())
-        self.model = Path(checkpoint).name
+        self.model = Path(checkpoint).name if checkpoint is not None else None
         self.client = openai.OpenAI(
             base_url=f"{self.url}/v1", api_key=key or "unused", max_retries=0, timeout=60
         )

@@ -1,7 +1,9 @@
 """The ASGI app: routes, auth, request limits, and the one path every dialect's request takes.
 
-One model is loaded at start-up (on a thread, so `/health` answers 503 until it is ready) and
-pinned: a request names it or its alias, or gets a 404 (any name, with --answer-any-model). A
+The models live in a registry (serving/registry.py, server/models.py): one `--model` is loaded
+at start-up (on a thread, so `/health` answers 503 until it is ready) and pinned; with several,
+each loads on its first request and unloads when idle, within a memory budget. A request names
+a model or its alias, or gets a 404 (any name goes to the first model, with --answer-any-model). A
 dialect (openai.py: chat completions, responses.py: the Responses API, anthropic.py: Messages)
 turns its body into the neutral request; here its media are read (media.py) and the prompt
 built by our processor off the event loop, the engine runs it, and the one reply parser turns
@@ -38,10 +40,12 @@ from ..errors import Glm4vError
 from ..generation.grounding import as_json, find_marks
 from ..generation.reply import ReplyParser
 from ..inputs.image import load_image
+from ..serving.registry import DEFAULT_KEEP_ALIVE, ModelSpec, NoRoom, Registry, default_name
 from . import anthropic, ollama, openai, responses
 from .drain import RETRY_AFTER, Drain
 from .media import MediaPolicy, processor_budget, resolve_media
 from .metrics import Metrics
+from .models import Lease, Slot, model_entry, ps, tags
 from .neutral import ApiError, Finish, Logprob, Meta, Served, bad, check_model, use_key_in
 
 log = logging.getLogger("mlx_glm4v.server")
@@ -76,104 +80,139 @@ class ServerConfig:
     prompt_cache_dir: Optional[Path] = None
     prompt_cache_bytes: int = 4 << 30
     warm_prompts: list = field(default_factory=list)  # parsed --warm-prompt files
+    # several models (registry.ModelSpec); empty: `model` alone, loaded at start and pinned
+    models: list = field(default_factory=list)
+    # seconds an idle model stays loaded (None: 5 minutes; given, one --model is not pinned)
+    keep_alive: Optional[float] = None
+    max_memory_bytes: Optional[int] = None  # the models' budget (None: registry.default_budget)
 
     @property
     def name(self) -> str:
         """The name clients send: the alias, or the model's last part (and the adapter's: the
         adapter is part of what is served)."""
-        if self.alias:
-            return self.alias
-        name = self.model.rstrip("/").split("/")[-1]
-        if self.adapter:
-            name += "+" + Path(self.adapter).expanduser().resolve().name
-        return name
+        return self.alias or default_name(self.model, self.adapter)
+
+    def specs(self) -> list:
+        if self.models:
+            return self.models
+        pin = self.keep_alive is None
+        return [ModelSpec(self.name, self.model, pin=pin, adapter=self.adapter)]
 
 
 class State:
-    """What the routes share: the config, and once loaded, the model, processor and engine."""
+    """What the routes share: the config, the models' registry (once built), the Responses
+    store, the drain."""
 
     def __init__(self, config: ServerConfig, group=None):
         self.config, self.group = config, group
         self.metrics = Metrics()
-        self.engine = self.processor = None
+        self.registry = None
         self.ready = threading.Event()
-        self.names = {config.name, config.model}
-        self.tools_supported = self.thinking_in_template = False
-        self.max_prompt_tokens = config.max_prompt_tokens
-        self.context = None  # the model's context length, once loaded
+        self.specs = config.specs()
         self.store = responses.Store(config.store_count, config.store_bytes)
-        self.served = None
+        # what a request naming no model, or an unknown one, is checked against
+        names = set().union(*(s.names for s in self.specs))
+        self.served = Served(self.specs[0].name, names, answer_any_model=config.answer_any_model)
         self.drain = Drain(config.drain_timeout)
         self.started = datetime.now(timezone.utc)
 
-    def keep_alive(self, name: str, seconds):
-        """A request's wish for how long its model stays loaded (Ollama's keep_alive): one pinned
-        model stays whatever it asks; the models registry will act on it here."""
-        if seconds is not None:
-            log.debug("keep_alive %s s asked for %s; the one model stays loaded", seconds, name)
+    def engines(self) -> list:
+        return [e.loaded.engine for e in self.registry.loaded()] if self.registry else []
 
-    def identity(self) -> str:
-        """What the model's outputs depend on: the checkpoint and the adapter's bytes (the prefix
-        cache keys its entries by it)."""
-        if self.config.adapter is None:
-            return self.config.model
-        return f"{self.config.model}+{read_adapter(self.config.adapter).digest}"
+    def flush(self):
+        """Every loaded model's disk-tier writes (the drain's last step)."""
+        for engine in self.engines():
+            engine.flush()
 
     def load(self, loader=None):
-        """Load and pin the model (on a thread at start-up)."""
-        from jinja2 import Environment, meta
+        """Build the registry and load the pinned models (on a thread at start-up)."""
+        from ..checkpoints.loader import resolve
 
+        keep = DEFAULT_KEEP_ALIVE if self.config.keep_alive is None else self.config.keep_alive
+        self.registry = Registry(
+            self.specs,
+            functools.partial(self._load, loader),
+            resolve,
+            self.config.max_memory_bytes,
+            keep,
+        )
+        for spec in self.specs:
+            if spec.pin:
+                self.registry.release(self.registry.acquire(spec.name))
+        for i, body in enumerate(self.config.warm_prompts):
+            self.warm(body, i)
+        self.drain.flushers.append(self.flush)
+        self.ready.set()
+
+    def _load(self, loader, spec: ModelSpec, directory) -> Slot:
+        """One model, its processor and its engine (under mlx.launch: this rank's part, the
+        other ranks following this engine)."""
         from ..checkpoints.loader import load
         from ..serving.engine import Engine
 
-        # under mlx.launch: this rank's part; the other ranks follow this engine
         if self.group is not None:
             from ..serving.distributed import load as load_part
 
-            model, processor, layout = load_part(self.config.model, self.group)
+            model, processor, layout = load_part(spec.path, self.group)
             log.info("%s", layout.describe())
-        elif self.config.adapter is not None:
-            model, processor = (loader or load)(self.config.model, adapter_path=self.config.adapter)
+        elif spec.adapter is not None:
+            model, processor = (loader or load)(spec.path, adapter_path=spec.adapter)
         else:
-            model, processor = (loader or load)(self.config.model)
+            model, processor = (loader or load)(spec.path)
         self.metrics.instrument_vision(model)
-        variables = meta.find_undeclared_variables(Environment().parse(processor.chat_template))
-        self.tools_supported = "tools" in variables
-        self.thinking_in_template = "</think>" in processor.chat_template
-        self.context = model.config.text_config.max_position_embeddings
-        if self.max_prompt_tokens is None:
-            self.max_prompt_tokens = self.context
-        self.processor = processor
-        self.served = Served(
-            self.config.name,
-            self.names,
-            self.tools_supported,
-            self.thinking_in_template,
-            "enable_thinking" in processor.chat_template,
-            self.config.answer_any_model,
-            self.store,
-        )
         options = dict(
-            prompt_cache=self.prompt_cache(model),
+            prompt_cache=self.prompt_cache(model, spec),
             max_queue=self.config.max_queue,
             max_concurrency=self.config.max_concurrency,
             feature_cache_bytes=self.config.feature_cache_bytes,
             max_stall_ms=self.config.max_stall_ms,
-            identity=self.identity(),
+            identity=identity(spec),
         )
         if self.group is not None:
             from ..serving.lockstep import serving_engine
 
-            self.engine = serving_engine(self.group, model, processor, **options)
+            engine = serving_engine(self.group, model, processor, **options)
         else:
-            self.engine = Engine(model, processor, **options)
-        self.drain.flushers.append(self.engine.flush)  # the disk tier's writes, before the exit
-        for i, body in enumerate(self.config.warm_prompts):
-            self.warm(body, i)
-        self.ready.set()
-        log.info("model %s loaded; serving it as %r", self.config.model, self.config.name)
+            engine = Engine(model, processor, **options)
+        log.info("model %s loaded; serving it as %r", spec.path, spec.name)
+        return Slot(spec, model, processor, engine, self.config, self.store)
 
-    def prompt_cache(self, model):
+    async def hold(self, body, key: str = "model") -> Lease:
+        """The model a request names, loaded if it is not (off the event loop) and held until
+        the lease is given back; a name no model has is refused as the dialects refuse it."""
+        registry = self.registry
+        name = body.get(key) if isinstance(body, dict) else None
+        entry = registry.find(name) if isinstance(name, str) else None
+        if entry is None:
+            first = registry.entries[self.specs[0].name]
+            several = len(self.specs) > 1
+            if several and not isinstance(body, dict):
+                raise bad("the request body must be a JSON object.")
+            if several and not (isinstance(name, str) and self.config.answer_any_model):
+                if not isinstance(name, str) or not name:
+                    check_model(name, self.served, key)  # the 400 every dialect gives
+                listed = ", ".join(repr(s.name) for s in self.specs)
+                raise ApiError(
+                    404,
+                    f"the model {name!r} does not exist; this server runs {listed}.",
+                    key,
+                    "model_not_found",
+                )
+            entry = first  # one model checks the name as before (or any name is answered)
+        try:
+            entry = await run_in_threadpool(registry.acquire, entry.spec.name)
+        except NoRoom as e:
+            raise ApiError(
+                503, str(e), code="no_memory", headers={"Retry-After": str(e.retry_after)}
+            ) from None
+        except Glm4vError as e:
+            log.error("could not load %s: %s", entry.spec.path, e)
+            raise ApiError(
+                500, f"the model {entry.spec.name!r} could not be loaded; the log says why."
+            ) from None
+        return Lease(registry, entry)
+
+    def prompt_cache(self, model, spec: ModelSpec):
         """The disk tier for this model and the engine's settings, or None."""
         from ..checkpoints.loader import resolve
         from ..serving.disk_cache import CacheKey, DiskCache
@@ -184,25 +223,31 @@ class State:
         if self.group is not None:
             log.warning("--prompt-cache-dir is not used under mlx.launch: each rank holds a part")
             return None
-        adapter = read_adapter(self.config.adapter).digest if self.config.adapter else ""
-        key = CacheKey.of(model, resolve(self.config.model), PREFILL_CHUNK, adapter=adapter)
+        adapter = read_adapter(spec.adapter).digest if spec.adapter else ""
+        key = CacheKey.of(model, resolve(spec.path), PREFILL_CHUNK, adapter=adapter)
         return DiskCache(self.config.prompt_cache_dir, self.config.prompt_cache_bytes, key)
 
     def warm(self, body: dict, i: int):
-        """Prefill a --warm-prompt (its prompt kept like any other) before serving."""
+        """Prefill a --warm-prompt (its prompt kept like any other) on the first model, loaded
+        for it if it is not pinned, before serving."""
         from ..generation.settings import GenerationSettings
         from ..serving.engine import Request as EngineRequest
 
         started = time.monotonic()
+        entry = self.registry.acquire(self.specs[0].name)
         try:
-            neutral = openai.parse({**body, "model": self.config.name}, self.served)
-            inputs = _prepare(self, neutral)
-        except ApiError as e:
-            raise Glm4vError(f"--warm-prompt number {i + 1} is refused: {e.message}") from None
-        settings = GenerationSettings(**{**neutral.settings, "max_tokens": 1})
-        for event in self.engine.submit(EngineRequest(inputs, settings)):
-            if event.finish_reason is not None:
-                usage = event.usage
+            slot = entry.loaded
+            try:
+                neutral = openai.parse({**body, "model": slot.name}, slot.served)
+                inputs = _prepare(slot, self.config, neutral)
+            except ApiError as e:
+                raise Glm4vError(f"--warm-prompt number {i + 1} is refused: {e.message}") from None
+            settings = GenerationSettings(**{**neutral.settings, "max_tokens": 1})
+            for event in slot.engine.submit(EngineRequest(inputs, settings)):
+                if event.finish_reason is not None:
+                    usage = event.usage
+        finally:
+            self.registry.release(entry)
         log.info(
             "warm prompt %d: %d tokens (%d from the cache) in %.1f s",
             i + 1,
@@ -210,6 +255,14 @@ class State:
             usage.cached_tokens,
             time.monotonic() - started,
         )
+
+
+def identity(spec: ModelSpec) -> str:
+    """What a model's outputs depend on: the checkpoint and the adapter's bytes (the prefix
+    cache keys its entries by it)."""
+    if spec.adapter is None:
+        return spec.path
+    return f"{spec.path}+{read_adapter(spec.adapter).digest}"
 
 
 def timeout_error(config: ServerConfig) -> ApiError:
@@ -333,45 +386,36 @@ async def health(request: Request):
     return JSONResponse({"status": "ok"})
 
 
-def _model_entry(name: str) -> dict:
-    """One model as both SDKs read it: OpenAI's fields and Anthropic's."""
-    return {
-        "id": name,
-        "object": "model",
-        "created": 0,
-        "owned_by": "mlx-glm4v",
-        "type": "model",
-        "display_name": name,
-        "created_at": "1970-01-01T00:00:00Z",
-    }
-
-
 async def models(request: Request):
+    """GET /v1/models: every model the server may run (`loaded`: whether it is in memory)."""
     state = _state(request)
-    name = state.config.name
+    loaded = {e.spec.name for e in state.registry.loaded()}
+    names = [s.name for s in state.specs]
     return JSONResponse(
         {
             "object": "list",
-            "data": [_model_entry(name)],
+            "data": [model_entry(name, name in loaded) for name in names],
             "has_more": False,
-            "first_id": name,
-            "last_id": name,
+            "first_id": names[0],
+            "last_id": names[-1],
         }
     )
 
 
 async def model(request: Request):
-    """GET /v1/models/{name}: the served model (any name, with --answer-any-model)."""
+    """GET /v1/models/{name}: one model (any name, with --answer-any-model)."""
     try:
         state, name = _state(request), request.path_params["name"]
-        if name not in state.names and not state.config.answer_any_model:
+        entry = state.registry.find(name)
+        if entry is None and not state.config.answer_any_model:
+            listed = ", ".join(repr(s.name) for s in state.specs)
             raise ApiError(
                 404,
-                f"the model {name!r} does not exist; this server runs {state.config.name!r}.",
+                f"the model {name!r} does not exist; this server runs {listed}.",
                 "model",
                 "model_not_found",
             )
-        return JSONResponse(_model_entry(name))
+        return JSONResponse(model_entry(name, entry is None or entry.loaded is not None))
     except ApiError as e:
         return error_response(e, anthropic if "anthropic-version" in request.headers else openai)
 
@@ -410,28 +454,46 @@ def route(handler, dialect):
     return endpoint
 
 
-async def _prepared(ready: State, neutral) -> dict:
+async def _prepared(slot: Slot, config: ServerConfig, neutral) -> dict:
     try:  # reading media is bounded by the limits; the timeout still answers the client in time
         return await asyncio.wait_for(
-            run_in_threadpool(_prepare, ready, neutral), ready.config.request_timeout
+            run_in_threadpool(_prepare, slot, config, neutral), config.request_timeout
         )
     except asyncio.TimeoutError:
-        raise timeout_error(ready.config) from None
+        raise timeout_error(config) from None
 
 
 async def _reply(request: Request, dialect, parse=None):
+    """A dialect's request, run on the model it names while that model is held."""
     ready = _state(request)
-    parse = parse or dialect.parse
-    neutral = parse(await _body(request), ready.served)
-    ready.keep_alive(ready.config.name, neutral.keep_alive)
+    body = await _body(request)
+    lease = await ready.hold(body)
+    try:
+        response = await _run(request, dialect, parse or dialect.parse, ready, lease, body)
+    except BaseException:
+        lease.release()
+        raise
+    if isinstance(response, StreamingResponse):  # held until the stream ends
+        response.body_iterator = lease.held_by(response.body_iterator)
+    else:
+        lease.release()
+    return response
+
+
+async def _run(request: Request, dialect, parse, ready: State, lease: Lease, body):
+    slot, config = lease.slot, ready.config
+    neutral = parse(body, slot.served)
+    lease.keep_alive = neutral.keep_alive
     if not neutral.messages:  # Ollama's way to load a model: nothing to run
-        meta = Meta(dialect.reply_id(), int(time.time()), ready.config.name, 0, ready.served)
+        meta = Meta(dialect.reply_id(), int(time.time()), slot.name, 0, slot.served)
         return JSONResponse(dialect.loaded(neutral, meta))
-    deadline = time.monotonic() + ready.config.request_timeout
-    inputs = await _prepared(ready, neutral)
+    deadline = time.monotonic() + config.request_timeout
+    inputs = await _prepared(slot, config, neutral)
     n = int(inputs["input_ids"].shape[-1])
     settings = dict(neutral.settings)
-    context = min(ready.context, neutral.context or ready.context)
+    if slot.spec.kv_bits is not None and settings.get("kv_bits") is None:
+        settings["kv_bits"] = slot.spec.kv_bits
+    context = min(slot.context, neutral.context or slot.context)
     if neutral.context and n >= context:
         raise bad(
             f"the prompt is {n} tokens, over the context of {context} the request allows "
@@ -442,15 +504,15 @@ async def _reply(request: Request, dialect, parse=None):
     room = context - n if settings.get("max_tokens") is None else settings["max_tokens"]
     if room < 1:  # only with --max-prompt-tokens over the context: no limit asked, none left
         raise bad(
-            f"the prompt is {n} tokens and fills the model's context of {ready.context}; give a "
+            f"the prompt is {n} tokens and fills the model's context of {slot.context}; give a "
             "token limit or a shorter prompt.",
             "messages",
             "context_length_exceeded",
         )
     if neutral.context:
         room = min(room, context - n)
-    if ready.config.max_output_tokens:
-        room = min(room, ready.config.max_output_tokens)
+    if config.max_output_tokens:
+        room = min(room, config.max_output_tokens)
     settings["max_tokens"] = max(1, room)
 
     from ..generation.settings import GenerationSettings
@@ -458,7 +520,7 @@ async def _reply(request: Request, dialect, parse=None):
     from ..serving.engine import Request as EngineRequest
 
     try:
-        handle = ready.engine.submit(
+        handle = slot.engine.submit(
             EngineRequest(
                 inputs, GenerationSettings(**settings), neutral.seed, neutral.top_logprobs
             )
@@ -467,8 +529,8 @@ async def _reply(request: Request, dialect, parse=None):
         raise ApiError(
             429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after)}
         ) from None
-    meta = Meta(dialect.reply_id(), int(time.time()), ready.config.name, n, ready.served)
-    run = Run(ready, neutral, settings, handle, deadline, meta)
+    meta = Meta(dialect.reply_id(), int(time.time()), slot.name, n, slot.served)
+    run = Run(ready, slot, neutral, settings, handle, deadline, meta)
     if neutral.stream:
         return StreamingResponse(
             run.stream(dialect.Stream(neutral, meta)),
@@ -481,9 +543,14 @@ async def _reply(request: Request, dialect, parse=None):
 async def count_tokens(request: Request, dialect):
     """Anthropic's POST /v1/messages/count_tokens: the prompt as it would run, counted."""
     ready = _state(request)
-    inputs = await _prepared(
-        ready, dialect.parse(await _body(request), ready.served, counting=True)
-    )
+    body = await _body(request)
+    lease = await ready.hold(body)
+    try:
+        slot = lease.slot
+        neutral = dialect.parse(body, slot.served, counting=True)
+        inputs = await _prepared(slot, ready.config, neutral)
+    finally:
+        lease.release()
     return JSONResponse({"input_tokens": int(inputs["input_ids"].shape[-1])})
 
 
@@ -516,25 +583,29 @@ async def ollama_version(request: Request):
 
 async def ollama_tags(request: Request):
     state = _state(request)
-    return {"models": [ollama.entry(state.config.name, state.engine.model, state.started)]}
+    return {"models": tags(state.registry, state.started)}
 
 
 async def ollama_ps(request: Request):
-    state = _state(request)
-    model, expires = state.engine.model, datetime.now(timezone.utc) + ollama.PINNED
-    return {"models": [ollama.running(state.config.name, model, state.context, expires)]}
+    return {"models": ps(_state(request).registry)}
 
 
 async def ollama_show(request: Request):
     state = _state(request)
-    name = ollama.show_name(await _body(request))
-    check_model(name, state.served)
-    return ollama.show(name, state.engine.model, state.processor, state.served, state.started)
+    body = await _body(request)
+    name = ollama.show_name(body)
+    lease = await state.hold({"model": name})
+    try:
+        slot = lease.slot
+        check_model(name, slot.served)
+        return ollama.show(name, slot.model, slot.processor, slot.served, state.started)
+    finally:
+        lease.release()
 
 
-def _prepare(state: State, neutral) -> dict:
+def _prepare(slot: Slot, config: ServerConfig, neutral) -> dict:
     """Media read and checked, the template rendered, the processor run: the engine's inputs."""
-    processor, config = state.processor, state.config
+    processor = slot.processor
     media_kwargs = processor_budget(neutral.media_budget, config.media, processor)
     messages, resolved = resolve_media(
         neutral.messages, config.media, processor, neutral.media_budget
@@ -559,10 +630,10 @@ def _prepare(state: State, neutral) -> dict:
     finally:
         resolved.close()
     n = int(inputs["input_ids"].shape[-1])
-    if n > state.max_prompt_tokens:
+    if n > slot.max_prompt_tokens:
         raise bad(
             f"the prompt is {n} tokens, "
-            f"over the limit of {state.max_prompt_tokens} (--max-prompt-tokens).",
+            f"over the limit of {slot.max_prompt_tokens} (--max-prompt-tokens).",
             "messages",
             "context_length_exceeded",
         )
@@ -573,12 +644,15 @@ class Run:
     """One request on the engine: its events as neutral events (the one reply parser), whole or
     streamed."""
 
-    def __init__(self, state: State, neutral, settings: dict, handle, deadline: float, meta: Meta):
+    def __init__(
+        self, state: State, slot: Slot, neutral, settings: dict, handle, deadline: float, meta: Meta
+    ):
         self.state, self.neutral, self.handle, self.meta = state, neutral, handle, meta
         self.deadline = deadline
-        eos = set(state.engine.model.config.eos_token_id)
+        eos = set(slot.engine.model.config.eos_token_id)
         self.skip_logprob = eos if not settings.get("ignore_eos") else set()
-        self.decode = lambda t: state.processor.tokenizer.decode([t])
+        tokenizer = slot.processor.tokenizer
+        self.decode = lambda t: tokenizer.decode([t])
         self.parser, self.text, self.reasoning_tokens = ReplyParser(neutral.tools), [], 0
         self.was_cut = False
 
@@ -760,8 +834,8 @@ def create_app(config: ServerConfig, loader=None, group=None) -> Starlette:
         state.drain.loop = asyncio.get_running_loop()
         threading.Thread(target=load, name="mlx-glm4v-load", daemon=True).start()
         yield
-        if state.engine is not None:
-            state.engine.close()
+        if state.registry is not None:
+            state.registry.close()
 
     routes = [
         Route("/health", health),
@@ -856,11 +930,12 @@ def serve(
         raise Glm4vError(f"--media-root {config.media.media_root}: no such directory.")
     from ..checkpoints.loader import resolve
 
-    if Path(config.model).expanduser().exists() or config.model.count("/") != 1:
-        # a wrong local path fails now; a hub download happens while /health says 503
-        resolve(config.model)
-    if config.adapter is not None:  # a wrong adapter directory fails now, before listening
-        read_adapter(config.adapter)
+    for spec in config.specs():
+        if Path(spec.path).expanduser().exists() or spec.path.count("/") != 1:
+            # a wrong local path fails now; a hub download happens when the model loads
+            resolve(spec.path)
+        if spec.adapter is not None:  # a wrong adapter directory fails now, before listening
+            read_adapter(spec.adapter)
     logging.basicConfig(
         level=getattr(logging, log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -3,6 +3,10 @@ scraped."""
 
 import time
 
+import mlx.core as mx
+
+from ..serving.stats import Histogram
+
 
 class Metrics:
     """What the server counts itself; `render` adds the engine's statistics and its vision
@@ -16,8 +20,6 @@ class Metrics:
 
     def instrument_vision(self, model):
         """Count and time the vision tower's passes (features evaluated there, as prefill would)."""
-        import mlx.core as mx
-
         encode = model.encode_frames
 
         def timed(*args, **kwargs):
@@ -54,9 +56,9 @@ class Metrics:
             "Chat-completion responses by HTTP status.",
             [(f'{{code="{code}"}}', n) for code, n in sorted(self.responses.items())] or [("", 0)],
         )
-        engine = state.engine
-        if engine is not None:
-            s = engine.stats
+        engines = state.engines()
+        if engines:
+            s = Summed([e.stats for e in engines])
             metric("requests_total", "counter", "Requests the engine ran.", [("", s.requests)])
             metric(
                 "requests_cancelled_total",
@@ -76,23 +78,23 @@ class Metrics:
                 "Prompt tokens read from a cached prefix.",
                 [("", s.cached_tokens)],
             )
-            disk = getattr(engine.prefixes, "disk", None)
-            if disk is not None:
-                for name, value, what in (
-                    ("prompt_cache_disk_reads_total", disk.reads, "Prompts read from disk."),
+            disks = [e.prefixes.disk for e in engines if e.prefixes.disk is not None]
+            if disks:  # the loaded models' disk tiers together
+                for name, field, what in (
+                    ("prompt_cache_disk_reads_total", "reads", "Prompts read from disk."),
                     (
                         "prompt_cache_disk_tokens_total",
-                        disk.read_tokens,
+                        "read_tokens",
                         "Prompt tokens read from disk.",
                     ),
-                    ("prompt_cache_disk_writes_total", disk.writes, "Prompts written to disk."),
+                    ("prompt_cache_disk_writes_total", "writes", "Prompts written to disk."),
                     (
                         "prompt_cache_disk_skipped_total",
-                        disk.skipped,
+                        "skipped",
                         "Prompt cache files skipped (damaged, truncated, foreign).",
                     ),
                 ):
-                    metric(name, "counter", what, [("", value)])
+                    metric(name, "counter", what, [("", sum(getattr(d, field) for d in disks))])
             metric(
                 "generated_tokens_total", "counter", "Tokens generated.", [("", s.generated_tokens)]
             )
@@ -118,9 +120,9 @@ class Metrics:
                 "prefill_rows",
                 "gauge",
                 "Requests being prefilled (prompt chunks or vision pieces to run).",
-                [("", engine.prefilling)],
+                [("", sum(e.prefilling for e in engines))],
             )
-            memo = engine.vision_memo
+            memo = Summed([e.vision_memo for e in engines])
             metric(
                 "vision_cache_hits_total",
                 "counter",
@@ -143,13 +145,10 @@ class Metrics:
                 "queue_depth",
                 "gauge",
                 "Requests waiting for the engine.",
-                [("", engine.queue_depth)],
+                [("", sum(e.queue_depth for e in engines))],
             )
-        items, seconds = (
-            (engine.stats.vision_items, engine.stats.vision_seconds)
-            if engine is not None
-            else (0, 0.0)
-        )
+        items = sum(e.stats.vision_items for e in engines)
+        seconds = sum(e.stats.vision_seconds for e in engines)
         metric(
             "vision_encodes_total",
             "counter",
@@ -163,4 +162,58 @@ class Metrics:
             [("", round(self.vision_seconds + seconds, 6))],
         )
         metric("requests_running", "gauge", "Chat completions in progress.", [("", self.running)])
+        metric(
+            "mlx_active_memory_bytes",
+            "gauge",
+            "MLX's memory in arrays now (every loaded model's weights and caches).",
+            [("", mx.get_active_memory())],
+        )
+        metric(
+            "mlx_cache_memory_bytes",
+            "gauge",
+            "MLX's buffer cache: memory freed by arrays, kept for reuse.",
+            [("", mx.get_cache_memory())],
+        )
+        registry = state.registry
+        if registry is not None:
+            metric("models_loaded", "gauge", "Models in memory.", [("", len(registry.loaded()))])
+            metric(
+                "models_memory_bytes",
+                "gauge",
+                "What the loaded models count against the budget: weights and KV caches.",
+                [("", registry.used())],
+            )
+            metric(
+                "models_unloaded_total",
+                "counter",
+                "Models unloaded (idle past their keep-alive, or to make room).",
+                [("", registry.unloads)],
+            )
+            metric(
+                "models_memory_budget_bytes",
+                "gauge",
+                "The models' memory budget (--max-memory-gb).",
+                [("", registry.budget)],
+            )
         return "\n".join(lines) + "\n"
+
+
+class Summed:
+    """Several engines' statistics read as one: numbers and histograms added, dicts by key."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+
+    def __getattr__(self, name):
+        values = [getattr(p, name, 0) for p in self.parts]
+        first = values[0]
+        if isinstance(first, Histogram):
+            total = Histogram(first.bounds)
+            for h in values:
+                total.counts = [a + b for a, b in zip(total.counts, h.counts)]
+                total.sum += h.sum
+                total.count += h.count
+            return total
+        if isinstance(first, dict):
+            return {k: sum(v.get(k, 0) for v in values) for k in set().union(*values)}
+        return sum(values)

@@ -112,7 +112,7 @@ class Request:
     options: dict = field(default_factory=dict)
     image_sizes: list = field(default_factory=list)  # (width, height) of each image, for `boxes`
     # seconds the model should stay loaded after this request (Ollama's keep_alive; -1: forever,
-    # None: the server's default); one pinned model only records it, the models registry obeys it
+    # None: the server's default); the models registry obeys it (a pinned model stays)
     keep_alive: Optional[float] = None
     context: Optional[int] = None  # a smaller context than the model's (Ollama's num_ctx)
     # the request's media budget (vLLM's `mm_processor_kwargs`): max_pixels, min_pixels, fps,

@@ -15,13 +15,13 @@ import base64
 import binascii
 import hashlib
 import json
-import re
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
 from mlx.utils import tree_flatten
 
+from ..serving.registry import duration
 from .formats import ollama_format
 from .neutral import (
     ApiError,
@@ -93,8 +93,6 @@ NEUTRAL = {
     "penalize_newline": False,
 }
 ROLES = ("system", "user", "assistant", "tool")
-_DURATION = re.compile(r"^(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)?$")
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600, None: 1}
 
 
 def error_body(e: ApiError) -> dict:
@@ -119,16 +117,12 @@ def keep_alive(value):
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise bad('keep_alive must be seconds or a duration such as "5m".', "keep_alive")
-    if not isinstance(value, str):
-        return -1.0 if value < 0 else float(value)
-    total, rest = 0.0, value.strip()
-    parts = re.findall(r"-?\d+(?:\.\d+)?(?:ns|us|µs|ms|s|m|h)?", rest)
-    if not rest or "".join(parts) != rest:
-        raise bad(f'keep_alive {value!r} is not a duration such as "5m" or "1h30m".', "keep_alive")
-    for part in parts:
-        amount, unit = _DURATION.match(part).groups()
-        total += float(amount) * _UNITS[unit]
-    return -1.0 if total < 0 else total
+    try:
+        return duration(value)
+    except ValueError:
+        raise bad(
+            f'keep_alive {value!r} is not a duration such as "5m" or "1h30m".', "keep_alive"
+        ) from None
 
 
 def _images(images, where: str) -> list:
@@ -518,6 +512,29 @@ def entry(name: str, model, started: datetime) -> dict:
         "size": weight_bytes(model),
         "digest": digest(name, model),
         "details": details(model),
+    }
+
+
+def entry_on_disk(name: str, config: dict, size: int, started: datetime) -> dict:
+    """A model not loaded, as /api/tags lists it: what its config.json and files say."""
+    family = config.get("model_type", "")
+    bits = (config.get("quantization") or {}).get("bits")
+    return {
+        "name": name,
+        "model": name,
+        "modified_at": now_iso(started),
+        "size": size,
+        "digest": hashlib.sha256(
+            f"{name}:{json.dumps(config, sort_keys=True)}".encode()
+        ).hexdigest(),
+        "details": {
+            "parent_model": "",
+            "format": "safetensors",
+            "family": family,
+            "families": [family],
+            "parameter_size": "",
+            "quantization_level": f"Q{bits}" if bits else "F16",
+        },
     }
 
 

@@ -244,7 +244,8 @@ def _chunk_end(row: _Row) -> int:
     return min((row.done // row.chunk + 1) * row.chunk, len(row.ids))
 
 
-def _memory_bytes() -> int:
+def memory_bytes() -> int:
+    """What MLX may use: Metal's recommended working set, else the machine's RAM."""
     info = mx.device_info()
     size = info.get("max_recommended_working_set_size") or info.get("memory_size")
     return int(size or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
@@ -266,7 +267,7 @@ def default_limits(model: Model) -> tuple:
         kv_bytes_per_token(model) * len(model.layers) // model.config.text_config.num_hidden_layers
     )
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    budget = max(8192, (_memory_bytes() - weights) // 2 // per_token)
+    budget = max(8192, (memory_bytes() - weights) // 2 // per_token)
     return int(budget), int(min(32, max(1, budget // 4096)))
 
 
@@ -366,6 +367,13 @@ class Engine:
     @property
     def active(self) -> int:
         return len(self._rows)
+
+    @property
+    def reserved_tokens(self) -> int:
+        """Tokens of KV the admitted rows may grow to, and the waiting requests' prompts (a
+        snapshot, for the models registry's budget)."""
+        rows = sum(r.cost for r in list(self._rows))
+        return rows + sum(h.request.inputs["input_ids"].shape[-1] for h in list(self._waiting))
 
     def submit(self, request: Request) -> Handle:
         if self._thread is None:
