@@ -297,9 +297,11 @@ def _reply_options(
         constraint=constraint_option(schema, regex, choice),
     )
     GenerationSettings(**settings)
+    images = existing_files(image, "image")
+    check_pdfs(images, settings["media_kwargs"], pages)
     return Reply(
         resolve_model_name(model),
-        existing_files(image, "image"),
+        images,
         existing_files(video, "video"),
         system,
         seed,
@@ -307,6 +309,20 @@ def _reply_options(
         model_is_default=model is None and not os.environ.get("MLX_GLM4V_MODEL"),
         lazy_load=lazy_load,
     )
+
+
+def check_pdfs(images: list, media_kwargs: dict, pages: Optional[str]):
+    """The PDFs among the images opened and their page selection checked, before a model is
+    read; --pages without a PDF is a mistake worth a line."""
+    from .inputs.pdf import check_pdf, is_pdf_file
+    from .inputs.processor import split_media_kwargs
+
+    pdfs = [i for i in images if is_pdf_file(i)]
+    if pages is not None and not pdfs:
+        raise Glm4vError("--pages chooses pages of a PDF; give one with --image doc.pdf.")
+    options, _ = split_media_kwargs(media_kwargs)
+    for path in pdfs:
+        check_pdf(path, options, path)
 
 
 def constraint_option(

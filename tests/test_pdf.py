@@ -162,6 +162,31 @@ def test_cli_pdf_page_equals_its_image(glm4v_checkpoint, pdf_bytes, tmp_path):
         assert words in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
+def test_cli_checks_pdfs_before_loading_a_model(pdf_bytes, tmp_path):
+    locked = tmp_path / "locked.pdf"
+    locked.write_bytes(encrypted_pdf())
+    (tmp_path / "p.png").write_bytes(png_bytes(picture(20, 20)))
+    missing = str(tmp_path / "no-model")
+    for command in ("generate", "chat"):
+        extra = ["-p", "Hi"] if command == "generate" else []
+        out = cli(command, "--model", missing, "--image", str(locked), *extra)
+        assert out.returncode == 1 and "password-protected" in out.stderr, out.stderr
+    out = cli(
+        "generate",
+        "--model",
+        missing,
+        "-p",
+        "Hi",
+        "--image",
+        str(tmp_path / "p.png"),
+        "--pages",
+        "1",
+    )
+    assert out.returncode == 1 and "--pages chooses pages of a PDF" in out.stderr, out.stderr
+    out = cli("generate", "--model", missing, "-p", "Hi", "--pdf-dpi", "0")
+    assert out.returncode == 1 and "pdf dpi 0.0 must be" in out.stderr, out.stderr
+
+
 def test_chat_attaches_a_pdf_as_pages(glm4v_checkpoint, pdf_bytes, tmp_path):
     """`/image doc.pdf` (and `--image`): one attachment per page, measured as its image."""
     from mlx_glm4v.terminal import attach
