@@ -298,7 +298,7 @@ def _reply_options(
     )
     GenerationSettings(**settings)
     images = existing_files(image, "image")
-    check_pdfs(images, settings["media_kwargs"], pages)
+    check_pdfs(images, settings["media_kwargs"])
     return Reply(
         resolve_model_name(model),
         images,
@@ -311,18 +311,16 @@ def _reply_options(
     )
 
 
-def check_pdfs(images: list, media_kwargs: dict, pages: Optional[str]):
+def check_pdfs(images: list, media_kwargs: dict):
     """The PDFs among the images opened and their page selection checked, before a model is
-    read; --pages without a PDF is a mistake worth a line."""
+    read (chat's later /image PDFs take the same --pages)."""
     from .inputs.pdf import check_pdf, is_pdf_file
     from .inputs.processor import split_media_kwargs
 
-    pdfs = [i for i in images if is_pdf_file(i)]
-    if pages is not None and not pdfs:
-        raise Glm4vError("--pages chooses pages of a PDF; give one with --image doc.pdf.")
     options, _ = split_media_kwargs(media_kwargs)
-    for path in pdfs:
-        check_pdf(path, options, path)
+    for path in images:
+        if is_pdf_file(path):
+            check_pdf(path, options, path)
 
 
 def constraint_option(

@@ -165,24 +165,11 @@ def test_cli_pdf_page_equals_its_image(glm4v_checkpoint, pdf_bytes, tmp_path):
 def test_cli_checks_pdfs_before_loading_a_model(pdf_bytes, tmp_path):
     locked = tmp_path / "locked.pdf"
     locked.write_bytes(encrypted_pdf())
-    (tmp_path / "p.png").write_bytes(png_bytes(picture(20, 20)))
     missing = str(tmp_path / "no-model")
     for command in ("generate", "chat"):
         extra = ["-p", "Hi"] if command == "generate" else []
         out = cli(command, "--model", missing, "--image", str(locked), *extra)
         assert out.returncode == 1 and "password-protected" in out.stderr, out.stderr
-    out = cli(
-        "generate",
-        "--model",
-        missing,
-        "-p",
-        "Hi",
-        "--image",
-        str(tmp_path / "p.png"),
-        "--pages",
-        "1",
-    )
-    assert out.returncode == 1 and "--pages chooses pages of a PDF" in out.stderr, out.stderr
     out = cli("generate", "--model", missing, "-p", "Hi", "--pdf-dpi", "0")
     assert out.returncode == 1 and "pdf dpi 0.0 must be" in out.stderr, out.stderr
 
@@ -202,6 +189,38 @@ def test_chat_attaches_a_pdf_as_pages(glm4v_checkpoint, pdf_bytes, tmp_path):
     (image,) = attach(processor, str(tmp_path / "page4.png"), "image", {})
     assert got[1].tokens == image.tokens and got[0].tokens != image.tokens
     assert np.array_equal(np.asarray(got[1].source), np.asarray(pages[3]))
+
+
+def test_chat_image_command_takes_a_pdf(glm4v_checkpoint, pdf_bytes, tmp_path):
+    """`/image doc.pdf` in the real terminal: each selected page attached and measured, and the
+    reply the one the same pages give as images in-process."""
+    from mlx_glm4v.checkpoints.loader import load
+
+    pexpect = pytest.importorskip("pexpect")
+    from test_terminal import MAX_TOKENS, expected_replies, reply_in, spawn
+
+    pdf = tmp_path / "doc.pdf"
+    pdf.write_bytes(pdf_bytes)
+    path = glm4v_checkpoint[0]
+    args = ["--max-tokens", str(MAX_TOKENS), "--pdf-dpi", str(DPI), "--pages", "2,4"]
+    child = spawn(path, *args, env={"NO_COLOR": "1"})
+    child.expect(">> ")
+    child.sendline(f"/image {pdf}")
+    pages = reference_pages(pdf_bytes, DPI)
+    for n in (2, 4):
+        w, h = pages[n - 1].size
+        child.expect(rf"attached doc.pdf page {n} \({w}x{h}, [\d,]+ tokens\)")
+    child.expect(">> ")
+    child.sendline("Read them.")
+    child.expect(">> ")
+    reply = reply_in(child.before)
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    model, processor = load(path)
+    setup = {"model": model, "processor": processor}
+    assert [reply] == expected_replies(setup, [("Read them.", [pages[1], pages[3]], [])])
 
 
 # ---- the servers -------------------------------------------------------------------------------
