@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pypdfium2 as pdfium
 import pytest
-from helpers import data_url, picture, png_bytes
+from helpers import data_url, picture, png_bytes, write_scrolling_video
 from pdfs import encrypted_pdf, pages_pdf
 from servers import Server
 
@@ -479,7 +479,7 @@ def test_file_ids_and_urls_are_refused_not_dropped(server):
         assert words in response.text, response.text
 
 
-def test_media_budget_within_the_operators_caps(server, pdf_bytes):
+def test_media_budget_within_the_operators_caps(server, pdf_bytes, tmp_path):
     parts = image_parts(pdf_bytes, [3])
     whole = chat_reply(chat(server, parts))
     small = chat_reply(chat(server, parts, mm_processor_kwargs={"max_pixels": 28 * 28 * 4}))
@@ -495,6 +495,14 @@ def test_media_budget_within_the_operators_caps(server, pdf_bytes):
     ]:
         response = chat(server, parts, mm_processor_kwargs=budget)
         assert response.status_code == status and words in response.text, response.text
+    # a video's frames: the request's fps and max_frames, the frames counted against the cap
+    clip = write_scrolling_video(tmp_path / "clip.mp4", frames=40, fps=8)  # 5 s
+    video = [{"type": "video_url", "video_url": {"url": data_url(clip.read_bytes(), "video/mp4")}}]
+    plain = chat_reply(chat(server, video))[2]  # 2 fps: 10 frames
+    assert chat_reply(chat(server, video, mm_processor_kwargs={"fps": 1}))[2] < plain
+    assert chat_reply(chat(server, video, mm_processor_kwargs={"max_frames": 2}))[2] < plain
+    response = chat(server, video, mm_processor_kwargs={"fps": 8})  # 40 frames
+    assert response.status_code == 400 and "(--max-video-frames)" in response.text, response.text
     file = {"type": "file", "file": {"file_data": data_url(pdf_bytes, "application/pdf")}}
     response = chat(server, [{**file, "dpi": 150, "pages": "1"}])
     assert response.status_code == 400 and "(--pdf-dpi)" in response.text, response.text
