@@ -509,3 +509,31 @@ def test_media_budget_within_the_operators_caps(server, pdf_bytes, tmp_path):
     # pages of all documents count together against --max-pdf-pages
     response = chat(server, [{**file, "pages": "1-2"}, {**file, "pages": "3-4"}])
     assert response.status_code == 400 and "--max-pdf-pages" in response.text, response.text
+
+
+@pytest.mark.distributed
+def test_chat_pdf_pages_on_two_ranks(glm4v_checkpoint, pdf_bytes, tmp_path):
+    """Under mlx.launch, chat's rendered pages reach the other rank (as lossless PNG) and the
+    turn runs in step there: the reply is the one a single process gives."""
+    from ranks import cli_env, mlx_launch
+
+    pdf = tmp_path / "doc.pdf"
+    pdf.write_bytes(pdf_bytes)
+    command = [sys.executable, "-m", "mlx_glm4v", "chat", "-m", str(glm4v_checkpoint[0])]
+    command += ["--max-tokens", "6", "--pdf-dpi", str(DPI), "--pages", "2"]
+
+    def run(launcher):
+        out = subprocess.run(
+            [*launcher, *command, "--image", str(pdf)],
+            input="Read it.\n/exit\n",
+            capture_output=True,
+            text=True,
+            env=cli_env(tmp_path),
+            cwd=tmp_path,
+            timeout=300,
+        )
+        assert out.returncode == 0 and "error" not in out.stderr, out.stderr[-2000:]
+        assert "attached doc.pdf page 2" in out.stdout + out.stderr
+        return out.stdout
+
+    assert run([*mlx_launch(2), "--"]) == run([])
