@@ -122,6 +122,30 @@ def test_processor_takes_a_pdf_as_its_pages(glm4v_checkpoint, pdf_bytes, tmp_pat
         run([pdf], dpi=DPI, max_pdf_pages=2)
 
 
+def test_python_api_takes_a_pdf_path(glm4v_checkpoint, pdf_bytes, tmp_path):
+    """`stream_generate` with a PDF among the images (or in messages), pages and DPI in
+    `media_kwargs`: the reply and prompt of the page images themselves."""
+    from mlx_glm4v.checkpoints.loader import load
+    from mlx_glm4v.generation.generate import stream_generate
+
+    model, processor = load(glm4v_checkpoint[0])
+    pdf = tmp_path / "doc.pdf"
+    pdf.write_bytes(pdf_bytes)
+    pages = reference_pages(pdf_bytes, DPI)
+
+    def reply(prompt, images=(), **media):
+        out = list(stream_generate(model, processor, prompt, images, max_tokens=4, **media))
+        return "".join(r.text for r in out), out[-1].prompt_tokens
+
+    theirs = reply("Read.", [pages[0], pages[3]])
+    media = {"media_kwargs": {"pages": "1,4", "dpi": DPI}}
+    assert reply("Read.", [str(pdf)], **media) == theirs
+    message = {"role": "user", "content": [{"type": "image", "image": str(pdf)}]}
+    message["content"].append({"type": "text", "text": "Read."})
+    assert reply([message], **media) == theirs
+    assert reply("Read.", [str(pdf)], media_kwargs={"pages": "1", "dpi": DPI})[1] < theirs[1]
+
+
 # ---- the CLI -----------------------------------------------------------------------------------
 
 
