@@ -316,9 +316,11 @@ def _reply_options(
         constraint=constraint_option(schema, regex, choice),
     )
     GenerationSettings(**settings)
+    images = existing_files(image, "image")
+    check_pdfs(images, settings["media_kwargs"])
     return Reply(
         resolve_model_name(model),
-        existing_files(image, "image"),
+        images,
         existing_files(video, "video"),
         system,
         seed,
@@ -327,6 +329,18 @@ def _reply_options(
         lazy_load=lazy_load,
         adapter=adapter,
     )
+
+
+def check_pdfs(images: list, media_kwargs: dict):
+    """The PDFs among the images opened and their page selection checked, before a model is
+    read (chat's later /image PDFs take the same --pages)."""
+    from .inputs.pdf import check_pdf, is_pdf_file
+    from .inputs.processor import split_media_kwargs
+
+    options, _ = split_media_kwargs(media_kwargs)
+    for path in images:
+        if is_pdf_file(path):
+            check_pdf(path, options, path)
 
 
 def constraint_option(

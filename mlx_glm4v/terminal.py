@@ -19,7 +19,7 @@ from .errors import Glm4vError
 from .generation.reply import ReplySplitter
 
 COMMANDS = {
-    "/image": "/image PATH  attach an image (or several) to your next message",
+    "/image": "/image PATH  attach an image (or several; a PDF's pages) to your next message",
     "/video": "/video PATH  attach a video (or several) to your next message",
     "/boxes": "/boxes PATH  save the image with the last reply's boxes and points drawn",
     "/reset": "/reset       forget the conversation",

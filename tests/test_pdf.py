@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pypdfium2 as pdfium
 import pytest
-from helpers import data_url, picture, png_bytes
+from helpers import data_url, picture, png_bytes, write_scrolling_video
 from pdfs import encrypted_pdf, pages_pdf
 from servers import Server
 
@@ -122,6 +122,30 @@ def test_processor_takes_a_pdf_as_its_pages(glm4v_checkpoint, pdf_bytes, tmp_pat
         run([pdf], dpi=DPI, max_pdf_pages=2)
 
 
+def test_python_api_takes_a_pdf_path(glm4v_checkpoint, pdf_bytes, tmp_path):
+    """`stream_generate` with a PDF among the images (or in messages), pages and DPI in
+    `media_kwargs`: the reply and prompt of the page images themselves."""
+    from mlx_glm4v.checkpoints.loader import load
+    from mlx_glm4v.generation.generate import stream_generate
+
+    model, processor = load(glm4v_checkpoint[0])
+    pdf = tmp_path / "doc.pdf"
+    pdf.write_bytes(pdf_bytes)
+    pages = reference_pages(pdf_bytes, DPI)
+
+    def reply(prompt, images=(), **media):
+        out = list(stream_generate(model, processor, prompt, images, max_tokens=4, **media))
+        return "".join(r.text for r in out), out[-1].prompt_tokens
+
+    theirs = reply("Read.", [pages[0], pages[3]])
+    media = {"media_kwargs": {"pages": "1,4", "dpi": DPI}}
+    assert reply("Read.", [str(pdf)], **media) == theirs
+    message = {"role": "user", "content": [{"type": "image", "image": str(pdf)}]}
+    message["content"].append({"type": "text", "text": "Read."})
+    assert reply([message], **media) == theirs
+    assert reply("Read.", [str(pdf)], media_kwargs={"pages": "1", "dpi": DPI})[1] < theirs[1]
+
+
 # ---- the CLI -----------------------------------------------------------------------------------
 
 
@@ -162,6 +186,18 @@ def test_cli_pdf_page_equals_its_image(glm4v_checkpoint, pdf_bytes, tmp_path):
         assert words in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
+def test_cli_checks_pdfs_before_loading_a_model(pdf_bytes, tmp_path):
+    locked = tmp_path / "locked.pdf"
+    locked.write_bytes(encrypted_pdf())
+    missing = str(tmp_path / "no-model")
+    for command in ("generate", "chat"):
+        extra = ["-p", "Hi"] if command == "generate" else []
+        out = cli(command, "--model", missing, "--image", str(locked), *extra)
+        assert out.returncode == 1 and "password-protected" in out.stderr, out.stderr
+    out = cli("generate", "--model", missing, "-p", "Hi", "--pdf-dpi", "0")
+    assert out.returncode == 1 and "pdf dpi 0.0 must be" in out.stderr, out.stderr
+
+
 def test_chat_attaches_a_pdf_as_pages(glm4v_checkpoint, pdf_bytes, tmp_path):
     """`/image doc.pdf` (and `--image`): one attachment per page, measured as its image."""
     from mlx_glm4v.terminal import attach
@@ -177,6 +213,38 @@ def test_chat_attaches_a_pdf_as_pages(glm4v_checkpoint, pdf_bytes, tmp_path):
     (image,) = attach(processor, str(tmp_path / "page4.png"), "image", {})
     assert got[1].tokens == image.tokens and got[0].tokens != image.tokens
     assert np.array_equal(np.asarray(got[1].source), np.asarray(pages[3]))
+
+
+def test_chat_image_command_takes_a_pdf(glm4v_checkpoint, pdf_bytes, tmp_path):
+    """`/image doc.pdf` in the real terminal: each selected page attached and measured, and the
+    reply the one the same pages give as images in-process."""
+    from mlx_glm4v.checkpoints.loader import load
+
+    pexpect = pytest.importorskip("pexpect")
+    from test_terminal import MAX_TOKENS, expected_replies, reply_in, spawn
+
+    pdf = tmp_path / "doc.pdf"
+    pdf.write_bytes(pdf_bytes)
+    path = glm4v_checkpoint[0]
+    args = ["--max-tokens", str(MAX_TOKENS), "--pdf-dpi", str(DPI), "--pages", "2,4"]
+    child = spawn(path, *args, env={"NO_COLOR": "1"})
+    child.expect(">> ")
+    child.sendline(f"/image {pdf}")
+    pages = reference_pages(pdf_bytes, DPI)
+    for n in (2, 4):
+        w, h = pages[n - 1].size
+        child.expect(rf"attached doc.pdf page {n} \({w}x{h}, [\d,]+ tokens\)")
+    child.expect(">> ")
+    child.sendline("Read them.")
+    child.expect(">> ")
+    reply = reply_in(child.before)
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    model, processor = load(path)
+    setup = {"model": model, "processor": processor}
+    assert [reply] == expected_replies(setup, [("Read them.", [pages[1], pages[3]], [])])
 
 
 # ---- the servers -------------------------------------------------------------------------------
@@ -435,7 +503,7 @@ def test_file_ids_and_urls_are_refused_not_dropped(server):
         assert words in response.text, response.text
 
 
-def test_media_budget_within_the_operators_caps(server, pdf_bytes):
+def test_media_budget_within_the_operators_caps(server, pdf_bytes, tmp_path):
     parts = image_parts(pdf_bytes, [3])
     whole = chat_reply(chat(server, parts))
     small = chat_reply(chat(server, parts, mm_processor_kwargs={"max_pixels": 28 * 28 * 4}))
@@ -451,9 +519,45 @@ def test_media_budget_within_the_operators_caps(server, pdf_bytes):
     ]:
         response = chat(server, parts, mm_processor_kwargs=budget)
         assert response.status_code == status and words in response.text, response.text
+    # a video's frames: the request's fps and max_frames, the frames counted against the cap
+    clip = write_scrolling_video(tmp_path / "clip.mp4", frames=40, fps=8)  # 5 s
+    video = [{"type": "video_url", "video_url": {"url": data_url(clip.read_bytes(), "video/mp4")}}]
+    plain = chat_reply(chat(server, video))[2]  # 2 fps: 10 frames
+    assert chat_reply(chat(server, video, mm_processor_kwargs={"fps": 1}))[2] < plain
+    assert chat_reply(chat(server, video, mm_processor_kwargs={"max_frames": 2}))[2] < plain
+    response = chat(server, video, mm_processor_kwargs={"fps": 8})  # 40 frames
+    assert response.status_code == 400 and "(--max-video-frames)" in response.text, response.text
     file = {"type": "file", "file": {"file_data": data_url(pdf_bytes, "application/pdf")}}
     response = chat(server, [{**file, "dpi": 150, "pages": "1"}])
     assert response.status_code == 400 and "(--pdf-dpi)" in response.text, response.text
     # pages of all documents count together against --max-pdf-pages
     response = chat(server, [{**file, "pages": "1-2"}, {**file, "pages": "3-4"}])
     assert response.status_code == 400 and "--max-pdf-pages" in response.text, response.text
+
+
+@pytest.mark.distributed
+def test_chat_pdf_pages_on_two_ranks(glm4v_checkpoint, pdf_bytes, tmp_path):
+    """Under mlx.launch, chat's rendered pages reach the other rank (as lossless PNG) and the
+    turn runs in step there: the reply is the one a single process gives."""
+    from ranks import cli_env, mlx_launch
+
+    pdf = tmp_path / "doc.pdf"
+    pdf.write_bytes(pdf_bytes)
+    command = [sys.executable, "-m", "mlx_glm4v", "chat", "-m", str(glm4v_checkpoint[0])]
+    command += ["--max-tokens", "6", "--pdf-dpi", str(DPI), "--pages", "2"]
+
+    def run(launcher):
+        out = subprocess.run(
+            [*launcher, *command, "--image", str(pdf)],
+            input="Read it.\n/exit\n",
+            capture_output=True,
+            text=True,
+            env=cli_env(tmp_path),
+            cwd=tmp_path,
+            timeout=300,
+        )
+        assert out.returncode == 0 and "error" not in out.stderr, out.stderr[-2000:]
+        assert "attached doc.pdf page 2" in out.stdout + out.stderr
+        return out.stdout
+
+    assert run([*mlx_launch(2), "--"]) == run([])

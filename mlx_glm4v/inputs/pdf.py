@@ -93,12 +93,23 @@ def _open(source, name: str):
 
 def render_pages(source, options: PdfOptions, name: str = "the PDF") -> list:
     """RGB PIL images of the selected pages; `source` is the PDF's bytes or a path."""
+    return _pages(source, options, name, render=True)
+
+
+def check_pdf(source, options: PdfOptions, name: str = "the PDF"):
+    """Everything `render_pages` refuses, refused now, without drawing a page (the CLI checks
+    its files before loading a model)."""
+    _pages(source, options, name, render=False)
+
+
+def _pages(source, options: PdfOptions, name: str, render: bool) -> list:
     import pypdfium2 as pdfium
 
     if isinstance(source, (str, Path)):
         source = Path(str(source).removeprefix("file://")).expanduser()
         try:
-            head = source.open("rb").read(len(MAGIC))
+            with source.open("rb") as f:
+                head = f.read(len(MAGIC))
         except OSError:
             raise Glm4vError(f"{name}: no such PDF file.") from None
     else:
@@ -125,6 +136,7 @@ def render_pages(source, options: PdfOptions, name: str = "the PDF") -> list:
         for index in chosen:
             page = doc[index]
             try:
+                # pypdfium2's own arithmetic: ceil(points * scale), the scale a float
                 w, h = (math.ceil(x * scale) for x in page.get_size())
                 if w * h > options.max_page_pixels:
                     raise Glm4vError(
@@ -132,14 +144,15 @@ def render_pages(source, options: PdfOptions, name: str = "the PDF") -> list:
                         f"{options.dpi:g} dpi, over the limit of {options.max_page_pixels}; "
                         "lower the dpi."
                     )
-                image = page.render(scale=scale).to_pil().convert("RGB")
+                if render:
+                    image = page.render(scale=scale).to_pil().convert("RGB")
+                    image.info["original_size"] = image.size
+                    image.info["page"] = index + 1
+                    pages.append(image)
             except pdfium.PdfiumError:
                 raise Glm4vError(f"{name}: page {index + 1} could not be rendered.") from None
             finally:
                 page.close()
-            image.info["original_size"] = image.size
-            image.info["page"] = index + 1
-            pages.append(image)
         return pages
     finally:
         doc.close()

@@ -153,8 +153,8 @@ def _document(block, at: str) -> dict:
             at,
         )
     raise bad(
-        f"{at}: a document needs a base64 PDF source (media_type application/pdf, data), a url "
-        "source or a text source.",
+        f"{at}: a block of type 'document' needs a base64 PDF source (media_type "
+        "application/pdf, data), a url source or a text source.",
         at,
     )
 

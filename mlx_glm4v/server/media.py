@@ -124,11 +124,13 @@ def processor_budget(budget: dict, policy: MediaPolicy, processor) -> dict:
             f"{where}.dpi",
         )
     s = processor.image_settings
-    ceiling = min(budget.get("max_pixels", s.max_pixels), s.max_pixels // s.temporal_patch_size)
+    ceiling, whose = s.max_pixels // s.temporal_patch_size, "model's"  # one frame's pixels
+    if budget.get("max_pixels", ceiling) < ceiling:
+        ceiling, whose = budget["max_pixels"], "request's"
     if budget.get("min_pixels", 0) > ceiling:
         raise bad(
             f"{where}.min_pixels {budget['min_pixels']} is over max_pixels {ceiling} (the "
-            f"{'request' if 'max_pixels' in budget else 'model'}'s).",
+            f"{whose}).",
             f"{where}.min_pixels",
         )
     keys = ("max_pixels", "min_pixels", "fps", "max_frames")

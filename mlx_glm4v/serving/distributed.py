@@ -15,6 +15,7 @@ process with one line.
 """
 
 import dataclasses
+import io
 import json
 import os
 import secrets
@@ -236,10 +237,18 @@ def share(message: Optional[dict], blobs: Optional[list], group) -> tuple[dict, 
 
 
 def _read(path) -> bytes:
+    if hasattr(path, "save"):  # a rendered PDF page (chat's /image doc.pdf): lossless PNG
+        buffer = io.BytesIO()
+        path.save(buffer, "PNG")
+        return buffer.getvalue()
     try:
         return Path(path).read_bytes()
     except OSError as e:
         raise Glm4vError(f"{path} could not be read: {e.strerror}.") from None
+
+
+def _suffix(source) -> str:
+    return ".png" if hasattr(source, "save") else Path(source).suffix
 
 
 def share_request(group, request: dict, media: dict, seed: Optional[int]):
@@ -256,7 +265,7 @@ def share_request(group, request: dict, media: dict, seed: Optional[int]):
         message = {
             "request": request,
             "seed": seed,
-            "media": {k: [Path(p).suffix for p in v] for k, v in media.items()},
+            "media": {k: [_suffix(p) for p in v] for k, v in media.items()},
         }
     message, blobs = share(message if root else None, blobs, group)
     if root:
