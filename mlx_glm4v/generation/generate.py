@@ -190,6 +190,7 @@ def generate_step(
                 max_tokens,
                 draft_steps,
                 draft_stats if draft_stats is not None else DraftStats(),
+                processed=bool(logits_processors) or grammar is not None,
             )
         elif prompt_lookup > 0:
             yield from lookup_decode(

@@ -196,6 +196,7 @@ def mtp_decode(
     max_tokens: int,
     steps: int,
     stats: DraftStats,
+    processed: bool = True,
 ):
     """Decoding with the model's MTP layer drafting `steps` tokens a pass, chained.
 
@@ -208,7 +209,8 @@ def mtp_decode(
     `distribution` (`sampling_distribution`) makes probabilities of them for draft and model
     alike. The model's cache drops the rejected drafts, the layer's its chained columns, which
     it reruns from the model's own hidden states (`MTPDrafter.catch_up`). A rotating cache
-    drafts until it is full, then decodes plainly (a full one cannot drop tokens).
+    drafts until it is full, then decodes plainly (a full one cannot drop tokens). Without
+    processors (`processed` false) greedy drafting waits for the host once a round.
     """
     token, logprobs = first
     ids = np.asarray(history).reshape(-1).tolist()
@@ -219,6 +221,7 @@ def mtp_decode(
         return
     q_logits, g = drafter.catch_up(token)
     drafting = True
+    fast = distribution is None and not processed
     while True:
         k = min(steps, max_tokens - emitted - 1)
         if drafting and cache.rotating and cache.offset + k + 1 > cache[0].max_size:
@@ -226,28 +229,39 @@ def mtp_decode(
         k = k if drafting else 0
         drafts, qs = [], []
         for j in range(k):
-            q = process(q_logits[None], mx.array(ids + drafts), False)
-            if distribution is None:
-                d = mx.argmax(q, axis=-1).item()
+            if fast:  # the draft stays on the device: the pass below is queued without a wait
+                d = mx.argmax(q_logits, axis=-1)
             else:
-                qs.append(distribution(q - mx.logsumexp(q, axis=-1, keepdims=True)))
-                d = mx.random.categorical(mx.log(qs[-1])).item()
+                q = process(q_logits[None], mx.array(ids + drafts), False)
+                if distribution is None:
+                    d = mx.argmax(q, axis=-1).item()
+                else:
+                    qs.append(distribution(q - mx.logsumexp(q, axis=-1, keepdims=True)))
+                    d = mx.random.categorical(mx.log(qs[-1])).item()
             drafts.append(d)
             if j + 1 < k:
                 q_logits, g = model.mtp_step(
-                    mx.array([[d]]), g, drafter.cache, cache.next_position + j
+                    mx.array(d).reshape(1, 1), g, drafter.cache, cache.next_position + j
                 )
                 q_logits = q_logits[0, -1]
-        prompt = model.prepare(mx.array([[token] + drafts]), cache=cache)
+        if fast and k:
+            column = mx.concatenate([mx.array([token]), mx.stack(drafts).astype(mx.int32)])
+        else:
+            column = mx.array([token] + drafts)
+        prompt = model.prepare(column[None], cache=cache)
         cache.record(prompt)
         hidden = model.forward(prompt, cache)
         logits = model.logits(hidden)[0]
+        if fast:  # one wait for every position's choice and the drafts
+            both = mx.argmax(logits, axis=-1)
+            both = (mx.concatenate([both, mx.stack(drafts)]) if k else both).tolist()
+            choices, drafts = both[: k + 1], both[k + 1 :]
         kept = 0
         for i in range(k + 1):
-            p = process(logits[i : i + 1], mx.array(ids), True)
+            p = process(logits[i : i + 1], mx.array(ids), True) if not fast else logits[i : i + 1]
             logprobs = (p - mx.logsumexp(p, axis=-1, keepdims=True)).squeeze(0)
             if distribution is None:
-                y = mx.argmax(logprobs).item()
+                y = choices[i] if fast else mx.argmax(logprobs).item()
                 choice = None if i < k and y == drafts[i] else y
             else:
                 probs = distribution(p - mx.logsumexp(p, axis=-1, keepdims=True))
