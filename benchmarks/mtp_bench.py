@@ -11,7 +11,7 @@ and the target of the issue at K=1: 0.9 x (1 + a) / (1 + 1/L) x plain. Greedy re
 checked equal to plain decoding's in every run.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
-        python benchmarks/mtp_bench.py [--steps 300] [--mtp-steps 150] [--tokens 160]
+        python benchmarks/mtp_bench.py [--steps 200] [--mtp-steps 100] [--tokens 160]
 """
 
 import argparse
@@ -72,7 +72,7 @@ def batches(data: np.ndarray, rng, batch: int, length: int):
         yield np.stack([data[s : s + length + 2] for s in starts])
 
 
-def train_main(model, data, steps, rng, log, batch=8, length=128, lr=2e-3):
+def train_main(model, data, steps, rng, log, batch=4, length=96, lr=3e-3):
     """The main model on the pages (its `labels=` loss), the MTP layer left alone."""
     model.freeze()
     model.language_model.unfreeze()
@@ -93,7 +93,7 @@ def train_main(model, data, steps, rng, log, batch=8, length=128, lr=2e-3):
             log(f"main step {i}: loss {loss.item():.3f}")
 
 
-def train_mtp(model, data, steps, rng, log, batch=8, length=128, lr=3e-3):
+def train_mtp(model, data, steps, rng, log, batch=4, length=96, lr=3e-3):
     """The MTP layer alone: at column i, from the model's hidden state there and token i+1, the
     model's own greedy choice at column i+1 (its next-but-one token)."""
     model.freeze()
@@ -141,8 +141,8 @@ def decode(model, prompt_ids, tokens: int, draft=None, steps=1):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=300, help="main model training steps")
-    parser.add_argument("--mtp-steps", type=int, default=150, help="MTP layer training steps")
+    parser.add_argument("--steps", type=int, default=200, help="main model training steps")
+    parser.add_argument("--mtp-steps", type=int, default=100, help="MTP layer training steps")
     parser.add_argument("--tokens", type=int, default=160, help="tokens generated per run")
     parser.add_argument("--prompts", type=int, default=3, help="held-out prompts")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each, the best kept")

@@ -205,3 +205,16 @@ def test_cli_json_reports_drafting(drafting):
     )
     assert bad.returncode != 0 and "not a drafter" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_chat_turns_equal_plain(drafting):
+    """A later turn's drafter starts its cache at the turn (less context, same reply)."""
+    from mlx_glm4v.generation.chat import ChatSession
+
+    _, model, processor = drafting
+    replies = []
+    for draft in (None, "mtp"):
+        session = ChatSession(model, processor, max_tokens=20, ignore_eos=True, draft=draft)
+        turns = [[r.token for r in session.ask(text)] for text in ("one two three", "four five")]
+        replies.append(turns)
+    assert replies[0] == replies[1]
