@@ -80,8 +80,9 @@ def test_greedy_with_random_mtp_layer(glm_ocr_checkpoint):
         {"thinking_budget": 1},
         {"repetition_penalty": 1.3},
         {"stop": ["never-there"], "max_tokens": 30},
+        {"prefill_step_size": 7},  # the layer's cache filled chunk by chunk
     ],
-    ids=["rotating", "thinking-budget", "repetition-penalty", "stop"],
+    ids=["rotating", "thinking-budget", "repetition-penalty", "stop", "prefill-chunks"],
 )
 def test_greedy_equals_plain_with_cache_options(drafting, options):
     _, model, processor = drafting
@@ -218,3 +219,30 @@ def test_chat_turns_equal_plain(drafting):
         turns = [[r.token for r in session.ask(text)] for text in ("one two three", "four five")]
         replies.append(turns)
     assert replies[0] == replies[1]
+
+
+def test_prefill_fills_the_layer_cache(glm_ocr_checkpoint):
+    """The layer's cache holds one position per prompt token after prefill, whole or in chunks,
+    and the first draft's logits equal the layer run over the whole prompt in one pass (the
+    checkpoint's random layer: every column's embedding and cache entry matter)."""
+    from mlx_glm4v.generation.generate import prefill
+    from mlx_glm4v.generation.speculative import mtp_drafter
+
+    model, processor = load(str(glm_ocr_checkpoint[0]))
+    ids = np.array(processor.tokenizer.encode("The quick brown fox jumps over the lazy dog"))
+    drafts = []
+    for step in (len(ids), 5):
+        cache = model.make_cache()
+        prompt = model.prepare(mx.array(ids[None]), cache=cache)
+        drafter = mtp_drafter(model, cache, prompt, ids)
+        logits = prefill(model, prompt, cache, step, on_hidden=drafter.prefilled)
+        token = int(mx.argmax(logits, axis=-1).item())
+        q, _ = drafter.catch_up(token)
+        assert drafter.cache[0].offset == len(ids)
+        drafts.append(np.array(q))
+    _, hidden = model(mx.array(ids[None]), return_hidden=True)
+    whole = model.mtp_forward(
+        model.prepare(mx.array(ids[None])), np.append(ids[1:], token)[None], hidden
+    )
+    for q in drafts:
+        assert np.abs(q - np.array(whole[0, -1])).max() <= 1e-4

@@ -102,8 +102,8 @@ def prefill(
         )
         if on_hidden is not None:
             on_hidden(hidden, start, end)
-        if end < length:
-            clear_cache_after([c.state for c in cache])
+        if end < length:  # (a drafter's hidden states computed now, not held as a graph)
+            clear_cache_after([c.state for c in cache] + ([hidden] if on_hidden else []))
     return model.logits(hidden[:, -1, :])
 
 
