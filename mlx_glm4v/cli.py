@@ -76,7 +76,7 @@ DRAFT = typer.Option(
     ),
 )
 DRAFT_STEPS = typer.Option(
-    None, "--draft-steps", help="Tokens the MTP layer drafts a pass, chained (default: 2)."
+    None, "--draft-steps", help="Tokens the MTP layer drafts a pass, chained (default: 1)."
 )
 NO_THINKING = typer.Option(
     False, "--no-thinking", help="Ask models with a thinking switch (GLM-4.5V/4.6V) not to think."
