@@ -142,9 +142,7 @@ def mtp_drafter(model, cache, prompt, input_ids) -> "MTPDrafter":
         first.max_size if rotating else None, first.keep if rotating else 0
     )
     mtp_cache.record(prompt)
-    drafter = MTPDrafter(model, mtp_cache, np.asarray(input_ids).reshape(-1))
-    drafter.prompt = prompt
-    return drafter
+    return MTPDrafter(model, mtp_cache, prompt, np.asarray(input_ids).reshape(-1))
 
 
 class MTPDrafter:
@@ -152,17 +150,14 @@ class MTPDrafter:
     model's cache, computed from the model's hidden state there) and the columns whose hidden
     states are known but whose next token was not when they ran (run by `catch_up`)."""
 
-    def __init__(self, model, cache, prompt_ids=None):
+    def __init__(self, model, cache, prompt, prompt_ids):
         self.model = model
         self.cache = cache
-        self.prompt_ids = prompt_ids
+        self.prompt, self.prompt_ids = prompt, prompt_ids  # the prompt being prefilled
         self.pending = []  # (prompt, start, end, hidden [1, n, dim], next tokens known)
-        self.prompt = None
 
     def prefilled(self, hidden: mx.array, start: int, end: int):
         """`prefill`'s hook: a chunk's hidden states, run once the token after it is known."""
-        if self.prompt is None:
-            raise ValueError("set the drafter's prompt first")
         self.add(self.prompt, start, end, hidden, self.prompt_ids[start + 1 : end + 1])
 
     def add(self, prompt, start: int, end: int, hidden: mx.array, next_tokens):
