@@ -75,6 +75,17 @@ PROMPT_LOOKUP = typer.Option(
         "(pays when the reply copies the input, as in OCR)."
     ),
 )
+DRAFT = typer.Option(
+    None,
+    "--draft",
+    help=(
+        "Draft tokens with the checkpoint's multi-token-prediction layer (mtp, GLM-OCR) and "
+        "verify them in one pass; the reply is unchanged."
+    ),
+)
+DRAFT_STEPS = typer.Option(
+    None, "--draft-steps", help="Tokens the MTP layer drafts a pass, chained (default: 1)."
+)
 NO_THINKING = typer.Option(
     False, "--no-thinking", help="Ask models with a thinking switch (GLM-4.5V/4.6V) not to think."
 )
@@ -278,6 +289,8 @@ def _reply_options(
     prefill_step_size: int = PREFILL_STEP,
     ignore_eos: bool = IGNORE_EOS,
     prompt_lookup: int = PROMPT_LOOKUP,
+    draft: Optional[str] = DRAFT,
+    draft_steps: Optional[int] = DRAFT_STEPS,
     no_thinking: bool = NO_THINKING,
     thinking_budget: Optional[int] = THINKING_BUDGET,
     max_pixels: Optional[int] = MAX_PIXELS,
@@ -310,6 +323,8 @@ def _reply_options(
         prefill_step_size=prefill_step_size,
         ignore_eos=ignore_eos,
         prompt_lookup=prompt_lookup,
+        draft=draft,
+        **({} if draft_steps is None else {"draft_steps": draft_steps}),
         thinking_budget=thinking_budget,
         template_kwargs={"enable_thinking": False} if no_thinking else None,
         media_kwargs={k: v for k, v in media.items() if v is not None},
@@ -536,6 +551,11 @@ def check_prompt_cache(prompt_cache: Optional[Path], reply: Reply, group):
         raise Glm4vError("--prompt-cache is for one process; leave it out under mlx.launch.")
     if reply.settings["max_kv_size"] is not None:
         raise Glm4vError("--prompt-cache needs a plain KV cache: leave out --max-kv-size.")
+    if reply.settings.get("draft") is not None:
+        raise Glm4vError(
+            "--draft mtp fills the drafter's cache while the whole prompt is read, which a "
+            "--prompt-cache file skips: leave out one of the two."
+        )
 
 
 def prompt_cache_reuse(prompt_cache: Optional[Path], model, reply: Reply):
@@ -678,6 +698,7 @@ def print_json(text: str, response, load_s: float, images: list):
                 "peak_memory_gb": response.peak_memory,
                 "finish_reason": response.finish_reason,
                 "boxes": boxes_of(text, images),
+                **({"drafts": response.drafts} if response.drafts else {}),
             }
         )
     )

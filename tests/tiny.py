@@ -885,3 +885,38 @@ def prefix_gmask(path):
     }
     (path / "tokenizer.json").write_text(json.dumps(file))
     return gmask
+
+
+def drafting_checkpoint(source, out):
+    """A copy of the tiny GLM-OCR checkpoint at `source` whose MTP layer copies the model's own
+    guess: its block passes its input through (attention and MLP outputs zeroed), `eh_proj`
+    keeps the main hidden state alone, and the norms are plain, so the layer's argmax at a
+    column is the model's there, the token just sampled. It drafts "that token again": kept
+    where the reply repeats itself, rejected elsewhere, so tests see both."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    source, out = Path(source), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in source.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, out / f.name)
+    weights = load_file(source / "model.safetensors")
+    n = json.loads((source / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    prefix = f"model.language_model.layers.{n}."
+    for name in weights:
+        if name.startswith(prefix) and name.endswith(("o_proj.weight", "down_proj.weight")):
+            weights[name] = np.zeros_like(weights[name])
+        if name.startswith(prefix) and name.endswith(("o_proj.bias", "down_proj.bias")):
+            weights[name] = np.zeros_like(weights[name])
+    for norm in ("hnorm", "enorm", "shared_head.norm"):
+        weights[f"{prefix}{norm}.weight"] = np.ones_like(weights[f"{prefix}{norm}.weight"])
+    eh = weights[prefix + "eh_proj.weight"]
+    h = eh.shape[0]
+    weights[prefix + "eh_proj.weight"] = np.concatenate(
+        [np.zeros((h, h), eh.dtype), np.eye(h, dtype=eh.dtype)], axis=1
+    )
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out

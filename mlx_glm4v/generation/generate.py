@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
+import numpy as np
 
 from ..inputs.processor import Processor
 from ..models.cache import PromptCache
 from ..models.model import Model, Prompt
 from .messages import build_messages
 from .settings import GenerationSettings, kv_group_size_for
-from .speculative import lookup_decode
+from .speculative import DEFAULT_DRAFT_STEPS, DraftStats, lookup_decode, mtp_decode, mtp_drafter
 from .streaming import ReplyText
 
 # Generation runs on a stream of its own, as in mlx-lm, so queued steps never wait on other work.
@@ -67,6 +68,7 @@ class GenerationResponse:
     peak_memory: float  # GB, MLX's peak since the process started
     finish_reason: Optional[str] = None  # "stop", "length" or None while generating
     logprobs: Optional[mx.array] = None  # [vocab] log-probabilities the token was drawn from
+    drafts: Optional[dict] = None  # with a drafter: DraftStats.as_dict() so far
 
 
 def prefill(
@@ -76,6 +78,7 @@ def prefill(
     step_size: int = 2048,
     progress=None,
     reuse=None,
+    on_hidden=None,
 ) -> mx.array:
     """Run a prompt into the cache in chunks of `step_size` tokens; logits [B, vocab] of its last
     token.
@@ -84,7 +87,8 @@ def prefill(
     cache is evaluated and MLX's buffer cache released between them. `progress("prefill",
     done, total)`, if given, is called before each chunk. `reuse(cache)`, if given, puts a kept
     prefix of the prompt into the (recorded, empty) cache and returns its length; the rest runs
-    in the chunks a fresh run would end where they end.
+    in the chunks a fresh run would end where they end. `on_hidden(hidden, start, end)`, if
+    given, gets every chunk's hidden states, all columns (what the MTP drafter starts from).
     """
     cache.record(prompt)
     if prompt.positions is not None:
@@ -98,9 +102,13 @@ def prefill(
         end = min(start - start % step_size + step_size, length)
         if progress is not None:
             progress("prefill", start, length)
-        hidden = model.forward(prompt, cache, start, end, last_only=end == length)
-        if end < length:
-            clear_cache_after([c.state for c in cache])
+        hidden = model.forward(
+            prompt, cache, start, end, last_only=end == length and on_hidden is None
+        )
+        if on_hidden is not None:
+            on_hidden(hidden, start, end)
+        if end < length:  # (a drafter's hidden states computed now, not held as a graph)
+            clear_cache_after([c.state for c in cache] + ([hidden] if on_hidden else []))
     return model.logits(hidden[:, -1, :])
 
 
@@ -117,6 +125,10 @@ def generate_step(
     kv_group_size: int = 64,
     quantized_kv_start: int = 0,
     prompt_lookup: int = 0,
+    draft: Optional[str] = None,
+    draft_steps: int = DEFAULT_DRAFT_STEPS,
+    distribution=None,
+    draft_stats: Optional[DraftStats] = None,
     grammar=None,
     vision_memo=None,
     progress=None,
@@ -125,7 +137,10 @@ def generate_step(
     """Yield (token id, log-probabilities) for a prompt given as processor outputs (batch of one).
 
     With `prompt_lookup` > 0, drafts of that many tokens copied from earlier in the
-    conversation are checked in one forward pass (see `lookup_decode`). Media whose features
+    conversation are checked in one forward pass (see `lookup_decode`); with `draft="mtp"` the
+    checkpoint's MTP layer drafts `draft_steps` tokens (`mtp_decode`; `distribution`, from
+    `sampling_distribution`, says what the sampler draws from, None for greedy) and
+    `draft_stats` (a `DraftStats`) counts what drafting did. Media whose features
     are in `vision_memo` (a `FeatureMemo`) are not encoded again. `progress(stage, done, total)`
     hears how reading the prompt goes: "vision" in frames (images and frame pairs) encoded,
     "prefill" in prompt tokens. `reuse(inputs, cache)` restores a kept prefix (see `prefill`).
@@ -136,33 +151,69 @@ def generate_step(
     if kv_bits is not None:
         kv_group_size = kv_group_size_for(model, kv_group_size)
 
-    def sample(logits, history):
+    def process(logits, history, verified=True):
         for processor in logits_processors or ():
             logits = processor(history, logits)
+        if verified and grammar_processor is not None:
+            logits = grammar_processor(history, logits)
+        return logits
+
+    def sample(logits, history):
+        logits = process(logits, history)
         maybe_quantize_kv_cache(cache, quantized_kv_start, kv_group_size, kv_bits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return sampler(logprobs), logprobs.squeeze(0)
 
     with mx.stream(generation_stream):
         prompt_ids = mx.array(inputs["input_ids"]).reshape(-1)
-        if grammar is not None:
-            logits_processors = [
-                *(logits_processors or ()),
-                grammar.start(inputs["input_ids"]).processor(),
-            ]
+        grammar_processor = (
+            grammar.start(inputs["input_ids"]).processor() if grammar is not None else None
+        )
         model_inputs = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
         prompt = model.prepare(
             **model_inputs, cache=cache, vision_memo=vision_memo, progress=progress
         )
         kept = None if reuse is None else (lambda c: reuse(inputs, c))
-        first = sample(prefill(model, prompt, cache, prefill_step_size, progress, kept), prompt_ids)
-        if prompt_lookup > 0:
+        drafter = None
+        if draft == "mtp":
+            drafter = mtp_drafter(model, cache, prompt, np.asarray(inputs["input_ids"]))
+        last = prefill(
+            model,
+            prompt,
+            cache,
+            prefill_step_size,
+            progress,
+            kept,
+            on_hidden=drafter.prefilled if drafter is not None else None,
+        )
+        first = sample(last, prompt_ids)
+        if drafter is not None:
+            yield from mtp_decode(
+                model,
+                cache,
+                drafter,
+                (first[0].item(), first[1]),
+                process,
+                distribution,
+                prompt_ids,
+                max_tokens,
+                draft_steps,
+                draft_stats if draft_stats is not None else DraftStats(),
+                processed=bool(logits_processors) or grammar is not None,
+            )
+        elif prompt_lookup > 0:
             yield from lookup_decode(
                 model, cache, first, sample, prompt_ids, max_tokens, prompt_lookup
             )
         else:
             yield from pipelined_decode(
-                model, cache, first, sample, prompt_ids, max_tokens, bool(logits_processors)
+                model,
+                cache,
+                first,
+                sample,
+                prompt_ids,
+                max_tokens,
+                bool(logits_processors) or grammar is not None,
             )
 
 
@@ -233,6 +284,8 @@ def stream_tokens(model, processor, inputs: dict, cache, *, stop_ids=(), stop=()
     """Text and statistics for processor outputs run into `cache`: the common core of generate
     and chat."""
     n_prompt = int(inputs["input_ids"].shape[-1])
+    drafting = step_options.get("draft") is not None
+    draft_stats = step_options.setdefault("draft_stats", DraftStats())
     reply = ReplyText(processor.tokenizer.backend, stop_ids, stop)
     start = time.perf_counter()
     prompt_tps = generation_tps = 0.0
@@ -253,6 +306,7 @@ def stream_tokens(model, processor, inputs: dict, cache, *, stop_ids=(), stop=()
                 generation_tps=generation_tps,
                 peak_memory=mx.get_peak_memory() / 1e9,
                 logprobs=logprobs,
+                drafts=draft_stats.as_dict() if drafting else None,
             )
             text, finish = reply.add(token)
             yield GenerationResponse(text, token, **stats, finish_reason=finish)

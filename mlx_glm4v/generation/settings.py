@@ -14,6 +14,7 @@ from ..models.cache import PromptCache
 from ..models.mlxlm import make_logits_processors, make_sampler
 from ..models.model import Model
 from .constrain import Constraint, RowGrammar
+from .speculative import DEFAULT_DRAFT_STEPS, sampling_distribution
 
 KV_GROUP_SIZES = (128, 64, 32)  # the group sizes mx.quantize takes
 
@@ -61,12 +62,13 @@ class GenerationSettings:
 
     Sampling and logits processing are mlx-lm's; `max_kv_size` rotates the KV cache (keeping
     the system prompt and the media), `kv_bits` quantizes it, `prompt_lookup` drafts that
-    many tokens from n-grams of the conversation. `thinking_budget` forces `</think>` after that
-    many tokens of thinking, so the answer follows. `template_kwargs` reach the chat template
-    (e.g. `enable_thinking`), `media_kwargs` the processor (`fps`, `max_frames`, `max_pixels`,
-    `min_pixels`; for PDFs `dpi`, `pages`, `max_pdf_pages`).
-    A `constraint` (constrain.Constraint) holds the answer to a grammar; it is compiled here, so
-    a schema it cannot take is refused before any work.
+    many tokens from n-grams of the conversation; `draft="mtp"` drafts `draft_steps` tokens a
+    pass with the checkpoint's multi-token-prediction layer. `thinking_budget` forces `</think>`
+    after that many tokens of thinking, so the answer follows. `template_kwargs` reach the chat
+    template (e.g. `enable_thinking`), `media_kwargs` the processor (`fps`, `max_frames`,
+    `max_pixels`, `min_pixels`; for PDFs `dpi`, `pages`, `max_pdf_pages`). A `constraint`
+    (constrain.Constraint) holds the answer to a grammar; it is compiled here, so a schema it
+    cannot take is refused before any work.
     """
 
     max_tokens: int = 256
@@ -84,6 +86,8 @@ class GenerationSettings:
     quantized_kv_start: int = 0
     prefill_step_size: int = 2048
     prompt_lookup: int = 0
+    draft: Optional[str] = None
+    draft_steps: int = DEFAULT_DRAFT_STEPS
     thinking_budget: Optional[int] = None
     template_kwargs: Optional[dict] = None
     media_kwargs: Optional[dict] = None
@@ -120,6 +124,18 @@ class GenerationSettings:
             (
                 self.prompt_lookup >= 0,
                 f"prompt-lookup {self.prompt_lookup} must be 0 (off) or a number of draft tokens.",
+            ),
+            (
+                self.draft in (None, "mtp"),
+                f"draft {self.draft!r} is not a drafter; the one there is: mtp.",
+            ),
+            (
+                self.draft_steps >= 1,
+                f"draft-steps {self.draft_steps} must be at least 1.",
+            ),
+            (
+                self.draft is None or self.prompt_lookup == 0,
+                "choose one drafter: --draft mtp or --prompt-lookup, not both.",
             ),
             (
                 self.thinking_budget is None or self.thinking_budget >= 0,
@@ -211,6 +227,11 @@ class GenerationSettings:
             kv_group_size=self.kv_group_size,
             quantized_kv_start=self.quantized_kv_start,
             prompt_lookup=self.prompt_lookup,
+            draft=self.draft,
+            draft_steps=self.draft_steps,
+            distribution=sampling_distribution(
+                self.temp, self.top_p if self.top_p < 1 else 1.0, self.min_p, self.top_k
+            ),
             grammar=self.row_grammar(processor, model),
         )
 

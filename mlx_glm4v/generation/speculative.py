@@ -1,12 +1,17 @@
 """Speculative drafting: a drafter guesses the next few tokens cheaply, the model checks them
 all in one forward pass and keeps those it would have sampled itself, so the reply is exactly
-plain decoding's in fewer, wider passes. Prompt lookup drafts by copying from the conversation.
+plain decoding's in fewer, wider passes. Prompt lookup drafts by copying from the conversation;
+the MTP drafter runs the checkpoint's multi-token-prediction layer (models/mtp.py), chained.
 """
+
+from dataclasses import dataclass
+from typing import Optional
 
 import mlx.core as mx
 import numpy as np
 
 from ..errors import Glm4vError
+from ..models.mlxlm import apply_min_p, apply_top_k, apply_top_p
 
 
 def find_draft(history: np.ndarray, n_draft: int, max_ngram: int = 3) -> list:
@@ -55,3 +60,231 @@ def lookup_decode(model, cache, first, sample, history, max_tokens: int, n_draft
             emitted += 1
         if len(draft) > i:
             cache.trim(len(draft) - i)
+
+
+@dataclass
+class DraftStats:
+    """What drafting did for one reply: drafts proposed and kept, verification passes, tokens."""
+
+    drafted: int = 0
+    accepted: int = 0
+    steps: int = 0  # verification passes (each a forward pass of the model)
+    tokens: int = 0  # tokens those passes gave
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.tokens / self.steps if self.steps else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "acceptance": round(self.acceptance, 4),
+            "verify_steps": self.steps,
+            "tokens_per_step": round(self.tokens_per_step, 4),
+        }
+
+
+def sampling_distribution(temp: float, top_p: float = 1.0, min_p: float = 0.0, top_k: int = 0):
+    """log-probabilities [1, vocab] -> the probabilities [vocab] mlx-lm's sampler draws from
+    (its filters in its order, then the temperature); None for greedy decoding."""
+    if temp == 0:
+        return None
+    filters = []
+    if 0 < top_p < 1:
+        filters.append(lambda x: apply_top_p(x, top_p))
+    if min_p != 0:
+        filters.append(lambda x: apply_min_p(x, min_p, 1))
+    if top_k > 0:
+        filters.append(lambda x: apply_top_k(x, top_k))
+
+    def distribution(logprobs: mx.array) -> mx.array:
+        for f in filters:
+            logprobs = f(logprobs)
+        return mx.softmax(logprobs * (1.0 / temp), axis=-1, precise=True).squeeze(0)
+
+    return distribution
+
+
+def speculative_choice(p: mx.array, q: mx.array, draft: int) -> Optional[int]:
+    """Speculative sampling's test of a draft drawn from q: kept (None) with probability
+    min(1, p/q), else the token drawn from the residual max(0, p - q), normalised. So the token
+    at this position is distributed exactly as p, whatever q is."""
+    pd, qd = p[draft].item(), q[draft].item()
+    if mx.random.uniform().item() * qd < pd:
+        return None
+    residual = mx.maximum(p - q, 0)
+    if residual.sum().item() <= 0:  # p == q up to rounding: the draft would always be kept
+        residual = p
+    return mx.random.categorical(mx.log(residual)).item()
+
+
+DEFAULT_DRAFT_STEPS = 1  # chain depth: the fastest in benchmarks/mtp_bench.py (README)
+
+
+def mtp_drafter(model, cache, prompt, input_ids) -> "MTPDrafter":
+    """A drafter for a prompt about to be prefilled into `cache`: the checkpoint's MTP layer
+    with a cache of its own shaped like the model's (rotating alike). A conversation's later
+    turn starts the layer's cache afresh at the turn's positions: the layer then sees less
+    context (fewer drafts kept), never a different reply."""
+    if "mtp" not in model:
+        raise Glm4vError(
+            "--draft mtp needs a checkpoint with a multi-token-prediction layer "
+            "(GLM-OCR's); this one has none: use --prompt-lookup instead."
+        )
+    first = cache[0]
+    rotating = cache.rotating
+    mtp_cache = model.make_mtp_cache(
+        first.max_size if rotating else None, first.keep if rotating else 0
+    )
+    mtp_cache.record(prompt)
+    return MTPDrafter(model, mtp_cache, prompt, np.asarray(input_ids).reshape(-1))
+
+
+class MTPDrafter:
+    """The MTP layer beside one conversation: its own KV cache (one entry per position of the
+    model's cache, computed from the model's hidden state there) and the columns whose hidden
+    states are known but whose next token was not when they ran (run by `catch_up`)."""
+
+    def __init__(self, model, cache, prompt, prompt_ids):
+        self.model = model
+        self.cache = cache
+        self.prompt, self.prompt_ids = prompt, prompt_ids  # the prompt being prefilled
+        self.pending = []  # (prompt, start, end, hidden [1, n, dim], next tokens known)
+
+    def prefilled(self, hidden: mx.array, start: int, end: int):
+        """`prefill`'s hook: a chunk's hidden states, run once the token after it is known."""
+        self.add(self.prompt, start, end, hidden, self.prompt_ids[start + 1 : end + 1])
+
+    def add(self, prompt, start: int, end: int, hidden: mx.array, next_tokens):
+        self.pending.append((prompt, start, end, hidden, [int(t) for t in next_tokens]))
+
+    def catch_up(self, token: int):
+        """Run the pending columns, `token` following the last; (logits [vocab] of the first
+        draft, the layer's output [1, 1, dim] there)."""
+        for n, (prompt, start, end, hidden, nexts) in enumerate(self.pending):
+            if len(nexts) < end - start:
+                nexts = nexts + [token]
+            last = n == len(self.pending) - 1
+            logits, h = self.model.mtp_forward(
+                prompt, mx.array([nexts]), hidden, self.cache, start, end, return_hidden=True
+            )
+            if not last:
+                clear = [c.state for c in self.cache]
+                mx.eval(clear)
+        self.pending = []
+        return logits[0, -1], h[:, -1:]
+
+
+def mtp_decode(
+    model,
+    cache,
+    drafter: MTPDrafter,
+    first,
+    process,
+    distribution,
+    history,
+    max_tokens: int,
+    steps: int,
+    stats: DraftStats,
+    processed: bool = True,
+):
+    """Decoding with the model's MTP layer drafting `steps` tokens a pass, chained.
+
+    Each round the layer proposes drafts (greedy: its argmax; sampling: a draw from its
+    distribution), the model scores the pending token and the drafts in one pass, and each
+    position is decided as plain decoding decides it: greedy keeps a draft equal to the model's
+    argmax; sampling runs speculative sampling (`speculative_choice`). `process(logits,
+    history, verified)` applies the request's logits processors (the grammar's mask only where
+    `verified`: a draft the grammar forbids has probability 0 and is never kept), and
+    `distribution` (`sampling_distribution`) makes probabilities of them for draft and model
+    alike. The model's cache drops the rejected drafts, the layer's its chained columns, which
+    it reruns from the model's own hidden states (`MTPDrafter.catch_up`). A rotating cache
+    drafts until it is full, then decodes plainly (a full one cannot drop tokens). Without
+    processors (`processed` false) greedy drafting waits for the host once a round.
+    """
+    token, logprobs = first
+    ids = np.asarray(history).reshape(-1).tolist()
+    yield token, logprobs
+    ids.append(token)
+    emitted = 1
+    if emitted == max_tokens:
+        return
+    q_logits, g = drafter.catch_up(token)
+    drafting = True
+    fast = distribution is None and not processed
+    while True:
+        k = min(steps, max_tokens - emitted - 1)
+        if drafting and cache.rotating and cache.offset + k + 1 > cache[0].max_size:
+            drafting = False  # a full rotating cache cannot drop rejected drafts
+        k = k if drafting else 0
+        drafts, qs = [], []
+        for j in range(k):
+            if fast:  # the draft stays on the device: the pass below is queued without a wait
+                d = mx.argmax(q_logits, axis=-1)
+            else:
+                q = process(q_logits[None], mx.array(ids + drafts), False)
+                if distribution is None:
+                    d = mx.argmax(q, axis=-1).item()
+                else:
+                    qs.append(distribution(q - mx.logsumexp(q, axis=-1, keepdims=True)))
+                    d = mx.random.categorical(mx.log(qs[-1])).item()
+            drafts.append(d)
+            if j + 1 < k:
+                q_logits, g = model.mtp_step(
+                    mx.array(d).reshape(1, 1), g, drafter.cache, cache.next_position + j
+                )
+                q_logits = q_logits[0, -1]
+        if fast and k:
+            column = mx.concatenate([mx.array([token]), mx.stack(drafts).astype(mx.int32)])
+        else:
+            column = mx.array([token] + drafts)
+        prompt = model.prepare(column[None], cache=cache)
+        cache.record(prompt)
+        hidden = model.forward(prompt, cache)
+        logits = model.logits(hidden)[0]
+        if fast:  # one wait for every position's choice and the drafts
+            both = mx.argmax(logits, axis=-1)
+            both = (mx.concatenate([both, mx.stack(drafts)]) if k else both).tolist()
+            choices, drafts = both[: k + 1], both[k + 1 :]
+        kept = 0
+        for i in range(k + 1):
+            p = process(logits[i : i + 1], mx.array(ids), True) if not fast else logits[i : i + 1]
+            logprobs = (p - mx.logsumexp(p, axis=-1, keepdims=True)).squeeze(0)
+            if distribution is None:
+                y = choices[i] if fast else mx.argmax(logprobs).item()
+                choice = None if i < k and y == drafts[i] else y
+            else:
+                probs = distribution(p - mx.logsumexp(p, axis=-1, keepdims=True))
+                if i < k:
+                    choice = speculative_choice(probs, qs[i], drafts[i])
+                else:
+                    choice = mx.random.categorical(mx.log(probs)).item()
+            if choice is not None:
+                token = choice
+                break
+            kept += 1
+            yield drafts[i], logprobs
+            ids.append(drafts[i])
+            emitted += 1
+        stats.drafted += k
+        stats.accepted += kept
+        stats.steps += 1
+        stats.tokens += kept + 1
+        yield token, logprobs
+        ids.append(token)
+        emitted += 1
+        if emitted >= max_tokens:
+            return
+        if k > kept:
+            cache.trim(k - kept)
+        if not drafting:
+            continue
+        if k > 1:
+            drafter.cache.trim(k - 1)
+        drafter.add(prompt, 0, kept + 1, hidden[:, : kept + 1], drafts[:kept])
+        q_logits, g = drafter.catch_up(token)

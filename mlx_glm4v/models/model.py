@@ -483,13 +483,15 @@ class Model(nn.Module):
         cache: Optional[PromptCache] = None,
         start: int = 0,
         end=None,
-    ) -> mx.array:
+        return_hidden: bool = False,
+    ):
         """The MTP layer's logits [B, L, vocab] for the prompt's columns [start, end): each
         column's main hidden state `hidden` (what `__call__(return_hidden=True)` gives) and
         `next_tokens` [B, L], the token after each column. The layer runs at the main model's
         positions of those columns and zeroes the embedding where the position is 0 (mtp.py).
         `cache` (`make_mtp_cache`) follows the prompt as the model's does: the caller records the
-        prompt in it first."""
+        prompt in it first. With `return_hidden`, (logits, the layer's output): what a chained
+        step takes as its hidden state."""
         end = prompt.length if end is None else end
         embeds = self.language_model.embed_tokens(mx.array(next_tokens))
         rope, mask = (
@@ -501,7 +503,20 @@ class Model(nn.Module):
         else:
             at_zero = (prompt.offsets[:, None] + np.arange(start, end)[None]) == 0
         h = self.mtp(embeds, hidden, rope, mask, cache[0] if cache else None, mx.array(at_zero))
-        return self.logits(h)
+        logits = self.logits(self.mtp.head_input(h))
+        return (logits, h) if return_hidden else logits
+
+    def mtp_step(self, tokens: mx.array, hidden: mx.array, cache: PromptCache, offsets):
+        """One chained MTP step for text columns: logits [B, 1, vocab] and the layer's output
+        [B, 1, dim], from `tokens` [B, 1] (the drafts just made), `hidden` [B, 1, dim] (the
+        layer's previous output) at M-RoPE positions `offsets` [B] (never 0)."""
+        embeds = self.language_model.embed_tokens(tokens)
+        offsets = np.asarray(offsets).reshape(-1)
+        rope = text_rope(
+            self.config.text_config, int(offsets[0]) if offsets.size == 1 else mx.array(offsets)
+        )
+        h = self.mtp(embeds, hidden, rope, cache.make_mask(embeds), cache[0])
+        return self.logits(self.mtp.head_input(h)), h
 
     def run_layers(self, p: "DecoderPass", cache: PromptCache, count: int):
         """The pass's next `count` decoder layers, evaluated with their caches (no pipeline

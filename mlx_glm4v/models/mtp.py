@@ -8,7 +8,8 @@ through a GLM-4 decoder block (its own KV cache, the main model's position i), t
 `shared_head.norm` and the model's head. h_i is the main model's output after its final norm
 (what vLLM's target model returns and its proposer is given); the token embedding is zeroed
 where the position is 0, as vLLM does. The embeddings and the head are the model's: the
-checkpoint's copies of them are not kept.
+checkpoint's copies of them are not kept. The layer's output is the block's (residual stream,
+before `shared_head.norm`): vLLM feeds that, not the normed state, to the next step of a chain.
 """
 
 import mlx.core as mx
@@ -39,7 +40,7 @@ class MTPLayer(nn.Module):
     def __call__(
         self, embeds: mx.array, hidden: mx.array, rope, mask=None, cache=None, at_zero=None
     ) -> mx.array:
-        """Hidden states [B, L, dim] for the head (after `shared_head.norm`).
+        """The block's output [B, L, dim] (before `shared_head.norm`, which `head_input` applies).
 
         embeds: the embeddings of the tokens after each column's; hidden: the main model's
         hidden states of the columns; rope, mask, cache: as a decoder layer takes them (the
@@ -47,7 +48,10 @@ class MTPLayer(nn.Module):
         if at_zero is not None:
             embeds = mx.where(at_zero[..., None], mx.zeros_like(embeds), embeds)
         x = self.eh_proj(mx.concatenate([self.enorm(embeds), self.hnorm(hidden)], axis=-1))
-        return self.shared_head.norm(self.mtp_block(x, rope, mask, cache))
+        return self.mtp_block(x, rope, mask, cache)
+
+    def head_input(self, h: mx.array) -> mx.array:
+        return self.shared_head.norm(h)
 
 
 # checkpoint tensor of the layer (after its `layers.N.` prefix) -> None: a copy of the model's own
