@@ -4,6 +4,7 @@ that opens after a restart."""
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -105,6 +106,20 @@ def test_a_restarted_server_reads_the_prompt_from_disk(glm4v_checkpoint, cold, t
         assert len(cache_files(directory)) == 2
     finally:
         server.close()
+
+
+def test_sigterm_flushes_the_disk_tier(glm4v_checkpoint, cold, tmp_path):
+    """SIGTERM right after a reply: the drain waits for the prompt's file before the exit."""
+    directory = tmp_path / "cache"
+    server = Server(glm4v_checkpoint[0], ["--prompt-cache-dir", str(directory)], tmp_path / "log")
+    try:
+        assert ask(server, IMAGE_A) == cold[2:]
+        server.process.send_signal(signal.SIGTERM)  # no wait for the writer
+        assert server.process.wait(60) == 0
+    finally:
+        server.close()
+    (file,) = cache_files(directory)
+    assert file.read_bytes() == cold[1].read_bytes()
 
 
 def test_damaged_and_foreign_files_are_skipped(glm4v_checkpoint, cold, tmp_path):
