@@ -388,6 +388,13 @@ def test_other_families_rows_equal_their_runs_alone(family, request, tmp_path):
     assert batch_generate(model, processor, prompts, images, max_tokens=8) == [
         generate(model, processor, p, images=i, max_tokens=8) for p, i in zip(prompts, images)
     ]
+    # the KV estimate kept prefixes are sized by (head_dim, not hidden/heads) is the arrays' bytes
+    ids = np.asarray(requests[1].inputs["input_ids"]).reshape(-1)
+    cache = GenerationSettings().new_cache(model, processor, ids[None])
+    mx.eval(model(mx.array(ids[None]), cache=cache))
+    kept = PrefixCache(1 << 30)
+    kept.store(ids, None, cache)
+    assert kept.nbytes == kv_bytes_per_token(model) * len(ids)
 
 
 def test_serving_benchmark_runs_in_process(tmp_path):
