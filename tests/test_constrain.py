@@ -30,6 +30,7 @@ FAMILIES = {
     "glm4v": "glm4v_checkpoint",
     "glm4v_moe": "glm4v_moe_checkpoint",
     "glm46v": "glm46v_checkpoint",
+    "glm_ocr": "glm_ocr_checkpoint",
 }
 
 

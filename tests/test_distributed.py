@@ -168,8 +168,11 @@ def build_deeper(path: Path, layers: int):
     return path
 
 
-def test_two_ranks_tensor_parallel(tmp_path, glm4v_checkpoint, glm4v_moe_checkpoint):
-    """GLM-4.1V, GLM-4.5V and a 4-bit GLM-4.5V, each split over 2 ranks by heads and features."""
+def test_two_ranks_tensor_parallel(
+    tmp_path, glm4v_checkpoint, glm4v_moe_checkpoint, glm_ocr_checkpoint
+):
+    """GLM-4.1V, GLM-4.5V, a 4-bit GLM-4.5V and GLM-OCR (head_dim wider than hidden/heads, its
+    MTP layer loaded), each split over 2 ranks by heads and features."""
     from mlx_glm4v.checkpoints.convert import convert
 
     q4 = convert(
@@ -179,6 +182,7 @@ def test_two_ranks_tensor_parallel(tmp_path, glm4v_checkpoint, glm4v_moe_checkpo
         ("GLM-4.1V", glm4v_checkpoint),
         ("GLM-4.5V", glm4v_moe_checkpoint),
         ("GLM-4.5V 4-bit", (q4, None, glm4v_moe_checkpoint[2])),
+        ("GLM-OCR", glm_ocr_checkpoint),
     ]
     plan, cases = [], {}
     for label, (path, _, processor) in models:

@@ -361,6 +361,42 @@ def test_experts_model_rows_equal_their_runs_alone(glm4v_moe_checkpoint, tmp_pat
     assert all(same(a, b) for a, b in zip(results, expected))
 
 
+@pytest.mark.parametrize("family", ["glm_ocr", "glmga"])
+def test_other_families_rows_equal_their_runs_alone(family, request, tmp_path):
+    """GLM-OCR (head_dim wider than hidden/heads, full rotary, its MTP layer loaded and idle) and
+    glmga through the engine: the mixed requests (prompts prefilled in chunks, images, a video,
+    sampling) share batches, reuse the template's prefix, and each equals its run alone;
+    batch_generate equals generate."""
+    path = request.getfixturevalue(f"{family}_checkpoint")[0]
+    model, processor = load(path)
+    picture(56, 84, 3).save(tmp_path / "small.png")
+    picture(112, 140, 4).save(tmp_path / "large.png")
+    s = dict(
+        model=model,
+        processor=processor,
+        small=tmp_path / "small.png",
+        large=tmp_path / "large.png",
+        frames=clip(4, 56, 56, 5),
+    )
+    requests = mixed_requests(s)
+    expected = [run_alone(s, r) for r in requests]
+    results, stats = run_together(s, requests, 3)
+    for i, (got, want) in enumerate(zip(results, expected)):
+        assert same(got, want), f"{family}: request {i} differs in a batch"
+    assert stats.decode_rows / stats.decode_steps > 1.5 and stats.cached_tokens > 0
+    prompts, images = ["Describe this image.", "Hello!"], [[s["small"]], []]
+    assert batch_generate(model, processor, prompts, images, max_tokens=8) == [
+        generate(model, processor, p, images=i, max_tokens=8) for p, i in zip(prompts, images)
+    ]
+    # the KV estimate kept prefixes are sized by (head_dim, not hidden/heads) is the arrays' bytes
+    ids = np.asarray(requests[1].inputs["input_ids"]).reshape(-1)
+    cache = GenerationSettings().new_cache(model, processor, ids[None])
+    mx.eval(model(mx.array(ids[None]), cache=cache))
+    kept = PrefixCache(1 << 30)
+    kept.store(ids, None, cache)
+    assert kept.nbytes == kv_bytes_per_token(model) * len(ids)
+
+
 def test_serving_benchmark_runs_in_process(tmp_path):
     """benchmarks/serve_bench.py kept working (a tiny checkpoint, a few tokens; not a timed
     test)."""

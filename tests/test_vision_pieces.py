@@ -47,6 +47,10 @@ def test_head_groups_keep_key_value_heads_whole():
     assert kv_heads_of(0, 8, 8, 2) == slice(0, 2)
 
 
+# GLM-OCR's tower (no position embedding, per-head query/key norms, biases) and text model (head_dim
+# wider than hidden/heads, full rotary) cut as the others are
+FAMILIES = ["glm4v", "glm4v_moe", "glm_ocr"]
+
 # (patches, work): everything at once, one frame through one block at a time, and in between
 GROUPINGS = [(10**9, 10**9), (1, 1), (70, 150), (200, 10**9)]
 
@@ -56,11 +60,9 @@ WORKS = {"whole": 10**12, "heads": 1000}
 
 
 @pytest.mark.parametrize("heads", sorted(WORKS))
-@pytest.mark.parametrize("family", ["glm4v", "glm4v_moe"])
-def test_pieces_equal_the_whole_pass(
-    family, heads, glm4v_checkpoint, glm4v_moe_checkpoint, tmp_path, monkeypatch
-):
-    path = (glm4v_checkpoint if family == "glm4v" else glm4v_moe_checkpoint)[0]
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pieces_equal_the_whole_pass(family, heads, request, tmp_path, monkeypatch):
+    path = request.getfixturevalue(f"{family}_checkpoint")[0]
     model, processor = load(path)
     for i, (h, w) in enumerate(((56, 84), (112, 140), (28, 196))):
         picture(h, w, i).save(tmp_path / f"{i}.png")
@@ -98,12 +100,10 @@ def test_pieces_equal_the_whole_pass(
     assert n == 4 * len(model.visual.blocks) * per_block
 
 
-@pytest.mark.parametrize("family", ["glm4v", "glm4v_moe"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("step", [1, 2, "heads"])
-def test_decoder_layers_in_pieces_equal_forward(
-    family, step, glm4v_checkpoint, glm4v_moe_checkpoint, tmp_path, monkeypatch
-):
-    path = (glm4v_checkpoint if family == "glm4v" else glm4v_moe_checkpoint)[0]
+def test_decoder_layers_in_pieces_equal_forward(family, step, request, tmp_path, monkeypatch):
+    path = request.getfixturevalue(f"{family}_checkpoint")[0]
     model, processor = load(path)
     picture(56, 84, 5).save(tmp_path / "p.png")
     messages = build_messages("Describe it in detail.", [tmp_path / "p.png"], (), None)
