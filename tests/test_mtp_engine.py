@@ -147,3 +147,58 @@ def test_row_from_a_kept_prefix_with_drafts(drafting):
         engine.close()
     assert usage.cached_tokens > 0
     assert tokens == want and usage.drafts["drafted"] > 0
+
+
+def test_server_requests_choose_drafts(drafting, glm4v_checkpoint, tmp_path):
+    """The real server: `draft` in a chat completion (and a Responses request) gives the plain
+    reply with drafting's figures in usage and /metrics; MTP on a model without the layer is a
+    400 naming the field, and the server keeps serving."""
+    from servers import Server
+
+    path = drafting[0]
+    server = Server(
+        None,
+        ["--model", str(path), "--model", str(glm4v_checkpoint[0]), "--max-concurrency", "4"],
+        tmp_path / "server.log",
+    )
+    try:
+        body = {
+            "model": path.name,
+            "messages": [{"role": "user", "content": PROMPTS[1]}],
+            "max_tokens": 24,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        plain = server.post(body).json()
+        drafted = server.post({**body, "draft": "mtp", "draft_steps": 2}).json()
+        lookup = server.post({**body, "draft": "prompt_lookup"}).json()
+        for reply in (drafted, lookup):
+            assert reply["choices"][0]["message"] == plain["choices"][0]["message"]
+            assert reply["usage"]["drafts"]["verify_steps"] > 0
+        assert "drafts" not in plain["usage"]
+        refused = server.post({**body, "model": glm4v_checkpoint[0].name, "draft": "mtp"})
+        assert refused.status_code == 400
+        assert refused.json()["error"]["param"] == "draft"
+        bad = server.post({**body, "draft": "eagle"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "draft"
+        import httpx
+
+        response = httpx.post(
+            f"{server.url}/v1/responses",
+            json={
+                "model": path.name,
+                "input": PROMPTS[1],
+                "max_output_tokens": 24,
+                "temperature": 0,
+                "draft": "mtp",
+            },
+            timeout=60,
+        ).json()
+        assert response["usage"]["drafts"]["drafted"] > 0
+        metrics = server.metrics()
+        assert metrics["draft_tokens_total"] >= drafted["usage"]["drafts"]["drafted"]
+        assert 0 < metrics["draft_acceptance"] < 1
+        assert metrics["tokens_per_verify_step"] > 1
+        assert server.post(body).json()["choices"][0]["message"] == plain["choices"][0]["message"]
+    finally:
+        server.close()
