@@ -1062,6 +1062,11 @@ def ocr(
         None, "-o", "--output", help="Write NAME.md / NAME.json here (default: Markdown to stdout)."
     ),
     format: str = typer.Option("both", "--format", help="markdown, json or both (with -o)."),
+    draft: bool = typer.Option(
+        True,
+        "--draft/--no-draft",
+        help="Draft with the checkpoint's MTP layer when it has one (same text, fewer passes).",
+    ),
     layout: bool = typer.Option(
         True, "--layout/--no-layout", help="Find regions first, or read each page whole."
     ),
@@ -1090,6 +1095,7 @@ def ocr(
     if format not in ("markdown", "json", "both"):
         raise Glm4vError(f"--format {format!r} must be markdown, json or both.")
     settings = OcrSettings(
+        draft=draft,
         layout=layout,
         threshold=threshold,
         max_tokens=max_tokens,
