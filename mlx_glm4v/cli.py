@@ -938,6 +938,17 @@ def serve(
     ),
     no_ui: bool = typer.Option(False, "--no-ui", help="Do not serve the chat page at /."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+    draft: Optional[str] = typer.Option(
+        None,
+        "--draft",
+        help=(
+            "Speculative drafts for requests that name none (their `draft` field): mtp (models "
+            "with a multi-token-prediction layer, GLM-OCR) or prompt_lookup; replies unchanged."
+        ),
+    ),
+    draft_steps: Optional[int] = typer.Option(
+        None, "--draft-steps", help="Drafts a verification pass (default: mtp 1, lookup 3)."
+    ),
     verbose: bool = VERBOSE,
 ):
     """Serve the model over HTTP: OpenAI chat completions and Responses, Anthropic Messages,
@@ -975,6 +986,10 @@ def serve(
     )
     if drain_timeout < 0:
         raise Glm4vError(f"--drain-timeout {drain_timeout} must be 0 or more.")
+    if draft not in (None, "mtp", "prompt_lookup"):
+        raise Glm4vError(f"--draft {draft} is not a drafter; choose mtp or prompt_lookup.")
+    if draft_steps is not None and (draft is None or draft_steps < 1):
+        raise Glm4vError("--draft-steps needs --draft and must be at least 1.")
     if max_memory_gb is not None and max_memory_gb <= 0:
         raise Glm4vError(f"--max-memory-gb {max_memory_gb} must be positive.")
     keep = None if keep_alive is None else keep_alive_seconds(keep_alive)
@@ -1016,6 +1031,7 @@ def serve(
         models=specs if several else [],
         keep_alive=keep,
         max_memory_bytes=None if max_memory_gb is None else int(max_memory_gb * 1e9),
+        draft=None if draft is None else (draft, draft_steps),
     )
     run_server(
         config,
@@ -1046,6 +1062,11 @@ def ocr(
         None, "-o", "--output", help="Write NAME.md / NAME.json here (default: Markdown to stdout)."
     ),
     format: str = typer.Option("both", "--format", help="markdown, json or both (with -o)."),
+    draft: bool = typer.Option(
+        True,
+        "--draft/--no-draft",
+        help="Draft with the checkpoint's MTP layer when it has one (same text, fewer passes).",
+    ),
     layout: bool = typer.Option(
         True, "--layout/--no-layout", help="Find regions first, or read each page whole."
     ),
@@ -1074,6 +1095,7 @@ def ocr(
     if format not in ("markdown", "json", "both"):
         raise Glm4vError(f"--format {format!r} must be markdown, json or both.")
     settings = OcrSettings(
+        draft=draft,
         layout=layout,
         threshold=threshold,
         max_tokens=max_tokens,

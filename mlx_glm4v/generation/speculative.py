@@ -110,17 +110,19 @@ def sampling_distribution(temp: float, top_p: float = 1.0, min_p: float = 0.0, t
     return distribution
 
 
-def speculative_choice(p: mx.array, q: mx.array, draft: int) -> Optional[int]:
+def speculative_choice(p: mx.array, q: mx.array, draft: int, keys=None) -> Optional[int]:
     """Speculative sampling's test of a draft drawn from q: kept (None) with probability
     min(1, p/q), else the token drawn from the residual max(0, p - q), normalised. So the token
-    at this position is distributed exactly as p, whatever q is."""
+    at this position is distributed exactly as p, whatever q is. `keys()` gives each draw's
+    PRNG key (an engine row's own); without it the global key sequence draws."""
+    keys = keys or (lambda: None)
     pd, qd = p[draft].item(), q[draft].item()
-    if mx.random.uniform().item() * qd < pd:
+    if mx.random.uniform(key=keys()).item() * qd < pd:
         return None
     residual = mx.maximum(p - q, 0)
     if residual.sum().item() <= 0:  # p == q up to rounding: the draft would always be kept
         residual = p
-    return mx.random.categorical(mx.log(residual)).item()
+    return mx.random.categorical(mx.log(residual), key=keys()).item()
 
 
 DEFAULT_DRAFT_STEPS = 1  # chain depth: the fastest in benchmarks/mtp_bench.py (README)

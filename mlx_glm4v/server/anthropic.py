@@ -30,6 +30,7 @@ from .neutral import (
     check_model,
     check_settings,
     document_part,
+    draft_choice,
     effort,
     finish_messages,
     function_tool,
@@ -45,6 +46,8 @@ from .neutral import (
 log = logging.getLogger("mlx_glm4v.server")
 
 SUPPORTED = {
+    "draft",
+    "draft_steps",
     "model",
     "messages",
     "max_tokens",
@@ -365,6 +368,7 @@ def parse(body, served: Served, counting: bool = False) -> Request:
         tool_choice=tools and "auto",
         constraint=settings["constraint"],
         media_budget=media_budget(body),
+        draft=draft_choice(body),
     )
     thinking = body.get("thinking") or {"type": "adaptive"}
     kind = thinking.get("type") if isinstance(thinking, dict) else None
@@ -402,6 +406,7 @@ def usage_body(usage) -> dict:
         "output_tokens": usage.completion_tokens,
         "cache_read_input_tokens": usage.cached_tokens,
         "cache_creation_input_tokens": 0,
+        **({"drafts": usage.drafts} if usage.drafts else {}),
     }
 
 

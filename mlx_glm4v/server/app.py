@@ -53,6 +53,33 @@ log = logging.getLogger("mlx_glm4v.server")
 WEB_DIR = Path(__file__).resolve().parent / "web"  # the chat page, where it is shipped
 
 
+def draft_settings(asked: Optional[tuple], default: Optional[tuple], slot) -> dict:
+    """GenerationSettings' drafting keywords for a request: what it asked (`draft`,
+    `draft_steps`), else the server's default (MTP only for a model with the layer); a 400
+    naming the field for MTP on a model without it or across several Macs."""
+    kind, steps = asked or default or ("none", None)
+    if kind == "mtp" and "mtp" not in slot.model:
+        if asked is None:
+            return {}
+        raise bad(
+            f"draft: mtp needs a model with a multi-token-prediction layer (GLM-OCR's); "
+            f"{slot.name} has none.",
+            "draft",
+        )
+    if kind != "none" and slot.engine.link is not None:
+        if asked is None:
+            return {}
+        raise bad("draft is not run across several Macs (mlx.launch); leave it out.", "draft")
+    if kind == "mtp":
+        return {"draft": "mtp", **({"draft_steps": steps} if steps else {})}
+    if kind == "prompt_lookup":
+        return {"prompt_lookup": steps or DEFAULT_LOOKUP}
+    return {}
+
+
+DEFAULT_LOOKUP = 3  # prompt lookup's drafts a pass when the request gives no draft_steps
+
+
 @dataclass
 class ServerConfig:
     model: str  # what --model named: a hub id or a local directory
@@ -85,6 +112,9 @@ class ServerConfig:
     # seconds an idle model stays loaded (None: 5 minutes; given, one --model is not pinned)
     keep_alive: Optional[float] = None
     max_memory_bytes: Optional[int] = None  # the models' budget (None: registry.default_budget)
+    # speculative drafts when a request names none (serve --draft): ("mtp", steps), for the
+    # models with a multi-token-prediction layer, or ("prompt_lookup", steps)
+    draft: Optional[tuple] = None
 
     @property
     def name(self) -> str:
@@ -514,6 +544,7 @@ async def _run(request: Request, dialect, parse, ready: State, lease: Lease, bod
     if config.max_output_tokens:
         room = min(room, config.max_output_tokens)
     settings["max_tokens"] = max(1, room)
+    settings.update(draft_settings(neutral.draft, config.draft, slot))
 
     from ..generation.settings import GenerationSettings
     from ..serving.engine import QueueFull

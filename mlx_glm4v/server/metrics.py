@@ -98,6 +98,25 @@ class Metrics:
             metric(
                 "generated_tokens_total", "counter", "Tokens generated.", [("", s.generated_tokens)]
             )
+            for name, what, value in (
+                ("draft_tokens_total", "Speculative drafts proposed by rows.", s.drafted),
+                ("draft_accepted_tokens_total", "Drafts the model kept.", s.draft_accepted),
+                ("verify_steps_total", "Drafting rows' verification passes.", s.verify_steps),
+                ("verify_tokens_total", "Tokens those passes gave.", s.verify_tokens),
+            ):
+                metric(name, "counter", what, [("", value)])
+            metric(
+                "draft_acceptance",
+                "gauge",
+                "Drafts kept over drafts proposed, since start.",
+                [("", round(s.draft_accepted / s.drafted, 4) if s.drafted else 0.0)],
+            )
+            metric(
+                "tokens_per_verify_step",
+                "gauge",
+                "Tokens each verification pass of a drafting row gave, since start.",
+                [("", round(s.verify_tokens / s.verify_steps, 4) if s.verify_steps else 0.0)],
+            )
             histogram(
                 "time_to_first_token_seconds",
                 "From a request's arrival at the engine to its first token.",

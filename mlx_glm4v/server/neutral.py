@@ -84,6 +84,23 @@ def as_api_errors():
         raise bad(str(e)) from None
 
 
+DRAFTERS = ("mtp", "prompt_lookup", "none")
+
+
+def draft_choice(body: dict) -> Optional[tuple]:
+    """The request's extension fields `draft` ("mtp", "prompt_lookup" or "none") and
+    `draft_steps` (drafts a verification pass): (kind, steps or None), or None when the request
+    leaves it to the server (`serve --draft`)."""
+    kind, steps = body.get("draft"), body.get("draft_steps")
+    if kind is not None and kind not in DRAFTERS:
+        raise bad(f"draft must be one of {', '.join(DRAFTERS)}.", "draft")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise bad("draft_steps must be a positive integer.", "draft_steps")
+    if kind is None and steps is not None:
+        raise bad("draft_steps needs draft: mtp or prompt_lookup.", "draft_steps")
+    return None if kind is None else (kind, steps)
+
+
 def check_settings(settings: dict):
     """A request's settings as `GenerationSettings` checks them (max_tokens None, what the context
     leaves, is checked as 1)."""
@@ -118,6 +135,8 @@ class Request:
     # the request's media budget (vLLM's `mm_processor_kwargs`): max_pixels, min_pixels, fps,
     # max_frames, dpi; checked against the operator's caps where media are read (media.py)
     media_budget: dict = field(default_factory=dict)
+    # (kind, steps) from the request's `draft` and `draft_steps` (draft_choice); None: the server's
+    draft: Optional[tuple] = None
 
 
 @dataclass

@@ -29,6 +29,7 @@ from .neutral import (
     check_model,
     check_settings,
     document_part,
+    draft_choice,
     finish_messages,
     gather,
     media_budget,
@@ -39,6 +40,8 @@ from .neutral import (
 
 # Fields we implement (the last five are extensions vLLM's and llama.cpp's servers take too).
 SUPPORTED = {
+    "draft",
+    "draft_steps",
     "model",
     "messages",
     "stream",
@@ -395,6 +398,7 @@ def parse(body, served: Served) -> Request:
         template_kwargs=template_kwargs,
         options={"include_usage": include_usage},
         media_budget=media_budget(body),
+        draft=draft_choice(body),
     )
 
 
@@ -415,6 +419,7 @@ def usage_body(usage) -> dict:
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        **({"drafts": usage.drafts} if usage.drafts else {}),
     }
 
 

@@ -31,6 +31,7 @@ from .neutral import (
     check_model,
     check_settings,
     document_part,
+    draft_choice,
     effort,
     finish_messages,
     function_tool,
@@ -47,6 +48,8 @@ from .neutral import (
 log = logging.getLogger("mlx_glm4v.server")
 
 SUPPORTED = {
+    "draft",
+    "draft_steps",
     "model",
     "input",
     "instructions",
@@ -386,6 +389,7 @@ def parse(body, served: Served) -> Request:
         tool_choice=tools and "auto",
         constraint=constraint,
         media_budget=media_budget(body),
+        draft=draft_choice(body),
     )
     reasoning = body.get("reasoning") or {}
     if not isinstance(reasoning, dict):
@@ -633,6 +637,7 @@ class Stream:
             "output_tokens": u.completion_tokens,
             "output_tokens_details": {"reasoning_tokens": finish.reasoning_tokens},
             "total_tokens": u.prompt_tokens + u.completion_tokens,
+            **({"drafts": u.drafts} if u.drafts else {}),
         }
         if finish.reason == "length":
             r["status"], r["incomplete_details"] = "incomplete", {"reason": "max_output_tokens"}

@@ -59,8 +59,9 @@ from ..generation.streaming import ReplyText
 from ..inputs.processor import Processor
 from ..models.media import FeatureMemo, media_items
 from ..models.model import Model
+from .drafts import RowDrafts, catch_up, decide, fast_choices, propose
 from .prefix import PrefixCache, media_marks
-from .rows import RowSampler, RowState, decode_logits
+from .rows import RowSampler, RowState, decode_logits, rows_forward
 from .stats import EngineStats, PieceCosts
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ class Usage:
     cached_tokens: int = 0  # prompt tokens read from a cached prefix instead of being run
     time_to_first_token: float = 0.0  # seconds from admission to the first token
     queued: float = 0.0  # seconds spent waiting for admission
+    drafts: Optional[dict] = None  # a drafting row's speculative.DraftStats.as_dict()
 
 
 @dataclass
@@ -226,10 +228,26 @@ class _Row:
         self.pending = None
         self.sampled = 0  # tokens sampled, handed out or pending
         self.cost = len(self.ids) + settings.max_tokens
+        self.drafts = row_drafts(settings, engine, bool(self.state.processors or self.grammar))
 
     @property
     def prefilling(self) -> bool:
         return self.token is None
+
+
+def row_drafts(settings: GenerationSettings, engine: "Engine", processed: bool):
+    """The row's drafter (drafts.RowDrafts) if its settings ask for one: `draft="mtp"` or
+    `prompt_lookup`. Several ranks would each have to decide every draft alike: they refuse MTP
+    drafts and decode prompt lookup's rows plainly (the same reply)."""
+    if settings.draft == "mtp":
+        if engine.link is not None:
+            raise Glm4vError(
+                "MTP drafts are not run across several Macs (mlx.launch); ask without draft."
+            )
+        return RowDrafts("mtp", settings.draft_steps, settings, processed)
+    if settings.prompt_lookup > 0 and engine.link is None:
+        return RowDrafts("lookup", settings.prompt_lookup, settings, processed)
+    return None
 
 
 def _prefill_left(row: _Row) -> tuple:
@@ -622,7 +640,10 @@ class Engine:
             self._embed(row)
         prompt, cache = row.prompt, row.cache
         end = _chunk_end(row)
-        last_only, step = end == prompt.length, self._layer_step(end - row.done)
+        # the MTP layer runs from every column's hidden state
+        drafter = row.drafts is not None and row.drafts.kind == "mtp"
+        last_only = end == prompt.length and not drafter
+        step = self._layer_step(end - row.done)
         heads = self._next_heads(row, end)
         # a short chunk: all of it at once
         if row.decoder is None and heads is None and step >= self._layers:
@@ -641,17 +662,22 @@ class Engine:
             if row.decoder.layer < self._layers:
                 return
             hidden, row.decoder = row.decoder.h, None
+        if drafter:
+            row.drafts.prefilled(hidden, row.done, end)
         row.done = end
         self.stats.prefill_chunks += 1
         if end < prompt.length:
-            clear_cache_after([c.state for c in cache])
+            clear_cache_after([c.state for c in cache] + ([hidden] if drafter else []))
             return
         row.prompt = None
         first = self._sample(row, self.model.logits(hidden[:, -1, :]))
         mx.eval(first, [c.state for c in cache])
         self.prefixes.store(row.ids, row.marks, cache)
         row.sampled = 1
-        self._emit(row, first[0].item(), first[1])
+        token = first[0].item()
+        self._emit(row, token, first[1])
+        if row.drafts is not None and row in self._rows:
+            row.drafts.first(token)
 
     def _embed(self, row: _Row):
         """The row's prompt embedded (media from the memo) and recorded; a kept prefix restored."""
@@ -666,6 +692,8 @@ class Engine:
         row.cache.record(prompt)
         if prompt.positions is not None:
             mx.eval(prompt.embeds)
+        if row.drafts is not None:
+            row.drafts.start(self.model, row.cache, prompt, row.ids)
         row.marks = media_marks(self.model.config, row.ids, row.media)
         if self.prefixes.max_bytes > 0 and not row.cache.rotating and row.settings.kv_bits is None:
             entry, n = self.prefixes.lookup(row.ids, row.marks)
@@ -686,9 +714,12 @@ class Engine:
 
     def _decode(self, rows: list):
         """Queue one decode step for the rows that need more tokens, then hand out the previous
-        step's tokens while it runs (mlx-lm's pipelining: the device never waits for the host)."""
+        step's tokens while it runs (mlx-lm's pipelining: the device never waits for the host).
+        Rows with drafts make it a step of several columns (`_verify`)."""
         ready = [r for r in rows if r.pending is not None]
         step = [r for r in rows if r.sampled < r.settings.max_tokens]
+        if any(r.drafts is not None for r in step):
+            return self._verify(ready, step)
         if step:
             tokens = mx.concatenate(
                 [
@@ -715,6 +746,112 @@ class Engine:
             if row in self._rows:  # not ended by the token just handed out
                 row.pending, row.token = sampled, sampled[0]
                 row.sampled += 1
+
+    def _verify(self, ready: list, step: list):
+        """A decode step with drafting rows (drafts.py): each runs its pending token and its
+        drafts, the others one token as in `_decode`; the drafting rows' choices are waited for
+        and handed out at once, the others' next step as usual."""
+        drafting = [r for r in step if r.drafts is not None]
+        plain = [r for r in step if r.drafts is None]
+        propose(self.model, drafting)
+        cols, lengths = [], []
+        for r in step:
+            parts = [r.token] + (r.drafts.drafts if r.drafts is not None else [])
+            lengths.append(len(parts))
+            cols.append(parts)
+        width = max(lengths)
+        rows = []
+        for parts in cols:
+            parts = parts + [0] * (width - len(parts))
+            rows.append(
+                mx.concatenate(
+                    [
+                        (t.reshape(1) if isinstance(t, mx.array) else mx.array([t])).astype(
+                            mx.int32
+                        )
+                        for t in parts
+                    ]
+                )
+            )
+        hidden = rows_forward(self.model, [r.cache for r in step], mx.stack(rows), lengths)
+        starts = np.cumsum([0] + lengths)
+        index = np.concatenate([b * width + np.arange(n) for b, n in enumerate(lengths)])
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        logits = self.model.logits(flat[mx.array(index)])
+        where = {id(r): b for b, r in enumerate(step)}
+        tokens = (
+            mx.concatenate(
+                [
+                    (r.token.reshape(1) if isinstance(r.token, mx.array) else mx.array([r.token]))
+                    for r in plain
+                ]
+            )
+            if plain
+            else None
+        )
+        plain_logits = (
+            mx.concatenate([logits[int(starts[where[id(r)]])][None] for r in plain])
+            if plain
+            else None
+        )
+        masks = step_masks([r.grammar for r in plain], tokens, plain_logits) if plain else {}
+        out = []
+        for b, row in enumerate(plain):
+            row.state.ran(tokens[b : b + 1])
+            out.append(self._sample(row, plain_logits[b : b + 1], masks.get(b)))
+        fast = {
+            id(r): fast_choices(
+                r, logits[int(starts[where[id(r)]]) : int(starts[where[id(r)] + 1])]
+            )
+            for r in drafting
+            if r.drafts.fast
+        }
+        mx.eval(out, list(fast.values()))
+        self.stats.decode_steps += 1
+        self.stats.decode_rows += len(step)
+        for row in ready:
+            (token, logprobs), row.pending = row.pending, None
+            self._emit(row, token.item(), logprobs)
+        rounds = []
+        for row in drafting:
+            b = where[id(row)]
+            position = int(np.asarray(row.cache.next_position).reshape(-1)[0]) - lengths[b]
+            k = len(row.drafts.drafts)
+            chosen, kept = decide(
+                row,
+                logits[int(starts[b]) : int(starts[b + 1])],
+                fast[id(row)].tolist() if id(row) in fast else None,
+            )
+            self._count_round(row, k, kept)
+            for token, logprobs in chosen:
+                row.sampled += 1
+                self._emit(row, token, logprobs)
+                if row not in self._rows:
+                    break
+            if row not in self._rows:
+                continue
+            if k > kept:
+                row.cache.trim(k - kept)
+            s = row.settings
+            maybe_quantize_kv_cache(row.cache, s.quantized_kv_start, row.kv_group_size, s.kv_bits)
+            if k == 0 and row.cache.rotating:  # a full rotating cache: plain decoding from now
+                row.drafts = None
+                continue
+            rounds.append((row, hidden[b : b + 1], kept, position))
+        catch_up(self.model, rounds)
+        for row, sampled in zip(plain, out):
+            if row in self._rows:
+                row.pending, row.token = sampled, sampled[0]
+                row.sampled += 1
+        if self.stats.decode_steps % 256 == 0:
+            clear_cache_after([])
+
+    def _count_round(self, row: _Row, drafted: int, kept: int):
+        self.stats.drafted += drafted
+        self.stats.draft_accepted += kept
+        self.stats.verify_steps += 1
+        self.stats.verify_tokens += kept + 1
+        row.usage.drafts = row.drafts.stats.as_dict()
 
     def _emit(self, row: _Row, token: int, logprobs: mx.array):
         """Hand out a sampled token as text (whole characters, stop strings held back), or end

@@ -24,20 +24,33 @@ from ..models.mlxlm import apply_min_p, apply_top_k, apply_top_p, scaled_dot_pro
 
 
 class LayerRows:
-    """One decoder layer's caches for the rows of a batch; `Attention` calls `attend` on it."""
+    """One decoder layer's caches for the rows of a batch; `Attention` calls `attend` on it.
 
-    def __init__(self, caches: list):
+    With `lengths`, row b holds its first lengths[b] columns only (rows with drafts to verify run
+    several columns, the others one): the rest is padding that enters no cache and whose
+    output is zeros."""
+
+    def __init__(self, caches: list, lengths: Optional[list] = None):
         self.caches = caches
+        self.lengths = lengths
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-        outs = []
+        outs, width = [], q.shape[2]
         for b, cache in enumerate(self.caches):
-            keys, values = cache.update_and_fetch(k[b : b + 1], v[b : b + 1])
-            outs.append(
-                scaled_dot_product_attention(
-                    q[b : b + 1], keys, values, cache=cache, scale=scale, mask=None
-                )
+            n = self.lengths[b] if self.lengths else width
+            keys, values = cache.update_and_fetch(k[b : b + 1, :, :n], v[b : b + 1, :, :n])
+            out = scaled_dot_product_attention(
+                q[b : b + 1, :, :n],
+                keys,
+                values,
+                cache=cache,
+                scale=scale,
+                mask="causal" if n > 1 else None,
             )
+            if n < width:
+                pad = mx.zeros((*out.shape[:2], width - n, out.shape[3]), out.dtype)
+                out = mx.concatenate([out, pad], axis=2)
+            outs.append(out)
         return outs[0] if len(outs) == 1 else mx.concatenate(outs)
 
 
@@ -53,6 +66,19 @@ def decode_logits(model, caches: list, tokens) -> mx.array:
     for c in caches:
         c.next_position = c.next_position + 1
     return model.logits(hidden[:, -1, :])
+
+
+def rows_forward(model, caches: list, columns: mx.array, lengths: list) -> mx.array:
+    """Hidden states [B, width, dim] of text columns [B, width] (row b's first lengths[b]
+    real, the rest padding), each row continuing at its own M-RoPE position in its own cache."""
+    offsets = np.array([int(np.asarray(c.next_position).reshape(-1)[0]) for c in caches])
+    embeds = model.language_model.embed_tokens(columns)
+    rope = text_rope(model.config.text_config, mx.array(offsets))
+    layers = [LayerRows([c[i] for c in caches], lengths) for i in range(len(model.layers))]
+    hidden = model.language_model(embeds, rope, None, layers)
+    for c, n in zip(caches, lengths):
+        c.next_position = c.next_position + n
+    return hidden
 
 
 class RowSampler:
@@ -78,13 +104,17 @@ class RowSampler:
             seed = int.from_bytes(np.random.default_rng().bytes(4), "little")
         self.key = mx.random.key(seed)
 
+    def next_key(self) -> mx.array:
+        """The key of the row's next draw (as the global key sequence gives one)."""
+        self.key, draw = mx.random.split(self.key)
+        return draw
+
     def __call__(self, logprobs: mx.array) -> mx.array:
         if self.temp == 0:
             return mx.argmax(logprobs, axis=-1)
         for f in self.filters:
             logprobs = f(logprobs)
-        self.key, draw = mx.random.split(self.key)
-        return mx.random.categorical(logprobs * (1.0 / self.temp), key=draw)
+        return mx.random.categorical(logprobs * (1.0 / self.temp), key=self.next_key())
 
 
 class RowState:
@@ -97,14 +127,18 @@ class RowState:
         self.processors = processors
         self.history = mx.array(np.asarray(prompt_ids).reshape(-1)) if processors else None
 
-    def sample(self, logits: mx.array, allowed: Optional[mx.array] = None):
-        """(token [1], log-probabilities [vocab]) from this row's logits [1, vocab]; tokens not
-        `allowed` (booleans [1, vocab], the row's grammar) are never drawn."""
+    def process(self, logits: mx.array, allowed: Optional[mx.array] = None) -> mx.array:
+        """Log-probabilities [1, vocab] of this row's logits [1, vocab] after its processors;
+        tokens not `allowed` (booleans [1, vocab], the row's grammar) at -inf."""
         for p in self.processors:
             logits = p(self.history, logits)
         if allowed is not None:
             logits = mx.where(allowed, logits, mx.array(-mx.inf, dtype=logits.dtype))
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+    def sample(self, logits: mx.array, allowed: Optional[mx.array] = None):
+        """(token [1], log-probabilities [vocab]) from this row's logits [1, vocab] (`process`)."""
+        logprobs = self.process(logits, allowed)
         return self.sampler(logprobs), logprobs.squeeze(0)
 
     def ran(self, token: mx.array):

@@ -18,6 +18,11 @@ class EngineStats:
     errors: int = 0
     decode_steps: int = 0
     decode_rows: int = 0
+    # speculative drafts in rows: proposed, kept, verification rounds and the tokens they gave
+    drafted: int = 0
+    draft_accepted: int = 0
+    verify_steps: int = 0
+    verify_tokens: int = 0
     prefill_chunks: int = 0
     vision_pieces: int = 0
     vision_items: int = 0  # images and videos the engine put through the vision tower
