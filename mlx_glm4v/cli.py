@@ -102,6 +102,11 @@ REGEX = typer.Option(
 CHOICE = typer.Option(
     None, "--choice", help="Answer with exactly one of these comma-separated strings."
 )
+ADAPTER = typer.Option(
+    None,
+    "--adapter",
+    help="A LoRA/DoRA adapter directory to apply: ours (adapters.safetensors) or PEFT's.",
+)
 LAZY_LOAD = typer.Option(
     False,
     "--lazy-load",
@@ -181,9 +186,14 @@ def convert(
         None, "--upload-repo", help="Hub repo to upload the result to."
     ),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --mlx-path."),
+    adapter: Optional[str] = typer.Option(
+        None,
+        "--adapter",
+        help="Fuse this LoRA/DoRA adapter directory (ours or PEFT's) into the weights first.",
+    ),
     verbose: bool = VERBOSE,
 ):
-    """Convert a GLM-V checkpoint to MLX, optionally quantized."""
+    """Convert a GLM-V checkpoint to MLX, optionally quantized (and with an adapter fused)."""
     import warnings
 
     from .checkpoints.convert import convert as run_convert
@@ -202,6 +212,7 @@ def convert(
         dequantize=dequantize,
         upload_repo=upload_repo,
         force=force,
+        adapter=adapter,
     )
 
 
@@ -232,6 +243,7 @@ class Reply:
     settings: dict  # GenerationSettings keyword arguments
     model_is_default: bool = False
     lazy_load: bool = False
+    adapter: Optional[str] = None
 
 
 def _reply_options(
@@ -257,6 +269,7 @@ def _reply_options(
     fps: Optional[float] = FPS,
     max_frames: Optional[int] = MAX_FRAMES,
     lazy_load: bool = LAZY_LOAD,
+    adapter: Optional[str] = ADAPTER,
     schema: Optional[str] = SCHEMA,
     regex: Optional[str] = REGEX,
     choice: Optional[str] = CHOICE,
@@ -293,6 +306,7 @@ def _reply_options(
         settings,
         model_is_default=model is None and not os.environ.get("MLX_GLM4V_MODEL"),
         lazy_load=lazy_load,
+        adapter=adapter,
     )
 
 
@@ -357,6 +371,12 @@ def reply_options(default_max_tokens: int):
     return decorate
 
 
+NO_DISTRIBUTED_ADAPTER = (
+    "--adapter is not supported under mlx.launch; fuse it into a checkpoint with "
+    "`mlx-glm4v convert --adapter DIR` and serve that."
+)
+
+
 def load_for_cli(reply: Reply, group=None):
     """(model, processor, seconds): weights read now (or on first use with --lazy-load); a
     default model that cannot be downloaded points at --model. Under mlx.launch (`group`), this
@@ -369,11 +389,14 @@ def load_for_cli(reply: Reply, group=None):
     if group is not None:  # under mlx.launch: this rank's part of the model
         from .serving.distributed import load as load_part
 
+        if reply.adapter is not None:
+            raise Glm4vError(NO_DISTRIBUTED_ADAPTER)
+
         model, processor, layout = load_part(reply.model, group)
         typer.echo(layout.describe(), err=True)
         return model, processor, time.perf_counter() - start
     try:
-        model, processor = load(reply.model, lazy=reply.lazy_load)
+        model, processor = load(reply.model, lazy=reply.lazy_load, adapter_path=reply.adapter)
     except DownloadError as e:
         if not reply.model_is_default:
             raise
@@ -688,6 +711,7 @@ def serve(
             "default: 404."
         ),
     ),
+    adapter: Optional[str] = ADAPTER,
     no_ui: bool = typer.Option(False, "--no-ui", help="Do not serve the chat page at /."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
     verbose: bool = VERBOSE,
@@ -697,7 +721,9 @@ def serve(
     Under mlx.launch, rank 0 serves HTTP and the other ranks run each batch step with it."""
     from .serving.distributed import launched
 
-    if (group := launched()) is not None and group.rank() != 0:
+    if (group := launched()) is not None and adapter is not None:
+        raise Glm4vError(NO_DISTRIBUTED_ADAPTER)
+    if group is not None and group.rank() != 0:
         return follow_server(group, resolve_model_name(model))
     from .server.app import ServerConfig
     from .server.app import serve as run_server
@@ -743,6 +769,7 @@ def serve(
         media=policy,
         max_output_tokens=max_output_tokens,
         answer_any_model=answer_any_model,
+        adapter=adapter,
     )
     run_server(
         config,

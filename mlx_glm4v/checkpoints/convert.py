@@ -34,6 +34,7 @@ from ..errors import Glm4vError
 from ..models.config import ModelConfig, MoeTextConfig
 from ..models.model import Model
 from ..models.moe import expert_slot
+from .adapters import Adapter, apply_adapter, check_adapter, fuse, fused_weight, read_adapter
 from .loader import (
     QUANT_KEYS,
     cast,
@@ -307,23 +308,40 @@ class _Source:
 
 
 def _read_source(
-    src: Path, raw: dict, source_quantization, plan, target, dequantize: bool, progress
+    src: Path, raw: dict, source_quantization, plan, target, dequantize: bool, adapter, progress
 ) -> _Source:
     """A quantized source loaded whole (written again, or dequantized); a float one streamed,
-    to be quantized by `plan`."""
+    to be quantized by `plan`. An `adapter` is fused into either."""
     if source_quantization:
-        return _read_quantized(src, source_quantization, target, dequantize, progress)
-    return _read_floats(src, raw, plan, progress)
+        return _read_quantized(src, source_quantization, target, dequantize, adapter, progress)
+    return _read_floats(src, raw, plan, adapter, progress)
 
 
-def _read_floats(src: Path, raw: dict, plan: Optional[Quantization], progress) -> _Source:
+def _read_floats(
+    src: Path, raw: dict, plan: Optional[Quantization], adapter: Optional[Adapter], progress
+) -> _Source:
     model = Model(ModelConfig.from_dict(raw))
     layers, default = {}, None
     if plan:
         plan = replace(plan, num_layers=len(model.layers))
         layers = {p: s for p, m in model.named_modules() if (s := plan.settings(p, m))}
         default = plan.default
-    return _Source(model, _streamed(src, model, progress), layers, default, quantize=True)
+    tensors = _streamed(src, model, progress)
+    if adapter is not None:
+        check_adapter(model, adapter)
+        tensors = _fused(tensors, adapter)
+    return _Source(model, tensors, layers, default, quantize=True)
+
+
+def _fused(tensors: Iterator, adapter: Adapter) -> Iterator[tuple[str, mx.array]]:
+    """The stream with the adapter folded in, tensor by tensor, in each tensor's own dtype."""
+    for name, value in tensors:
+        low = adapter.layers.get(name.removesuffix(".weight"))
+        if low is not None and name.endswith(".weight"):
+            value = fused_weight(value, low)
+        elif name in adapter.tensors:
+            value = adapter.tensors[name].astype(value.dtype)
+        yield name, value
 
 
 def _streamed(src: Path, model: Model, progress) -> Iterator[tuple[str, mx.array]]:
@@ -347,9 +365,14 @@ def _streamed(src: Path, model: Model, progress) -> Iterator[tuple[str, mx.array
     check_shapes({k: v.shape for k, v in tree_flatten(model.parameters())}, found, src)
 
 
-def _read_quantized(src: Path, quantization: dict, target, dequantize: bool, progress) -> _Source:
-    """An MLX-quantized checkpoint, small enough to load whole; dequantized if asked."""
+def _read_quantized(
+    src: Path, quantization: dict, target, dequantize: bool, adapter, progress
+) -> _Source:
+    """An MLX-quantized checkpoint, small enough to load whole; an adapter fused into it
+    (quantized layers dequantized, fused, quantized again); dequantized if asked."""
     model = load_model(src, target)  # scales in the target dtype: dequantizing rounds once, to it
+    if adapter is not None:
+        fuse(apply_adapter(model, adapter))
     if dequantize:
         from mlx_lm.utils import dequantize_model
 
@@ -497,9 +520,10 @@ def convert(
     dequantize: bool = False,
     upload_repo: Optional[str] = None,
     force: bool = False,
+    adapter: Optional[str] = None,
 ) -> Path:
     """Write an MLX checkpoint of `hf_path` (hub repo id or directory) to `mlx_path`; returns its
-    path.
+    path. `adapter`: an adapter directory (ours or PEFT's) fused into the weights first.
 
     quantize: affine `q_bits` (default 4) in groups of `q_group_size` (default 64), or a
     `q_mode` with fixed settings (mxfp4, nvfp4, mxfp8). `quant_recipe` "mixed_LOW_HIGH"
@@ -512,13 +536,16 @@ def convert(
     plan = _check_options(
         quantize, q_bits, q_group_size, q_mode, quant_recipe, quantize_vision, dtype, dequantize
     )
+    fusing = read_adapter(adapter) if adapter is not None else None
     out, src = _locations(hf_path, mlx_path, force)
     raw = json.loads((src / "config.json").read_text())
     source_quantization = _check_source(hf_path, src, raw, quantize, dequantize)
     target = getattr(mx, dtype) if dtype else None
 
     with _progress() as progress, _atomic_directory(out) as tmp:
-        source = _read_source(src, raw, source_quantization, plan, target, dequantize, progress)
+        source = _read_source(
+            src, raw, source_quantization, plan, target, dequantize, fusing, progress
+        )
         writer, parameters = _write_weights(tmp, source, target, progress)
         quantization = _quantization_config(source.layers, source.default)
         _write_config(src, tmp, dtype, quantization)

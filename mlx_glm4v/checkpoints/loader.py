@@ -16,6 +16,7 @@ from mlx.utils import tree_flatten
 from ..errors import Glm4vError
 from ..models.config import ModelConfig
 from ..models.model import Model, checkpoint_name
+from .adapters import load_adapter
 
 # The files a run needs; weights in other formats (.bin, .pth) are never fetched.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*"]
@@ -297,10 +298,15 @@ def load(
     dtype: Optional[mx.Dtype] = None,
     revision: Optional[str] = None,
     lazy: bool = False,
+    adapter_path: Optional[str] = None,
 ):
     """(model, processor) from a local checkpoint directory or a hub repo id (`lazy`: see
-    `load_model`)."""
+    `load_model`); with `adapter_path`, an adapter directory (ours or PEFT's) put into the
+    model (adapters.py)."""
     from ..inputs.processor import Processor
 
     path = resolve(path_or_repo, revision)
-    return load_model(path, dtype, lazy), Processor.from_pretrained(path)
+    model = load_model(path, dtype, lazy)
+    if adapter_path is not None:
+        load_adapter(model, adapter_path)
+    return model, Processor.from_pretrained(path)

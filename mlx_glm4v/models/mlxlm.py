@@ -2,7 +2,8 @@
 
 Importing any `mlx_lm.*` module first runs `mlx_lm/__init__.py`, which imports its
 tokenizer and conversion tools and with them transformers: about 0.8 s on every start, and
-torch too where it is installed. The caches, samplers and layers below need none of that.
+torch too where it is installed. The caches, samplers, layers and LoRA layers below need none
+of that.
 So, unless mlx-lm was imported already, the package is put in place with its path only;
 its submodules import on their own, and the first request for anything else from the
 package (`mlx_lm.load`, say) runs the real `__init__` in place, so other code sees the
@@ -29,6 +30,8 @@ def _defer_package_init(name: str):
 
 
 _defer_package_init("mlx_lm")
+# the tuner's package start-up imports its trainer and, through it, mlx-lm's tokenizer tools
+_defer_package_init("mlx_lm.tuner")
 
 # imported only now, after the deferral above (hence E402)
 from mlx_lm.models.activations import swiglu  # noqa: E402
@@ -46,6 +49,8 @@ from mlx_lm.sample_utils import (  # noqa: E402
     make_logits_processors,
     make_sampler,
 )
+from mlx_lm.tuner.dora import DoRALinear  # noqa: E402
+from mlx_lm.tuner.lora import LoRALinear  # noqa: E402
 
 __all__ = [
     "apply_min_p",
@@ -53,7 +58,9 @@ __all__ = [
     "apply_top_p",
     "BatchKVCache",
     "BatchRotatingKVCache",
+    "DoRALinear",
     "KVCache",
+    "LoRALinear",
     "RotatingKVCache",
     "SwitchGLU",
     "create_attention_mask",

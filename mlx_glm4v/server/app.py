@@ -30,6 +30,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Mount, Route
 
+from ..checkpoints.adapters import read_adapter
 from ..errors import Glm4vError
 from ..generation.grounding import as_json, find_marks
 from ..generation.reply import ReplyParser
@@ -65,10 +66,18 @@ class ServerConfig:
     answer_any_model: bool = False
     store_count: int = 1000  # Responses kept for previous_response_id / GET, newest first
     store_bytes: int = 64 << 20
+    adapter: Optional[str] = None  # an adapter directory applied to the model (--adapter)
 
     @property
     def name(self) -> str:
-        return self.alias or self.model.rstrip("/").split("/")[-1]
+        """The name clients send: the alias, or the model's last part (and the adapter's: the
+        adapter is part of what is served)."""
+        if self.alias:
+            return self.alias
+        name = self.model.rstrip("/").split("/")[-1]
+        if self.adapter:
+            name += "+" + Path(self.adapter).expanduser().resolve().name
+        return name
 
 
 class State:
@@ -86,6 +95,13 @@ class State:
         self.store = responses.Store(config.store_count, config.store_bytes)
         self.served = None
 
+    def identity(self) -> str:
+        """What the model's outputs depend on: the checkpoint and the adapter's bytes (the prefix
+        cache keys its entries by it)."""
+        if self.config.adapter is None:
+            return self.config.model
+        return f"{self.config.model}+{read_adapter(self.config.adapter).digest}"
+
     def load(self, loader=None):
         """Load and pin the model (on a thread at start-up)."""
         from jinja2 import Environment, meta
@@ -99,6 +115,8 @@ class State:
 
             model, processor, layout = load_part(self.config.model, self.group)
             log.info("%s", layout.describe())
+        elif self.config.adapter is not None:
+            model, processor = (loader or load)(self.config.model, adapter_path=self.config.adapter)
         else:
             model, processor = (loader or load)(self.config.model)
         self.metrics.instrument_vision(model)
@@ -123,6 +141,7 @@ class State:
             max_concurrency=self.config.max_concurrency,
             feature_cache_bytes=self.config.feature_cache_bytes,
             max_stall_ms=self.config.max_stall_ms,
+            identity=self.identity(),
         )
         if self.group is not None:
             from ..serving.lockstep import serving_engine
@@ -665,6 +684,8 @@ def serve(
     if Path(config.model).expanduser().exists() or config.model.count("/") != 1:
         # a wrong local path fails now; a hub download happens while /health says 503
         resolve(config.model)
+    if config.adapter is not None:  # a wrong adapter directory fails now, before listening
+        read_adapter(config.adapter)
     logging.basicConfig(
         level=getattr(logging, log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -277,7 +277,8 @@ class Engine:
     pieces (model.vision_pieces); each turn runs such pieces, the row with the least prompt left
     first, for about `max_stall_ms` (estimated by `costs`, a `PieceCosts`), then one decode step
     (`vision_piece`: model.vision_pieces' patches and work);
-    `prefix_cache_bytes` of prompt KV is kept for requests that start alike (0: none).
+    `prefix_cache_bytes` of prompt KV is kept for requests that start alike (0: none), keyed
+    by the model's `identity` (checkpoint and adapter).
     Rows decode one token a step: a request's `prompt_lookup` is not used (it never changes
     the output, only how many passes a single stream takes).
 
@@ -303,6 +304,7 @@ class Engine:
         clock=time.perf_counter,
         group=None,
         link=None,
+        identity: str = "",
     ):
         self.model, self.processor, self.group = model, processor, group
         budget, concurrency = default_limits(model)
@@ -325,7 +327,9 @@ class Engine:
         self.vision_memo = FeatureMemo(feature_cache_items, feature_cache_bytes)
         # measured for the whole model, so that every rank keeps and drops the same prefixes
         self.prefixes = PrefixCache(
-            prefix_cache_bytes, kv_bytes_per_token(model) if group is not None else None
+            prefix_cache_bytes,
+            kv_bytes_per_token(model) if group is not None else None,
+            identity,
         )
         self.stats = EngineStats()
         self._waiting: deque = deque()

@@ -6,7 +6,8 @@ shared KV rows are copied into the new request's cache; the rest of its prompt r
 chunk grid a fresh run uses, so the reused rows are the ones that run would have computed.
 Prompts with media turn their text with M-RoPE tables, text-only prompts with `mx.fast.rope`;
 the two round differently, so an entry serves only prompts of its own kind. Entries are dropped
-least recently used first, by bytes.
+least recently used first, by bytes. An entry's key includes the identity of the model that
+computed it (checkpoint and adapter), so no entry outlives the model it belongs to.
 """
 
 from collections import OrderedDict
@@ -28,6 +29,7 @@ class PrefixEntry:
     keys: list  # per layer [1, heads, L, dim]
     values: list
     nbytes: int
+    identity: str = ""  # the model that computed it: checkpoint and adapter (PrefixCache)
 
 
 def media_marks(config, ids: np.ndarray, items: list):
@@ -56,8 +58,9 @@ class PrefixCache:
     `bytes_per_token`, by its length (the same on every rank, whatever part of the model each
     holds)."""
 
-    def __init__(self, max_bytes: int, bytes_per_token: Optional[int] = None):
+    def __init__(self, max_bytes: int, bytes_per_token: Optional[int] = None, identity: str = ""):
         self.max_bytes = max_bytes
+        self.identity = identity  # the model whose entries these are (checkpoint and adapter)
         self.bytes_per_token = bytes_per_token
         self.entries: "OrderedDict[int, PrefixEntry]" = OrderedDict()
         self.nbytes = 0
@@ -67,6 +70,8 @@ class PrefixCache:
         """(entry, shared token count) of the longest match, or (None, 0)."""
         best, best_n = None, 0
         for key, entry in self.entries.items():
+            if entry.identity != self.identity:
+                continue
             n = shared_length(entry, ids, media)
             if n > best_n:
                 best, best_n, best_key = entry, n, key
@@ -93,7 +98,9 @@ class PrefixCache:
         )
         if nbytes > self.max_bytes:
             return
-        self.entries[self._next] = PrefixEntry(np.array(ids), media, keys, values, nbytes)
+        self.entries[self._next] = PrefixEntry(
+            np.array(ids), media, keys, values, nbytes, self.identity
+        )
         self._next += 1
         self.nbytes += nbytes
         while self.nbytes > self.max_bytes:

@@ -1,1 +1,1 @@
-"""Fine-tuning: conversations to training examples (data.py)."""
+"""Fine-tuning: training data, adapters, the trainer (DESIGN.md)."""

@@ -1,0 +1,277 @@
+"""Adapters (issue #27): PEFT's files read against transformers+peft, ours exported and read by
+peft, QLoRA, fusing (in memory and by `convert --adapter`), `--adapter` on the commands, and bad
+adapter directories refused in one sentence.
+
+transformers+peft is the reference: a tiny GLM-4.1V checkpoint gets a peft-made adapter whose B
+factors are random (peft's `init_lora_weights=False`), so an adapter left out or misread moves
+the logits far beyond the 1e-4 they must stay within.
+"""
+
+import copy
+import json
+import shutil
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+import torch
+from helpers import picture
+from peft import LoraConfig, PeftModel, get_peft_model
+from reference import our_inputs, prepare, user
+from typer.testing import CliRunner
+
+from mlx_glm4v.checkpoints.adapters import fuse, load_adapter, read_adapter
+from mlx_glm4v.checkpoints.convert import convert
+from mlx_glm4v.checkpoints.loader import load_model
+from mlx_glm4v.cli import app
+from mlx_glm4v.errors import Glm4vError
+from mlx_glm4v.serving.prefix import PrefixCache
+from mlx_glm4v.tuning.adapters import LoraSettings, apply_lora, export_peft, save_adapters
+
+TOL = 1e-4
+
+# name -> peft LoraConfig arguments; every one adapts some of the vision tower too
+PEFT_CASES = {
+    "lora": dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj", "qkv"],
+        modules_to_save=["lm_head"],
+    ),
+    "dora, rslora, regex targets, alpha pattern": dict(
+        r=8,
+        lora_alpha=16,
+        use_dora=True,
+        use_rslora=True,
+        target_modules=r".*\.(k_proj|gate_up_proj|merger\.proj)",
+        alpha_pattern={"k_proj": 4},
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def base(glm4v_checkpoint):
+    path, ref, processor = glm4v_checkpoint
+    inputs = prepare(processor, [user("image", "What is this?")], images=[picture(56, 84)])
+    return path, ref, processor, inputs
+
+
+def torch_logits(model, inputs):
+    with torch.no_grad():
+        return model(**{k: torch.tensor(v) for k, v in inputs.items()}).logits.numpy()
+
+
+def our_logits(model, inputs):
+    return np.array(model(**our_inputs(inputs)))
+
+
+def peft_adapter(ref, out, seed=0, **config):
+    """A peft adapter over a copy of `ref` with random B factors (and a perturbed
+    modules_to_save copy), saved to `out`; returns the peft model."""
+    torch.manual_seed(seed)
+    model = get_peft_model(copy.deepcopy(ref), LoraConfig(init_lora_weights=False, **config))
+    for module in model.modules():
+        saved = getattr(module, "modules_to_save", None)
+        if saved is not None and "default" in saved:
+            with torch.no_grad():
+                saved["default"].weight.add_(0.05 * torch.randn_like(saved["default"].weight))
+    model.eval().save_pretrained(out)
+    return model
+
+
+@pytest.mark.parametrize("case", list(PEFT_CASES))
+def test_peft_adapter_matches_transformers_peft(base, tmp_path, case):
+    path, ref, _, inputs = base
+    reference = peft_adapter(ref, tmp_path, **PEFT_CASES[case])
+    want = torch_logits(reference, inputs)
+    assert np.abs(want - torch_logits(ref, inputs)).max() > 100 * TOL  # the adapter matters
+    model = load_model(path)
+    adapter = load_adapter(model, tmp_path)
+    assert adapter.layers and any(n.startswith("visual.") for n in adapter.layers)
+    worst = float(np.abs(our_logits(model, inputs) - want).max())
+    assert worst <= TOL, f"{case}: max |logit difference| {worst:.2e}"
+
+
+def trained(path, settings, seed=1):
+    """Our model with fresh adapter layers whose factors (and DoRA magnitudes) are random, as if
+    trained."""
+    model = load_model(path)
+    apply_lora(model, settings)
+    mx.random.seed(seed)
+    for _, module in model.named_modules():
+        if hasattr(module, "lora_b"):
+            module.lora_b = 0.05 * mx.random.normal(module.lora_b.shape)
+            if hasattr(module, "m"):
+                module.m = module.m * (1 + 0.1 * mx.random.normal(module.m.shape))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_export_round_trip_through_peft(base, tmp_path, kind):
+    path, ref, _, inputs = base
+    settings = LoraSettings(rank=4, alpha=12, vision=True, fine_tune_type=kind)
+    model = trained(path, settings)
+    ours = our_logits(model, inputs)
+    save_adapters(model, tmp_path / "ours", settings)
+    export_peft(tmp_path / "ours", tmp_path / "peft")
+    reference = PeftModel.from_pretrained(copy.deepcopy(ref), tmp_path / "peft").eval()
+    worst = float(np.abs(torch_logits(reference, inputs) - ours).max())
+    assert worst <= TOL, f"{kind}: max |logit difference| {worst:.2e}"
+    # and our own file reads back to the same model
+    again = load_model(path)
+    load_adapter(again, tmp_path / "ours")
+    np.testing.assert_array_equal(our_logits(again, inputs), ours)
+
+
+def test_apply_lora_trains_only_the_adapter(base):
+    path = base[0]
+    model = load_model(path)
+    paths = apply_lora(model, LoraSettings(targets=("q_proj", "v_proj")))
+    assert paths and all(p.endswith(("q_proj", "v_proj")) for p in paths)
+    assert not any(p.startswith("visual.") for p in paths)
+    leaves = {k.rpartition(".")[2] for k, _ in nn.utils.tree_flatten(model.trainable_parameters())}
+    assert leaves == {"lora_a", "lora_b"}
+    with pytest.raises(Glm4vError, match="'qkv_proj' names no linear layer"):
+        apply_lora(load_model(path), LoraSettings(targets=("qkv_proj",)))
+    full = load_model(path)
+    assert apply_lora(full, LoraSettings(fine_tune_type="full")) == []
+    assert len(nn.utils.tree_flatten(full.trainable_parameters())) == len(
+        nn.utils.tree_flatten(full.parameters())
+    )
+
+
+def test_qlora_on_a_quantized_checkpoint_and_its_fuse(base, tmp_path):
+    path, _, _, inputs = base
+    quantized = convert(str(path), str(tmp_path / "q4"), quantize=True, q_group_size=32)
+    settings = LoraSettings(rank=4, alpha=8)
+    model = trained(quantized, settings)
+    layer = model.language_model.layers[0].self_attn.q_proj
+    assert isinstance(layer.linear, nn.QuantizedLinear)  # QLoRA: the base stays quantized
+    adapted = our_logits(model, inputs)
+    save_adapters(model, tmp_path / "adapter", settings)
+    # the adapter's layers equal their dequantized, fused weights
+    exact = load_model(quantized)
+    load_adapter(exact, tmp_path / "adapter")
+    fuse(exact, dequantize=True)
+    assert isinstance(exact.language_model.layers[0].self_attn.q_proj, nn.Linear)
+    np.testing.assert_allclose(our_logits(exact, inputs), adapted, atol=TOL, rtol=0)
+    # fused and quantized again: the layer is quantized with its old settings
+    requantized = fuse(model)
+    layer = requantized.language_model.layers[0].self_attn.q_proj
+    assert isinstance(layer, nn.QuantizedLinear) and (layer.bits, layer.group_size) == (4, 32)
+
+
+def greedy_cli(*args):
+    result = CliRunner().invoke(
+        app, ["generate", *args, "--prompt", "Describe it.", "--max-tokens", "8", "--temp", "0"]
+    )
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def our_adapter(base, tmp_path_factory):
+    path = base[0]
+    settings = LoraSettings(rank=4, alpha=32, vision=True, fine_tune_type="dora")
+    model = trained(path, settings, seed=3)
+    return save_adapters(model, tmp_path_factory.mktemp("adapter"), settings)
+
+
+def test_convert_fuses_the_adapter(base, our_adapter, tmp_path):
+    """`convert --adapter` writes a checkpoint whose greedy reply is the adapter's; the base
+    model's differs, so the adapter is seen."""
+    path, _, _, inputs = base
+    out = tmp_path / "fused"
+    result = CliRunner().invoke(
+        app,
+        ["convert", "--hf-path", str(path), "--mlx-path", str(out), "--adapter", str(our_adapter)],
+    )
+    assert result.exit_code == 0, result.output
+    adapted = load_model(path)
+    load_adapter(adapted, our_adapter)
+    np.testing.assert_allclose(
+        our_logits(load_model(out), inputs), our_logits(adapted, inputs), atol=TOL, rtol=0
+    )
+    image = tmp_path / "x.png"
+    picture(56, 84).save(image)
+    with_adapter = greedy_cli(
+        "--model", str(path), "--adapter", str(our_adapter), "--image", str(image)
+    )
+    assert with_adapter == greedy_cli("--model", str(out), "--image", str(image))
+    assert with_adapter != greedy_cli("--model", str(path), "--image", str(image))
+
+
+def bad_adapters(source, root):
+    """name -> (adapter directory, what the one-line error must say)."""
+    cases = {"missing": (root / "nowhere", "does not exist")}
+    no_config = root / "no-config"
+    shutil.copytree(source, no_config)
+    (no_config / "adapter_config.json").unlink()
+    cases["no config"] = (no_config, "has no adapter_config.json")
+    no_weights = root / "no-weights"
+    shutil.copytree(source, no_weights)
+    (no_weights / "adapters.safetensors").unlink()
+    cases["no weights"] = (no_weights, "has neither adapters.safetensors nor")
+    shape = root / "shape"
+    shutil.copytree(source, shape)
+    tensors = mx.load(str(shape / "adapters.safetensors"))
+    name = next(k for k in tensors if k.endswith("q_proj.lora_a"))
+    tensors[name] = tensors[name][:-1]
+    mx.save_safetensors(str(shape / "adapters.safetensors"), tensors)
+    cases["shape"] = (shape, "has low-rank factors")
+    target = root / "target"
+    shutil.copytree(source, target)
+    config = json.loads((target / "adapter_config.json").read_text())
+    config["lora_parameters"]["keys"].append("attention.wqkv")
+    (target / "adapter_config.json").write_text(json.dumps(config))
+    cases["unknown target"] = (target, "target module 'attention.wqkv' names no linear layer")
+    return cases
+
+
+def test_bad_adapter_directories_get_one_sentence(base, our_adapter, tmp_path):
+    path = base[0]
+    for name, (directory, problem) in bad_adapters(our_adapter, tmp_path).items():
+        for command in (
+            ["generate", "--model", str(path), "--prompt", "hi", "--adapter", str(directory)],
+            [
+                "convert",
+                "--hf-path",
+                str(path),
+                "--mlx-path",
+                str(tmp_path / f"out-{name}"),
+                "--adapter",
+                str(directory),
+            ],
+        ):
+            result = CliRunner().invoke(app, command)
+            assert result.exit_code != 0, f"{name}: {command[0]} accepted it"
+            lines = result.output.strip().splitlines()
+            assert len(lines) == 1 and problem in lines[0], f"{name}: {result.output}"
+            assert "Traceback" not in result.output
+        with pytest.raises(Glm4vError, match=problem):
+            load_adapter(load_model(path), directory)
+
+
+def test_prefix_entries_belong_to_their_model():
+    """The prefix cache's key includes the model's identity (checkpoint and adapter)."""
+    from mlx_glm4v.models.mlxlm import KVCache
+
+    cache = [KVCache()]
+    cache[0].update_and_fetch(mx.zeros((1, 1, 4, 2)), mx.zeros((1, 1, 4, 2)))
+    ids = np.arange(4)
+    base = PrefixCache(1 << 20, identity="model")
+    base.store(ids, None, cache)
+    assert base.lookup(ids, None)[1] == 4
+    base.identity = "model+adapter"
+    assert base.lookup(ids, None) == (None, 0)
+
+
+def test_adapter_digest_tells_adapters_apart(our_adapter, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(our_adapter, other)
+    assert read_adapter(other).digest == read_adapter(our_adapter).digest
+    config = json.loads((other / "adapter_config.json").read_text())
+    config["lora_parameters"]["scale"] *= 2
+    (other / "adapter_config.json").write_text(json.dumps(config))
+    assert read_adapter(other).digest != read_adapter(our_adapter).digest
