@@ -14,7 +14,6 @@ FLOORS = {
     "inputs": 1,
     "generation": 2,
     "checkpoints": 2,
-    "tuning": 3,
     "serving": 3,
     "tuning": 3,
     "server": 4,
