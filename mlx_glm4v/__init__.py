@@ -32,6 +32,7 @@ _EXPORTS = {
     "Processor": "inputs.processor",
     "unmark": "inputs.processor",
     "Glm4vError": "errors",
+    "finetune": "tuning.finetune",
 }
 # Modules used whole: `distributed.load`, `distributed.share_request` on every rank.
 _MODULES = {"distributed": "serving.distributed"}

@@ -500,10 +500,12 @@ class Model(nn.Module):
         attention_mask=None,
         cache: Optional[PromptCache] = None,
         labels=None,
+        num_items: Optional[int] = None,
     ):
         """Logits [B, L, vocab]. With a cache, later calls take only the new tokens (see
         `prepare`). With `labels` [B, L] (-100 where nothing is learnt; transformers' convention)
-        a `CausalLMOutput`: the loss (loss.py) and the logits. Training takes the pass without a
+        a `CausalLMOutput`: the loss (loss.py; summed over `num_items` when given, the labelled
+        tokens of a whole accumulated step) and the logits. Training takes the pass without a
         cache, the one `mlx.nn.value_and_grad` differentiates."""
         if labels is not None and cache is not None:
             raise ValueError("labels are for a pass without a cache")
@@ -527,4 +529,4 @@ class Model(nn.Module):
         logits = self.logits(self.forward(prompt, cache))
         if labels is None:
             return logits
-        return CausalLMOutput(causal_lm_loss(logits, labels), logits)
+        return CausalLMOutput(causal_lm_loss(logits, labels, num_items), logits)
