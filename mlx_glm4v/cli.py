@@ -676,7 +676,7 @@ def finetune(
     from .terminal import StatusLine
     from .tuning.adapters import TEXT_TARGETS, LoraSettings
     from .tuning.finetune import finetune as run_finetune
-    from .tuning.trainer import TrainingArgs
+    from .tuning.trainer import Interrupted, TrainingArgs
 
     keys = tuple(k.strip() for k in lora_keys.split(",")) if lora_keys else TEXT_TARGETS
     settings = LoraSettings(
@@ -704,13 +704,12 @@ def finetune(
         seed=seed,
         max_memory=None if max_memory is None else int(max_memory * 1e9),
     )
-    status, done = StatusLine(), [0]
+    status = StatusLine()
 
     def checking(n: int, total: int):
         status.show(f"checking the data: {n:,}/{total:,} conversations")
 
     def report(r):
-        done[0] = r.step
         line = (
             f"step {r.step}/{iters}: loss {r.loss:.4f}, lr {r.learning_rate:.2e}, "
             f"{r.tokens_per_second:,.0f} tokens/s, peak memory {r.peak_memory_gb:.2f} GB"
@@ -736,11 +735,14 @@ def finetune(
             report=report,
             checking=checking,
         )
-    except KeyboardInterrupt:
+    except Interrupted as stop:
         status.clear()
-        typer.echo(
-            f"stopped after step {done[0]}; the last checkpoint is in {adapter_path}.", err=True
+        where = (
+            f"step {stop.saved}'s checkpoint is in {adapter_path}"
+            if stop.saved
+            else ("no checkpoint was saved")
         )
+        typer.echo(f"stopped after step {stop.step}; {where}.", err=True)
         raise typer.Exit(130) from None
     status.clear()
     typer.echo(f"adapter saved in {adapter_path}")

@@ -18,7 +18,7 @@ import shutil
 import signal
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -86,7 +86,14 @@ class Report:
     peak_memory_gb: float
     val_loss: Optional[float] = None
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training, after the last complete checkpoint was left in place."""
+
+    def __init__(self, step: int, saved: int):
+        super().__init__(step, saved)
+        self.step, self.saved = step, saved  # the last step done; the last one checkpointed
 
 
 # ---- optimizer and schedule ---------------------------------------------------------------------
@@ -344,13 +351,40 @@ def evaluate(model: Model, data, args: TrainingArgs) -> float:
     model.eval()
     total, count = mx.array(0.0), 0
     for b in range(batches):
-        examples = [data[i] for i in range(b * args.batch_size, (b + 1) * args.batch_size)]
-        examples = examples or [data[i] for i in range(len(data))]
+        rows = range(b * args.batch_size, min(len(data), (b + 1) * args.batch_size))
+        examples = [data[i] for i in rows]
         batch = collate(examples, data.processor.tokenizer.pad_token_id)
         total = total + model(**model_inputs(batch), num_items=1).loss
         mx.eval(total)
         count += counted(batch["labels"])
     return float(total) / max(count, 1)
+
+
+def _step(model, loss_and_grad, optimizer, data, args: TrainingArgs, step: int) -> Report:
+    """One optimizer step: its micro-batches' losses and gradients summed, then the update."""
+    began = time.perf_counter()
+    model.train()
+    mx.random.seed(args.seed * 1_000_003 + step)  # dropout: the same whether resumed or not
+    first = (step - 1) * args.grad_accumulation_steps
+    pad = data.processor.tokenizer.pad_token_id
+    batches = [
+        collate([data[i] for i in batch_indices(len(data), args.batch_size, args.seed, k)], pad)
+        for k in range(first, first + args.grad_accumulation_steps)
+    ]
+    num_items = max(1, sum(counted(b["labels"]) for b in batches))
+    loss, grads = mx.array(0.0), None
+    for batch in batches:
+        part, g = loss_and_grad(model, model_inputs(batch), num_items)
+        loss = loss + part
+        grads = g if grads is None else tree_map(mx.add, grads, g)
+        mx.eval(loss, grads)
+    lr = float(optimizer.learning_rate)
+    optimizer.update(model, grads)
+    mx.eval(model.parameters(), optimizer.state)
+    seconds = time.perf_counter() - began
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    peak = mx.get_peak_memory() / 1e9
+    return Report(step, float(loss), lr, tokens, tokens / seconds, peak, seconds=seconds)
 
 
 def train(
@@ -376,49 +410,29 @@ def train(
     adapter_path = Path(adapter_path)
     optimizer = optimizer or make_optimizer(args)
     start = resume(model, optimizer, resume_adapter_file) if resume_adapter_file else 0
-    pad = train_data.processor.tokenizer.pad_token_id
     loss_and_grad = nn.value_and_grad(model, _loss)
     reports = []
     adapter_path.mkdir(parents=True, exist_ok=True)
     mx.reset_peak_memory()
-    with grad_checkpointing(model, args.grad_checkpoint):
-        for step in range(start + 1, args.iters + 1):
-            began = time.perf_counter()
-            model.train()
-            mx.random.seed(args.seed * 1_000_003 + step)  # dropout: the same whether resumed
-            first = (step - 1) * args.grad_accumulation_steps
-            batches = [
-                collate(
-                    [
-                        train_data[i]
-                        for i in batch_indices(len(train_data), args.batch_size, args.seed, k)
-                    ],
-                    pad,
-                )
-                for k in range(first, first + args.grad_accumulation_steps)
-            ]
-            num_items = sum(counted(b["labels"]) for b in batches)
-            loss, grads = mx.array(0.0), None
-            for batch in batches:
-                part, g = loss_and_grad(model, model_inputs(batch), max(num_items, 1))
-                loss = loss + part
-                grads = g if grads is None else tree_map(mx.add, grads, g)
-                mx.eval(loss, grads)
-            lr = float(optimizer.learning_rate)
-            optimizer.update(model, grads)
-            mx.eval(model.parameters(), optimizer.state)
-            seconds = time.perf_counter() - began
-            tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-            r = Report(step, float(loss), lr, tokens, tokens / seconds, mx.get_peak_memory() / 1e9)
-            r.seconds = seconds
-            if valid_data is not None and (step % args.steps_per_eval == 0 or step == args.iters):
-                r.val_loss = evaluate(model, valid_data, args)
-            reports.append(r)
-            if args.save_every and step % args.save_every == 0 or step == args.iters:
-                save_checkpoint(model, optimizer, settings, adapter_path, step)
-            with (adapter_path / LOG).open("a") as log:
-                log.write(json.dumps({k: v for k, v in asdict(r).items() if k != "extra"}) + "\n")
-            if report is not None:
-                report(r)
+    saved = done = start
+    try:
+        with grad_checkpointing(model, args.grad_checkpoint):
+            for step in range(start + 1, args.iters + 1):
+                r = _step(model, loss_and_grad, optimizer, train_data, args, step)
+                if valid_data is not None and (
+                    step % args.steps_per_eval == 0 or step == args.iters
+                ):
+                    r.val_loss = evaluate(model, valid_data, args)
+                reports.append(r)
+                if args.save_every and step % args.save_every == 0 or step == args.iters:
+                    save_checkpoint(model, optimizer, settings, adapter_path, step)
+                    saved = step
+                with (adapter_path / LOG).open("a") as log:
+                    log.write(json.dumps(asdict(r)) + "\n")
+                done = step
+                if report is not None:
+                    report(r)
+    except KeyboardInterrupt:
+        raise Interrupted(done, saved) from None
     model.eval()
     return reports
