@@ -13,6 +13,7 @@ import sys
 import time
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
@@ -28,7 +29,7 @@ from mlx_glm4v.models.rope_index import token_types
 from mlx_glm4v.tuning import finetune as finetune_module
 from mlx_glm4v.tuning.adapters import LoraSettings, apply_lora
 from mlx_glm4v.tuning.data import ConversationData, collate
-from mlx_glm4v.tuning.trainer import TrainingArgs, train
+from mlx_glm4v.tuning.trainer import TrainingArgs, _loss, frozen_features, model_inputs, train
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj", "qkv"]
 
@@ -133,6 +134,29 @@ def test_accumulation_and_checkpointing_equal_the_big_batch(setup, tmp_path):
             scale = float(mx.abs(value).max())
             worst = float(mx.abs(got[name] - value).max())
             assert worst <= 1e-4 * scale, (kwargs, name, worst)
+
+
+def test_a_frozen_tower_runs_before_the_differentiated_pass(setup):
+    """Without --train-vision the features are computed outside value_and_grad (whose traced
+    graph would keep the tower's activations): the same loss and gradients as through it."""
+    path, _, processor, data = setup
+    model = load_model(path)
+    apply_lora(model, LoraSettings(rank=4))
+    batch = collate(
+        [ConversationData(data / "train.jsonl", processor)[i] for i in (0, 1)],
+        processor.tokenizer.pad_token_id,
+    )
+    inputs = model_inputs(batch)
+    memo = frozen_features(model, inputs)
+    assert memo is not None and len(memo) == 2
+    loss_and_grad = nn.value_and_grad(model, _loss)
+    loss, grads = loss_and_grad(model, inputs, 10, memo)
+    want, want_grads = loss_and_grad(model, inputs, 10, None)
+    assert float(loss) == float(want)
+    for (name, g), (_, w) in zip(tree_flatten(grads), tree_flatten(want_grads)):
+        np.testing.assert_array_equal(np.array(g), np.array(w), err_msg=name)
+    apply_lora(model, LoraSettings(rank=4, vision=True))
+    assert frozen_features(model, inputs) is None  # a tower that trains runs inside
 
 
 def cli(*args, check=True):

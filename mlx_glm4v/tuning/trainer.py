@@ -31,9 +31,10 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from ..checkpoints.adapters import OURS
 from ..errors import Glm4vError
 from ..models.loss import IGNORE_INDEX
+from ..models.media import FeatureMemo
 from ..models.model import Model
 from .adapters import LoraSettings, save_adapters
-from .data import collate
+from .data import MEDIA_KEYS, collate
 
 OPTIMIZERS = {"adamw": optim.AdamW, "sgd": optim.SGD, "adam": optim.Adam}
 SCHEDULES = ("constant", "cosine", "linear")
@@ -85,7 +86,8 @@ class Report:
     tokens_per_second: float
     peak_memory_gb: float
     val_loss: Optional[float] = None
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole step
+    data_seconds: float = 0.0  # of which reading and encoding its conversations
 
 
 class Interrupted(KeyboardInterrupt):
@@ -140,8 +142,23 @@ def counted(labels) -> int:
     return int((np.asarray(labels)[:, 1:] != IGNORE_INDEX).sum())
 
 
-def _loss(model: Model, inputs: dict, num_items: int) -> mx.array:
-    return model(**inputs, num_items=num_items).loss
+def _loss(model: Model, inputs: dict, num_items: int, memo: Optional[FeatureMemo]) -> mx.array:
+    return model(**inputs, num_items=num_items, vision_memo=memo).loss
+
+
+def frozen_features(model: Model, inputs: dict) -> Optional[FeatureMemo]:
+    """A frozen tower's features of the batch's media, computed before the differentiated pass:
+    inside it every array the tower made would stay alive (a traced graph is kept whole) for a
+    backward pass that never reaches the tower. None when the tower trains or there are none."""
+    if "pixel_values" not in inputs and "pixel_values_videos" not in inputs:
+        return None
+    if tree_flatten(model.visual.trainable_parameters()):
+        return None
+    memo = FeatureMemo(size=1 << 30)
+    media = {k: inputs[k] for k in MEDIA_KEYS if k in inputs}
+    model.encode_media(**media, memo=memo)
+    mx.eval(list(memo.values()))
+    return memo
 
 
 # ---- gradient checkpointing ---------------------------------------------------------------------
@@ -194,8 +211,9 @@ def step_memory(model: Model, tokens: int, frames: list, checkpoint: bool) -> in
     """An estimate of the bytes a step over one conversation of `tokens` tokens whose media have
     `frames` (patch count of each frame) takes on top of the weights: the activations the
     backward pass keeps (per token and per layer: the projections', MLP's and attention
-    scores' outputs; per patch and per block the same in the tower), and the logits. With
-    checkpointing one layer's and one block's are kept whole, the others' inputs only."""
+    scores' outputs; per patch and per block the same in the tower, one block's when the tower
+    is frozen and runs before), and the logits. With checkpointing one layer's and one block's
+    are kept whole, the others' inputs only."""
     cfg = model.config
     t, v = cfg.text_config, cfg.vision_config
     size = model.language_model.embed_tokens.weight.dtype.size
@@ -206,13 +224,13 @@ def step_memory(model: Model, tokens: int, frames: list, checkpoint: bool) -> in
     width = 10 * t.hidden_size + 2 * (heads + t.num_key_value_heads) * head_dim
     layer = tokens * ((width + 4 * t.intermediate_size) * size + 2 * 4 * heads * tokens)
     logits = tokens * t.vocab_size * (size + 12)
-    vision = 0
+    vision, frozen = 0, not tree_flatten(model.visual.trainable_parameters())
     for n in frames:
         block = n * ((10 * v.hidden_size + 4 * v.out_hidden_size) * size + 2 * 4 * v.num_heads * n)
-        vision += block if checkpoint else block * len(model.visual.blocks)
+        vision += block if checkpoint or frozen else block * len(model.visual.blocks)
     if checkpoint:
         kept = len(model.layers) * tokens * t.hidden_size * size + layer
-        kept += len(model.visual.blocks) * sum(frames) * v.hidden_size * size
+        kept += 0 if frozen else len(model.visual.blocks) * sum(frames) * v.hidden_size * size
     else:
         kept = len(model.layers) * layer
     return kept + vision + logits
@@ -371,10 +389,12 @@ def _step(model, loss_and_grad, optimizer, data, args: TrainingArgs, step: int) 
         collate([data[i] for i in batch_indices(len(data), args.batch_size, args.seed, k)], pad)
         for k in range(first, first + args.grad_accumulation_steps)
     ]
+    data_seconds = time.perf_counter() - began
     num_items = max(1, sum(counted(b["labels"]) for b in batches))
     loss, grads = mx.array(0.0), None
     for batch in batches:
-        part, g = loss_and_grad(model, model_inputs(batch), num_items)
+        inputs = model_inputs(batch)
+        part, g = loss_and_grad(model, inputs, num_items, frozen_features(model, inputs))
         loss = loss + part
         grads = g if grads is None else tree_map(mx.add, grads, g)
         mx.eval(loss, grads)
@@ -384,7 +404,8 @@ def _step(model, loss_and_grad, optimizer, data, args: TrainingArgs, step: int) 
     seconds = time.perf_counter() - began
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     peak = mx.get_peak_memory() / 1e9
-    return Report(step, float(loss), lr, tokens, tokens / seconds, peak, seconds=seconds)
+    rate = tokens / seconds
+    return Report(step, float(loss), lr, tokens, rate, peak, None, seconds, data_seconds)
 
 
 def train(
