@@ -168,7 +168,8 @@ def main(argv=None):
         "--qlora-steps",
         type=int,
         default=3,
-        help="QLoRA's steps (its peak is the figure; MLX's CPU quantized backward is slow).",
+        help="QLoRA's steps, 0 for none (its peak is the figure; MLX's CPU quantized backward "
+        "is slow).",
     )
     ap.add_argument("--no-grad-checkpoint", action="store_true")
     ap.add_argument("--vlm-python", default="/work/venv-vlm/bin/python")
@@ -187,7 +188,7 @@ def main(argv=None):
     if not a.checkpoint and not (checkpoint / "config.json").exists():
         make_checkpoint.build(checkpoint, a.size)
     quantized = work / "ckpt-4bit"
-    if not (quantized / "config.json").exists():
+    if a.qlora_steps and not (quantized / "config.json").exists():
         command = [sys.executable, "-m", "mlx_glm4v", "convert", "--hf-path", str(checkpoint),
                    "--mlx-path", str(quantized), "-q", "--q-bits", "4"]  # fmt: skip
         run(command, env, work / "convert.log")
@@ -197,8 +198,9 @@ def main(argv=None):
     results["mlx-glm4v"] = summary(
         ours(checkpoint, ours_data, work / "ours", a.steps, gc, env), a.skip
     )
-    rows = ours(quantized, ours_data, work / "qlora", a.qlora_steps, gc, env)
-    results["qlora"] = summary(rows, min(a.skip, a.qlora_steps - 1))
+    if a.qlora_steps:
+        rows = ours(quantized, ours_data, work / "qlora", a.qlora_steps, gc, env)
+        results["qlora"] = summary(rows, min(a.skip, a.qlora_steps - 1))
     if Path(a.vlm_python).exists():
         rows = mlx_vlm(a.vlm_python, checkpoint, vlm_data, work / "vlm", a.steps, gc, env)
         results["mlx-vlm"] = summary(rows, a.skip)
@@ -228,8 +230,9 @@ def print_table(results: dict):
             f"\nours / mlx-vlm: step time {time:.2f}x (target <= 1.0), "
             f"peak memory {peak:.2f}x (<= 0.9)"
         )
-    ratio = results["qlora"]["peak_gb"] / ours["peak_gb"]
-    print(f"QLoRA (4-bit) / LoRA (float) peak memory: {ratio:.2f}x (target <= 0.5)")
+    if "qlora" in results:
+        ratio = results["qlora"]["peak_gb"] / ours["peak_gb"]
+        print(f"QLoRA (4-bit) / LoRA (float) peak memory: {ratio:.2f}x (target <= 0.5)")
 
 
 if __name__ == "__main__":
