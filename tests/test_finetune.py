@@ -24,12 +24,20 @@ from peft import LoraConfig, get_peft_model
 from mlx_glm4v.checkpoints.adapters import load_adapter
 from mlx_glm4v.checkpoints.convert import convert
 from mlx_glm4v.checkpoints.loader import load, load_model
+from mlx_glm4v.errors import Glm4vError
 from mlx_glm4v.inputs.processor import Processor
 from mlx_glm4v.models.rope_index import token_types
 from mlx_glm4v.tuning import finetune as finetune_module
 from mlx_glm4v.tuning.adapters import LoraSettings, apply_lora
 from mlx_glm4v.tuning.data import ConversationData, collate
-from mlx_glm4v.tuning.trainer import TrainingArgs, _loss, frozen_features, model_inputs, train
+from mlx_glm4v.tuning.trainer import (
+    TrainingArgs,
+    _loss,
+    frozen_features,
+    make_schedule,
+    model_inputs,
+    train,
+)
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj", "qkv"]
 
@@ -267,3 +275,17 @@ def test_bad_data_and_oversized_images_are_refused_in_one_sentence(setup, tmp_pa
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_warm_up_then_decay():
+    """A linear warm-up from 0 reaches the learning rate at step `warmup`, then cosine or linear
+    decay reaches 0 at `iters` (mlx-lm's `build_schedule` with `warmup`)."""
+    for kind, middle in (("cosine", 0.5), ("linear", 0.5), ("constant", 1.0)):
+        schedule = make_schedule(
+            TrainingArgs(iters=10, warmup=2, lr_schedule=kind, learning_rate=1.0)
+        )
+        got = [float(schedule(mx.array(s))) for s in (0, 1, 2, 6, 10)]
+        end = 1.0 if kind == "constant" else 0.0
+        np.testing.assert_allclose(got, [0.0, 0.5, 1.0, middle, end], atol=1e-6, err_msg=kind)
+    with pytest.raises(Glm4vError, match="--warmup 10 must be below --iters 10"):
+        TrainingArgs(iters=10, warmup=10)
