@@ -16,7 +16,8 @@ tools' default targets), AdamW, gradient checkpointing on for both (`--no-grad-c
 turns it off). Each tool reports its own per-step figures: ours in `train_log.jsonl` (the step
 and, within it, the reading of its data), mlx-vlm through a training callback (`step_time`, with
 its data time apart). The first `--skip` steps are left out (compilation of the first shapes,
-caches filling); the table gives medians of the rest and the largest peak. On Linux OpenBLAS
+caches filling); the table gives medians of the rest, their fastest (steadier on a shared
+machine) and the largest peak. On Linux OpenBLAS
 is preloaded into both (`LD_PRELOAD`), as in bench.py.
 """
 
@@ -146,6 +147,7 @@ def summary(rows: list, skip: int) -> dict:
     kept = [r for r in rows if r["step"] > skip] or rows
     return {
         "seconds_per_step": statistics.median(r["seconds"] for r in kept),
+        "fastest_step": min(r["seconds"] for r in kept),
         "compute_seconds_per_step": statistics.median(
             r["seconds"] - r["data_seconds"] for r in kept
         ),
@@ -215,6 +217,7 @@ def print_table(results: dict):
     print("|---" * (len(tools) + 1) + "|")
     for key, label in (
         ("seconds_per_step", "seconds per step"),
+        ("fastest_step", "fastest step (s)"),
         ("compute_seconds_per_step", "of which compute"),
         ("peak_gb", "peak memory (GB)"),
         ("first_loss", "loss, first step"),

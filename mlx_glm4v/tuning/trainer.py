@@ -237,16 +237,16 @@ def step_memory(model: Model, tokens: int, frames: list, checkpoint: bool) -> in
 
 
 def check_memory(model: Model, data, args: TrainingArgs, progress=None):
-    """Refuse, before training, a conversation whose step alone would not fit `max_memory`
-    with the weights and optimizer state; the sentence names the record and its largest image
-    or video."""
+    """Refuse, before training, a conversation that would not fit `max_memory` with the weights
+    and optimizer state in a batch of `batch_size` like it; the sentence names the record and
+    its largest image or video."""
     budget = args.max_memory or device_memory()
     trainable = _bytes(model.trainable_parameters())
     fixed = _bytes(model.parameters()) + 3 * trainable  # gradients and two moments
     merge = model.config.vision_config.spatial_merge_size**2
     for i in range(len(data)):
         example, conversation = data[i], data.conversations[i]
-        frames, names = [], []
+        frames = []
         for key in ("image_grid_thw", "video_grid_thw"):
             for t, h, w in np.asarray(example.media.get(key, np.zeros((0, 3)))).reshape(-1, 3):
                 frames.append((int(t), int(h * w)))
@@ -262,7 +262,9 @@ def check_memory(model: Model, data, args: TrainingArgs, progress=None):
             p for p in parts if p["type"] == "video"
         ]
         flat = [n for t, n in frames for _ in range(t)]
-        need = fixed + step_memory(model, len(example), flat, args.grad_checkpoint)
+        need = fixed + args.batch_size * step_memory(
+            model, len(example), flat, args.grad_checkpoint
+        )
         if need > budget:
             worst = max(range(len(frames)), key=lambda j: frames[j][0] * frames[j][1], default=None)
             what = (
