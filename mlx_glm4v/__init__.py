@@ -44,6 +44,7 @@ _EXPORTS = {
     "ocr": "documents.pipeline",
     "OcrSettings": "documents.pipeline",
     "Reader": "documents.pipeline",
+    "finetune": "tuning.finetune",
 }
 # Modules used whole: `distributed.load`, `distributed.share_request` on every rank.
 _MODULES = {"distributed": "serving.distributed"}

@@ -589,12 +589,16 @@ class Model(nn.Module):
         cache: Optional[PromptCache] = None,
         labels=None,
         return_hidden: bool = False,
+        num_items: Optional[int] = None,
+        vision_memo: Optional[FeatureMemo] = None,
     ):
         """Logits [B, L, vocab]. With a cache, later calls take only the new tokens (see
         `prepare`). With `labels` [B, L] (-100 where nothing is learnt; transformers' convention)
-        a `CausalLMOutput`: the loss (loss.py) and the logits. Training takes the pass without a
-        cache, the one `mlx.nn.value_and_grad` differentiates. With `return_hidden`, (logits,
-        hidden states after the final norm): what the MTP layer drafts from, at no extra cost."""
+        a `CausalLMOutput`: the loss (loss.py; summed over `num_items` when given, the labelled
+        tokens of a whole accumulated step) and the logits. Training takes the pass without a
+        cache, the one `mlx.nn.value_and_grad` differentiates. Media found in `vision_memo` are
+        not encoded again (see `prepare`). With `return_hidden`, (logits, hidden states after
+        the final norm): what the MTP layer drafts from, at no extra cost."""
         if labels is not None and cache is not None:
             raise ValueError("labels are for a pass without a cache")
         if labels is not None and getattr(self.config.text_config, "output_router_logits", False):
@@ -611,11 +615,12 @@ class Model(nn.Module):
             video_grid_thw,
             attention_mask,
             cache,
+            vision_memo,
         )
         if cache is not None:
             cache.record(prompt)
         hidden = self.forward(prompt, cache)
         logits = self.logits(hidden)
         if labels is not None:
-            return CausalLMOutput(causal_lm_loss(logits, labels), logits)
+            return CausalLMOutput(causal_lm_loss(logits, labels, num_items), logits)
         return (logits, hidden) if return_hidden else logits

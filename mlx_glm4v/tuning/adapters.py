@@ -48,6 +48,7 @@ class LoraSettings:
     targets: tuple = TEXT_TARGETS
     vision: bool = False
     fine_tune_type: str = "lora"
+    num_layers: Optional[int] = None  # the last N decoder layers only (mlx-lm's); None: all
 
     def __post_init__(self):
         if self.fine_tune_type not in FINE_TUNE_TYPES:
@@ -70,8 +71,9 @@ def _linear(module) -> bool:
 def target_layers(model: nn.Module, settings: LoraSettings) -> list:
     """The paths of the linear layers `settings` adapts; a target naming none is refused."""
     paths, found = [], set()
+    skipped = _early_layers(model, settings)
     for path, module in model.named_modules():
-        if not _linear(module):
+        if not _linear(module) or path.startswith(skipped):
             continue
         leaf = path.rpartition(".")[2]
         if path.startswith("visual.") and settings.vision:
@@ -92,6 +94,15 @@ def target_layers(model: nn.Module, settings: LoraSettings) -> list:
     return paths
 
 
+def _early_layers(model: nn.Module, settings: LoraSettings) -> tuple:
+    """Path prefixes of the decoder layers `num_layers` leaves out (the first ones)."""
+    n = len(model.layers)
+    keep = n if settings.num_layers is None else settings.num_layers
+    if not 0 < keep <= n:
+        raise Glm4vError(f"--num-layers {keep} must be between 1 and the model's {n} layers.")
+    return tuple(f"language_model.layers.{i}." for i in range(n - keep))
+
+
 def _decoder_names(model: nn.Module) -> set:
     return {
         p.rpartition(".")[2]
@@ -106,6 +117,8 @@ def apply_lora(model: nn.Module, settings: LoraSettings = LoraSettings()) -> lis
     Returns the adapted layers' paths."""
     if settings.fine_tune_type == "full":
         model.unfreeze()
+        for i in range(len(_early_layers(model, settings))):
+            model.layers[i].freeze()
         return []
     paths = target_layers(model, settings)
     model.freeze()

@@ -25,6 +25,7 @@ import binascii
 import json
 import mimetypes
 import tempfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -307,7 +308,8 @@ def _id(processor: Processor, token: str) -> int:
 
 
 class ConversationData:
-    """A data file's conversations, checked when read and encoded one at a time when asked for."""
+    """A data file's conversations, checked when read and encoded when asked for; the last
+    `cache_size` encoded are kept (their pixels with them), so a small data set is encoded once."""
 
     def __init__(
         self,
@@ -315,19 +317,30 @@ class ConversationData:
         processor: Processor,
         train_on_prompt: bool = False,
         media_kwargs: Optional[dict] = None,
+        cache_size: int = 32,
     ):
         self.conversations = read_jsonl(path)
         self.processor = processor
         self.train_on_prompt = train_on_prompt
         self.media_kwargs = media_kwargs
+        self.cache_size = cache_size
+        self._cache: OrderedDict = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.conversations)
 
     def __getitem__(self, i: int) -> Example:
-        return encode(
+        if i in self._cache:
+            self._cache.move_to_end(i)
+            return self._cache[i]
+        example = encode(
             self.processor, self.conversations[i], self.train_on_prompt, self.media_kwargs
         )
+        if self.cache_size > 0:
+            self._cache[i] = example
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return example
 
 
 def collate(examples: list, pad_token_id: int) -> dict:
