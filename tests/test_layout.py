@@ -14,6 +14,7 @@ FLOORS = {
     "inputs": 1,
     "generation": 2,
     "checkpoints": 2,
+    "tuning": 3,
     "serving": 3,
     "documents": 3.5,  # above the engine (regions become its requests), below the server
     "server": 4,
