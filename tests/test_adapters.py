@@ -20,6 +20,7 @@ import torch
 from helpers import picture
 from peft import LoraConfig, PeftModel, get_peft_model
 from reference import our_inputs, prepare, user
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import mlx_glm4v
@@ -96,22 +97,97 @@ def test_peft_adapter_matches_transformers_peft(base, tmp_path, case):
     assert worst <= TOL, f"{case}: max |logit difference| {worst:.2e}"
 
 
-def test_peft_adapter_on_the_experts_model(glm4v_moe_checkpoint, tmp_path):
-    """GLM-4.5V's decoder. Its routed experts are parameters, not layers, in transformers; peft
-    adapts them through `target_parameters` (MLP names are turned into those), which is
-    refused in one sentence."""
+@pytest.fixture(scope="module")
+def moe(glm4v_moe_checkpoint):
     path, ref, processor = glm4v_moe_checkpoint
     inputs = prepare(processor, [user("image", "What is this?")], images=[picture(56, 84)])
-    targets = ["q_proj", "k_proj", "o_proj"]
-    reference = peft_adapter(ref, tmp_path, r=4, lora_alpha=8, target_modules=targets)
+    return path, ref, processor, inputs
+
+
+def per_expert_adapter(ref, out, seed=0, r=4, alpha=8):
+    """An adapter as peft wrote them on transformers 4, where every expert was a linear layer
+    (`experts.N.gate_proj.lora_A.weight`, ...), random, written by hand (transformers 5 has no
+    such layers to make it from); returns it as transformers+peft reads it today."""
+    torch.manual_seed(seed)
+    text = ref.config.text_config
+    hidden, width = text.hidden_size, text.moe_intermediate_size
+    shapes = {
+        "gate_proj": (hidden, width),
+        "up_proj": (hidden, width),
+        "down_proj": (width, hidden),
+    }
+    tensors = {}
+    for layer in range(text.first_k_dense_replace, text.num_hidden_layers):
+        for expert in range(text.n_routed_experts):
+            for proj, (n_in, n_out) in shapes.items():
+                key = f"base_model.model.model.language_model.layers.{layer}.mlp.experts.{expert}"
+                tensors[f"{key}.{proj}.lora_A.weight"] = torch.randn(r, n_in) / n_in**0.5
+                tensors[f"{key}.{proj}.lora_B.weight"] = 0.1 * torch.randn(n_out, r)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(shapes)).to_dict()
+    config["target_modules"] = sorted(config["target_modules"])
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return PeftModel.from_pretrained(copy.deepcopy(ref), out).eval()
+
+
+# GLM-4.5V's routed experts are fused parameters in transformers 5; peft adapts them through
+# `target_parameters`, and turns MLP names into those (gate_up at twice the rank)
+EXPERT_CASES = {
+    "mlp names": dict(
+        r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"]
+    ),
+    "target_parameters, rslora": dict(
+        r=2,
+        lora_alpha=6,
+        use_rslora=True,
+        target_modules=["k_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    ),
+    "down_proj alone": dict(r=4, lora_alpha=4, target_modules=[], target_parameters=["down_proj"]),
+    "transformers 4's per-expert layers": None,
+}
+
+
+@pytest.mark.parametrize("case", list(EXPERT_CASES))
+def test_peft_adapter_on_the_experts(moe, tmp_path, case):
+    path, ref, _, inputs = moe
+    if EXPERT_CASES[case] is None:
+        reference = per_expert_adapter(ref, tmp_path)
+    else:
+        reference = peft_adapter(ref, tmp_path, **EXPERT_CASES[case])
+    want = torch_logits(reference, inputs)
+    assert np.abs(want - torch_logits(ref, inputs)).max() > 100 * TOL  # the adapter matters
     model = load_model(path)
     adapter = load_adapter(model, tmp_path)
-    assert len(adapter.layers) == 3 * len(model.layers)
-    worst = float(np.abs(our_logits(model, inputs) - torch_logits(reference, inputs)).max())
+    assert any(".switch_mlp." in n for n in adapter.layers)
+    worst = float(np.abs(our_logits(model, inputs) - want).max())
+    assert worst <= TOL, f"{case}: max |logit difference| {worst:.2e}"
+
+
+def test_peft_adapter_on_the_shared_experts(moe, tmp_path, monkeypatch):
+    """The shared experts' and the dense layer's projections, as peft adapted them on
+    transformers 4. peft on transformers 5 turns every gate_proj/up_proj/down_proj name into the
+    routed experts' parameters; with that mapping off it adapts these linear layers again."""
+    import peft.utils.transformers_weight_conversion as conversion
+
+    path, ref, _, inputs = moe
+    monkeypatch.setattr(conversion, "_MOE_TARGET_MODULE_MAPPING", {})
+    targets = ["q_proj", "mlp.gate_proj", "up_proj", "shared_experts.down_proj"]
+    reference = peft_adapter(ref, tmp_path, r=4, lora_alpha=8, target_modules=targets)
+    want = torch_logits(reference, inputs)
+    assert np.abs(want - torch_logits(ref, inputs)).max() > 100 * TOL
+    model = load_model(path)
+    adapter = load_adapter(model, tmp_path)
+    assert {
+        n.rpartition(".")[0] for n in adapter.layers if "language_model.layers" in n and ".mlp" in n
+    } == {
+        "language_model.layers.0.mlp",
+        "language_model.layers.1.mlp.shared_experts",
+        "language_model.layers.2.mlp.shared_experts",
+    }
+    worst = float(np.abs(our_logits(model, inputs) - want).max())
     assert worst <= TOL, f"max |logit difference| {worst:.2e}"
-    peft_adapter(ref, tmp_path / "experts", r=4, target_modules=["q_proj", "down_proj"])
-    with pytest.raises(Glm4vError, match="target_parameters .* is not supported"):
-        load_adapter(load_model(path), tmp_path / "experts")
 
 
 def trained(path, settings, seed=1):
