@@ -9,6 +9,7 @@ the logits far beyond the 1e-4 they must stay within.
 
 import copy
 import json
+import re
 import shutil
 
 import httpx
@@ -29,6 +30,7 @@ from mlx_glm4v.checkpoints.convert import convert
 from mlx_glm4v.checkpoints.loader import load_model
 from mlx_glm4v.cli import app
 from mlx_glm4v.errors import Glm4vError
+from mlx_glm4v.models.mlxlm import LoRASwitchLinear, QuantizedSwitchLinear, SwitchLinear
 from mlx_glm4v.serving.prefix import PrefixCache
 from mlx_glm4v.tuning.adapters import LoraSettings, apply_lora, export_peft, save_adapters
 
@@ -422,3 +424,121 @@ def test_serve_with_an_adapter(base, our_adapter, tmp_path):
     )
     assert result.exit_code != 0 and "does not exist" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def expert_layers(model):
+    return [m for _, m in model.named_modules() if isinstance(m, LoRASwitchLinear)]
+
+
+def test_moe_lora_export_round_trip_and_fuse(moe, tmp_path, monkeypatch):
+    """LoRA on the routed experts (and everything else) trained here, exported in PEFT's form:
+    peft reads it to the same logits; fusing it, in memory and by `convert --adapter`, too."""
+    import peft.utils.transformers_weight_conversion as conversion
+
+    path, ref, _, inputs = moe
+    settings = LoraSettings(rank=4, alpha=12)
+    model = trained(path, settings)
+    assert len(expert_layers(model)) == 3 * 2  # gate, up, down of both MoE layers
+    ours = our_logits(model, inputs)
+    assert np.abs(ours - our_logits(load_model(path), inputs)).max() > 100 * TOL
+    save_adapters(model, tmp_path / "ours", settings)
+    export_peft(tmp_path / "ours", tmp_path / "peft")
+    # the shared experts' names would be read as the routed experts' (see export_peft)
+    monkeypatch.setattr(conversion, "_MOE_TARGET_MODULE_MAPPING", {})
+    reference = PeftModel.from_pretrained(copy.deepcopy(ref), tmp_path / "peft").eval()
+    worst = float(np.abs(torch_logits(reference, inputs) - ours).max())
+    assert worst <= TOL, f"peft: max |logit difference| {worst:.2e}"
+    again = load_model(path)
+    load_adapter(again, tmp_path / "ours")
+    np.testing.assert_array_equal(our_logits(again, inputs), ours)
+    fused = fuse(again)
+    assert not expert_layers(fused)
+    np.testing.assert_allclose(our_logits(fused, inputs), ours, atol=TOL, rtol=0)
+    out = convert(str(path), str(tmp_path / "fused"), adapter=str(tmp_path / "ours"))
+    np.testing.assert_allclose(our_logits(load_model(out), inputs), ours, atol=TOL, rtol=0)
+
+
+def test_peft_experts_export_reads_back(moe, tmp_path):
+    """An adapter of the routed experts alone (from peft's files) exported again: peft on
+    transformers 5 reads it as it is, with no help."""
+    path, ref, _, inputs = moe
+    peft_adapter(
+        ref, tmp_path / "in", r=2, lora_alpha=4, target_modules=["v_proj", "up_proj", "gate_proj"]
+    )
+    model = load_model(path)
+    load_adapter(model, tmp_path / "in")
+    ours = our_logits(model, inputs)
+    # ours, as save_adapters writes it from the loaded layers, the rest frozen as in training
+    model.freeze()
+    model.unfreeze(keys=["lora_a", "lora_b"], strict=False)
+    save_adapters(model, tmp_path / "ours", LoraSettings(rank=2, alpha=4))
+    export_peft(tmp_path / "ours", tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["target_parameters"] and all(
+        "gate_up_proj" in t for t in config["target_parameters"]
+    )
+    reference = PeftModel.from_pretrained(copy.deepcopy(ref), tmp_path / "out").eval()
+    worst = float(np.abs(torch_logits(reference, inputs) - ours).max())
+    assert worst <= TOL, f"max |logit difference| {worst:.2e}"
+
+
+def test_qlora_on_the_quantized_experts(moe, tmp_path):
+    path, _, _, inputs = moe
+    quantized = convert(str(path), str(tmp_path / "q4"), quantize=True, q_group_size=32)
+    settings = LoraSettings(rank=4, alpha=8, targets=("down_proj", "up_proj"))
+    model = trained(quantized, settings)
+    layer = model.language_model.layers[1].mlp.switch_mlp.down_proj
+    assert isinstance(layer, LoRASwitchLinear) and isinstance(layer.linear, QuantizedSwitchLinear)
+    adapted = our_logits(model, inputs)
+    save_adapters(model, tmp_path / "adapter", settings)
+    exact = load_model(quantized)
+    load_adapter(exact, tmp_path / "adapter")
+    fuse(exact, dequantize=True)
+    assert isinstance(exact.language_model.layers[1].mlp.switch_mlp.down_proj, SwitchLinear)
+    np.testing.assert_allclose(our_logits(exact, inputs), adapted, atol=TOL, rtol=0)
+    layer = fuse(model).language_model.layers[1].mlp.switch_mlp.up_proj
+    assert isinstance(layer, QuantizedSwitchLinear) and (layer.bits, layer.group_size) == (4, 32)
+
+
+def test_bad_expert_adapters_get_one_sentence(moe, base, tmp_path):
+    path, ref, _, _ = moe
+    peft_adapter(ref, tmp_path / "good", r=2, target_modules=["gate_proj", "up_proj", "down_proj"])
+    tensors = mx.load(str(tmp_path / "good" / "adapter_model.safetensors"))
+    config = (tmp_path / "good" / "adapter_config.json").read_text()
+    key = "base_model.model.model.language_model.layers.2.mlp.experts.lora_A.weight"
+
+    def variant(name, change):
+        out = tmp_path / name
+        out.mkdir()
+        changed = dict(tensors)
+        change(changed)
+        mx.save_safetensors(str(out / "adapter_model.safetensors"), changed)
+        (out / "adapter_config.json").write_text(config)
+        return out
+
+    def drop_row(t):
+        t[key] = t[key][:-1]
+
+    cases = {
+        "rank": (
+            variant("rank", drop_row),
+            "'model.language_model.layers.2.mlp.experts.down_proj' has LoRA factors",
+        ),
+    }
+    per_expert = tmp_path / "per-expert"
+    per_expert_adapter(ref, per_expert)
+    t = mx.load(str(per_expert / "adapter_model.safetensors"))
+    gone = "base_model.model.model.language_model.layers.1.mlp.experts.3.up_proj"
+    t = {k: v for k, v in t.items() if not k.startswith(gone)}
+    mx.save_safetensors(str(per_expert / "adapter_model.safetensors"), t)
+    cases["missing expert"] = (
+        per_expert,
+        "expert 3 of 'language_model.layers.1.mlp.switch_mlp.up_proj' has no LoRA tensors",
+    )
+    for directory, problem in cases.values():
+        with pytest.raises(Glm4vError, match=re.escape(problem)) as e:
+            load_adapter(load_model(path), directory)
+        assert str(directory) in str(e.value) and len(str(e.value).splitlines()) == 1
+    # the experts' adapter on GLM-4.1V, which has none
+    with pytest.raises(Glm4vError, match=r"switch_mlp\.down_proj' is not a layer of this model"):
+        load_adapter(load_model(base[0]), tmp_path / "good")
