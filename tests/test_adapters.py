@@ -535,6 +535,12 @@ def test_bad_expert_adapters_get_one_sentence(moe, base, tmp_path):
         per_expert,
         "expert 3 of 'language_model.layers.1.mlp.switch_mlp.up_proj' has no LoRA tensors",
     )
+    settings = LoraSettings(rank=2, targets=("down_proj",))
+    dora = save_adapters(trained(path, settings), tmp_path / "dora", settings)
+    t = mx.load(str(dora / "adapters.safetensors"))
+    t["language_model.layers.1.mlp.switch_mlp.down_proj.m"] = mx.ones((128,))
+    mx.save_safetensors(str(dora / "adapters.safetensors"), t)
+    cases["dora"] = (dora, "switch_mlp.down_proj' has a DoRA magnitude; DoRA does not reach")
     for directory, problem in cases.values():
         with pytest.raises(Glm4vError, match=re.escape(problem)) as e:
             load_adapter(load_model(path), directory)
