@@ -28,7 +28,6 @@ from ..errors import Glm4vError
 FUSED = re.compile(r"(.*\.mlp\.experts)((?:\.base_layer)*)")
 # transformers 4: model.language_model.layers.N.mlp.experts.E.gate_proj
 PER_EXPERT = re.compile(r"(.*\.mlp\.)experts\.(\d+)\.(gate_proj|up_proj|down_proj)")
-PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 def pattern_value(patterns: dict, key: str, default):
