@@ -9,6 +9,7 @@ the logits far beyond the 1e-4 they must stay within.
 
 import copy
 import json
+import re
 import shutil
 
 import httpx
@@ -20,6 +21,7 @@ import torch
 from helpers import picture
 from peft import LoraConfig, PeftModel, get_peft_model
 from reference import our_inputs, prepare, user
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import mlx_glm4v
@@ -28,6 +30,7 @@ from mlx_glm4v.checkpoints.convert import convert
 from mlx_glm4v.checkpoints.loader import load_model
 from mlx_glm4v.cli import app
 from mlx_glm4v.errors import Glm4vError
+from mlx_glm4v.models.mlxlm import LoRASwitchLinear, QuantizedSwitchLinear, SwitchLinear
 from mlx_glm4v.serving.prefix import PrefixCache
 from mlx_glm4v.tuning.adapters import LoraSettings, apply_lora, export_peft, save_adapters
 
@@ -96,22 +99,97 @@ def test_peft_adapter_matches_transformers_peft(base, tmp_path, case):
     assert worst <= TOL, f"{case}: max |logit difference| {worst:.2e}"
 
 
-def test_peft_adapter_on_the_experts_model(glm4v_moe_checkpoint, tmp_path):
-    """GLM-4.5V's decoder. Its routed experts are parameters, not layers, in transformers; peft
-    adapts them through `target_parameters` (MLP names are turned into those), which is
-    refused in one sentence."""
+@pytest.fixture(scope="module")
+def moe(glm4v_moe_checkpoint):
     path, ref, processor = glm4v_moe_checkpoint
     inputs = prepare(processor, [user("image", "What is this?")], images=[picture(56, 84)])
-    targets = ["q_proj", "k_proj", "o_proj"]
-    reference = peft_adapter(ref, tmp_path, r=4, lora_alpha=8, target_modules=targets)
+    return path, ref, processor, inputs
+
+
+def per_expert_adapter(ref, out, seed=0, r=4, alpha=8):
+    """An adapter as peft wrote them on transformers 4, where every expert was a linear layer
+    (`experts.N.gate_proj.lora_A.weight`, ...), random, written by hand (transformers 5 has no
+    such layers to make it from); returns it as transformers+peft reads it today."""
+    torch.manual_seed(seed)
+    text = ref.config.text_config
+    hidden, width = text.hidden_size, text.moe_intermediate_size
+    shapes = {
+        "gate_proj": (hidden, width),
+        "up_proj": (hidden, width),
+        "down_proj": (width, hidden),
+    }
+    tensors = {}
+    for layer in range(text.first_k_dense_replace, text.num_hidden_layers):
+        for expert in range(text.n_routed_experts):
+            for proj, (n_in, n_out) in shapes.items():
+                key = f"base_model.model.model.language_model.layers.{layer}.mlp.experts.{expert}"
+                tensors[f"{key}.{proj}.lora_A.weight"] = torch.randn(r, n_in) / n_in**0.5
+                tensors[f"{key}.{proj}.lora_B.weight"] = 0.1 * torch.randn(n_out, r)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(shapes)).to_dict()
+    config["target_modules"] = sorted(config["target_modules"])
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return PeftModel.from_pretrained(copy.deepcopy(ref), out).eval()
+
+
+# GLM-4.5V's routed experts are fused parameters in transformers 5; peft adapts them through
+# `target_parameters`, and turns MLP names into those (gate_up at twice the rank)
+EXPERT_CASES = {
+    "mlp names": dict(
+        r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"]
+    ),
+    "target_parameters, rslora": dict(
+        r=2,
+        lora_alpha=6,
+        use_rslora=True,
+        target_modules=["k_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    ),
+    "down_proj alone": dict(r=4, lora_alpha=4, target_modules=[], target_parameters=["down_proj"]),
+    "transformers 4's per-expert layers": None,
+}
+
+
+@pytest.mark.parametrize("case", list(EXPERT_CASES))
+def test_peft_adapter_on_the_experts(moe, tmp_path, case):
+    path, ref, _, inputs = moe
+    if EXPERT_CASES[case] is None:
+        reference = per_expert_adapter(ref, tmp_path)
+    else:
+        reference = peft_adapter(ref, tmp_path, **EXPERT_CASES[case])
+    want = torch_logits(reference, inputs)
+    assert np.abs(want - torch_logits(ref, inputs)).max() > 100 * TOL  # the adapter matters
     model = load_model(path)
     adapter = load_adapter(model, tmp_path)
-    assert len(adapter.layers) == 3 * len(model.layers)
-    worst = float(np.abs(our_logits(model, inputs) - torch_logits(reference, inputs)).max())
+    assert any(".switch_mlp." in n for n in adapter.layers)
+    worst = float(np.abs(our_logits(model, inputs) - want).max())
+    assert worst <= TOL, f"{case}: max |logit difference| {worst:.2e}"
+
+
+def test_peft_adapter_on_the_shared_experts(moe, tmp_path, monkeypatch):
+    """The shared experts' and the dense layer's projections, as peft adapted them on
+    transformers 4. peft on transformers 5 turns every gate_proj/up_proj/down_proj name into the
+    routed experts' parameters; with that mapping off it adapts these linear layers again."""
+    import peft.utils.transformers_weight_conversion as conversion
+
+    path, ref, _, inputs = moe
+    monkeypatch.setattr(conversion, "_MOE_TARGET_MODULE_MAPPING", {})
+    targets = ["q_proj", "mlp.gate_proj", "up_proj", "shared_experts.down_proj"]
+    reference = peft_adapter(ref, tmp_path, r=4, lora_alpha=8, target_modules=targets)
+    want = torch_logits(reference, inputs)
+    assert np.abs(want - torch_logits(ref, inputs)).max() > 100 * TOL
+    model = load_model(path)
+    adapter = load_adapter(model, tmp_path)
+    assert {
+        n.rpartition(".")[0] for n in adapter.layers if "language_model.layers" in n and ".mlp" in n
+    } == {
+        "language_model.layers.0.mlp",
+        "language_model.layers.1.mlp.shared_experts",
+        "language_model.layers.2.mlp.shared_experts",
+    }
+    worst = float(np.abs(our_logits(model, inputs) - want).max())
     assert worst <= TOL, f"max |logit difference| {worst:.2e}"
-    peft_adapter(ref, tmp_path / "experts", r=4, target_modules=["q_proj", "down_proj"])
-    with pytest.raises(Glm4vError, match="target_parameters .* is not supported"):
-        load_adapter(load_model(path), tmp_path / "experts")
 
 
 def trained(path, settings, seed=1):
@@ -346,3 +424,127 @@ def test_serve_with_an_adapter(base, our_adapter, tmp_path):
     )
     assert result.exit_code != 0 and "does not exist" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def expert_layers(model):
+    return [m for _, m in model.named_modules() if isinstance(m, LoRASwitchLinear)]
+
+
+def test_moe_lora_export_round_trip_and_fuse(moe, tmp_path, monkeypatch):
+    """LoRA on the routed experts (and everything else) trained here, exported in PEFT's form:
+    peft reads it to the same logits; fusing it, in memory and by `convert --adapter`, too."""
+    import peft.utils.transformers_weight_conversion as conversion
+
+    path, ref, _, inputs = moe
+    settings = LoraSettings(rank=4, alpha=12)
+    model = trained(path, settings)
+    assert len(expert_layers(model)) == 3 * 2  # gate, up, down of both MoE layers
+    ours = our_logits(model, inputs)
+    assert np.abs(ours - our_logits(load_model(path), inputs)).max() > 100 * TOL
+    save_adapters(model, tmp_path / "ours", settings)
+    export_peft(tmp_path / "ours", tmp_path / "peft")
+    # the shared experts' names would be read as the routed experts' (see export_peft)
+    monkeypatch.setattr(conversion, "_MOE_TARGET_MODULE_MAPPING", {})
+    reference = PeftModel.from_pretrained(copy.deepcopy(ref), tmp_path / "peft").eval()
+    worst = float(np.abs(torch_logits(reference, inputs) - ours).max())
+    assert worst <= TOL, f"peft: max |logit difference| {worst:.2e}"
+    again = load_model(path)
+    load_adapter(again, tmp_path / "ours")
+    np.testing.assert_array_equal(our_logits(again, inputs), ours)
+    fused = fuse(again)
+    assert not expert_layers(fused)
+    np.testing.assert_allclose(our_logits(fused, inputs), ours, atol=TOL, rtol=0)
+    out = convert(str(path), str(tmp_path / "fused"), adapter=str(tmp_path / "ours"))
+    np.testing.assert_allclose(our_logits(load_model(out), inputs), ours, atol=TOL, rtol=0)
+
+
+def test_peft_experts_export_reads_back(moe, tmp_path):
+    """An adapter of the routed experts alone (from peft's files) exported again: peft on
+    transformers 5 reads it as it is, with no help."""
+    path, ref, _, inputs = moe
+    peft_adapter(
+        ref, tmp_path / "in", r=2, lora_alpha=4, target_modules=["v_proj", "up_proj", "gate_proj"]
+    )
+    model = load_model(path)
+    load_adapter(model, tmp_path / "in")
+    ours = our_logits(model, inputs)
+    # ours, as save_adapters writes it from the loaded layers, the rest frozen as in training
+    model.freeze()
+    model.unfreeze(keys=["lora_a", "lora_b"], strict=False)
+    save_adapters(model, tmp_path / "ours", LoraSettings(rank=2, alpha=4))
+    export_peft(tmp_path / "ours", tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["target_parameters"] and all(
+        "gate_up_proj" in t for t in config["target_parameters"]
+    )
+    reference = PeftModel.from_pretrained(copy.deepcopy(ref), tmp_path / "out").eval()
+    worst = float(np.abs(torch_logits(reference, inputs) - ours).max())
+    assert worst <= TOL, f"max |logit difference| {worst:.2e}"
+
+
+def test_qlora_on_the_quantized_experts(moe, tmp_path):
+    path, _, _, inputs = moe
+    quantized = convert(str(path), str(tmp_path / "q4"), quantize=True, q_group_size=32)
+    settings = LoraSettings(rank=4, alpha=8, targets=("down_proj", "up_proj"))
+    model = trained(quantized, settings)
+    layer = model.language_model.layers[1].mlp.switch_mlp.down_proj
+    assert isinstance(layer, LoRASwitchLinear) and isinstance(layer.linear, QuantizedSwitchLinear)
+    adapted = our_logits(model, inputs)
+    save_adapters(model, tmp_path / "adapter", settings)
+    exact = load_model(quantized)
+    load_adapter(exact, tmp_path / "adapter")
+    fuse(exact, dequantize=True)
+    assert isinstance(exact.language_model.layers[1].mlp.switch_mlp.down_proj, SwitchLinear)
+    np.testing.assert_allclose(our_logits(exact, inputs), adapted, atol=TOL, rtol=0)
+    layer = fuse(model).language_model.layers[1].mlp.switch_mlp.up_proj
+    assert isinstance(layer, QuantizedSwitchLinear) and (layer.bits, layer.group_size) == (4, 32)
+
+
+def test_bad_expert_adapters_get_one_sentence(moe, base, tmp_path):
+    path, ref, _, _ = moe
+    peft_adapter(ref, tmp_path / "good", r=2, target_modules=["gate_proj", "up_proj", "down_proj"])
+    tensors = mx.load(str(tmp_path / "good" / "adapter_model.safetensors"))
+    config = (tmp_path / "good" / "adapter_config.json").read_text()
+    key = "base_model.model.model.language_model.layers.2.mlp.experts.lora_A.weight"
+
+    def variant(name, change):
+        out = tmp_path / name
+        out.mkdir()
+        changed = dict(tensors)
+        change(changed)
+        mx.save_safetensors(str(out / "adapter_model.safetensors"), changed)
+        (out / "adapter_config.json").write_text(config)
+        return out
+
+    def drop_row(t):
+        t[key] = t[key][:-1]
+
+    cases = {
+        "rank": (
+            variant("rank", drop_row),
+            "'model.language_model.layers.2.mlp.experts.down_proj' has LoRA factors",
+        ),
+    }
+    per_expert = tmp_path / "per-expert"
+    per_expert_adapter(ref, per_expert)
+    t = mx.load(str(per_expert / "adapter_model.safetensors"))
+    gone = "base_model.model.model.language_model.layers.1.mlp.experts.3.up_proj"
+    t = {k: v for k, v in t.items() if not k.startswith(gone)}
+    mx.save_safetensors(str(per_expert / "adapter_model.safetensors"), t)
+    cases["missing expert"] = (
+        per_expert,
+        "expert 3 of 'language_model.layers.1.mlp.switch_mlp.up_proj' has no LoRA tensors",
+    )
+    settings = LoraSettings(rank=2, targets=("down_proj",))
+    dora = save_adapters(trained(path, settings), tmp_path / "dora", settings)
+    t = mx.load(str(dora / "adapters.safetensors"))
+    t["language_model.layers.1.mlp.switch_mlp.down_proj.m"] = mx.ones((128,))
+    mx.save_safetensors(str(dora / "adapters.safetensors"), t)
+    cases["dora"] = (dora, "switch_mlp.down_proj' has a DoRA magnitude; DoRA does not reach")
+    for directory, problem in cases.values():
+        with pytest.raises(Glm4vError, match=re.escape(problem)) as e:
+            load_adapter(load_model(path), directory)
+        assert str(directory) in str(e.value) and len(str(e.value).splitlines()) == 1
+    # the experts' adapter on GLM-4.1V, which has none
+    with pytest.raises(Glm4vError, match=r"switch_mlp\.down_proj' is not a layer of this model"):
+        load_adapter(load_model(base[0]), tmp_path / "good")

@@ -8,12 +8,12 @@ model's own) and `adapter_config.json` (`fine_tune_type`, `lora_parameters` with
 `lora_B.weight` [out, r], `lora_magnitude_vector` [out]; `modules_to_save` copies whole) and
 `adapter_config.json` (`r`, `lora_alpha`, `use_rslora`, `use_dora`, `alpha_pattern`,
 `target_modules`). Both become one `Adapter`; the layers are mlx-lm's `LoRALinear` and
-`DoRALinear`, which take float and quantized bases alike (QLoRA).
+`DoRALinear`, which take float and quantized bases alike (QLoRA), and `LoRASwitchLinear` on
+GLM-4.5V's routed experts (PEFT's forms of those: expert_lora.py).
 """
 
 import hashlib
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,23 +24,42 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import Glm4vError
-from ..models.mlxlm import DoRALinear, LoRALinear
+from ..models.mlxlm import (
+    DoRALinear,
+    LoRALinear,
+    LoRASwitchLinear,
+    QuantizedSwitchLinear,
+    SwitchLinear,
+)
 from ..models.model import WEIGHT_PREFIXES, checkpoint_name
+from .expert_lora import (
+    FUSED,
+    PER_EXPERT,
+    from_fused,
+    peft_scale,
+    stack_experts,
+    switch_path,
+    which_fused,
+)
 
 OURS = "adapters.safetensors"
 PEFT = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 LORA_LEAVES = ("lora_a", "lora_b", "m")
-ADAPTED = (LoRALinear, DoRALinear)
+ADAPTED = (LoRALinear, DoRALinear, LoRASwitchLinear)
+LINEAR = (nn.Linear, nn.QuantizedLinear)
+SWITCH = (SwitchLinear, QuantizedSwitchLinear)  # the routed experts' stacked projections
 
 
 @dataclass
 class LowRank:
-    """One adapted linear layer: y = W x + scale * B A x (DoRA: rescaled to the magnitude m)."""
+    """One adapted layer: y = W x + scale * B A x (DoRA: rescaled to the magnitude m). A linear
+    layer's factors are a [in, r] and b [r, out]; the routed experts' (LoRASwitchLinear's)
+    a [experts, r, in] and b [experts, out, r]."""
 
-    a: mx.array  # [in, r]
-    b: mx.array  # [r, out]
+    a: mx.array
+    b: mx.array
     scale: float
     m: Optional[mx.array] = None  # [out]: DoRA's magnitude
 
@@ -55,6 +74,7 @@ class Adapter:
     layers: dict = field(default_factory=dict)  # module path -> LowRank
     tensors: dict = field(default_factory=dict)  # parameter path -> replacement (full tuning)
     targets: list = field(default_factory=list)  # module names the config asks for
+    parameters: list = field(default_factory=list)  # PEFT's target_parameters (fused experts)
     regex: bool = False  # PEFT's target_modules given as one regex string
     dropout: float = 0.0
     digest: str = ""  # of the files' bytes: what tells two adapters apart (prefix cache, names)
@@ -129,33 +149,18 @@ def _ours(path: Path, config: dict, tensors: dict) -> Adapter:
     return adapter
 
 
-def peft_scale(config: dict, module: str, rank: int) -> float:
-    """PEFT's `scaling` of a module (transformers' path): its alpha (`alpha_pattern` first) over
-    the rank, or over its square root with `use_rslora`."""
-    alpha = config.get("lora_alpha", 8)
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            alpha = value
-            break
-    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-
-
 def _peft(path: Path, config: dict, tensors: dict) -> Adapter:
     file = path / CONFIG
     if config.get("peft_type", "LORA") != "LORA":
         raise Glm4vError(f"{file}: peft_type {config['peft_type']!r} is not LORA.")
     if config.get("fan_in_fan_out"):
         raise Glm4vError(f"{file}: fan_in_fan_out adapters (GPT-2's Conv1D) do not fit GLM-V.")
-    if config.get("target_parameters"):
-        raise Glm4vError(
-            f"{file}: target_parameters (LoRA on the routed experts' tensors: "
-            f"{', '.join(config['target_parameters'])}) is not supported; adapt layers only."
-        )
     targets = config.get("target_modules") or []
     regex = isinstance(targets, str)
     adapter = Adapter(path, targets=[targets] if regex else list(targets), regex=regex)
+    adapter.parameters = list(config.get("target_parameters") or [])
     adapter.dropout = float(config.get("lora_dropout") or 0.0)
-    parts = {}
+    parts, fused, experts = {}, {}, {}
     for name, value in tensors.items():
         key = name.removeprefix(PEFT_PREFIX).replace(".modules_to_save.default", "")
         match = re.fullmatch(
@@ -169,14 +174,37 @@ def _peft(path: Path, config: dict, tensors: dict) -> Adapter:
             adapter.tensors[checkpoint_name(key)] = value
             continue
         module, leaf = match[1], match[2].split(".")[0]
-        parts.setdefault(module, {})[leaf] = value
+        if FUSED.fullmatch(module):  # transformers 5's fused experts
+            fused.setdefault(FUSED.fullmatch(module)[1], {}).setdefault(module, {})[leaf] = value
+        else:
+            parts.setdefault(module, {})[leaf] = value
     for module, p in parts.items():
         if "lora_A" not in p or "lora_B" not in p:
             raise Glm4vError(f"{path / PEFT}: {module!r} lacks lora_A or lora_B.")
-        a, b = p["lora_A"].T, p["lora_B"].T
-        scale = peft_scale(config, module, a.shape[1])
+        scale = peft_scale(config, module, p["lora_A"].shape[0])
         ours = checkpoint_name(module + ".")[:-1]
+        if m := PER_EXPERT.fullmatch(ours):  # transformers 4's experts, one layer each
+            if "lora_magnitude_vector" in p:
+                raise Glm4vError(
+                    f"{path / PEFT}: {module!r} has a DoRA magnitude; DoRA does not reach the "
+                    "experts."
+                )
+            stacked = switch_path(f"{m[1]}experts", m[3])
+            experts.setdefault(stacked, {})[int(m[2])] = (p["lora_A"], p["lora_B"], scale)
+            continue
+        a, b = p["lora_A"].T, p["lora_B"].T
         adapter.layers[ours] = LowRank(a, b, scale, p.get("lora_magnitude_vector"))
+    for stacked, per_expert in experts.items():
+        adapter.layers[stacked] = LowRank(*stack_experts(path / PEFT, stacked, per_expert))
+    for module, wrappers in fused.items():
+        for wrapper, p in wrappers.items():
+            if "lora_A" not in p or "lora_B" not in p:
+                raise Glm4vError(f"{path / PEFT}: {wrapper!r} lacks lora_A or lora_B.")
+        for wrapper, name in which_fused(path / PEFT, config, wrappers).items():
+            found = from_fused(path / PEFT, config, module, name, wrappers[wrapper])
+            for proj, factors in found.items():
+                ours = switch_path(checkpoint_name(module + ".")[:-1], proj)
+                adapter.layers[ours] = LowRank(*factors)
     return adapter
 
 
@@ -188,6 +216,16 @@ def _linear_shape(layer: nn.Module) -> tuple:
     return out, width
 
 
+def _expected(layer: nn.Module, r: int) -> tuple:
+    """The shapes of a rank-`r` adapter's a and b for `layer`, in words, and the layer's."""
+    if isinstance(layer, SWITCH):
+        n, out, width = layer.num_experts, layer.output_dims, layer.input_dims
+        words = f"[{n}, r, {width}] and [{n}, {out}, r]", f"{n} experts of {width} -> {out}"
+        return (n, r, width), (n, out, r), *words
+    out, width = _linear_shape(layer)
+    return (width, r), (r, out), f"[{width}, r] and [r, {out}]", f"{width} -> {out}"
+
+
 def check_adapter(model: nn.Module, adapter: Adapter):
     """Every adapted layer a linear layer of this model with matching shapes, every replaced
     tensor one of its parameters with its shape, every asked-for target some layer's name."""
@@ -197,16 +235,19 @@ def check_adapter(model: nn.Module, adapter: Adapter):
         layer = modules.get(name)
         if layer is None:
             raise Glm4vError(f"{file}: {name!r} is not a layer of this model.")
-        if not isinstance(layer, (nn.Linear, nn.QuantizedLinear)):
+        if not isinstance(layer, LINEAR + SWITCH):
             raise Glm4vError(f"{file}: {name!r} is a {type(layer).__name__}, not a linear layer.")
-        out, width = _linear_shape(layer)
-        r = low.rank
-        if low.a.shape != (width, r) or low.b.shape != (r, out):
+        a, b, shapes, what = _expected(layer, low.rank)
+        if low.a.shape != a or low.b.shape != b:
             raise Glm4vError(
                 f"{file}: {name!r} has low-rank factors {list(low.a.shape)} and "
-                f"{list(low.b.shape)}, expected [{width}, r] and [r, {out}] (the layer is "
-                f"{width} -> {out})."
+                f"{list(low.b.shape)}, expected {shapes} (the layer is {what})."
             )
+        if low.m is not None and isinstance(layer, SWITCH):
+            raise Glm4vError(
+                f"{file}: {name!r} has a DoRA magnitude; DoRA does not reach the experts."
+            )
+        out = b[-1]
         if low.m is not None and low.m.shape != (out,):
             raise Glm4vError(
                 f"{file}: {name!r} has a magnitude of shape {list(low.m.shape)}, expected [{out}]."
@@ -221,10 +262,12 @@ def check_adapter(model: nn.Module, adapter: Adapter):
                 f"{list(params[name].shape)}."
             )
     peft = not (adapter.path / OURS).exists()
-    linear = [
-        hf_name(p) if peft else p
+    linear = [hf_name(p) if peft else p for p, m in modules.items() if isinstance(m, LINEAR)]
+    # the experts' projections answer to their per-expert names (transformers 4's layers)
+    linear += [
+        hf_name(p).replace(".switch_mlp.", ".experts.") if peft else p
         for p, m in modules.items()
-        if isinstance(m, (nn.Linear, nn.QuantizedLinear))
+        if isinstance(m, SWITCH)
     ]
     for target in adapter.targets:
         if target == "all-linear" or not isinstance(target, str):
@@ -237,6 +280,13 @@ def check_adapter(model: nn.Module, adapter: Adapter):
                 f"{adapter.path / CONFIG}: target module {target!r} names no linear layer of "
                 "this model."
             )
+    experts = any(isinstance(m, SWITCH) for m in modules.values())
+    for target in adapter.parameters:
+        if not experts or target.rpartition(".")[2] not in ("gate_up_proj", "down_proj"):
+            raise Glm4vError(
+                f"{adapter.path / CONFIG}: target parameter {target!r} names no expert tensor "
+                "of this model (gate_up_proj or down_proj of a mixture-of-experts layer)."
+            )
 
 
 def hf_name(path: str) -> str:
@@ -248,10 +298,12 @@ def hf_name(path: str) -> str:
 
 
 def low_rank_layer(base: nn.Module, low: LowRank, dropout: float = 0.0) -> nn.Module:
-    """mlx-lm's LoRA (DoRA with a magnitude) layer around `base`, holding `low`'s factors."""
+    """mlx-lm's LoRA (DoRA with a magnitude; LoRASwitchLinear on the experts) layer around
+    `base`, holding `low`'s factors."""
     kind = DoRALinear if low.m is not None else LoRALinear
+    kind = LoRASwitchLinear if isinstance(base, SWITCH) else kind
     layer = kind.from_base(base, r=low.rank, dropout=dropout, scale=low.scale)
-    dtype = base.scales.dtype if isinstance(base, nn.QuantizedLinear) else base.weight.dtype
+    dtype = base.scales.dtype if "scales" in base else base.weight.dtype
     layer.lora_a, layer.lora_b = low.a.astype(dtype), low.b.astype(dtype)
     if low.m is not None:
         layer.m = low.m.astype(mx.float32)
@@ -302,8 +354,11 @@ def fuse(model: nn.Module, dequantize: bool = False) -> nn.Module:
 
 
 def fused_weight(weight: mx.array, low: LowRank) -> mx.array:
-    """A float weight [out, in] with `low` folded in, by the same arithmetic as `fuse`."""
-    out, width = weight.shape
-    base = nn.Linear(width, out, bias=False)
+    """A float weight [out, in] (the experts' [experts, out, in]) with `low` folded in, by the
+    same arithmetic as `fuse`."""
+    if weight.ndim == 3:
+        base = SwitchLinear(weight.shape[2], weight.shape[1], weight.shape[0], bias=False)
+    else:
+        base = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     base.weight = weight
     return low_rank_layer(base, low).fuse().weight

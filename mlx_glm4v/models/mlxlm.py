@@ -41,7 +41,7 @@ from mlx_lm.models.base import (  # noqa: E402
     scaled_dot_product_attention,
 )
 from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache, RotatingKVCache  # noqa: E402
-from mlx_lm.models.switch_layers import SwitchGLU  # noqa: E402
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU, SwitchLinear  # noqa: E402
 from mlx_lm.sample_utils import (  # noqa: E402
     apply_min_p,
     apply_top_k,
@@ -50,7 +50,7 @@ from mlx_lm.sample_utils import (  # noqa: E402
     make_sampler,
 )
 from mlx_lm.tuner.dora import DoRALinear  # noqa: E402
-from mlx_lm.tuner.lora import LoRALinear  # noqa: E402
+from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear  # noqa: E402
 
 __all__ = [
     "apply_min_p",
@@ -61,8 +61,11 @@ __all__ = [
     "DoRALinear",
     "KVCache",
     "LoRALinear",
+    "LoRASwitchLinear",
+    "QuantizedSwitchLinear",
     "RotatingKVCache",
     "SwitchGLU",
+    "SwitchLinear",
     "create_attention_mask",
     "create_causal_mask",
     "make_logits_processors",

@@ -2,9 +2,10 @@
 
 Layers are named as PEFT and LlamaFactory name them, which are transformers' module names and
 ours alike: q_proj, k_proj, v_proj, o_proj, gate_up_proj and down_proj in the dense decoder
-(gate_proj, up_proj and down_proj in the shared experts and dense layers of the
-mixture-of-experts one; the routed experts are left alone, as PEFT leaves them). `vision`
-adds every linear layer of the vision tower and its merger (qkv, proj, gate_proj, up_proj,
+(gate_proj, up_proj and down_proj in the dense layers, shared experts and routed experts of
+the mixture-of-experts one; the routed experts get mlx-lm's `LoRASwitchLinear`, and DoRA, which
+neither mlx-lm nor PEFT has for them, leaves them alone). `vision` adds every linear layer of
+the vision tower and its merger (qkv, proj, gate_proj, up_proj,
 down_proj). Full fine-tuning trains every parameter. Reading adapters back, fusing them and
 PEFT's files in are the checkpoints wing's (checkpoints/adapters.py): generate, chat, serve
 and convert load them there.
@@ -20,9 +21,20 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..checkpoints.adapters import CONFIG, OURS, PEFT, PEFT_PREFIX, hf_name, read_adapter
+from ..checkpoints.adapters import (
+    ADAPTED,
+    CONFIG,
+    LINEAR,
+    OURS,
+    PEFT,
+    PEFT_PREFIX,
+    SWITCH,
+    hf_name,
+    read_adapter,
+)
+from ..checkpoints.expert_lora import to_fused
 from ..errors import Glm4vError
-from ..models.mlxlm import DoRALinear, LoRALinear
+from ..models.mlxlm import DoRALinear, LoRALinear, LoRASwitchLinear
 
 TEXT_TARGETS = (
     "q_proj",
@@ -65,15 +77,20 @@ class LoraSettings:
 
 
 def _linear(module) -> bool:
-    return isinstance(module, (nn.Linear, nn.QuantizedLinear))
+    return isinstance(module, LINEAR + SWITCH)
 
 
 def target_layers(model: nn.Module, settings: LoraSettings) -> list:
-    """The paths of the linear layers `settings` adapts; a target naming none is refused."""
+    """The paths of the linear layers (and routed experts' projections) `settings` adapts; a
+    target naming none is refused."""
     paths, found = [], set()
     skipped = _early_layers(model, settings)
     for path, module in model.named_modules():
-        if not _linear(module) or path.startswith(skipped):
+        if (
+            not _linear(module)
+            or path.startswith(skipped)
+            or (isinstance(module, SWITCH) and settings.fine_tune_type == "dora")
+        ):
             continue
         leaf = path.rpartition(".")[2]
         if path.startswith("visual.") and settings.vision:
@@ -127,7 +144,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings = LoraSettings()) -> lis
     layers = [
         (
             p,
-            kind.from_base(
+            (LoRASwitchLinear if isinstance(modules[p], SWITCH) else kind).from_base(
                 modules[p], r=settings.rank, dropout=settings.dropout, scale=settings.scale
             ),
         )
@@ -156,7 +173,11 @@ def save_adapters(model: nn.Module, path, settings: LoraSettings) -> Path:
             "rank": settings.rank,
             "scale": settings.scale,
             "dropout": settings.dropout,
-            "keys": list(settings.targets),
+            # the names adapted here: the settings' hold both decoders' spellings
+            "keys": sorted(
+                {p.rpartition(".")[2] for p, m in model.named_modules() if isinstance(m, ADAPTED)}
+            )
+            or list(settings.targets),
         },
         "alpha": settings.alpha,
         "vision": settings.vision,
@@ -169,7 +190,10 @@ def export_peft(adapter_path, out, base_model: Optional[str] = None) -> Path:
     """Our adapter in `adapter_path` written in PEFT's form to `out`, as transformers+peft
     reads it (`PeftModel.from_pretrained`): factors transposed under transformers' names, the
     rank and alpha (per-layer ones in `rank_pattern` / `alpha_pattern`), replaced tensors as
-    `modules_to_save`."""
+    `modules_to_save`. The routed experts' layers go out as transformers 5's fused
+    `target_parameters` (expert_lora.py). peft 0.21 on transformers 5 reads MLP names
+    (gate_proj, up_proj, down_proj) of a mixture-of-experts model as the routed experts', so
+    it misreads an adapter of the shared experts or dense layers."""
     adapter = read_adapter(adapter_path)
     if not (adapter.path / OURS).exists():
         raise Glm4vError(f"{adapter.path} is already in PEFT's form.")
@@ -178,13 +202,30 @@ def export_peft(adapter_path, out, base_model: Optional[str] = None) -> Path:
             f"{adapter.path / OURS} holds no LoRA layers (a full fine-tune); convert it instead."
         )
     tensors, ranks, alphas, saved = {}, {}, {}, set()
+    experts = {}
     for name, low in adapter.layers.items():
+        if ".switch_mlp." in name:
+            mlp, _, proj = name.rpartition(".switch_mlp.")
+            experts.setdefault(mlp, {})[proj] = (low.a, low.b, low.scale)
+            continue
         theirs = PEFT_PREFIX + hf_name(name)
         tensors[f"{theirs}.lora_A.weight"] = low.a.T
         tensors[f"{theirs}.lora_B.weight"] = low.b.T
         if low.m is not None:
             tensors[f"{theirs}.lora_magnitude_vector"] = low.m
         ranks[hf_name(name)], alphas[hf_name(name)] = low.rank, low.scale * low.rank
+    parameters = []
+    for mlp, parts in experts.items():
+        fused = to_fused(parts)
+        module = hf_name(f"{mlp}.experts")
+        for param, (a, b, rank, alpha) in fused.items():
+            # peft nests the wrappers in the order of the tensors: gate_up inside, down outside
+            inner = param == "gate_up_proj" and len(fused) == 2
+            prefix = f"{PEFT_PREFIX}{module}{'.base_layer' * inner}"
+            tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = a, b
+            key = f"{module}.{param}"
+            parameters.append(key)
+            ranks[key], alphas[key] = rank, alpha
     for name, value in adapter.tensors.items():
         tensors[PEFT_PREFIX + hf_name(name)] = value
         saved.add(name.rpartition(".")[0].rpartition(".")[2])
@@ -198,7 +239,8 @@ def export_peft(adapter_path, out, base_model: Optional[str] = None) -> Path:
         "lora_alpha": alpha,
         "lora_dropout": adapter.dropout,
         # whole paths: a leaf name alone would also catch layers of other kinds (patch_embed.proj)
-        "target_modules": sorted(hf_name(n) for n in adapter.layers),
+        "target_modules": sorted(hf_name(n) for n in adapter.layers if ".switch_mlp." not in n),
+        "target_parameters": sorted(parameters) or None,
         "rank_pattern": {re.escape(k): r for k, r in ranks.items() if r != rank},
         "alpha_pattern": {re.escape(k): a for k, a in alphas.items() if a != alpha},
         "use_dora": adapter.dora,
