@@ -5,17 +5,22 @@ each assistant turn's text after its `<|assistant|>` through the next role marke
 wrote (role strings inside message text are data, not turns), tokenized on its own.
 """
 
-import base64
 import json
 import re
 
 import mlx.core as mx
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import data_url, picture, png_bytes, write_scrolling_video
+from helpers import (
+    as_row,
+    data_url,
+    picture,
+    png_bytes,
+    write_parquet,
+    write_saved,
+    write_scrolling_video,
+)
 
 from mlx_glm4v.checkpoints.loader import load_model
 from mlx_glm4v.errors import Glm4vError
@@ -259,50 +264,6 @@ def test_bad_records_are_named_in_one_sentence(tmp_path, line, message):
 
 
 # ---- Hugging Face dataset directories (mlx-vlm's form: messages and images columns) -------------
-
-
-def as_row(record, root, own_path=0):
-    """A JSONL record in mlx-vlm's dataset form: every content a list of parts, each image a
-    `{"type": "image"}` mark and its bytes (or, for image `own_path`, its path) in the images
-    column as `datasets`' Image structs; tools as a JSON string."""
-    messages, images = [], []
-    for m in record["messages"]:
-        content = m.get("content")
-        parts = [{"type": "text", "text": content}] if isinstance(content, str) else []
-        for part in content if isinstance(content, list) else []:
-            if part["type"] == "text":
-                parts.append({"type": "text", "text": part["text"]})
-                continue
-            source = part["image_url"]["url"]
-            if len(images) == own_path:
-                images.append({"bytes": None, "path": source})
-            else:
-                data = (
-                    source if source.startswith("data:") else data_url((root / source).read_bytes())
-                )
-                images.append({"bytes": base64.b64decode(data.partition(",")[2]), "path": None})
-            parts.append({"type": "image", "text": None})
-        messages.append({**m, "content": parts or None})
-    row = {"messages": messages, "images": images}
-    if "tools" in record:
-        row["tools"] = json.dumps(record["tools"])
-    return row
-
-
-def write_parquet(file, rows):
-    file.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), file)
-
-
-def write_saved(folder, rows):
-    """One split as `save_to_disk` writes it: an arrow stream and the state.json naming it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist(rows)
-    with pa.ipc.new_stream(str(folder / "data-00000-of-00001.arrow"), table.schema) as writer:
-        writer.write_table(table)
-    state = {"_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_split": None}
-    (folder / "state.json").write_text(json.dumps(state))
-    (folder / "dataset_info.json").write_text("{}")
 
 
 def same_examples(a, b):
