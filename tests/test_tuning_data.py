@@ -371,12 +371,13 @@ GOOD_ROW = {
 }
 
 BAD_ROWS = [
-    ({"images": []}, "row 1: the messages column marks 1 images but the images column holds 0."),
+    ({"images": []}, "row 1: the messages column marks 1 image but the images column holds 0."),
     (
         {"images": [{"bytes": None, "path": "gone.png"}]},
         "row 1: images[0] has no bytes and its path gone.png is not a file.",
     ),
     ({"images": [{"bytes": None, "path": None}]}, "row 1: images[0] holds neither image bytes"),
+    ({"images": [{"bytes": b"GIF8 no", "path": None}]}, "row 1: images[0] is not a readable image"),
     (
         {"messages": [{"role": "bot", "content": [{"type": "text", "text": "x"}]}], "images": []},
         "row 1: messages[0].role 'bot' is not one of",

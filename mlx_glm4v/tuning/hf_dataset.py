@@ -14,9 +14,12 @@ images beyond the marks go first in the last user turn, as mlx-vlm places them f
 then becomes the record a JSONL line is (data.py), so it gives the same ids, labels and pixels.
 """
 
+import io
 import json
 import re
 from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import Glm4vError
 from .data import Conversation, RecordError, parse_record
@@ -181,13 +184,22 @@ def _image(value, at: str, root: Path):
     """An image of the images column as bytes or a path (relative to the dataset directory)."""
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
         if value.get("bytes"):
-            return bytes(value["bytes"])
+            data = bytes(value["bytes"])
+            try:  # the header only: a broken image is named here, by its place in the column
+                Image.open(io.BytesIO(data)).close()
+            except (UnidentifiedImageError, OSError) as e:
+                raise RecordError(f"{at} is not a readable image ({e}).") from None
+            return data
         value = value.get("path")
     if isinstance(value, str) and value:
         if not (root / value).is_file():
             raise RecordError(f"{at} has no bytes and its path {value} is not a file.")
         return value
     raise RecordError(f"{at} holds neither image bytes nor a path.")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _is_mark(part) -> bool:
@@ -217,13 +229,14 @@ def row_record(row: dict, root: Path) -> tuple:
     )
     if marks > len(sources):
         raise RecordError(
-            f"the messages column marks {marks} images but the images column holds {len(sources)}."
+            f"the messages column marks {_count(marks, 'image')} but the images column holds "
+            f"{len(sources)}."
         )
     if len(sources) > marks:
         if not users:
             raise RecordError(
-                f"the images column holds {len(sources)} images but the messages column has "
-                "no user turn to show them in."
+                f"the images column holds {_count(len(sources), 'image')} but the messages "
+                "column has no user turn to show them in."
             )
         last = messages[users[-1]]
         content = last.get("content")
