@@ -149,15 +149,15 @@ FORMATS.checks("date")(rfc3339_date)
 
 def as_row(record, root, own_path=0):
     """A JSONL record in mlx-vlm's dataset form: every content a list of parts, each image a
-    `{"type": "image"}` mark and its bytes (or, for image `own_path`, its path) in the images
-    column as `datasets`' Image structs; tools as a JSON string."""
+    `{"type": "image"}` mark (with TRL's `index`) and its bytes (or, for image `own_path`, its
+    path) in the images column as `datasets`' Image structs; tools as a JSON string."""
     messages, images = [], []
     for m in record["messages"]:
         content = m.get("content")
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else []
         for part in content if isinstance(content, list) else []:
-            if part["type"] == "text":
-                parts.append({"type": "text", "text": part["text"]})
+            if part["type"] == "text":  # TRL's form: an image's index, null for text
+                parts.append({"type": "text", "text": part["text"], "index": None})
                 continue
             source = part["image_url"]["url"]
             if len(images) == own_path:
@@ -167,7 +167,7 @@ def as_row(record, root, own_path=0):
                     source if source.startswith("data:") else data_url((root / source).read_bytes())
                 )
                 images.append({"bytes": base64.b64decode(data.partition(",")[2]), "path": None})
-            parts.append({"type": "image", "text": None})
+            parts.append({"type": "image", "text": None, "index": len(images) - 1})
         messages.append({**m, "content": parts or None})
     row = {"messages": messages, "images": images}
     if "tools" in record:
