@@ -764,7 +764,8 @@ def finetune(
     data: str = typer.Option(
         ...,
         "--data",
-        help="A directory with train.jsonl (and valid.jsonl), or one JSONL file of conversations.",
+        help="A directory with train.jsonl (and valid.jsonl), a Hugging Face dataset directory "
+        "(messages and images columns), or one JSONL file of conversations.",
     ),
     adapter_path: str = typer.Option(
         "adapters", "--adapter-path", help="Where to write the adapter and its checkpoints."

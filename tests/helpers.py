@@ -1,15 +1,19 @@
 """What several test files share: seeded pictures, clips and videos, free ports, the attention cut,
-and the JSON Schema format checker. Checkpoints are tiny.py's; server processes are servers.py's."""
+the JSON Schema format checker, Hugging Face dataset directories. Checkpoints are tiny.py's;
+server processes are servers.py's."""
 
 import base64
 import calendar
 import io
+import json
 import re
 import socket
 
 import av
 import jsonschema
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
 # ---- pictures and clips --------------------------------------------------------------------------
@@ -138,3 +142,50 @@ def rfc3339_date(value) -> bool:
 # jsonschema's format checker, with that date check
 FORMATS = jsonschema.FormatChecker()
 FORMATS.checks("date")(rfc3339_date)
+
+
+# ---- Hugging Face dataset directories (mlx-vlm's form) -------------------------------------------
+
+
+def as_row(record, root, own_path=0):
+    """A JSONL record in mlx-vlm's dataset form: every content a list of parts, each image a
+    `{"type": "image"}` mark (with TRL's `index`) and its bytes (or, for image `own_path`, its
+    path) in the images column as `datasets`' Image structs; tools as a JSON string."""
+    messages, images = [], []
+    for m in record["messages"]:
+        content = m.get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else []
+        for part in content if isinstance(content, list) else []:
+            if part["type"] == "text":  # TRL's form: an image's index, null for text
+                parts.append({"type": "text", "text": part["text"], "index": None})
+                continue
+            source = part["image_url"]["url"]
+            if len(images) == own_path:
+                images.append({"bytes": None, "path": source})
+            else:
+                data = (
+                    source if source.startswith("data:") else data_url((root / source).read_bytes())
+                )
+                images.append({"bytes": base64.b64decode(data.partition(",")[2]), "path": None})
+            parts.append({"type": "image", "text": None, "index": len(images) - 1})
+        messages.append({**m, "content": parts or None})
+    row = {"messages": messages, "images": images}
+    if "tools" in record:
+        row["tools"] = json.dumps(record["tools"])
+    return row
+
+
+def write_parquet(file, rows):
+    file.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), file)
+
+
+def write_saved(folder, rows):
+    """One split as `save_to_disk` writes it: an arrow stream and the state.json naming it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows)
+    with pa.ipc.new_stream(str(folder / "data-00000-of-00001.arrow"), table.schema) as writer:
+        writer.write_table(table)
+    state = {"_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_split": None}
+    (folder / "state.json").write_text(json.dumps(state))
+    (folder / "dataset_info.json").write_text("{}")

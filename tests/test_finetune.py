@@ -17,7 +17,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
-from helpers import picture
+from helpers import as_row, picture, write_parquet
 from mlx.utils import tree_flatten
 from peft import LoraConfig, get_peft_model
 
@@ -213,6 +213,23 @@ def test_cli_run_lowers_the_loss_resumes_and_fuses(setup, tmp_path):
         == (adapted.stdout.split("\n")[0])
     )
     assert adapted.stdout.split("\n")[0] != base.stdout.split("\n")[0]
+
+
+def test_cli_trains_on_a_dataset_directory(setup, tmp_path):
+    """`--data` a hub-style parquet directory in mlx-vlm's form (the same conversations, images
+    as bytes in the images column): a train and a validation split, two steps."""
+    path, _, _, data = setup
+    records = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+    rows = [as_row(r, data, own_path=None) for r in records]
+    hub = tmp_path / "hub"
+    write_parquet(hub / "data" / "train-00000-of-00001.parquet", rows)
+    write_parquet(hub / "data" / "validation-00000-of-00001.parquet", rows[:2])
+    out = tmp_path / "adapter"
+    run = cli("finetune", "--model", str(path), "--data", str(hub), "--iters", "2",
+              "--batch-size", "2", "--steps-per-eval", "2", "--learning-rate", "0.01",
+              "--adapter-path", str(out))  # fmt: skip
+    assert "validation loss" in run.stdout
+    assert sorted(losses(out)) == [1, 2] and (out / "adapters.safetensors").is_file()
 
 
 def test_ctrl_c_keeps_the_last_checkpoint(setup, tmp_path):

@@ -12,7 +12,15 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from helpers import data_url, picture, png_bytes, write_scrolling_video
+from helpers import (
+    as_row,
+    data_url,
+    picture,
+    png_bytes,
+    write_parquet,
+    write_saved,
+    write_scrolling_video,
+)
 
 from mlx_glm4v.checkpoints.loader import load_model
 from mlx_glm4v.errors import Glm4vError
@@ -20,6 +28,8 @@ from mlx_glm4v.inputs.processor import DATA_OPEN, Processor
 from mlx_glm4v.models.loss import IGNORE_INDEX
 from mlx_glm4v.models.rope_index import token_types
 from mlx_glm4v.tuning.data import ConversationData, collate, encode, parse_record, read_jsonl
+from mlx_glm4v.tuning.finetune import read_data
+from mlx_glm4v.tuning.hf_dataset import dataset_splits
 
 # a role marker the template wrote (one inside message text is marked as data)
 ROLE = re.compile(r"(?<!" + DATA_OPEN + r")<\|(system|user|assistant|observation)\|>")
@@ -251,3 +261,160 @@ def test_bad_records_are_named_in_one_sentence(tmp_path, line, message):
     text = str(e.value)
     assert text.startswith(f"{file} {message.replace('line 1', 'line 3')}"), text
     assert "\n" not in text
+
+
+# ---- Hugging Face dataset directories (mlx-vlm's form: messages and images columns) -------------
+
+
+def same_examples(a, b):
+    np.testing.assert_array_equal(a.input_ids, b.input_ids)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert a.media.keys() == b.media.keys()
+    for key in a.media:
+        np.testing.assert_array_equal(a.media[key], b.media[key])
+
+
+@pytest.mark.parametrize("layout", ["parquet", "save_to_disk"])
+def test_a_dataset_row_gives_what_its_jsonl_line_gives(moe, tmp_path, layout):
+    """The multi-turn conversation with tools and two images, as a JSONL line and as a dataset
+    row (contents as part lists, images as marks filled from the images column, one by bytes and
+    one by path): the same ids, labels and pixels."""
+    record, _ = conversation(tmp_path)
+    row = as_row(record, tmp_path)
+    if layout == "parquet":
+        write_parquet(tmp_path / "data" / "train-00000-of-00001.parquet", [row, row])
+    else:
+        write_saved(tmp_path, [row, row])
+    training, valid = read_data(tmp_path)
+    assert len(training) == 2 and valid is None
+    want = encode(moe, parse_record(record, "data.jsonl line 1", tmp_path))
+    assert len(want.media["image_grid_thw"]) == 2
+    same_examples(encode(moe, training[1]), want)
+    # the labels are the assistant turns' (what the JSONL test checks), not the prompt
+    assert len(labelled_runs(want.labels)) == 3
+
+
+def test_images_beyond_the_marks_go_first_in_the_last_user_turn(moe, tmp_path):
+    """As mlx-vlm places them for GLM-V: a row with plain-string turns and two images."""
+    first, second = picture(56, 56, 5), picture(56, 84, 6)
+    row = {
+        "messages": [
+            {"role": "user", "content": "Hi."},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Compare them."},
+            {"role": "assistant", "content": "The second is wider."},
+        ],
+        "images": [{"bytes": png_bytes(first), "path": "a.png"}, {"bytes": png_bytes(second)}],
+    }
+    write_parquet(tmp_path / "train.parquet", [row])
+    [got], _ = read_data(tmp_path)
+    record = {"messages": json.loads(json.dumps(row["messages"]))}
+    record["messages"][2]["content"] = [
+        {"type": "image_url", "image_url": data_url(png_bytes(first))},
+        {"type": "image_url", "image_url": data_url(png_bytes(second))},
+        {"type": "text", "text": "Compare them."},
+    ]
+    same_examples(encode(moe, got), encode(moe, parse_record(record, "x", tmp_path)))
+
+
+def test_splits_are_found_by_file_name_and_by_dataset_dict(tmp_path):
+    rows = [
+        {"messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": "A"}]}
+        for i in range(5)
+    ]
+    hub = tmp_path / "hub"
+    write_parquet(hub / "data" / "train-00000-of-00002.parquet", rows[:2])
+    write_parquet(hub / "data" / "train-00001-of-00002.parquet", rows[2:3])
+    write_parquet(hub / "data" / "validation-00000-of-00001.parquet", rows[3:4])
+    write_parquet(hub / "data" / "test-00000-of-00001.parquet", rows[4:])
+    assert sorted(dataset_splits(hub)) == ["test", "train", "validation"]
+    training, valid = read_data(hub)
+    assert [c.messages[0]["content"] for c in training] == ["Q0", "Q1", "Q2"]
+    assert [c.messages[0]["content"] for c in valid] == ["Q3"]
+
+    saved = tmp_path / "saved"
+    write_saved(saved / "train", rows[:3])
+    write_saved(saved / "valid", rows[3:])
+    (saved / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "valid"]}))
+    training, valid = read_data(saved)
+    assert len(training) == 3 and [c.messages[0]["content"] for c in valid] == ["Q3", "Q4"]
+
+    only_test = tmp_path / "only_test"
+    write_parquet(only_test / "test.parquet", rows)
+    with pytest.raises(Glm4vError, match="has no train split \\(its splits: test\\)"):
+        read_data(only_test)
+
+
+def test_datasets_own_files_read_the_same(moe, tmp_path):
+    """What the `datasets` package itself writes (save_to_disk of a DatasetDict, to_parquet),
+    with images cast to its Image feature: the same examples as the JSONL line."""
+    datasets = pytest.importorskip("datasets")
+    record, _ = conversation(tmp_path)
+    row = as_row(record, tmp_path, own_path=None)
+    data = datasets.Dataset.from_list([row, row])
+    data = data.cast_column("images", datasets.Sequence(datasets.Image()))
+    datasets.DatasetDict(train=data, validation=data.select([0])).save_to_disk(tmp_path / "saved")
+    data.to_parquet(str(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet"))
+    want = encode(moe, parse_record(record, "x", tmp_path))
+    for root in (tmp_path / "saved", tmp_path / "hub"):
+        training, valid = read_data(root)
+        assert len(training) == 2 and (valid is None) == (root.name == "hub")
+        same_examples(encode(moe, training[0]), want)
+
+
+GOOD_ROW = {
+    "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Noise."}]},
+    ],
+    "images": [{"bytes": b"", "path": "pic.png"}],
+}
+
+BAD_ROWS = [
+    ({"images": []}, "row 1: the messages column marks 1 image but the images column holds 0."),
+    (
+        {"images": [{"bytes": None, "path": "gone.png"}]},
+        "row 1: images[0] has no bytes and its path gone.png is not a file.",
+    ),
+    ({"images": [{"bytes": None, "path": None}]}, "row 1: images[0] holds neither image bytes"),
+    ({"images": [{"bytes": b"GIF8 no", "path": None}]}, "row 1: images[0] is not a readable image"),
+    (
+        {"messages": [{"role": "bot", "content": [{"type": "text", "text": "x"}]}], "images": []},
+        "row 1: messages[0].role 'bot' is not one of",
+    ),
+    ({"messages": "[{oops"}, "row 1: the messages column holds a string that is not JSON."),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}], "images": []},
+        "row 1: `messages` holds no assistant turn to learn from.",
+    ),
+]
+
+
+@pytest.mark.parametrize("change, message", BAD_ROWS)
+def test_bad_rows_are_named_in_one_sentence(tmp_path, change, message):
+    picture(28, 28, 7).save(tmp_path / "pic.png")
+    file = tmp_path / "data" / "train-00000-of-00001.parquet"
+    bad = {**GOOD_ROW, **change}
+    for key in ("messages", "images"):  # one column type for both rows
+        if isinstance(bad[key], str):
+            good = {**GOOD_ROW, key: json.dumps(GOOD_ROW[key])}
+            break
+    else:
+        good = GOOD_ROW
+    write_parquet(file, [good, bad])
+    with pytest.raises(Glm4vError) as e:
+        read_data(tmp_path)
+    text = str(e.value)
+    assert text.startswith(f"{file} {message}"), text
+    assert "\n" not in text
+
+
+def test_a_file_without_a_messages_column_is_refused(tmp_path):
+    file = tmp_path / "train.parquet"
+    write_parquet(file, [{"conversation": "x", "image": None}])
+    with pytest.raises(Glm4vError) as e:
+        read_data(tmp_path)
+    assert str(e.value) == (
+        f"{file} has no `messages` column (its columns: conversation, image); a dataset needs "
+        "mlx-vlm's form, `messages` and `images`."
+    )

@@ -8,8 +8,9 @@ A data file is JSONL, one conversation a line, in the message form the server ta
                   {"role": "assistant", "content": "A cat."}],
      "tools": [...]}
 
-Images and videos by path (relative to the file) or data URL; assistant tool calls and tool
-results as the chat completions API writes them. A conversation goes through the checkpoint's
+Images and videos by path (relative to the file) or data URL (a Hugging Face dataset's rows,
+hf_dataset.py, give images as their bytes); assistant tool calls and tool results as the chat
+completions API writes them. A conversation goes through the checkpoint's
 chat template and our `Processor`, so its tokens, pixels and (in the model) positions are those
 of the same conversation at inference.
 
@@ -97,7 +98,7 @@ def _media_source(part: dict, kind: str, where: str):
             value = part[key]
     if isinstance(value, dict):
         value = value.get("url")
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, (str, bytes)) or not value:
         raise RecordError(f"{where}: a {kind} part needs a path or data URL.")
     return value
 
@@ -185,7 +186,9 @@ def parse_record(record, where: str, base: Path = Path()) -> Conversation:
     return Conversation(where, messages, tools or None, base)
 
 
-def _check_source(source: str, base: Path, at: str):
+def _check_source(source, base: Path, at: str):
+    if isinstance(source, bytes):  # an image's own bytes (a dataset row's)
+        return
     if source.startswith("data:"):
         if ";base64," not in source.partition(",")[0] + ",":
             raise RecordError(f"{at}: only base64 data URLs are read.")
@@ -248,8 +251,10 @@ def _template_messages(conversation: Conversation, files: Path) -> list:
                 parts.append(part)
                 continue
             source, at = part["source"], f"{conversation.where}: {part['at']}"
-            if source.startswith("data:"):
-                data, suffix = _data_url_bytes(source, at)
+            if isinstance(source, bytes) or source.startswith("data:"):
+                data, suffix = (
+                    (source, "") if isinstance(source, bytes) else _data_url_bytes(source, at)
+                )
                 path = files / f"{len(list(files.iterdir()))}{suffix}"
                 path.write_bytes(data)
             else:
@@ -308,18 +313,19 @@ def _id(processor: Processor, token: str) -> int:
 
 
 class ConversationData:
-    """A data file's conversations, checked when read and encoded when asked for; the last
-    `cache_size` encoded are kept (their pixels with them), so a small data set is encoded once."""
+    """A data file's conversations (or conversations read elsewhere), checked when read and
+    encoded when asked for; the last `cache_size` encoded are kept (their pixels with them), so a
+    small data set is encoded once."""
 
     def __init__(
         self,
-        path,
+        source,
         processor: Processor,
         train_on_prompt: bool = False,
         media_kwargs: Optional[dict] = None,
         cache_size: int = 32,
     ):
-        self.conversations = read_jsonl(path)
+        self.conversations = source if isinstance(source, list) else read_jsonl(source)
         self.processor = processor
         self.train_on_prompt = train_on_prompt
         self.media_kwargs = media_kwargs

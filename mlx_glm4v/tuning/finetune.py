@@ -2,8 +2,9 @@
 
 What `mlx-glm4v finetune` runs and `from mlx_glm4v import finetune` calls: load the model
 (quantized checkpoints make it QLoRA), put LoRA/DoRA layers in (or unfreeze all for full
-fine-tuning), read and check the conversations (a record too large for the memory budget is
-refused before the first step), then train (trainer.py).
+fine-tuning), read and check the conversations, JSONL or a Hugging Face dataset directory (a
+record too large for the memory budget is refused before the first step), then train
+(trainer.py).
 """
 
 from pathlib import Path
@@ -14,22 +15,29 @@ import mlx.core as mx
 from ..checkpoints.loader import load
 from ..errors import Glm4vError
 from .adapters import LoraSettings, apply_lora
-from .data import ConversationData
+from .data import ConversationData, read_jsonl
+from .hf_dataset import is_dataset_dir, read_dataset
 from .trainer import TrainingArgs, check_memory, train
 
 
-def data_files(data) -> tuple:
-    """(train file, validation file or None) of `--data`: a directory holding train.jsonl (and
-    valid.jsonl), as mlx-lm's `lora` reads, or one JSONL file."""
+def read_data(data) -> tuple:
+    """(training conversations, validation conversations or None) of `--data`: a directory
+    holding train.jsonl (and valid.jsonl), as mlx-lm's `lora` reads, a Hugging Face dataset
+    directory (mlx-vlm's form, hf_dataset.py), or one JSONL file."""
     data = Path(data).expanduser()
     if data.is_dir():
         train_file, valid_file = data / "train.jsonl", data / "valid.jsonl"
-        if not train_file.is_file():
-            raise Glm4vError(f"the data directory {data} has no train.jsonl.")
-        return train_file, valid_file if valid_file.is_file() else None
+        if train_file.is_file():
+            return read_jsonl(train_file), read_jsonl(valid_file) if valid_file.is_file() else None
+        if is_dataset_dir(data):
+            return read_dataset(data)
+        raise Glm4vError(
+            f"the data directory {data} has no train.jsonl, nor the arrow or parquet files of a "
+            "Hugging Face dataset."
+        )
     if not data.is_file():
         raise Glm4vError(f"--data {data} is neither a JSONL file nor a directory.")
-    return data, None
+    return read_jsonl(data), None
 
 
 def finetune(
@@ -50,13 +58,9 @@ def finetune(
     mx.random.seed(args.seed)  # the fresh LoRA factors
     net, processor = load(model)
     apply_lora(net, settings)
-    train_file, valid_file = data_files(data)
-    train_set = ConversationData(train_file, processor, train_on_prompt, media_kwargs)
-    valid_set = (
-        ConversationData(valid_file, processor, train_on_prompt, media_kwargs)
-        if valid_file
-        else None
-    )
+    training, valid = read_data(data)
+    train_set = ConversationData(training, processor, train_on_prompt, media_kwargs)
+    valid_set = ConversationData(valid, processor, train_on_prompt, media_kwargs) if valid else None
     check_memory(net, train_set, args, checking)
     return train(
         net,
