@@ -587,6 +587,18 @@ def test_decompression_bomb_is_one_sentence(ours, tmp_path, width, height, megap
     assert "site-packages" not in str(error.value)
 
 
+def test_decompression_bomb_whatever_pils_global_says(ours, tmp_path, monkeypatch):
+    """Another library in the process may lift PIL's limit (the glmocr SDK sets it to None on
+    import): the refusal is ours all the same."""
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    path = png_header_only(tmp_path / "huge.png", 10_000, 9_000)
+    with pytest.raises(Glm4vError) as error:
+        ours(text="<|image|>", images=[str(path)])
+    one_sentence(error, path, "90.0 megapixels", "89.5 megapixels", "decompression bomb")
+
+
 def test_bad_videos(ours, media, tmp_path):
     garbage = tmp_path / "garbage.mp4"
     garbage.write_bytes(b"\x00\x01 definitely not a video" * 100)

@@ -19,6 +19,7 @@ from mlx_glm4v.generation.reply import (
 )
 from mlx_glm4v.server import anthropic, openai, responses
 from mlx_glm4v.server.neutral import ApiError, Served
+from mlx_glm4v.serving.engine import Usage as EngineUsage
 
 CAPTURES = Path(__file__).parent / "captures"
 SCHEMA = {
@@ -217,8 +218,8 @@ def test_agent_turns_render_byte_stable(glm4v_moe_checkpoint):
         "<arg_value>ls -la</arg_value>\n</tool_call>"
     )
 
-    class Usage:
-        prompt_tokens, completion_tokens, cached_tokens = 1, 1, 0
+    def Usage():  # the engine's own, as a finished reply carries it
+        return EngineUsage(prompt_tokens=1, completion_tokens=1, cached_tokens=0)
 
     def events(request):
         parser = ReplyParser(request.tools)
@@ -303,8 +304,8 @@ def test_streams_validate_as_the_sdks_typed_events(failure):
 
     from mlx_glm4v.server.neutral import Finish
 
-    class Usage:
-        prompt_tokens, completion_tokens, cached_tokens = 9, 7, 4
+    def Usage():  # the engine's own, as a finished reply carries it
+        return EngineUsage(prompt_tokens=9, completion_tokens=7, cached_tokens=4)
 
     text = (
         "<think>Plan.</think>Sure.<tool_call>book<arg_key>city</arg_key><arg_value>Oslo</arg_value>"
@@ -359,8 +360,8 @@ def test_whole_replies_validate_as_the_sdks_types():
 
     from mlx_glm4v.server.neutral import Finish, Meta
 
-    class Usage:
-        prompt_tokens, completion_tokens, cached_tokens = 9, 7, 4
+    def Usage():  # the engine's own, as a finished reply carries it
+        return EngineUsage(prompt_tokens=9, completion_tokens=7, cached_tokens=4)
 
     parser = ReplyParser([SCHEMA])
     events = (

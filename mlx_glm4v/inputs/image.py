@@ -93,9 +93,12 @@ def load_image(image) -> np.ndarray:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(path) as im:
+                    if im.width * im.height > BOMB_PIXELS:  # whatever PIL's global says now
+                        raise Glm4vError(_bomb_message(path, im.width * im.height))
                     return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-            raise Glm4vError(_bomb_message(path, e)) from None
+            found = re.search(r"\((\d+) pixels\)", str(e))
+            raise Glm4vError(_bomb_message(path, int(found.group(1)) if found else None)) from None
         except (OSError, ValueError, SyntaxError) as e:
             raise Glm4vError(f"{path} is not a readable image ({e}).") from None
     if isinstance(image, Image.Image):
@@ -110,12 +113,15 @@ def load_image(image) -> np.ndarray:
     )
 
 
-def _bomb_message(path: Path, error: Exception) -> str:
-    """PIL refuses (or warns about) images past `Image.MAX_IMAGE_PIXELS`, 89 MP by default: one
-    sentence instead of its message, which in the warning's case comes with a site-packages path."""
-    found = re.search(r"\((\d+) pixels\)", str(error))
-    size = f" of {int(found.group(1)) / 1e6:,.1f} megapixels" if found else ""
-    limit = (Image.MAX_IMAGE_PIXELS or 0) / 1e6
+BOMB_PIXELS = 89_478_485  # PIL's default Image.MAX_IMAGE_PIXELS
+
+
+def _bomb_message(path: Path, pixels) -> str:
+    """Images past PIL's default safe size (89 MP): one sentence instead of PIL's message, which
+    in the warning's case comes with a site-packages path. The limit is ours, not PIL's global,
+    which other libraries in the process may lift (the glmocr SDK sets it to None)."""
+    size = f" of {pixels / 1e6:,.1f} megapixels" if pixels else ""
+    limit = BOMB_PIXELS / 1e6
     return (
         f"{path} is an image{size}, more than the {limit:,.1f} megapixels PIL opens safely (it "
         "could be a decompression bomb); scale it down first."
