@@ -2,7 +2,7 @@
 commands that never reach the model, a reply that tells thinking from answer, and a status
 line while a long prompt is read.
 
-Imports nothing heavy at module level: `cli.py` uses `existing_paths` before a model is loaded.
+Imports nothing heavy at module level: the commands use `existing_paths` before a model is loaded.
 """
 
 import os

@@ -214,7 +214,7 @@ def test_loads_eagerly_unless_asked(glm4v_checkpoint):
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from mlx_glm4v.cli import Reply, load_for_cli
+    from mlx_glm4v.commands.reply import Reply, load_for_cli
 
     def loaded_bytes(lazy):
         mx.clear_cache()

@@ -314,7 +314,8 @@ def test_a_prompt_cache_file_round_trip(glm4v_checkpoint, glm4v_moe_checkpoint, 
     assert json.loads(cached.stdout)["text"] == json.loads(plain.stdout)["text"]
     # the same run, in process, counts what the file held
     from mlx_glm4v.checkpoints.loader import load
-    from mlx_glm4v.cli import Reply, cli_cache_key
+    from mlx_glm4v.commands.cache_prompt import cli_cache_key
+    from mlx_glm4v.commands.reply import Reply
     from mlx_glm4v.generation.generate import stream_generate
     from mlx_glm4v.serving.disk_cache import prompt_file_reuse
 

@@ -19,6 +19,7 @@ FLOORS = {
     "documents": 3.5,  # above the engine (regions become its requests), below the server
     "server": 4,
     "terminal": 5,
+    "commands": 5.5,  # one module per command (or family); cli.py registers them
     "cli": 6,
     "__main__": 7,
     "__init__": 7,
