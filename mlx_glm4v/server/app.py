@@ -38,7 +38,7 @@ from ..errors import Glm4vError
 from ..generation.grounding import as_json, find_marks
 from ..generation.reply import ReplyParser
 from ..inputs.image import load_image
-from . import anthropic, ollama, openai, responses
+from . import anthropic, layout_parsing, ollama, openai, responses
 from .drain import RETRY_AFTER, Drain
 from .media import MediaPolicy, processor_budget, resolve_media
 from .metrics import Metrics
@@ -76,6 +76,7 @@ class ServerConfig:
     prompt_cache_dir: Optional[Path] = None
     prompt_cache_bytes: int = 4 << 30
     warm_prompts: list = field(default_factory=list)  # parsed --warm-prompt files
+    layout_model: Optional[str] = None  # PP-DocLayoutV3 for /v1/layout_parsing (--layout-model)
 
     @property
     def name(self) -> str:
@@ -95,7 +96,7 @@ class State:
     def __init__(self, config: ServerConfig, group=None):
         self.config, self.group = config, group
         self.metrics = Metrics()
-        self.engine = self.processor = None
+        self.engine = self.processor = self.layout = None
         self.ready = threading.Event()
         self.names = {config.name, config.model}
         self.tools_supported = self.thinking_in_template = False
@@ -144,6 +145,10 @@ class State:
         if self.max_prompt_tokens is None:
             self.max_prompt_tokens = self.context
         self.processor = processor
+        if self.config.layout_model is not None:
+            from ..documents.layout import load_layout
+
+            self.layout = load_layout(self.config.layout_model)
         self.served = Served(
             self.config.name,
             self.names,
@@ -231,6 +236,8 @@ def dialect_of(path: str):
         return ollama
     if path.startswith("/v1/responses"):
         return responses
+    if path == "/v1/layout_parsing":
+        return layout_parsing
     return anthropic if path.startswith("/v1/messages") else openai
 
 
@@ -496,6 +503,41 @@ async def stored_response(request: Request, dialect):
 
 
 # ---- Ollama's descriptions of the model ---------------------------------------------------------
+
+
+async def layout_parse(request: Request, dialect):
+    """The GLM-OCR pipeline on one document (layout_parsing.py), through the server's engine."""
+    ready = _state(request)
+    if ready.layout is None:
+        raise layout_parsing.unavailable()
+    body = await _body(request)
+    policy = ready.config.media
+    data, settings, request_id = await run_in_threadpool(
+        layout_parsing.parse, body, ready.served, policy, ready.processor
+    )
+    readers = []
+    work = run_in_threadpool(
+        layout_parsing.read,
+        data,
+        settings,
+        ready.engine,
+        ready.processor,
+        ready.layout,
+        readers.append,
+    )
+    try:
+        document = await asyncio.wait_for(work, ready.config.request_timeout)
+    except asyncio.TimeoutError:
+        for reader in readers:
+            reader.cancel()
+        raise timeout_error(ready.config) from None
+    except asyncio.CancelledError:  # the client left
+        for reader in readers:
+            reader.cancel()
+        raise
+    if not document.pages:  # the whole document failed before any page
+        raise bad(document.errors[0] if document.errors else "file: no pages were read.", "file")
+    return JSONResponse(layout_parsing.response(document, ready.config.name, request_id))
 
 
 def ollama_route(handler):
@@ -773,6 +815,7 @@ def create_app(config: ServerConfig, loader=None, group=None) -> Starlette:
         Route("/v1/responses/{rid}", route(stored_response, responses), methods=["GET", "DELETE"]),
         Route("/v1/messages", route(_reply, anthropic), methods=["POST"]),
         Route("/v1/messages/count_tokens", route(count_tokens, anthropic), methods=["POST"]),
+        Route("/v1/layout_parsing", route(layout_parse, layout_parsing), methods=["POST"]),
         Route("/api/chat", route(_reply, ollama), methods=["POST"]),
         Route(
             "/api/generate",
@@ -861,6 +904,11 @@ def serve(
         resolve(config.model)
     if config.adapter is not None:  # a wrong adapter directory fails now, before listening
         read_adapter(config.adapter)
+    if config.layout_model is not None:
+        if group is not None:
+            raise Glm4vError("--layout-model is not served under mlx.launch (one process reads).")
+        if Path(config.layout_model).expanduser().exists() or config.layout_model.count("/") != 1:
+            resolve(config.layout_model)
     logging.basicConfig(
         level=getattr(logging, log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
