@@ -513,7 +513,12 @@ async def layout_parse(request: Request, dialect):
     body = await _body(request)
     policy = ready.config.media
     data, settings, request_id = await run_in_threadpool(
-        layout_parsing.parse, body, ready.served, policy, ready.processor
+        layout_parsing.parse,
+        body,
+        ready.served,
+        policy,
+        ready.processor,
+        ready.config.max_output_tokens,
     )
     readers = []
     work = run_in_threadpool(

@@ -37,8 +37,9 @@ def _page_id(body: dict, key: str):
     return value
 
 
-def parse(body, served: Served, policy: MediaPolicy, processor) -> tuple:
-    """(the document's bytes, `OcrSettings`, request_id) of a checked request."""
+def parse(body, served: Served, policy: MediaPolicy, processor, max_tokens=None) -> tuple:
+    """(the document's bytes, `OcrSettings`, request_id) of a checked request; `max_tokens` the
+    operator's cap on each region's reply (--max-output-tokens)."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object.")
     check_model(body.get("model"), served)
@@ -67,6 +68,7 @@ def parse(body, served: Served, policy: MediaPolicy, processor) -> tuple:
         )
     pages = f"{first or 1}-{last or ''}" if first or last else None
     settings = OcrSettings(pdf_dpi=policy.pdf_dpi, pages=pages, max_pages=policy.max_pdf_pages)
+    settings.max_tokens = min(settings.max_tokens, max_tokens or settings.max_tokens)
     try:
         if is_pdf(data):
             page_numbers(data, settings, "file")  # refused now: encrypted, corrupt, too many pages

@@ -36,9 +36,9 @@ import math
 import os
 import queue
 import threading
-from concurrent.futures import Future
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
