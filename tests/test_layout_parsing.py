@@ -82,6 +82,7 @@ def stack(tmp_path_factory):
     scripted_layout(root / "layout", REGIONS, rendered)
     args = ["--layout-model", str(root / "layout"), "--max-pdf-pages", "3"]
     args += ["--max-output-tokens", str(MAX_TOKENS)]  # the route's regions: as the CLI's
+    args += ["--max-body-mb", "8"]
     server = Server(root / "ocr", args + ["--api-key", KEY], root / "serve.log", key=KEY)
     yield root, good, bad, server
     server.close()
@@ -195,6 +196,8 @@ def test_refusals_come_in_the_hosted_shape_and_the_server_keeps_serving(stack, t
         ({"model": model, "file": data_uri(good.read_bytes()), "start_page_id": 0}, KEY, 400, "1"),
         ({"model": model, "file": data_uri(good.read_bytes())}, None, 401, "API key"),
     ]
+    oversized = {"model": model, "file": "data:application/pdf;base64," + "A" * (9 << 20)}
+    refusals.append((oversized, KEY, 413, "--max-body-mb"))
     four = pdf(*[page()] * 4)
     refusals.append(({"model": model, "file": data_uri(four)}, KEY, 400, "limit of 3"))
     for body, key, status, words in refusals:
