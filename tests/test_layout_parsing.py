@@ -214,3 +214,19 @@ def test_refusals_come_in_the_hosted_shape_and_the_server_keeps_serving(stack, t
     finally:
         plain.close()
     assert reply.status_code == 404 and "--layout-model" in reply.json()["error"]["message"]
+
+
+def test_a_document_past_the_request_timeout_is_cut_and_its_rows_end(stack, tmp_path):
+    root, good, _, _ = stack
+    args = ["--layout-model", str(root / "layout"), "--request-timeout", "2"]
+    server = Server(root / "ocr", args, tmp_path / "timeout.log")  # replies up to 8192 tokens
+    try:
+        reply = post(server, {"model": server.model, "file": data_uri(good.read_bytes())}, None)
+        assert reply.status_code == 504 and "--request-timeout" in reply.json()["error"]["message"]
+        hello = [{"role": "user", "content": "hello"}]
+        chat = server.post({"model": server.model, "max_tokens": 2, "messages": hello})
+        assert chat.status_code == 200  # the cut document's rows ended: the engine is free
+        metrics = server.metrics()
+    finally:
+        server.close()
+    assert metrics["requests_cancelled_total"] >= 1

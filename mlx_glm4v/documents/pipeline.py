@@ -141,11 +141,14 @@ class Reader:
         self.counts = [0, 0, 0]  # pages done, regions done, regions seen
         self.lookahead = 4  # pages laid out and in flight ahead of the one being collected
         self.cancelled = threading.Event()
+        self.live: set = set()  # engine handles submitted and not yet collected
 
     def cancel(self):
         """Stop reading from any thread: no more pages start, the regions in flight end now (a
         client gone, a deadline passed)."""
         self.cancelled.set()
+        for handle in list(self.live):
+            handle.cancel()
 
     def close(self):
         if self.own_engine:
@@ -280,7 +283,9 @@ class Reader:
         request = Request(inputs, self.settings.generation())
         while True:
             try:
-                return self.engine.submit(request)
+                handle = self.engine.submit(request)
+                self.live.add(handle)
+                return handle
             except QueueFull:  # a shared engine's queue: wait for room
                 time.sleep(0.05)
 
@@ -289,6 +294,7 @@ class Reader:
             if self.cancelled.is_set():
                 handle.cancel()
             events = list(handle)
+            self.live.discard(handle)
             last = events[-1]
             if last.usage is not None:
                 page.usage[0] += last.usage.prompt_tokens
