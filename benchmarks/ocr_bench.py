@@ -4,6 +4,7 @@ on torch) with an OCR server as its backend, against `mlx-glm4v ocr` (one proces
     python benchmarks/ocr_bench.py                    # build everything, run both, print a table
     python benchmarks/ocr_bench.py --backend ours     # the SDK's backend: our own `serve`
     python benchmarks/ocr_bench.py --json-out r.json
+    python benchmarks/ocr_bench.py --tiny --backend ours    # tests' checkpoint, 2 pages (CI)
 
 Built here, under --work: a 10-page PDF (pages drawn with PIL: a title, text, a 5x4 table, a
 numbered formula, a figure, closing lines, on a textured ground; written losslessly, so that the
@@ -70,8 +71,9 @@ def page(i: int) -> Image.Image:
     return im
 
 
-def build(work: Path, pages: int):
-    """The PDF, the GLM-OCR checkpoint and the layout detector under `work` (kept if there)."""
+def build(work: Path, pages: int, tiny: bool = False):
+    """The PDF, the GLM-OCR checkpoint (`tiny`: the tests' size) and the layout detector under
+    `work` (kept if there)."""
     from layouts import scripted_layout
     from tiny import build_checkpoint
 
@@ -91,8 +93,8 @@ def build(work: Path, pages: int):
         build_checkpoint(
             work / "ocr",
             family="glm_ocr",
-            text_overrides=text,
-            vision_overrides={**vision, "out_hidden_size": 256},
+            text_overrides=None if tiny else text,
+            vision_overrides=None if tiny else {**vision, "out_hidden_size": 256},
         )
         for_mlx_vlm(work / "ocr")
     if not (work / "layout" / "config.json").exists():
@@ -199,8 +201,9 @@ def main():
     p.add_argument("--backend", choices=("vlm", "ours"), default="vlm")
     p.add_argument("--vlm-python", default="/work/venv-vlm/bin/python")
     p.add_argument("--json-out", type=Path)
+    p.add_argument("--tiny", action="store_true", help="the tests' checkpoint size")
     args = p.parse_args()
-    pdf = build(args.work, args.pages)
+    pdf = build(args.work, args.pages, args.tiny)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if Path(OPENBLAS).exists():
         env["LD_PRELOAD"] = OPENBLAS
