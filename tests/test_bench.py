@@ -8,6 +8,7 @@ installed, its rows and the ratios are asserted too.
 import importlib.util
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -140,3 +141,22 @@ def test_bench_tiny(tmp_path, capsys):
         assert "ab" not in results and any(
             n.startswith("ab: needs mlx-vlm") for n in results["notes"]
         )
+
+
+@pytest.mark.slow  # about 40 s: four processes (the SDK, a server, the ocr command)
+def test_the_documents_benchmark_runs(tmp_path):
+    """benchmarks/documents_bench.py end to end on the tests' checkpoint: the SDK with our server,
+    then `mlx-glm4v ocr`, on 2 pages; both read the same regions into the same Markdown."""
+    pytest.importorskip("glmocr")
+    out = tmp_path / "r.json"
+    run = subprocess.run(
+        [sys.executable, str(BENCH / "documents_bench.py"), "--tiny", "--backend", "ours"]
+        + ["--pages", "2", "--max-tokens", "2", "--work", str(tmp_path), "--json-out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(out.read_text())
+    assert result["same_markdown"] and result["ours"]["regions"] == result["sdk"]["regions"] > 2
+    assert result["ours"]["peak_rss_mb"] > 0 and result["sdk"]["server_rss_mb"] > 0

@@ -15,6 +15,7 @@ from helpers import clip, cut_attention, picture
 from reference import ref_generate
 
 from mlx_glm4v.checkpoints.loader import load
+from mlx_glm4v.errors import Glm4vError
 from mlx_glm4v.generation.generate import generate, stream_generate
 from mlx_glm4v.generation.messages import build_messages
 from mlx_glm4v.generation.settings import GenerationSettings
@@ -336,6 +337,33 @@ def test_a_failing_request_leaves_the_others_alone(setup, alone):
     results, stats = run_together(setup, [requests[0], broken, requests[2]], 3)
     assert results[1]["finish"] == "error" and stats.errors == 1
     assert same(results[0], expected[0]) and same(results[2], expected[2])
+
+
+def test_other_mlx_work_runs_on_the_engine_thread_between_turns(setup, alone):
+    """`Engine.call`: a job runs on the engine's own thread (MLX from one thread), between the
+    turns of running rows, which it leaves as they were; its failure is the caller's."""
+    requests, expected = alone
+    engine = Engine(setup["model"], setup["processor"], max_concurrency=3, prefill_chunk=CHUNK)
+    try:
+        handles = [engine.submit(r) for r in requests[:3]]
+
+        def job(x):
+            return threading.current_thread().name, np.array(mx.sum(mx.array(x) * 2)).item()
+
+        jobs = [engine.call(job, [i, 1.0]) for i in range(5)]
+        failing = engine.call(lambda: 1 / 0)
+        results = [collect(h) for h in handles]
+        assert [j.result(timeout=60) for j in jobs] == [
+            ("mlx-glm4v-engine", 2.0 * (i + 1)) for i in range(5)
+        ]
+        with pytest.raises(ZeroDivisionError):
+            failing.result(timeout=60)
+        assert engine.call(job, [2.0]).result(timeout=60) == ("mlx-glm4v-engine", 4.0)  # idle
+    finally:
+        engine.close()
+    assert all(same(got, want) for got, want in zip(results, expected[:3]))
+    with pytest.raises(Glm4vError):
+        engine.call(job, [1.0])
 
 
 def test_experts_model_rows_equal_their_runs_alone(glm4v_moe_checkpoint, tmp_path):

@@ -577,9 +577,10 @@ def build_processor(
     )
 
 
-def model_class_and_config(family: str, tokenizer, text_overrides=None):
+def model_class_and_config(family: str, tokenizer, text_overrides=None, vision_overrides=None):
     """transformers' model class and config of a tiny checkpoint of `family` (see FAMILIES);
-    `text_overrides` change the text model's shape (a benchmark's larger model)."""
+    `text_overrides` change the text model's shape (a benchmark's larger model), and for
+    glm_ocr `vision_overrides` the vision tower's."""
     import transformers as tf
 
     vocab, pad, eos = (
@@ -602,8 +603,8 @@ def model_class_and_config(family: str, tokenizer, text_overrides=None):
         return tf.Glm4vMoeForConditionalGeneration, config
     if family == "glm_ocr":
         config = tf.GlmOcrConfig(
-            text_config=ocr_text_config(vocab, pad, eos),
-            vision_config=vision_config(attention_bias=True),
+            text_config=ocr_text_config(vocab, pad, eos, **(text_overrides or {})),
+            vision_config=vision_config(attention_bias=True, **(vision_overrides or {})),
             **ids,
         )
         return tf.GlmOcrForConditionalGeneration, config
@@ -638,8 +639,10 @@ def build_checkpoint(
     words=(),
     vocab_size: int = 320,
     text_overrides=None,
+    vision_overrides=None,
 ):
-    """Write a tiny checkpoint of `family` (weights, configs, tokenizer, processor) to `path`.
+    """Write a tiny checkpoint of `family` (weights, configs, tokenizer, processor) to `path`
+    (`text_overrides`, `vision_overrides`: see `model_class_and_config`).
 
     processor_layout "v5" is what transformers 5 saves (processor_config.json); "hub" writes the
     published pair preprocessor_config.json + video_preprocessor_config.json; "published" (for
@@ -656,7 +659,9 @@ def build_checkpoint(
     specials = SPECIAL_TOKENS if glm41v else SPECIAL_TOKENS_45V
     tokenizer = build_tokenizer(path, vocab_size, special_tokens=specials, words=words)
     pad, eos = tokenizer.convert_tokens_to_ids("<|endoftext|>"), eos_ids(tokenizer)
-    model_class, config = model_class_and_config(family, tokenizer, text_overrides)
+    model_class, config = model_class_and_config(
+        family, tokenizer, text_overrides, vision_overrides
+    )
     torch.manual_seed(seed)
     model = model_class(config).eval()
     perturb_(model, seed)

@@ -188,6 +188,14 @@ def serve(
             "start-up, so the first request that starts like it starts from its cache (repeat)."
         ),
     ),
+    layout_model: Optional[str] = typer.Option(
+        None,
+        "--layout-model",
+        help=(
+            "A PP-DocLayoutV3 checkpoint (directory or hub id): serve the GLM-OCR pipeline at "
+            "POST /v1/layout_parsing, as the glmocr SDK's hosted mode calls it."
+        ),
+    ),
     no_ui: bool = typer.Option(False, "--no-ui", help="Do not serve the chat page at /."),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
     draft: Optional[str] = typer.Option(
@@ -280,6 +288,7 @@ def serve(
         prompt_cache_dir=prompt_cache_dir,
         prompt_cache_bytes=parse_size(prompt_cache_size),
         warm_prompts=[read_warm_prompt(p) for p in warm_prompt or []],
+        layout_model=layout_model,
         models=specs if several else [],
         keep_alive=keep,
         max_memory_bytes=None if max_memory_gb is None else int(max_memory_gb * 1e9),

@@ -21,12 +21,19 @@ class Layout:
         mx.eval(out.logits, out.pred_boxes, out.order_logits, out.out_masks)
         return out, page_size
 
-    def detect(self, image, threshold: float = 0.5) -> dict:
-        """transformers' post-processed result for one page (arrays, `polygon_points`)."""
-        out, page_size = self.raw(image)
-        arrays = [
+    def forward(self, pixels: np.ndarray) -> list:
+        """The model's outputs for one page's pixels, as numpy arrays (the MLX part of `detect`)."""
+        out = self.model(mx.array(pixels))
+        return [
             np.array(a[0]) for a in (out.logits, out.pred_boxes, out.order_logits, out.out_masks)
         ]
+
+    def detect(self, image, threshold: float = 0.5, run=None) -> dict:
+        """transformers' post-processed result for one page (arrays, `polygon_points`).
+        `run(fn, *args)` runs the model's part where MLX is used (a shared engine's thread:
+        `Engine.call`); by default here."""
+        pixels, page_size = layout_pixels(image, self.input_size)
+        arrays = run(self.forward, pixels) if run is not None else self.forward(pixels)
         return detections(*arrays, page_size, self.input_size, threshold)
 
     def __call__(self, image, threshold: float = 0.5, thresholds: dict | None = None) -> list:

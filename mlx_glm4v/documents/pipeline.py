@@ -68,6 +68,8 @@ class Page:
     regions: list = field(default_factory=list)  # dicts as the SDK's JSON has them
     handles: list = field(default_factory=list)  # (region dict, engine handle)
     error: str | None = None
+    size: tuple = (0, 0)  # (width, height) in pixels; (0, 0) for a page that did not render
+    usage: list = field(default_factory=lambda: [0, 0])  # prompt and completion tokens
 
 
 @dataclass
@@ -77,6 +79,8 @@ class Document:
     markdown: str
     pictures: dict  # file name -> PIL image, for the Markdown's imgs/ links
     errors: list  # one sentence per page or region that failed
+    sizes: list = field(default_factory=list)  # (width, height) of each page, in pixels
+    usage: list = field(default_factory=lambda: [0, 0])  # prompt and completion tokens, all rows
 
     def json(self) -> list:
         return self.pages
@@ -91,7 +95,7 @@ def load_pages(source, settings: OcrSettings, name: str):
     data = bytes(source) if isinstance(source, (bytes, bytearray)) else None
     if is_pdf(data) if data is not None else is_pdf_file(source):
         pdf = data if data is not None else str(source)
-        for number in _pdf_page_numbers(pdf, settings, name):
+        for number in page_numbers(pdf, settings, name):
             one = PdfOptions(settings.pdf_dpi, str(number))
             try:
                 yield number, render_pages(pdf, one, name)[0]
@@ -105,7 +109,7 @@ def load_pages(source, settings: OcrSettings, name: str):
         yield 1, Glm4vError(f"{name} is not a readable image or PDF.")
 
 
-def _pdf_page_numbers(pdf, settings: OcrSettings, name: str) -> list:
+def page_numbers(pdf, settings: OcrSettings, name: str) -> list:
     """The 1-based numbers of the pages chosen; a PDF that does not open is refused as
     `render_pages` words it."""
     try:
@@ -140,6 +144,15 @@ class Reader:
         self.progress = progress or (lambda *counts: None)
         self.counts = [0, 0, 0]  # pages done, regions done, regions seen
         self.lookahead = 4  # pages laid out and in flight ahead of the one being collected
+        self.cancelled = threading.Event()
+        self.live: set = set()  # engine handles submitted and not yet collected
+
+    def cancel(self):
+        """Stop reading from any thread: no more pages start, the regions in flight end now (a
+        client gone, a deadline passed)."""
+        self.cancelled.set()
+        for handle in list(self.live):
+            handle.cancel()
 
     def close(self):
         if self.own_engine:
@@ -198,11 +211,15 @@ class Reader:
     def _lay_out(self, sources, names, pages, room, stop):
         try:
             for i, (source, name) in enumerate(zip(sources, names)):
+                if self.cancelled.is_set():
+                    break
                 try:
                     for number, image in load_pages(source, self.settings, name):
                         room.acquire()
                         if stop.is_set():
                             return
+                        if self.cancelled.is_set():
+                            break
                         pages.put((i, self._start(number, image), None))
                 except Glm4vError as e:
                     pages.put((i, None, str(e)))
@@ -216,7 +233,7 @@ class Reader:
         if isinstance(image, Glm4vError):
             page.error = str(image)
             return page
-        page.image = image
+        page.image, page.size = image, image.size
         try:
             if self.settings.layout:
                 page.regions = self._regions(image)
@@ -245,7 +262,7 @@ class Reader:
     def _regions(self, image) -> list:
         s = self.settings
         lowest = min([s.threshold, *s.thresholds.values()])
-        result = self.layout.detect(image, lowest)
+        result = self.layout.detect(image, lowest, run=self._on_engine)
         found = page_regions(result, self.layout.id2label, image.size, s.threshold, s.thresholds)
         return [
             {
@@ -259,6 +276,10 @@ class Reader:
             for r in found
         ]
 
+    def _on_engine(self, fn, *args):
+        """fn's result, run on the engine's thread: MLX is used from that one thread only."""
+        return self.engine.call(fn, *args).result()
+
     def _submit(self, picture, prompt: str):
         """The region as the server would run the SDK's chat completion."""
         messages = [user_message(prompt, [picture])]
@@ -268,14 +289,22 @@ class Reader:
         request = Request(inputs, self.settings.generation(drafter))
         while True:
             try:
-                return self.engine.submit(request)
+                handle = self.engine.submit(request)
+                self.live.add(handle)
+                return handle
             except QueueFull:  # a shared engine's queue: wait for room
                 time.sleep(0.05)
 
     def _collect(self, page: Page):
         for region, handle in page.handles:
+            if self.cancelled.is_set():
+                handle.cancel()
             events = list(handle)
+            self.live.discard(handle)
             last = events[-1]
+            if last.usage is not None:
+                page.usage[0] += last.usage.prompt_tokens
+                page.usage[1] += last.usage.completion_tokens
             if last.finish_reason == "error":
                 region["content"] = None
                 region["error"] = last.error
@@ -307,7 +336,9 @@ class Reader:
             blocks.append(page_blocks)
             page.image = None
         joiner = "\n\n" if self.settings.layout else "\n\n---\n\n"
-        return Document(name, blocks, joiner.join(parts), pictures, errors)
+        sizes = [page.size for page in pages]
+        usage = [sum(page.usage[i] for page in pages) for i in (0, 1)]
+        return Document(name, blocks, joiner.join(parts), pictures, errors, sizes, usage)
 
 
 def _name(source, i: int) -> str:

@@ -41,7 +41,7 @@ from ..generation.grounding import as_json, find_marks
 from ..generation.reply import ReplyParser
 from ..inputs.image import load_image
 from ..serving.registry import DEFAULT_KEEP_ALIVE, ModelSpec, NoRoom, Registry, default_name
-from . import anthropic, ollama, openai, responses
+from . import anthropic, layout_parsing, ollama, openai, responses
 from .drain import RETRY_AFTER, Drain
 from .media import MediaPolicy, processor_budget, resolve_media
 from .metrics import Metrics
@@ -115,6 +115,7 @@ class ServerConfig:
     # speculative drafts when a request names none (serve --draft): ("mtp", steps), for the
     # models with a multi-token-prediction layer, or ("prompt_lookup", steps)
     draft: Optional[tuple] = None
+    layout_model: Optional[str] = None  # PP-DocLayoutV3 for /v1/layout_parsing (--layout-model)
 
     @property
     def name(self) -> str:
@@ -137,6 +138,7 @@ class State:
         self.config, self.group = config, group
         self.metrics = Metrics()
         self.registry = None
+        self.layout = None  # the layout detector of /v1/layout_parsing (--layout-model)
         self.ready = threading.Event()
         self.specs = config.specs()
         self.store = responses.Store(config.store_count, config.store_bytes)
@@ -158,6 +160,10 @@ class State:
         """Build the registry and load the pinned models (on a thread at start-up)."""
         from ..checkpoints.loader import resolve
 
+        if self.config.layout_model is not None:
+            from ..documents.layout import load_layout
+
+            self.layout = load_layout(self.config.layout_model)
         keep = DEFAULT_KEEP_ALIVE if self.config.keep_alive is None else self.config.keep_alive
         self.registry = Registry(
             self.specs,
@@ -314,6 +320,8 @@ def dialect_of(path: str):
         return ollama
     if path.startswith("/v1/responses"):
         return responses
+    if path == "/v1/layout_parsing":
+        return layout_parsing
     return anthropic if path.startswith("/v1/messages") else openai
 
 
@@ -594,6 +602,51 @@ async def stored_response(request: Request, dialect):
 
 
 # ---- Ollama's descriptions of the model ---------------------------------------------------------
+
+
+async def layout_parse(request: Request, dialect):
+    """The GLM-OCR pipeline on one document (layout_parsing.py), through the engine of the model
+    the request names (the first model when it names none)."""
+    state = _state(request)
+    if state.layout is None:
+        raise layout_parsing.unavailable()
+    body = await _body(request)
+    lease = await state.hold(body)
+    try:
+        slot = lease.slot
+        data, settings, request_id = await run_in_threadpool(
+            layout_parsing.parse,
+            body,
+            slot.served,
+            state.config.media,
+            slot.processor,
+            state.config.max_output_tokens,
+        )
+        readers = []
+        work = run_in_threadpool(
+            layout_parsing.read,
+            data,
+            settings,
+            slot.engine,
+            slot.processor,
+            state.layout,
+            readers.append,
+        )
+        try:
+            document = await asyncio.wait_for(work, state.config.request_timeout)
+        except asyncio.TimeoutError:
+            for reader in readers:
+                reader.cancel()
+            raise timeout_error(state.config) from None
+        except asyncio.CancelledError:  # the client left
+            for reader in readers:
+                reader.cancel()
+            raise
+    finally:
+        lease.release()
+    if not document.pages:  # the whole document failed before any page
+        raise bad(document.errors[0] if document.errors else "file: no pages were read.", "file")
+    return JSONResponse(layout_parsing.response(document, slot.name, request_id))
 
 
 def ollama_route(handler):
@@ -878,6 +931,7 @@ def create_app(config: ServerConfig, loader=None, group=None) -> Starlette:
         Route("/v1/responses/{rid}", route(stored_response, responses), methods=["GET", "DELETE"]),
         Route("/v1/messages", route(_reply, anthropic), methods=["POST"]),
         Route("/v1/messages/count_tokens", route(count_tokens, anthropic), methods=["POST"]),
+        Route("/v1/layout_parsing", route(layout_parse, layout_parsing), methods=["POST"]),
         Route("/api/chat", route(_reply, ollama), methods=["POST"]),
         Route(
             "/api/generate",
@@ -967,6 +1021,11 @@ def serve(
             resolve(spec.path)
         if spec.adapter is not None:  # a wrong adapter directory fails now, before listening
             read_adapter(spec.adapter)
+    if config.layout_model is not None:
+        if group is not None:
+            raise Glm4vError("--layout-model is not served under mlx.launch (one process reads).")
+        if Path(config.layout_model).expanduser().exists() or config.layout_model.count("/") != 1:
+            resolve(config.layout_model)
     logging.basicConfig(
         level=getattr(logging, log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -38,6 +38,7 @@ import queue
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -357,6 +358,7 @@ class Engine:
         )
         self.stats = EngineStats()
         self._waiting: deque = deque()
+        self._jobs: deque = deque()  # (future, fn, args): MLX work of others, run between turns
         self._rows: list = []
         self._closing = False
         self._seconds_per_request = 1.0  # running mean, for Retry-After
@@ -411,6 +413,20 @@ class Engine:
             self._wake.notify()
         return handle
 
+    def call(self, fn, *args) -> Future:
+        """Run `fn(*args)` on the engine's thread between turns (MLX is used from one thread
+        only: another model, such as the layout detector, runs here too); its result or
+        exception in the future."""
+        if self._thread is None:
+            raise Glm4vError("only rank 0's engine runs work; the other ranks follow it.")
+        future: Future = Future()
+        with self._wake:
+            if self._closing:
+                raise Glm4vError("the engine is shutting down.")
+            self._jobs.append((future, fn, args))
+            self._wake.notify()
+        return future
+
     def close(self, cancel: bool = False):
         """Serve what was submitted (or, with `cancel`, end it now as cancelled), then stop the
         thread."""
@@ -431,11 +447,15 @@ class Engine:
             with mx.stream(generation_stream), wired_limit(self.model):
                 while True:
                     with self._wake:
-                        while not self._waiting and not self._rows and not self._closing:
+                        while not (self._waiting or self._rows or self._jobs or self._closing):
                             self._wake.wait()
-                        if self._closing and not self._waiting and not self._rows:
+                        if self._closing and not (self._waiting or self._rows or self._jobs):
                             break
                         admitted = self._admit()
+                        jobs, self._jobs = self._jobs, deque()
+                    self._run_jobs(jobs)
+                    if not admitted and not self._rows:
+                        continue
                     cancelled = {
                         h.number
                         for h in admitted + [r.handle for r in self._rows]
@@ -455,6 +475,16 @@ class Engine:
             mx.synchronize()
             # this thread's streams go with it, not at interpreter exit (which aborts)
             mx.clear_streams()
+
+    @staticmethod
+    def _run_jobs(jobs):
+        for future, fn, args in jobs:
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # the caller's to raise
+                future.set_exception(e)
 
     def follow(self):
         """A rank other than 0: run each turn rank 0's engine sends (lockstep.py), until it
