@@ -19,7 +19,8 @@ from reference import our_inputs, prepare, user
 
 from mlx_glm4v.checkpoints.loader import load_model
 from mlx_glm4v.errors import Glm4vError
-from mlx_glm4v.models.loss import IGNORE_INDEX, CausalLMOutput, causal_lm_loss
+from mlx_glm4v.models.loss import IGNORE_INDEX, CausalLMOutput, causal_lm_loss, labelled_lm_loss
+from mlx_glm4v.tuning import checkpointing
 
 LOSS_TOL = 1e-5
 GRAD_TOL = 1e-4
@@ -59,7 +60,7 @@ def our_loss_and_grads(model, inputs, labels):
     return float(loss), dict(tree_flatten(grads))
 
 
-def check(model, ref, inputs, name):
+def check(model, ref, inputs, name, checkpointed=False):
     labels = labels_of(inputs)
     ref_loss, ref_logits, ref_grads = ref_loss_and_grads(ref, inputs, labels)
     out = model(**our_inputs(inputs), labels=labels)
@@ -69,8 +70,9 @@ def check(model, ref, inputs, name):
     assert abs(float(out.loss) - ref_loss) <= LOSS_TOL * abs(ref_loss), (
         f"{name}: loss {float(out.loss)} against {ref_loss}"
     )
-    loss, grads = our_loss_and_grads(model, inputs, labels)
-    assert loss == float(out.loss)
+    with checkpointing.grad_checkpointing(model, checkpointed):
+        loss, grads = our_loss_and_grads(model, inputs, labels)
+    assert abs(loss - float(out.loss)) <= (LOSS_TOL * abs(ref_loss) if checkpointed else 0)
     # the reference's gradients under our names and layouts (convolutions channels-last, experts
     # stacked), as its weights are loaded
     expected = {
@@ -141,6 +143,15 @@ def test_padded_batch(setup, side):
     check(model, ref, inputs, f"{side}-padded batch")
 
 
+def test_checkpointed_gradients(setup):
+    """Training's gradient checkpointing (layers and, within them, their attention) gives the
+    same loss and gradients."""
+    model, ref, processor = setup
+    conversations = [user("image", "Describe this image."), user("A cat on a sofa.", "Why?")]
+    inputs = prepare(processor, conversations, images=[picture(56, 56, 7)])
+    check(model, ref, inputs, "checkpointed batch", checkpointed=True)
+
+
 def test_no_router_loss_by_default(setup):
     """GLM-4.5V's load-balancing loss joins transformers' only when the config asks for router
     logits; the families' configs do not, so the loss above is all of it."""
@@ -171,3 +182,17 @@ def test_loss_conventions():
     counted = [-logp[0, 0, 1], -logp[0, 2, 2], -logp[1, 0, 3], -logp[1, 1, 4]]
     assert np.isclose(float(causal_lm_loss(logits, labels)), np.mean(counted), rtol=1e-6)
     assert np.isclose(float(causal_lm_loss(logits, labels, num_items=8)), sum(counted) / 8)
+
+
+def test_loss_at_the_labelled_columns():
+    """The model's loss takes the head at the labelled columns alone: the same as over all."""
+    rng = np.random.RandomState(1)
+    hidden = mx.array(rng.randn(2, 5, 6).astype(np.float32))
+    weight = mx.array(rng.randn(9, 6).astype(np.float32))
+    labels = np.array([[IGNORE_INDEX, 1, 8, IGNORE_INDEX, 2], [3, IGNORE_INDEX, 4, 5, 6]])
+    logits = hidden @ weight.T
+    for n in (None, 11):
+        want = float(causal_lm_loss(logits, labels, n))
+        got = float(labelled_lm_loss(hidden, lambda h: h @ weight.T, labels, n))
+        assert np.isclose(got, want, rtol=1e-6), n
+    assert np.isnan(float(labelled_lm_loss(hidden, lambda h: h @ weight.T, labels * 0 - 100)))

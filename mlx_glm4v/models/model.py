@@ -21,7 +21,7 @@ from ..errors import Glm4vError
 from .cache import PromptCache, left_padding, make_prompt_cache, right_padding
 from .config import ModelConfig, MoeTextConfig
 from .language import TextModel, multimodal_rope, text_rope
-from .loss import CausalLMOutput, causal_lm_loss
+from .loss import CausalLMOutput, labelled_lm_loss
 from .media import FeatureMemo, media_items
 from .mlxlm import create_causal_mask
 from .moe import MoeTextModel, stack_experts
@@ -595,10 +595,11 @@ class Model(nn.Module):
         """Logits [B, L, vocab]. With a cache, later calls take only the new tokens (see
         `prepare`). With `labels` [B, L] (-100 where nothing is learnt; transformers' convention)
         a `CausalLMOutput`: the loss (loss.py; summed over `num_items` when given, the labelled
-        tokens of a whole accumulated step) and the logits. Training takes the pass without a
-        cache, the one `mlx.nn.value_and_grad` differentiates. Media found in `vision_memo` are
-        not encoded again (see `prepare`). With `return_hidden`, (logits, hidden states after
-        the final norm): what the MTP layer drafts from, at no extra cost."""
+        tokens of a whole accumulated step), from the head at the labelled columns alone, and
+        the logits of every column, lazy: computed only if evaluated. Training takes the pass
+        without a cache, the one `mlx.nn.value_and_grad` differentiates. Media found in
+        `vision_memo` are not encoded again (see `prepare`). With `return_hidden`, (logits,
+        hidden states after the final norm): what the MTP layer drafts from, at no extra cost."""
         if labels is not None and cache is not None:
             raise ValueError("labels are for a pass without a cache")
         if labels is not None and getattr(self.config.text_config, "output_router_logits", False):
@@ -622,5 +623,6 @@ class Model(nn.Module):
         hidden = self.forward(prompt, cache)
         logits = self.logits(hidden)
         if labels is not None:
-            return CausalLMOutput(causal_lm_loss(logits, labels, num_items), logits)
+            loss = labelled_lm_loss(hidden, self.logits, labels, num_items)
+            return CausalLMOutput(loss, logits)
         return (logits, hidden) if return_hidden else logits

@@ -34,6 +34,7 @@ from ..models.loss import IGNORE_INDEX
 from ..models.media import FeatureMemo
 from ..models.model import Model
 from .adapters import LoraSettings, save_adapters
+from .checkpointing import grad_checkpointing
 from .data import MEDIA_KEYS, collate
 
 OPTIMIZERS = {"adamw": optim.AdamW, "sgd": optim.SGD, "adam": optim.Adam}
@@ -159,39 +160,6 @@ def frozen_features(model: Model, inputs: dict) -> Optional[FeatureMemo]:
     model.encode_media(**media, memo=memo)
     mx.eval(list(memo.values()))
     return memo
-
-
-# ---- gradient checkpointing ---------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def grad_checkpointing(model: Model, enabled: bool = True):
-    """While training, decoder layers and vision blocks keep only their inputs for the backward
-    pass and run again in it (`mx.checkpoint`); the same gradients, less memory. mlx-lm's way
-    (the class's call wrapped), undone on leaving so inference is untouched."""
-    if not enabled:
-        yield
-        return
-    kinds = {type(model.layers[0]), type(model.visual.blocks[0])}
-    saved = {kind: kind.__call__ for kind in kinds}
-
-    def wrap(call):
-        def checkpointed(module, *args):
-            def inner(params, *args):
-                module.update(params)
-                return call(module, *args)
-
-            return mx.checkpoint(inner)(module.trainable_parameters(), *args)
-
-        return checkpointed
-
-    for kind in kinds:
-        kind.__call__ = wrap(saved[kind])
-    try:
-        yield
-    finally:
-        for kind, call in saved.items():
-            kind.__call__ = call
 
 
 # ---- memory -------------------------------------------------------------------------------------
