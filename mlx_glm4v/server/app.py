@@ -51,7 +51,7 @@ from .routes import (
     route,
     stored_response,
 )
-from .run import _reply
+from .run import reply
 from .state import ServerConfig, State
 
 log = logging.getLogger("mlx_glm4v.server")
@@ -114,16 +114,16 @@ def create_app(config: ServerConfig, loader=None, group=None) -> Starlette:
         Route("/metrics", metrics),
         Route("/v1/models", models),
         Route("/v1/models/{name:path}", model),
-        Route("/v1/chat/completions", route(_reply, openai), methods=["POST"]),
-        Route("/v1/responses", route(_reply, responses), methods=["POST"]),
+        Route("/v1/chat/completions", route(reply, openai), methods=["POST"]),
+        Route("/v1/responses", route(reply, responses), methods=["POST"]),
         Route("/v1/responses/{rid}", route(stored_response, responses), methods=["GET", "DELETE"]),
-        Route("/v1/messages", route(_reply, anthropic), methods=["POST"]),
+        Route("/v1/messages", route(reply, anthropic), methods=["POST"]),
         Route("/v1/messages/count_tokens", route(count_tokens, anthropic), methods=["POST"]),
         Route("/v1/layout_parsing", route(layout_parse, layout_parsing), methods=["POST"]),
-        Route("/api/chat", route(_reply, ollama), methods=["POST"]),
+        Route("/api/chat", route(reply, ollama), methods=["POST"]),
         Route(
             "/api/generate",
-            route(functools.partial(_reply, parse=ollama.parse_generate), ollama),
+            route(functools.partial(reply, parse=ollama.parse_generate), ollama),
             methods=["POST"],
         ),
         Route("/api/tags", ollama_route(ollama_tags)),

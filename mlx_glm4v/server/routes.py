@@ -13,7 +13,7 @@ from . import anthropic, layout_parsing, ollama, openai
 from .middleware import error_response
 from .models import model_entry, ps, tags
 from .neutral import ApiError, bad, check_model
-from .run import _body, _prepared, _state, timeout_error
+from .run import prepare_off_loop, read_body, ready_state, timeout_error
 
 log = logging.getLogger("mlx_glm4v.server")
 
@@ -29,7 +29,7 @@ async def health(request: Request):
 
 async def models(request: Request):
     """GET /v1/models: every model the server may run (`loaded`: whether it is in memory)."""
-    state = _state(request)
+    state = ready_state(request)
     loaded = {e.spec.name for e in state.registry.loaded()}
     names = [s.name for s in state.specs]
     return JSONResponse(
@@ -46,7 +46,7 @@ async def models(request: Request):
 async def model(request: Request):
     """GET /v1/models/{name}: one model (any name, with --answer-any-model)."""
     try:
-        state, name = _state(request), request.path_params["name"]
+        state, name = ready_state(request), request.path_params["name"]
         entry = state.registry.find(name)
         if entry is None and not state.config.answer_any_model:
             listed = ", ".join(repr(s.name) for s in state.specs)
@@ -86,13 +86,13 @@ def route(handler, dialect):
 
 async def count_tokens(request: Request, dialect):
     """Anthropic's POST /v1/messages/count_tokens: the prompt as it would run, counted."""
-    ready = _state(request)
-    body = await _body(request)
+    ready = ready_state(request)
+    body = await read_body(request)
     lease = await ready.hold(body)
     try:
         slot = lease.slot
         neutral = dialect.parse(body, slot.served, counting=True)
-        inputs = await _prepared(slot, ready.config, neutral)
+        inputs = await prepare_off_loop(slot, ready.config, neutral)
     finally:
         lease.release()
     return JSONResponse({"input_tokens": int(inputs["input_ids"].shape[-1])})
@@ -100,7 +100,7 @@ async def count_tokens(request: Request, dialect):
 
 async def stored_response(request: Request, dialect):
     """GET or DELETE /v1/responses/{id}: a stored Responses reply."""
-    store, rid = _state(request).store, request.path_params["rid"]
+    store, rid = ready_state(request).store, request.path_params["rid"]
     if request.method == "DELETE":
         return JSONResponse(dialect.delete(store, rid))
     return JSONResponse(dialect.retrieve(store, rid))
@@ -109,10 +109,10 @@ async def stored_response(request: Request, dialect):
 async def layout_parse(request: Request, dialect):
     """The GLM-OCR pipeline on one document (layout_parsing.py), through the engine of the model
     the request names (the first model when it names none)."""
-    state = _state(request)
+    state = ready_state(request)
     if state.layout is None:
         raise layout_parsing.unavailable()
-    body = await _body(request)
+    body = await read_body(request)
     lease = await state.hold(body)
     try:
         slot = lease.slot
@@ -171,17 +171,17 @@ async def ollama_version(request: Request):
 
 
 async def ollama_tags(request: Request):
-    state = _state(request)
+    state = ready_state(request)
     return {"models": tags(state.registry, state.started)}
 
 
 async def ollama_ps(request: Request):
-    return {"models": ps(_state(request).registry)}
+    return {"models": ps(ready_state(request).registry)}
 
 
 async def ollama_show(request: Request):
-    state = _state(request)
-    body = await _body(request)
+    state = ready_state(request)
+    body = await read_body(request)
     name = ollama.show_name(body)
     lease = await state.hold({"model": name})
     try:

@@ -19,7 +19,7 @@ from . import openai
 from .drain import RETRY_AFTER
 from .models import Lease, Slot
 from .neutral import ApiError, Finish, Logprob, Meta, bad
-from .state import ServerConfig, State, _prepare
+from .state import ServerConfig, State, prepare
 
 log = logging.getLogger("mlx_glm4v.server")
 
@@ -59,7 +59,7 @@ def timeout_error(config: ServerConfig) -> ApiError:
     return ApiError(504, message, code="timeout")
 
 
-def _state(request: Request) -> State:
+def ready_state(request: Request) -> State:
     state = request.app.state.server
     if not state.ready.is_set():
         raise ApiError(
@@ -68,7 +68,7 @@ def _state(request: Request) -> State:
     return state
 
 
-async def _body(request: Request):
+async def read_body(request: Request):
     try:
         raw = await request.body()
     except ClientDisconnect:
@@ -79,19 +79,19 @@ async def _body(request: Request):
         raise bad("the request body is not valid JSON.") from None
 
 
-async def _prepared(slot: Slot, config: ServerConfig, neutral) -> dict:
+async def prepare_off_loop(slot: Slot, config: ServerConfig, neutral) -> dict:
     try:  # reading media is bounded by the limits; the timeout still answers the client in time
         return await asyncio.wait_for(
-            run_in_threadpool(_prepare, slot, config, neutral), config.request_timeout
+            run_in_threadpool(prepare, slot, config, neutral), config.request_timeout
         )
     except asyncio.TimeoutError:
         raise timeout_error(config) from None
 
 
-async def _reply(request: Request, dialect, parse=None):
+async def reply(request: Request, dialect, parse=None):
     """A dialect's request, run on the model it names while that model is held."""
-    ready = _state(request)
-    body = await _body(request)
+    ready = ready_state(request)
+    body = await read_body(request)
     lease = await ready.hold(body)
     try:
         response = await _run(request, dialect, parse or dialect.parse, ready, lease, body)
@@ -113,7 +113,7 @@ async def _run(request: Request, dialect, parse, ready: State, lease: Lease, bod
         meta = Meta(dialect.reply_id(), int(time.time()), slot.name, 0, slot.served)
         return JSONResponse(dialect.loaded(neutral, meta))
     deadline = time.monotonic() + config.request_timeout
-    inputs = await _prepared(slot, config, neutral)
+    inputs = await prepare_off_loop(slot, config, neutral)
     n = int(inputs["input_ids"].shape[-1])
     settings = dict(neutral.settings)
     if slot.spec.kv_bits is not None and settings.get("kv_bits") is None:

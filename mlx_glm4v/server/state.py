@@ -1,6 +1,6 @@
 """What the routes share (`State`: the config, the models' registry, the Responses store, the
 drain, the layout detector) and how it is built: the models loaded on a thread at start-up, a
-request's model held while it runs, the disk tier, the warm prompts. `_prepare` (media read, the
+request's model held while it runs, the disk tier, the warm prompts. `prepare` (media read, the
 template rendered, the processor run) is here because warm prompts and requests both take it.
 """
 
@@ -224,7 +224,7 @@ class State:
             slot = entry.loaded
             try:
                 neutral = openai.parse({**body, "model": slot.name}, slot.served)
-                inputs = _prepare(slot, self.config, neutral)
+                inputs = prepare(slot, self.config, neutral)
             except ApiError as e:
                 raise Glm4vError(f"--warm-prompt number {i + 1} is refused: {e.message}") from None
             settings = GenerationSettings(**{**neutral.settings, "max_tokens": 1})
@@ -250,7 +250,7 @@ def identity(spec: ModelSpec) -> str:
     return f"{spec.path}+{read_adapter(spec.adapter).digest}"
 
 
-def _prepare(slot: Slot, config: ServerConfig, neutral) -> dict:
+def prepare(slot: Slot, config: ServerConfig, neutral) -> dict:
     """Media read and checked, the template rendered, the processor run: the engine's inputs."""
     processor = slot.processor
     media_kwargs = processor_budget(neutral.media_budget, config.media, processor)
