@@ -445,7 +445,8 @@ def test_health_while_loading(glm4v_checkpoint):
     loader, held back."""
     from starlette.testclient import TestClient
 
-    from mlx_glm4v.server.app import ServerConfig, create_app
+    from mlx_glm4v.server.app import create_app
+    from mlx_glm4v.server.state import ServerConfig
 
     gate = threading.Event()
 

@@ -224,8 +224,8 @@ def serve(
         raise Glm4vError("under mlx.launch the server runs one model; give one --model.")
     if group is not None and group.rank() != 0:
         return follow_server(group, specs[0].path)
-    from ..server.app import ServerConfig
     from ..server.app import serve as run_server
+    from ..server.state import ServerConfig
     from ..serving.disk_cache import parse_size
 
     check_limits(

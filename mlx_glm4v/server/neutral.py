@@ -3,10 +3,10 @@ refusals that become one (`as_api_errors`), the checks of their fields (the mode
 parts, tools, settings), sealed reasoning, thinking effort.
 
 A dialect (openai.py, responses.py, anthropic.py, ollama.py) parses its body into a `Request`
-and renders the events below in its own wire format; app.py does everything in between once
+and renders the events below in its own wire format; run.py does everything in between once
 (media, the processor, the engine, timeouts, disconnects, keep-alives, metrics). The reply events
 come from the one parser of GLM's output (`reply.ReplyParser`): Reasoning, Content, ToolStart,
-ToolArgs, ToolEnd; app.py adds Logprob (before a token's text) and Finish (last).
+ToolArgs, ToolEnd; run.py adds Logprob (before a token's text) and Finish (last).
 """
 
 import base64
