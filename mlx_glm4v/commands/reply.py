@@ -245,7 +245,11 @@ def _reply_options(
     )
     GenerationSettings(**settings)
     images = existing_files(image, "image")
-    check_pdfs(images, settings["media_kwargs"])
+    from ..serving import distributed  # here, so that --help starts without MLX
+
+    group = distributed.launched()
+    if group is None or group.rank() == 0:  # the other ranks get rank 0's pages, never the file
+        check_pdfs(images, settings["media_kwargs"])
     return Reply(
         resolve_model_name(model),
         images,
