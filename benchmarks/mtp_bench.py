@@ -249,10 +249,12 @@ def checkpoint(args, data, train, log):
     model = build_model(args.seed)
     if mtp_path.exists():
         model.load_weights(str(mtp_path))
+        mx.eval(model.parameters())  # here, not lazily in the engine's thread
         log(f"trained model from {mtp_path}")
         return model
     if main_path.exists():
         model.load_weights(str(main_path))
+        mx.eval(model.parameters())
         log(f"main model from {main_path}")
     else:
         train_main(model, train, args.steps, np.random.default_rng(args.seed), log)
