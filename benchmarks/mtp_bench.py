@@ -15,7 +15,7 @@ acceptance, tokens per verification pass, the target of the issue at K=1 (0.9 x 
 checked equal to plain decoding's in every run.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
-        python benchmarks/mtp_bench.py [--steps 400] [--mtp-steps 150] [--rows 8] [--rounds 3]
+        python benchmarks/mtp_bench.py [--steps 400] [--mtp-steps 250] [--chain 2] [--rows 8]
 """
 
 import argparse
@@ -293,12 +293,12 @@ def checkpoint(args, data, train, log):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=400, help="main model training steps")
-    parser.add_argument("--mtp-steps", type=int, default=150, help="MTP layer training steps")
-    parser.add_argument("--chain", type=int, default=4, help="chained steps the MTP layer learns")
+    parser.add_argument("--mtp-steps", type=int, default=250, help="MTP layer training steps")
+    parser.add_argument("--chain", type=int, default=2, help="chained steps the MTP layer learns")
     parser.add_argument("--tokens", type=int, default=PASSAGE, help="tokens generated per run")
     parser.add_argument("--prompts", type=int, default=6, help="held-out prompts")
     parser.add_argument("--rows", type=int, default=8, help="concurrent rows through the engine")
-    parser.add_argument("--rounds", type=int, default=3, help="runs of each, the best kept")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each, the best kept")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/mtp-bench-ckpt"))
     parser.add_argument("--json", type=Path, help="write the figures here too")
