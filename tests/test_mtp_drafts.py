@@ -16,6 +16,7 @@ import tiny
 
 from mlx_glm4v.checkpoints.loader import load
 from mlx_glm4v.errors import Glm4vError
+from mlx_glm4v.generation.chat import ChatSession
 from mlx_glm4v.generation.constrain import Constraint
 from mlx_glm4v.generation.generate import stream_generate
 from mlx_glm4v.generation.reply import split_reply
@@ -210,14 +211,37 @@ def test_cli_json_reports_drafting(drafting):
 
 def test_chat_turns_equal_plain(drafting):
     """A later turn's drafter starts its cache at the turn (less context, same reply)."""
-    from mlx_glm4v.generation.chat import ChatSession
-
     _, model, processor = drafting
     replies = []
     for draft in (None, "mtp"):
         session = ChatSession(model, processor, max_tokens=20, ignore_eos=True, draft=draft)
         turns = [[r.token for r in session.ask(text)] for text in ("one two three", "four five")]
         replies.append(turns)
+    assert replies[0] == replies[1]
+
+
+def test_chat_turn_ended_by_a_stop_string(drafting):
+    """A stop string ends a reply part-way through a round, with the next round already queued:
+    those columns leave the cache, so the next turn still equals plain decoding's."""
+    _, model, processor = drafting
+    text = "".join(
+        r.text for r in ChatSession(model, processor, max_tokens=20, ignore_eos=True).ask("hi")
+    )
+    stop = text[len(text) // 3 :][:3]
+    replies = []
+    for draft in (None, "mtp"):
+        session = ChatSession(
+            model,
+            processor,
+            max_tokens=20,
+            ignore_eos=True,
+            stop=[stop],
+            draft=draft,
+            draft_steps=3,
+        )
+        turns = [list(session.ask(t)) for t in ("hi", "four five")]
+        assert turns[0][-1].finish_reason == "stop"
+        replies.append([[r.token for r in turn if r.token is not None] for turn in turns])
     assert replies[0] == replies[1]
 
 

@@ -1,10 +1,14 @@
 """Speculative drafts in the engine's rows (serving/drafts.py): rows with MTP drafts, prompt
 lookup and none share a batch, and each reply equals the same request run alone and plain
 (greedy: token for token; sampled: the seeded draws of its single-stream run), with drafts both
-kept and rejected, under a constraint, from a prefix-cache hit and with the prompt in chunks."""
+kept and rejected, under a constraint, a rotating cache, a thinking budget and stop strings,
+from a prefix-cache hit and with the prompt in chunks; a cancelled drafting row leaves the
+others exact, and the MTP layer's cache follows the model's through every rejection."""
 
+import httpx
 import pytest
 import tiny
+from servers import Server
 
 from mlx_glm4v.checkpoints.loader import load
 from mlx_glm4v.generation.constrain import Constraint
@@ -153,8 +157,6 @@ def test_server_requests_choose_drafts(drafting, glm4v_checkpoint, tmp_path):
     """The real server: `draft` in a chat completion (and a Responses request) gives the plain
     reply with drafting's figures in usage and /metrics; MTP on a model without the layer is a
     400 naming the field, and the server keeps serving."""
-    from servers import Server
-
     path = drafting[0]
     server = Server(
         None,
@@ -181,8 +183,6 @@ def test_server_requests_choose_drafts(drafting, glm4v_checkpoint, tmp_path):
         assert refused.json()["error"]["param"] == "draft"
         bad = server.post({**body, "draft": "eagle"})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "draft"
-        import httpx
-
         response = httpx.post(
             f"{server.url}/v1/responses",
             json={
@@ -202,3 +202,133 @@ def test_server_requests_choose_drafts(drafting, glm4v_checkpoint, tmp_path):
         assert server.post(body).json()["choices"][0]["message"] == plain["choices"][0]["message"]
     finally:
         server.close()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"max_kv_size": 40},  # the prompt is ~20 tokens: the cache fills and rotates mid-reply
+        {"thinking_budget": 1},
+        {"stop": "stop-from-plain"},  # a piece of the plain reply: the reply ends part-way
+    ],
+    ids=["rotating", "thinking-budget", "stop"],
+)
+def test_rows_with_drafts_and_options(drafting, options):
+    """Drafting rows beside a plain one, each with the option, equal their runs alone."""
+    _, model, processor = drafting
+    settings = {"max_tokens": 32, "ignore_eos": True, **options}
+    if "stop" in options:
+        tokens = alone(model, processor, PROMPTS[1], max_tokens=32, ignore_eos=True)
+        text = processor.tokenizer.decode(tokens)
+        settings["stop"] = [text[len(text) // 2 :][:4]]
+    requests, expected = [], []
+    for prompt, draft in zip(
+        PROMPTS[:3], ({}, {"draft": "mtp"}, {"draft": "mtp", "draft_steps": 3})
+    ):
+        requests.append(
+            Request(inputs_of(processor, prompt), GenerationSettings(**settings, **draft))
+        )
+        expected.append(alone(model, processor, prompt, **settings))
+    engine = Engine(model, processor, max_concurrency=len(requests))
+    try:
+        results = run(engine, requests)
+    finally:
+        engine.close()
+    assert [t for t, _ in results] == expected
+    assert all(u.drafts["drafted"] > 0 for _, u in results[1:])
+    if "stop" in options:
+        assert len(expected[1]) < 32
+
+
+def test_cancelled_drafting_row(drafting):
+    """A drafting row cancelled part-way through its reply ends as cancelled; the rows beside it
+    (drafting and plain) still get their replies alone, and the engine serves the next request."""
+    _, model, processor = drafting
+    settings = dict(max_tokens=40, ignore_eos=True)
+    engine = Engine(model, processor, max_concurrency=3)
+    try:
+        doomed = engine.submit(
+            Request(
+                inputs_of(processor, PROMPTS[0]),
+                GenerationSettings(**settings, draft="mtp", draft_steps=2),
+            )
+        )
+        others = [
+            Request(inputs_of(processor, PROMPTS[1]), GenerationSettings(**settings, draft="mtp")),
+            Request(inputs_of(processor, PROMPTS[2]), GenerationSettings(**settings)),
+        ]
+        handles = [engine.submit(r) for r in others]
+        events = iter(doomed)
+        seen = [next(events) for _ in range(3)]
+        doomed.cancel()
+        rest = list(events)
+        assert rest[-1].finish_reason == "cancelled"
+        assert len([e for e in seen + rest if e.token is not None]) < 40
+        for h, prompt in zip(handles, PROMPTS[1:3]):
+            events = list(h)
+            assert events[-1].finish_reason == "length"
+            assert [e.token for e in events if e.token is not None] == alone(
+                model, processor, prompt, **settings
+            )
+        ((tokens, usage),) = run(
+            engine,
+            [
+                Request(
+                    inputs_of(processor, PROMPTS[3]), GenerationSettings(**settings, draft="mtp")
+                )
+            ],
+        )
+        assert tokens == alone(model, processor, PROMPTS[3], **settings)
+    finally:
+        engine.close()
+
+
+class WatchedEngine(Engine):
+    """The engine with a look at each drafting row's caches after every decided round."""
+
+    def __init__(self, *args, **kwargs):
+        # (drafted, kept, columns the model's cache holds past a kept prefix, the MTP layer's)
+        self.rounds = []
+        super().__init__(*args, **kwargs)
+
+    def _decide(self, rows):
+        before = {id(r): (r.drafts.stats.drafted, r.drafts.stats.accepted) for r in rows}
+        decided = super()._decide(rows)
+        for row, _ in decided:
+            if row.drafts is not None and row.drafts.mtp is not None:
+                drafted, kept = (
+                    now - was
+                    for now, was in zip(
+                        (row.drafts.stats.drafted, row.drafts.stats.accepted), before[id(row)]
+                    )
+                )
+                run = row.cache.offset - row.usage.cached_tokens
+                self.rounds.append((drafted, kept, run, row.drafts.mtp.cache.offset))
+        return decided
+
+
+def test_mtp_cache_rolls_back_with_the_model_cache(drafting):
+    """After every round, kept or rejected, the MTP layer's cache holds one entry per column the
+    model's cache holds (past a kept prefix, which the layer never ran): its chained columns
+    dropped, the kept ones rerun from the model's states. A rollback that left or dropped one
+    too many would only cost acceptance, never the reply, so only this sees it."""
+    _, model, processor = drafting
+    engine = WatchedEngine(model, processor, max_concurrency=3)
+    try:
+        run(
+            engine,
+            [
+                Request(
+                    inputs_of(processor, prompt),
+                    GenerationSettings(max_tokens=24, ignore_eos=True, draft="mtp", draft_steps=k),
+                )
+                for prompt, k in zip(PROMPTS, (1, 2, 3))
+            ],
+        )
+    finally:
+        engine.close()
+    rejected = [r for r in engine.rounds if r[1] < r[0]]
+    assert rejected and any(r[0] > 1 for r in rejected)
+    assert any(0 < r[1] < r[0] for r in engine.rounds)  # part of a chain kept
+    assert all(run == mtp_offset for *_, run, mtp_offset in engine.rounds)
+    assert any(r[0] > 1 and r[1] == 0 for r in rejected)

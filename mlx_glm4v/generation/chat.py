@@ -249,6 +249,10 @@ class ChatSession:
         else:
             fed = self.cache.offset - before - n_new
             tokens = [r.token for r in reply if r.token is not None]
+            # a drafter's round queued past the reply's last token: those columns go
+            if fed > len(tokens) and self.cache.can_trim:
+                self.cache.trim(fed - len(tokens))
+                fed = len(tokens)
             self.cache_ids, self.cache_media = target + tokens[: max(fed, 0)], media
         text = "".join(r.text for r in reply)
         self.messages.append({"role": "assistant", "content": text})

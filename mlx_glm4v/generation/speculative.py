@@ -219,7 +219,11 @@ def mtp_decode(
     q_logits, g = drafter.catch_up(token)
     drafting = True
     fast = distribution is None and not processed
-    while True:
+
+    def queue(token, q_logits, g):
+        """This round's drafts and its verification pass, queued: (drafts proposed, drafts, their
+        distributions, the pass's prompt, hidden states, logits, greedy choices or None)."""
+        nonlocal drafting
         k = min(steps, max_tokens - emitted - 1)
         if drafting and cache.rotating and cache.offset + k + 1 > cache[0].max_size:
             drafting = False  # a full rotating cache cannot drop rejected drafts
@@ -249,11 +253,20 @@ def mtp_decode(
         cache.record(prompt)
         hidden = model.forward(prompt, cache)
         logits = model.logits(hidden)[0]
-        if fast:  # one wait for every position's choice and the drafts
-            both = mx.argmax(logits, axis=-1)
-            both = (mx.concatenate([both, mx.stack(drafts)]) if k else both).tolist()
+        choices = None
+        if fast:  # every position's choice and the drafts, for the round's one wait
+            choices = mx.argmax(logits, axis=-1)
+            choices = mx.concatenate([choices, mx.stack(drafts)]) if k else choices
+            mx.async_eval(choices)
+        return k, drafts, qs, prompt, hidden, logits, choices
+
+    pending = queue(token, q_logits, g)
+    while True:
+        k, drafts, qs, prompt, hidden, logits, choices = pending
+        if fast:
+            both = choices.tolist()
             choices, drafts = both[: k + 1], both[k + 1 :]
-        kept = 0
+        out, kept = [], 0  # the round's tokens, handed out once the next round is queued
         for i in range(k + 1):
             p = process(logits[i : i + 1], mx.array(ids), True) if not fast else logits[i : i + 1]
             logprobs = (p - mx.logsumexp(p, axis=-1, keepdims=True)).squeeze(0)
@@ -270,23 +283,27 @@ def mtp_decode(
                 token = choice
                 break
             kept += 1
-            yield drafts[i], logprobs
+            out.append((drafts[i], logprobs))
             ids.append(drafts[i])
-            emitted += 1
+        out.append((token, logprobs))
+        ids.append(token)
+        emitted += kept + 1
         stats.drafted += k
         stats.accepted += kept
         stats.steps += 1
         stats.tokens += kept + 1
-        yield token, logprobs
-        ids.append(token)
-        emitted += 1
+        if emitted < max_tokens:
+            if k > kept:
+                cache.trim(k - kept)
+            if drafting:
+                if k > 1:
+                    drafter.cache.trim(k - 1)
+                drafter.add(prompt, 0, kept + 1, hidden[:, : kept + 1], drafts[:kept])
+                q_logits, g = drafter.catch_up(token)
+                mx.async_eval(q_logits, g)  # the layer runs while the pass below is built
+            # the next round runs while this one's tokens are handed out (and detokenized,
+            # streamed): plain decoding's pipelining, a round at a time
+            pending = queue(token, q_logits, g)
+        yield from out
         if emitted >= max_tokens:
             return
-        if k > kept:
-            cache.trim(k - kept)
-        if not drafting:
-            continue
-        if k > 1:
-            drafter.cache.trim(k - 1)
-        drafter.add(prompt, 0, kept + 1, hidden[:, : kept + 1], drafts[:kept])
-        q_logits, g = drafter.catch_up(token)

@@ -48,6 +48,9 @@ class RowDrafts:
         self.ids: list = []  # prompt and reply (prompt lookup's history)
         self.drafts: list = []  # this round's drafts (ints, or device scalars when fast)
         self.qs: list = []  # the draft distributions they were drawn from (sampling)
+        # the queued step's verification of them: (logits [n, vocab], hidden [1, width, dim],
+        # position of the first column, greedy choices or None), until decided
+        self.round = None
 
     def start(self, model, cache, prompt, ids):
         """The row's prompt is embedded and about to be prefilled into `cache`."""

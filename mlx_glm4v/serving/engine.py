@@ -745,12 +745,16 @@ class Engine:
     def _decode(self, rows: list):
         """Queue one decode step for the rows that need more tokens, then hand out the previous
         step's tokens while it runs (mlx-lm's pipelining: the device never waits for the host).
-        Rows with drafts make it a step of several columns (`_verify`)."""
+        Rows with drafts make it a step of several columns (`_verify`); their previous round is
+        decided first (`_decide`: the step's one wait), and its tokens handed out with the
+        others' once the next step is queued."""
+        decided = self._decide([r for r in rows if r.drafts is not None and r.drafts.round])
         ready = [r for r in rows if r.pending is not None]
         step = [r for r in rows if r.sampled < r.settings.max_tokens]
+        plain, out = step, []
         if any(r.drafts is not None for r in step):
-            return self._verify(ready, step)
-        if step:
+            plain, out = self._verify(step)
+        elif step:
             tokens = mx.concatenate(
                 [
                     t.reshape(1) if isinstance(t, mx.array) else mx.array([t])
@@ -760,7 +764,6 @@ class Engine:
             logits = decode_logits(self.model, [r.cache for r in step], tokens)
             # {} when no row is constrained
             masks = step_masks([r.grammar for r in step], tokens, logits)
-            out = []
             for b, row in enumerate(step):
                 row.state.ran(tokens[b : b + 1])
                 out.append(self._sample(row, logits[b : b + 1], masks.get(b)))
@@ -772,15 +775,20 @@ class Engine:
         for row in ready:
             (token, logprobs), row.pending = row.pending, None
             self._emit(row, token.item(), logprobs)
-        for row, sampled in zip(step, out if step else ()):
+        for row, chosen in decided:
+            for token, logprobs in chosen:
+                if row not in self._rows:  # ended by a token just handed out
+                    break
+                self._emit(row, token, logprobs)
+        for row, sampled in zip(plain, out):
             if row in self._rows:  # not ended by the token just handed out
                 row.pending, row.token = sampled, sampled[0]
                 row.sampled += 1
 
-    def _verify(self, ready: list, step: list):
-        """A decode step with drafting rows (drafts.py): each runs its pending token and its
-        drafts, the others one token as in `_decode`; the drafting rows' choices are waited for
-        and handed out at once, the others' next step as usual."""
+    def _verify(self, step: list) -> tuple:
+        """Queue a decode step with drafting rows (drafts.py): each runs its pending token and
+        its drafts (kept as the row's `round` for `_decide`), the others one token as in
+        `_decode`. Returns the plain rows and their samples."""
         drafting = [r for r in step if r.drafts is not None]
         plain = [r for r in step if r.drafts is None]
         propose(self.model, drafting)
@@ -809,57 +817,52 @@ class Engine:
         flat = hidden.reshape(-1, hidden.shape[-1])
         logits = self.model.logits(flat[mx.array(index)])
         where = {id(r): b for b, r in enumerate(step)}
-        tokens = (
-            mx.concatenate(
+        out = []
+        if plain:
+            tokens = mx.concatenate(
                 [
                     (r.token.reshape(1) if isinstance(r.token, mx.array) else mx.array([r.token]))
                     for r in plain
                 ]
             )
-            if plain
-            else None
-        )
-        plain_logits = (
-            mx.concatenate([logits[int(starts[where[id(r)]])][None] for r in plain])
-            if plain
-            else None
-        )
-        masks = step_masks([r.grammar for r in plain], tokens, plain_logits) if plain else {}
-        out = []
-        for b, row in enumerate(plain):
-            row.state.ran(tokens[b : b + 1])
-            out.append(self._sample(row, plain_logits[b : b + 1], masks.get(b)))
-        fast = {
-            id(r): fast_choices(
-                r, logits[int(starts[where[id(r)]]) : int(starts[where[id(r)] + 1])]
-            )
-            for r in drafting
-            if r.drafts.fast
-        }
-        mx.eval(out, list(fast.values()))
-        self.stats.decode_steps += 1
-        self.stats.decode_rows += len(step)
-        for row in ready:
-            (token, logprobs), row.pending = row.pending, None
-            self._emit(row, token.item(), logprobs)
-        rounds = []
+            plain_logits = mx.concatenate([logits[int(starts[where[id(r)]])][None] for r in plain])
+            masks = step_masks([r.grammar for r in plain], tokens, plain_logits)
+            for b, row in enumerate(plain):
+                row.state.ran(tokens[b : b + 1])
+                out.append(self._sample(row, plain_logits[b : b + 1], masks.get(b)))
+        queued = list(out)
         for row in drafting:
             b = where[id(row)]
+            first, end = int(starts[b]), int(starts[b + 1])
+            choices = fast_choices(row, logits[first:end]) if row.drafts.fast else None
             position = int(np.asarray(row.cache.next_position).reshape(-1)[0]) - lengths[b]
+            row.drafts.round = (logits[first:end], hidden[b : b + 1], position, choices)
+            queued.append(choices if choices is not None else logits[first:end])
+        mx.async_eval(queued)
+        self.stats.decode_steps += 1
+        self.stats.decode_rows += len(step)
+        if self.stats.decode_steps % 256 == 0:
+            clear_cache_after(queued)
+        return plain, out
+
+    def _decide(self, rows: list) -> list:
+        """The drafting rows' queued round, waited for and decided as each row's run alone
+        decides it (drafts.decide): [(row, [(token, log-probabilities)] to hand out)]. Rejected
+        drafts leave the rows' caches and their MTP layers catch up on the kept columns
+        (queued)."""
+        if not rows:
+            return []
+        mx.eval([r.drafts.round[3] for r in rows if r.drafts.round[3] is not None])
+        decided, rounds = [], []
+        for row in rows:
+            logits, hidden, position, choices = row.drafts.round
+            row.drafts.round = None
             k = len(row.drafts.drafts)
-            chosen, kept = decide(
-                row,
-                logits[int(starts[b]) : int(starts[b + 1])],
-                fast[id(row)].tolist() if id(row) in fast else None,
-            )
+            chosen, kept = decide(row, logits, choices.tolist() if choices is not None else None)
             self._count_round(row, k, kept)
-            for token, logprobs in chosen:
-                row.sampled += 1
-                self._emit(row, token, logprobs)
-                if row not in self._rows:
-                    break
-            if row not in self._rows:
-                continue
+            decided.append((row, chosen))
+            row.sampled += len(chosen)
+            row.token = chosen[-1][0]
             if k > kept:
                 row.cache.trim(k - kept)
             s = row.settings
@@ -867,14 +870,9 @@ class Engine:
             if k == 0 and row.cache.rotating:  # a full rotating cache: plain decoding from now
                 row.drafts = None
                 continue
-            rounds.append((row, hidden[b : b + 1], kept, position))
+            rounds.append((row, hidden, kept, position))
         catch_up(self.model, rounds)
-        for row, sampled in zip(plain, out):
-            if row in self._rows:
-                row.pending, row.token = sampled, sampled[0]
-                row.sampled += 1
-        if self.stats.decode_steps % 256 == 0:
-            clear_cache_after([])
+        return decided
 
     def _count_round(self, row: _Row, drafted: int, kept: int):
         self.stats.drafted += drafted
