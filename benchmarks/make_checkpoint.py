@@ -9,16 +9,19 @@ template as chat_template.jinja, and the processor settings split into preproces
 and video_preprocessor_config.json. Both mlx-glm4v and mlx-vlm load it as they would the real
 model.
 
-Sizes (`SHAPES`): "bench" is GLM-4.1V's shape scaled down to about 120M parameters (text hidden
-1024 x 8 layers, vision hidden 512 x 8 blocks), "tiny" is a few hundred thousand for CI.
-The tokenizer is a small byte-level BPE (`bpe_vocab` tokens plus GLM's special tokens); by
-default the embedding and lm_head have as many rows as it has tokens. `--vocab 151552` gives them
-the published number of rows instead (GLM-4.1V's and GLM-4.6V's config `vocab_size`): the rows
-past the tokenizer's are never read, but a training step's head (and its float32 logits, rows x
-tokens x 4 bytes) and the embedding's gradient are a real checkpoint's size. The special tokens
-keep the tokenizer's ids either way; config.json names them under both tools' keys.
+Sizes (`SHAPES`): "bench" is GLM-4.1V's shape scaled down to about 120M parameters (430M with
+`--vocab 151552`; text hidden 1024 x 8 layers, vision hidden 512 x 8 blocks), "tiny" is a few
+hundred thousand for CI.
 Weights are normal(0, 0.02), norm weights about 1, biases small: a trained model's scale, so that
 the arithmetic (and its cost) is what a real checkpoint's is.
+
+The tokenizer is a small byte-level BPE (`bpe_vocab` tokens plus GLM's special tokens); by
+default the embedding and lm_head have as many rows as it has tokens. `--vocab 151552` gives them
+the published number of rows instead (GLM-4.1V's and GLM-4.6V's config `vocab_size`): no token
+looks up the embedding's rows past the tokenizer's, but the head scores every row, so a training
+step's head and its float32 logits (rows x tokens x 4 bytes) are a real checkpoint's size. The
+special tokens keep the tokenizer's ids either way; config.json names them under both tools'
+keys.
 
 The end-of-sequence tokens' rows of lm_head are zero, so their logit is 0 while the others spread
 around 0 in both signs: greedy decoding never picks them and both tools generate exactly the
