@@ -5,6 +5,7 @@ on the float checkpoint.
     python benchmarks/finetune_bench.py                      # ~120M random GLM-4.1V, 336x336
     python benchmarks/finetune_bench.py --vocab 0            # its small vocabulary instead
     python benchmarks/finetune_bench.py --steps 8 --json-out finetune.json
+    python benchmarks/finetune_bench.py --rounds 2           # ours, mlx-vlm, ours, mlx-vlm
     python benchmarks/finetune_bench.py --size tiny --steps 2  # a quick look
 
 The checkpoint's embedding and lm_head have the published checkpoints' 151,552 rows by default
