@@ -9,16 +9,25 @@ template as chat_template.jinja, and the processor settings split into preproces
 and video_preprocessor_config.json. Both mlx-glm4v and mlx-vlm load it as they would the real
 model.
 
-Sizes (`SHAPES`): "bench" is GLM-4.1V's shape scaled down to about 120M parameters (text hidden
-1024 x 8 layers, vision hidden 512 x 8 blocks), "tiny" is a few hundred thousand for CI.
+Sizes (`SHAPES`): "bench" is GLM-4.1V's shape scaled down to about 120M parameters (430M with
+`--vocab 151552`; text hidden 1024 x 8 layers, vision hidden 512 x 8 blocks), "tiny" is a few
+hundred thousand for CI.
 Weights are normal(0, 0.02), norm weights about 1, biases small: a trained model's scale, so that
 the arithmetic (and its cost) is what a real checkpoint's is.
+
+The tokenizer is a small byte-level BPE (`bpe_vocab` tokens plus GLM's special tokens); by
+default the embedding and lm_head have as many rows as it has tokens. `--vocab 151552` gives them
+the published number of rows instead (GLM-4.1V's and GLM-4.6V's config `vocab_size`): no token
+looks up the embedding's rows past the tokenizer's, but the head scores every row, so a training
+step's head and its float32 logits (rows x tokens x 4 bytes) are a real checkpoint's size. The
+special tokens keep the tokenizer's ids either way; config.json names them under both tools'
+keys.
 
 The end-of-sequence tokens' rows of lm_head are zero, so their logit is 0 while the others spread
 around 0 in both signs: greedy decoding never picks them and both tools generate exactly the
 number of tokens asked for (mlx-vlm has no option to ignore end-of-sequence tokens).
 
-    python benchmarks/make_checkpoint.py OUT_DIR [--size bench|tiny] [--seed 0]
+    python benchmarks/make_checkpoint.py OUT_DIR [--size bench|tiny] [--seed 0] [--vocab 151552]
 """
 
 import argparse
@@ -120,8 +129,16 @@ def build_tokenizer(path: Path, vocab_size: int = 320) -> dict:
     return {"vocab_size": tok.get_vocab_size(), **ids}
 
 
-def configs(shape: dict, ids: dict) -> dict:
-    """config.json in the published layout (transformers 4.5x wrote it; 5.x still reads it)."""
+# GLM-4.1V's and GLM-4.5V/4.6V's text_config vocab_size (151,329 BPE tokens, the special tokens,
+# padding to a multiple of 64)
+PUBLISHED_VOCAB = 151552
+
+
+def configs(shape: dict, ids: dict, vocab: int | None = None) -> dict:
+    """config.json in the published layout (transformers 4.5x wrote it; 5.x still reads it).
+    `vocab`: the embedding's and lm_head's rows (default: the tokenizer's size)."""
+    if vocab is not None and vocab < ids["vocab_size"]:
+        raise ValueError(f"vocab {vocab} is smaller than the tokenizer's {ids['vocab_size']}")
     text, vision = shape["text"], shape["vision"]
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     half = head_dim // 4  # rotary dimension is half the head, M-RoPE splits its half 1/4, 3/8, 3/8
@@ -148,7 +165,7 @@ def configs(shape: dict, ids: dict) -> dict:
         "video_token_index": tokens["video_token_id"],
         "text_config": {
             "model_type": "glm4v_text",
-            "vocab_size": ids["vocab_size"],
+            "vocab_size": vocab or ids["vocab_size"],
             **text,
             "head_dim": head_dim,
             "attention_bias": True,
@@ -316,15 +333,18 @@ def processor_files(path: Path):
     )
 
 
-def build(path, size: str = "bench", seed: int = 0, text_std: float = 0.02) -> Path:
-    """Write a random checkpoint of `size` (see SHAPES) to `path`; returns the path."""
+def build(
+    path, size: str = "bench", seed: int = 0, text_std: float = 0.02, vocab: int | None = None
+) -> Path:
+    """Write a random checkpoint of `size` (see SHAPES) to `path`, its embedding and lm_head
+    `vocab` rows (default: the tokenizer's size); returns the path."""
     from safetensors.numpy import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     shape = SHAPES[size]
     ids = build_tokenizer(path, shape["bpe_vocab"])
-    config = configs(shape, ids)
+    config = configs(shape, ids, vocab)
     eos = config["text_config"]["eos_token_id"]
     weights = random_weights(config, eos, seed, text_std=text_std)
     save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
@@ -358,8 +378,14 @@ def main():
     ap.add_argument("--size", choices=sorted(SHAPES), default="bench")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--text-std", type=float, default=0.02)
+    ap.add_argument(
+        "--vocab",
+        type=int,
+        help=f"Rows of the embedding and lm_head (default: the tokenizer's size; "
+        f"{PUBLISHED_VOCAB} is the published checkpoints').",
+    )
     args = ap.parse_args()
-    path = build(args.out, args.size, args.seed, args.text_std)
+    path = build(args.out, args.size, args.seed, args.text_std, args.vocab)
     print(f"{path}: {parameter_count(path) / 1e6:.1f}M parameters")
 
 

@@ -47,6 +47,30 @@ def test_checkpoint_has_transformers_layout(tiny_checkpoint):
     assert config.image_token_id == processor.tokenizer.convert_tokens_to_ids("<|image|>")
 
 
+def test_checkpoint_with_a_larger_vocabulary(tmp_path):
+    """--vocab gives the embedding and head more rows than the tokenizer has tokens (the
+    published 151,552 in the fine-tuning benchmark); transformers' model of that config has the
+    same tensors, the special tokens keep ids inside it, and a vocabulary smaller than the
+    tokenizer is refused."""
+    torch = pytest.importorskip("torch")
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer, Glm4vForConditionalGeneration
+
+    path = make_checkpoint.build(tmp_path / "ckpt", "tiny", vocab=1024)
+    config = AutoConfig.from_pretrained(path)
+    assert config.text_config.vocab_size == 1024
+    with torch.device("meta"):
+        reference = Glm4vForConditionalGeneration(config)
+    with safe_open(str(path / "model.safetensors"), "np") as f:
+        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert found == {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert 300 < len(tokenizer) < 1024
+    assert config.image_token_id == tokenizer.convert_tokens_to_ids("<|image|>")
+    with pytest.raises(ValueError, match="smaller than the tokenizer"):
+        make_checkpoint.build(tmp_path / "small", "tiny", vocab=100)
+
+
 def test_checkpoint_loads_and_never_stops_early(tiny_checkpoint):
     from mlx_glm4v.checkpoints.loader import load
     from mlx_glm4v.generation.generate import stream_generate
