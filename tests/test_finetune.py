@@ -240,6 +240,9 @@ def test_ctrl_c_keeps_the_last_checkpoint(setup, tmp_path):
         [sys.executable, "-m", "mlx_glm4v", "finetune", "--model", str(path), "--data", str(data),
          "--batch-size", "2", "--iters", "100000", "--save-every", "1", "--adapter-path", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        # Ctrl-C as a terminal sends it: a runner started in the background passes SIGINT on
+        # ignored, and then only a signal that landed inside a checkpoint's save stopped the run
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     deadline = time.monotonic() + 60
     while not (out / "0000003_adapters.safetensors").exists() and time.monotonic() < deadline:

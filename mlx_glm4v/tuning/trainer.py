@@ -257,6 +257,9 @@ def check_memory(model: Model, data, args: TrainingArgs, progress=None):
 def _no_interrupt():
     """Ctrl-C waits until the checkpoint's files are all in place, then stops the run."""
     caught = []
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # ignored (nohup, a background job):
+        yield  # it stays ignored here too, as outside the checkpoint
+        return
     try:
         previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
     except ValueError:  # not the main thread: signals cannot reach us here anyway
