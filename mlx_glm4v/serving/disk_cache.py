@@ -19,6 +19,7 @@ import os
 import queue
 import struct
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -34,6 +35,20 @@ from ..models.mlxlm import KVCache
 from .prefix import PrefixCache, PrefixEntry, media_marks, shared_length
 
 log = logging.getLogger(__name__)
+
+_stamp_lock = threading.Lock()
+_last_stamp = 0
+
+
+def use_stamp(path):
+    """Set `path`'s modification time to now, later than any stamp this process gave before: the
+    file's place in the LRU order. The kernel's own clock for file times is coarse (a few ms), so
+    a file written and another touched in the same tick would tie and the size would decide."""
+    global _last_stamp
+    with _stamp_lock:
+        _last_stamp = max(time.time_ns(), _last_stamp + 1)
+        os.utime(path, ns=(_last_stamp, _last_stamp))
+
 
 FORMAT = "mlx-glm4v prompt cache 1"
 SUFFIX = ".safetensors"
@@ -253,7 +268,7 @@ class DiskCache:
     def touch(path):
         """Mark a file used now (its modification time is its place in the LRU order)."""
         try:
-            os.utime(path)
+            use_stamp(path)
         except OSError:
             pass  # dropped meanwhile
 
@@ -282,6 +297,7 @@ class DiskCache:
 
     def _write(self, entry: PrefixEntry):
         path = write_entry(self.directory, entry, self.key)
+        use_stamp(path)
         entry.path = path
         self.writes += 1
         new = DiskEntry(path, entry.ids, entry.media)
