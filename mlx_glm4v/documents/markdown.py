@@ -180,8 +180,8 @@ def _a_word(word: str) -> bool:
 
 
 def merge_text_blocks(blocks: list) -> list:
-    """A text block ending in a hyphen joined with the next text block when it starts in lower
-    case and the joined word is a word."""
+    """A text block ending in a hyphen joined with the first text block after it that starts in
+    lower case (past any that do not, as the SDK looks), when the joined word is a word."""
     out, skip = [], set()
     for i, block in enumerate(blocks):
         if i in skip:
@@ -196,19 +196,19 @@ def merge_text_blocks(blocks: list) -> list:
             continue
         merged = False
         for j in range(i + 1, len(blocks)):
-            if blocks[j].get("label") != "text":
-                continue
             following = blocks[j].get("content", "")
-            if isinstance(following, str):
-                tail = following.lstrip()
-                before, after = head[:-1].split(), tail.split()
-                if tail and tail[0].islower() and before and after:
-                    if _a_word(before[-1] + after[0]):
-                        joined = deepcopy(block)
-                        joined["content"] = head[:-1] + following.lstrip()
-                        out.append(joined)
-                        skip.add(j)
-                        merged = True
+            if blocks[j].get("label") != "text" or not isinstance(following, str):
+                continue
+            tail = following.lstrip()
+            if not tail or not tail[0].islower():
+                continue
+            before, after = head[:-1].split(), tail.split()
+            if before and after and _a_word(before[-1] + after[0]):
+                joined = deepcopy(block)
+                joined["content"] = head[:-1] + tail
+                out.append(joined)
+                skip.add(j)
+                merged = True
             break
         if not merged:
             out.append(block)
