@@ -168,6 +168,53 @@ def test_the_sdk_hosted_mode_against_our_route_equals_the_cli(stack, tmp_path):
     assert reply["usage"]["completion_tokens"] > 0
 
 
+def picture(uri: str) -> Image.Image:
+    head, _, data = uri.partition(",")
+    assert head == "data:image/jpeg;base64"
+    return Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+
+
+def test_crops_and_drawn_pages_come_back_when_asked_for(stack):
+    root, good, _, server = stack
+    with sdk(root, server, "maas") as parser:  # the SDK asks for the drawn pages by default
+        theirs = parser.parse(str(good), return_crop_images=True)
+    reply = theirs._maas_response
+    pictures = [b for p in reply["layout_details"] for b in p if b["label"] == "image"]
+    assert len(pictures) == 3 == len(theirs.image_files)
+    for i, block in enumerate(pictures):  # our crop, and the SDK's own from its own rendering
+        ours, cut = picture(block["content"]), theirs.image_files[f"cropped_page{i}_idx{i}.jpg"]
+        assert ours.size == cut.size
+        ours, cut = np.asarray(ours, float), np.asarray(cut.convert("RGB"), float)
+        # the same pixels but for the JPEG's loss; a pixel aside, the page's noise differs
+        assert np.abs(ours - cut).mean() < 8 < np.abs(ours[:, 1:] - cut[:, :-1]).mean()
+    rendered = render_pages(good.read_bytes(), PdfOptions(200, "1"))[0]
+    buffer = io.BytesIO()
+    rendered.save(buffer, format="JPEG", quality=95)  # the page as it would come undrawn
+    undrawn, rendered = np.asarray(Image.open(buffer), float), np.asarray(rendered, float)
+    assert len(theirs._layout_visualization) == 3
+    for page, uri in zip(reply["layout_details"], theirs._layout_visualization):
+        drawn = np.asarray(picture(uri), float)
+        assert drawn.shape == rendered.shape
+        seen = 0
+        for block in page:  # each region outlined; the JPEG blocks inside it as they were
+            x0, y0, x1, y1 = (int(v) for v in block["bbox_2d"])
+            middle = slice((3 * y0 + y1) // 4, (y0 + 3 * y1) // 4)
+            edge = np.abs(drawn[middle, x0 - 1 : x0 + 3] - rendered[middle, x0 - 1 : x0 + 3])
+            assert edge.mean() > 30
+            rows = slice(-(-(y0 + 4) // 16) * 16, (y1 - 4) // 16 * 16)
+            columns = slice(-(-(x0 + 4) // 16) * 16, (x1 - 4) // 16 * 16)
+            if rows.stop > rows.start and columns.stop > columns.start:
+                # (the decoder smooths colour across blocks: a level or two at their edges)
+                assert np.abs(drawn[rows, columns] - undrawn[rows, columns]).mean() < 0.5
+                seen += 1
+        assert seen >= 3
+    plain = post(server, {"model": server.model, "file": data_uri(good.read_bytes())}).json()
+    assert plain["layout_visualization"] == []
+    assert [b["content"] for p in plain["layout_details"] for b in p if b["label"] == "image"] == [
+        None
+    ] * 3
+
+
 def test_a_page_that_does_not_render_is_reported_and_the_others_come_out(stack, tmp_path):
     root, good, bad, server = stack
     body = {"model": server.model, "file": data_uri(bad.read_bytes()), "request_id": "r-1"}

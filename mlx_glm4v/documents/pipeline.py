@@ -81,6 +81,7 @@ class Document:
     errors: list  # one sentence per page or region that failed
     sizes: list = field(default_factory=list)  # (width, height) of each page, in pixels
     usage: list = field(default_factory=lambda: [0, 0])  # prompt and completion tokens, all rows
+    layouts: list = field(default_factory=list)  # [[region, ...] per page]: what layout found
 
     def json(self) -> list:
         return self.pages
@@ -338,7 +339,9 @@ class Reader:
         joiner = "\n\n" if self.settings.layout else "\n\n---\n\n"
         sizes = [page.size for page in pages]
         usage = [sum(page.usage[i] for page in pages) for i in (0, 1)]
-        return Document(name, blocks, joiner.join(parts), pictures, errors, sizes, usage)
+        found = ("index", "label", "score", "bbox_2d")
+        layouts = [[{k: r.get(k) for k in found} for r in page.regions] for page in pages]
+        return Document(name, blocks, joiner.join(parts), pictures, errors, sizes, usage, layouts)
 
 
 def _name(source, i: int) -> str:

@@ -2,13 +2,20 @@
 `glmocr` SDK sends and reads, so the SDK pointed at this server needs neither torch nor a second
 server. A document (PDF, PNG or JPEG) comes as a data URI; Markdown and the regions come back
 with boxes in page pixels (the SDK turns them into thousandths of the page), pictures as
-`![](page=N,bbox=[...])` links the SDK crops from its own copy of the document."""
+`![](page=N,bbox=[...])` links the SDK crops from its own copy of the document. Asked for,
+`return_crop_images` puts each picture's crop (as the pipeline cut it) in its region's content
+and `need_layout_visualization` fills `layout_visualization` with each page, its regions drawn;
+both as JPEG data URIs, where the hosted API gives URLs."""
 
+import base64
+import io
 import re
 import time
 import uuid
+from dataclasses import dataclass
 
-from ..documents.pipeline import OcrSettings, Reader, page_numbers
+from ..documents.pipeline import OcrSettings, Reader, load_pages, page_numbers
+from ..documents.visualize import draw_layout
 from ..errors import Glm4vError
 from ..inputs.pdf import is_pdf
 from .media import MediaPolicy, decode_image, read_source
@@ -37,9 +44,20 @@ def _page_id(body: dict, key: str):
     return value
 
 
-def parse(body, served: Served, policy: MediaPolicy, processor, max_tokens=None) -> tuple:
-    """(the document's bytes, `OcrSettings`, request_id) of a checked request; `max_tokens` the
-    operator's cap on each region's reply (--max-output-tokens)."""
+@dataclass
+class Job:
+    """A checked request."""
+
+    data: bytes  # the document
+    settings: OcrSettings
+    request_id: str | None
+    crops: bool = False  # return_crop_images
+    visualize: bool = False  # need_layout_visualization
+
+
+def parse(body, served: Served, policy: MediaPolicy, processor, max_tokens=None) -> Job:
+    """The checked request; `max_tokens` the operator's cap on each region's reply
+    (--max-output-tokens)."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object.")
     check_model(body.get("model"), served)
@@ -50,8 +68,7 @@ def parse(body, served: Served, policy: MediaPolicy, processor, max_tokens=None)
         kind = source[5:].split(";", 1)[0].lower()
         if kind not in TYPES:
             raise bad(f"file: the data URI's type {kind!r} is not a PDF, PNG or JPEG.", "file")
-    for key in ("return_crop_images", "need_layout_visualization"):
-        _flag(body, key)
+    crops, visualize = _flag(body, "return_crop_images"), _flag(body, "need_layout_visualization")
     first, last = _page_id(body, "start_page_id"), _page_id(body, "end_page_id")
     if first and last and last < first:
         raise bad(f"end_page_id {last} is before start_page_id {first}.", "end_page_id")
@@ -76,16 +93,32 @@ def parse(body, served: Served, policy: MediaPolicy, processor, max_tokens=None)
             decode_image(data, policy, processor, None, "file")
     except Glm4vError as e:
         raise bad(str(e), "file") from None
-    return data, settings, body.get("request_id")
+    return Job(data, settings, body.get("request_id"), crops, visualize)
 
 
-def read(data: bytes, settings: OcrSettings, engine, processor, layout, cancel=None):
-    """The document read through the server's engine (`cancel` receives the reader, to stop it
-    from another thread)."""
-    with Reader(None, processor, layout, settings, engine=engine) as reader:
+def data_uri(image) -> str:
+    """A picture as a JPEG data URI, encoded as `mlx-glm4v ocr` writes its imgs/ files."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=95)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def read(job: Job, engine, processor, layout, cancel=None):
+    """(the document read through the server's engine, its pages drawn with their regions as
+    data URIs when asked for, else []); `cancel` receives the reader, to stop it from another
+    thread."""
+    with Reader(None, processor, layout, job.settings, engine=engine) as reader:
         if cancel is not None:
             cancel(reader)
-        return reader.read([data], ["file"])[0]
+        document = reader.read([job.data], ["file"])[0]
+    drawn = []
+    if job.visualize:  # the pages rendered again, as the pipeline rendered them
+        pages = load_pages(job.data, job.settings, "file")
+        for (_, image), regions in zip(pages, document.layouts):
+            drawn.append(
+                "" if isinstance(image, Exception) else data_uri(draw_layout(image, regions))
+            )
+    return document, drawn
 
 
 def _pixels(value: int, size: int):
@@ -104,21 +137,24 @@ def _box(bbox, size: tuple):
     return [_pixels(v, width if i % 2 == 0 else height) for i, v in enumerate(bbox)]
 
 
-def response(document, model: str, request_id) -> dict:
-    """The hosted API's answer for a read document."""
+def response(document, model: str, job: Job, drawn=()) -> dict:
+    """The hosted API's answer for a read document (`drawn`: its pages' visualisations)."""
     details, links = [], {}
     for number, (blocks, size) in enumerate(zip(document.pages, document.sizes)):
         page = []
         for block in blocks:
             box = _box(block.get("bbox_2d"), size)
+            content = block.get("content")
             if block.get("image_path"):
                 links[block["image_path"]] = f"![](page={number},bbox={box})"
+                if job.crops:
+                    content = data_uri(document.pictures[block["image_path"][len("imgs/") :]])
             page.append(
                 {
                     "index": block["index"],
                     "label": block["label"],
                     "native_label": block.get("native_label", block["label"]),
-                    "content": block.get("content"),
+                    "content": content,
                     "bbox_2d": box,
                 }
             )
@@ -132,7 +168,7 @@ def response(document, model: str, request_id) -> dict:
         "model": model,
         "md_results": markdown,
         "layout_details": details,
-        "layout_visualization": [],
+        "layout_visualization": list(drawn),
         "data_info": {
             "num_pages": len(document.sizes),
             "pages": [{"width": w, "height": h} for w, h in document.sizes],
@@ -142,7 +178,7 @@ def response(document, model: str, request_id) -> dict:
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
         },
-        "request_id": request_id or reply_id,
+        "request_id": job.request_id or reply_id,
     }
     if document.errors:
         out["errors"] = document.errors

@@ -116,7 +116,7 @@ async def layout_parse(request: Request, dialect):
     lease = await state.hold(body)
     try:
         slot = lease.slot
-        data, settings, request_id = await run_in_threadpool(
+        job = await run_in_threadpool(
             layout_parsing.parse,
             body,
             slot.served,
@@ -127,15 +127,14 @@ async def layout_parse(request: Request, dialect):
         readers = []
         work = run_in_threadpool(
             layout_parsing.read,
-            data,
-            settings,
+            job,
             slot.engine,
             slot.processor,
             state.layout,
             readers.append,
         )
         try:
-            document = await asyncio.wait_for(work, state.config.request_timeout)
+            document, drawn = await asyncio.wait_for(work, state.config.request_timeout)
         except asyncio.TimeoutError:
             for reader in readers:
                 reader.cancel()
@@ -148,7 +147,7 @@ async def layout_parse(request: Request, dialect):
         lease.release()
     if not document.pages:  # the whole document failed before any page
         raise bad(document.errors[0] if document.errors else "file: no pages were read.", "file")
-    return JSONResponse(layout_parsing.response(document, slot.name, request_id))
+    return JSONResponse(layout_parsing.response(document, slot.name, job, drawn))
 
 
 # ---- Ollama's descriptions of the model ---------------------------------------------------------
