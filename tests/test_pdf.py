@@ -254,7 +254,8 @@ def test_chat_image_command_takes_a_pdf(glm4v_checkpoint, pdf_bytes, tmp_path):
 def server(glm4v_checkpoint, tmp_path_factory):
     server = Server(
         glm4v_checkpoint[0],
-        ["--pdf-dpi", str(DPI), "--max-pdf-pages", "3", "--max-video-frames", "16"],
+        ["--pdf-dpi", str(DPI), "--max-pdf-pages", "3", "--max-video-frames", "16"]
+        + ["--max-images", "4"],
         tmp_path_factory.mktemp("pdf") / "server.log",
     )
     yield server
@@ -533,6 +534,25 @@ def test_media_budget_within_the_operators_caps(server, pdf_bytes, tmp_path):
     # pages of all documents count together against --max-pdf-pages
     response = chat(server, [{**file, "pages": "1-2"}, {**file, "pages": "3-4"}])
     assert response.status_code == 400 and "--max-pdf-pages" in response.text, response.text
+
+
+def test_pdf_pages_count_as_images_against_max_images(server, pdf_bytes):
+    """Each page is an image to the model: a request's pages and images together stay within
+    --max-images (4 here), the part that passes it named."""
+    file = {"type": "file", "file": {"file_data": data_url(pdf_bytes, "application/pdf")}}
+    pages, image = {**file, "pages": "1-3"}, image_parts(pdf_bytes, [1])[0]
+    assert chat(server, [pages, image]).status_code == 200  # 3 pages and an image: 4
+    after = chat(server, [pages, image, image])
+    assert after.status_code == 400, after.text
+    message = after.json()["error"]["message"]
+    assert message.startswith("messages[0].content[2]: one image more")
+    assert "this server's --max-images (4 a request" in message
+    before = chat(server, [image, image, pages])  # 2 images left for 3 pages
+    assert before.status_code == 400, before.text
+    message = before.json()["error"]["message"]
+    assert message.startswith("messages[0].content[2]: 3 pages selected, over the limit of 2")
+    assert "--max-images, 4 a request" in message and "Traceback" not in message
+    assert chat(server, [image, image, {**file, "pages": "1-2"}]).status_code == 200
 
 
 @pytest.mark.distributed

@@ -87,7 +87,9 @@ def serve(
     max_media_mb: float = typer.Option(
         64.0, "--max-media-mb", help="Largest fetched or read media file, in MB."
     ),
-    max_images: int = typer.Option(16, "--max-images", help="Most images per request."),
+    max_images: int = typer.Option(
+        16, "--max-images", help="Most images per request (each PDF page counts as one)."
+    ),
     max_videos: int = typer.Option(2, "--max-videos", help="Most videos per request."),
     max_image_pixels: int = typer.Option(
         50_000_000,

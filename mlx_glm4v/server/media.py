@@ -88,14 +88,14 @@ def resolve_media(messages: list, policy: MediaPolicy, processor, budget: dict =
                 "messages",
             )
     resolved = Resolved()
-    pages_left = [policy.max_pdf_pages]
+    left = {"pages": policy.max_pdf_pages, "images": policy.max_images}  # each page is an image
     try:
         out = []
         for m in messages:
             if isinstance(m["content"], list):
                 content = []
                 for p in m["content"]:
-                    content += _resolve_part(p, policy, processor, resolved, budget, pages_left)
+                    content += _resolve_part(p, policy, processor, resolved, budget, left)
                 m = {**m, "content": content}
             out.append(m)
         return out, resolved
@@ -138,10 +138,11 @@ def processor_budget(budget: dict, policy: MediaPolicy, processor) -> dict:
 
 
 def _resolve_part(
-    part: dict, policy: MediaPolicy, processor, resolved: Resolved, budget: dict, pages_left: list
+    part: dict, policy: MediaPolicy, processor, resolved: Resolved, budget: dict, left: dict
 ) -> list:
     """A part -> the parts the processor reads: an image decoded, a video in a file measured, a
-    document (or a PDF sent where an image goes) as its pages."""
+    document (or a PDF sent where an image goes) as its pages. `left`: the pages (--max-pdf-pages)
+    and images (--max-images, a PDF's pages included) the request may still bring."""
     if part["type"] not in ("image", "video", "document"):
         return [part]
     where = part["param"]
@@ -154,16 +155,23 @@ def _resolve_part(
     if data is None:
         data = _read_file(path, policy, where)
     if is_pdf(data):
-        return _pages(data, part, policy, budget, pages_left)
+        return _pages(data, part, policy, budget, left)
     if part["type"] == "document":
         raise bad(f"{where}: the document is not a PDF (it does not start with %PDF-).", where)
+    if left["images"] < 1:  # the request's PDF pages took them
+        raise bad(
+            f"{where}: one image more than this server's --max-images ({policy.max_images} a "
+            "request, each PDF page counting as one).",
+            where,
+        )
+    left["images"] -= 1
     image = decode_image(data, policy, processor, part.get("detail"), where)
     return [{"type": "image", "image": image}]
 
 
-def _pages(data: bytes, part: dict, policy: MediaPolicy, budget: dict, pages_left: list) -> list:
+def _pages(data: bytes, part: dict, policy: MediaPolicy, budget: dict, left: dict) -> list:
     """A PDF's selected pages as image parts; the pages of all the request's PDFs count against
-    --max-pdf-pages together."""
+    --max-pdf-pages together, and each against --max-images with the request's other images."""
     where = part["param"]
     dpi = part.get("dpi") or budget.get("dpi") or policy.pdf_dpi
     if dpi > policy.pdf_dpi:
@@ -172,18 +180,25 @@ def _pages(data: bytes, part: dict, policy: MediaPolicy, budget: dict, pages_lef
             where,
         )
     hint = f"(this server's --max-pdf-pages, {policy.max_pdf_pages} a request)"
-    if pages_left[0] < policy.max_pdf_pages:
+    if left["pages"] < policy.max_pdf_pages:
         hint = (
             f"(the pages left of this server's --max-pdf-pages, {policy.max_pdf_pages} a request)"
         )
+    if left["images"] < left["pages"]:  # the image cap binds first
+        hint = (
+            f"(the images left of this server's --max-images, {policy.max_images} a request, "
+            "each page counting as one)"
+        )
+    most = min(left["pages"], left["images"])
     try:
-        options = PdfOptions(dpi, part.get("pages"), max(pages_left[0], 1), policy.max_image_pixels)
+        options = PdfOptions(dpi, part.get("pages"), max(most, 1), policy.max_image_pixels)
         pages = render_pages(data, options, where)
     except Glm4vError as e:
         raise bad(str(e).replace("(--max-pdf-pages)", hint), where) from None
-    if len(pages) > pages_left[0]:  # none were left
+    if len(pages) > most:  # none were left
         raise bad(f"{where}: the request's PDFs have more pages than {hint[1:-1]}.", where)
-    pages_left[0] -= len(pages)
+    left["pages"] -= len(pages)
+    left["images"] -= len(pages)
     return [{"type": "image", "image": page} for page in pages]
 
 
