@@ -324,6 +324,16 @@ def test_refusals_in_ollama_form(plain, stream):
         assert response.status_code == 400, response.text
         assert response.json() == {"error": response.json()["error"]}
         assert "images[0] is not valid base64" in response.json()["error"]
+    for calls, words in [  # an assistant turn's tool calls in the history
+        ([{"function": {}}], "messages[1].tool_calls[0] needs a function with a name."),
+        ([{"function": {"name": "f", "arguments": "{}"}}], "arguments must be an object."),
+    ]:
+        turn = {"role": "assistant", "content": "", "tool_calls": calls}
+        messages = [{"role": "user", "content": "x"}, turn]
+        response = httpx.post(
+            f"{plain.url}/api/chat", json={"model": plain.model, "messages": messages}, timeout=10
+        )
+        assert response.status_code == 400 and response.json()["error"].endswith(words)
     response = httpx.post(f"{plain.url}/api/chat", content=b"{not json", timeout=10)
     assert response.status_code == 400 and set(response.json()) == {"error"}
     response = httpx.post(f"{plain.url}/api/pull", json={"model": "x"}, timeout=10)

@@ -514,6 +514,15 @@ def image_body(server, url):
 
 def test_refusals_plain(plain, media):
     s = plain
+    for calls, words in [  # an assistant turn's tool calls in the history
+        ("f", r"^messages\[1\]\.tool_calls must be a list\.$"),
+        ([{"function": {}}], r"^messages\[1\]\.tool_calls\[0\] needs a function with a name\.$"),
+        ([{"function": {"name": "f", "arguments": "{oops"}}], r"arguments is not valid JSON\.$"),
+        ([{"function": {"name": "f", "arguments": "[1]"}}], r"arguments must be a JSON object\.$"),
+    ]:
+        turn = {"role": "assistant", "content": "", "tool_calls": calls}
+        history = {**body(s, "Hi"), "messages": [{"role": "user", "content": "Hi"}, turn]}
+        refused(s, history, 400, words)
     refused(s, body(s, "x" * (1 << 20)), 413, r"over the limit of \d+ bytes")
     refused(s, image_body(s, "data:image/png;base64,@@not base64@@"), 400, "not valid base64")
     refused(s, image_body(s, data_url(b"just some text, not a picture")), 400, "not an image")

@@ -326,6 +326,23 @@ def function_tool(name, description, parameters, where: str) -> dict:
     return {"type": "function", "function": fn}
 
 
+def tool_calls(calls, where: str, arguments) -> list:
+    """An assistant turn's tool calls in the template's form, from the dialects that send them
+    as chat completions does; `arguments(value, at)` gives a call's arguments as an object (the
+    dialects differ: a JSON string, or the object itself), or refuses them."""
+    if not isinstance(calls, list):
+        raise bad(f"{where} must be a list.", where)
+    out = []
+    for i, call in enumerate(calls):
+        at = f"{where}[{i}]"
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise bad(f"{at} needs a function with a name.", at)
+        function = {"name": fn["name"], "arguments": arguments(fn.get("arguments"), at)}
+        out.append({"id": call.get("id"), "type": "function", "function": function})
+    return out
+
+
 def offered_tools(body, served: Served, one) -> tuple:
     """(tools in the template's form or None, tool_choice) of a dialect's body: `one(i, tool)` gives
     a tool's function form, or None for one left out (it cannot run here). A tool_choice other than

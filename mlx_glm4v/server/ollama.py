@@ -43,6 +43,7 @@ from .neutral import (
     gather,
     no_thinking,
     number,
+    tool_calls,
 )
 
 MEDIA_TYPE = "application/x-ndjson"
@@ -152,25 +153,12 @@ def _user(text: str, parts: list):
     return parts + ([{"type": "text", "text": text}] if text else [])
 
 
-def _tool_calls(calls, where: str) -> list:
-    if not isinstance(calls, list):
-        raise bad(f"{where} must be a list.", where)
-    out = []
-    for i, call in enumerate(calls):
-        fn = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise bad(f"{where}[{i}] needs a function with a name.", f"{where}[{i}]")
-        arguments = fn.get("arguments") or {}
-        if not isinstance(arguments, dict):
-            raise bad(f"{where}[{i}].function.arguments must be an object.", f"{where}[{i}]")
-        out.append(
-            {
-                "id": call.get("id"),
-                "type": "function",
-                "function": {"name": fn["name"], "arguments": arguments},
-            }
-        )
-    return out
+def _arguments(value, at: str) -> dict:
+    """A call's arguments: an object (Ollama sends them decoded)."""
+    value = value or {}
+    if not isinstance(value, dict):
+        raise bad(f"{at}.function.arguments must be an object.", at)
+    return value
 
 
 def parse_messages(messages) -> list:
@@ -198,7 +186,9 @@ def parse_messages(messages) -> list:
             if isinstance(m.get("thinking"), str) and m["thinking"]:
                 message["reasoning_content"] = m["thinking"]
             if m.get("tool_calls"):
-                message["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
+                message["tool_calls"] = tool_calls(
+                    m["tool_calls"], f"{where}.tool_calls", _arguments
+                )
             out.append(message)
         else:
             if m.get("images"):

@@ -36,6 +36,7 @@ from .neutral import (
     media_source,
     number,
     pdf_data_url,
+    tool_calls,
 )
 
 # Fields we implement (the last five are extensions vLLM's and llama.cpp's servers take too).
@@ -174,32 +175,17 @@ def _file(part: dict, at: str) -> dict:
     return document_part(pdf_data_url(data), at, part)
 
 
-def _tool_calls(calls, where: str) -> list:
-    if not isinstance(calls, list):
-        raise bad(f"{where} must be a list.", where)
-    out = []
-    for i, call in enumerate(calls):
-        fn = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise bad(f"{where}[{i}] needs a function with a name.", f"{where}[{i}]")
-        arguments = fn.get("arguments") or "{}"
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments)
-            except json.JSONDecodeError:
-                raise bad(
-                    f"{where}[{i}].function.arguments is not valid JSON.", f"{where}[{i}]"
-                ) from None
-        if not isinstance(arguments, dict):
-            raise bad(f"{where}[{i}].function.arguments must be a JSON object.", f"{where}[{i}]")
-        out.append(
-            {
-                "id": call.get("id"),
-                "type": "function",
-                "function": {"name": fn["name"], "arguments": arguments},
-            }
-        )
-    return out
+def _arguments(value, at: str) -> dict:
+    """A call's arguments: a JSON string of an object (or the object)."""
+    value = value or "{}"
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise bad(f"{at}.function.arguments is not valid JSON.", at) from None
+    if not isinstance(value, dict):
+        raise bad(f"{at}.function.arguments must be a JSON object.", at)
+    return value
 
 
 def parse_messages(messages) -> list:
@@ -236,7 +222,9 @@ def parse_messages(messages) -> list:
             if isinstance(reasoning, str):
                 message["reasoning_content"] = reasoning
             if m.get("tool_calls"):
-                message["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
+                message["tool_calls"] = tool_calls(
+                    m["tool_calls"], f"{where}.tool_calls", _arguments
+                )
             out.append(message)
     return out
 
