@@ -218,9 +218,11 @@ def test_crops_and_drawn_pages_come_back_when_asked_for(stack):
 def test_a_page_that_does_not_render_is_reported_and_the_others_come_out(stack, tmp_path):
     root, good, bad, server = stack
     body = {"model": server.model, "file": data_uri(bad.read_bytes()), "request_id": "r-1"}
-    holed = post(server, body).json()
+    holed = post(server, {**body, "need_layout_visualization": True}).json()
     whole = post(server, {**body, "file": data_uri(good.read_bytes())}).json()
     assert holed["request_id"] == "r-1"
+    drawn = holed["layout_visualization"]  # a page that did not render has no picture
+    assert len(drawn) == 3 and drawn[1] == "" and picture(drawn[0]).size == (1100, 1400)
     assert holed["layout_details"][1] == [] and len(holed["errors"]) == 1
     assert "page 2" in holed["errors"][0] and "pixels" in holed["errors"][0]
     assert holed["layout_details"][0] == whole["layout_details"][0]
