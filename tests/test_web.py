@@ -21,10 +21,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
+import pypdfium2 as pdfium
 import pytest
 import tiny
 from conftest import BOX_SCRIPT
 from helpers import free_port, write_gradient_video
+from pdfs import encrypted_pdf, pages_pdf
 from PIL import Image
 
 from mlx_glm4v.generation.grounding import find_marks
@@ -454,6 +456,134 @@ def test_server_errors_are_shown(page, tmp_path):
     assert driver.execute_script(
         "return [glm4v.state.messages.length, glm4v.state.figures.length]"
     ) == [0, 0]
+
+
+# ---- PDFs: a file chip on the page, the pages rendered by the server ----
+
+
+def attach_pdf(driver, path: Path):
+    driver.find_element(By.ID, "file").send_keys(str(path))
+    WebDriverWait(driver, 10).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#attachments figure.pdf")
+    )
+    return driver.find_element(By.CSS_SELECTOR, "#attachments figure.pdf")
+
+
+def page_images(data: bytes, dpi: float = 200) -> list:
+    """The PDF's pages as pypdfium2 renders them at the server's --pdf-dpi, as PNG image parts."""
+    parts = []
+    doc = pdfium.PdfDocument(data)
+    for i in range(len(doc)):
+        out = BytesIO()
+        doc[i].render(scale=dpi / 72).to_pil().convert("RGB").save(out, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+        parts.append({"type": "image_url", "image_url": {"url": url}})
+    return parts
+
+
+def api_error(base: str, body: dict) -> str:
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        api(base, "v1/chat/completions", body)
+    assert refused.value.code == 400
+    return json.loads(refused.value.read())["error"]["message"]
+
+
+def test_pdf_goes_as_a_file_part_and_is_read_as_its_pages(page, tmp_path):
+    """A PDF picked with the paperclip is a chip with its name and page count, goes to the server
+    as a chat-completions `file` part, and is answered exactly as its pages sent as images."""
+    driver, base, _ = page
+    driver.execute_script("glm4v.state.options = {temperature: 0, max_tokens: 16}")
+    data = pages_pdf([(120, 90), (90, 150)])
+    path = tmp_path / "scan.pdf"
+    path.write_bytes(data)
+    chip = attach_pdf(driver, path)
+    assert chip.get_attribute("title") == "scan.pdf"
+    assert chip.find_element(By.CSS_SELECTOR, ".doc-pages").text == "2 pages"
+    driver.find_element(By.ID, "prompt").send_keys("Read it.", Keys.ENTER)
+    reply = wait_reply(driver, 1)
+    assert "done" in reply.get_attribute("class"), reply.text
+    shown = driver.find_element(By.CSS_SELECTOR, ".message.user figure.pdf")
+    assert shown.find_element(By.CSS_SELECTOR, ".doc-name").text == "scan.pdf"
+    assert driver.find_elements(By.CSS_SELECTOR, "#attachments figure") == []
+    messages, model = driver.execute_script("return [glm4v.state.messages, glm4v.state.model]")
+    url = "data:application/pdf;base64," + base64.b64encode(data).decode()
+    assert messages[0]["content"] == [
+        {"type": "file", "file": {"file_data": url, "filename": "scan.pdf"}},
+        {"type": "text", "text": "Read it."},
+    ]
+    # the same question with the pages as images: the same greedy reply and prompt
+    as_images = [{"role": "user", "content": page_images(data) + [messages[0]["content"][1]]}]
+    reference = api(
+        base,
+        "v1/chat/completions",
+        {"model": model, "messages": as_images, "temperature": 0, "max_tokens": 16},
+    )
+    assert (
+        reply.find_element(By.CSS_SELECTOR, ".text").get_attribute("textContent")
+        == reference["choices"][0]["message"]["content"].lstrip()
+    )
+    stats = reply.find_element(By.CSS_SELECTOR, ".stats").text
+    assert f"{reference['usage']['prompt_tokens']} prompt tokens" in stats
+    # the pages take the image numbers a reply uses: a picture after the PDF is image 3
+    attach(driver, photo(tmp_path / "after.png", 80, 60))
+    driver.execute_script("glm4v.addExchange('And this?', 'In image 3 [[0,0,500,500]]')")
+    figures = driver.find_elements(By.CSS_SELECTOR, ".message.user figure")
+    assert [len(f.find_elements(By.CSS_SELECTOR, ".overlay rect")) for f in figures] == [0, 1]
+    assert figures[1].get_attribute("data-image") == "3"
+
+
+def test_bad_pdfs_show_the_servers_sentence(page, tmp_path):
+    """An encrypted, a truncated (dropped, with no type) and a too-long PDF: each reply shows the
+    sentence the API gives for the same message, nothing of it stays in the conversation, and the
+    page goes on answering."""
+    driver, base, expected_errors = page
+    expected_errors.append("status of 400")  # the browser logs the refused request itself
+    driver.execute_script("glm4v.state.options = {max_tokens: 4}")
+    model = driver.execute_script("return glm4v.state.model")
+    good = pages_pdf([(100, 80)])
+    cases = [
+        ("locked.pdf", encrypted_pdf(), "password-protected"),
+        ("cut.pdf", good[: len(good) // 2], "damaged or truncated"),
+        ("long.pdf", pages_pdf([(20, 20)] * 20), "pages"),
+    ]
+    for n, (name, data, words) in enumerate(cases, 1):
+        if name == "cut.pdf":
+            driver.execute_script(
+                """
+                const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+                const dropped = new DataTransfer();
+                dropped.items.add(new File([bytes], arguments[1], {type: ''}));
+                document.body.dispatchEvent(new DragEvent('drop', {dataTransfer: dropped, bubbles: true, cancelable: true}));
+            """,  # noqa: E501 (the script as the page runs it)
+                base64.b64encode(data).decode(),
+                name,
+            )
+            WebDriverWait(driver, 10).until(
+                lambda d: d.find_elements(By.CSS_SELECTOR, "#attachments figure.pdf")
+            )
+        else:
+            (tmp_path / name).write_bytes(data)
+            attach_pdf(driver, tmp_path / name)
+        driver.find_element(By.ID, "prompt").send_keys("Read it.", Keys.ENTER)
+        reply = wait_reply(driver, n, timeout=60)
+        assert "failed" in reply.get_attribute("class")
+        url = "data:application/pdf;base64," + base64.b64encode(data).decode()
+        content = [
+            {"type": "file", "file": {"file_data": url, "filename": name}},
+            {"type": "text", "text": "Read it."},
+        ]
+        sentence = api_error(
+            base,
+            {"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": content}]},
+        )
+        assert words in sentence and "Traceback" not in sentence
+        assert reply.find_element(By.CSS_SELECTOR, ".error").text == sentence
+        assert driver.execute_script(
+            "return [glm4v.state.messages.length, glm4v.state.figures.length]"
+        ) == [0, 0]
+    assert len(driver.find_elements(By.CSS_SELECTOR, ".message.user.unsent figure.pdf")) == 3
+    driver.find_element(By.ID, "prompt").send_keys("Hello.", Keys.ENTER)
+    assert "done" in wait_reply(driver, len(cases) + 1).get_attribute("class")
 
 
 # ---- the overlay: the page's own parsing and drawing, geometry read back ----

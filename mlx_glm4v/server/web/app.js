@@ -3,6 +3,7 @@
 // `content` the answer, `usage` at the end), keeps the conversation, and draws the boxes and points
 // of each reply over the image they refer to. Boxes come from the server's `boxes` field when it sends
 // one; otherwise the reply text is parsed here the same way mlx_glm4v/grounding.py parses it.
+// A PDF goes as a chat-completions `file` part; the server renders its pages (each page an image).
 "use strict";
 
 window.glm4v = (() => {
@@ -201,7 +202,12 @@ window.glm4v = (() => {
 
   function mediaFigure(item) {
     const figure = element("figure", "media");
-    if (item.kind === "image") {
+    if (item.kind === "pdf") {
+      figure.classList.add("pdf");
+      const pages = item.pages === null ? "PDF" : `${item.pages} page${item.pages === 1 ? "" : "s"}`;
+      figure.append(element("span", "doc-icon", "PDF"), element("span", "doc-name", item.name),
+        element("span", "doc-pages", pages));
+    } else if (item.kind === "image") {
       const img = element("img");
       img.src = item.url;
       img.alt = item.name;
@@ -236,7 +242,7 @@ window.glm4v = (() => {
   function addUserTurn(text, items) {
     $("empty").hidden = true;
     const bubble = element("div", "message user");
-    const figures = [];
+    const figures = [], slots = [];
     if (items.length) {
       const strip = element("div", "media-strip");
       for (const item of items) {
@@ -245,6 +251,11 @@ window.glm4v = (() => {
           state.figures.push(figure);
           figure.dataset.image = state.figures.length;
           figures.push(figure);
+          slots.push(figure);
+        } else if (item.kind === "pdf") {
+          // each page is an image to the model, so the numbers replies use count them (one when the
+          // count is unknown); a mark on a page has no picture here to go on
+          for (let p = 0; p < (item.pages ?? 1); p++) { state.figures.push(figure); slots.push(figure); }
         }
         strip.append(figure);
       }
@@ -254,6 +265,7 @@ window.glm4v = (() => {
     $("conversation").append(bubble);
     if (figures.length) state.turns.push(figures);
     bubble.figures = figures;
+    bubble.slots = slots;
     scrollDown();
     return bubble;
   }
@@ -320,6 +332,7 @@ window.glm4v = (() => {
     for (const m of marks) {
       const named = m.image >= 1 && m.image <= state.figures.length;
       for (const f of named ? [state.figures[m.image - 1]] : latest) {
+        if (f.classList.contains("pdf")) continue;
         if (!perFigure.has(f)) perFigure.set(f, []);
         perFigure.get(f).push(m);
       }
@@ -385,6 +398,7 @@ window.glm4v = (() => {
     state.pending = [];
     renderPending();
     const content = items.map((i) => i.kind === "image" ? { type: "image_url", image_url: { url: i.url } }
+      : i.kind === "pdf" ? { type: "file", file: { file_data: i.url, filename: i.name } }
       : { type: "video_url", video_url: { url: i.url } });
     if (text) content.push({ type: "text", text });
     const userBubble = addUserTurn(text, items);
@@ -440,9 +454,9 @@ window.glm4v = (() => {
       history.splice(history.indexOf(message), 1); // nothing came back: not part of the history
       userBubble.classList.add("unsent");
       // its images were never seen by the model: out of the numbering replies refer to
-      state.figures = state.figures.filter((f) => !userBubble.figures.includes(f));
+      state.figures = state.figures.filter((f) => !userBubble.slots.includes(f));
       state.turns = state.turns.filter((t) => t !== userBubble.figures);
-      state.figures.forEach((f, i) => { f.dataset.image = i + 1; });
+      state.figures.forEach((f, i) => { if (!f.classList.contains("pdf")) f.dataset.image = i + 1; });
     }
     bubble.classList.add(failed !== null ? "failed" : "done");
     $("prompt").focus();
@@ -479,12 +493,34 @@ window.glm4v = (() => {
     return reading;
   }
 
+  // The page count a PDF's page tree states: the largest /Count of its /Type /Pages objects (the root's).
+  // null when the tree sits in compressed object streams; only the server's pdfium reads those.
+  function pdfPages(bytes) {
+    const text = new TextDecoder("latin1").decode(bytes);
+    let most = null;
+    for (const m of text.matchAll(/\bobj\b([\s\S]*?)\bendobj\b/g)) {
+      if (!/\/Type\s*\/Pages(?![A-Za-z])/.test(m[1])) continue;
+      const count = /\/Count\s+(\d+)/.exec(m[1]);
+      if (count) most = Math.max(most ?? 0, parseInt(count[1], 10));
+    }
+    return most;
+  }
+
+  const kindOf = (file) => file.type.startsWith("image/") ? "image" : file.type.startsWith("video/") ? "video"
+    : file.type === "application/pdf" || /\.pdf$/i.test(file.name) ? "pdf" : null;
+
   async function attachNow(files) {
     for (const file of files) {
-      const kind = file.type.startsWith("image/") ? "image" : file.type.startsWith("video/") ? "video" : null;
-      if (!kind) { notice(`${file.name || "that file"} is not an image or a video.`); continue; }
+      const kind = kindOf(file);
+      if (!kind) { notice(`${file.name || "that file"} is not an image or a video, nor a PDF.`); continue; }
       try {
-        state.pending.push({ kind, name: file.name || `pasted ${kind}`, url: await readFile(file) });
+        const item = { kind, name: file.name || `pasted ${kind}`, url: await readFile(file) };
+        if (kind === "pdf") {
+          // the server knows a PDF by its bytes; the type the system gave (often none) is not sent
+          item.url = "data:application/pdf;base64," + item.url.slice(item.url.indexOf(",") + 1);
+          item.pages = pdfPages(await file.arrayBuffer());
+        }
+        state.pending.push(item);
       } catch (e) { notice(`${file.name} could not be read.`); }
     }
     renderPending();
