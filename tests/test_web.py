@@ -494,21 +494,23 @@ def test_pdf_goes_as_a_file_part_and_is_read_as_its_pages(page, tmp_path):
     driver, base, _ = page
     driver.execute_script("glm4v.state.options = {temperature: 0, max_tokens: 16}")
     data = pages_pdf([(120, 90), (90, 150)])
-    path = tmp_path / "scan.pdf"
+    path = tmp_path / "scanned-invoice-of-march-2026-final.pdf"  # a name too long to show whole
     path.write_bytes(data)
     chip = attach_pdf(driver, path)
-    assert chip.get_attribute("title") == "scan.pdf"
+    assert chip.get_attribute("title") == path.name
     assert chip.find_element(By.CSS_SELECTOR, ".doc-pages").text == "2 pages"
     driver.find_element(By.ID, "prompt").send_keys("Read it.", Keys.ENTER)
     reply = wait_reply(driver, 1)
     assert "done" in reply.get_attribute("class"), reply.text
     shown = driver.find_element(By.CSS_SELECTOR, ".message.user figure.pdf")
-    assert shown.find_element(By.CSS_SELECTOR, ".doc-name").text == "scan.pdf"
+    assert (
+        shown.find_element(By.CSS_SELECTOR, ".doc-name").get_attribute("textContent") == path.name
+    )
     assert driver.find_elements(By.CSS_SELECTOR, "#attachments figure") == []
     messages, model = driver.execute_script("return [glm4v.state.messages, glm4v.state.model]")
     url = "data:application/pdf;base64," + base64.b64encode(data).decode()
     assert messages[0]["content"] == [
-        {"type": "file", "file": {"file_data": url, "filename": "scan.pdf"}},
+        {"type": "file", "file": {"file_data": url, "filename": path.name}},
         {"type": "text", "text": "Read it."},
     ]
     # the same question with the pages as images: the same greedy reply and prompt
@@ -530,6 +532,12 @@ def test_pdf_goes_as_a_file_part_and_is_read_as_its_pages(page, tmp_path):
     figures = driver.find_elements(By.CSS_SELECTOR, ".message.user figure")
     assert [len(f.find_elements(By.CSS_SELECTOR, ".overlay rect")) for f in figures] == [0, 1]
     assert figures[1].get_attribute("data-image") == "3"
+    # at a phone's width the chip's "PDF" stays on one line and nothing runs off the page
+    driver.set_window_size(390, 844)
+    icon = shown.find_element(By.CSS_SELECTOR, ".doc-icon").rect
+    assert icon["height"] < icon["width"]
+    width = driver.execute_script("return window.innerWidth")
+    assert driver.execute_script("return document.documentElement.scrollWidth") <= width
 
 
 def test_bad_pdfs_show_the_servers_sentence(page, tmp_path):
