@@ -11,9 +11,10 @@ the token after next (ground truth, the layer chained `--chain` steps deep the w
 chains it: step k fed step k - 1's output and token), both over the transcription alone (the
 passage plays the page: nothing to learn there), the layer's gradient reaching the model's
 hidden states. `--mtp-steps` adds a phase of the layer alone on the model's own greedy choices
-(off by default: measured no gain once the model copies). Training a layer alone on a frozen
-model that copied 90% of bytes right stalled at acceptance 0.24: the model's own copy was the
-noise (the layer alone matched the ground truth better than the model did). The trained
+(off by default). The earlier recipe, the layer trained alone on the frozen model's greedy
+choices over passage and copy, stalled at acceptance 0.24 although that model copied held-out
+passages 95.5% right (teacher-forced): its layer agreed with the model on 26% of the
+transcription; trained jointly, on 93%. The trained
 weights are kept in /tmp/mtp-bench-ckpt under a key of the settings, so a rerun skips
 training. Decoding then transcribes held-out passages. Figures: how often the model's greedy
 copy and each chained MTP step are right on held-out passages, decode tokens/s plain and with
@@ -346,7 +347,7 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=PASSAGE, help="tokens generated per run")
     parser.add_argument("--prompts", type=int, default=6, help="held-out prompts")
     parser.add_argument("--rows", type=int, default=8, help="concurrent rows through the engine")
-    parser.add_argument("--rounds", type=int, default=2, help="runs of each, the best kept")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each, the best kept")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/mtp-bench-ckpt"))
     parser.add_argument("--json", type=Path, help="write the figures here too")
@@ -412,20 +413,20 @@ def main(argv=None):
         log(f"K={k}: {json.dumps(run)} (greedy equal to plain: yes)")
     results["best_k"] = max(results["runs"], key=lambda k: results["runs"][k]["tps"])
     if args.rows:
-        results["engine"] = engine_bench(model, pieces[: args.rows], args, results["best_k"], log)
+        results["engine"] = engine_bench(model, pieces[: args.rows], args, log)
     print(json.dumps(results, indent=1))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return results
 
 
-def engine_bench(model, prompts, args, best_k, log) -> dict:
+def engine_bench(model, prompts, args, log) -> dict:
     """`rows` rows through the engine at once, plain and with drafts: decode tokens/s over all
     rows (the time of a run of `tokens` less that of a run of one token: the prefill's), each
     configuration the best of `rounds`; every row's reply equal to its plain single stream's."""
     processor = byte_processor()
     alone = [decode(model, p, args.tokens)[0] for p in prompts]
-    configs = [None] + sorted({1, best_k})
+    configs = [None, 1, 2, 3, 4]
     best, figures = {}, {}
     for r in range(args.rounds):
         for k in configs:
@@ -450,6 +451,7 @@ def engine_bench(model, prompts, args, best_k, log) -> dict:
             else 0.0,
         }
         log(f"engine, {len(prompts)} rows, K={k}: {json.dumps(out['runs'][k])}")
+    out["best_k"] = max(out["runs"], key=lambda k: out["runs"][k]["tps"])
     return out
 
 
