@@ -137,7 +137,7 @@ def train_joint(model, data, steps, depth, rng, log, batch=8, lr=2e-3, warmup=40
     model's hidden states."""
     model.unfreeze()
     model.visual.freeze()
-    opt = optim.AdamW(learning_rate=schedule(lr, steps, warmup))
+    opt = optim.AdamW(learning_rate=schedule(lr, steps, max(1, min(warmup, steps // 4))))
 
     def loss_fn(m, ids):
         main, mtp = copy_losses(m, ids, depth)
