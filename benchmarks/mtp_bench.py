@@ -2,20 +2,28 @@
 
 A random model's next-but-one token is nearly unpredictable, and a small model that merely
 learns text decodes greedily into a loop of one token (every draft kept), so the benchmark's
-model learns GLM-OCR's job in miniature first: transcription. The main model (GLM-OCR's text
-model, scaled down) learns, with its `labels=` loss, to copy passages of this repository's
-own pages (README.md, DESIGN.md: Markdown with tables and code, byte tokens) written after a
-separator; then its MTP layer, the rest frozen, learns to predict the model's own greedy
-choices from the model's hidden state and the next token, chained `--chain` steps deep the way
-drafting chains it (step k fed step k - 1's output and token). The trained weights are kept in
-/tmp/mtp-bench-ckpt under a key of the settings, so a rerun skips training. Decoding then
-transcribes held-out passages. Figures: decode tokens/s plain and with drafts for K = 1..4,
-acceptance, tokens per verification pass, the target of the issue at K=1 (0.9 x (1 + a) /
-(1 + 1/L) x plain), and 8 rows through the engine, plain against drafting. Greedy replies are
-checked equal to plain decoding's in every run.
+model learns GLM-OCR's job in miniature first: transcription. Each training sequence is a
+64-byte passage of this repository's own pages (README.md, DESIGN.md: Markdown with tables and
+code, byte tokens; the last tenth held out), a separator, and the passage again. The main model
+(GLM-OCR's text model scaled down) and its MTP layer train together from the start, as GLM's
+and DeepSeek's MTP layers are trained: the model's next-token loss plus the layer's loss on
+the token after next (ground truth, the layer chained `--chain` steps deep the way drafting
+chains it: step k fed step k - 1's output and token), both over the transcription alone (the
+passage plays the page: nothing to learn there), the layer's gradient reaching the model's
+hidden states. `--mtp-steps` adds a phase of the layer alone on the model's own greedy choices
+(off by default). The earlier recipe, the layer trained alone on the frozen model's greedy
+choices over passage and copy, stalled at acceptance 0.24 although that model copied held-out
+passages 95.5% right (teacher-forced): its layer agreed with the model on 26% of the
+transcription; trained jointly, on 93%. The trained
+weights are kept in /tmp/mtp-bench-ckpt under a key of the settings, so a rerun skips
+training. Decoding then transcribes held-out passages. Figures: how often the model's greedy
+copy and each chained MTP step are right on held-out passages, decode tokens/s plain and with
+drafts for K = 1..4, acceptance, tokens per verification pass, the target of the issue at K=1
+(0.9 x (1 + a) / (1 + 1/L) x plain), and 8 rows through the engine, plain against drafting.
+Greedy replies are checked equal to plain decoding's in every run.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
-        python benchmarks/mtp_bench.py [--steps 400] [--mtp-steps 250] [--chain 2] [--rows 8]
+        python benchmarks/mtp_bench.py [--steps 400] [--chain 2] [--mtp-steps 0] [--rows 8]
 """
 
 import argparse
@@ -90,29 +98,59 @@ def copy_prompt(passage: np.ndarray, reply=()) -> np.ndarray:
     return np.concatenate([passage, [SEP], reply]).astype(np.int32)
 
 
-def train_main(model, data, steps, rng, log, batch=6, lr=2e-3, warmup=50):
-    """The main model on the pages (its `labels=` loss), the MTP layer left alone."""
-    model.freeze()
-    model.language_model.unfreeze()
-    model.lm_head.unfreeze()
-    schedule = optim.join_schedules(
+COPY = PASSAGE + 1  # the first column of the transcription
+
+
+def schedule(lr, steps, warmup):
+    return optim.join_schedules(
         [optim.linear_schedule(1e-5, lr, warmup), optim.cosine_decay(lr, steps - warmup, 1e-4)],
         [warmup],
     )
-    opt = optim.AdamW(learning_rate=schedule)
+
+
+def copy_losses(m, ids, depth, target=None, hidden=None):
+    """(the main model's loss, the MTP layer's mean over `depth` chained steps), both over the
+    transcription alone (the passage is the page: nothing to learn there). The MTP layer's step
+    k from column i learns token i + k + 1 of `target` (default: the ground truth, ids shifted
+    by one), i.e. the token after next."""
+    length = ids.shape[1]
+    main = None
+    if hidden is None:
+        hidden = m.forward(m.prepare(ids))
+        logits = m.logits(hidden[:, COPY - 1 : -1])
+        main = nn.losses.cross_entropy(logits, ids[:, COPY:]).mean()
+    n = length - depth - 1
+    target = ids[:, 1:] if target is None else target
+    steps = chain_logits(m, ids, hidden[:, :n], depth)
+    first = COPY - 2  # step 1's first column whose target is in the transcription
+    mtp = [
+        nn.losses.cross_entropy(s[:, first:], target[:, k + 1 + first : k + 1 + n]).mean()
+        for k, s in enumerate(steps)
+    ]
+    return main, sum(mtp) / depth
+
+
+def train_joint(model, data, steps, depth, rng, log, batch=8, lr=2e-3, warmup=40, weight=1.0):
+    """The main model and its MTP layer together from the start, as GLM's and DeepSeek's MTP
+    layers are trained: the model's next-token loss plus `weight` x the layer's loss on the
+    token after next (ground truth, chained `depth` steps), the layer's gradient reaching the
+    model's hidden states."""
+    model.unfreeze()
+    model.visual.freeze()
+    opt = optim.AdamW(learning_rate=schedule(lr, steps, max(1, min(warmup, steps // 4))))
 
     def loss_fn(m, ids):
-        return m(ids, labels=ids).loss
+        main, mtp = copy_losses(m, ids, depth)
+        return main + weight * mtp, (main, mtp)
 
     step = nn.value_and_grad(model, loss_fn)
     feed = copies(data, rng, batch)
     for i in range(steps):
-        ids = mx.array(next(feed))
-        loss, grads = step(model, ids)
+        (_, (main, mtp)), grads = step(model, mx.array(next(feed)))
         opt.update(model, grads)
-        mx.eval(model.parameters(), opt.state, loss)
-        if i % 100 == 0 or i == steps - 1:
-            log(f"main step {i}: loss {loss.item():.3f}")
+        mx.eval(model.parameters(), opt.state, main, mtp)
+        if i % 50 == 0 or i == steps - 1:
+            log(f"joint step {i}: main {main.item():.3f}, mtp {mtp.item():.3f} nats")
 
 
 def chain_mask(n: int, blocks: int) -> mx.array:
@@ -163,34 +201,44 @@ def chain_logits(model, ids, hidden, depth: int) -> list:
     return out
 
 
-def train_mtp(model, data, steps, depth, rng, log, batch=6, lr=3e-3):
-    """The MTP layer alone, chained `depth` steps: step k from column i learns the model's own
-    greedy choice at column i + k (step 1: its next-but-one token), fed its own step k - 1."""
+def train_mtp(model, data, steps, depth, rng, log, batch=8, lr=1e-3):
+    """The MTP layer alone, the model frozen: the same chained loss against the model's own
+    greedy choices instead of the ground truth (what drafts are judged against)."""
     model.freeze()
     model.mtp.unfreeze()
-    opt = optim.AdamW(learning_rate=optim.cosine_decay(lr, steps, 1e-4))
+    opt = optim.AdamW(learning_rate=optim.cosine_decay(lr, steps, 1e-5))
 
     def loss_fn(m, ids, hidden, target):
-        steps = chain_logits(m, ids, hidden, depth)
-        n = hidden.shape[1]
-        losses = [
-            nn.losses.cross_entropy(s, target[:, k : k + n]).mean() for k, s in enumerate(steps)
-        ]
-        return sum(losses) / depth
+        return copy_losses(m, ids, depth, target, hidden)[1]
 
     step = nn.value_and_grad(model, loss_fn)
     feed = copies(data, rng, batch)
     for i in range(steps):
         ids = mx.array(next(feed))
-        length = ids.shape[1] - depth
-        logits, hidden = model(ids, return_hidden=True)
-        target = mx.argmax(logits[:, 1:], axis=-1)  # column i + 1's choice at [:, i]
-        hidden, target = mx.stop_gradient(hidden[:, :length]), mx.stop_gradient(target)
-        loss, grads = step(model, ids, hidden, target)
+        hidden = model.forward(model.prepare(ids))
+        target = mx.argmax(model.logits(hidden[:, :-1]), axis=-1)  # [:, j]: position j + 1's
+        loss, grads = step(model, ids, mx.stop_gradient(hidden), mx.stop_gradient(target))
         opt.update(model, grads)
         mx.eval(model.parameters(), opt.state, loss)
         if i % 50 == 0 or i == steps - 1:
-            log(f"mtp step {i}: loss {loss.item():.3f} (mean over {depth} chained steps)")
+            log(f"mtp step {i}: {loss.item():.3f} nats")
+
+
+def accuracy(model, data, depth, rng, batch=16) -> dict:
+    """On passages of `data`: how often the model's greedy choice in the transcription is the
+    passage's byte, and how often each chained MTP step (fed the true tokens) guesses the
+    model's own choice, the token after next: what drafts are judged against."""
+    ids = mx.array(next(copies(data, rng, batch)))
+    hidden = model.forward(model.prepare(ids))
+    greedy = mx.argmax(model.logits(hidden[:, :-1]), axis=-1)  # [:, j]: position j + 1's
+    n = ids.shape[1] - depth - 1
+    steps = chain_logits(model, ids, hidden[:, :n], depth)
+    first = COPY - 2
+    out = {"copy": (greedy[:, COPY - 1 :] == ids[:, COPY:]).mean().item()}
+    for k, s in enumerate(steps):
+        guess = mx.argmax(s[:, first:], axis=-1)
+        out[f"mtp{k + 1}"] = (guess == greedy[:, k + 1 + first : k + 1 + n]).mean().item()
+    return {k: round(v, 3) for k, v in out.items()}
 
 
 def decode(model, prompt_ids, tokens: int, draft=None, steps=1):
@@ -258,47 +306,48 @@ def save(model, path: Path):
 
 def checkpoint(args, data, train, log):
     """The trained benchmark model, from /tmp/mtp-bench-ckpt when these settings trained it
-    before: the main model's training and the MTP layer's are kept apart, so new MTP settings
-    reuse the main model."""
+    before: the joint training and the layer's own are kept apart, so new settings of the
+    second reuse the first."""
     args.cache.mkdir(parents=True, exist_ok=True)
     corpus_key = hashlib.sha1(data.tobytes()).hexdigest()[:12]
 
     def path(**settings):
-        task = {"passage": PASSAGE, "sep": SEP}
+        task = {"passage": PASSAGE, "sep": SEP, "recipe": "joint"}
         key = json.dumps(
             {"text": TEXT, "corpus": corpus_key, "seed": args.seed, **task, **settings}
         )
         return args.cache / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.safetensors"
 
-    main_path = path(steps=args.steps)
-    mtp_path = path(steps=args.steps, mtp_steps=args.mtp_steps, chain=args.chain)
+    joint_path = path(steps=args.steps, chain=args.chain)
+    mtp_path = path(steps=args.steps, chain=args.chain, mtp_steps=args.mtp_steps)
     model = build_model(args.seed)
-    if mtp_path.exists():
-        model.load_weights(str(mtp_path), strict=False)
-        mx.eval(model.parameters())  # here, not lazily in the engine's thread
-        log(f"trained model from {mtp_path}")
-        return model
-    if main_path.exists():
-        model.load_weights(str(main_path), strict=False)
-        mx.eval(model.parameters())
-        log(f"main model from {main_path}")
+    for p in (mtp_path, joint_path):
+        if p.exists():
+            model.load_weights(str(p), strict=False)
+            mx.eval(model.parameters())  # here, not lazily in the engine's thread
+            log(f"trained model from {p}")
+            if p == mtp_path:
+                return model
+            break
     else:
-        train_main(model, train, args.steps, np.random.default_rng(args.seed), log)
-        save(model, main_path)
-    train_mtp(model, train, args.mtp_steps, args.chain, np.random.default_rng([args.seed, 1]), log)
-    save(model, mtp_path)
+        train_joint(model, train, args.steps, args.chain, np.random.default_rng(args.seed), log)
+        save(model, joint_path)
+    if args.mtp_steps:
+        rng = np.random.default_rng([args.seed, 1])
+        train_mtp(model, train, args.mtp_steps, args.chain, rng, log)
+        save(model, mtp_path)
     return model
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=400, help="main model training steps")
-    parser.add_argument("--mtp-steps", type=int, default=250, help="MTP layer training steps")
+    parser.add_argument("--steps", type=int, default=400, help="joint training steps")
+    parser.add_argument("--mtp-steps", type=int, default=0, help="MTP layer steps alone, after")
     parser.add_argument("--chain", type=int, default=2, help="chained steps the MTP layer learns")
     parser.add_argument("--tokens", type=int, default=PASSAGE, help="tokens generated per run")
     parser.add_argument("--prompts", type=int, default=6, help="held-out prompts")
     parser.add_argument("--rows", type=int, default=8, help="concurrent rows through the engine")
-    parser.add_argument("--rounds", type=int, default=2, help="runs of each, the best kept")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each, the best kept")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/mtp-bench-ckpt"))
     parser.add_argument("--json", type=Path, help="write the figures here too")
@@ -323,7 +372,9 @@ def main(argv=None):
     decode(model, prompts[0], 8)  # warm-up
     decode(model, prompts[0], 8, "mtp", 2)
     layers = TEXT["num_hidden_layers"]
-    results = {"setup_s": round(setup_s, 1), "layers": layers, "runs": {}}
+    held_out = accuracy(model, held, 4, np.random.default_rng(args.seed + 7))
+    log(f"held-out transcriptions, greedy copy and chained MTP steps right: {held_out}")
+    results = {"setup_s": round(setup_s, 1), "layers": layers, "held_out": held_out, "runs": {}}
     # Configurations interleaved, each prompt `rounds` times, the best run of each kept: other
     # work on a shared machine only ever slows a run down.
     configs = [None, 1, 2, 3, 4]
@@ -362,20 +413,20 @@ def main(argv=None):
         log(f"K={k}: {json.dumps(run)} (greedy equal to plain: yes)")
     results["best_k"] = max(results["runs"], key=lambda k: results["runs"][k]["tps"])
     if args.rows:
-        results["engine"] = engine_bench(model, pieces[: args.rows], args, results["best_k"], log)
+        results["engine"] = engine_bench(model, pieces[: args.rows], args, log)
     print(json.dumps(results, indent=1))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return results
 
 
-def engine_bench(model, prompts, args, best_k, log) -> dict:
+def engine_bench(model, prompts, args, log) -> dict:
     """`rows` rows through the engine at once, plain and with drafts: decode tokens/s over all
     rows (the time of a run of `tokens` less that of a run of one token: the prefill's), each
     configuration the best of `rounds`; every row's reply equal to its plain single stream's."""
     processor = byte_processor()
     alone = [decode(model, p, args.tokens)[0] for p in prompts]
-    configs = [None] + sorted({1, best_k})
+    configs = [None, 1, 2, 3, 4]
     best, figures = {}, {}
     for r in range(args.rounds):
         for k in configs:
@@ -400,6 +451,7 @@ def engine_bench(model, prompts, args, best_k, log) -> dict:
             else 0.0,
         }
         log(f"engine, {len(prompts)} rows, K={k}: {json.dumps(out['runs'][k])}")
+    out["best_k"] = max(out["runs"], key=lambda k: out["runs"][k]["tps"])
     return out
 
 
