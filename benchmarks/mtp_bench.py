@@ -3,10 +3,11 @@
 A random model's next-but-one token is nearly unpredictable, and a small model that merely
 learns text decodes greedily into a loop of one token (every draft kept), so the benchmark's
 model learns GLM-OCR's job in miniature first: transcription. Each training sequence is a
-64-byte passage of this repository's own pages (README.md, DESIGN.md: Markdown with tables and
-code, byte tokens; the last tenth held out), a separator, and the passage again. The main model
-(GLM-OCR's text model scaled down) and its MTP layer train together from the start, as GLM's
-and DeepSeek's MTP layers are trained: the model's next-token loss plus the layer's loss on
+64-byte passage of this repository's own pages (README.md, DESIGN.md as of a pinned commit:
+Markdown with tables and code, byte tokens; the last tenth held out), a separator, and the
+passage again. The main model (GLM-OCR's text model scaled down) and its MTP layer train
+together from the start, as GLM's and DeepSeek's MTP layers are trained: the model's
+next-token loss plus the layer's loss on
 the token after next (ground truth, the layer chained `--chain` steps deep the way drafting
 chains it: step k fed step k - 1's output and token), both over the transcription alone (the
 passage plays the page: nothing to learn there), the layer's gradient reaching the model's
@@ -29,6 +30,7 @@ Greedy replies are checked equal to plain decoding's in every run.
 import argparse
 import hashlib
 import json
+import subprocess
 import time
 import types
 from pathlib import Path
@@ -65,8 +67,19 @@ TEXT = dict(
 )
 
 
+CORPUS_REV = "f9a67be"  # the pages as of this commit: editing them must not mean a retrain
+
+
 def corpus() -> np.ndarray:
-    text = "\n\n".join((ROOT / name).read_text() for name in ("README.md", "DESIGN.md"))
+    """README.md and DESIGN.md as of CORPUS_REV (the working tree's when git can't say)."""
+
+    def page(name):
+        shown = subprocess.run(
+            ["git", "-C", str(ROOT), "show", f"{CORPUS_REV}:{name}"], capture_output=True, text=True
+        )
+        return shown.stdout if shown.returncode == 0 else (ROOT / name).read_text()
+
+    text = "\n\n".join(page(name) for name in ("README.md", "DESIGN.md"))
     return np.frombuffer(text.encode(), dtype=np.uint8).astype(np.int32)
 
 
