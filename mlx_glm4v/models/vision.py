@@ -8,7 +8,6 @@ size are batched through one `scaled_dot_product_attention` call instead of a de
 block-diagonal mask.
 """
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
@@ -147,32 +146,19 @@ ATTENTION_SCORE_BYTES = 1 << 28
 FUSED_GPU_HEAD_SIZES = (64, 80, 128)
 
 
-def softmax_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    """softmax(q k^T scale) v with the scores in the open, normalised after the product with v.
-
-    The exponentials come from `mx.power(e, .)`: MLX's CPU `exp` (its softmax's, and so its
-    unfused attention's) is its own scalar polynomial off Apple's SIMD, about 12 ns an element,
-    which made three quarters of a GLM-OCR page's vision attention; `power` goes to the C
-    library's vectorised powf, 2.3x faster. e in float32 is off by 3e-8 relative, so a weight
-    exp(x) comes out off by 3e-8 |x| relative: nothing against the float32 rounding of the sums.
-    """
-    scores = (q * scale) @ k.swapaxes(-1, -2)
-    weights = mx.power(math.e, scores - scores.max(axis=-1, keepdims=True))
-    return (weights @ v) / weights.sum(axis=-1, keepdims=True)
-
-
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    """Attention over [B, heads, L, D]: the fused kernel where the GPU has one, else
-    `softmax_attention`, queries in blocks when the scores are large."""
+    """`scaled_dot_product_attention` over [B, heads, L, D], queries in blocks when the scores
+    are large."""
     B, H, L, _ = q.shape
-    if mx.default_device() == mx.gpu and q.shape[-1] in FUSED_GPU_HEAD_SIZES:
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
     rows = max(64, ATTENTION_SCORE_BYTES // (B * H * L * 4) // 64 * 64)
-    if rows >= L:
-        return softmax_attention(q, k, v, scale)
+    fused = mx.default_device() == mx.gpu and q.shape[-1] in FUSED_GPU_HEAD_SIZES
+    if rows >= L or fused:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
     parts = []
     for start in range(0, L, rows):
-        parts.append(softmax_attention(q[:, :, start : start + rows], k, v, scale))
+        parts.append(
+            mx.fast.scaled_dot_product_attention(q[:, :, start : start + rows], k, v, scale=scale)
+        )
         mx.eval(parts[-1])
     return mx.concatenate(parts, axis=2)
 
