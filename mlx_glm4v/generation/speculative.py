@@ -206,9 +206,14 @@ def mtp_decode(
     `distribution` (`sampling_distribution`) makes probabilities of them for draft and model
     alike. The model's cache drops the rejected drafts, the layer's its chained columns, which
     it reruns from the model's own hidden states (`MTPDrafter.catch_up`). A rotating cache
-    drafts until it is full, then decodes plainly (a full one cannot drop tokens). Without
-    processors (`processed` false) greedy drafting waits for the host once a round.
+    drafts until it is full, then decodes plainly (a full one cannot drop tokens). Greedy
+    decoding without processors (`processed` false) takes `greedy_mtp_decode`'s one wait a round.
     """
+    if distribution is None and not processed:
+        yield from greedy_mtp_decode(
+            model, cache, drafter, first[0], first[1], max_tokens, steps, stats
+        )
+        return
     token, logprobs = first
     ids = np.asarray(history).reshape(-1).tolist()
     yield token, logprobs
@@ -218,11 +223,10 @@ def mtp_decode(
         return
     q_logits, g = drafter.catch_up(token)
     drafting = True
-    fast = distribution is None and not processed
 
     def queue(token, q_logits, g):
         """This round's drafts and its verification pass, queued: (drafts proposed, drafts, their
-        distributions, the pass's prompt, hidden states, logits, greedy choices or None)."""
+        distributions, the pass's prompt, hidden states, logits)."""
         nonlocal drafting
         k = min(steps, max_tokens - emitted - 1)
         if drafting and cache.rotating and cache.offset + k + 1 > cache[0].max_size:
@@ -230,48 +234,32 @@ def mtp_decode(
         k = k if drafting else 0
         drafts, qs = [], []
         for j in range(k):
-            if fast:  # the draft stays on the device: the pass below is queued without a wait
-                d = mx.argmax(q_logits, axis=-1)
+            q = process(q_logits[None], mx.array(ids + drafts), False)
+            if distribution is None:
+                d = mx.argmax(q, axis=-1).item()
             else:
-                q = process(q_logits[None], mx.array(ids + drafts), False)
-                if distribution is None:
-                    d = mx.argmax(q, axis=-1).item()
-                else:
-                    qs.append(distribution(q - mx.logsumexp(q, axis=-1, keepdims=True)))
-                    d = mx.random.categorical(mx.log(qs[-1])).item()
+                qs.append(distribution(q - mx.logsumexp(q, axis=-1, keepdims=True)))
+                d = mx.random.categorical(mx.log(qs[-1])).item()
             drafts.append(d)
             if j + 1 < k:
                 q_logits, g = model.mtp_step(
                     mx.array(d).reshape(1, 1), g, drafter.cache, cache.next_position + j
                 )
                 q_logits = q_logits[0, -1]
-        if fast and k:
-            column = mx.concatenate([mx.array([token]), mx.stack(drafts).astype(mx.int32)])
-        else:
-            column = mx.array([token] + drafts)
-        prompt = model.prepare(column[None], cache=cache)
+        prompt = model.prepare(mx.array([[token] + drafts]), cache=cache)
         cache.record(prompt)
         hidden = model.forward(prompt, cache)
-        logits = model.logits(hidden)[0]
-        choices = None
-        if fast:  # every position's choice and the drafts, for the round's one wait
-            choices = mx.argmax(logits, axis=-1)
-            choices = mx.concatenate([choices, mx.stack(drafts)]) if k else choices
-            mx.async_eval(choices)
-        return k, drafts, qs, prompt, hidden, logits, choices
+        return k, drafts, qs, prompt, hidden, model.logits(hidden)[0]
 
     pending = queue(token, q_logits, g)
     while True:
-        k, drafts, qs, prompt, hidden, logits, choices = pending
-        if fast:
-            both = choices.tolist()
-            choices, drafts = both[: k + 1], both[k + 1 :]
+        k, drafts, qs, prompt, hidden, logits = pending
         out, kept = [], 0  # the round's tokens, handed out once the next round is queued
         for i in range(k + 1):
-            p = process(logits[i : i + 1], mx.array(ids), True) if not fast else logits[i : i + 1]
+            p = process(logits[i : i + 1], mx.array(ids), True)
             logprobs = (p - mx.logsumexp(p, axis=-1, keepdims=True)).squeeze(0)
             if distribution is None:
-                y = choices[i] if fast else mx.argmax(logprobs).item()
+                y = mx.argmax(logprobs).item()
                 choice = None if i < k and y == drafts[i] else y
             else:
                 probs = distribution(p - mx.logsumexp(p, axis=-1, keepdims=True))
@@ -304,6 +292,82 @@ def mtp_decode(
             # the next round runs while this one's tokens are handed out (and detokenized,
             # streamed): plain decoding's pipelining, a round at a time
             pending = queue(token, q_logits, g)
+        yield from out
+        if emitted >= max_tokens:
+            return
+
+
+def greedy_mtp_decode(model, cache, drafter, token, logprobs, max_tokens, steps, stats):
+    """`mtp_decode` for greedy decoding without logits processors: a round is one graph and one
+    wait. The layer's catch-up runs on every column of the verification pass, fed the model's
+    own choices there: a kept column's next token is its draft, which equals the model's choice,
+    and the first rejected column's is the model's choice, so the column after the last kept
+    draft gives the next round's first draft whatever was kept, computed in the same graph as
+    the verification. The columns after it are dropped from both caches (offsets, no copies)."""
+    yield token, logprobs
+    emitted = 1
+    if emitted == max_tokens:
+        return
+    q_logits, g = drafter.catch_up(token)
+    draft = mx.argmax(q_logits, axis=-1)
+    drafting = True
+
+    def queue(token, draft, g):
+        """The round's chained drafts, its pass and the layer's catch-up, queued: (drafts
+        proposed, the pass's logits, [choices, drafts, next first drafts], the layer's outputs)."""
+        nonlocal drafting
+        k = min(steps, max_tokens - emitted - 1)
+        if drafting and cache.rotating and cache.offset + k + 1 > cache[0].max_size:
+            drafting = False  # a full rotating cache cannot drop rejected drafts
+        k = k if drafting else 0
+        drafts = [mx.array(draft).reshape(1)]
+        for j in range(1, k):
+            q_logits, g = model.mtp_step(
+                drafts[-1][None], g, drafter.cache, cache.next_position + j - 1
+            )
+            drafts.append(mx.argmax(q_logits[0], axis=-1))
+        column = mx.concatenate([mx.array([token]), *drafts[:k]]) if k else mx.array([token])
+        prompt = model.prepare(column[None].astype(mx.int32), cache=cache)
+        cache.record(prompt)
+        hidden = model.forward(prompt, cache)
+        logits = model.logits(hidden)[0]
+        choices = mx.argmax(logits, axis=-1)
+        wanted, outs = [choices, column[1:]], None
+        if drafting:
+            if k > 1:
+                drafter.cache.trim(k - 1)  # the chain's columns: the catch-up writes them anew
+            mtp_logits, outs = model.mtp_forward(
+                prompt, choices[None], hidden, drafter.cache, return_hidden=True
+            )
+            wanted.append(mx.argmax(mtp_logits[0], axis=-1))
+        wanted = mx.concatenate(wanted).astype(mx.int32)
+        mx.async_eval(wanted, *([outs] if outs is not None and steps > 1 else []))
+        return k, logits, wanted, outs
+
+    pending = queue(token, draft, g)
+    while True:
+        k, logits, wanted, outs = pending
+        both = wanted.tolist()
+        choices, drafts, nexts = both[: k + 1], both[k + 1 : 2 * k + 1], both[2 * k + 1 :]
+        kept = 0
+        while kept < k and drafts[kept] == choices[kept]:
+            kept += 1
+        token = choices[kept]
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        out = [(t, logprobs[i]) for i, t in enumerate(choices[: kept + 1])]
+        emitted += kept + 1
+        stats.drafted += k
+        stats.accepted += kept
+        stats.steps += 1
+        stats.tokens += kept + 1
+        if emitted < max_tokens:
+            if k > kept:
+                cache.trim(k - kept)
+                drafter.cache.trim(k - kept)
+            g = outs[:, kept : kept + 1] if outs is not None and steps > 1 else None
+            # the next round runs while this one's tokens are handed out (and detokenized,
+            # streamed): plain decoding's pipelining, a round at a time
+            pending = queue(token, nexts[kept] if nexts else 0, g)
         yield from out
         if emitted >= max_tokens:
             return
