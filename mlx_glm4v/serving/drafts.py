@@ -17,7 +17,8 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
-from ..generation.constrain import allowed_tokens, fill_masks
+from ..generation.constrain import allowed_tokens, fill_masks, step_masks
+from ..generation.generate import clear_cache_after
 from ..generation.speculative import (
     DraftStats,
     find_draft,
@@ -26,7 +27,7 @@ from ..generation.speculative import (
     speculative_choice,
 )
 from ..models.language import text_rope
-from .rows import LayerRows
+from .rows import LayerRows, rows_forward
 
 
 class RowDrafts:
@@ -157,6 +158,66 @@ def fast_choices(row, logits: mx.array) -> mx.array:
     both = mx.argmax(logits, axis=-1)
     drafts = row.drafts.drafts
     return mx.concatenate([both, mx.stack(drafts).astype(both.dtype)]) if drafts else both
+
+
+def verify(model, step: list, sample, stats) -> tuple:
+    """Queue the engine's decode step with drafting rows: each runs its pending token and its
+    drafts (kept as the row's `round` for `Engine._decide`), the others one token as in
+    `Engine._decode`, sampled with `sample` (the engine's per-row sampler); `stats` counts the
+    step. Returns the plain rows and their samples."""
+    drafting = [r for r in step if r.drafts is not None]
+    plain = [r for r in step if r.drafts is None]
+    propose(model, drafting)
+    cols, lengths = [], []
+    for r in step:
+        parts = [r.token] + (r.drafts.drafts if r.drafts is not None else [])
+        lengths.append(len(parts))
+        cols.append(parts)
+    width = max(lengths)
+    rows = []
+    for parts in cols:
+        parts = parts + [0] * (width - len(parts))
+        rows.append(
+            mx.concatenate(
+                [
+                    (t.reshape(1) if isinstance(t, mx.array) else mx.array([t])).astype(mx.int32)
+                    for t in parts
+                ]
+            )
+        )
+    hidden = rows_forward(model, [r.cache for r in step], mx.stack(rows), lengths)
+    starts = np.cumsum([0] + lengths)
+    index = np.concatenate([b * width + np.arange(n) for b, n in enumerate(lengths)])
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    logits = model.logits(flat[mx.array(index)])
+    where = {id(r): b for b, r in enumerate(step)}
+    out = []
+    if plain:
+        tokens = mx.concatenate(
+            [
+                (r.token.reshape(1) if isinstance(r.token, mx.array) else mx.array([r.token]))
+                for r in plain
+            ]
+        )
+        plain_logits = mx.concatenate([logits[int(starts[where[id(r)]])][None] for r in plain])
+        masks = step_masks([r.grammar for r in plain], tokens, plain_logits)
+        for b, row in enumerate(plain):
+            row.state.ran(tokens[b : b + 1])
+            out.append(sample(row, plain_logits[b : b + 1], masks.get(b)))
+    queued = list(out)
+    for row in drafting:
+        b = where[id(row)]
+        first, end = int(starts[b]), int(starts[b + 1])
+        choices = fast_choices(row, logits[first:end]) if row.drafts.fast else None
+        position = int(np.asarray(row.cache.next_position).reshape(-1)[0]) - lengths[b]
+        row.drafts.round = (logits[first:end], hidden[b : b + 1], position, choices)
+        queued.append(choices if choices is not None else logits[first:end])
+    mx.async_eval(queued)
+    stats.decode_steps += 1
+    stats.decode_rows += len(step)
+    if stats.decode_steps % 256 == 0:
+        clear_cache_after(queued)
+    return plain, out
 
 
 def decide(row, logits: mx.array, fast: Optional[list]) -> tuple:

@@ -60,9 +60,9 @@ from ..generation.streaming import ReplyText
 from ..inputs.processor import Processor
 from ..models.media import FeatureMemo, media_items
 from ..models.model import Model
-from .drafts import RowDrafts, catch_up, decide, fast_choices, propose
+from .drafts import RowDrafts, catch_up, decide, verify
 from .prefix import PrefixCache, media_marks
-from .rows import RowSampler, RowState, decode_logits, rows_forward
+from .rows import RowSampler, RowState, decode_logits
 from .stats import EngineStats, PieceCosts
 
 log = logging.getLogger(__name__)
@@ -786,64 +786,9 @@ class Engine:
                 row.sampled += 1
 
     def _verify(self, step: list) -> tuple:
-        """Queue a decode step with drafting rows (drafts.py): each runs its pending token and
-        its drafts (kept as the row's `round` for `_decide`), the others one token as in
-        `_decode`. Returns the plain rows and their samples."""
-        drafting = [r for r in step if r.drafts is not None]
-        plain = [r for r in step if r.drafts is None]
-        propose(self.model, drafting)
-        cols, lengths = [], []
-        for r in step:
-            parts = [r.token] + (r.drafts.drafts if r.drafts is not None else [])
-            lengths.append(len(parts))
-            cols.append(parts)
-        width = max(lengths)
-        rows = []
-        for parts in cols:
-            parts = parts + [0] * (width - len(parts))
-            rows.append(
-                mx.concatenate(
-                    [
-                        (t.reshape(1) if isinstance(t, mx.array) else mx.array([t])).astype(
-                            mx.int32
-                        )
-                        for t in parts
-                    ]
-                )
-            )
-        hidden = rows_forward(self.model, [r.cache for r in step], mx.stack(rows), lengths)
-        starts = np.cumsum([0] + lengths)
-        index = np.concatenate([b * width + np.arange(n) for b, n in enumerate(lengths)])
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        logits = self.model.logits(flat[mx.array(index)])
-        where = {id(r): b for b, r in enumerate(step)}
-        out = []
-        if plain:
-            tokens = mx.concatenate(
-                [
-                    (r.token.reshape(1) if isinstance(r.token, mx.array) else mx.array([r.token]))
-                    for r in plain
-                ]
-            )
-            plain_logits = mx.concatenate([logits[int(starts[where[id(r)]])][None] for r in plain])
-            masks = step_masks([r.grammar for r in plain], tokens, plain_logits)
-            for b, row in enumerate(plain):
-                row.state.ran(tokens[b : b + 1])
-                out.append(self._sample(row, plain_logits[b : b + 1], masks.get(b)))
-        queued = list(out)
-        for row in drafting:
-            b = where[id(row)]
-            first, end = int(starts[b]), int(starts[b + 1])
-            choices = fast_choices(row, logits[first:end]) if row.drafts.fast else None
-            position = int(np.asarray(row.cache.next_position).reshape(-1)[0]) - lengths[b]
-            row.drafts.round = (logits[first:end], hidden[b : b + 1], position, choices)
-            queued.append(choices if choices is not None else logits[first:end])
-        mx.async_eval(queued)
-        self.stats.decode_steps += 1
-        self.stats.decode_rows += len(step)
-        if self.stats.decode_steps % 256 == 0:
-            clear_cache_after(queued)
-        return plain, out
+        """Queue a decode step with drafting rows (drafts.verify). Returns the plain rows and
+        their samples."""
+        return verify(self.model, step, self._sample, self.stats)
 
     def _decide(self, rows: list) -> list:
         """The drafting rows' queued round, waited for and decided as each row's run alone
