@@ -92,7 +92,7 @@ DRAFT = typer.Option(
 
 
 DRAFT_STEPS = typer.Option(
-    None, "--draft-steps", help="Tokens the MTP layer drafts a pass, chained (default: 1)."
+    None, "--draft-steps", help="Tokens the MTP layer drafts a pass, chained (default: 3)."
 )
 
 

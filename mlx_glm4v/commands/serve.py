@@ -209,7 +209,7 @@ def serve(
         ),
     ),
     draft_steps: Optional[int] = typer.Option(
-        None, "--draft-steps", help="Drafts a verification pass (default: mtp 1, lookup 3)."
+        None, "--draft-steps", help="Drafts a verification pass (default: mtp 3, lookup 3)."
     ),
     verbose: bool = VERBOSE,
 ):

@@ -125,7 +125,7 @@ def speculative_choice(p: mx.array, q: mx.array, draft: int, keys=None) -> Optio
     return mx.random.categorical(mx.log(residual), key=keys()).item()
 
 
-DEFAULT_DRAFT_STEPS = 1  # chain depth: the fastest in benchmarks/mtp_bench.py (README)
+DEFAULT_DRAFT_STEPS = 3  # chain depth: never slower than 1 in benchmarks/mtp_bench.py (README)
 
 
 def mtp_drafter(model, cache, prompt, input_ids) -> "MTPDrafter":

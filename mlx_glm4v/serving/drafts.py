@@ -147,12 +147,6 @@ def _mtp_rows(model, tokens, hidden, caches, offsets, lengths=None):
     return model.logits(model.mtp.head_input(ends)), h
 
 
-def columns(row) -> list:
-    """The row's columns this step: its pending token, then its drafts."""
-    token = row.token
-    return [token] + (row.drafts.drafts if row.drafts is not None else [])
-
-
 def fast_choices(row, logits: mx.array) -> mx.array:
     """Greedy choices at every column and the drafts, one array for the step's one wait."""
     both = mx.argmax(logits, axis=-1)

@@ -745,7 +745,7 @@ class Engine:
     def _decode(self, rows: list):
         """Queue one decode step for the rows that need more tokens, then hand out the previous
         step's tokens while it runs (mlx-lm's pipelining: the device never waits for the host).
-        Rows with drafts make it a step of several columns (`_verify`); their previous round is
+        Rows with drafts make it a step of several columns (`verify`); their previous round is
         decided first (`_decide`: the step's one wait), and its tokens handed out with the
         others' once the next step is queued."""
         decided = self._decide([r for r in rows if r.drafts is not None and r.drafts.round])
