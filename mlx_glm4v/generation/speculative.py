@@ -216,12 +216,14 @@ def mtp_decode(
         return
     token, logprobs = first
     ids = np.asarray(history).reshape(-1).tolist()
+    if max_tokens > 1:  # the layer's pass over the prompt is prefill's work, done before it ends
+        q_logits, g = drafter.catch_up(token)
+        mx.eval(q_logits, g)
     yield token, logprobs
     ids.append(token)
     emitted = 1
     if emitted == max_tokens:
         return
-    q_logits, g = drafter.catch_up(token)
     drafting = True
 
     def queue(token, q_logits, g):
@@ -304,12 +306,14 @@ def greedy_mtp_decode(model, cache, drafter, token, logprobs, max_tokens, steps,
     and the first rejected column's is the model's choice, so the column after the last kept
     draft gives the next round's first draft whatever was kept, computed in the same graph as
     the verification. The columns after it are dropped from both caches (offsets, no copies)."""
+    if max_tokens > 1:  # the layer's pass over the prompt is prefill's work, done before it ends
+        q_logits, g = drafter.catch_up(token)
+        draft = mx.argmax(q_logits, axis=-1)
+        mx.eval(draft, g)
     yield token, logprobs
     emitted = 1
     if emitted == max_tokens:
         return
-    q_logits, g = drafter.catch_up(token)
-    draft = mx.argmax(q_logits, axis=-1)
     drafting = True
 
     def queue(token, draft, g):
