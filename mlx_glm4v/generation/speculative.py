@@ -71,6 +71,13 @@ class DraftStats:
     steps: int = 0  # verification passes (each a forward pass of the model)
     tokens: int = 0  # tokens those passes gave
 
+    def count(self, drafted: int, kept: int):
+        """One verification pass: `drafted` drafts checked, `kept` of them kept, one token more."""
+        self.drafted += drafted
+        self.accepted += kept
+        self.steps += 1
+        self.tokens += kept + 1
+
     @property
     def acceptance(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
@@ -278,10 +285,7 @@ def mtp_decode(
         out.append((token, logprobs))
         ids.append(token)
         emitted += kept + 1
-        stats.drafted += k
-        stats.accepted += kept
-        stats.steps += 1
-        stats.tokens += kept + 1
+        stats.count(k, kept)
         if emitted < max_tokens:
             if k > kept:
                 cache.trim(k - kept)
@@ -360,10 +364,7 @@ def greedy_mtp_decode(model, cache, drafter, token, logprobs, max_tokens, steps,
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         out = [(t, logprobs[i]) for i, t in enumerate(choices[: kept + 1])]
         emitted += kept + 1
-        stats.drafted += k
-        stats.accepted += kept
-        stats.steps += 1
-        stats.tokens += kept + 1
+        stats.count(k, kept)
         if emitted < max_tokens:
             if k > kept:
                 cache.trim(k - kept)

@@ -252,10 +252,7 @@ def decide(row, logits: mx.array, fast: Optional[list]) -> tuple:
             break
         out.append((d.drafts[i], logprobs))
     kept = len(out) - 1
-    d.stats.drafted += k
-    d.stats.accepted += kept
-    d.stats.steps += 1
-    d.stats.tokens += kept + 1
+    d.stats.count(k, kept)
     d.ids.extend(t for t, _ in out)
     return out, kept
 
