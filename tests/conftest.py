@@ -7,6 +7,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny  # noqa: E402
 
+from mlx_glm4v.checkpoints.loader import load  # noqa: E402
+
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
@@ -64,6 +66,15 @@ def glm_ocr_checkpoint(tmp_path_factory):
     preprocessor_config.json and chat template."""
     path = tmp_path_factory.mktemp("glm-ocr-tiny")
     model, processor = tiny.build_checkpoint(path, family="glm_ocr", processor_layout="published")
+    return path, model, processor
+
+
+@pytest.fixture(scope="module")
+def drafting(glm_ocr_checkpoint, tmp_path_factory):
+    """The tiny GLM-OCR checkpoint whose MTP layer drafts "the same token again"
+    (tiny.drafting_checkpoint): kept where the reply repeats, rejected elsewhere."""
+    path = tiny.drafting_checkpoint(glm_ocr_checkpoint[0], tmp_path_factory.mktemp("drafting"))
+    model, processor = load(str(path))
     return path, model, processor
 
 

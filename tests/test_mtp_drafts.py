@@ -12,7 +12,6 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-import tiny
 
 from mlx_glm4v.checkpoints.loader import load
 from mlx_glm4v.errors import Glm4vError
@@ -23,15 +22,6 @@ from mlx_glm4v.generation.reply import split_reply
 from mlx_glm4v.generation.speculative import sampling_distribution, speculative_choice
 
 PROMPTS = ["Hello there, how are you?", "one two three", "Text Recognition: the quick brown fox"]
-
-
-@pytest.fixture(scope="module")
-def drafting(glm_ocr_checkpoint, tmp_path_factory):
-    """The tiny GLM-OCR checkpoint with an MTP layer that drafts "the same token again"
-    (tiny.drafting_checkpoint): kept where the reply repeats, rejected elsewhere."""
-    path = tiny.drafting_checkpoint(glm_ocr_checkpoint[0], tmp_path_factory.mktemp("drafting"))
-    model, processor = load(str(path))
-    return path, model, processor
 
 
 def reply(model, processor, prompt, **settings):

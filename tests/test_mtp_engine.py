@@ -7,10 +7,8 @@ others exact, and the MTP layer's cache follows the model's through every reject
 
 import httpx
 import pytest
-import tiny
 from servers import Server
 
-from mlx_glm4v.checkpoints.loader import load
 from mlx_glm4v.generation.constrain import Constraint
 from mlx_glm4v.generation.generate import stream_generate
 from mlx_glm4v.generation.messages import build_messages
@@ -23,15 +21,6 @@ PROMPTS = [
     "Text Recognition: the quick brown fox",
     "a b a b a b",
 ]
-
-
-@pytest.fixture(scope="module")
-def drafting(glm_ocr_checkpoint, tmp_path_factory):
-    """The tiny GLM-OCR checkpoint whose MTP layer drafts "the same token again"
-    (tiny.drafting_checkpoint): kept where the reply repeats, rejected elsewhere."""
-    path = tiny.drafting_checkpoint(glm_ocr_checkpoint[0], tmp_path_factory.mktemp("drafting"))
-    model, processor = load(str(path))
-    return path, model, processor
 
 
 def inputs_of(processor, prompt):
