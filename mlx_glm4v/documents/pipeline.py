@@ -391,7 +391,12 @@ def save(document: Document, out: Path, formats=("markdown", "json")) -> list:
     if document.pictures and "markdown" in formats:
         (out / "imgs").mkdir(exist_ok=True)
         for name, picture in document.pictures.items():
-            buffer = BytesIO()
-            picture.save(buffer, format="JPEG", quality=95)
-            _write(out / "imgs" / name, buffer.getvalue())
+            _write(out / "imgs" / name, jpeg(picture))
     return written
+
+
+def jpeg(picture) -> bytes:
+    """A picture as the imgs/ files hold it (and the server's `return_crop_images` sends it)."""
+    buffer = BytesIO()
+    picture.save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()

@@ -8,13 +8,12 @@ and `need_layout_visualization` fills `layout_visualization` with each page, its
 both as JPEG data URIs, where the hosted API gives URLs."""
 
 import base64
-import io
 import re
 import time
 import uuid
 from dataclasses import dataclass
 
-from ..documents.pipeline import OcrSettings, Reader, load_pages, page_numbers
+from ..documents.pipeline import OcrSettings, Reader, jpeg, load_pages, page_numbers
 from ..documents.visualize import draw_layout
 from ..errors import Glm4vError
 from ..inputs.pdf import is_pdf
@@ -98,9 +97,7 @@ def parse(body, served: Served, policy: MediaPolicy, processor, max_tokens=None)
 
 def data_uri(image) -> str:
     """A picture as a JPEG data URI, encoded as `mlx-glm4v ocr` writes its imgs/ files."""
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="JPEG", quality=95)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg(image.convert("RGB"))).decode()
 
 
 def read(job: Job, engine, processor, layout, cancel=None):
